@@ -1,0 +1,1 @@
+//! vcdev daemon library.

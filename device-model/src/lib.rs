@@ -1,0 +1,1 @@
+//! vcdev device models.

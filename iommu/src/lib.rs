@@ -1,0 +1,1 @@
+//! vcdev software IOMMU.
