@@ -1,0 +1,358 @@
+//! Translation: per-queue readers with a front cache, and vm-memory's
+//! permission-aware `GuestMemory` on top.
+//!
+//! A [`Reader`] belongs to one queue (one thread at a time, no locks). Its
+//! front cache is direct-mapped by 4 KiB page number and holds whole
+//! extents; it is valid for one generation of the address space, checked
+//! with one atomic load per translation (see [`crate::space`]). A miss
+//! walks the published extent tree.
+//!
+//! Translations and the host slices they yield are valid only inside the
+//! [`Session`] they came from: while it is open the reader is online, and no
+//! invalidation of what it uses can complete.
+
+use std::cell::Cell;
+use std::iter::FusedIterator;
+use std::marker::PhantomData;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::iommu::{Error as IommuError, IovaRange};
+use vm_memory::{
+    GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemoryResult, Permissions,
+    VolatileSlice,
+};
+
+use crate::space::{AddressSpace, ReaderSlot};
+use crate::tree::Node;
+
+/// Entries of the front cache (a power of two).
+pub const CACHE_ENTRIES: usize = 64;
+const PAGE_SHIFT: u32 = 12;
+
+/// Why a translation failed; `iova` is the first failing address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    /// Nothing is mapped at `iova` (for an IOTLB: a miss to report).
+    #[error("IOVA {iova:#x} is not mapped")]
+    Unmapped {
+        /// First unmapped IOVA.
+        iova: u64,
+    },
+    /// `iova` is mapped without the access asked for.
+    #[error("IOVA {iova:#x} does not allow {access:?} access")]
+    Denied {
+        /// First IOVA denying the access.
+        iova: u64,
+        /// The access asked for.
+        access: Permissions,
+    },
+    /// The range wraps around the end of the 64-bit space.
+    #[error("range at IOVA {iova:#x} wraps around")]
+    Overflow {
+        /// Start of the range.
+        iova: u64,
+    },
+}
+
+impl Fault {
+    /// The first failing IOVA.
+    pub fn iova(&self) -> u64 {
+        match *self {
+            Fault::Unmapped { iova } | Fault::Denied { iova, .. } | Fault::Overflow { iova } => {
+                iova
+            }
+        }
+    }
+}
+
+/// A piece of host memory a translation yields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostSlice {
+    /// Host address.
+    pub ptr: *mut u8,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// The host slices of one buffer, in order (inline up to 4).
+pub type Slices = SmallVec<[HostSlice; 4]>;
+
+#[derive(Clone, Copy, Debug)]
+struct CacheEntry {
+    start: u64,
+    last: u64,
+    host: usize,
+    perm: u8,
+}
+
+const INVALID: CacheEntry = CacheEntry {
+    start: 1,
+    last: 0,
+    host: 0,
+    perm: 0,
+};
+
+/// Per-reader counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Segments translated.
+    pub translations: u64,
+    /// Of those, found in the front cache.
+    pub hits: u64,
+    /// Front-cache flushes caused by a new generation.
+    pub flushes: u64,
+}
+
+/// A queue's view of an address space: front cache and reader slot.
+pub struct Reader {
+    space: Arc<AddressSpace>,
+    slot: Arc<ReaderSlot>,
+    cache: Box<[Cell<CacheEntry>; CACHE_ENTRIES]>,
+    cache_gen: Cell<u64>,
+    translations: Cell<u64>,
+    hits: Cell<u64>,
+    flushes: Cell<u64>,
+}
+
+// SAFETY: a Reader is used by one thread at a time (it is not Sync: the
+// Cells see to that); moving it to another thread between sessions is fine,
+// its slot is an atomic and its cache only plain data.
+unsafe impl Send for Reader {}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.space.unregister(&self.slot);
+    }
+}
+
+impl Reader {
+    pub(crate) fn new(space: Arc<AddressSpace>, slot: Arc<ReaderSlot>) -> Reader {
+        Reader {
+            space,
+            slot,
+            cache: Box::new([const { Cell::new(INVALID) }; CACHE_ENTRIES]),
+            cache_gen: Cell::new(0),
+            translations: Cell::new(0),
+            hits: Cell::new(0),
+            flushes: Cell::new(0),
+        }
+    }
+
+    /// The address space read.
+    pub fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
+    }
+
+    /// Goes online: translations may be made until the session ends.
+    #[inline]
+    pub fn enter(&mut self) -> Session<'_> {
+        let g = self.space.generation_relaxed();
+        self.slot.epoch.store(g, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        Session {
+            reader: self,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            translations: self.translations.get(),
+            hits: self.hits.get(),
+            flushes: self.flushes.get(),
+        }
+    }
+}
+
+/// An online period of a [`Reader`]; ending it (drop) is a quiescent point.
+pub struct Session<'r> {
+    reader: &'r Reader,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for Session<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.reader.slot.epoch.store(0, Ordering::Release);
+    }
+}
+
+impl Session<'_> {
+    #[inline]
+    fn check_generation(&self) {
+        let r = self.reader;
+        let g = r.space.generation();
+        if g != r.cache_gen.get() {
+            for e in r.cache.iter() {
+                e.set(INVALID);
+            }
+            r.cache_gen.set(g);
+            r.flushes.set(r.flushes.get() + 1);
+        }
+    }
+
+    /// Probes the front cache only: the host address of `iova` if a cached
+    /// extent covers `iova..iova+len` with `access`.
+    #[inline]
+    pub fn probe(&self, iova: u64, len: u64, access: Permissions) -> Option<*mut u8> {
+        self.check_generation();
+        let e = self.reader.cache[(iova >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)].get();
+        let end = iova.checked_add(len.checked_sub(1)?)?;
+        (e.start <= iova && end <= e.last && e.perm & access as u8 == access as u8)
+            .then(|| e.host.wrapping_add((iova - e.start) as usize) as *mut u8)
+    }
+
+    /// Translates the first piece of `iova..`: host address and the bytes
+    /// mapped contiguously from there to the end of its extent (saturated).
+    #[inline]
+    fn segment(&self, iova: u64, access: Permissions) -> Result<(usize, u64), Fault> {
+        let r = self.reader;
+        r.translations.set(r.translations.get() + 1);
+        let slot = &r.cache[(iova >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)];
+        let e = slot.get();
+        let want = access as u8;
+        if e.start <= iova && iova <= e.last && e.perm & want == want {
+            r.hits.set(r.hits.get() + 1);
+            let host = e.host.wrapping_add((iova - e.start) as usize);
+            return Ok((host, (e.last - iova).saturating_add(1)));
+        }
+        // SAFETY: we are online (a Session exists), so the published root
+        // and every node reachable from it stay alive until we go offline.
+        let root: &Node = unsafe { &*r.space.root_ptr() };
+        let Some(x) = root.find(iova) else {
+            return Err(Fault::Unmapped { iova });
+        };
+        if !x.perm.allow(access) {
+            return Err(Fault::Denied { iova, access });
+        }
+        slot.set(CacheEntry {
+            start: x.start,
+            last: x.last,
+            host: x.host,
+            perm: x.perm as u8,
+        });
+        Ok((x.host_of(iova), (x.last - iova).saturating_add(1)))
+    }
+
+    /// Translates `iova..iova+len` for `access` into host slices (several
+    /// when the buffer spans mappings). A hole or a denied access fails
+    /// with the first failing IOVA. `len == 0` yields no slice.
+    #[inline]
+    pub fn translate(&self, iova: u64, len: u64, access: Permissions) -> Result<Slices, Fault> {
+        let mut out = Slices::new();
+        self.translate_into(iova, len, access, |s| out.push(s))?;
+        Ok(out)
+    }
+
+    /// As [`Session::translate`], calling `f` for each slice instead.
+    #[inline]
+    pub fn translate_into(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        mut f: impl FnMut(HostSlice),
+    ) -> Result<(), Fault> {
+        if len == 0 {
+            return Ok(());
+        }
+        if iova.checked_add(len - 1).is_none() {
+            return Err(Fault::Overflow { iova });
+        }
+        self.check_generation();
+        let mut at = iova;
+        let mut left = len;
+        loop {
+            let (host, avail) = self.segment(at, access)?;
+            let n = avail.min(left);
+            let Ok(n_usize) = usize::try_from(n) else {
+                return Err(Fault::Overflow { iova });
+            };
+            f(HostSlice {
+                ptr: host as *mut u8,
+                len: n_usize,
+            });
+            left -= n;
+            if left == 0 {
+                return Ok(());
+            }
+            at += n;
+        }
+    }
+
+    /// The address space's generation seen by this session (changes when
+    /// translations were removed; pinned translations must be redone).
+    pub fn generation(&self) -> u64 {
+        self.check_generation();
+        self.reader.cache_gen.get()
+    }
+}
+
+fn to_guest_error(f: Fault, len: usize) -> GuestMemoryError {
+    GuestMemoryError::IommuError(IommuError::CannotResolve {
+        iova_range: IovaRange {
+            base: GuestAddress(f.iova()),
+            length: len,
+        },
+        reason: f.to_string(),
+    })
+}
+
+/// The slices of a translated buffer, as vm-memory wants them.
+pub struct SliceIter<'a> {
+    slices: smallvec::IntoIter<[HostSlice; 4]>,
+    _session: PhantomData<&'a ()>,
+}
+
+impl<'a> Iterator for SliceIter<'a> {
+    type Item = GuestMemoryResult<VolatileSlice<'a, ()>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let s = self.slices.next()?;
+        // SAFETY: the slice was translated inside the session that borrows
+        // 'a, so its memory stays mapped for 'a; it lies inside one extent,
+        // i.e. inside the extent's MemObject.
+        Some(Ok(unsafe { VolatileSlice::new(s.ptr, s.len) }))
+    }
+}
+
+impl FusedIterator for SliceIter<'_> {}
+impl<'a> GuestMemorySliceIterator<'a, BS<'a, ()>> for SliceIter<'a> {}
+
+impl GuestMemory for Session<'_> {
+    type PhysicalMemory = GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        self.translate_into(addr.0, count as u64, access, |_| {})
+            .is_ok()
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        let slices = self
+            .translate(addr.0, count as u64, access)
+            .map_err(|f| to_guest_error(f, count))?;
+        Ok(SliceIter {
+            slices: slices.into_iter(),
+            _session: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,409 @@
+//! The extent store: a persistent (copy-on-write) B+ tree of
+//! non-overlapping extents keyed by their first IOVA.
+//!
+//! The writer mutates its own [`Tree`] in place; nodes shared with a
+//! published snapshot are copied on first write (`Arc::make_mut`), so an
+//! update costs O(log n) node copies and readers keep walking the snapshot
+//! they loaded. Deletion does not rebalance: empty nodes are removed and a
+//! root with one child is collapsed, which keeps lookups O(log n) in the
+//! largest size the tree ever had.
+
+use std::sync::Arc;
+
+use vm_memory::Permissions;
+
+use crate::mem::MemObject;
+
+/// Entries per node before it splits.
+const NODE_CAP: usize = 32;
+
+/// One mapping: IOVAs `start..=last` map to `mem` at `offset`.
+#[derive(Clone, Debug)]
+pub struct Extent {
+    /// First IOVA.
+    pub start: u64,
+    /// Last IOVA (inclusive).
+    pub last: u64,
+    /// What accesses are allowed.
+    pub perm: Permissions,
+    /// Host address of `start` (`mem.host_base() + offset`), cached.
+    pub(crate) host: usize,
+    /// The memory the extent points into.
+    pub mem: Arc<MemObject>,
+    /// Offset of `start` in `mem`.
+    pub offset: u64,
+}
+
+impl Extent {
+    /// An extent of `mem[offset..offset + last - start + 1]`; the caller has
+    /// checked that this range lies inside `mem`.
+    pub fn new(start: u64, last: u64, perm: Permissions, mem: Arc<MemObject>, offset: u64) -> Self {
+        let host = (mem.host_base() as usize).wrapping_add(offset as usize);
+        Extent {
+            start,
+            last,
+            perm,
+            host,
+            mem,
+            offset,
+        }
+    }
+
+    /// Bytes covered; `None` for the whole 2^64 space.
+    pub fn len(&self) -> Option<u64> {
+        (self.last - self.start).checked_add(1)
+    }
+
+    /// Never empty: `last >= start` always.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The part `start..=last` of this extent (within it), same target.
+    pub fn slice(&self, start: u64, last: u64) -> Extent {
+        debug_assert!(self.start <= start && start <= last && last <= self.last);
+        Extent::new(
+            start,
+            last,
+            self.perm,
+            self.mem.clone(),
+            self.offset + (start - self.start),
+        )
+    }
+
+    /// Host address of `iova`, which lies in the extent.
+    #[inline]
+    pub(crate) fn host_of(&self, iova: u64) -> usize {
+        self.host.wrapping_add((iova - self.start) as usize)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Node {
+    Leaf(Vec<Extent>),
+    Inner(Inner),
+}
+
+/// `keys[i]` is exactly the smallest start in `kids[i]`. Exactness matters:
+/// routing an IOVA to the child with the greatest key `<=` it then always
+/// lands in the child holding the extent with the greatest start `<=` it,
+/// so one descent finds the containing extent.
+#[derive(Clone, Debug)]
+pub(crate) struct Inner {
+    keys: Vec<u64>,
+    kids: Vec<Arc<Node>>,
+}
+
+#[inline]
+fn child_index(keys: &[u64], key: u64) -> usize {
+    keys.partition_point(|k| *k <= key).saturating_sub(1)
+}
+
+impl Node {
+    /// The extent containing `iova`.
+    #[inline]
+    pub(crate) fn find(&self, iova: u64) -> Option<&Extent> {
+        let mut node = self;
+        loop {
+            match node {
+                Node::Inner(n) => {
+                    let i = child_index(&n.keys, iova);
+                    node = n.kids.get(i)?;
+                }
+                Node::Leaf(v) => {
+                    let i = v.partition_point(|e| e.start <= iova);
+                    let e = v.get(i.checked_sub(1)?)?;
+                    return (iova <= e.last).then_some(e);
+                }
+            }
+        }
+    }
+
+    /// The first extent with `last >= iova` (the one containing `iova`, or
+    /// the next one above it).
+    fn first_from(&self, iova: u64) -> Option<&Extent> {
+        let mut out = None;
+        self.visit_from(iova, &mut |e| {
+            out = Some(e);
+            false
+        });
+        out
+    }
+
+    /// Calls `f` on every extent with `last >= from`, in order, until it
+    /// returns false. Returns false if stopped.
+    fn visit_from<'a>(&'a self, from: u64, f: &mut dyn FnMut(&'a Extent) -> bool) -> bool {
+        match self {
+            Node::Leaf(v) => {
+                let i = v.partition_point(|e| e.last < from);
+                v[i..].iter().all(f)
+            }
+            Node::Inner(n) => {
+                let i = child_index(&n.keys, from);
+                n.kids[i..].iter().all(|k| k.visit_from(from, f))
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Node::Leaf(v) => v.is_empty(),
+            Node::Inner(n) => n.kids.is_empty(),
+        }
+    }
+
+    fn first_key(&self) -> u64 {
+        match self {
+            Node::Leaf(v) => v.first().map_or(0, |e| e.start),
+            Node::Inner(n) => n.keys.first().copied().unwrap_or(0),
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self {
+            Node::Leaf(_) => 1,
+            Node::Inner(n) => 1 + n.kids.first().map_or(0, |k| k.depth()),
+        }
+    }
+}
+
+fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
+    match Arc::make_mut(node) {
+        Node::Leaf(v) => {
+            let i = v.partition_point(|x| x.start < e.start);
+            v.insert(i, e);
+            if v.len() > NODE_CAP {
+                let right = v.split_off(v.len() / 2);
+                let key = right[0].start;
+                return Some((key, Arc::new(Node::Leaf(right))));
+            }
+            None
+        }
+        Node::Inner(n) => {
+            let i = child_index(&n.keys, e.start);
+            let split = insert_rec(&mut n.kids[i], e);
+            n.keys[i] = n.kids[i].first_key();
+            let (key, sib) = split?;
+            n.keys.insert(i + 1, key);
+            n.kids.insert(i + 1, sib);
+            if n.kids.len() > NODE_CAP {
+                let half = n.kids.len() / 2;
+                let keys = n.keys.split_off(half);
+                let kids = n.kids.split_off(half);
+                let key = keys[0];
+                return Some((key, Arc::new(Node::Inner(Inner { keys, kids }))));
+            }
+            None
+        }
+    }
+}
+
+/// Removes the extent starting exactly at `start`, which exists.
+fn remove_rec(node: &mut Arc<Node>, start: u64) -> Option<Extent> {
+    match Arc::make_mut(node) {
+        Node::Leaf(v) => {
+            let i = v.binary_search_by_key(&start, |e| e.start).ok()?;
+            Some(v.remove(i))
+        }
+        Node::Inner(n) => {
+            let i = child_index(&n.keys, start);
+            let e = remove_rec(&mut n.kids[i], start)?;
+            if n.kids[i].is_empty() {
+                n.kids.remove(i);
+                n.keys.remove(i);
+            } else {
+                n.keys[i] = n.kids[i].first_key();
+            }
+            Some(e)
+        }
+    }
+}
+
+/// A set of non-overlapping extents, cheap to clone (shares all nodes).
+#[derive(Clone, Debug)]
+pub struct Tree {
+    pub(crate) root: Arc<Node>,
+    len: usize,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree {
+            root: Arc::new(Node::Leaf(Vec::new())),
+            len: 0,
+        }
+    }
+}
+
+impl Tree {
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the tree holds no extent.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Height of the tree (1 for a single leaf).
+    pub fn depth(&self) -> usize {
+        self.root.depth()
+    }
+
+    /// The extent containing `iova`.
+    pub fn find(&self, iova: u64) -> Option<&Extent> {
+        self.root.find(iova)
+    }
+
+    /// The extent containing `iova` or, failing that, the first one above it.
+    pub fn first_from(&self, iova: u64) -> Option<&Extent> {
+        self.root.first_from(iova)
+    }
+
+    /// The extents that overlap `first..=last`, in order.
+    pub fn overlapping(&self, first: u64, last: u64) -> Vec<Extent> {
+        let mut out = Vec::new();
+        self.root.visit_from(first, &mut |e| {
+            if e.start > last {
+                return false;
+            }
+            out.push(e.clone());
+            true
+        });
+        out
+    }
+
+    /// Whether any extent overlaps `first..=last`.
+    pub fn any_overlap(&self, first: u64, last: u64) -> bool {
+        self.first_from(first).is_some_and(|e| e.start <= last)
+    }
+
+    /// Calls `f` on every extent in order.
+    pub fn for_each<'a>(&'a self, mut f: impl FnMut(&'a Extent)) {
+        self.root.visit_from(0, &mut |e| {
+            f(e);
+            true
+        });
+    }
+
+    /// Inserts `e`, which must not overlap any extent (the caller checks).
+    pub fn insert(&mut self, e: Extent) {
+        debug_assert!(!self.any_overlap(e.start, e.last));
+        if let Some((key, sib)) = insert_rec(&mut self.root, e) {
+            let old = self.root.clone();
+            let first = old.first_key();
+            self.root = Arc::new(Node::Inner(Inner {
+                keys: vec![first, key],
+                kids: vec![old, sib],
+            }));
+        }
+        self.len += 1;
+    }
+
+    /// Removes and returns the extent that starts exactly at `start`.
+    pub fn remove(&mut self, start: u64) -> Option<Extent> {
+        // Look first, so that a miss copies no node.
+        if self.root.find(start).is_none_or(|e| e.start != start) {
+            return None;
+        }
+        let e = remove_rec(&mut self.root, start)?;
+        self.len -= 1;
+        // Collapse single-child roots; an empty inner root becomes a leaf.
+        loop {
+            let next = match &*self.root {
+                Node::Inner(n) if n.kids.len() == 1 => n.kids[0].clone(),
+                Node::Inner(n) if n.kids.is_empty() => Arc::new(Node::Leaf(Vec::new())),
+                _ => break,
+            };
+            self.root = next;
+        }
+        Some(e)
+    }
+
+    /// Removes every extent.
+    pub fn clear(&mut self) {
+        *self = Tree::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn mem() -> Arc<MemObject> {
+        Arc::new(MemObject::anonymous(4096).unwrap())
+    }
+
+    fn ext(m: &Arc<MemObject>, start: u64, last: u64) -> Extent {
+        Extent::new(start, last, Permissions::ReadWrite, m.clone(), 0)
+    }
+
+    #[test]
+    fn grows_and_shrinks() {
+        let m = mem();
+        let mut t = Tree::default();
+        for i in 0..10_000u64 {
+            t.insert(ext(&m, i * 10, i * 10 + 4));
+        }
+        assert_eq!(t.len(), 10_000);
+        assert!(t.depth() >= 3);
+        assert_eq!(t.find(54).unwrap().start, 50);
+        assert!(t.find(56).is_none());
+        assert_eq!(t.first_from(56).unwrap().start, 60);
+        for i in (0..10_000u64).rev() {
+            assert!(t.remove(i * 10).is_some());
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.depth(), 1);
+    }
+
+    #[test]
+    fn snapshot_is_unaffected_by_later_writes() {
+        let m = mem();
+        let mut t = Tree::default();
+        for i in 0..1000u64 {
+            t.insert(ext(&m, i * 2, i * 2));
+        }
+        let snap = t.clone();
+        for i in 0..500u64 {
+            t.remove(i * 4);
+        }
+        assert_eq!(snap.len(), 1000);
+        assert!(snap.find(0).is_some());
+        assert!(t.find(0).is_none());
+        assert_eq!(snap.overlapping(0, 1999).len(), 1000);
+    }
+
+    proptest! {
+        #[test]
+        fn matches_btreemap(ops in prop::collection::vec((any::<bool>(), 0u64..2000, 0u64..8), 1..600)) {
+            let m = mem();
+            let mut t = Tree::default();
+            let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+            for (ins, start, len) in ops {
+                let last = start + len;
+                if ins {
+                    let overlaps = model.range(..=last).next_back().is_some_and(|(_, l)| *l >= start);
+                    prop_assert_eq!(overlaps, t.any_overlap(start, last));
+                    if !overlaps {
+                        t.insert(ext(&m, start, last));
+                        model.insert(start, last);
+                    }
+                } else {
+                    prop_assert_eq!(t.remove(start).map(|e| e.last), model.remove(&start));
+                }
+                prop_assert_eq!(t.len(), model.len());
+            }
+            for probe in 0..2010u64 {
+                let want = model.range(..=probe).next_back().filter(|(_, l)| **l >= probe).map(|(s, _)| *s);
+                prop_assert_eq!(t.find(probe).map(|e| e.start), want);
+            }
+            let all: Vec<u64> = t.overlapping(0, u64::MAX).iter().map(|e| e.start).collect();
+            let want: Vec<u64> = model.keys().copied().collect();
+            prop_assert_eq!(all, want);
+        }
+    }
+}
