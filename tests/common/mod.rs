@@ -1,0 +1,90 @@
+//! Helpers shared by the integration test targets: `mod common;` at the top
+//! of a target under `tests/` pulls them in.
+//!
+//! - [`process`]: child processes that are killed on drop and whose output is
+//!   captured, plus [`process::Daemon`] (spawn, then poll until its unix
+//!   socket exists).
+//! - [`qemu`]: QEMU guest tests: [`qemu::require`] (skip or fail when QEMU 10
+//!   or the guest image is missing), loading `qemu-configs/<name>`, booting
+//!   with a hard deadline, and parsing the guest's `VCDEV-*` marker lines.
+//!
+//! No sleeps as synchronisation: everything that waits polls a condition
+//! until a deadline ([`poll_until`]).
+
+// Each test target uses a different subset of these helpers.
+#![allow(dead_code)]
+
+pub mod process;
+pub mod qemu;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Interval between two checks of a polled condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Checks `cond` every [`POLL_INTERVAL`] until it returns `Some`, or gives up
+/// with `None` once `timeout` has passed. `cond` is always tried at least
+/// once, and once more after the deadline.
+pub fn poll_until<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return cond();
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The repository root (the workspace directory holding `qemu-configs/`).
+pub fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// A scratch directory under the system temp dir, removed on drop (set
+/// `VCDEV_KEEP_TMP=1` to keep it for a post-mortem). Its path is short enough
+/// for unix socket names.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<tmp>/vcdev-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> io::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("vcdev-{tag}-{}-{n}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `self.path().join(name)`.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("VCDEV_KEEP_TMP").is_some_and(|v| v == "1") {
+            eprintln!("keeping {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}

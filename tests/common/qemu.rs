@@ -1,0 +1,769 @@
+//! QEMU guest tests: find QEMU 10 and the guest image, fill a
+//! `qemu-configs/<name>` topology, boot it with a hard deadline and parse the
+//! guest's marker lines.
+//!
+//! The guest (`qemu-configs/guest/init`, built by
+//! `qemu-configs/build-guest.sh`) reads `vcdev.*` parameters from the kernel
+//! command line, runs one test and prints, each at the start of a line:
+//!
+//! ```text
+//! VCDEV-BEGIN kernel=<release> test=<name>
+//! VCDEV-RESULT key=value ...        (any number)
+//! VCDEV-WARN <text>                 (e.g. a module failed to load)
+//! VCDEV-ERROR <text>                (the test failed)
+//! VCDEV-END status=ok|fail uptime=<s>
+//! ```
+//!
+//! Environment:
+//! - `VCDEV_REQUIRE_QEMU=1`: a missing QEMU or guest image fails the test
+//!   instead of skipping it.
+//! - `VCDEV_GUEST_DIR`: the guest image directory (default
+//!   `$HOME/.cache/vcdev-guest`, as in build-guest.sh).
+//! - `VCDEV_QEMU`: the qemu-system-x86_64 binary (default: from `PATH`).
+//! - `VCDEV_QEMU_ACCEL=kvm|tcg`: override the accelerator choice (default:
+//!   KVM only when /proc/cpuinfo shows vmx or svm and /dev/kvm opens).
+//! - `VCDEV_QEMU_TIMEOUT`: seconds before a guest is killed (default 120).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::{Daemon, Finished, Proc};
+use super::repo_root;
+
+/// Oldest QEMU major version the configs are written for.
+pub const MIN_QEMU_MAJOR: u32 = 10;
+/// Default hard deadline for one guest, from spawn to poweroff.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default guest RAM in MiB.
+pub const DEFAULT_MEM_MIB: u32 = 256;
+/// Default number of vCPUs.
+pub const DEFAULT_SMP: u32 = 2;
+/// Size of one sector of the guest's dd pattern.
+pub const PATTERN_SECTOR: usize = 512;
+/// What to run to get QEMU and the guest image.
+pub const INSTALL_HINT: &str = "run `sudo .ci/install-qemu.sh` from the repository root";
+
+const ENV_REQUIRE: &str = "VCDEV_REQUIRE_QEMU";
+
+/// Everything needed to boot a test guest.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// qemu-system-x86_64.
+    pub qemu: PathBuf,
+    /// Its `--version` first line.
+    pub qemu_version: String,
+    /// Guest kernel (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// Guest initramfs (`initrd`).
+    pub initrd: PathBuf,
+    /// `kvm` or `tcg`.
+    pub accel: &'static str,
+    /// `host` (KVM) or `max` (TCG).
+    pub cpu: &'static str,
+}
+
+/// Returns the guest setup, or `None` after printing why the test is
+/// skipped and what to run to enable it. With `VCDEV_REQUIRE_QEMU=1` it
+/// panics instead of returning `None`.
+pub fn require() -> Option<Guest> {
+    match probe() {
+        Ok(g) => Some(g),
+        Err(why) => skip(&why),
+    }
+}
+
+/// Like [`require`] for another binary of the QEMU packages (e.g.
+/// `qemu-storage-daemon`): its path from `PATH`, or skip (or panic).
+pub fn require_tool(name: &str) -> Option<PathBuf> {
+    match which(name) {
+        Some(p) => Some(p),
+        None => skip(&format!("{name} not found in PATH")),
+    }
+}
+
+/// Prints the skip message for `why` and returns `None`, or panics when
+/// `VCDEV_REQUIRE_QEMU=1`.
+pub fn skip<T>(why: &str) -> Option<T> {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a QEMU test");
+    let msg = format!("{test}: {why}; to enable this QEMU guest test, {INSTALL_HINT}");
+    if std::env::var(ENV_REQUIRE).is_ok_and(|v| v == "1") {
+        panic!("{msg} ({ENV_REQUIRE}=1 turns the skip into a failure)");
+    }
+    // Straight to fd 2, past libtest's capture of eprintln!, so the skip
+    // shows in a normal `cargo test` run.
+    let _ = writeln!(io::stderr(), "SKIP {msg}");
+    None
+}
+
+/// The guest image directory: `$VCDEV_GUEST_DIR` or `$HOME/.cache/vcdev-guest`.
+pub fn guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VCDEV_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/vcdev-guest")
+}
+
+fn probe() -> Result<Guest, String> {
+    let qemu = match std::env::var_os("VCDEV_QEMU") {
+        Some(p) => PathBuf::from(p),
+        None => which("qemu-system-x86_64").ok_or("qemu-system-x86_64 not found in PATH")?,
+    };
+    let out = Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+    let qemu_version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let major = qemu_version
+        .split("version ")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse::<u32>().ok())
+        .ok_or_else(|| {
+            format!(
+                "cannot parse the version of {}: {qemu_version:?}",
+                qemu.display()
+            )
+        })?;
+    if major < MIN_QEMU_MAJOR {
+        return Err(format!(
+            "{qemu_version:?} is older than QEMU {MIN_QEMU_MAJOR}"
+        ));
+    }
+    let dir = guest_dir();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initrd");
+    for f in [&kernel, &initrd] {
+        if !f.is_file() {
+            return Err(format!("guest image {} missing", f.display()));
+        }
+    }
+    check_stamp(&dir)?;
+    let (accel, cpu) = pick_accel();
+    Ok(Guest {
+        qemu,
+        qemu_version,
+        kernel,
+        initrd,
+        accel,
+        cpu,
+    })
+}
+
+/// The image records a hash of build-guest.sh + guest/init; a different hash
+/// means the image would run an old /init.
+fn check_stamp(dir: &Path) -> Result<(), String> {
+    let src = repo_root().join("qemu-configs");
+    let mut inputs = Vec::new();
+    for f in ["build-guest.sh", "guest/init"] {
+        let mut b =
+            std::fs::read(src.join(f)).map_err(|e| format!("reading qemu-configs/{f}: {e}"))?;
+        inputs.append(&mut b);
+    }
+    let want = md5_hex(&inputs).map_err(|e| format!("md5sum: {e}"))?;
+    let stamp = std::fs::read_to_string(dir.join("stamp")).unwrap_or_default();
+    if stamp.split_whitespace().nth(1) == Some(want.as_str()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "guest image in {} is stale (qemu-configs/build-guest.sh or guest/init changed since it was built)",
+            dir.display()
+        ))
+    }
+}
+
+fn pick_accel() -> (&'static str, &'static str) {
+    let kvm_usable = || {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let virt = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        virt && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+    };
+    match std::env::var("VCDEV_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => ("kvm", "host"),
+        Ok("tcg") => ("tcg", "max"),
+        _ if kvm_usable() => ("kvm", "host"),
+        _ => ("tcg", "max"),
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// One `qemu-configs/<name>` topology: QEMU options with `@NAME@`
+/// placeholders.
+///
+/// File format (no shell involved): one option per line, `-option` or
+/// `-option VALUE` where VALUE is the rest of the line (spaces allowed, no
+/// quoting); lines starting with `#` are comments; blank lines are ignored.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// File name under qemu-configs/.
+    pub name: String,
+    /// The leading comment block, without the `# `.
+    pub description: String,
+    entries: Vec<(String, Option<String>)>,
+}
+
+impl QemuConfig {
+    /// Directory of the topology files.
+    pub fn dir() -> PathBuf {
+        repo_root().join("qemu-configs")
+    }
+
+    /// Names of all topology files (regular files without an extension).
+    pub fn names() -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(Self::dir())? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type()?.is_file() && !name.contains('.') {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Reads and parses `qemu-configs/<name>`.
+    pub fn load(name: &str) -> io::Result<Self> {
+        let path = Self::dir().join(name);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?;
+        Self::parse(name, &text).map_err(io::Error::other)
+    }
+
+    /// Parses the text of a topology file.
+    pub fn parse(name: &str, text: &str) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        let mut description = String::new();
+        let mut in_header = true;
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if let Some(c) = line.strip_prefix('#') {
+                if in_header {
+                    description.push_str(c.strip_prefix(' ').unwrap_or(c));
+                    description.push('\n');
+                }
+                continue;
+            }
+            in_header = false;
+            if line.is_empty() {
+                continue;
+            }
+            if !line.starts_with('-') {
+                return Err(format!(
+                    "{name}:{}: expected `-option [VALUE]`, got {line:?}",
+                    n + 1
+                ));
+            }
+            let entry = match line.split_once(char::is_whitespace) {
+                Some((opt, val)) => (opt.to_owned(), Some(val.trim_start().to_owned())),
+                None => (line.to_owned(), None),
+            };
+            entries.push(entry);
+        }
+        if entries.is_empty() {
+            return Err(format!("{name}: no options"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            description,
+            entries,
+        })
+    }
+
+    /// The `(option, value)` pairs, placeholders unfilled.
+    pub fn entries(&self) -> &[(String, Option<String>)] {
+        &self.entries
+    }
+
+    /// Values of every occurrence of `option` (e.g. `"-device"`).
+    pub fn values<'a>(&'a self, option: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(o, _)| o == option)
+            .filter_map(|(_, v)| v.as_deref())
+    }
+
+    /// Placeholder names (without the `@`) used anywhere in the file.
+    pub fn placeholders(&self) -> BTreeSet<String> {
+        let mut set = BTreeSet::new();
+        for (o, v) in &self.entries {
+            for s in std::iter::once(o.as_str()).chain(v.as_deref()) {
+                set.extend(find_placeholders(s).into_iter().map(str::to_owned));
+            }
+        }
+        set
+    }
+
+    /// The QEMU argv (without the program) with every `@NAME@` replaced by
+    /// `vars[NAME]`; an unfilled placeholder is an error.
+    pub fn args(&self, vars: &BTreeMap<String, String>) -> Result<Vec<String>, String> {
+        let missing: Vec<_> = self
+            .placeholders()
+            .into_iter()
+            .filter(|p| !vars.contains_key(p))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "{}: no value for placeholder(s) {missing:?}",
+                self.name
+            ));
+        }
+        let fill = |s: &str| {
+            vars.iter().fold(s.to_owned(), |acc, (k, v)| {
+                acc.replace(&format!("@{k}@"), v)
+            })
+        };
+        let mut argv = Vec::new();
+        for (o, v) in &self.entries {
+            argv.push(fill(o));
+            if let Some(v) = v {
+                argv.push(fill(v));
+            }
+        }
+        Ok(argv)
+    }
+}
+
+/// `@NAME@` tokens (NAME = `[A-Z0-9_]+`) in `s`, returned without the `@`s.
+fn find_placeholders(s: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find('@') {
+        let after = &rest[start + 1..];
+        match after.find('@') {
+            Some(end)
+                if end > 0
+                    && after[..end]
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
+            {
+                found.push(&after[..end]);
+                rest = &after[end + 1..];
+            }
+            _ => rest = after,
+        }
+    }
+    found
+}
+
+/// A guest boot being set up; see [`Guest::boot`].
+#[derive(Debug, Clone)]
+pub struct Boot<'g> {
+    guest: &'g Guest,
+    config: String,
+    vars: BTreeMap<String, String>,
+    extra: Vec<String>,
+    timeout: Duration,
+}
+
+impl Guest {
+    /// Starts describing a boot of topology `config` (a qemu-configs file).
+    /// Defaults: 256 MiB, 2 vCPUs, 1 queue, empty `@APPEND@` (so the guest
+    /// runs `vcdev.test=info`), deadline `VCDEV_QEMU_TIMEOUT` or 120 s.
+    pub fn boot(&self, config: &str) -> Boot<'_> {
+        let timeout = std::env::var("VCDEV_QEMU_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
+        let mut vars = BTreeMap::new();
+        for (k, v) in [
+            ("ACCEL", self.accel.to_owned()),
+            ("CPU", self.cpu.to_owned()),
+            ("SMP", DEFAULT_SMP.to_string()),
+            ("MEM", DEFAULT_MEM_MIB.to_string()),
+            ("KERNEL", self.kernel.display().to_string()),
+            ("INITRD", self.initrd.display().to_string()),
+            ("APPEND", String::new()),
+            ("QUEUES", "1".to_owned()),
+        ] {
+            vars.insert(k.to_owned(), v);
+        }
+        Boot {
+            guest: self,
+            config: config.to_owned(),
+            vars,
+            extra: Vec::new(),
+            timeout,
+        }
+    }
+}
+
+impl Boot<'_> {
+    /// Sets placeholder `@name@` to `value`.
+    pub fn var(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.vars.insert(name.to_owned(), value.into());
+        self
+    }
+
+    /// `@SOCKET@`: the vhost-user socket.
+    pub fn socket(self, path: &Path) -> Self {
+        self.var("SOCKET", path.display().to_string())
+    }
+
+    /// `@MEM@`: guest RAM in MiB.
+    pub fn mem_mib(self, mib: u32) -> Self {
+        self.var("MEM", mib.to_string())
+    }
+
+    /// `@SMP@`: vCPUs.
+    pub fn smp(self, n: u32) -> Self {
+        self.var("SMP", n.to_string())
+    }
+
+    /// `@QUEUES@`: virtqueues of the device.
+    pub fn queues(self, n: u32) -> Self {
+        self.var("QUEUES", n.to_string())
+    }
+
+    /// Adds words to the kernel command line (`@APPEND@`), e.g.
+    /// `"iommu.strict=1"`.
+    pub fn append(mut self, words: &str) -> Self {
+        let cur = self.vars.entry("APPEND".to_owned()).or_default();
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(words);
+        self
+    }
+
+    /// Adds `vcdev.<key>=<value>` to the kernel command line.
+    pub fn param(self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.append(&format!("vcdev.{key}={value}"))
+    }
+
+    /// Selects the guest test (`vcdev.test=<name>`: dd, info, none).
+    pub fn test(self, name: &str) -> Self {
+        self.param("test", name)
+    }
+
+    /// Adds one raw QEMU argument after the topology's (e.g. `-trace`).
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+
+    /// Hard deadline from spawn to exit; QEMU is killed when it passes.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// The full QEMU argv (without the program).
+    pub fn args(&self) -> io::Result<Vec<String>> {
+        let cfg = QemuConfig::load(&self.config)?;
+        let mut argv = cfg.args(&self.vars).map_err(io::Error::other)?;
+        argv.extend(self.extra.iter().cloned());
+        Ok(argv)
+    }
+
+    /// Spawns QEMU; the console (serial on stdio) is captured.
+    pub fn spawn(&self) -> io::Result<RunningGuest> {
+        let args = self.args()?;
+        let proc = Proc::spawn(
+            &format!("qemu[{}]", self.config),
+            Command::new(&self.guest.qemu).args(&args),
+        )?;
+        Ok(RunningGuest {
+            proc,
+            config: self.config.clone(),
+            args,
+            started: Instant::now(),
+            timeout: self.timeout,
+        })
+    }
+
+    /// Spawns QEMU and waits for it to exit (killing it at the deadline).
+    pub fn run(&self) -> io::Result<GuestRun> {
+        self.spawn()?.wait()
+    }
+}
+
+/// A QEMU process; killed on drop.
+#[derive(Debug)]
+pub struct RunningGuest {
+    proc: Proc,
+    config: String,
+    args: Vec<String>,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl RunningGuest {
+    /// Console output so far.
+    pub fn console(&self) -> String {
+        self.proc.stdout().text()
+    }
+
+    /// Polls until the console contains `needle` (true), QEMU exits or
+    /// `timeout` passes (false).
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> bool {
+        super::poll_until(timeout, || {
+            if self.console().contains(needle) {
+                Some(true)
+            } else if !matches!(self.proc.try_wait(), Ok(None)) {
+                Some(self.console().contains(needle))
+            } else {
+                None
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    /// Waits for QEMU to exit, until the boot's deadline (counted from
+    /// spawn), then kills it; parses the console.
+    pub fn wait(self) -> io::Result<GuestRun> {
+        let left = self.timeout.saturating_sub(self.started.elapsed());
+        let finished = self.proc.wait_timeout(left)?;
+        let report = GuestReport::parse(&finished.stdout);
+        Ok(GuestRun {
+            config: self.config,
+            args: self.args,
+            elapsed: self.started.elapsed(),
+            finished,
+            report,
+        })
+    }
+}
+
+/// A finished QEMU run.
+#[derive(Debug, Clone)]
+pub struct GuestRun {
+    /// Topology name.
+    pub config: String,
+    /// QEMU argv used.
+    pub args: Vec<String>,
+    /// Exit status and captured output (stdout is the guest console).
+    pub finished: Finished,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+    /// Parsed marker lines.
+    pub report: GuestReport,
+}
+
+impl GuestRun {
+    /// The guest console (QEMU's stdout).
+    pub fn console(&self) -> &str {
+        &self.finished.stdout
+    }
+
+    /// QEMU's own messages (stderr).
+    pub fn qemu_stderr(&self) -> &str {
+        &self.finished.stderr
+    }
+
+    /// A multi-line summary for assertion messages: command, status, the
+    /// last console lines and stderr.
+    pub fn diagnostics(&self) -> String {
+        let lines: Vec<&str> = self.console().lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        format!(
+            "QEMU {} ({:.1?}, {}{})\nargs: {:?}\n--- console (last 40 lines)\n{tail}\n--- stderr\n{}",
+            self.config,
+            self.elapsed,
+            self.finished.status,
+            if self.finished.timed_out { ", KILLED at deadline" } else { "" },
+            self.args,
+            self.qemu_stderr(),
+        )
+    }
+
+    /// The report, after asserting that QEMU exited cleanly in time and the
+    /// guest ended with `VCDEV-END status=ok` and no `VCDEV-ERROR`.
+    pub fn expect_ok(&self) -> &GuestReport {
+        let r = &self.report;
+        assert!(
+            !self.finished.timed_out && self.finished.status.success() && r.ok(),
+            "guest run failed (status={:?}, errors={:?})\n{}",
+            r.status,
+            r.errors,
+            self.diagnostics()
+        );
+        r
+    }
+}
+
+/// The `VCDEV-*` lines of a console, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestReport {
+    /// `kernel=` of VCDEV-BEGIN.
+    pub kernel: Option<String>,
+    /// `test=` of VCDEV-BEGIN.
+    pub test: Option<String>,
+    /// Each VCDEV-RESULT line as key=value pairs, in order.
+    pub results: Vec<BTreeMap<String, String>>,
+    /// VCDEV-WARN texts.
+    pub warnings: Vec<String>,
+    /// VCDEV-ERROR texts.
+    pub errors: Vec<String>,
+    /// `status=` of VCDEV-END (`None`: the guest never finished).
+    pub status: Option<String>,
+}
+
+impl GuestReport {
+    /// Parses marker lines. A marker may follow other bytes on its line
+    /// (firmware escape sequences, interleaved kernel output); it runs to
+    /// the end of the line.
+    pub fn parse(console: &str) -> Self {
+        let mut r = Self::default();
+        for line in console.lines() {
+            let Some(pos) = line.find("VCDEV-") else {
+                continue;
+            };
+            let marker = line[pos..].trim_end_matches(['\r', ' ']);
+            let (word, rest) = marker.split_once(' ').unwrap_or((marker, ""));
+            match word {
+                "VCDEV-BEGIN" => {
+                    let kv = parse_kv(rest);
+                    r.kernel = kv.get("kernel").cloned();
+                    r.test = kv.get("test").cloned();
+                }
+                "VCDEV-RESULT" => r.results.push(parse_kv(rest)),
+                "VCDEV-WARN" => r.warnings.push(rest.to_owned()),
+                "VCDEV-ERROR" => r.errors.push(rest.to_owned()),
+                "VCDEV-END" => r.status = parse_kv(rest).get("status").cloned(),
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// The guest began, ended with `status=ok` and reported no error.
+    pub fn ok(&self) -> bool {
+        self.test.is_some() && self.status.as_deref() == Some("ok") && self.errors.is_empty()
+    }
+
+    /// The value of `key` in the last VCDEV-RESULT line that has it.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.results
+            .iter()
+            .rev()
+            .find_map(|m| m.get(key))
+            .map(String::as_str)
+    }
+
+    /// The last VCDEV-RESULT line with `key=value`.
+    pub fn find(&self, key: &str, value: &str) -> Option<&BTreeMap<String, String>> {
+        self.results
+            .iter()
+            .rev()
+            .find(|m| m.get(key).is_some_and(|v| v == value))
+    }
+}
+
+fn parse_kv(s: &str) -> BTreeMap<String, String> {
+    s.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The bytes the guest's `dd` test writes: sector i (512 bytes) is
+/// `vcdev:<seed>:<i as 11 digits>` padded with spaces to 511 bytes plus
+/// `\n` (see qemu-configs/guest/init).
+pub fn dd_pattern(seed: &str, mib: u32) -> Vec<u8> {
+    let sectors = mib as usize * (1 << 20) / PATTERN_SECTOR;
+    let mut buf = Vec::with_capacity(sectors * PATTERN_SECTOR);
+    for i in 0..sectors {
+        let line = format!("{:<511}\n", format!("vcdev:{seed}:{i:011}"));
+        buf.extend_from_slice(&line.as_bytes()[..PATTERN_SECTOR.min(line.len())]);
+    }
+    buf
+}
+
+/// md5 (lowercase hex) of [`dd_pattern`].
+pub fn dd_pattern_md5(seed: &str, mib: u32) -> io::Result<String> {
+    md5_hex(&dd_pattern(seed, mib))
+}
+
+/// md5 (lowercase hex) of `data`, computed by `md5sum`.
+pub fn md5_hex(data: &[u8]) -> io::Result<String> {
+    md5_stream(|w| w.write_all(data))
+}
+
+/// md5 of `len` bytes of `path` from `offset` (e.g. the region of a backing
+/// file the guest wrote); fails if the file is shorter.
+pub fn file_region_md5(path: &Path, offset: u64, len: u64) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut region = f.take(len);
+    md5_stream(|w| {
+        let n = io::copy(&mut region, w)?;
+        if n == len {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: only {n} of {len} bytes", path.display()),
+            ))
+        }
+    })
+}
+
+fn md5_stream(feed: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<String> {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // md5sum writes nothing before EOF on its input, so feeding it from this
+    // thread cannot deadlock on its stdout.
+    let fed = feed(&mut stdin);
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    fed?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.split_whitespace().next() {
+        Some(h) if out.status.success() && h.len() == 32 => Ok(h.to_owned()),
+        _ => Err(io::Error::other(format!(
+            "md5sum failed: {} {text:?}",
+            out.status
+        ))),
+    }
+}
+
+/// Starts `qemu-storage-daemon` exporting `image` (raw) as vhost-user-blk on
+/// `socket` with `queues` queues, and waits until the socket exists.
+pub fn storage_daemon(qsd: &Path, image: &Path, socket: &Path, queues: u32) -> io::Result<Daemon> {
+    let mut cmd = Command::new(qsd);
+    cmd.arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+        .arg("--blockdev")
+        .arg("driver=raw,node-name=disk0,file=file0")
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            socket.display()
+        ));
+    Daemon::spawn(
+        "qemu-storage-daemon",
+        &mut cmd,
+        socket,
+        Duration::from_secs(10),
+    )
+}
