@@ -1,1 +1,31 @@
-//! vcdev device models.
+//! vcdev device models: transport-agnostic emulated devices.
+//!
+//! # Architecture
+//!
+//! A device model knows virtio rings, descriptor chains and its backing store, and nothing of
+//! sockets, vhost-user or the device-cdev door. A transport (the `backend` crate) owns the
+//! connection, negotiates features, builds one [`virtio_queue::Queue`] per virtqueue and hands
+//! each queue, together with a [`vm_memory::GuestMemory`] view of the driver's memory, to the
+//! device. The memory view is where IOMMU translation happens: this crate never assumes that a
+//! descriptor address is a guest physical address.
+//!
+//! [`virtio`] holds the device-independent pieces (feature bits, bounds-checked config-space
+//! access). [`blk`] is the virtio-blk device (virtio 1.2 section 5.2): [`blk::BlkDevice`] is the
+//! shared, thread-safe device (configuration, config space, backing), [`blk::BlkQueue`] is the
+//! per-queue worker state that drains a queue. Each request goes through two phases: it is
+//! parsed and all its buffers are translated through the `GuestMemory` first (so an IOMMU miss or
+//! permission fault is found before any side effect), and only then executed against a
+//! [`blk::BlockBackend`] (a raw file or RAM). An IOMMU fault is either failed with
+//! `VIRTIO_BLK_S_IOERR` or handed back to the transport for resolution, as the transport's
+//! [`blk::FaultPolicy`] says.
+//!
+//! # Errors
+//!
+//! Each module has its own `thiserror` enum whose variants name the step that failed and carry
+//! the cause as `#[source]`. Request errors are turned into a virtio-blk status byte in exactly
+//! one place, [`blk::RequestError::status`].
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod blk;
+pub mod virtio;

@@ -1,0 +1,49 @@
+//! The storage behind a virtio-blk device.
+
+use std::fmt::Debug;
+use std::io;
+
+use vm_memory::VolatileSlice;
+
+/// The size of a virtio-blk sector, in bytes, as a shift (virtio 1.2 section 5.2.6: "sector
+/// number ... in 512-byte units").
+pub const SECTOR_SHIFT: u32 = 9;
+/// The size of a virtio-blk sector, in bytes.
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+
+/// A disk image that several queues, on several threads, read and write at once.
+///
+/// Offsets and lengths are in bytes and already checked by the caller against [`len`]. Buffers
+/// are guest memory ([`VolatileSlice`]s straight from the translated descriptors), so data moves
+/// between the guest and the backing without a bounce buffer. Implementations must not take a
+/// lock shared by all queues on the data path.
+///
+/// [`len`]: BlockBackend::len
+pub trait BlockBackend: Send + Sync + Debug {
+    /// The size of the disk in bytes, a multiple of [`SECTOR_SIZE`].
+    fn len(&self) -> u64;
+
+    /// Whether the disk is empty (never, for a backend that passed validation).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fill all of `buf` from the disk at byte `offset`.
+    fn read_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()>;
+
+    /// Write all of `buf` to the disk at byte `offset`.
+    fn write_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Tell the backing that `len` bytes at `offset` are no longer needed. Their contents are
+    /// unspecified afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Make `len` bytes at `offset` read as zeros; `unmap` allows deallocating them.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+}
+
+/// A page of zeros, for backends that write zeros by hand.
+pub(crate) static ZEROES: [u8; 4096] = [0; 4096];

@@ -1,0 +1,289 @@
+//! A disk backed by a raw image file or block device.
+//!
+//! Data moves with `pread`/`pwrite` straight between the file and guest memory. Flush is
+//! `fdatasync`, discard punches a hole, write-zeroes asks `fallocate` for a zeroed range and falls
+//! back to writing zeros. Positioned I/O needs no lock, so every queue may use the file at once.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use vm_memory::VolatileSlice;
+
+use super::backend::{BlockBackend, SECTOR_SIZE, ZEROES};
+
+/// Errors opening a [`FileBackend`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image could not be opened.
+    #[error("Failed to open disk image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image's size could not be found.
+    #[error("Failed to find the size of the disk image")]
+    Size(#[source] io::Error),
+    /// The image's size is zero or not a multiple of the sector size.
+    #[error("Disk image size {0} is not a non-zero multiple of 512 bytes")]
+    InvalidSize(u64),
+}
+
+/// A disk image in a file (or a block device) accessed with positioned I/O.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    len: u64,
+}
+
+impl FileBackend {
+    /// Open the image at `path`, read-write unless `read_only`.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::from_file(file)
+    }
+
+    /// Use an already open image. Its size is taken now and must not change while in use.
+    pub fn from_file(mut file: File) -> Result<Self, Error> {
+        // Seeking to the end also sizes block devices, whose metadata length is 0.
+        let len = file.seek(SeekFrom::End(0)).map_err(Error::Size)?;
+        if len == 0 || len % SECTOR_SIZE != 0 {
+            return Err(Error::InvalidSize(len));
+        }
+        Ok(Self { file, len })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let offset = libc::off64_t::try_from(offset).map_err(|_| einval())?;
+        let len = libc::off64_t::try_from(len).map_err(|_| einval())?;
+        loop {
+            // SAFETY: fallocate only reads its scalar arguments; the descriptor is owned by
+            // `self.file` and stays open for the call.
+            let ret = unsafe { libc::fallocate64(self.file.as_raw_fd(), mode, offset, len) };
+            if ret == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    fn write_zeroes_by_hand(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let chunk = usize::try_from(len.saturating_sub(done))
+                .unwrap_or(usize::MAX)
+                .min(ZEROES.len());
+            let zeroes = ZEROES.get(..chunk).ok_or_else(einval)?;
+            let pos = offset.checked_add(done).ok_or_else(einval)?;
+            std::os::unix::fs::FileExt::write_all_at(&self.file, zeroes, pos)?;
+            done = done.saturating_add(u64::try_from(chunk).map_err(|_| einval())?);
+        }
+        Ok(())
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn is_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV)
+    )
+}
+
+/// Whether a positioned transfer moves data from the file into memory or the reverse.
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
+fn transfer(file: &File, dir: Dir, mut offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+    let mut rest = *buf;
+    while !rest.is_empty() {
+        let pos = libc::off64_t::try_from(offset).map_err(|_| einval())?;
+        let guard = rest.ptr_guard_mut();
+        let ret = match dir {
+            // SAFETY: `guard` points at `rest.len()` bytes of memory that `rest` keeps mapped and
+            // writable for the duration of the call; the kernel writes at most that many bytes.
+            Dir::Read => unsafe {
+                libc::pread64(file.as_raw_fd(), guard.as_ptr().cast(), rest.len(), pos)
+            },
+            // SAFETY: `guard` points at `rest.len()` readable bytes kept mapped by `rest`; the
+            // kernel only reads them.
+            Dir::Write => unsafe {
+                libc::pwrite64(file.as_raw_fd(), guard.as_ptr().cast(), rest.len(), pos)
+            },
+        };
+        let n = match usize::try_from(ret) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => n,
+            Err(_) => {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+        };
+        rest = rest.offset(n).map_err(|_| einval())?;
+        offset = offset
+            .checked_add(u64::try_from(n).map_err(|_| einval())?)
+            .ok_or_else(einval)?;
+    }
+    Ok(())
+}
+
+impl BlockBackend for FileBackend {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        transfer(&self.file, Dir::Read, offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        transfer(&self.file, Dir::Write, offset, buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            // A discard is a hint: a file system without holes simply keeps the data.
+            Err(err) if is_unsupported(&err) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if unmap {
+            match self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Err(err) if is_unsupported(&err) => {}
+                other => return other,
+            }
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(err) if is_unsupported(&err) => self.write_zeroes_by_hand(offset, len),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A scratch file in the temp dir, removed on drop.
+    pub(crate) struct TempImage {
+        pub(crate) path: PathBuf,
+    }
+
+    impl TempImage {
+        pub(crate) fn new(len: u64) -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "vcdev-devmodel-{}-{}.img",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let file = File::create(&path).unwrap();
+            file.set_len(len).unwrap();
+            Self { path }
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    #[test]
+    fn open_errors() {
+        let img = TempImage::new(1000);
+        assert!(matches!(
+            FileBackend::open(&img.path, false),
+            Err(Error::InvalidSize(1000))
+        ));
+        let missing = img.path.with_extension("missing");
+        assert!(matches!(
+            FileBackend::open(&missing, true),
+            Err(Error::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn round_trip_zeroes_discard() {
+        let img = TempImage::new(65536);
+        let disk = FileBackend::open(&img.path, false).unwrap();
+        assert_eq!(disk.len(), 65536);
+        let mut src: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        disk.write_at(4096, &VolatileSlice::from(&mut src[..]))
+            .unwrap();
+        let mut dst = vec![0u8; 8192];
+        disk.read_at(4096, &VolatileSlice::from(&mut dst[..]))
+            .unwrap();
+        assert_eq!(dst, src);
+        disk.flush().unwrap();
+        disk.write_zeroes(4096, 4096, false).unwrap();
+        disk.write_zeroes(8192, 512, true).unwrap();
+        disk.read_at(4096, &VolatileSlice::from(&mut dst[..]))
+            .unwrap();
+        assert!(dst[..4096 + 512].iter().all(|&b| b == 0));
+        assert_eq!(dst[4096 + 512..], src[4096 + 512..]);
+        disk.discard(0, 65536).unwrap();
+        let mut past = [0u8; 512];
+        assert!(disk
+            .read_at(65536, &VolatileSlice::from(&mut past[..]))
+            .is_err());
+    }
+
+    #[test]
+    fn zeroes_by_hand() {
+        let img = TempImage::new(16384);
+        let disk = FileBackend::open(&img.path, false).unwrap();
+        let mut src = vec![0xabu8; 16384];
+        disk.write_at(0, &VolatileSlice::from(&mut src[..]))
+            .unwrap();
+        disk.write_zeroes_by_hand(512, 9000).unwrap();
+        let mut dst = vec![0u8; 16384];
+        disk.read_at(0, &VolatileSlice::from(&mut dst[..])).unwrap();
+        assert!(dst[512..9512].iter().all(|&b| b == 0));
+        assert!(dst[..512].iter().all(|&b| b == 0xab));
+        assert!(dst[9512..].iter().all(|&b| b == 0xab));
+    }
+}

@@ -1,0 +1,289 @@
+//! The virtio-blk device (virtio 1.2 section 5.2).
+//!
+//! [`BlkDevice`] is shared by every queue of a device (it is `Send + Sync`): options, offered
+//! features, config space and the [`BlockBackend`]. [`BlkQueue`] is the state of one queue's
+//! worker (reusable scratch space) and drains a [`Queue`] with [`BlkQueue::process`].
+//!
+//! # Driving a queue
+//!
+//! The transport sets the negotiated `EVENT_IDX` on the queue (`Queue::set_event_idx`), then on
+//! each kick calls [`BlkQueue::process`] with a [`GuestMemory`] view that translates the
+//! driver's addresses (through the IOMMU if there is one). The call drains every available chain
+//! (with `EVENT_IDX`: notifications off while draining, back on, and a re-check for chains that
+//! raced in) and reports in [`QueueOutcome::notify`] whether the driver must be interrupted.
+//!
+//! With [`FaultPolicy::Retry`], a request whose buffers miss in the IOMMU is left on the avail
+//! ring untouched and the call returns early with [`QueueOutcome::fault`]. The transport
+//! resolves the fault (asks the frontend for the mapping) and calls `process` again; if the
+//! fault cannot be resolved, it calls with [`FaultPolicy::Fail`], which completes that request
+//! with `VIRTIO_BLK_S_IOERR`.
+
+mod backend;
+mod chain;
+pub mod config;
+mod exec;
+pub mod file;
+pub mod ram;
+pub mod request;
+mod volatile;
+
+use std::io;
+use std::sync::Arc;
+
+use log::warn;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
+
+pub use backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
+pub use config::BlkConfig;
+pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
+pub use file::FileBackend;
+pub use ram::RamBackend;
+
+use config::SERIAL_LEN;
+use exec::{handle_chain, Completion, Target};
+use request::{ParseError, Segment};
+
+/// Errors of the device as a whole (not of one request: those go to the status byte).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The options are invalid.
+    #[error("Invalid virtio-blk options")]
+    Config(#[from] config::Error),
+    /// The used ring or the notification fields could not be updated.
+    #[error("Failed to update the virtqueue")]
+    Queue(#[source] virtio_queue::Error),
+}
+
+/// What one [`BlkQueue::process`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueOutcome {
+    /// Chains put on the used ring.
+    pub completed: u32,
+    /// Whether the driver must be notified (honours `EVENT_IDX`).
+    pub notify: bool,
+    /// Under [`FaultPolicy::Retry`]: the IOMMU fault that stopped processing. The faulting chain
+    /// is still on the avail ring.
+    pub fault: Option<Fault>,
+}
+
+/// A virtio-blk device, shared by all its queues.
+#[derive(Debug)]
+pub struct BlkDevice {
+    backend: Arc<dyn BlockBackend>,
+    cfg: BlkConfig,
+    serial: [u8; SERIAL_LEN],
+    config_space: Vec<u8>,
+    features: u64,
+}
+
+impl BlkDevice {
+    /// A device over `backend` with options `cfg`.
+    pub fn new(backend: Arc<dyn BlockBackend>, cfg: BlkConfig) -> Result<Self, Error> {
+        cfg.validate()?;
+        let len = backend.len();
+        if len == 0 || len % SECTOR_SIZE != 0 {
+            return Err(config::Error::InvalidCapacity(len).into());
+        }
+        Ok(Self {
+            serial: cfg.serial_bytes(),
+            config_space: cfg.config_space(len),
+            features: cfg.device_features(),
+            backend,
+            cfg,
+        })
+    }
+
+    /// The features the device offers.
+    #[must_use]
+    pub fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    /// Number of request queues.
+    #[must_use]
+    pub fn num_queues(&self) -> u16 {
+        self.cfg.num_queues
+    }
+
+    /// Maximum size of each queue.
+    #[must_use]
+    pub fn queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    /// The options the device was made with.
+    #[must_use]
+    pub fn config(&self) -> &BlkConfig {
+        &self.cfg
+    }
+
+    /// The disk size in bytes.
+    #[must_use]
+    pub fn capacity_bytes(&self) -> u64 {
+        self.backend.len()
+    }
+
+    /// The whole config space (`struct virtio_blk_config`, 96 bytes).
+    #[must_use]
+    pub fn config_bytes(&self) -> Vec<u8> {
+        self.config_space.clone()
+    }
+
+    /// Read config space at `offset`; bytes past its end read as zero.
+    pub fn read_config(&self, offset: u32, data: &mut [u8]) {
+        crate::virtio::config::read_config(&self.config_space, offset, data);
+    }
+
+    /// Make every completed write durable (at shutdown, for example).
+    pub fn flush(&self) -> io::Result<()> {
+        self.backend.flush()
+    }
+
+    /// The backing store.
+    #[must_use]
+    pub fn backend(&self) -> &Arc<dyn BlockBackend> {
+        &self.backend
+    }
+
+    /// Drain `queue` with temporary scratch space; see [`BlkQueue::process`], which keeps its
+    /// scratch between calls.
+    pub fn process_queue<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+    ) -> Result<QueueOutcome, Error> {
+        self.process_with(&mut Scratch::default(), queue, mem, policy)
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            backend: self.backend.as_ref(),
+            capacity: self.backend.len(),
+            read_only: self.cfg.read_only,
+            serial: &self.serial,
+        }
+    }
+
+    fn process_with<M: GuestMemory>(
+        &self,
+        scratch: &mut Scratch,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+    ) -> Result<QueueOutcome, Error> {
+        let mut outcome = QueueOutcome::default();
+        if !queue.ready() {
+            return Ok(outcome);
+        }
+        let target = self.target();
+        let max_chain = usize::from(queue.size());
+        let desc_table = GuestAddress(queue.desc_table());
+        let queue_size = queue.size();
+        let event_idx = queue.event_idx_enabled();
+        // Translated buffers of the request being handled; allocated once per call.
+        let mut slices: Vec<VolatileSlice<'_, _>> = Vec::new();
+        'drain: loop {
+            if event_idx {
+                queue.disable_notification(mem).map_err(Error::Queue)?;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let completion = match chain::collect(chain, max_chain, &mut scratch.descs) {
+                    Ok(()) => handle_chain(
+                        &target,
+                        &scratch.descs,
+                        mem,
+                        policy,
+                        &mut slices,
+                        &mut scratch.segments,
+                    ),
+                    Err(ParseError::TooLong { .. }) => {
+                        // Answer with IOERR through the chain's real last descriptor.
+                        let last = scratch.descs.last().copied();
+                        exec::fail_chain(last.as_slice(), mem, policy, &mut slices)
+                    }
+                    Err(_) => match chain::probe_fault(mem, desc_table, queue_size, head) {
+                        Some(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
+                        _ => Completion::Dropped,
+                    },
+                };
+                let len = match completion {
+                    Completion::Retry(fault) => {
+                        queue.go_to_previous_position();
+                        outcome.fault = Some(fault);
+                        break 'drain;
+                    }
+                    Completion::Used(len) => len,
+                    Completion::Dropped => 0,
+                };
+                match queue.add_used(mem, head, len) {
+                    Ok(()) => outcome.completed = outcome.completed.saturating_add(1),
+                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+                        warn!("virtio-blk: driver offered out-of-range head {head}; ignored");
+                    }
+                    Err(err) => return Err(Error::Queue(err)),
+                }
+            }
+            if !event_idx || !queue.enable_notification(mem).map_err(Error::Queue)? {
+                break;
+            }
+        }
+        if outcome.completed > 0 {
+            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
+        }
+        Ok(outcome)
+    }
+}
+
+/// Scratch space reused from request to request on one queue.
+#[derive(Debug, Default)]
+struct Scratch {
+    descs: Vec<Descriptor>,
+    segments: Vec<Segment>,
+}
+
+/// One queue's worker: the shared device plus per-queue scratch space.
+#[derive(Debug)]
+pub struct BlkQueue {
+    device: Arc<BlkDevice>,
+    scratch: Scratch,
+}
+
+impl BlkQueue {
+    /// A worker for one queue of `device`.
+    #[must_use]
+    pub fn new(device: Arc<BlkDevice>) -> Self {
+        let max = usize::from(device.queue_size());
+        let scratch = Scratch {
+            descs: Vec::with_capacity(max),
+            segments: Vec::with_capacity(usize::try_from(config::MAX_DISCARD_SEG).unwrap_or(0)),
+        };
+        Self { device, scratch }
+    }
+
+    /// The device this queue belongs to.
+    #[must_use]
+    pub fn device(&self) -> &Arc<BlkDevice> {
+        &self.device
+    }
+
+    /// Process every available chain of `queue`, reading and writing the driver's buffers
+    /// through `mem`.
+    ///
+    /// Returns whether the driver must be notified, and, under [`FaultPolicy::Retry`], the IOMMU
+    /// fault that stopped processing (the chain is back on the avail ring; call again once the
+    /// fault is resolved). An error means the queue itself (used ring, event fields) could not
+    /// be updated: the device should be marked `NEEDS_RESET`.
+    pub fn process<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+    ) -> Result<QueueOutcome, Error> {
+        self.device
+            .process_with(&mut self.scratch, queue, mem, policy)
+    }
+}
