@@ -236,3 +236,32 @@ fn viommu_configs_reach_the_backend() {
         );
     }
 }
+
+#[test]
+fn deadline_kills_the_process() {
+    let p = common::process::Proc::spawn("sleep", std::process::Command::new("sleep").arg("30"))
+        .expect("spawn");
+    let t = std::time::Instant::now();
+    let done = p.wait_timeout(Duration::from_millis(200)).expect("wait");
+    assert!(done.timed_out && !done.status.success());
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn daemon_spawn_reports_failures() {
+    let tmp = TempDir::new("qh-daemon").expect("tmpdir");
+    let sock = tmp.join("never.sock");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "echo dying >&2; exit 3"]);
+    let err = common::process::Daemon::spawn("dies", &mut cmd, &sock, Duration::from_secs(10))
+        .expect_err("exits");
+    assert!(
+        err.to_string().contains("exited") && err.to_string().contains("dying"),
+        "{err}"
+    );
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    let err = common::process::Daemon::spawn("silent", &mut cmd, &sock, Duration::from_millis(200))
+        .expect_err("no socket");
+    assert!(err.to_string().contains("no socket"), "{err}");
+}
