@@ -156,7 +156,7 @@ fn no_viommu_dd_against_qemu_storage_daemon() {
     let tmp = TempDir::new("qh-blk").expect("tmpdir");
     let image = tmp.join("disk.img");
     let socket = tmp.join("vub.sock");
-    let mib = 16;
+    let mib = 8;
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(64 << 20))
         .expect("image");
