@@ -27,6 +27,11 @@ pub mod ram;
 pub mod request;
 mod volatile;
 
+#[cfg(test)]
+mod test_util;
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::sync::Arc;
 

@@ -1,0 +1,378 @@
+//! Shared builders for the virtio-blk tests: guest memory, a driver-side queue, requests.
+
+use std::mem::size_of;
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::iommu::{Error as IommuError, IovaRange};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryMmap, Permissions,
+};
+
+use super::{BlkConfig, BlkDevice, BlkQueue, BlockBackend, FaultPolicy, QueueOutcome, RamBackend};
+
+/// Guest memory size used by the tests.
+pub const MEM_SIZE: usize = 16 << 20;
+/// Where data buffers start (the rings sit below).
+pub const BUF_START: u64 = 1 << 20;
+/// Where the used ring goes.
+pub const USED_RING: u64 = 0x8_0000;
+/// Where indirect tables go.
+pub const INDIRECT_START: u64 = 12 << 20;
+
+pub const R: u16 = 0;
+pub const W: u16 = VRING_DESC_F_WRITE as u16;
+pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+pub const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+/// Plain guest memory.
+pub fn plain_mem() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+/// Guest memory behind a pretend IOMMU that refuses one range.
+#[derive(Debug)]
+pub struct FaultyMem {
+    pub inner: GuestMemoryMmap<()>,
+    /// `(start, len, access that faults)`: an access overlapping the range and needing any of
+    /// the listed permissions fails with an IOMMU error.
+    pub poison: Mutex<Option<(u64, u64, Permissions)>>,
+}
+
+impl FaultyMem {
+    pub fn new() -> Self {
+        Self {
+            inner: plain_mem(),
+            poison: Mutex::new(None),
+        }
+    }
+
+    pub fn poison(&self, start: u64, len: u64, access: Permissions) {
+        *self.poison.lock().unwrap() = Some((start, len, access));
+    }
+
+    pub fn heal(&self) {
+        *self.poison.lock().unwrap() = None;
+    }
+
+    fn faults(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        let Some((start, len, bad)) = *self.poison.lock().unwrap() else {
+            return false;
+        };
+        let end = addr.0.saturating_add(count as u64);
+        addr.0 < start + len && start < end && (access as u8 & bad as u8) != 0
+    }
+}
+
+impl GuestMemory for FaultyMem {
+    type PhysicalMemory = GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        !self.faults(addr, count, access)
+            && GuestMemoryBackend::check_range(&self.inner, addr, count)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>, GuestMemoryError> {
+        if self.faults(addr, count, access) {
+            return Err(GuestMemoryError::IommuError(IommuError::CannotResolve {
+                iova_range: IovaRange {
+                    base: addr,
+                    length: count,
+                },
+                reason: "test miss".into(),
+            }));
+        }
+        Ok(GuestMemoryBackend::get_slices(&self.inner, addr, count))
+    }
+}
+
+/// A device over a RAM disk of `len` bytes.
+pub fn ram_device(len: u64, cfg: BlkConfig) -> Arc<BlkDevice> {
+    let backend: Arc<dyn BlockBackend> = Arc::new(RamBackend::new(len).unwrap());
+    Arc::new(BlkDevice::new(backend, cfg).unwrap())
+}
+
+/// One buffer of a request, from the driver's side.
+#[derive(Clone, Debug)]
+pub enum Buf {
+    /// Device-readable bytes.
+    Out(Vec<u8>),
+    /// Device-writable bytes, this many.
+    In(u32),
+}
+
+/// The driver side of one queue, plus the device queue worker.
+pub struct Driver<'m, M: GuestMemory> {
+    pub mem: &'m M,
+    pub vq: MockSplitQueue<'m, M>,
+    pub queue: Queue,
+    pub blk: BlkQueue,
+    pub size: u16,
+    next_desc: u16,
+    next_buf: u64,
+    next_indirect: u64,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+/// A completed request, as the driver sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Done {
+    pub head: u16,
+    pub used_len: u32,
+    /// The status byte (0xff if the device never wrote it).
+    pub status: u8,
+    /// The device-writable data buffers (without the status byte), concatenated.
+    pub data: Vec<u8>,
+}
+
+/// Where a submitted request's buffers are.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    pub head: u16,
+    pub descs: Vec<(u64, u32, u16)>,
+}
+
+impl<'m, M: GuestMemory> Driver<'m, M> {
+    pub fn new(mem: &'m M, device: Arc<BlkDevice>, size: u16) -> Self {
+        let vq = MockSplitQueue::new(mem, size);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        // MockSplitQueue puts the used ring over the end of the avail ring (it sizes the avail
+        // ring by entries, not bytes); move it clear so that many chains can be in flight.
+        queue.set_ready(false);
+        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        queue.set_ready(true);
+        assert_eq!(queue.used_ring(), USED_RING);
+        Self {
+            mem,
+            vq,
+            queue,
+            blk: BlkQueue::new(device),
+            size,
+            next_desc: 0,
+            next_buf: BUF_START,
+            next_indirect: INDIRECT_START,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    /// Guest memory for a buffer of `len` bytes, filled with `fill`.
+    pub fn alloc(&mut self, len: u32, fill: u8) -> u64 {
+        let addr = self.next_buf;
+        self.next_buf += u64::from(len).max(1).next_multiple_of(64);
+        if self.next_buf >= INDIRECT_START {
+            self.next_buf = BUF_START + u64::from(len).max(1).next_multiple_of(64);
+            return self.alloc_at(BUF_START, len, fill);
+        }
+        self.alloc_at(addr, len, fill)
+    }
+
+    fn alloc_at(&self, addr: u64, len: u32, fill: u8) -> u64 {
+        self.mem
+            .write_slice(&vec![fill; len as usize], GuestAddress(addr))
+            .unwrap();
+        addr
+    }
+
+    /// Write raw descriptors at table indices, and offer `head`.
+    pub fn offer_raw(&mut self, entries: &[(u16, Descriptor)], head: u16) {
+        for (idx, desc) in entries {
+            self.vq
+                .desc_table()
+                .store(*idx, RawDescriptor::from(*desc))
+                .unwrap();
+        }
+        self.offer(head);
+    }
+
+    /// Put `head` on the avail ring.
+    pub fn offer(&mut self, head: u16) {
+        let slot = self
+            .vq
+            .avail_addr()
+            .unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
+        self.mem.write_obj(head, slot).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, self.vq.avail_addr().unchecked_add(2))
+            .unwrap();
+    }
+
+    /// Lay out `descs` (addr, len, flags) as a direct chain and offer it.
+    pub fn submit_descs(&mut self, descs: &[(u64, u32, u16)]) -> Submitted {
+        let head = self.next_desc;
+        let mut entries = Vec::new();
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let idx = (head + i as u16) % self.size;
+            let last = i + 1 == descs.len();
+            let next = (idx + 1) % self.size;
+            let flags = if last { *flags } else { *flags | NEXT };
+            entries.push((idx, Descriptor::new(*addr, *len, flags, next)));
+        }
+        self.next_desc = (head + descs.len().max(1) as u16) % self.size;
+        self.offer_raw(&entries, head);
+        Submitted {
+            head,
+            descs: descs.to_vec(),
+        }
+    }
+
+    /// Lay out `descs` as an indirect table and offer a chain of one indirect descriptor.
+    pub fn submit_indirect(&mut self, descs: &[Descriptor]) -> Submitted {
+        let table = self.next_indirect;
+        for (i, d) in descs.iter().enumerate() {
+            self.mem
+                .write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        self.next_indirect += (16 * descs.len() as u64).next_multiple_of(64);
+        let len = (descs.len() * size_of::<RawDescriptor>()) as u32;
+        self.submit_descs(&[(table, len, INDIRECT)])
+    }
+
+    /// Build a request: header, then `bufs`, then a status byte (prefilled with 0xff).
+    pub fn request(&mut self, kind: u32, sector: u64, bufs: &[Buf]) -> Submitted {
+        let mut header = Vec::new();
+        header.extend_from_slice(&kind.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&sector.to_le_bytes());
+        let mut descs = vec![(self.alloc_bytes(&header), 16, R)];
+        for b in bufs {
+            descs.push(match b {
+                Buf::Out(bytes) => (self.alloc_bytes(bytes), bytes.len() as u32, R),
+                Buf::In(len) => (self.alloc(*len, 0xee), *len, W),
+            });
+        }
+        descs.push((self.alloc(1, 0xff), 1, W));
+        self.submit_descs(&descs)
+    }
+
+    pub fn alloc_bytes(&mut self, bytes: &[u8]) -> u64 {
+        let addr = self.alloc(bytes.len() as u32, 0);
+        self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+        addr
+    }
+
+    /// Run the device on the queue.
+    pub fn run(&mut self, policy: FaultPolicy) -> QueueOutcome {
+        self.blk.process(&mut self.queue, self.mem, policy).unwrap()
+    }
+
+    /// The used ring's index.
+    pub fn used_idx(&self) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(USED_RING).unchecked_add(2))
+            .unwrap()
+    }
+
+    /// Take the next used element, reading back the buffers of `sub`.
+    pub fn take_used(&mut self, sub: &Submitted) -> Done {
+        assert_ne!(self.used_seen, self.used_idx(), "no used element");
+        let elem =
+            GuestAddress(USED_RING).unchecked_add(4 + 8 * u64::from(self.used_seen % self.size));
+        let head: u32 = self.mem.read_obj(elem).unwrap();
+        let used_len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+        self.used_seen = self.used_seen.wrapping_add(1);
+        let (status_addr, status_len, _) = *sub.descs.last().unwrap();
+        let status = self
+            .mem
+            .read_obj(GuestAddress(status_addr + u64::from(status_len.max(1)) - 1))
+            .unwrap_or(0xff);
+        let mut data = Vec::new();
+        let n = sub.descs.len();
+        for (i, (addr, len, flags)) in sub.descs.iter().enumerate() {
+            if flags & W != 0 && flags & INDIRECT == 0 {
+                let len = if i + 1 == n {
+                    len.saturating_sub(1)
+                } else {
+                    *len
+                };
+                let mut buf = vec![0u8; len as usize];
+                // Buffers outside guest memory read back as nothing.
+                let _ = self.mem.read_slice(&mut buf, GuestAddress(*addr));
+                data.extend_from_slice(&buf);
+            }
+        }
+        Done {
+            head: head as u16,
+            used_len,
+            status,
+            data,
+        }
+    }
+
+    /// Submit one request, run the device, and take its completion.
+    pub fn exec(&mut self, kind: u32, sector: u64, bufs: &[Buf]) -> Done {
+        let sub = self.request(kind, sector, bufs);
+        let out = self.run(FaultPolicy::Fail);
+        assert!(out.fault.is_none());
+        let done = self.take_used(&sub);
+        assert_eq!(done.head, sub.head);
+        done
+    }
+
+    pub fn read(&mut self, sector: u64, len: u32) -> Done {
+        self.exec(VIRTIO_BLK_T_IN, sector, &[Buf::In(len)])
+    }
+
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Done {
+        self.exec(VIRTIO_BLK_T_OUT, sector, &[Buf::Out(data.to_vec())])
+    }
+
+    pub fn flush(&mut self) -> Done {
+        self.exec(VIRTIO_BLK_T_FLUSH, 0, &[])
+    }
+
+    pub fn get_id(&mut self, len: u32) -> Done {
+        self.exec(VIRTIO_BLK_T_GET_ID, 0, &[Buf::In(len)])
+    }
+
+    pub fn discard(&mut self, segs: &[(u64, u32, u32)]) -> Done {
+        self.exec(VIRTIO_BLK_T_DISCARD, 0, &[Buf::Out(segments(segs))])
+    }
+
+    pub fn write_zeroes(&mut self, segs: &[(u64, u32, u32)]) -> Done {
+        self.exec(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Buf::Out(segments(segs))])
+    }
+}
+
+/// Encode `(sector, num_sectors, flags)` segments.
+pub fn segments(segs: &[(u64, u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (sector, num, flags) in segs {
+        out.extend_from_slice(&sector.to_le_bytes());
+        out.extend_from_slice(&num.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+    }
+    out
+}
+
+/// A recognisable pattern of `len` bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Make sure `Queue` stays ready (compile-time use of the trait).
+pub fn ready(q: &Queue) -> bool {
+    q.ready()
+}
