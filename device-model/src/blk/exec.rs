@@ -349,8 +349,10 @@ pub(crate) fn fail_chain<'m, M: GuestMemory>(
     mem: &'m M,
     policy: FaultPolicy,
     slices: &mut Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
+    err: ParseError,
 ) -> Completion {
     slices.clear();
+    debug!("failing request: {err}");
     let Ok(status_addr) = status_address(last) else {
         return Completion::Dropped;
     };
@@ -361,7 +363,7 @@ pub(crate) fn fail_chain<'m, M: GuestMemory>(
         }
         Err(_) => return Completion::Dropped,
     }
-    let status = RequestError::Malformed(ParseError::TooLong { len: 0, max: 0 }).status();
+    let status = RequestError::Malformed(err).status();
     match slices.pop().map(|s| s.write_obj(status, 0)) {
         Some(Ok(())) => Completion::Used(1),
         _ => Completion::Dropped,

@@ -189,7 +189,7 @@ impl BlkDevice {
         let queue_size = queue.size();
         let event_idx = queue.event_idx_enabled();
         // Translated buffers of the request being handled; allocated once per call.
-        let mut slices: Vec<VolatileSlice<'_, _>> = Vec::new();
+        let mut slices: Vec<VolatileSlice<'_, _>> = Vec::with_capacity(max_chain);
         'drain: loop {
             if event_idx {
                 queue.disable_notification(mem).map_err(Error::Queue)?;
@@ -205,10 +205,10 @@ impl BlkDevice {
                         &mut slices,
                         &mut scratch.segments,
                     ),
-                    Err(ParseError::TooLong { .. }) => {
+                    Err(err @ ParseError::TooLong { .. }) => {
                         // Answer with IOERR through the chain's real last descriptor.
                         let last = scratch.descs.last().copied();
-                        exec::fail_chain(last.as_slice(), mem, policy, &mut slices)
+                        exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err)
                     }
                     Err(_) => match chain::probe_fault(mem, desc_table, queue_size, head) {
                         Some(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),

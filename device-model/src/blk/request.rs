@@ -8,7 +8,7 @@
 //!
 //! Parsing reads only the header from guest memory. The data buffers are described as
 //! [`DataRange`]s over the chain, to be translated (all of them, before any side effect) and
-//! executed by [`super::exec`].
+//! executed by the `exec` module.
 
 use std::mem::{offset_of, size_of};
 
