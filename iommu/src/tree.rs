@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use arrayvec::ArrayVec;
 use vm_memory::Permissions;
 
 use crate::mem::MemObject;
@@ -78,10 +79,21 @@ impl Extent {
     }
 }
 
+/// Slots per node: one more than [`NODE_CAP`], the overflow before a split.
+const SLOTS: usize = NODE_CAP + 1;
+
 #[derive(Clone, Debug)]
 pub(crate) enum Node {
-    Leaf(Vec<Extent>),
+    Leaf(Leaf),
     Inner(Inner),
+}
+
+/// Extents sorted by start, their starts also kept inline apart so that a
+/// lookup's binary search touches few cache lines.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Leaf {
+    starts: ArrayVec<u64, SLOTS>,
+    exts: ArrayVec<Extent, SLOTS>,
 }
 
 /// `keys[i]` is exactly the smallest start in `kids[i]`. Exactness matters:
@@ -90,8 +102,8 @@ pub(crate) enum Node {
 /// so one descent finds the containing extent.
 #[derive(Clone, Debug)]
 pub(crate) struct Inner {
-    keys: Vec<u64>,
-    kids: Vec<Arc<Node>>,
+    keys: ArrayVec<u64, SLOTS>,
+    kids: ArrayVec<Arc<Node>, SLOTS>,
 }
 
 #[inline]
@@ -100,6 +112,10 @@ fn child_index(keys: &[u64], key: u64) -> usize {
 }
 
 impl Node {
+    fn empty() -> Node {
+        Node::Leaf(Leaf::default())
+    }
+
     /// The extent containing `iova`.
     #[inline]
     pub(crate) fn find(&self, iova: u64) -> Option<&Extent> {
@@ -110,9 +126,9 @@ impl Node {
                     let i = child_index(&n.keys, iova);
                     node = n.kids.get(i)?;
                 }
-                Node::Leaf(v) => {
-                    let i = v.partition_point(|e| e.start <= iova);
-                    let e = v.get(i.checked_sub(1)?)?;
+                Node::Leaf(l) => {
+                    let i = l.starts.partition_point(|s| *s <= iova);
+                    let e = l.exts.get(i.checked_sub(1)?)?;
                     return (iova <= e.last).then_some(e);
                 }
             }
@@ -134,9 +150,9 @@ impl Node {
     /// returns false. Returns false if stopped.
     fn visit_from<'a>(&'a self, from: u64, f: &mut dyn FnMut(&'a Extent) -> bool) -> bool {
         match self {
-            Node::Leaf(v) => {
-                let i = v.partition_point(|e| e.last < from);
-                v[i..].iter().all(f)
+            Node::Leaf(l) => {
+                let i = l.exts.partition_point(|e| e.last < from);
+                l.exts[i..].iter().all(f)
             }
             Node::Inner(n) => {
                 let i = child_index(&n.keys, from);
@@ -147,14 +163,14 @@ impl Node {
 
     fn is_empty(&self) -> bool {
         match self {
-            Node::Leaf(v) => v.is_empty(),
+            Node::Leaf(l) => l.exts.is_empty(),
             Node::Inner(n) => n.kids.is_empty(),
         }
     }
 
     fn first_key(&self) -> u64 {
         match self {
-            Node::Leaf(v) => v.first().map_or(0, |e| e.start),
+            Node::Leaf(l) => l.starts.first().copied().unwrap_or(0),
             Node::Inner(n) => n.keys.first().copied().unwrap_or(0),
         }
     }
@@ -167,15 +183,24 @@ impl Node {
     }
 }
 
+/// Moves the upper half of `v` out into a new ArrayVec.
+fn split_half<T, const N: usize>(v: &mut ArrayVec<T, N>, at: usize) -> ArrayVec<T, N> {
+    v.drain(at..).collect()
+}
+
 fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
     match Arc::make_mut(node) {
-        Node::Leaf(v) => {
-            let i = v.partition_point(|x| x.start < e.start);
-            v.insert(i, e);
-            if v.len() > NODE_CAP {
-                let right = v.split_off(v.len() / 2);
-                let key = right[0].start;
-                return Some((key, Arc::new(Node::Leaf(right))));
+        Node::Leaf(l) => {
+            let i = l.starts.partition_point(|s| *s < e.start);
+            l.starts.insert(i, e.start);
+            l.exts.insert(i, e);
+            if l.exts.len() > NODE_CAP {
+                let half = l.exts.len() / 2;
+                let right = Leaf {
+                    starts: split_half(&mut l.starts, half),
+                    exts: split_half(&mut l.exts, half),
+                };
+                return Some((right.starts[0], Arc::new(Node::Leaf(right))));
             }
             None
         }
@@ -188,10 +213,11 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
             n.kids.insert(i + 1, sib);
             if n.kids.len() > NODE_CAP {
                 let half = n.kids.len() / 2;
-                let keys = n.keys.split_off(half);
-                let kids = n.kids.split_off(half);
-                let key = keys[0];
-                return Some((key, Arc::new(Node::Inner(Inner { keys, kids }))));
+                let right = Inner {
+                    keys: split_half(&mut n.keys, half),
+                    kids: split_half(&mut n.kids, half),
+                };
+                return Some((right.keys[0], Arc::new(Node::Inner(right))));
             }
             None
         }
@@ -201,9 +227,10 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
 /// Removes the extent starting exactly at `start`, which exists.
 fn remove_rec(node: &mut Arc<Node>, start: u64) -> Option<Extent> {
     match Arc::make_mut(node) {
-        Node::Leaf(v) => {
-            let i = v.binary_search_by_key(&start, |e| e.start).ok()?;
-            Some(v.remove(i))
+        Node::Leaf(l) => {
+            let i = l.starts.binary_search(&start).ok()?;
+            l.starts.remove(i);
+            Some(l.exts.remove(i))
         }
         Node::Inner(n) => {
             let i = child_index(&n.keys, start);
@@ -229,7 +256,7 @@ pub struct Tree {
 impl Default for Tree {
     fn default() -> Self {
         Tree {
-            root: Arc::new(Node::Leaf(Vec::new())),
+            root: Arc::new(Node::empty()),
             len: 0,
         }
     }
@@ -293,10 +320,11 @@ impl Tree {
         if let Some((key, sib)) = insert_rec(&mut self.root, e) {
             let old = self.root.clone();
             let first = old.first_key();
-            self.root = Arc::new(Node::Inner(Inner {
-                keys: vec![first, key],
-                kids: vec![old, sib],
-            }));
+            let mut keys = ArrayVec::new();
+            keys.extend([first, key]);
+            let mut kids = ArrayVec::new();
+            kids.extend([old, sib]);
+            self.root = Arc::new(Node::Inner(Inner { keys, kids }));
         }
         self.len += 1;
     }
@@ -313,7 +341,7 @@ impl Tree {
         loop {
             let next = match &*self.root {
                 Node::Inner(n) if n.kids.len() == 1 => n.kids[0].clone(),
-                Node::Inner(n) if n.kids.is_empty() => Arc::new(Node::Leaf(Vec::new())),
+                Node::Inner(n) if n.kids.is_empty() => Arc::new(Node::empty()),
                 _ => break,
             };
             self.root = next;
