@@ -82,6 +82,9 @@ impl Extent {
 /// Slots per node: one more than [`NODE_CAP`], the overflow before a split.
 const SLOTS: usize = NODE_CAP + 1;
 
+// Nodes only ever live behind an Arc, and keeping a leaf's arrays inline
+// (one allocation per node) is what makes lookups cache-friendly.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub(crate) enum Node {
     Leaf(Leaf),
