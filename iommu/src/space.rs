@@ -32,8 +32,8 @@
 
 #[cfg(test)]
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::tree::{Extent, Node, Tree};
@@ -41,6 +41,9 @@ use crate::tree::{Extent, Node, Tree};
 /// Grace periods are triggered at the latest when this many roots are
 /// retired by add-only edits.
 const MAX_RETIRED: usize = 64;
+
+/// How long a grace period spins on a reader before it blocks.
+const SPIN_BEFORE_BLOCKING: Duration = Duration::from_micros(20);
 
 /// One reader's announcement slot, alone on its cache line.
 #[repr(align(64))]
@@ -63,6 +66,11 @@ pub struct AddressSpace {
     generation: AtomicU64,
     readers: Mutex<Vec<Arc<ReaderSlot>>>,
     writer: Mutex<Writer>,
+    /// Invalidators blocked in a grace period; a reader leaving a session
+    /// wakes them through `wake` when this is non-zero.
+    waiters: AtomicU32,
+    wake_lock: Mutex<()>,
+    wake: Condvar,
     grace_periods: AtomicU64,
     /// Test-only: skip the wait for readers (the negative test of the
     /// promise).
@@ -83,6 +91,9 @@ impl Default for AddressSpace {
                 retired: Vec::new(),
             }),
             grace_periods: AtomicU64::new(0),
+            waiters: AtomicU32::new(0),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
             #[cfg(test)]
             skip_quiescence: AtomicBool::new(false),
         }
@@ -206,28 +217,35 @@ impl AddressSpace {
             return;
         }
         let readers = lock(&self.readers).clone();
+        let ready = |slot: &ReaderSlot| {
+            let e = slot.epoch.load(Ordering::SeqCst);
+            e == 0 || e >= target
+        };
         for slot in &readers {
-            let mut spins = 0u32;
+            // Readers leave sessions within microseconds: spin that long.
             let start = Instant::now();
-            let mut warned = false;
-            loop {
-                let e = slot.epoch.load(Ordering::SeqCst);
-                if e == 0 || e >= target {
-                    break;
-                }
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else if spins < 1024 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
-                    if !warned && start.elapsed() > Duration::from_secs(1) {
-                        log::warn!("invalidation waits for a reader online for more than 1 s");
-                        warned = true;
-                    }
+            while !ready(slot) && start.elapsed() < SPIN_BEFORE_BLOCKING {
+                std::hint::spin_loop();
+            }
+            if ready(slot) {
+                continue;
+            }
+            // Then block, to give the CPU to the reader we wait for (it may
+            // share a core with us); its session's end wakes us.
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            let mut g = lock(&self.wake_lock);
+            while !ready(slot) {
+                g = self
+                    .wake
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                if start.elapsed() > Duration::from_secs(1) && !ready(slot) {
+                    log::warn!("invalidation waits for a reader online for more than 1 s");
                 }
             }
+            drop(g);
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
         fence(Ordering::SeqCst);
     }
@@ -247,6 +265,18 @@ impl AddressSpace {
         let slot = Arc::new(ReaderSlot::default());
         lock(&self.readers).push(slot.clone());
         crate::Reader::new(self.clone(), slot)
+    }
+
+    /// Called by a reader that went offline: wakes blocked invalidators.
+    /// The SeqCst pair (slot store by the reader, `waiters` load here;
+    /// `waiters` increment, slot load by the invalidator) means one of the
+    /// two always sees the other.
+    #[inline]
+    pub(crate) fn reader_left(&self) {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            let _g = lock(&self.wake_lock);
+            self.wake.notify_all();
+        }
     }
 
     pub(crate) fn unregister(&self, slot: &Arc<ReaderSlot>) {

@@ -186,7 +186,8 @@ pub struct Session<'r> {
 impl Drop for Session<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.reader.slot.epoch.store(0, Ordering::Release);
+        self.reader.slot.epoch.store(0, Ordering::SeqCst);
+        self.reader.space.reader_left();
     }
 }
 
