@@ -386,3 +386,798 @@ impl Iommufd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_util::*;
+    use crate::uapi::*;
+
+    fn ranges_cmd(ioas: u32, capacity: u32) -> IommuIoasIovaRanges {
+        IommuIoasIovaRanges {
+            size: 32,
+            ioas_id: ioas,
+            num_iovas: capacity,
+            ..Default::default()
+        }
+    }
+
+    fn option_cmd(option_id: u32, op: u16, object_id: u32, val64: u64) -> IommuOption {
+        IommuOption {
+            size: 24,
+            option_id,
+            op,
+            __reserved: 0,
+            object_id,
+            val64,
+        }
+    }
+
+    /// Kernel `iommufd_ioas_map`: flags beyond FIXED_IOVA | WRITEABLE |
+    /// READABLE are EOPNOTSUPP (no TEST_F; the uAPI's errno convention).
+    #[test]
+    fn map_unknown_flags_is_eopnotsupp() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(4);
+        assert_errno!(map(&ictx, ioas, FIXED | 1 << 3, &fd, 0, P, P), EOPNOTSUPP);
+        let mut cmd = IommuIoasCopy {
+            flags: 1 << 7,
+            ..Default::default()
+        };
+        assert_errno!(ictx.ioas_copy(&mut cmd), EOPNOTSUPP);
+        let mut cmd = IommuIoasMapFile {
+            flags: 1 << 9,
+            ..Default::default()
+        };
+        assert_errno!(ictx.ioas_map_file(&mut cmd, Some(dup(&fd))), EOPNOTSUPP);
+    }
+
+    /// Kernel `iommufd_ioas_map`: a non-zero `__reserved` is EOPNOTSUPP.
+    #[test]
+    fn map_reserved_field_is_eopnotsupp() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let mut cmd = IommuIoasMap {
+            size: 40,
+            flags: FIXED,
+            ioas_id: ioas,
+            __reserved: 1,
+            user_va: 0,
+            length: P,
+            iova: P,
+        };
+        assert_errno!(ictx.ioas_map(&mut cmd, Some(memfd(1))), EOPNOTSUPP);
+    }
+
+    /// Kernel `iommufd_ioas_map`/`_copy`/`_unmap`: an IOVA or length of
+    /// U64_MAX is EOVERFLOW.
+    #[test]
+    fn map_u64_max_is_eoverflow() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, u64::MAX, P), EOVERFLOW);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, P, u64::MAX), EOVERFLOW);
+        assert_errno!(copy(&ictx, FIXED, ioas, u64::MAX, ioas, 0, P), EOVERFLOW);
+        assert_errno!(copy(&ictx, FIXED, ioas, 0, ioas, u64::MAX, P), EOVERFLOW);
+        assert_errno!(copy(&ictx, FIXED, ioas, 0, ioas, 0, u64::MAX), EOVERFLOW);
+    }
+
+    /// Kernel `iopt_check_iova`: an IOVA range that wraps past 2^64 - 1 is
+    /// EOVERFLOW; so is a source offset + length that wraps
+    /// (`iopt_alloc_user_pages`).
+    #[test]
+    fn map_wrapping_range_is_eoverflow() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, 2 * P, u64::MAX - P + 1), EOVERFLOW);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, u64::MAX - P + 1, 2 * P, P), EOVERFLOW);
+        assert_errno!(unmap(&ictx, ioas, u64::MAX - P + 1, 2 * P), EOVERFLOW);
+    }
+
+    /// Kernel `iommufd_ioas_map`: neither READABLE nor WRITEABLE is EINVAL.
+    #[test]
+    fn map_without_access_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        assert_errno!(map(&ictx, ioas, IOMMU_IOAS_MAP_FIXED_IOVA, &fd, 0, P, P), EINVAL);
+        assert_errno!(copy(&ictx, IOMMU_IOAS_MAP_FIXED_IOVA, ioas, 0, ioas, 0, P), EINVAL);
+    }
+
+    /// Kernel `iommufd_get_ioas`: an unknown id, or the id of another kind
+    /// of object, is ENOENT (TEST_F(iommufd, cmd_fail) for DESTROY).
+    #[test]
+    fn map_unknown_or_wrong_kind_ioas_is_enoent() {
+        let ictx = ctx();
+        let fd = memfd(1);
+        assert_errno!(map_fixed(&ictx, 1, &fd, 0, P, P), ENOENT);
+        let (dev, _) = device();
+        let dev_id = dev.bind(&ictx).unwrap();
+        assert_errno!(map_fixed(&ictx, dev_id.0, &fd, 0, P, P), ENOENT);
+        assert_errno!(unmap(&ictx, dev_id.0, 0, u64::MAX), ENOENT);
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iopt_alloc_pages`: a zero length is EINVAL.
+    #[test]
+    fn map_zero_length_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, 0, P), EINVAL);
+        assert_errno!(map_auto(&ictx, ioas, &fd, 0, 0), EINVAL);
+    }
+
+    /// TEST_F(iommufd_ioas, area), "Over map fails": a fixed map that
+    /// overlaps an existing mapping is EEXIST.
+    #[test]
+    fn map_overlap_is_eexist() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(4);
+        let base = 16 * P;
+        map_fixed(&ictx, ioas, &fd, 0, 2 * P, base).unwrap();
+        for (len, iova) in [(2, 16), (1, 16), (1, 17), (2, 15), (3, 15)] {
+            assert_errno!(map_fixed(&ictx, ioas, &fd, 0, len * P, iova * P), EEXIST);
+        }
+        map_fixed(&ictx, ioas, &fd, 0, P, 15 * P).unwrap();
+        map_fixed(&ictx, ioas, &fd, 0, P, 18 * P).unwrap();
+    }
+
+    /// PROTOCOL.md "Struct rules": a range beyond the file's end is EFAULT
+    /// (the kernel's bad user pointer).
+    #[test]
+    fn map_beyond_file_end_is_efault() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, P, 2 * P, P), EFAULT);
+        assert_errno!(map_auto(&ictx, ioas, &fd, 3 * P, P), EFAULT);
+        assert!(ictx.ioas(ioas).unwrap().iopt().areas().is_empty());
+    }
+
+    /// PROTOCOL.md "Struct rules": a descriptor that is not a memfd sealed
+    /// with F_SEAL_SHRINK is EINVAL.
+    #[test]
+    fn map_unsealed_memfd_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let f = tempfile_like();
+        assert_errno!(map_fixed(&ictx, ioas, &f, 0, P, P), EINVAL);
+        let lenient = Iommufd::new(crate::SealPolicy::AllowUnsealed);
+        let ioas = ioas_alloc(&lenient);
+        map_fixed(&lenient, ioas, &f, 0, P, P).unwrap();
+    }
+
+    fn tempfile_like() -> OwnedFd {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new("unsealed").unwrap();
+        // SAFETY: valid name, flags are memfd_create's.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        f.set_len(4 * P).unwrap();
+        f.into()
+    }
+
+    /// PROTOCOL.md "Struct rules": MAP without a descriptor is EFAULT; the
+    /// kernel's `iommufd_ioas_map_file` answers a bad fd with EBADF.
+    #[test]
+    fn map_without_descriptor_is_efault_map_file_is_ebadf() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let mut cmd = IommuIoasMap {
+            size: 40,
+            flags: FIXED,
+            ioas_id: ioas,
+            length: P,
+            iova: P,
+            ..Default::default()
+        };
+        assert_errno!(ictx.ioas_map(&mut cmd, None), EFAULT);
+        let mut cmd = IommuIoasMapFile {
+            size: 40,
+            flags: FIXED,
+            ioas_id: ioas,
+            fd: -1,
+            start: P,
+            length: P,
+            iova: P,
+        };
+        assert_errno!(ictx.ioas_map_file(&mut cmd, None), EBADF);
+        ictx.ioas_map_file(&mut cmd, Some(memfd(2))).unwrap();
+        assert_eq!(read_u64(&ictx, ioas, P), Some(1));
+    }
+
+    /// TEST_F(iommufd_ioas, area_auto_iova): allocated IOVAs are never 0
+    /// and aligned to the power of two that covers the length.
+    #[test]
+    fn map_alloc_aligns_and_avoids_zero() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(16);
+        let mut iovas = Vec::new();
+        for i in 1..=10u64 {
+            let iova = map_auto(&ictx, ioas, &fd, 0, i * P).unwrap();
+            assert_ne!(iova, 0);
+            assert_eq!(iova % (i * P).next_power_of_two(), 0);
+            iovas.push((iova, i * P));
+        }
+        for (iova, len) in iovas {
+            assert_eq!(unmap(&ictx, ioas, iova, len).unwrap(), len);
+        }
+        // The file offset's alignment bounds the IOVA's, and its offset in
+        // the page is kept.
+        let iova = map_auto(&ictx, ioas, &fd, P, 4 * P).unwrap();
+        assert_eq!(iova % P, 0);
+        let fd2 = memfd(16);
+        let mut cmd = IommuIoasMap {
+            size: 40,
+            flags: RW,
+            ioas_id: ioas,
+            user_va: 0x800,
+            length: P,
+            ..Default::default()
+        };
+        let iova = ictx.ioas_map(&mut cmd, Some(fd2)).unwrap();
+        assert_eq!(iova % P, 0x800);
+    }
+
+    /// TEST_F(iommufd_ioas, area_auto_iova), "Allocate from an allowed
+    /// region": allocation stays inside the allowed list.
+    #[test]
+    fn map_alloc_stays_in_allowed() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(16);
+        let (start, last) = (200 * P, 600 * P - 1);
+        allow(&ictx, ioas, &[(start, last)]).unwrap();
+        for i in 1..=10u64 {
+            let len = i * P;
+            let iova = map_auto(&ictx, ioas, &fd, 0, len).unwrap();
+            assert_eq!(iova % len.next_power_of_two(), 0);
+            assert!(iova >= start && iova + len - 1 <= last, "{iova:#x}");
+        }
+    }
+
+    /// Kernel `iopt_alloc_iova`: no hole that fits is ENOSPC.
+    #[test]
+    fn map_alloc_without_space_is_enospc() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(4);
+        allow(&ictx, ioas, &[(4 * P, 8 * P - 1)]).unwrap();
+        let a = map_auto(&ictx, ioas, &fd, 0, 2 * P).unwrap();
+        let b = map_auto(&ictx, ioas, &fd, 0, 2 * P).unwrap();
+        assert_eq!((a, b), (4 * P, 6 * P));
+        assert_errno!(map_auto(&ictx, ioas, &fd, 0, P), ENOSPC);
+        unmap(&ictx, ioas, a, 2 * P).unwrap();
+        assert_errno!(map_auto(&ictx, ioas, &fd, 0, 4 * P), ENOSPC);
+        assert_eq!(map_auto(&ictx, ioas, &fd, 0, P).unwrap(), 4 * P);
+    }
+
+    /// Kernel `iopt_alloc_iova`: a length of 2^63 or more cannot be
+    /// aligned and is EOVERFLOW.
+    #[test]
+    fn map_alloc_huge_length_is_eoverflow() {
+        let iopt = IoPageTable::new();
+        let mem = Arc::new(MemObject::anonymous(4096).unwrap());
+        let e = iopt
+            .map(mem, 0, 1 << 63, None, Permissions::Read)
+            .unwrap_err();
+        assert_eq!(e.errno(), Errno::EOVERFLOW);
+    }
+
+    /// TEST_F(iommufd_ioas, ioas_iova_alloc): every length from 1 byte
+    /// maps and unmaps without a device (alignment 1).
+    #[test]
+    fn map_alloc_any_length_without_device() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        for len in (1..2 * P).step_by(97) {
+            let iova = map_auto(&ictx, ioas, &fd, 0, len).unwrap();
+            assert_eq!(unmap(&ictx, ioas, iova, len).unwrap(), len);
+        }
+    }
+
+    /// TEST_F(iommufd_ioas, area): unmap of a range where nothing is
+    /// mapped is ENOENT.
+    #[test]
+    fn unmap_nothing_mapped_is_enoent() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        for i in 0..10 {
+            assert_errno!(unmap(&ictx, ioas, i * P, P), ENOENT);
+        }
+    }
+
+    /// TEST_F(iommufd_ioas, area), "Split fails": unmap of part of a
+    /// mapping is ENOENT and leaves it mapped.
+    #[test]
+    fn unmap_split_is_enoent() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        map_fixed(&ictx, ioas, &fd, 0, 2 * P, 16 * P).unwrap();
+        assert_errno!(unmap(&ictx, ioas, 16 * P, P), ENOENT);
+        assert_errno!(unmap(&ictx, ioas, 17 * P, P), ENOENT);
+        assert_eq!(read_u64(&ictx, ioas, 17 * P), Some(1));
+    }
+
+    /// TEST_F(iommufd_ioas, unmap_fully_contained_areas): several whole
+    /// mappings with gaps unmap at once and the bytes come back; a range
+    /// cutting one is ENOENT.
+    #[test]
+    fn unmap_fully_contained_areas() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(8);
+        let base = 8 * P;
+        for i in 0..4 {
+            map_fixed(&ictx, ioas, &fd, 0, 8 * P, base + i * 16 * P).unwrap();
+        }
+        assert_errno!(unmap(&ictx, ioas, base - 4 * P, 8 * P), ENOENT);
+        assert_errno!(unmap(&ictx, ioas, base + 3 * 16 * P + 4 * P, 8 * P), ENOENT);
+        let n = unmap(&ictx, ioas, base - 4 * P, 3 * 16 * P + 8 * P + 4 * P).unwrap();
+        assert_eq!(n, 32 * P);
+        assert_eq!(ictx.ioas(ioas).unwrap().iopt().areas().len(), 0);
+    }
+
+    /// TEST_F(iommufd_ioas, area), "unmap all works" and "Unmap all
+    /// succeeds on an empty IOAS": iova 0, length U64_MAX.
+    #[test]
+    fn unmap_all_works_even_when_empty() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        map_fixed(&ictx, ioas, &fd, 0, 2 * P, P).unwrap();
+        map_fixed(&ictx, ioas, &fd, 0, P, 100 * P).unwrap();
+        assert_eq!(unmap(&ictx, ioas, 0, u64::MAX).unwrap(), 3 * P);
+        assert_eq!(unmap(&ictx, ioas, 0, u64::MAX).unwrap(), 0);
+    }
+
+    /// Kernel `iopt_unmap_iova`: a zero length is EINVAL.
+    #[test]
+    fn unmap_zero_length_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        assert_errno!(unmap(&ictx, ioas, P, 0), EINVAL);
+    }
+
+    /// Kernel `iommufd_ioas_unmap`: U64_MAX values other than the
+    /// unmap-all pair are EOVERFLOW.
+    #[test]
+    fn unmap_u64_max_is_eoverflow() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        assert_errno!(unmap(&ictx, ioas, 1, u64::MAX), EOVERFLOW);
+        assert_errno!(unmap(&ictx, ioas, u64::MAX, 1), EOVERFLOW);
+    }
+
+    /// TEST_F(iommufd_ioas, copy_sweep): a source range not covered by
+    /// contiguous mappings is ENOENT; byte-granular sub-ranges copy.
+    #[test]
+    fn copy_noncontiguous_source_is_enoent() {
+        let ictx = ctx();
+        let src = ioas_alloc(&ictx);
+        let dst = ioas_alloc(&ictx);
+        let fd = memfd(16);
+        let start = 0x10_0000;
+        let last = start + 16 * P - 2;
+        map_fixed(&ictx, src, &fd, 0, last - start + 1, start).unwrap();
+        let len = P / 2;
+        let mut iova = start - P;
+        while iova <= last {
+            let r = copy(&ictx, FIXED, dst, start, src, iova, len);
+            if iova < start || iova + len - 1 > last {
+                assert_errno!(r, ENOENT);
+            } else {
+                r.unwrap();
+                unmap(&ictx, dst, start, len).unwrap();
+            }
+            iova += 511;
+        }
+        // A gap between two mappings.
+        map_fixed(&ictx, src, &fd, 0, P, last + 1 + P).unwrap();
+        assert_errno!(copy(&ictx, FIXED, dst, start, src, last, 3 * P), ENOENT);
+    }
+
+    /// TEST_F(iommufd_ioas, copy_area): COPY shares the backing memory, in
+    /// the same IOAS and into another, one mapping per source mapping.
+    #[test]
+    fn copy_shares_backing_memory() {
+        let ictx = ctx();
+        let a = ioas_alloc(&ictx);
+        let b = ioas_alloc(&ictx);
+        let fd = memfd(4);
+        map_fixed(&ictx, a, &fd, 0, 2 * P, 0x10000).unwrap();
+        map_fixed(&ictx, a, &fd, 2 * P, 2 * P, 0x12000).unwrap();
+        copy(&ictx, FIXED, a, 0x20000, a, 0x10000, P).unwrap();
+        let iova = copy(&ictx, RW, b, 0, a, 0x11000, 2 * P).unwrap();
+        assert_eq!(ictx.ioas(b).unwrap().iopt().areas().len(), 2);
+        assert_eq!(read_u64(&ictx, b, iova), Some(1));
+        assert_eq!(read_u64(&ictx, b, iova + P), Some(2));
+        write_u64(&ictx, b, iova + P, 0xdead);
+        assert_eq!(read_u64(&ictx, a, 0x12000), Some(0xdead));
+        write_u64(&ictx, a, 0x20000, 0xbeef);
+        assert_eq!(read_u64(&ictx, a, 0x10000), Some(0xbeef));
+        let same = |x: u32, xi: u64, y: u32, yi: u64| {
+            let ex = ictx.ioas_space(x).unwrap().with_tree(|t| t.find(xi).unwrap().mem.clone());
+            let ey = ictx.ioas_space(y).unwrap().with_tree(|t| t.find(yi).unwrap().mem.clone());
+            Arc::ptr_eq(&ex, &ey)
+        };
+        assert!(same(a, 0x11000, b, iova));
+        assert!(same(a, 0x12000, b, iova + P));
+        // Copies survive the source's unmap: the memory is shared by Arc.
+        unmap(&ictx, a, 0, u64::MAX).unwrap();
+        assert_eq!(read_u64(&ictx, b, iova + P), Some(0xdead));
+    }
+
+    /// Kernel `iopt_insert_area`: a writeable copy of memory mapped
+    /// read-only is EPERM.
+    #[test]
+    fn copy_readonly_source_writeable_is_eperm() {
+        let ictx = ctx();
+        let a = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        let ro = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE;
+        map(&ictx, a, ro, &fd, 0, P, P).unwrap();
+        assert_errno!(copy(&ictx, FIXED, a, 4 * P, a, P, P), EPERM);
+        copy(&ictx, ro, a, 4 * P, a, P, P).unwrap();
+    }
+
+    /// Kernel `iopt_get_pages`: a zero-length copy is EINVAL; an unknown
+    /// destination ENOENT.
+    #[test]
+    fn copy_zero_length_is_einval_unknown_dst_is_enoent() {
+        let ictx = ctx();
+        let a = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        map_fixed(&ictx, a, &fd, 0, P, P).unwrap();
+        assert_errno!(copy(&ictx, FIXED, a, 4 * P, a, P, 0), EINVAL);
+        assert_errno!(copy(&ictx, FIXED, 77, 4 * P, a, P, P), ENOENT);
+        assert_errno!(copy(&ictx, FIXED, a, 4 * P, 77, P, P), ENOENT);
+    }
+
+    /// TEST_F(iommufd_ioas, iova_ranges): one range [0, U64_MAX] with
+    /// alignment 1; capacity 0 is EMSGSIZE with the total.
+    #[test]
+    fn iova_ranges_small_capacity_is_emsgsize() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let mut cmd = ranges_cmd(ioas, 8);
+        let r = ictx.ioas_iova_ranges(&mut cmd).unwrap();
+        assert_eq!(r, vec![IommuIovaRange { start: 0, last: u64::MAX }]);
+        assert_eq!((cmd.num_iovas, cmd.out_iova_alignment), (1, 1));
+        let mut cmd = ranges_cmd(ioas, 0);
+        match ictx.ioas_iova_ranges(&mut cmd) {
+            Err(e @ IoasError::RangesTooSmall { .. }) => {
+                assert_eq!(e.errno(), Errno::EMSGSIZE);
+                assert!(matches!(e, IoasError::RangesTooSmall { total: 1, ref ranges } if ranges.is_empty()));
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(cmd.num_iovas, 1);
+        let mut cmd = ranges_cmd(ioas, 1);
+        cmd.__reserved = 1;
+        assert_errno!(ictx.ioas_iova_ranges(&mut cmd), EOPNOTSUPP);
+    }
+
+    /// Kernel `iommufd_ioas_load_iovas`: `start >= last` or ranges that
+    /// overlap are EINVAL; an empty list clears.
+    #[test]
+    fn allow_iovas_bad_entry_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        assert_errno!(allow(&ictx, ioas, &[(P, P)]), EINVAL);
+        assert_errno!(allow(&ictx, ioas, &[(2 * P, P)]), EINVAL);
+        assert_errno!(allow(&ictx, ioas, &[(P, 4 * P), (4 * P, 8 * P)]), EINVAL);
+        allow(&ictx, ioas, &[(8 * P, 9 * P), (P, 4 * P - 1), (4 * P, 5 * P)]).unwrap();
+        assert_eq!(ictx.ioas(ioas).unwrap().iopt().allowed().len(), 3);
+        allow(&ictx, ioas, &[]).unwrap();
+        assert!(ictx.ioas(ioas).unwrap().iopt().allowed().is_empty());
+    }
+
+    /// PROTOCOL.md: an array shorter than `num_iovas` is EFAULT.
+    #[test]
+    fn allow_iovas_short_array_is_efault() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let cmd = IommuIoasAllowIovas {
+            size: 24,
+            ioas_id: ioas,
+            num_iovas: 2,
+            ..Default::default()
+        };
+        assert_errno!(ictx.ioas_allow_iovas(&cmd, &[IommuIovaRange { start: 0, last: 9 }]), EFAULT);
+    }
+
+    /// Kernel `iopt_set_allow_iova`: mappings outside the new list stay,
+    /// and fixed maps outside it still work (only allocation is bound).
+    #[test]
+    fn allow_iovas_keeps_existing_and_fixed_maps() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        map_fixed(&ictx, ioas, &fd, 0, P, 100 * P).unwrap();
+        allow(&ictx, ioas, &[(P, 10 * P)]).unwrap();
+        map_fixed(&ictx, ioas, &fd, 0, P, 200 * P).unwrap();
+        assert_eq!(ictx.ioas(ioas).unwrap().iopt().areas().len(), 2);
+    }
+
+    /// TEST_F(iommufd_ioas, ioas_option_huge_pages): get 1, set 0, get 0,
+    /// set 2 is EINVAL, set 1.
+    #[test]
+    fn option_huge_pages_get_set() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, ioas, 3);
+        ictx.option(&mut cmd).unwrap();
+        assert_eq!(cmd.val64, 1);
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, ioas, 0);
+        ictx.option(&mut cmd).unwrap();
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, ioas, 3);
+        ictx.option(&mut cmd).unwrap();
+        assert_eq!(cmd.val64, 0);
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, ioas, 2);
+        assert_errno!(ictx.option(&mut cmd), EINVAL);
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, ioas, 1);
+        ictx.option(&mut cmd).unwrap();
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, 7, ioas, 1);
+        assert_errno!(ictx.option(&mut cmd), EOPNOTSUPP);
+    }
+
+    /// TEST_F(iommufd, global_options): HUGE_PAGES without an IOAS is
+    /// ENOENT.
+    #[test]
+    fn option_huge_pages_non_ioas_is_enoent() {
+        let ictx = ctx();
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, 0, 0);
+        assert_errno!(ictx.option(&mut cmd), ENOENT);
+        let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, 0, 0);
+        assert_errno!(ictx.option(&mut cmd), ENOENT);
+    }
+
+    /// TEST_F(iommufd, global_options): RLIMIT_MODE get 0, set 1, set 2 is
+    /// EINVAL, get 1; an object id is EOPNOTSUPP; with objects set is EBUSY
+    /// (kernel `iommufd_option_rlimit_mode`).
+    #[test]
+    fn option_rlimit_mode_global() {
+        let ictx = ctx();
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 0, 1);
+        ictx.option(&mut cmd).unwrap();
+        assert_eq!(cmd.val64, 0);
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 1);
+        ictx.option(&mut cmd).unwrap();
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 2);
+        assert_errno!(ictx.option(&mut cmd), EINVAL);
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 0, 0);
+        ictx.option(&mut cmd).unwrap();
+        assert_eq!(cmd.val64, 1);
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 1, 0);
+        assert_errno!(ictx.option(&mut cmd), EOPNOTSUPP);
+        ioas_alloc(&ictx);
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 0);
+        assert_errno!(ictx.option(&mut cmd), EBUSY);
+    }
+
+    /// Kernel `iommufd_option`: an unknown option or a reserved field is
+    /// EOPNOTSUPP.
+    #[test]
+    fn option_unknown_is_eopnotsupp() {
+        let ictx = ctx();
+        let mut cmd = option_cmd(9, IOMMU_OPTION_OP_GET, 0, 0);
+        assert_errno!(ictx.option(&mut cmd), EOPNOTSUPP);
+        let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 0, 0);
+        cmd.__reserved = 1;
+        assert_errno!(ictx.option(&mut cmd), EOPNOTSUPP);
+    }
+
+    /// TEST_F(iommufd_ioas, ioas_align_change): without huge pages maps
+    /// must be page aligned (EINVAL); turning them off with a misaligned
+    /// mapping is EADDRINUSE.
+    #[test]
+    fn option_huge_pages_off_with_misaligned_area_is_eaddrinuse() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(4);
+        let base = 0x10_0000;
+        map_fixed(&ictx, ioas, &fd, 0, P, base).unwrap();
+        let mut off = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, ioas, 0);
+        ictx.option(&mut off).unwrap();
+        assert_errno!(map_fixed(&ictx, ioas, &fd, P / 2, P, base + P), EINVAL);
+        let mut on = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, ioas, 1);
+        ictx.option(&mut on).unwrap();
+        map_fixed(&ictx, ioas, &fd, P / 2, P, base + P).unwrap();
+        assert_errno!(ictx.option(&mut off), EADDRINUSE);
+        unmap(&ictx, ioas, base + P, P).unwrap();
+        ictx.option(&mut off).unwrap();
+    }
+
+    // ---- reference model -------------------------------------------------
+
+    const PAGES: u64 = 32;
+    /// Allocation window of both IOASes (pages).
+    const WIN: (u64, u64) = (1, 24);
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        MapFixed { ioas: usize, page: u64, npages: u64, file_page: u64 },
+        MapAuto { ioas: usize, npages: u64, file_page: u64 },
+        Unmap { ioas: usize, page: u64, npages: u64 },
+        Copy { dst: usize, src: usize, src_page: u64, npages: u64, dst_page: Option<u64> },
+        Write { ioas: usize, page: u64, value: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let ioas = 0usize..2;
+        prop_oneof![
+            3 => (ioas.clone(), 0u64..PAGES, 1u64..5, 0u64..12)
+                .prop_map(|(ioas, page, npages, file_page)| Op::MapFixed { ioas, page, npages, file_page }),
+            3 => (ioas.clone(), 1u64..6, 0u64..12)
+                .prop_map(|(ioas, npages, file_page)| Op::MapAuto { ioas, npages, file_page }),
+            3 => (ioas.clone(), 0u64..PAGES, 1u64..8)
+                .prop_map(|(ioas, page, npages)| Op::Unmap { ioas, page, npages }),
+            2 => (ioas.clone(), ioas.clone(), 0u64..PAGES, 1u64..5, prop::option::of(0u64..PAGES))
+                .prop_map(|(dst, src, src_page, npages, dst_page)| Op::Copy { dst, src, src_page, npages, dst_page }),
+            1 => (ioas, 0u64..PAGES, any::<u64>())
+                .prop_map(|(ioas, page, value)| Op::Write { ioas, page, value }),
+        ]
+    }
+
+    /// An area of the model: first page -> (pages, file page of the first).
+    type Model = BTreeMap<u64, (u64, u64)>;
+
+    fn model_find(m: &Model, page: u64) -> Option<(u64, u64, u64)> {
+        let (&s, &(n, f)) = m.range(..=page).next_back()?;
+        (page < s + n).then_some((s, n, f))
+    }
+
+    fn model_overlaps(m: &Model, page: u64, npages: u64) -> bool {
+        (page..page + npages).any(|p| model_find(m, p).is_some())
+    }
+
+    /// The lowest page-aligned free position for an allocation (first fit;
+    /// the file offset's alignment bounds the IOVA's).
+    fn model_alloc(m: &Model, npages: u64, file_page: u64) -> Option<u64> {
+        let mut align = (npages * P).next_power_of_two();
+        if file_page != 0 {
+            align = align.min(1 << (file_page * P).trailing_zeros());
+        }
+        let align = align / P;
+        (WIN.0..=WIN.1)
+            .filter(|p| p % align == 0 && p + npages - 1 <= WIN.1)
+            .find(|&p| !model_overlaps(m, p, npages))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Random map (fixed and allocated) / unmap / copy / write against
+        /// a page-granular reference model: same results and errors, and
+        /// every page translates to the file page the model says (content
+        /// tags), with writes visible through every IOVA sharing the page.
+        #[test]
+        fn matches_reference_model(ops in prop::collection::vec(op(), 1..40)) {
+            let ictx = ctx();
+            let ids = [ioas_alloc(&ictx), ioas_alloc(&ictx)];
+            for id in ids {
+                allow(&ictx, id, &[(WIN.0 * P, (WIN.1 + 1) * P - 1)]).unwrap();
+            }
+            let fd = memfd(16);
+            let mut models = [Model::new(), Model::new()];
+            // File page -> the u64 at its start.
+            let mut content: Vec<u64> = (0..16).collect();
+            for op in ops {
+                match op {
+                    Op::MapFixed { ioas, page, npages, file_page } => {
+                        let r = map_fixed(&ictx, ids[ioas], &fd, file_page * P, npages * P, page * P);
+                        if file_page + npages > 16 {
+                            prop_assert_eq!(r.unwrap_err().errno(), Errno::EFAULT);
+                        } else if model_overlaps(&models[ioas], page, npages) {
+                            prop_assert_eq!(r.unwrap_err().errno(), Errno::EEXIST);
+                        } else {
+                            prop_assert_eq!(r.unwrap(), page * P);
+                            models[ioas].insert(page, (npages, file_page));
+                        }
+                    }
+                    Op::MapAuto { ioas, npages, file_page } => {
+                        let r = map_auto(&ictx, ids[ioas], &fd, file_page * P, npages * P);
+                        if file_page + npages > 16 {
+                            prop_assert_eq!(r.unwrap_err().errno(), Errno::EFAULT);
+                        } else {
+                            match model_alloc(&models[ioas], npages, file_page) {
+                                None => prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOSPC),
+                                Some(p) => {
+                                    prop_assert_eq!(r.unwrap(), p * P);
+                                    models[ioas].insert(p, (npages, file_page));
+                                }
+                            }
+                        }
+                    }
+                    Op::Unmap { ioas, page, npages } => {
+                        let r = unmap(&ictx, ids[ioas], page * P, npages * P);
+                        let m = &mut models[ioas];
+                        let hit: Vec<(u64, u64)> = m.iter()
+                            .filter(|(s, (n, _))| **s < page + npages && page < **s + *n)
+                            .map(|(s, (n, _))| (*s, *n))
+                            .collect();
+                        if hit.is_empty() || hit.iter().any(|(s, n)| *s < page || s + n > page + npages) {
+                            prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOENT);
+                        } else {
+                            prop_assert_eq!(r.unwrap(), hit.iter().map(|(_, n)| n * P).sum::<u64>());
+                            for (s, _) in hit {
+                                m.remove(&s);
+                            }
+                        }
+                    }
+                    Op::Copy { dst, src, src_page, npages, dst_page } => {
+                        let flags = if dst_page.is_some() { FIXED } else { RW };
+                        let r = copy(&ictx, flags, ids[dst], dst_page.unwrap_or(0) * P, ids[src], src_page * P, npages * P);
+                        // The pieces: one per source area touched.
+                        let mut pieces = Vec::new();
+                        let mut p = src_page;
+                        while p < src_page + npages {
+                            let Some((s, n, f)) = model_find(&models[src], p) else { break };
+                            let end = (s + n).min(src_page + npages);
+                            pieces.push((end - p, f + (p - s)));
+                            p = end;
+                        }
+                        if p < src_page + npages {
+                            prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOENT);
+                            continue;
+                        }
+                        let at = match dst_page {
+                            Some(d) if model_overlaps(&models[dst], d, npages) => {
+                                prop_assert_eq!(r.unwrap_err().errno(), Errno::EEXIST);
+                                continue;
+                            }
+                            Some(d) => d,
+                            None => match model_alloc(&models[dst], npages, pieces[0].1) {
+                                None => {
+                                    prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOSPC);
+                                    continue;
+                                }
+                                Some(d) => d,
+                            },
+                        };
+                        prop_assert_eq!(r.unwrap(), at * P);
+                        let mut cur = at;
+                        for (n, f) in pieces {
+                            models[dst].insert(cur, (n, f));
+                            cur += n;
+                        }
+                    }
+                    Op::Write { ioas, page, value } => {
+                        if let Some((s, _, f)) = model_find(&models[ioas], page) {
+                            write_u64(&ictx, ids[ioas], page * P, value);
+                            content[usize::try_from(f + page - s).unwrap()] = value;
+                        }
+                    }
+                }
+                for (i, m) in models.iter().enumerate() {
+                    let areas = ictx.ioas(ids[i]).unwrap().iopt().areas();
+                    let want: Vec<crate::IovaRange> = m.iter()
+                        .map(|(s, (n, _))| crate::IovaRange::new(s * P, (s + n) * P - 1))
+                        .collect();
+                    prop_assert_eq!(&areas, &want);
+                    for page in 0..PAGES {
+                        let got = read_u64(&ictx, ids[i], page * P);
+                        let want = model_find(m, page)
+                            .map(|(s, _, f)| content[usize::try_from(f + page - s).unwrap()]);
+                        prop_assert_eq!(got, want);
+                    }
+                }
+            }
+        }
+    }
+}

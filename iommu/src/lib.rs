@@ -8,6 +8,8 @@ pub mod iotlb;
 pub mod mem;
 pub mod object;
 pub mod space;
+#[cfg(test)]
+mod test_util;
 pub mod translate;
 pub mod tree;
 pub mod uapi;

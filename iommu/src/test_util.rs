@@ -1,0 +1,190 @@
+//! Test helpers for the iommufd object model, one per command (as the
+//! kernel's `iommufd_utils.h` has them).
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use crate::device::DeviceHandle;
+use crate::io_pagetable::{IovaRange, PAGE_SIZE};
+use crate::ioas::IoasError;
+use crate::mem::{sealed_memfd, SealPolicy};
+use crate::object::Iommufd;
+use crate::space::AddressSpace;
+use crate::uapi::*;
+
+pub(crate) const P: u64 = PAGE_SIZE;
+pub(crate) const RW: u32 = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+pub(crate) const FIXED: u32 = IOMMU_IOAS_MAP_FIXED_IOVA | RW;
+
+/// Asserts that a result is the given errno.
+macro_rules! assert_errno {
+    ($r:expr, $e:ident) => {
+        match $r {
+            Ok(_) => panic!("expected {}, got Ok", stringify!($e)),
+            Err(err) => assert_eq!(err.errno(), $crate::Errno::$e, "{err:?}"),
+        }
+    };
+}
+pub(crate) use assert_errno;
+
+pub(crate) fn ctx() -> Arc<Iommufd> {
+    Iommufd::new(SealPolicy::RequireShrinkSeal)
+}
+
+pub(crate) fn ioas_alloc(ictx: &Iommufd) -> u32 {
+    let mut cmd = IommuIoasAlloc {
+        size: 12,
+        ..Default::default()
+    };
+    ictx.ioas_alloc(&mut cmd).unwrap();
+    cmd.out_ioas_id
+}
+
+/// A sealed memfd of `pages` pages; the first 8 bytes of page i hold i.
+pub(crate) fn memfd(pages: u64) -> OwnedFd {
+    let fd = sealed_memfd("test", pages * P).unwrap();
+    let f = File::from(fd);
+    for i in 0..pages {
+        f.write_all_at(&i.to_le_bytes(), i * P).unwrap();
+    }
+    f.into()
+}
+
+pub(crate) fn dup(fd: &OwnedFd) -> OwnedFd {
+    fd.try_clone().unwrap()
+}
+
+pub(crate) fn map(
+    ictx: &Iommufd,
+    ioas: u32,
+    flags: u32,
+    fd: &OwnedFd,
+    user_va: u64,
+    length: u64,
+    iova: u64,
+) -> Result<u64, IoasError> {
+    let mut cmd = IommuIoasMap {
+        size: 40,
+        flags,
+        ioas_id: ioas,
+        __reserved: 0,
+        user_va,
+        length,
+        iova,
+    };
+    ictx.ioas_map(&mut cmd, Some(dup(fd)))
+}
+
+pub(crate) fn map_fixed(
+    ictx: &Iommufd,
+    ioas: u32,
+    fd: &OwnedFd,
+    user_va: u64,
+    length: u64,
+    iova: u64,
+) -> Result<u64, IoasError> {
+    map(ictx, ioas, FIXED, fd, user_va, length, iova)
+}
+
+pub(crate) fn map_auto(
+    ictx: &Iommufd,
+    ioas: u32,
+    fd: &OwnedFd,
+    user_va: u64,
+    length: u64,
+) -> Result<u64, IoasError> {
+    map(ictx, ioas, RW, fd, user_va, length, 0)
+}
+
+pub(crate) fn unmap(ictx: &Iommufd, ioas: u32, iova: u64, length: u64) -> Result<u64, IoasError> {
+    let mut cmd = IommuIoasUnmap {
+        size: 24,
+        ioas_id: ioas,
+        iova,
+        length,
+    };
+    ictx.ioas_unmap(&mut cmd)
+}
+
+pub(crate) fn copy(
+    ictx: &Iommufd,
+    flags: u32,
+    dst: u32,
+    dst_iova: u64,
+    src: u32,
+    src_iova: u64,
+    length: u64,
+) -> Result<u64, IoasError> {
+    let mut cmd = IommuIoasCopy {
+        size: 40,
+        flags,
+        dst_ioas_id: dst,
+        src_ioas_id: src,
+        length,
+        dst_iova,
+        src_iova,
+    };
+    ictx.ioas_copy(&mut cmd)
+}
+
+pub(crate) fn allow(ictx: &Iommufd, ioas: u32, ranges: &[(u64, u64)]) -> Result<(), IoasError> {
+    let list: Vec<IommuIovaRange> = ranges
+        .iter()
+        .map(|&(start, last)| IommuIovaRange { start, last })
+        .collect();
+    let cmd = IommuIoasAllowIovas {
+        size: 24,
+        ioas_id: ioas,
+        num_iovas: u32::try_from(list.len()).unwrap(),
+        __reserved: 0,
+        allowed_iovas: 0,
+    };
+    ictx.ioas_allow_iovas(&cmd, &list)
+}
+
+/// What a device's attach hook saw: one entry per call.
+pub(crate) type HookLog = Arc<Mutex<Vec<Option<Arc<AddressSpace>>>>>;
+
+pub(crate) fn device_with(
+    aperture: IovaRange,
+    reserved: Vec<IovaRange>,
+) -> (Arc<DeviceHandle>, HookLog) {
+    let log: HookLog = Arc::default();
+    let l = log.clone();
+    let dev = DeviceHandle::new(
+        "vfio0",
+        aperture,
+        reserved,
+        Box::new(move |s| l.lock().unwrap().push(s)),
+    )
+    .unwrap();
+    (dev, log)
+}
+
+pub(crate) fn device() -> (Arc<DeviceHandle>, HookLog) {
+    device_with(IovaRange::ALL, Vec::new())
+}
+
+/// The u64 at `iova` of IOAS `ioas`, read through a reader.
+pub(crate) fn read_u64(ictx: &Iommufd, ioas: u32, iova: u64) -> Option<u64> {
+    let space = ictx.ioas_space(ioas).unwrap();
+    let mut r = space.reader();
+    let s = r.enter();
+    let sl = s.translate(iova, 8, vm_memory::Permissions::Read).ok()?;
+    assert_eq!(sl.len(), 1);
+    // SAFETY: 8 bytes translated just now, inside the session.
+    Some(unsafe { std::ptr::read_unaligned(sl[0].ptr.cast::<u64>()) })
+}
+
+/// Writes `v` at `iova` of IOAS `ioas` through a reader's host pointer.
+pub(crate) fn write_u64(ictx: &Iommufd, ioas: u32, iova: u64, v: u64) {
+    let space = ictx.ioas_space(ioas).unwrap();
+    let mut r = space.reader();
+    let s = r.enter();
+    let sl = s.translate(iova, 8, vm_memory::Permissions::Write).unwrap();
+    assert_eq!(sl.len(), 1);
+    // SAFETY: 8 bytes translated for write just now, inside the session.
+    unsafe { std::ptr::write_unaligned(sl[0].ptr.cast::<u64>(), v) };
+}
