@@ -1,1 +1,278 @@
-//! vcdev daemon library.
+//! vcdev daemon library: the vhost-user door over the device models and the
+//! software IOMMU.
+//!
+//! # Architecture
+//!
+//! [`run`] builds every device (a [`vcdev_device_model::blk::BlkDevice`]
+//! over a file or RAM), registers it ([`registry`]), binds
+//! `DIR/vhost-user/NAME` and starts one accept thread per device
+//! ([`vhost_user::serve_device`]). Each frontend gets a connection thread
+//! ([`vhost_user::conn`]), each running queue a worker thread
+//! ([`vhost_user::vring`]) driven by its own epoll ([`event_loop`]). The
+//! main thread waits for SIGINT/SIGTERM, then flushes every disk, removes
+//! the sockets and returns.
+//!
+//! Framing lives in [`wire`], the one codec of the 12-byte header.
+//!
+//! # Errors
+//!
+//! Each module has its own `thiserror` enum, variants named after the step
+//! that failed, causes as `#[source]`; the ones that cross a protocol
+//! boundary have `fn errno()`. [`Error`] is what ends the daemon.
+
+pub mod config;
+pub mod event_loop;
+pub mod registry;
+pub mod vhost_user;
+pub mod wire;
+
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::{error, info};
+use vcdev_device_model::blk::{self, BlkConfig, BlkDevice, BlockBackend, FileBackend, RamBackend};
+use vcdev_iommu::SealPolicy;
+
+pub use config::{Backing, Config, ConfigError, DeviceSpec};
+use registry::Registry;
+use vhost_user::conn::ConnConfig;
+
+/// Errors that end the daemon (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The runtime directory could not be created.
+    #[error("Cannot create directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk image could not be opened.
+    #[error("Device {name}: cannot open its disk image")]
+    File {
+        /// The device.
+        name: String,
+        /// The cause.
+        #[source]
+        source: blk::file::Error,
+    },
+    /// A RAM disk could not be allocated.
+    #[error("Device {name}: cannot allocate its RAM disk")]
+    Ram {
+        /// The device.
+        name: String,
+        /// The cause.
+        #[source]
+        source: blk::ram::Error,
+    },
+    /// The device model refused the options.
+    #[error("Device {name}: invalid virtio-blk device")]
+    Device {
+        /// The device.
+        name: String,
+        /// The cause.
+        #[source]
+        source: blk::Error,
+    },
+    /// A live daemon already serves the socket.
+    #[error("Socket {0} is in use by a running process")]
+    SocketInUse(PathBuf),
+    /// The socket could not be bound.
+    #[error("Cannot listen on {path}")]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("Cannot start a thread")]
+    Spawn(#[source] std::io::Error),
+    /// Signal setup or wait failed.
+    #[error("Signal handling failed")]
+    Signal(#[source] std::io::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn create_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| Error::Dir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Builds the device model of one `--device`.
+pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
+    let name = spec.name.clone();
+    let backend: Arc<dyn BlockBackend> = match &spec.backing {
+        Backing::File(p) => {
+            Arc::new(
+                FileBackend::open(p, spec.read_only).map_err(|source| Error::File {
+                    name: name.clone(),
+                    source,
+                })?,
+            )
+        }
+        Backing::Ram(size) => Arc::new(RamBackend::new(*size).map_err(|source| Error::Ram {
+            name: name.clone(),
+            source,
+        })?),
+    };
+    let cfg = BlkConfig {
+        read_only: spec.read_only,
+        serial: spec.serial.as_bytes().to_vec(),
+        num_queues: spec.queues,
+        queue_size: spec.queue_size,
+    };
+    BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })
+}
+
+/// Binds `path`, replacing a stale socket but never a live one.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::SocketInUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| Error::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The QEMU options that attach device `spec` served at `socket`.
+pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
+    format!(
+        "-chardev socket,id={n},path={p},reconnect-ms=1000 \
+         -device vhost-user-blk-pci,chardev={n},num-queues={q}",
+        n = spec.name,
+        p = socket.display(),
+        q = spec.queues
+    )
+}
+
+fn describe(spec: &DeviceSpec) -> String {
+    match &spec.backing {
+        Backing::File(p) => format!("file {}", p.display()),
+        Backing::Ram(s) => format!("{} MiB RAM disk", s >> 20),
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts),
+/// returning the set to wait on.
+fn block_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    let r = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(Error::Signal(std::io::Error::from_raw_os_error(r)));
+    }
+    Ok(set)
+}
+
+fn wait_signal(set: &libc::sigset_t) -> Result<libc::c_int> {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+    let r = unsafe { libc::sigwait(set, &mut sig) };
+    if r != 0 {
+        return Err(Error::Signal(std::io::Error::from_raw_os_error(r)));
+    }
+    Ok(sig)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; then flushes every file-backed
+/// disk, removes the sockets and returns `Ok`.
+pub fn run(config: Config) -> Result<()> {
+    let signals = block_signals()?;
+    let vu_dir = config.dir.join("vhost-user");
+    create_dir(&vu_dir)?;
+    let mut registry = Registry::default();
+    for spec in &config.devices {
+        registry.add(spec.name.clone(), Arc::new(build_device(spec)?));
+    }
+    let conn_cfg = ConnConfig {
+        seal_policy: if config.allow_unsealed_memory {
+            SealPolicy::AllowUnsealed
+        } else {
+            SealPolicy::RequireShrinkSeal
+        },
+    };
+    if config.allow_unsealed_memory {
+        log::warn!(
+            "--allow-unsealed-memory: a frontend that shrinks its memory file can crash the daemon"
+        );
+    }
+    let mut sockets = Vec::new();
+    let mut out = String::new();
+    for (spec, dev) in config.devices.iter().zip(registry.devices()) {
+        let path = vu_dir.join(&spec.name);
+        let listener = match bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                remove_sockets(&sockets);
+                return Err(e);
+            }
+        };
+        sockets.push(path.clone());
+        info!(
+            "{}: virtio-blk, {}, {} queue(s) of {}{}, listening on {}",
+            spec.name,
+            describe(spec),
+            spec.queues,
+            spec.queue_size,
+            if spec.read_only { ", read-only" } else { "" },
+            path.display()
+        );
+        out.push_str(&format!(
+            "# {}: QEMU options (guest RAM must be shared memfd memory)\n\
+             -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \
+             {}\n",
+            spec.name,
+            qemu_options(spec, &path)
+        ));
+        let dev = dev.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-accept", spec.name))
+            .spawn(move || vhost_user::serve_device(listener, dev, conn_cfg))
+            .map_err(Error::Spawn)?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    drop(stdout);
+
+    let sig = wait_signal(&signals)?;
+    info!("signal {sig}: flushing disks and exiting");
+    for dev in registry.devices() {
+        if let Err(e) = dev.blk().flush() {
+            error!("{}: flush failed: {e}", dev.name());
+        }
+    }
+    remove_sockets(&sockets);
+    Ok(())
+}
+
+fn remove_sockets(sockets: &[PathBuf]) {
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+}

@@ -1,1 +1,73 @@
-fn main() {}
+//! `vcdev`: the command line. Options become a validated [`Config`]; one
+//! exit path: invalid options exit 2, a failure at run time exits 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vcdev::{Config, ConfigError};
+
+/// Out-of-process device backend: virtio-blk over vhost-user.
+#[derive(Debug, Parser)]
+#[command(name = "vcdev", version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve devices until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Runtime directory [default: $XDG_RUNTIME_DIR/vcdev, else /tmp/vcdev-$UID].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// A device: blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N]
+    /// [,queue-size=N][,serial=S]. Default: one 64 MiB RAM disk named vfio0.
+    #[arg(long = "device", value_name = "SPEC")]
+    devices: Vec<String>,
+    /// Accept guest memory that is not a memfd sealed against shrinking
+    /// (e.g. QEMU's memory-backend-file). A frontend that then shrinks the
+    /// file crashes the daemon with SIGBUS.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Config, ConfigError> {
+        Config::new(a.dir, &a.devices, a.allow_unsealed_memory)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let Command::Serve(serve) = args.command;
+    let config = match Config::try_from(serve) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vcdev: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match vcdev::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cur = c.source();
+            }
+            log::error!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The validated configuration of `vcdev serve`, and the `--device SPEC`
+//! syntax:
+//!
+//! `blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N][,queue-size=N][,serial=S]`
+
+use std::path::PathBuf;
+
+use vcdev_device_model::blk::config::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, SERIAL_LEN};
+use vcdev_device_model::blk::SECTOR_SIZE;
+
+/// A RAM disk's size when a device has neither `path` nor `ram`: 64 MiB.
+pub const DEFAULT_RAM_SIZE: u64 = 64 << 20;
+/// The most queues a device may have (vhost-user's vring index is 8 bits).
+pub const MAX_QUEUES: u16 = 256;
+/// The smallest queue size accepted.
+pub const MIN_QUEUE_SIZE: u16 = 4;
+
+/// Errors in the options (exit code 2).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A device spec does not start with a known device type.
+    #[error("--device {spec:?}: unknown device type (expected \"blk\")")]
+    DeviceType {
+        /// The spec.
+        spec: String,
+    },
+    /// A key the spec does not know, or one without `=`.
+    #[error("--device {spec:?}: unknown option {key:?}")]
+    UnknownKey {
+        /// The spec.
+        spec: String,
+        /// The key.
+        key: String,
+    },
+    /// A value that does not parse or is out of range.
+    #[error("--device {spec:?}: invalid {key} {value:?}: {why}")]
+    BadValue {
+        /// The spec.
+        spec: String,
+        /// The key.
+        key: &'static str,
+        /// The value.
+        value: String,
+        /// What is expected.
+        why: &'static str,
+    },
+    /// Both `path` and `ram`.
+    #[error("--device {spec:?}: give path= or ram=, not both")]
+    PathAndRam {
+        /// The spec.
+        spec: String,
+    },
+    /// Two devices with one name.
+    #[error("device name {0:?} is used twice")]
+    DuplicateName(String),
+    /// No usable default directory.
+    #[error("no --dir given and neither XDG_RUNTIME_DIR nor /tmp usable")]
+    NoDir,
+}
+
+/// Where a disk's data lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// A file (or block device) opened at start.
+    File(PathBuf),
+    /// A RAM disk of this many bytes.
+    Ram(u64),
+}
+
+/// One `--device`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Its name: the socket is `DIR/vhost-user/NAME`.
+    pub name: String,
+    /// Its data.
+    pub backing: Backing,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Request queues.
+    pub queues: u16,
+    /// The largest queue size a frontend may set.
+    pub queue_size: u16,
+    /// The GET_ID answer (at most 20 bytes).
+    pub serial: String,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The runtime directory.
+    pub dir: PathBuf,
+    /// The devices, in order.
+    pub devices: Vec<DeviceSpec>,
+    /// Accept memory fds that are not memfds sealed against shrinking.
+    pub allow_unsealed_memory: bool,
+}
+
+/// `$XDG_RUNTIME_DIR/vcdev`, else `/tmp/vcdev-$UID`.
+pub fn default_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("vcdev");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/vcdev-{uid}"))
+}
+
+/// Parses `SIZE` with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl DeviceSpec {
+    /// Parses one `--device` value; `index` gives the default name.
+    pub fn parse(spec: &str, index: usize) -> Result<DeviceSpec, ConfigError> {
+        let mut parts = spec.split(',');
+        if parts.next() != Some("blk") {
+            return Err(ConfigError::DeviceType { spec: spec.into() });
+        }
+        let bad = |key: &'static str, value: &str, why: &'static str| ConfigError::BadValue {
+            spec: spec.into(),
+            key,
+            value: value.into(),
+            why,
+        };
+        let mut name = None;
+        let mut path = None;
+        let mut ram = None;
+        let mut read_only = false;
+        let mut queues = 1u16;
+        let mut queue_size = DEFAULT_QUEUE_SIZE;
+        let mut serial = None;
+        for kv in parts {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(ConfigError::UnknownKey {
+                    spec: spec.into(),
+                    key: kv.into(),
+                });
+            };
+            match k {
+                "name" => {
+                    if !valid_name(v) {
+                        return Err(bad("name", v, "use letters, digits, '_', '-', '.'"));
+                    }
+                    name = Some(v.to_owned());
+                }
+                "path" => {
+                    if v.is_empty() {
+                        return Err(bad("path", v, "empty path"));
+                    }
+                    path = Some(PathBuf::from(v));
+                }
+                "ram" => {
+                    let size = parse_size(v)
+                        .filter(|s| *s > 0 && s % SECTOR_SIZE == 0)
+                        .ok_or_else(|| {
+                            bad(
+                                "ram",
+                                v,
+                                "a non-zero multiple of 512, K/M/G suffixes allowed",
+                            )
+                        })?;
+                    ram = Some(size);
+                }
+                "readonly" => {
+                    read_only = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(bad("readonly", v, "on or off")),
+                    }
+                }
+                "queues" => {
+                    queues = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=MAX_QUEUES).contains(q))
+                        .ok_or_else(|| bad("queues", v, "1 to 256"))?;
+                }
+                "queue-size" => {
+                    queue_size = v
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|q| {
+                            q.is_power_of_two() && (MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(q)
+                        })
+                        .ok_or_else(|| bad("queue-size", v, "a power of two from 4 to 32768"))?;
+                }
+                "serial" => {
+                    if v.len() > SERIAL_LEN {
+                        return Err(bad("serial", v, "at most 20 bytes"));
+                    }
+                    serial = Some(v.to_owned());
+                }
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        spec: spec.into(),
+                        key: k.into(),
+                    })
+                }
+            }
+        }
+        let backing = match (path, ram) {
+            (Some(_), Some(_)) => return Err(ConfigError::PathAndRam { spec: spec.into() }),
+            (Some(p), None) => Backing::File(p),
+            (None, Some(r)) => Backing::Ram(r),
+            (None, None) => Backing::Ram(DEFAULT_RAM_SIZE),
+        };
+        let name = name.unwrap_or_else(|| format!("vfio{index}"));
+        let serial = match serial {
+            Some(s) => s,
+            None => name.chars().take(SERIAL_LEN).collect(),
+        };
+        Ok(DeviceSpec {
+            name,
+            backing,
+            read_only,
+            queues,
+            queue_size,
+            serial,
+        })
+    }
+}
+
+impl Config {
+    /// Builds a configuration from the raw options.
+    pub fn new(
+        dir: Option<PathBuf>,
+        devices: &[String],
+        allow_unsealed_memory: bool,
+    ) -> Result<Config, ConfigError> {
+        let mut specs = Vec::with_capacity(devices.len().max(1));
+        if devices.is_empty() {
+            specs.push(DeviceSpec::parse("blk", 0)?);
+        }
+        for (i, d) in devices.iter().enumerate() {
+            let s = DeviceSpec::parse(d, i)?;
+            if specs.iter().any(|o: &DeviceSpec| o.name == s.name) {
+                return Err(ConfigError::DuplicateName(s.name));
+            }
+            specs.push(s);
+        }
+        Ok(Config {
+            dir: dir.unwrap_or_else(default_dir),
+            devices: specs,
+            allow_unsealed_memory,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_spec() {
+        let c = Config::new(Some("/x".into()), &[], false).unwrap();
+        assert_eq!(c.devices.len(), 1);
+        let d = &c.devices[0];
+        assert_eq!(d.name, "vfio0");
+        assert_eq!(d.backing, Backing::Ram(64 << 20));
+        assert_eq!(
+            (d.queues, d.queue_size, d.serial.as_str()),
+            (1, 256, "vfio0")
+        );
+        let d = DeviceSpec::parse(
+            "blk,name=d1,path=/tmp/a.img,readonly=on,queues=4,queue-size=128,serial=S1",
+            3,
+        )
+        .unwrap();
+        assert_eq!(d.backing, Backing::File("/tmp/a.img".into()));
+        assert!(d.read_only);
+        assert_eq!((d.queues, d.queue_size, d.serial.as_str()), (4, 128, "S1"));
+        assert_eq!(
+            DeviceSpec::parse("blk,ram=1G", 2).unwrap().backing,
+            Backing::Ram(1 << 30)
+        );
+        assert_eq!(DeviceSpec::parse("blk", 2).unwrap().name, "vfio2");
+    }
+
+    #[test]
+    fn invalid_specs() {
+        for bad in [
+            "net",
+            "blk,foo=1",
+            "blk,ram=100",
+            "blk,ram=1X",
+            "blk,queues=0",
+            "blk,queue-size=100",
+            "blk,queue-size=65536",
+            "blk,path=/a,ram=1M",
+            "blk,name=a/b",
+            "blk,serial=123456789012345678901",
+            "blk,readonly",
+        ] {
+            assert!(DeviceSpec::parse(bad, 0).is_err(), "{bad}");
+        }
+        let e = Config::new(None, &["blk,name=a".into(), "blk,name=a".into()], false);
+        assert_eq!(e.unwrap_err(), ConfigError::DuplicateName("a".into()));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("4K"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("G"), None);
+        assert_eq!(parse_size("99999999999G"), None);
+    }
+}

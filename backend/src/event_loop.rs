@@ -1,0 +1,76 @@
+//! A small epoll loop (vmm-sys-util) for queue workers.
+//!
+//! Event ids are named constants; the reserved ones come first (the
+//! epoll_helper pattern): [`EVENT_CONTROL`] wakes a worker to look at its
+//! control word (stop), device events are numbered from
+//! [`EVENT_FIRST_DEVICE`].
+
+use std::io;
+use std::os::fd::RawFd;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// Reserved: the worker's control eventfd (stop requests).
+pub const EVENT_CONTROL: u64 = 0;
+/// First id a device may use (a queue's kick eventfd).
+pub const EVENT_FIRST_DEVICE: u64 = 1;
+
+const MAX_EVENTS: usize = 8;
+
+/// Errors of the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// epoll_create failed.
+    #[error("Failed to create an epoll instance")]
+    Create(#[source] io::Error),
+    /// epoll_ctl failed.
+    #[error("Failed to add descriptor {fd} to epoll")]
+    Add {
+        /// The descriptor.
+        fd: RawFd,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// epoll_wait failed.
+    #[error("epoll_wait failed")]
+    Wait(#[source] io::Error),
+}
+
+/// An epoll instance with named event ids.
+#[derive(Debug)]
+pub struct EventLoop {
+    epoll: Epoll,
+}
+
+impl EventLoop {
+    /// A new, empty loop.
+    pub fn new() -> Result<EventLoop, EventLoopError> {
+        Ok(EventLoop {
+            epoll: Epoll::new().map_err(EventLoopError::Create)?,
+        })
+    }
+
+    /// Watches `fd` for input, reported as `id`.
+    pub fn add(&self, fd: RawFd, id: u64) -> Result<(), EventLoopError> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, id))
+            .map_err(|source| EventLoopError::Add { fd, source })
+    }
+
+    /// Waits (forever) for events and calls `f` with each ready id.
+    pub fn wait(&self, mut f: impl FnMut(u64)) -> Result<(), EventLoopError> {
+        let mut events = [EpollEvent::default(); MAX_EVENTS];
+        let n = loop {
+            match self.epoll.wait(-1, &mut events) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(EventLoopError::Wait(e)),
+            }
+        };
+        for ev in events.iter().take(n) {
+            f(ev.data());
+        }
+        Ok(())
+    }
+}

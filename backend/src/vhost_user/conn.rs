@@ -1,0 +1,809 @@
+//! One frontend connection: the request loop and the per-connection state
+//! machine (features, memory table, vrings).
+//!
+//! The connection thread reads the frontend's messages, one at a time, and
+//! answers each in order. It never waits on a queue worker that could wait
+//! on this connection (see [`super::vring`]); memory-table removals wait for
+//! a grace period of the queues' readers, which are online only while they
+//! process requests.
+//!
+//! Errors: a framing error, an unknown request, a payload of the wrong size,
+//! descriptors where none belong, or a failure of a request that has its own
+//! reply ends the connection. Any other refused request is answered with a
+//! non-zero REPLY_ACK (the errno) when the frontend asked for an ack, and
+//! logged either way.
+
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use vcdev_iommu::{AddressSpace, Errno, SealPolicy};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags,
+    VhostUserVringState, VHOST_USER_CONFIG_SIZE,
+};
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
+use super::vring::{Vring, VringError};
+use crate::registry::Ownership;
+use crate::wire::{self, FlagPolicy, Frame, FrameHeader, WireError};
+
+/// The protocol features offered (ACCESS_PLATFORM comes with the vIOMMU
+/// issue, and with it IOTLB_MSG).
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::STATUS
+}
+
+/// Bits 0-7 of a SET_VRING_KICK/CALL/ERR payload: the queue index.
+const VRING_IDX_MASK: u64 = 0xff;
+/// Bit 8 of a SET_VRING_KICK/CALL/ERR payload: no descriptor comes.
+const VRING_NOFD_MASK: u64 = 0x100;
+/// virtio status bit DRIVER_OK.
+const STATUS_DRIVER_OK: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+
+/// Errors of handling one request.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Framing failed (the connection ends).
+    #[error("Bad frame")]
+    Wire(#[from] WireError),
+    /// A request code we do not know.
+    #[error("Unknown request {0}")]
+    UnknownRequest(u32),
+    /// A reply where a request belongs.
+    #[error("Unexpected reply message {0}")]
+    UnexpectedReply(u32),
+    /// The payload has the wrong size.
+    #[error("{req:?}: payload of {got} bytes, expected {want}")]
+    PayloadSize {
+        /// The request.
+        req: FrontendReq,
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// Descriptors where none, or other ones, belong.
+    #[error("{req:?}: {got} descriptors, expected {want}")]
+    Fds {
+        /// The request.
+        req: FrontendReq,
+        /// Descriptors received.
+        got: usize,
+        /// Descriptors expected.
+        want: usize,
+    },
+    /// A request that is not supported (or whose feature was not negotiated).
+    #[error("{0:?} is not supported")]
+    Unsupported(FrontendReq),
+    /// A request value out of range.
+    #[error("{req:?}: invalid {what} {value:#x}")]
+    Invalid {
+        /// The request.
+        req: FrontendReq,
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// Features beyond those offered.
+    #[error("Features {0:#x} were not offered")]
+    Features(u64),
+    /// The memory table refused the change.
+    #[error("Memory table change refused")]
+    Memory(#[from] MemoryError),
+    /// A queue could not start.
+    #[error("Queue start failed")]
+    Vring(#[from] VringError),
+}
+
+impl ConnError {
+    /// Whether the connection must end.
+    pub fn fatal(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Wire(_)
+                | ConnError::UnknownRequest(_)
+                | ConnError::UnexpectedReply(_)
+                | ConnError::PayloadSize { .. }
+                | ConnError::Fds { .. }
+        )
+    }
+
+    /// The errno sent in a failed REPLY_ACK.
+    pub fn errno(&self) -> Errno {
+        match self {
+            ConnError::Wire(e) => e.errno(),
+            ConnError::Memory(e) => e.errno(),
+            ConnError::Unsupported(_) => Errno(libc::EOPNOTSUPP),
+            ConnError::Vring(_) => Errno(libc::EIO),
+            _ => Errno::EINVAL,
+        }
+    }
+}
+
+/// How to answer a request.
+enum Reply {
+    /// No reply of its own: an ack if the frontend asked for one.
+    Ack,
+    /// A reply with this payload.
+    Payload(Vec<u8>),
+}
+
+/// Options of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnConfig {
+    /// What memory-table fds must be.
+    pub seal_policy: SealPolicy,
+}
+
+/// One frontend connection to one device.
+pub struct Conn {
+    sock: UnixStream,
+    own: Ownership,
+    peer: String,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    status: u8,
+    mem: MemoryTable,
+    vrings: Vec<Vring>,
+    backend_channel: Option<UnixStream>,
+}
+
+fn u64_payload(v: u64) -> Vec<u8> {
+    VhostUserU64::new(v).as_slice().to_vec()
+}
+
+impl Conn {
+    /// A connection on `sock` owning the device of `own`.
+    pub fn new(sock: UnixStream, own: Ownership, peer: String, cfg: ConnConfig) -> Conn {
+        let blk = own.device().blk().clone();
+        let vrings = (0..blk.num_queues())
+            .map(|i| Vring::new(i, blk.queue_size()))
+            .collect();
+        Conn {
+            sock,
+            own,
+            peer,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            status: 0,
+            mem: MemoryTable::new(AddressSpace::new(), cfg.seal_policy),
+            vrings,
+            backend_channel: None,
+        }
+    }
+
+    /// Serves the connection until the frontend leaves or breaks the
+    /// protocol, then stops the queues, drops the memory and flushes.
+    pub fn serve(mut self) {
+        loop {
+            let frame = match wire::read_frame(&self.sock, FlagPolicy::VHOST_USER) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    info!("{}: frontend disconnected", self.peer);
+                    break;
+                }
+                Err(e) => {
+                    warn!("{}: refused a message: {e}; closing", self.peer);
+                    break;
+                }
+            };
+            if let Err(e) = self.handle(frame) {
+                warn!("{}: {e}; closing the connection", self.peer);
+                break;
+            }
+        }
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        for v in &mut self.vrings {
+            v.reset(true);
+        }
+        self.mem.clear();
+        if let Err(e) = self.own.device().blk().flush() {
+            warn!("{}: flush after disconnect failed: {e}", self.peer);
+        }
+        info!("{}: device released", self.peer);
+    }
+
+    fn dev(&self) -> &Arc<vcdev_device_model::blk::BlkDevice> {
+        self.own.device().blk()
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.dev().device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn reply_ack_on(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
+    /// Handles one frame; an error return ends the connection.
+    fn handle(&mut self, frame: Frame) -> Result<(), ConnError> {
+        let hdr = frame.header;
+        if hdr.is_reply() {
+            return Err(ConnError::UnexpectedReply(hdr.request));
+        }
+        let req = FrontendReq::try_from(hdr.request)
+            .map_err(|()| ConnError::UnknownRequest(hdr.request))?;
+        debug!("{}: {req:?} ({} bytes)", self.peer, hdr.size);
+        let has_own_reply = matches!(
+            req,
+            FrontendReq::GET_FEATURES
+                | FrontendReq::GET_PROTOCOL_FEATURES
+                | FrontendReq::GET_QUEUE_NUM
+                | FrontendReq::GET_VRING_BASE
+                | FrontendReq::GET_CONFIG
+                | FrontendReq::GET_MAX_MEM_SLOTS
+                | FrontendReq::GET_STATUS
+        );
+        match self.dispatch(req, frame) {
+            Ok(Reply::Payload(p)) => self.send(&hdr, &p),
+            Ok(Reply::Ack) => {
+                if hdr.need_reply() && self.reply_ack_on() {
+                    self.send(&hdr, &u64_payload(0))?;
+                }
+                Ok(())
+            }
+            Err(e) if e.fatal() || has_own_reply => Err(e),
+            Err(e) => {
+                warn!("{}: refused {req:?}: {}", self.peer, error_chain(&e));
+                if hdr.need_reply() && self.reply_ack_on() {
+                    let code = u64::try_from(e.errno().0).unwrap_or(u64::from(libc::EIO as u32));
+                    self.send(&hdr, &u64_payload(code))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn send(&self, req: &FrameHeader, payload: &[u8]) -> Result<(), ConnError> {
+        let len = u32::try_from(payload.len()).map_err(|_| WireError::Oversized(u32::MAX))?;
+        wire::write_frame(&self.sock, &req.reply(len), payload, &[])?;
+        Ok(())
+    }
+
+    fn dispatch(&mut self, req: FrontendReq, frame: Frame) -> Result<Reply, ConnError> {
+        let Frame { payload, fds, .. } = frame;
+        // Requests that take descriptors check them themselves.
+        if !matches!(
+            req,
+            FrontendReq::SET_MEM_TABLE
+                | FrontendReq::ADD_MEM_REG
+                | FrontendReq::REM_MEM_REG
+                | FrontendReq::SET_VRING_KICK
+                | FrontendReq::SET_VRING_CALL
+                | FrontendReq::SET_VRING_ERR
+                | FrontendReq::SET_BACKEND_REQ_FD
+        ) {
+            expect_fds(req, &fds, 0)?;
+        }
+        match req {
+            FrontendReq::GET_FEATURES => {
+                expect_len(req, &payload, 0)?;
+                Ok(Reply::Payload(u64_payload(self.offered_features())))
+            }
+            FrontendReq::SET_FEATURES => self.set_features(body::<VhostUserU64>(req, &payload)?),
+            FrontendReq::SET_OWNER => {
+                expect_len(req, &payload, 0)?;
+                Ok(Reply::Ack)
+            }
+            FrontendReq::RESET_OWNER => {
+                expect_len(req, &payload, 0)?;
+                self.reset_device();
+                self.mem.clear();
+                Ok(Reply::Ack)
+            }
+            FrontendReq::GET_PROTOCOL_FEATURES => {
+                expect_len(req, &payload, 0)?;
+                Ok(Reply::Payload(u64_payload(
+                    offered_protocol_features().bits(),
+                )))
+            }
+            FrontendReq::SET_PROTOCOL_FEATURES => {
+                let v = body::<VhostUserU64>(req, &payload)?.value;
+                if v & !offered_protocol_features().bits() != 0 {
+                    return Err(ConnError::Features(v));
+                }
+                self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v);
+                Ok(Reply::Ack)
+            }
+            FrontendReq::GET_QUEUE_NUM => {
+                expect_len(req, &payload, 0)?;
+                Ok(Reply::Payload(u64_payload(u64::from(
+                    self.dev().num_queues(),
+                ))))
+            }
+            FrontendReq::SET_MEM_TABLE => self.set_mem_table(&payload, fds),
+            FrontendReq::GET_MAX_MEM_SLOTS => {
+                expect_len(req, &payload, 0)?;
+                self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+                Ok(Reply::Payload(u64_payload(MAX_MEM_SLOTS as u64)))
+            }
+            FrontendReq::ADD_MEM_REG => {
+                self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+                let r = body::<VhostUserSingleMemoryRegion>(req, &payload)?;
+                expect_fds(req, &fds, 1)?;
+                let fd = fds.into_iter().next().ok_or(ConnError::Fds {
+                    req,
+                    got: 0,
+                    want: 1,
+                })?;
+                self.mem.add(single_desc(&r), fd)?;
+                info!(
+                    "{}: memory region added at GPA {:#x} ({} regions)",
+                    self.peer,
+                    { r.guest_phys_addr },
+                    self.mem.len()
+                );
+                Ok(Reply::Ack)
+            }
+            FrontendReq::REM_MEM_REG => {
+                self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+                let r = body::<VhostUserSingleMemoryRegion>(req, &payload)?;
+                if fds.len() > 1 {
+                    return Err(ConnError::Fds {
+                        req,
+                        got: fds.len(),
+                        want: 1,
+                    });
+                }
+                self.mem.remove(&single_desc(&r))?;
+                info!(
+                    "{}: memory region removed at GPA {:#x} ({} regions)",
+                    self.peer,
+                    { r.guest_phys_addr },
+                    self.mem.len()
+                );
+                Ok(Reply::Ack)
+            }
+            FrontendReq::SET_VRING_NUM => {
+                let s = body::<VhostUserVringState>(req, &payload)?;
+                let max = self.dev().queue_size();
+                let v = self.vring_mut(req, s.index)?;
+                let num = u16::try_from(s.num)
+                    .ok()
+                    .filter(|n| n.is_power_of_two() && *n <= max);
+                let Some(num) = num else {
+                    return Err(ConnError::Invalid {
+                        req,
+                        what: "queue size",
+                        value: u64::from(s.num),
+                    });
+                };
+                if v.running() {
+                    return Err(ConnError::Invalid {
+                        req,
+                        what: "running queue",
+                        value: u64::from(s.index),
+                    });
+                }
+                v.set_size(num);
+                Ok(Reply::Ack)
+            }
+            FrontendReq::SET_VRING_ADDR => self.set_vring_addr(body(req, &payload)?),
+            FrontendReq::SET_VRING_BASE => {
+                let s = body::<VhostUserVringState>(req, &payload)?;
+                let base = u16::try_from(s.num).map_err(|_| ConnError::Invalid {
+                    req,
+                    what: "base",
+                    value: u64::from(s.num),
+                })?;
+                let v = self.vring_mut(req, s.index)?;
+                if v.running() {
+                    return Err(ConnError::Invalid {
+                        req,
+                        what: "running queue",
+                        value: u64::from(s.index),
+                    });
+                }
+                v.set_base(base);
+                Ok(Reply::Ack)
+            }
+            FrontendReq::GET_VRING_BASE => {
+                let s = body::<VhostUserVringState>(req, &payload)?;
+                let v = self.vring_mut(req, s.index)?;
+                v.reset(false);
+                let base = v.base();
+                info!("{}: queue {} stopped at {base}", self.peer, { s.index });
+                Ok(Reply::Payload(
+                    VhostUserVringState::new(s.index, u32::from(base))
+                        .as_slice()
+                        .to_vec(),
+                ))
+            }
+            FrontendReq::SET_VRING_KICK
+            | FrontendReq::SET_VRING_CALL
+            | FrontendReq::SET_VRING_ERR => self.set_vring_fd(req, &payload, fds),
+            FrontendReq::SET_VRING_ENABLE => {
+                let s = body::<VhostUserVringState>(req, &payload)?;
+                if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    return Err(ConnError::Unsupported(req));
+                }
+                let on = match s.num {
+                    0 => false,
+                    1 => true,
+                    n => {
+                        return Err(ConnError::Invalid {
+                            req,
+                            what: "enable value",
+                            value: u64::from(n),
+                        })
+                    }
+                };
+                let (dev, space, peer) = (self.dev().clone(), self.dma_space(), self.peer.clone());
+                let v = self.vring_mut(req, s.index)?;
+                v.set_enabled(on);
+                if on {
+                    v.maybe_start(&dev, &space, &peer)?;
+                } else {
+                    v.stop();
+                }
+                Ok(Reply::Ack)
+            }
+            FrontendReq::GET_CONFIG => self.get_config(&payload),
+            FrontendReq::SET_CONFIG => {
+                self.need_protocol(req, VhostUserProtocolFeatures::CONFIG)?;
+                let c = config_header(req, &payload)?;
+                // virtio-blk's only writable field (wce) needs CONFIG_WCE,
+                // which the device does not offer: its config is read-only.
+                Err(ConnError::Invalid {
+                    req,
+                    what: "write to read-only config at offset",
+                    value: u64::from(c.offset),
+                })
+            }
+            FrontendReq::SET_BACKEND_REQ_FD => {
+                expect_len(req, &payload, 0)?;
+                self.need_protocol(req, VhostUserProtocolFeatures::BACKEND_REQ)?;
+                expect_fds(req, &fds, 1)?;
+                let fd = fds.into_iter().next().ok_or(ConnError::Fds {
+                    req,
+                    got: 0,
+                    want: 1,
+                })?;
+                self.backend_channel = Some(UnixStream::from(fd));
+                Ok(Reply::Ack)
+            }
+            FrontendReq::SET_STATUS => {
+                self.need_protocol(req, VhostUserProtocolFeatures::STATUS)?;
+                let v = body::<VhostUserU64>(req, &payload)?.value;
+                let status = u8::try_from(v).map_err(|_| ConnError::Invalid {
+                    req,
+                    what: "status",
+                    value: v,
+                })?;
+                self.set_status(status);
+                Ok(Reply::Ack)
+            }
+            FrontendReq::GET_STATUS => {
+                self.need_protocol(req, VhostUserProtocolFeatures::STATUS)?;
+                expect_len(req, &payload, 0)?;
+                Ok(Reply::Payload(u64_payload(u64::from(self.status))))
+            }
+            FrontendReq::RESET_DEVICE => {
+                self.need_protocol(req, VhostUserProtocolFeatures::RESET_DEVICE)?;
+                expect_len(req, &payload, 0)?;
+                self.reset_device();
+                info!("{}: device reset", self.peer);
+                Ok(Reply::Ack)
+            }
+            _ => Err(ConnError::Unsupported(req)),
+        }
+    }
+
+    /// The address space descriptor and ring addresses are translated in:
+    /// guest physical today; the IOVA space when ACCESS_PLATFORM is
+    /// negotiated (the vIOMMU issue).
+    fn dma_space(&self) -> Arc<AddressSpace> {
+        self.mem.gpa_space().clone()
+    }
+
+    fn need_protocol(
+        &self,
+        req: FrontendReq,
+        f: VhostUserProtocolFeatures,
+    ) -> Result<(), ConnError> {
+        if self.protocol.contains(f) {
+            Ok(())
+        } else {
+            Err(ConnError::Unsupported(req))
+        }
+    }
+
+    fn vring_mut(&mut self, req: FrontendReq, index: u32) -> Result<&mut Vring, ConnError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.vrings.get_mut(i))
+            .ok_or(ConnError::Invalid {
+                req,
+                what: "queue index",
+                value: u64::from(index),
+            })
+    }
+
+    fn set_features(&mut self, v: VhostUserU64) -> Result<Reply, ConnError> {
+        let f = v.value;
+        let extra = f & !self.offered_features();
+        if extra != 0 {
+            return Err(ConnError::Features(extra));
+        }
+        self.features = f;
+        let event_idx = f & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for v in &mut self.vrings {
+            v.set_event_idx(event_idx);
+        }
+        debug!("{}: features {f:#x}", self.peer);
+        Ok(Reply::Ack)
+    }
+
+    fn set_mem_table(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Reply, ConnError> {
+        let req = FrontendReq::SET_MEM_TABLE;
+        let head = size_of::<VhostUserMemory>();
+        let each = size_of::<VhostUserMemoryRegion>();
+        if payload.len() < head {
+            return Err(ConnError::PayloadSize {
+                req,
+                got: payload.len(),
+                want: head,
+            });
+        }
+        let m: VhostUserMemory = pod_from(payload);
+        let n = usize::try_from(m.num_regions).unwrap_or(usize::MAX);
+        if n == 0 || n > MAX_MEM_SLOTS {
+            return Err(ConnError::Invalid {
+                req,
+                what: "region count",
+                value: u64::from(m.num_regions),
+            });
+        }
+        expect_len(req, payload, head + n * each)?;
+        expect_fds(req, &fds, n)?;
+        let mut regions = Vec::with_capacity(n);
+        for (chunk, fd) in payload[head..].chunks_exact(each).zip(fds) {
+            let r: VhostUserMemoryRegion = pod_from(chunk);
+            regions.push((
+                RegionDesc {
+                    gpa: r.guest_phys_addr,
+                    size: r.memory_size,
+                    uaddr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                },
+                fd,
+            ));
+        }
+        self.mem.replace(regions)?;
+        info!("{}: memory table set ({n} regions)", self.peer);
+        Ok(Reply::Ack)
+    }
+
+    fn set_vring_addr(&mut self, a: VhostUserVringAddr) -> Result<Reply, ConnError> {
+        let req = FrontendReq::SET_VRING_ADDR;
+        if a.flags & !VhostUserVringAddrFlags::all().bits() != 0
+            || a.flags & VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits() != 0
+        {
+            // Logging (LOG_ALL) is not offered.
+            return Err(ConnError::Invalid {
+                req,
+                what: "flags",
+                value: u64::from(a.flags),
+            });
+        }
+        let index = a.index;
+        let size = u64::from(self.vring_mut(req, index)?.size());
+        // virtio 1.2 section 2.7: descriptor table 16 * size, avail ring
+        // 6 + 2 * size, used ring 6 + 8 * size bytes.
+        let desc_len = 16 * size;
+        let avail_len = 6 + 2 * size;
+        let used_len = 6 + 8 * size;
+        let desc = self.mem.uaddr_to_gpa(a.descriptor, desc_len)?;
+        let avail = self.mem.uaddr_to_gpa(a.available, avail_len)?;
+        let used = self.mem.uaddr_to_gpa(a.used, used_len)?;
+        let (dev, space, peer) = (self.dev().clone(), self.dma_space(), self.peer.clone());
+        let v = self.vring_mut(req, index)?;
+        let was_running = v.running();
+        v.stop();
+        v.set_addr(desc, avail, used);
+        if was_running {
+            v.maybe_start(&dev, &space, &peer)?;
+        }
+        Ok(Reply::Ack)
+    }
+
+    fn set_vring_fd(
+        &mut self,
+        req: FrontendReq,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<Reply, ConnError> {
+        let v = body::<VhostUserU64>(req, payload)?.value;
+        if v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0 {
+            return Err(ConnError::Invalid {
+                req,
+                what: "queue index",
+                value: v,
+            });
+        }
+        let nofd = v & VRING_NOFD_MASK != 0;
+        expect_fds(req, &fds, usize::from(!nofd))?;
+        let index = u32::try_from(v & VRING_IDX_MASK).unwrap_or(u32::MAX);
+        let fd: Option<EventFd> = fds.into_iter().next().map(|fd| {
+            // SAFETY: `fd` is an open descriptor we own (just received);
+            // EventFd takes over its ownership and only reads or writes 8
+            // bytes through it, whatever kind of file it really is.
+            unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+        });
+        let features = self.features;
+        let (dev, space, peer) = (self.dev().clone(), self.dma_space(), self.peer.clone());
+        let vr = self.vring_mut(req, index)?;
+        match req {
+            FrontendReq::SET_VRING_KICK => {
+                let Some(fd) = fd else {
+                    // Polling without a kick fd is not supported.
+                    return Err(ConnError::Unsupported(req));
+                };
+                vr.stop();
+                vr.set_kick(Some(fd));
+                // Without PROTOCOL_FEATURES a queue is enabled when started.
+                if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    vr.set_enabled(true);
+                }
+                vr.maybe_start(&dev, &space, &peer)?;
+                debug!("{peer}: queue {index} kick fd set");
+            }
+            FrontendReq::SET_VRING_CALL => vr.set_call(fd),
+            _ => vr.set_err(fd),
+        }
+        Ok(Reply::Ack)
+    }
+
+    fn get_config(&mut self, payload: &[u8]) -> Result<Reply, ConnError> {
+        let req = FrontendReq::GET_CONFIG;
+        self.need_protocol(req, VhostUserProtocolFeatures::CONFIG)?;
+        let c = config_header(req, payload)?;
+        let head = size_of::<VhostUserConfig>();
+        let (offset, size) = (c.offset, c.size);
+        let ok = size != 0
+            && offset
+                .checked_add(size)
+                .is_some_and(|end| end <= VHOST_USER_CONFIG_SIZE);
+        if !ok {
+            warn!("{}: refused GET_CONFIG at {offset:#x}+{size:#x}", self.peer);
+            let refused = VhostUserConfig {
+                offset,
+                size: 0,
+                flags: c.flags,
+            };
+            return Ok(Reply::Payload(refused.as_slice().to_vec()));
+        }
+        // size <= VHOST_USER_CONFIG_SIZE (4 KiB): bounded.
+        let mut out = vec![0u8; head + size as usize];
+        out[..head].copy_from_slice(c.as_slice());
+        self.dev().read_config(offset, &mut out[head..]);
+        Ok(Reply::Payload(out))
+    }
+
+    fn set_status(&mut self, status: u8) {
+        let was_ok = self.status & STATUS_DRIVER_OK != 0;
+        self.status = status;
+        if status == 0 {
+            // A device reset by status: the queues stop (their positions
+            // stay for GET_VRING_BASE) and are disabled until re-enabled.
+            for v in &mut self.vrings {
+                v.stop();
+                v.set_enabled(false);
+            }
+        }
+        if was_ok != (status & STATUS_DRIVER_OK != 0) {
+            info!("{}: status {status:#x}", self.peer);
+        }
+    }
+
+    fn reset_device(&mut self) {
+        for v in &mut self.vrings {
+            v.reset(true);
+        }
+        self.features = 0;
+        self.status = 0;
+        self.protocol = VhostUserProtocolFeatures::empty();
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn single_desc(r: &VhostUserSingleMemoryRegion) -> RegionDesc {
+    RegionDesc {
+        gpa: r.guest_phys_addr,
+        size: r.memory_size,
+        uaddr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+    }
+}
+
+fn expect_len(req: FrontendReq, payload: &[u8], want: usize) -> Result<(), ConnError> {
+    if payload.len() == want {
+        Ok(())
+    } else {
+        Err(ConnError::PayloadSize {
+            req,
+            got: payload.len(),
+            want,
+        })
+    }
+}
+
+fn expect_fds(req: FrontendReq, fds: &[OwnedFd], want: usize) -> Result<(), ConnError> {
+    if fds.len() == want {
+        Ok(())
+    } else {
+        Err(ConnError::Fds {
+            req,
+            got: fds.len(),
+            want,
+        })
+    }
+}
+
+/// The payload as exactly one `T` (copied: the payload need not be aligned).
+fn body<T: ByteValued + Default>(req: FrontendReq, payload: &[u8]) -> Result<T, ConnError> {
+    expect_len(req, payload, size_of::<T>())?;
+    Ok(pod_from(payload))
+}
+
+/// A `T` from the first `size_of::<T>()` bytes of `bytes` (zero-filled if short).
+fn pod_from<T: ByteValued + Default>(bytes: &[u8]) -> T {
+    let mut t = T::default();
+    let dst = t.as_mut_slice();
+    let n = dst.len().min(bytes.len());
+    dst[..n].copy_from_slice(&bytes[..n]);
+    t
+}
+
+/// GET/SET_CONFIG: the header, followed by exactly `size` bytes.
+fn config_header(req: FrontendReq, payload: &[u8]) -> Result<VhostUserConfig, ConnError> {
+    let head = size_of::<VhostUserConfig>();
+    if payload.len() < head {
+        return Err(ConnError::PayloadSize {
+            req,
+            got: payload.len(),
+            want: head,
+        });
+    }
+    let c: VhostUserConfig = pod_from(payload);
+    let want = usize::try_from(c.size)
+        .ok()
+        .and_then(|s| s.checked_add(head))
+        .unwrap_or(usize::MAX);
+    expect_len(req, payload, want)?;
+    Ok(c)
+}
+
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}

@@ -1,0 +1,87 @@
+//! The vhost-user door: one listening socket per device, one thread per
+//! connection, one worker thread per running queue.
+//!
+//! - [`serve_device`] runs on its own thread: it accepts frontends on
+//!   `DIR/vhost-user/NAME`, asks the registry for ownership (a second
+//!   concurrent frontend is refused and closed, the first undisturbed) and
+//!   hands each accepted frontend to a [`conn::Conn`] on a new thread.
+//! - When a frontend leaves, its connection stops the queues, removes its
+//!   memory (after a grace period) and flushes the disk; the device then
+//!   accepts the next frontend with its data intact.
+
+pub mod conn;
+pub mod memory;
+pub mod vring;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{error, info, warn};
+
+use crate::registry::{Device, Registry};
+use conn::{Conn, ConnConfig};
+
+/// Names a peer for logs: its pid and uid when the kernel tells them.
+fn peer_name(device: &str, n: u64, sock: &UnixStream) -> String {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a plain C
+    // struct of that size, for a socket descriptor we own.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        format!("{device}#{n} (pid {} uid {})", cred.pid, cred.uid)
+    } else {
+        format!("{device}#{n}")
+    }
+}
+
+/// Accepts frontends for `device` on `listener` forever.
+pub fn serve_device(listener: UnixListener, device: Arc<Device>, cfg: ConnConfig) {
+    let seq = AtomicU64::new(0);
+    loop {
+        let sock = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                error!("{}: accept failed: {e}", device.name());
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::ECONNABORTED)
+                {
+                    continue;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let n = seq.fetch_add(1, Ordering::Relaxed);
+        let peer = peer_name(device.name(), n, &sock);
+        let own = match Registry::claim_vhost_user(&device, &peer) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!("{peer}: frontend refused: {e}");
+                drop(sock);
+                continue;
+            }
+        };
+        info!("{peer}: frontend connected");
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-conn", device.name()))
+            .spawn(move || Conn::new(sock, own, peer, cfg).serve());
+        if let Err(e) = spawned {
+            error!("{}: cannot spawn a connection thread: {e}", device.name());
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The 12-byte frame header shared by both doors (PROTOCOL.md, "Framing"),
+//! and frame read/write with descriptors (SCM_RIGHTS) over a unix stream.
+//!
+//! This is the only module that parses header bytes. Each door passes its
+//! own [`FlagPolicy`]: the device-cdev protocol allows only the version and
+//! REPLY bits, vhost-user also allows NEED_REPLY.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use libc::{c_void, iovec};
+use vcdev_iommu::Errno;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Bytes in a header.
+pub const HEADER_LEN: usize = 12;
+/// Bits 0-1 of `flags`: the protocol version.
+pub const FLAG_VERSION_MASK: u32 = 0x3;
+/// The only version spoken.
+pub const VERSION: u32 = 1;
+/// `flags` bit: this message is a reply.
+pub const FLAG_REPLY: u32 = 0x4;
+/// `flags` bit (vhost-user only): the sender wants an ack.
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+/// The largest payload accepted (1 MiB).
+pub const MAX_PAYLOAD: u32 = 1 << 20;
+/// The most descriptors one message may carry.
+pub const MAX_FDS: usize = 32;
+
+/// Which flag bits (besides the version) a door accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlagPolicy {
+    allowed: u32,
+}
+
+impl FlagPolicy {
+    /// The device-cdev door: REPLY only.
+    pub const CDEV: FlagPolicy = FlagPolicy {
+        allowed: FLAG_REPLY,
+    };
+    /// The vhost-user door: REPLY and NEED_REPLY.
+    pub const VHOST_USER: FlagPolicy = FlagPolicy {
+        allowed: FLAG_REPLY | FLAG_NEED_REPLY,
+    };
+
+    /// Checks `flags` against the version and the allowed bits.
+    pub fn check(self, flags: u32) -> Result<(), WireError> {
+        if flags & FLAG_VERSION_MASK != VERSION {
+            return Err(WireError::Version(flags & FLAG_VERSION_MASK));
+        }
+        let unknown = flags & !(FLAG_VERSION_MASK | self.allowed);
+        if unknown != 0 {
+            return Err(WireError::Flags(unknown));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of framing. Every one of them is a protocol violation or a broken
+/// socket: the connection (or file) ends.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Reading from the socket failed.
+    #[error("Failed to read a frame")]
+    Read(#[source] io::Error),
+    /// Writing to the socket failed.
+    #[error("Failed to write a frame")]
+    Write(#[source] io::Error),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("Connection closed in the middle of a frame")]
+    Truncated,
+    /// The version bits are not 1.
+    #[error("Bad protocol version {0}")]
+    Version(u32),
+    /// Flag bits the door does not allow.
+    #[error("Unknown flag bits {0:#x}")]
+    Flags(u32),
+    /// The payload is larger than [`MAX_PAYLOAD`].
+    #[error("Payload of {0} bytes exceeds the 1 MiB cap")]
+    Oversized(u32),
+    /// More descriptors than [`MAX_FDS`], or descriptors not on the header.
+    #[error("Too many or misplaced descriptors")]
+    Fds,
+}
+
+impl WireError {
+    /// The errno for this error.
+    pub fn errno(&self) -> Errno {
+        match self {
+            WireError::Read(e) | WireError::Write(e) => Errno::from_io(e),
+            WireError::Truncated => Errno(libc::EPIPE),
+            WireError::Version(_) | WireError::Flags(_) | WireError::Fds => Errno::EINVAL,
+            WireError::Oversized(_) => Errno(libc::EMSGSIZE),
+        }
+    }
+}
+
+/// The 12-byte header, little-endian on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The request code.
+    pub request: u32,
+    /// Version and flag bits.
+    pub flags: u32,
+    /// Payload bytes that follow.
+    pub size: u32,
+}
+
+impl FrameHeader {
+    /// A request header (version 1, plus `flags`).
+    pub fn request(request: u32, flags: u32, size: u32) -> FrameHeader {
+        FrameHeader {
+            request,
+            flags: VERSION | flags,
+            size,
+        }
+    }
+
+    /// The reply header for this request, with `size` payload bytes.
+    pub fn reply(&self, size: u32) -> FrameHeader {
+        FrameHeader {
+            request: self.request,
+            flags: VERSION | FLAG_REPLY,
+            size,
+        }
+    }
+
+    /// Whether the sender asked for an ack.
+    pub fn need_reply(&self) -> bool {
+        self.flags & FLAG_NEED_REPLY != 0
+    }
+
+    /// Whether this is a reply.
+    pub fn is_reply(&self) -> bool {
+        self.flags & FLAG_REPLY != 0
+    }
+
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&self.request.to_le_bytes());
+        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size.to_le_bytes());
+        b
+    }
+
+    /// Decodes a header (no checks: see [`FrameHeader::check`]).
+    pub fn decode(b: &[u8; HEADER_LEN]) -> FrameHeader {
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        FrameHeader {
+            request: word(0),
+            flags: word(4),
+            size: word(8),
+        }
+    }
+
+    /// Checks flags (per `policy`) and the payload cap.
+    pub fn check(&self, policy: FlagPolicy) -> Result<(), WireError> {
+        policy.check(self.flags)?;
+        if self.size > MAX_PAYLOAD {
+            return Err(WireError::Oversized(self.size));
+        }
+        Ok(())
+    }
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Frame {
+    /// Its header (checked).
+    pub header: FrameHeader,
+    /// Exactly `header.size` bytes.
+    pub payload: Vec<u8>,
+    /// The descriptors that came with the header.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives bytes into `buf` and up to [`MAX_FDS`] descriptors.
+fn recv_some(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+    let mut iov = [iovec {
+        iov_base: buf.as_mut_ptr().cast::<c_void>(),
+        iov_len: buf.len(),
+    }];
+    loop {
+        // SAFETY: the iovec points at `buf`, which we borrow mutably for the
+        // call and which may hold arbitrary bytes.
+        match unsafe { sock.recv_with_fds(&mut iov, &mut raw) } {
+            Ok((n, nfds)) => {
+                let fds = raw
+                    .iter()
+                    .take(nfds)
+                    // SAFETY: recvmsg just installed these descriptors in our
+                    // table; nobody else owns them.
+                    .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                    .collect();
+                return Ok((n, fds));
+            }
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    }
+}
+
+/// Reads one frame. `Ok(None)` when the peer closed the connection between
+/// frames. Descriptors are accepted only with the header's bytes.
+pub fn read_frame(sock: &UnixStream, policy: FlagPolicy) -> Result<Option<Frame>, WireError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let (mut got, fds) = recv_some(sock, &mut hdr).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOBUFS) {
+            WireError::Fds
+        } else {
+            WireError::Read(e)
+        }
+    })?;
+    if got == 0 {
+        return Ok(None);
+    }
+    while got < HEADER_LEN {
+        let (n, more) = recv_some(sock, &mut hdr[got..]).map_err(WireError::Read)?;
+        if !more.is_empty() {
+            return Err(WireError::Fds);
+        }
+        if n == 0 {
+            return Err(WireError::Truncated);
+        }
+        got += n;
+    }
+    let header = FrameHeader::decode(&hdr);
+    header.check(policy)?;
+    // size <= MAX_PAYLOAD (1 MiB) was checked: the allocation is bounded.
+    let mut payload = vec![0u8; header.size as usize];
+    let mut reader = sock;
+    reader.read_exact(&mut payload).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Truncated
+        } else {
+            WireError::Read(e)
+        }
+    })?;
+    Ok(Some(Frame {
+        header,
+        payload,
+        fds,
+    }))
+}
+
+/// Writes one frame: header and payload in one message, `fds` with it.
+pub fn write_frame(
+    sock: &UnixStream,
+    header: &FrameHeader,
+    payload: &[u8],
+    fds: &[RawFd],
+) -> Result<(), WireError> {
+    if fds.len() > MAX_FDS {
+        return Err(WireError::Fds);
+    }
+    if payload.len() > MAX_PAYLOAD as usize || payload.len() != header.size as usize {
+        return Err(WireError::Oversized(header.size));
+    }
+    let hdr = header.encode();
+    let sent = if fds.is_empty() {
+        0
+    } else {
+        let bufs: [&[u8]; 2] = [&hdr, payload];
+        sock.send_with_fds(&bufs[..], fds)
+            .map_err(|e| WireError::Write(io::Error::from_raw_os_error(e.errno())))?
+    };
+    let mut all = Vec::with_capacity(HEADER_LEN + payload.len());
+    all.extend_from_slice(&hdr);
+    all.extend_from_slice(payload);
+    let mut w = sock;
+    w.write_all(all.get(sent..).unwrap_or_default())
+        .map_err(WireError::Write)
+}
+
+/// The raw descriptor of a socket, for logs.
+pub fn fd_of(sock: &UnixStream) -> RawFd {
+    sock.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_policy() {
+        let h = FrameHeader::request(5, FLAG_NEED_REPLY, 40);
+        let b = h.encode();
+        assert_eq!(b, [5, 0, 0, 0, 9, 0, 0, 0, 40, 0, 0, 0]);
+        let d = FrameHeader::decode(&b);
+        assert_eq!(d, h);
+        assert!(d.check(FlagPolicy::VHOST_USER).is_ok());
+        assert!(matches!(
+            d.check(FlagPolicy::CDEV),
+            Err(WireError::Flags(FLAG_NEED_REPLY))
+        ));
+        assert!(matches!(
+            FrameHeader::request(1, 0, MAX_PAYLOAD + 1).check(FlagPolicy::CDEV),
+            Err(WireError::Oversized(_))
+        ));
+        let bad = FrameHeader {
+            request: 1,
+            flags: 2,
+            size: 0,
+        };
+        assert!(matches!(
+            bad.check(FlagPolicy::VHOST_USER),
+            Err(WireError::Version(2))
+        ));
+        assert_eq!(h.reply(8).flags, VERSION | FLAG_REPLY);
+    }
+
+    #[test]
+    fn frames_with_fds_cross_a_socketpair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ev = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let h = FrameHeader::request(12, 0, 8);
+        write_frame(&a, &h, &7u64.to_le_bytes(), &[ev.as_raw_fd()]).unwrap();
+        write_frame(&a, &FrameHeader::request(3, 0, 0), &[], &[]).unwrap();
+        let f = read_frame(&b, FlagPolicy::VHOST_USER).unwrap().unwrap();
+        assert_eq!(f.header, h);
+        assert_eq!(f.payload, 7u64.to_le_bytes());
+        assert_eq!(f.fds.len(), 1);
+        let f = read_frame(&b, FlagPolicy::VHOST_USER).unwrap().unwrap();
+        assert_eq!((f.header.request, f.fds.len()), (3, 0));
+        drop(a);
+        assert!(read_frame(&b, FlagPolicy::VHOST_USER).unwrap().is_none());
+    }
+
+    #[test]
+    fn short_frame_and_garbage_are_errors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+        drop(a);
+        assert!(matches!(
+            read_frame(&b, FlagPolicy::VHOST_USER),
+            Err(WireError::Truncated)
+        ));
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&[0xff; 32]).unwrap();
+        assert!(read_frame(&b, FlagPolicy::VHOST_USER).is_err());
+    }
+}
