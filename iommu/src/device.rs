@@ -378,3 +378,403 @@ fn detach_locked(t: &mut Table, dev: ObjectId) -> Result<(), DeviceError> {
     put_auto(t, old);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use crate::uapi::*;
+    use crate::ObjectKind;
+
+    const AP: IovaRange = IovaRange::new(0x10_0000, 0xff_ffff);
+
+    fn hwpt_cmd(dev_id: u32, pt_id: u32) -> IommuHwptAlloc {
+        IommuHwptAlloc {
+            size: 48,
+            dev_id,
+            pt_id,
+            ..Default::default()
+        }
+    }
+
+    fn ranges(ictx: &Iommufd, ioas: u32) -> (Vec<IommuIovaRange>, u64) {
+        let mut cmd = IommuIoasIovaRanges {
+            size: 32,
+            ioas_id: ioas,
+            num_iovas: 16,
+            ..Default::default()
+        };
+        let r = ictx.ioas_iova_ranges(&mut cmd).unwrap();
+        (r, cmd.out_iova_alignment)
+    }
+
+    /// Kernel `iommu_device_claim_dma_owner` (via `iommufd_device_bind`):
+    /// a device whose DMA another iommufd owns is EBUSY; binding it twice
+    /// to the same one is EINVAL (vfio's "already bound", PROTOCOL.md).
+    #[test]
+    fn bind_bound_device_is_ebusy() {
+        let (a, b) = (ctx(), ctx());
+        let (dev, _) = device();
+        assert_eq!(dev.bind(&a).unwrap(), ObjectId(1));
+        assert_errno!(dev.bind(&b), EBUSY);
+        assert_errno!(dev.bind(&a), EINVAL);
+        dev.unbind().unwrap();
+        assert_errno!(dev.unbind(), EINVAL);
+        dev.bind(&b).unwrap();
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iommufd_device_change_pt`: an unknown pt_id is ENOENT, one
+    /// that is neither IOAS nor HWPT EINVAL; not bound is EINVAL
+    /// (PROTOCOL.md, device file before BIND).
+    #[test]
+    fn attach_to_unknown_is_enoent_to_device_is_einval() {
+        let ictx = ctx();
+        let (dev, _) = device();
+        assert_errno!(dev.attach(1), EINVAL);
+        let id = dev.bind(&ictx).unwrap();
+        assert_errno!(dev.attach(9), ENOENT);
+        assert_errno!(dev.attach(id.0), EINVAL);
+        assert!(dev.address_space().is_none());
+        dev.unbind().unwrap();
+    }
+
+    /// TEST_F(iommufd_ioas, ioas_destroy) with a mock domain: an IOAS a
+    /// device is attached to (through its HWPT) cannot be destroyed.
+    #[test]
+    fn destroy_referenced_ioas_is_ebusy() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let (dev, _) = device();
+        dev.bind(&ictx).unwrap();
+        let hwpt = dev.attach(ioas).unwrap();
+        assert_eq!(ictx.kind_of(hwpt.0), Some(ObjectKind::HwptPaging));
+        assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: ioas }), EBUSY);
+        assert_errno!(
+            ictx.destroy(&IommuDestroy {
+                size: 8,
+                id: hwpt.0
+            }),
+            EBUSY
+        );
+        dev.detach().unwrap();
+        // The automatic HWPT went with its last device.
+        assert_eq!(ictx.kind_of(hwpt.0), None);
+        ictx.destroy(&IommuDestroy { size: 8, id: ioas }).unwrap();
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iommufd_device_bind` ("the calling driver is a user until
+    /// unbind"): DESTROY of a device object is EBUSY.
+    #[test]
+    fn destroy_device_is_ebusy() {
+        let ictx = ctx();
+        let (dev, _) = device();
+        let id = dev.bind(&ictx).unwrap();
+        assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: id.0 }), EBUSY);
+        dev.unbind().unwrap();
+        assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: id.0 }), ENOENT);
+    }
+
+    /// TEST_F(iommufd_ioas, hwpt_attach): a device attaches to an allocated
+    /// HWPT; DESTROY of that HWPT is EBUSY until it detaches, and an
+    /// allocated HWPT survives its last device.
+    #[test]
+    fn destroy_referenced_hwpt_is_ebusy() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let (dev, log) = device();
+        let dev_id = dev.bind(&ictx).unwrap();
+        let mut cmd = hwpt_cmd(dev_id.0, ioas);
+        let hwpt = ictx.hwpt_alloc(&mut cmd).unwrap();
+        assert_eq!(cmd.out_hwpt_id, hwpt.0);
+        assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: ioas }), EBUSY);
+        assert_eq!(dev.attach(hwpt.0).unwrap(), hwpt);
+        assert_errno!(
+            ictx.destroy(&IommuDestroy {
+                size: 8,
+                id: hwpt.0
+            }),
+            EBUSY
+        );
+        dev.detach().unwrap();
+        assert_eq!(ictx.kind_of(hwpt.0), Some(ObjectKind::HwptPaging));
+        ictx.destroy(&IommuDestroy {
+            size: 8,
+            id: hwpt.0,
+        })
+        .unwrap();
+        ictx.destroy(&IommuDestroy { size: 8, id: ioas }).unwrap();
+        assert_eq!(log.lock().unwrap().len(), 2);
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iommufd_hwpt_alloc`: reserved field EOPNOTSUPP, data_len
+    /// with DATA_NONE EINVAL, unknown device ENOENT, unknown pt_id EINVAL,
+    /// flags (no domain_alloc_paging_flags) and nesting EOPNOTSUPP.
+    #[test]
+    fn hwpt_alloc_checks() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let (dev, _) = device();
+        let d = dev.bind(&ictx).unwrap().0;
+        let mut c = hwpt_cmd(d, ioas);
+        c.__reserved = 1;
+        assert_errno!(ictx.hwpt_alloc(&mut c), EOPNOTSUPP);
+        let mut c = hwpt_cmd(d, ioas);
+        c.data_len = 8;
+        assert_errno!(ictx.hwpt_alloc(&mut c), EINVAL);
+        let mut c = hwpt_cmd(d, ioas);
+        c.data_type = 1;
+        assert_errno!(ictx.hwpt_alloc(&mut c), EINVAL);
+        c.data_len = 8;
+        assert_errno!(ictx.hwpt_alloc(&mut c), EOPNOTSUPP);
+        assert_errno!(ictx.hwpt_alloc(&mut hwpt_cmd(ioas, ioas)), ENOENT);
+        assert_errno!(ictx.hwpt_alloc(&mut hwpt_cmd(d, 99)), EINVAL);
+        assert_errno!(ictx.hwpt_alloc(&mut hwpt_cmd(d, d)), EINVAL);
+        let mut c = hwpt_cmd(d, ioas);
+        c.flags = IOMMU_HWPT_ALLOC_NEST_PARENT;
+        assert_errno!(ictx.hwpt_alloc(&mut c), EOPNOTSUPP);
+        let h = ictx.hwpt_alloc(&mut hwpt_cmd(d, ioas)).unwrap();
+        assert_errno!(ictx.hwpt_alloc(&mut hwpt_cmd(d, h.0)), EOPNOTSUPP);
+        dev.unbind().unwrap();
+    }
+
+    /// TEST_F(iommufd_ioas, iova_ranges) with a mock domain: attaching
+    /// narrows the ranges to the aperture minus reserved ranges, with
+    /// alignment 4096; detaching widens them again.
+    #[test]
+    fn attach_narrows_iova_ranges_and_aligns() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let resv = IovaRange::new(0x20_0000, 0x2f_ffff);
+        let (dev, _) = device_with(AP, vec![resv]);
+        dev.bind(&ictx).unwrap();
+        dev.attach(ioas).unwrap();
+        let (r, align) = ranges(&ictx, ioas);
+        let r: Vec<_> = r.iter().map(|r| (r.start, r.last)).collect();
+        assert_eq!(
+            r,
+            vec![(AP.start, resv.start - 1), (resv.last + 1, AP.last)]
+        );
+        assert_eq!(align, crate::PAGE_SIZE);
+        dev.detach().unwrap();
+        assert_eq!(
+            ranges(&ictx, ioas),
+            (
+                vec![IommuIovaRange {
+                    start: 0,
+                    last: u64::MAX
+                }],
+                1
+            )
+        );
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iopt_reserve_iova` (via `iopt_table_enforce_dev_resv_regions`):
+    /// attaching a device whose reserved range holds a mapping, or lies in
+    /// the allowed list, is EADDRINUSE, and the device stays detached.
+    #[test]
+    fn attach_reserved_clash_is_eaddrinuse() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        map_fixed(&ictx, ioas, &fd, 0, P, 0x20_0000).unwrap();
+        let (dev, log) = device_with(IovaRange::ALL, vec![IovaRange::new(0x20_0000, 0x20_0fff)]);
+        dev.bind(&ictx).unwrap();
+        assert_errno!(dev.attach(ioas), EADDRINUSE);
+        assert!(dev.address_space().is_none() && log.lock().unwrap().is_empty());
+        assert_eq!(ictx.objects().len(), 2, "the automatic HWPT was aborted");
+        unmap(&ictx, ioas, 0, u64::MAX).unwrap();
+        allow(&ictx, ioas, &[(0x1f_0000, 0x20_0000)]).unwrap();
+        assert_errno!(dev.attach(ioas), EADDRINUSE);
+        allow(&ictx, ioas, &[]).unwrap();
+        dev.attach(ioas).unwrap();
+        dev.unbind().unwrap();
+    }
+
+    /// TEST_F(iommufd_ioas, area_allowed), "Allowed intersects a
+    /// reserved": ALLOW_IOVAS over a device's reserved range is EADDRINUSE.
+    #[test]
+    fn allow_iovas_intersecting_reserved_is_eaddrinuse() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let (dev, _) = device_with(IovaRange::ALL, vec![IovaRange::new(4 * P, 104 * P - 1)]);
+        dev.bind(&ictx).unwrap();
+        dev.attach(ioas).unwrap();
+        assert_errno!(allow(&ictx, ioas, &[(P, 600 * P)]), EADDRINUSE);
+        allow(&ictx, ioas, &[(200 * P, 600 * P - 1)]).unwrap();
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iopt_table_add_domain`: a mapping outside the device's
+    /// aperture makes the attach EADDRINUSE; a mapping not aligned to the
+    /// domain's page size too (`iopt_check_iova_alignment`).
+    #[test]
+    fn attach_aperture_excludes_mapping_is_eaddrinuse() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        map_fixed(&ictx, ioas, &fd, 0, P, P).unwrap();
+        let (dev, _) = device_with(AP, Vec::new());
+        dev.bind(&ictx).unwrap();
+        assert_errno!(dev.attach(ioas), EADDRINUSE);
+        unmap(&ictx, ioas, 0, u64::MAX).unwrap();
+        map_fixed(&ictx, ioas, &fd, 0, P / 2, AP.start).unwrap();
+        assert_errno!(dev.attach(ioas), EADDRINUSE);
+        unmap(&ictx, ioas, 0, u64::MAX).unwrap();
+        dev.attach(ioas).unwrap();
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iopt_check_iova` (reserved -> EINVAL) and TEST_F(iommufd_ioas,
+    /// ioas_iova_alloc) with a mock domain: once attached, maps into a
+    /// reserved range or outside the aperture are EINVAL, and so are
+    /// lengths or IOVAs not aligned to 4096.
+    #[test]
+    fn map_into_reserved_or_outside_aperture_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(4);
+        let resv = IovaRange::new(0x20_0000, 0x20_0fff);
+        let (dev, _) = device_with(AP, vec![resv]);
+        dev.bind(&ictx).unwrap();
+        dev.attach(ioas).unwrap();
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, P, resv.start), EINVAL);
+        assert_errno!(
+            map_fixed(&ictx, ioas, &fd, 0, 2 * P, resv.start - P),
+            EINVAL
+        );
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, P, AP.start - P), EINVAL);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, P, AP.last + 1), EINVAL);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, P / 2, AP.start), EINVAL);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, P, AP.start + 1), EINVAL);
+        assert_errno!(map_auto(&ictx, ioas, &fd, 0, 100), EINVAL);
+        assert_errno!(map_fixed(&ictx, ioas, &fd, P / 2, P, AP.start), EINVAL);
+        map_fixed(&ictx, ioas, &fd, 0, P, AP.start).unwrap();
+        let iova = map_auto(&ictx, ioas, &fd, 0, 2 * P).unwrap();
+        assert!(AP.contains(&IovaRange::new(iova, iova + 2 * P - 1)));
+        dev.unbind().unwrap();
+        // Unbound, the IOAS is unconstrained again.
+        map_fixed(&ictx, ioas, &fd, 0, 1, 3).unwrap();
+    }
+
+    /// Kernel `iommufd_device_replace` ("If it fails then no change is
+    /// made"): attaching while attached replaces atomically; a failed
+    /// replace keeps the old attachment; the hook sees every change.
+    #[test]
+    fn replace_is_atomic_and_failure_keeps_old() {
+        let ictx = ctx();
+        let a = ioas_alloc(&ictx);
+        let b = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        map_fixed(&ictx, b, &fd, 0, P, 0x20_0000).unwrap();
+        let (dev, log) = device_with(IovaRange::ALL, vec![IovaRange::new(0x20_0000, 0x20_0fff)]);
+        dev.bind(&ictx).unwrap();
+        let ha = dev.attach(a).unwrap();
+        let sa = ictx.ioas_space(a).unwrap();
+        assert!(Arc::ptr_eq(&dev.address_space().unwrap(), &sa));
+        assert_errno!(dev.attach(b), EADDRINUSE);
+        assert!(Arc::ptr_eq(&dev.address_space().unwrap(), &sa));
+        assert_eq!(ictx.kind_of(ha.0), Some(ObjectKind::HwptPaging));
+        // A mapping in the device's reserved range of A is refused.
+        assert_errno!(map_fixed(&ictx, a, &fd, 0, P, 0x20_0000), EINVAL);
+        unmap(&ictx, b, 0, u64::MAX).unwrap();
+        let hb = dev.attach(b).unwrap();
+        assert_ne!(ha, hb);
+        // The old automatic HWPT went, and A's reservation with it.
+        assert_eq!(ictx.kind_of(ha.0), None);
+        map_fixed(&ictx, a, &fd, 0, P, 0x20_0000).unwrap();
+        assert_eq!(dev.attach(b).unwrap(), hb);
+        let sb = ictx.ioas_space(b).unwrap();
+        {
+            let log = log.lock().unwrap();
+            assert_eq!(log.len(), 2);
+            assert!(Arc::ptr_eq(log[0].as_ref().unwrap(), &sa));
+            assert!(Arc::ptr_eq(log[1].as_ref().unwrap(), &sb));
+        }
+        dev.detach().unwrap();
+        dev.detach().unwrap();
+        assert!(dev.address_space().is_none());
+        assert_eq!(log.lock().unwrap().len(), 3);
+        // A now maps the device's reserved range.
+        assert_errno!(dev.attach(a), EADDRINUSE);
+        dev.attach(b).unwrap();
+        dev.unbind().unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 5);
+        assert!(log[4].is_none());
+    }
+
+    /// Kernel `iommufd_device_auto_get_domain`: a second device shares the
+    /// IOAS's automatic HWPT when compatible; one whose aperture cannot
+    /// hold the HWPT's gets its own.
+    #[test]
+    fn auto_hwpt_is_shared_when_compatible() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let (d1, _) = device_with(AP, Vec::new());
+        let (d2, _) = device_with(IovaRange::ALL, Vec::new());
+        let (d3, _) = device_with(AP, Vec::new());
+        for d in [&d1, &d2, &d3] {
+            d.bind(&ictx).unwrap();
+        }
+        let h2 = d2.attach(ioas).unwrap();
+        // d1's aperture cannot hold h2's (the full space): a new HWPT.
+        let h1 = d1.attach(ioas).unwrap();
+        assert_ne!(h1, h2);
+        assert_eq!(d3.attach(ioas).unwrap(), h1);
+        d1.unbind().unwrap();
+        assert_eq!(ictx.kind_of(h1.0), Some(ObjectKind::HwptPaging));
+        d3.unbind().unwrap();
+        assert_eq!(ictx.kind_of(h1.0), None);
+        d2.unbind().unwrap();
+        assert_eq!(ictx.objects(), vec![(ObjectId(ioas), ObjectKind::Ioas)]);
+    }
+
+    /// PROTOCOL.md "Opening a node gives a file" / kernel
+    /// `iommufd_ctx_get` at bind: closing the iommufd while a device is
+    /// bound tears nothing down; the release (leaf first) runs when the
+    /// device unbinds.
+    #[test]
+    fn close_while_bound_keeps_everything_until_unbind() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        map_fixed(&ictx, ioas, &fd, 0, P, 0x10_0000).unwrap();
+        let (dev, log) = device();
+        dev.bind(&ictx).unwrap();
+        dev.attach(ioas).unwrap();
+        let space = dev.address_space().unwrap();
+        let weak = Arc::downgrade(&ictx);
+        drop(ictx);
+        assert!(weak.upgrade().is_some());
+        {
+            let mut r = space.reader();
+            let s = r.enter();
+            assert!(s
+                .translate(0x10_0000, 8, vm_memory::Permissions::Read)
+                .is_ok());
+        }
+        dev.unbind().unwrap();
+        assert!(weak.upgrade().is_none());
+        assert!(
+            space.with_tree(|t| t.is_empty()),
+            "release unmapped the IOAS"
+        );
+        assert!(log.lock().unwrap().last().unwrap().is_none());
+    }
+
+    /// A reserved range with start > last is refused at creation.
+    #[test]
+    fn device_with_bad_range_is_einval() {
+        let r = DeviceHandle::new(
+            "x",
+            IovaRange::ALL,
+            vec![IovaRange::new(2, 1)],
+            Box::new(|_| {}),
+        );
+        assert_errno!(r, EINVAL);
+    }
+}

@@ -476,8 +476,14 @@ mod tests {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
         let fd = memfd(2);
-        assert_errno!(map_fixed(&ictx, ioas, &fd, 0, 2 * P, u64::MAX - P + 1), EOVERFLOW);
-        assert_errno!(map_fixed(&ictx, ioas, &fd, u64::MAX - P + 1, 2 * P, P), EOVERFLOW);
+        assert_errno!(
+            map_fixed(&ictx, ioas, &fd, 0, 2 * P, u64::MAX - P + 1),
+            EOVERFLOW
+        );
+        assert_errno!(
+            map_fixed(&ictx, ioas, &fd, u64::MAX - P + 1, 2 * P, P),
+            EOVERFLOW
+        );
         assert_errno!(unmap(&ictx, ioas, u64::MAX - P + 1, 2 * P), EOVERFLOW);
     }
 
@@ -487,8 +493,14 @@ mod tests {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
         let fd = memfd(1);
-        assert_errno!(map(&ictx, ioas, IOMMU_IOAS_MAP_FIXED_IOVA, &fd, 0, P, P), EINVAL);
-        assert_errno!(copy(&ictx, IOMMU_IOAS_MAP_FIXED_IOVA, ioas, 0, ioas, 0, P), EINVAL);
+        assert_errno!(
+            map(&ictx, ioas, IOMMU_IOAS_MAP_FIXED_IOVA, &fd, 0, P, P),
+            EINVAL
+        );
+        assert_errno!(
+            copy(&ictx, IOMMU_IOAS_MAP_FIXED_IOVA, ioas, 0, ioas, 0, P),
+            EINVAL
+        );
     }
 
     /// Kernel `iommufd_get_ioas`: an unknown id, or the id of another kind
@@ -811,8 +823,14 @@ mod tests {
         write_u64(&ictx, a, 0x20000, 0xbeef);
         assert_eq!(read_u64(&ictx, a, 0x10000), Some(0xbeef));
         let same = |x: u32, xi: u64, y: u32, yi: u64| {
-            let ex = ictx.ioas_space(x).unwrap().with_tree(|t| t.find(xi).unwrap().mem.clone());
-            let ey = ictx.ioas_space(y).unwrap().with_tree(|t| t.find(yi).unwrap().mem.clone());
+            let ex = ictx
+                .ioas_space(x)
+                .unwrap()
+                .with_tree(|t| t.find(xi).unwrap().mem.clone());
+            let ey = ictx
+                .ioas_space(y)
+                .unwrap()
+                .with_tree(|t| t.find(yi).unwrap().mem.clone());
             Arc::ptr_eq(&ex, &ey)
         };
         assert!(same(a, 0x11000, b, iova));
@@ -856,13 +874,21 @@ mod tests {
         let ioas = ioas_alloc(&ictx);
         let mut cmd = ranges_cmd(ioas, 8);
         let r = ictx.ioas_iova_ranges(&mut cmd).unwrap();
-        assert_eq!(r, vec![IommuIovaRange { start: 0, last: u64::MAX }]);
+        assert_eq!(
+            r,
+            vec![IommuIovaRange {
+                start: 0,
+                last: u64::MAX
+            }]
+        );
         assert_eq!((cmd.num_iovas, cmd.out_iova_alignment), (1, 1));
         let mut cmd = ranges_cmd(ioas, 0);
         match ictx.ioas_iova_ranges(&mut cmd) {
             Err(e @ IoasError::RangesTooSmall { .. }) => {
                 assert_eq!(e.errno(), Errno::EMSGSIZE);
-                assert!(matches!(e, IoasError::RangesTooSmall { total: 1, ref ranges } if ranges.is_empty()));
+                assert!(
+                    matches!(e, IoasError::RangesTooSmall { total: 1, ref ranges } if ranges.is_empty())
+                );
             }
             r => panic!("{r:?}"),
         }
@@ -881,7 +907,12 @@ mod tests {
         assert_errno!(allow(&ictx, ioas, &[(P, P)]), EINVAL);
         assert_errno!(allow(&ictx, ioas, &[(2 * P, P)]), EINVAL);
         assert_errno!(allow(&ictx, ioas, &[(P, 4 * P), (4 * P, 8 * P)]), EINVAL);
-        allow(&ictx, ioas, &[(8 * P, 9 * P), (P, 4 * P - 1), (4 * P, 5 * P)]).unwrap();
+        allow(
+            &ictx,
+            ioas,
+            &[(8 * P, 9 * P), (P, 4 * P - 1), (4 * P, 5 * P)],
+        )
+        .unwrap();
         assert_eq!(ictx.ioas(ioas).unwrap().iopt().allowed().len(), 3);
         allow(&ictx, ioas, &[]).unwrap();
         assert!(ictx.ioas(ioas).unwrap().iopt().allowed().is_empty());
@@ -898,7 +929,10 @@ mod tests {
             num_iovas: 2,
             ..Default::default()
         };
-        assert_errno!(ictx.ioas_allow_iovas(&cmd, &[IommuIovaRange { start: 0, last: 9 }]), EFAULT);
+        assert_errno!(
+            ictx.ioas_allow_iovas(&cmd, &[IommuIovaRange { start: 0, last: 9 }]),
+            EFAULT
+        );
     }
 
     /// Kernel `iopt_set_allow_iova`: mappings outside the new list stay,
@@ -1011,11 +1045,34 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        MapFixed { ioas: usize, page: u64, npages: u64, file_page: u64 },
-        MapAuto { ioas: usize, npages: u64, file_page: u64 },
-        Unmap { ioas: usize, page: u64, npages: u64 },
-        Copy { dst: usize, src: usize, src_page: u64, npages: u64, dst_page: Option<u64> },
-        Write { ioas: usize, page: u64, value: u64 },
+        MapFixed {
+            ioas: usize,
+            page: u64,
+            npages: u64,
+            file_page: u64,
+        },
+        MapAuto {
+            ioas: usize,
+            npages: u64,
+            file_page: u64,
+        },
+        Unmap {
+            ioas: usize,
+            page: u64,
+            npages: u64,
+        },
+        Copy {
+            dst: usize,
+            src: usize,
+            src_page: u64,
+            npages: u64,
+            dst_page: Option<u64>,
+        },
+        Write {
+            ioas: usize,
+            page: u64,
+            value: u64,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {

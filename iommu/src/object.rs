@@ -315,3 +315,81 @@ impl Drop for Iommufd {
         rest.into_iter().for_each(destroy_object);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use crate::uapi::*;
+
+    /// PROTOCOL.md (object ids) and kernel `iommufd_object_alloc`
+    /// (xa_alloc, XA_FLAGS_ALLOC1): ids start at 1, the lowest free first,
+    /// one id space for every kind.
+    #[test]
+    fn ids_start_at_one_lowest_free_first() {
+        let ictx = ctx();
+        assert_eq!(
+            (ioas_alloc(&ictx), ioas_alloc(&ictx), ioas_alloc(&ictx)),
+            (1, 2, 3)
+        );
+        ictx.destroy(&IommuDestroy { size: 8, id: 2 }).unwrap();
+        let (dev, _) = device();
+        assert_eq!(dev.bind(&ictx).unwrap(), ObjectId(2));
+        assert_eq!(ioas_alloc(&ictx), 4);
+        ictx.destroy(&IommuDestroy { size: 8, id: 1 }).unwrap();
+        assert_eq!(dev.attach(3).unwrap(), ObjectId(1));
+        dev.unbind().unwrap();
+    }
+
+    /// TEST_F(iommufd, cmd_fail): DESTROY of id 0 or an unknown id is
+    /// ENOENT.
+    #[test]
+    fn destroy_unknown_is_enoent() {
+        let ictx = ctx();
+        assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: 0 }), ENOENT);
+        assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: 5 }), ENOENT);
+    }
+
+    /// Kernel `iommufd_get_object`: an id of the wrong kind is ENOENT.
+    #[test]
+    fn wrong_kind_is_enoent() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        assert_errno!(ictx.device(ioas), ENOENT);
+        assert_errno!(ictx.hwpt(ioas), ENOENT);
+        let (dev, _) = device();
+        let d = dev.bind(&ictx).unwrap();
+        assert_errno!(ictx.ioas(d.0), ENOENT);
+        dev.unbind().unwrap();
+    }
+
+    /// Kernel `iommufd_ioas_alloc_ioctl`: flags are EOPNOTSUPP.
+    #[test]
+    fn ioas_alloc_flags_is_eopnotsupp() {
+        let ictx = ctx();
+        let mut cmd = IommuIoasAlloc {
+            size: 12,
+            flags: 1,
+            out_ioas_id: 0,
+        };
+        assert_errno!(ictx.ioas_alloc(&mut cmd), EOPNOTSUPP);
+        assert!(ictx.objects().is_empty());
+    }
+
+    /// TEST_F(iommufd_ioas, ioas_area_auto_destroy): closing the iommufd
+    /// frees IOASes with their areas (after their grace period).
+    #[test]
+    fn release_destroys_leaf_first() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(1);
+        for i in 0..10 {
+            map_fixed(&ictx, ioas, &fd, 0, P, (i + 1) * P).unwrap();
+        }
+        let space = ictx.ioas_space(ioas).unwrap();
+        let before = space.grace_periods();
+        drop(ictx);
+        assert!(space.with_tree(|t| t.is_empty()));
+        assert!(space.grace_periods() > before);
+    }
+}
