@@ -175,6 +175,14 @@ pub enum IoptError {
     /// A writeable copy of memory that was mapped read-only.
     #[error("memory mapped read-only cannot be copied writeable")]
     NotWritable,
+    /// A piece that is empty or reaches beyond its memory object.
+    #[error("piece {offset:#x}+{length:#x} is empty or outside its memory")]
+    OutsideMemory {
+        /// Offset in the memory object.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
     /// An allowed range with `start >= last`.
     #[error("allowed range {start:#x}..={last:#x} is empty or reversed")]
     BadAllowedRange {
@@ -234,6 +242,7 @@ impl IoptError {
             NoSpace { .. } => Errno::ENOSPC,
             NotMapped { .. } | SplitsArea { .. } | NotContiguous { .. } => Errno::ENOENT,
             NotWritable => Errno::EPERM,
+            OutsideMemory { .. } => Errno::EFAULT,
             InUse { .. } | AreaMisaligned { .. } => Errno::EADDRINUSE,
         }
     }
@@ -549,7 +558,8 @@ impl IoPageTable {
 
     /// Maps `pieces` back to back, at `iova` or (None) at an allocated
     /// IOVA, each piece one area; returns the first IOVA
-    /// (iopt_map_pages). All or nothing.
+    /// (iopt_map_pages). All or nothing. A piece that is empty or not
+    /// inside its memory is EFAULT.
     pub fn map_pieces(
         &self,
         pieces: &[Piece],
@@ -558,6 +568,12 @@ impl IoPageTable {
     ) -> Result<u64, IoptError> {
         let mut length = 0u64;
         for p in pieces {
+            if p.length == 0 || !p.mem.contains(p.offset, p.length) {
+                return Err(IoptError::OutsideMemory {
+                    offset: p.offset,
+                    length: p.length,
+                });
+            }
             length = length.checked_add(p.length).ok_or(IoptError::Overflow {
                 iova: iova.unwrap_or(0),
                 length: u64::MAX,
@@ -611,8 +627,8 @@ impl IoPageTable {
         })
     }
 
-    /// Maps `length` bytes of `mem` at `offset` (the caller checked the
-    /// range against `mem`).
+    /// Maps `length` bytes of `mem` at `offset` (EFAULT if that is not
+    /// inside `mem`).
     pub fn map(
         &self,
         mem: Arc<MemObject>,
@@ -867,5 +883,46 @@ impl IoPageTable {
             }
             r
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kernel `iopt_alloc_iova`: a length of 2^63 or more cannot be
+    /// aligned ("Protect roundup_pow_of_two() from overflow"): EOVERFLOW.
+    #[test]
+    fn alloc_huge_length_is_eoverflow() {
+        let iopt = IoPageTable::new();
+        let st = iopt.state();
+        let e = iopt
+            .space
+            .with_tree(|t| st.alloc_iova(t, 0, 1 << 63))
+            .unwrap_err();
+        assert_eq!(e.errno(), Errno::EOVERFLOW);
+    }
+
+    /// Pieces handed to the page table must lie inside their memory:
+    /// never a host pointer beyond a mapping (EFAULT, as a bad user
+    /// pointer).
+    #[test]
+    fn piece_outside_memory_is_efault() {
+        let iopt = IoPageTable::new();
+        let mem = Arc::new(MemObject::anonymous(4096).unwrap());
+        for (offset, length) in [(0, 4097), (4096, 1), (1, 0), (u64::MAX, 2)] {
+            let e = iopt
+                .map(
+                    mem.clone(),
+                    offset,
+                    length,
+                    Some(PAGE_SIZE),
+                    Permissions::Read,
+                )
+                .unwrap_err();
+            assert_eq!(e.errno(), Errno::EFAULT);
+        }
+        iopt.map(mem, 1, 4095, Some(PAGE_SIZE), Permissions::Read)
+            .unwrap();
     }
 }

@@ -676,18 +676,6 @@ mod tests {
         assert_eq!(map_auto(&ictx, ioas, &fd, 0, P).unwrap(), 4 * P);
     }
 
-    /// Kernel `iopt_alloc_iova`: a length of 2^63 or more cannot be
-    /// aligned and is EOVERFLOW.
-    #[test]
-    fn map_alloc_huge_length_is_eoverflow() {
-        let iopt = IoPageTable::new();
-        let mem = Arc::new(MemObject::anonymous(4096).unwrap());
-        let e = iopt
-            .map(mem, 0, 1 << 63, None, Permissions::Read)
-            .unwrap_err();
-        assert_eq!(e.errno(), Errno::EOVERFLOW);
-    }
-
     /// TEST_F(iommufd_ioas, ioas_iova_alloc): every length from 1 byte
     /// maps and unmaps without a device (alignment 1).
     #[test]
