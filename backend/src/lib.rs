@@ -157,10 +157,11 @@ fn bind(path: &Path) -> Result<UnixListener> {
 pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
     format!(
         "-chardev socket,id={n},path={p},reconnect-ms=1000 \
-         -device vhost-user-blk-pci,chardev={n},num-queues={q}",
+         -device vhost-user-blk-pci,chardev={n},num-queues={q},queue-size={s}",
         n = spec.name,
         p = socket.display(),
-        q = spec.queues
+        q = spec.queues,
+        s = spec.queue_size
     )
 }
 

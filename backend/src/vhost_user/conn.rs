@@ -208,6 +208,11 @@ impl Conn {
             }
         }
         self.teardown();
+        // Release the device before the frontend sees the socket close, so
+        // that a frontend reconnecting at once finds it free.
+        let Conn { sock, own, .. } = self;
+        drop(own);
+        drop(sock);
     }
 
     fn teardown(&mut self) {
@@ -375,6 +380,7 @@ impl Conn {
             FrontendReq::SET_VRING_NUM => {
                 let s = body::<VhostUserVringState>(req, &payload)?;
                 let max = self.dev().queue_size();
+                let peer = self.peer.clone();
                 let v = self.vring_mut(req, s.index)?;
                 let num = u16::try_from(s.num)
                     .ok()
@@ -392,6 +398,16 @@ impl Conn {
                         what: "running queue",
                         value: u64::from(s.index),
                     });
+                }
+                if num < max && !v.warned_small() {
+                    // seg_max in the config space is derived from the
+                    // device's queue size: a guest may build chains longer
+                    // than this smaller queue, which the device refuses.
+                    warn!(
+                        "{peer}: queue size {num} is below the device's queue-size={max}; \
+                         long requests may fail (give the frontend queue-size={max})"
+                    );
+                    v.set_warned_small();
                 }
                 v.set_size(num);
                 Ok(Reply::Ack)
@@ -718,9 +734,10 @@ impl Conn {
         for v in &mut self.vrings {
             v.reset(true);
         }
+        // Protocol features and ownership survive a reset (the frontend
+        // does not negotiate them again); virtio features do not.
         self.features = 0;
         self.status = 0;
-        self.protocol = VhostUserProtocolFeatures::empty();
     }
 }
 

@@ -124,6 +124,7 @@ pub struct Vring {
     event_idx: bool,
     kick: Option<EventFd>,
     enabled: bool,
+    warned_small: bool,
     notifiers: Arc<Notifiers>,
     worker: Option<Worker>,
 }
@@ -141,6 +142,7 @@ impl Vring {
             event_idx: false,
             kick: None,
             enabled: false,
+            warned_small: false,
             notifiers: Arc::default(),
             worker: None,
         }
@@ -159,6 +161,16 @@ impl Vring {
     /// SET_VRING_NUM (the caller checked `size`).
     pub fn set_size(&mut self, size: u16) {
         self.size = size;
+    }
+
+    /// Whether the small-queue warning was given.
+    pub fn warned_small(&self) -> bool {
+        self.warned_small
+    }
+
+    /// Remembers that the small-queue warning was given.
+    pub fn set_warned_small(&mut self) {
+        self.warned_small = true;
     }
 
     /// SET_VRING_ADDR, addresses already in the DMA space.
@@ -344,6 +356,9 @@ impl WorkerCtx {
                 error!("queue {}: {e}", self.index);
                 break;
             }
+            // Consume the wake-up first, then look at the word: a stop set
+            // after this look leaves the eventfd readable for the next wait.
+            let _ = self.control.wake.read();
             if self.control.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -354,7 +369,6 @@ impl WorkerCtx {
                     broken = !self.process();
                 }
             }
-            let _ = self.control.wake.read();
         }
         self.queue
     }

@@ -1,0 +1,657 @@
+//! A vhost-user frontend harness over the real socket of a `vcdev serve`
+//! process: vhost's `Frontend` for what it can send, raw frames (through
+//! `vcdev::wire`, the one header codec) for what it cannot, guest memory in
+//! sealed memfds, and a tiny split-virtqueue driver that builds
+//! virtio-blk descriptor chains.
+
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use vcdev::wire::{self, FlagPolicy, Frame, FrameHeader, FLAG_NEED_REPLY};
+use vcdev_iommu::{MemObject, SealPolicy};
+use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::process::Daemon;
+use super::TempDir;
+
+/// How long any single wait on the daemon may take.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The daemon
+
+/// The `vcdev` binary of this workspace, built if missing or older than its
+/// sources (`VCDEV_BIN` overrides). Tests of another package cannot use
+/// `CARGO_BIN_EXE_vcdev`, so the path comes from this test executable's
+/// directory (`<target>/<profile>/deps/..`).
+pub fn vcdev_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VCDEV_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps");
+        let bin = profile_dir.join("vcdev");
+        if !is_fresh(&bin) {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let target_dir = profile_dir.parent().expect("target dir");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "vcdev", "--bin", "vcdev", "--target-dir"])
+                .arg(target_dir)
+                .current_dir(super::repo_root());
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("running cargo build -p vcdev");
+            assert!(st.success(), "cargo build -p vcdev failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+fn is_fresh(bin: &Path) -> bool {
+    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
+        return false;
+    };
+    let root = super::repo_root();
+    ["backend", "device-model/src", "iommu/src", "Cargo.lock"]
+        .iter()
+        .filter_map(|d| {
+            let p = root.join(d);
+            if p.is_dir() {
+                newest_mtime(&p)
+            } else {
+                p.metadata().and_then(|m| m.modified()).ok()
+            }
+        })
+        .all(|t| t <= built)
+}
+
+/// A `vcdev serve` in a scratch directory, killed on drop.
+pub struct Vcdev {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its `--dir`.
+    pub dir: TempDir,
+}
+
+impl Vcdev {
+    /// Starts `vcdev serve --dir <tmp> <args>` and waits for the socket of
+    /// device `first` (the first device's name).
+    pub fn start(tag: &str, args: &[&str], first: &str) -> Vcdev {
+        let dir = TempDir::new(tag).expect("tmpdir");
+        let mut cmd = Command::new(vcdev_bin());
+        cmd.arg("serve").arg("--dir").arg(dir.path()).args(args);
+        cmd.env("RUST_LOG", "debug");
+        let sock = dir.path().join("vhost-user").join(first);
+        let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
+        Vcdev { daemon, dir }
+    }
+
+    /// The socket of device `name`.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join("vhost-user").join(name)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&mut self) -> String {
+        self.daemon.proc().stderr().text()
+    }
+
+    /// Whether the daemon still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.daemon.proc().try_wait(), Ok(None))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Guest memory
+
+/// One region of guest memory: a sealed memfd, mapped here too.
+pub struct Region {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+    /// The memfd (sent with SET_MEM_TABLE / ADD_MEM_REG).
+    pub file: File,
+    /// Our mapping; its address is the "user address" the backend sees.
+    pub map: Arc<MemObject>,
+}
+
+impl Region {
+    /// A new zeroed region at `gpa`.
+    pub fn new(gpa: u64, size: u64) -> Region {
+        let fd = vcdev_iommu::mem::sealed_memfd("guest", size).expect("memfd");
+        let file = File::from(fd);
+        let dup: OwnedFd = file.try_clone().expect("dup").into();
+        let map =
+            Arc::new(MemObject::from_fd(dup, 0, size, SealPolicy::AllowUnsealed).expect("map"));
+        Region {
+            gpa,
+            size,
+            file,
+            map,
+        }
+    }
+
+    /// The frontend's user address of the first byte.
+    pub fn uaddr(&self) -> u64 {
+        self.map.host_base() as u64
+    }
+
+    /// The vhost description of this region.
+    pub fn info(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: self.uaddr(),
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
+    fn ptr(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        let off = gpa.checked_sub(self.gpa)?;
+        self.map
+            .contains(off, len as u64)
+            .then(|| self.map.host_base().wrapping_add(off as usize))
+    }
+}
+
+/// The guest's memory: a few regions.
+#[derive(Default)]
+pub struct GuestMem {
+    /// The regions.
+    pub regions: Vec<Region>,
+}
+
+impl GuestMem {
+    fn ptr(&self, gpa: u64, len: usize) -> *mut u8 {
+        self.regions
+            .iter()
+            .find_map(|r| r.ptr(gpa, len))
+            .unwrap_or_else(|| panic!("GPA {gpa:#x}+{len} outside guest memory"))
+    }
+
+    /// Writes `data` at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let p = self.ptr(gpa, data.len());
+        // SAFETY: p..p+len lies inside one of our shared mappings.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+    }
+
+    /// Reads `len` bytes at `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let p = self.ptr(gpa, len);
+        let mut v = vec![0u8; len];
+        // SAFETY: p..p+len lies inside one of our shared mappings.
+        unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), len) }
+        v
+    }
+
+    fn read_u16(&self, gpa: u64) -> u16 {
+        let p = self.ptr(gpa, 2);
+        // SAFETY: 2 bytes inside a mapping; the device writes it concurrently.
+        u16::from_le(unsafe { std::ptr::read_volatile(p.cast::<u16>()) })
+    }
+
+    fn write_u16(&self, gpa: u64, v: u16) {
+        let p = self.ptr(gpa, 2);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: 2 bytes inside a mapping.
+        unsafe { std::ptr::write_volatile(p.cast::<u16>(), v.to_le()) }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The user address of `gpa`.
+    pub fn uaddr(&self, gpa: u64) -> u64 {
+        self.ptr(gpa, 1) as u64
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Layout: region 0 (rings, request headers, status bytes), region 1 (data).
+
+/// GPA of the ring/metadata region.
+pub const META_GPA: u64 = 0x1000_0000;
+/// Its size.
+pub const META_SIZE: u64 = 4 << 20;
+/// GPA of the data region.
+pub const DATA_GPA: u64 = 0x4000_0000;
+/// Its size.
+pub const DATA_SIZE: u64 = 8 << 20;
+/// Data bytes per queue.
+pub const DATA_PER_QUEUE: u64 = 1 << 20;
+
+/// One descriptor of a chain to build: (GPA, length, device-writable).
+pub type Desc = (u64, u32, bool);
+
+/// A split virtqueue driven by the test.
+pub struct DriverQueue {
+    /// Queue index.
+    pub index: usize,
+    /// Entries.
+    pub size: u16,
+    /// GPAs of the descriptor table, avail and used rings.
+    pub desc: u64,
+    /// Avail ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+    avail_idx: u16,
+    used_idx: u16,
+    /// Kick eventfd (ours to write).
+    pub kick: EventFd,
+    /// Call eventfd (the device writes).
+    pub call: EventFd,
+}
+
+impl DriverQueue {
+    /// A queue laid out like [`Harness::start`]'s queue `index`.
+    pub fn new_for_tests(index: usize, size: u16) -> DriverQueue {
+        DriverQueue::new(index, size)
+    }
+
+    fn new(index: usize, size: u16) -> DriverQueue {
+        let base = META_GPA + index as u64 * 0x10000;
+        DriverQueue {
+            index,
+            size,
+            desc: base,
+            avail: base + 0x4000,
+            used: base + 0x8000,
+            avail_idx: 0,
+            used_idx: 0,
+            kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        }
+    }
+
+    /// Where this queue's request header goes (metadata region).
+    pub fn header_gpa(&self) -> u64 {
+        META_GPA + 0x20_0000 + self.index as u64 * 0x1000
+    }
+
+    /// Where this queue's data goes (data region).
+    pub fn data_gpa(&self) -> u64 {
+        DATA_GPA + self.index as u64 * DATA_PER_QUEUE
+    }
+
+    /// The vring addresses as the frontend's user addresses.
+    pub fn config(&self, mem: &GuestMem) -> VringConfigData {
+        VringConfigData {
+            queue_max_size: self.size,
+            queue_size: self.size,
+            flags: 0,
+            desc_table_addr: mem.uaddr(self.desc),
+            used_ring_addr: mem.uaddr(self.used),
+            avail_ring_addr: mem.uaddr(self.avail),
+            log_addr: None,
+        }
+    }
+
+    /// Puts `chain` (descriptors 0..n) on the avail ring and kicks.
+    pub fn submit(&mut self, mem: &GuestMem, chain: &[Desc]) -> u16 {
+        assert!(!chain.is_empty() && chain.len() <= usize::from(self.size));
+        for (i, &(addr, len, write)) in chain.iter().enumerate() {
+            let mut flags = 0u16;
+            if write {
+                flags |= VRING_DESC_F_WRITE as u16;
+            }
+            let next = if i + 1 < chain.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+                (i + 1) as u16
+            } else {
+                0
+            };
+            self.write_desc(mem, i as u16, addr, len, flags, next);
+        }
+        self.publish(mem, 0)
+    }
+
+    /// Writes descriptor `i` raw.
+    pub fn write_desc(&self, mem: &GuestMem, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write(self.desc + u64::from(i) * 16, &d);
+    }
+
+    /// Offers head `head` on the avail ring and kicks; returns the head.
+    pub fn publish(&mut self, mem: &GuestMem, head: u16) -> u16 {
+        let slot = self.avail_idx % self.size;
+        mem.write_u16(self.avail + 4 + u64::from(slot) * 2, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_u16(self.avail + 2, self.avail_idx);
+        self.kick.write(1).expect("kick");
+        head
+    }
+
+    /// The used ring's index as the device left it.
+    pub fn device_used_idx(&self, mem: &GuestMem) -> u16 {
+        mem.read_u16(self.used + 2)
+    }
+
+    /// Waits for the next used element: (id, len), or None after `timeout`.
+    pub fn wait_used(&mut self, mem: &GuestMem, timeout: Duration) -> Option<(u32, u32)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.device_used_idx(mem) != self.used_idx {
+                let slot = self.used_idx % self.size;
+                let e = mem.read(self.used + 4 + u64::from(slot) * 8, 8);
+                self.used_idx = self.used_idx.wrapping_add(1);
+                let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+                return Some((id, len));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis().min(100)).unwrap_or(100);
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let _ = self.call.read();
+        }
+    }
+
+    /// The avail index the driver has published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Forgets ring progress (after the device was reset or restarted).
+    pub fn reset_indices(&mut self, mem: &GuestMem) {
+        self.avail_idx = 0;
+        self.used_idx = 0;
+        mem.write(self.avail, &[0u8; 4]);
+        mem.write(self.used, &[0u8; 4]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The frontend
+
+/// The result of one virtio-blk request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkResult {
+    /// The status byte.
+    pub status: u8,
+    /// The used length the device reported.
+    pub used_len: u32,
+    /// The device-writable data (reads, GET_ID).
+    pub data: Vec<u8>,
+}
+
+/// A connected, configured frontend.
+pub struct Harness {
+    /// vhost's frontend.
+    pub fe: Frontend,
+    /// Guest memory.
+    pub mem: GuestMem,
+    /// The queues.
+    pub queues: Vec<DriverQueue>,
+    /// The features acked.
+    pub features: u64,
+    /// The protocol features acked.
+    pub protocol: VhostUserProtocolFeatures,
+}
+
+/// virtio-blk status OK.
+pub const S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+/// virtio-blk status IOERR.
+pub const S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+/// virtio-blk status UNSUPP.
+pub const S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+
+impl Harness {
+    /// Connects and negotiates, without memory or queues.
+    pub fn connect(socket: &Path) -> Harness {
+        let mut fe = Frontend::connect(socket, 1).expect("connect");
+        let features = fe.get_features().expect("GET_FEATURES");
+        let offered = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        let acked = offered;
+        fe.set_features(features).expect("SET_FEATURES");
+        fe.set_protocol_features(acked)
+            .expect("SET_PROTOCOL_FEATURES");
+        fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        let n = fe.get_queue_num().expect("GET_QUEUE_NUM");
+        fe.set_owner().expect("SET_OWNER");
+        // vhost's Frontend checks indices against this.
+        let _ = n;
+        Harness {
+            fe,
+            mem: GuestMem::default(),
+            queues: Vec::new(),
+            features,
+            protocol: acked,
+        }
+    }
+
+    /// Connects, sets the memory table (metadata + data regions) and starts
+    /// `nqueues` queues of `size` entries.
+    pub fn start(socket: &Path, nqueues: usize, size: u16) -> Harness {
+        let mut h = Harness::connect(socket);
+        h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+        h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+        let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+        h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+        for i in 0..nqueues {
+            h.queues.push(DriverQueue::new(i, size));
+            h.start_queue(i);
+        }
+        h
+    }
+
+    /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `i`.
+    pub fn start_queue(&mut self, i: usize) {
+        let q = &self.queues[i];
+        let cfg = q.config(&self.mem);
+        self.fe.set_vring_num(i, q.size).expect("SET_VRING_NUM");
+        self.fe.set_vring_addr(i, &cfg).expect("SET_VRING_ADDR");
+        self.fe
+            .set_vring_base(i, q.avail_idx())
+            .expect("SET_VRING_BASE");
+        self.fe.set_vring_call(i, &q.call).expect("SET_VRING_CALL");
+        self.fe.set_vring_kick(i, &q.kick).expect("SET_VRING_KICK");
+        self.fe.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
+    }
+
+    /// Submits `chain` on queue `q` and waits for its completion.
+    pub fn run_chain(&mut self, q: usize, chain: &[Desc]) -> Option<(u32, u32)> {
+        let dq = &mut self.queues[q];
+        dq.submit(&self.mem, chain);
+        dq.wait_used(&self.mem, TIMEOUT)
+    }
+
+    /// One virtio-blk request on queue `q`: header, `out` data (device
+    /// reads), `in_len` bytes of device-writable data, status byte.
+    pub fn blk(&mut self, q: usize, kind: u32, sector: u64, out: &[u8], in_len: u32) -> BlkResult {
+        let dq = &self.queues[q];
+        let hdr_gpa = dq.header_gpa();
+        let status_gpa = hdr_gpa + 16;
+        let data_gpa = dq.data_gpa();
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(hdr_gpa, &hdr);
+        self.mem.write(status_gpa, &[0xff]);
+        let mut chain: Vec<Desc> = vec![(hdr_gpa, 16, false)];
+        if !out.is_empty() {
+            self.mem.write(data_gpa, out);
+            chain.push((data_gpa, out.len() as u32, false));
+        }
+        if in_len > 0 {
+            self.mem.write(data_gpa, &vec![0xa5; in_len as usize]);
+            chain.push((data_gpa, in_len, true));
+        }
+        chain.push((status_gpa, 1, true));
+        let (id, used_len) = self.run_chain(q, &chain).expect("request completes");
+        assert_eq!(id, 0, "used id is the head");
+        BlkResult {
+            status: self.mem.read(status_gpa, 1)[0],
+            used_len,
+            data: self.mem.read(data_gpa, in_len as usize),
+        }
+    }
+
+    /// Reads `len` bytes at `sector`.
+    pub fn read(&mut self, q: usize, sector: u64, len: u32) -> BlkResult {
+        self.blk(q, VIRTIO_BLK_T_IN, sector, &[], len)
+    }
+
+    /// Writes `data` at `sector`; returns the status.
+    pub fn write(&mut self, q: usize, sector: u64, data: &[u8]) -> u8 {
+        self.blk(q, VIRTIO_BLK_T_OUT, sector, data, 0).status
+    }
+
+    /// FLUSH; returns the status.
+    pub fn flush(&mut self, q: usize) -> u8 {
+        self.blk(q, VIRTIO_BLK_T_FLUSH, 0, &[], 0).status
+    }
+
+    /// GET_ID: the 20-byte serial.
+    pub fn get_id(&mut self, q: usize) -> BlkResult {
+        self.blk(q, VIRTIO_BLK_T_GET_ID, 0, &[], 20)
+    }
+
+    /// DISCARD or WRITE_ZEROES of `sectors` at `sector`; returns the status.
+    pub fn discard_like(
+        &mut self,
+        q: usize,
+        zeroes: bool,
+        sector: u64,
+        sectors: u32,
+        flags: u32,
+    ) -> u8 {
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+        seg[12..16].copy_from_slice(&flags.to_le_bytes());
+        let kind = if zeroes {
+            VIRTIO_BLK_T_WRITE_ZEROES
+        } else {
+            VIRTIO_BLK_T_DISCARD
+        };
+        self.blk(q, kind, 0, &seg, 0).status
+    }
+
+    /// The main socket, borrowed for raw frames.
+    fn sock(&self) -> ManuallyDrop<UnixStream> {
+        // SAFETY: the Frontend owns the descriptor and outlives the borrow;
+        // ManuallyDrop keeps us from closing it.
+        ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(self.fe.as_raw_fd()) })
+    }
+
+    /// Sends a raw request with NEED_REPLY and returns the reply frame.
+    pub fn raw(&self, req: FrontendReq, payload: &[u8], fds: &[RawFd]) -> Frame {
+        self.raw_flags(req, FLAG_NEED_REPLY, payload, fds)
+            .expect("a reply")
+    }
+
+    /// Sends a raw request with `flags`; returns the reply, or None if the
+    /// daemon closed the connection.
+    pub fn raw_flags(
+        &self,
+        req: FrontendReq,
+        flags: u32,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Option<Frame> {
+        let s = self.sock();
+        let h = FrameHeader::request(u32::from(req), flags, payload.len() as u32);
+        wire::write_frame(&s, &h, payload, fds).ok()?;
+        let f = wire::read_frame(&s, FlagPolicy::VHOST_USER).ok()??;
+        assert!(f.header.is_reply() && f.header.request == u32::from(req));
+        Some(f)
+    }
+
+    /// As [`Harness::raw_flags`] with any request code, known or not.
+    pub fn raw_flags_code(
+        &self,
+        code: u32,
+        flags: u32,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Option<Frame> {
+        let s = self.sock();
+        let h = FrameHeader::request(code, flags, payload.len() as u32);
+        wire::write_frame(&s, &h, payload, fds).ok()?;
+        wire::read_frame(&s, FlagPolicy::VHOST_USER).ok()?
+    }
+
+    /// A raw request that expects a REPLY_ACK; returns its value.
+    pub fn raw_ack(&self, req: FrontendReq, payload: &[u8], fds: &[RawFd]) -> u64 {
+        let f = self.raw(req, payload, fds);
+        u64_of(&f.payload)
+    }
+}
+
+/// The u64 of an 8-byte payload.
+pub fn u64_of(p: &[u8]) -> u64 {
+    let b: [u8; 8] = p.try_into().expect("8-byte payload");
+    u64::from_le_bytes(b)
+}
+
+/// Sectors of 512 bytes.
+pub const SECTOR: usize = 512;
+
+/// A recognisable pattern of `len` bytes.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
+        .collect()
+}
+
+/// A memfd without seals (what `--allow-unsealed-memory` is for).
+pub fn unsealed_memfd(len: u64) -> File {
+    let name = std::ffi::CString::new("unsealed").expect("name");
+    // SAFETY: a valid NUL-terminated name and plain flags.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor nobody else owns.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(len).expect("set_len");
+    f
+}

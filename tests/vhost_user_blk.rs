@@ -1,0 +1,294 @@
+//! virtio-blk over vhost-user, end to end: a Rust frontend (vhost's
+//! `Frontend`, memfd guest memory, a tiny split-ring driver) drives a real
+//! `vcdev serve` over its socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::frontend::{pattern, Harness, Vcdev, SECTOR, S_IOERR, S_OK, S_UNSUPP, TIMEOUT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+#[test]
+fn read_write_flush_get_id_discard_write_zeroes_round_trip() {
+    let d = Vcdev::start("blk-rt", &["--device", "blk,ram=4M,serial=SER-42"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 256);
+
+    let data = pattern(7, 64 * 1024);
+    assert_eq!(h.write(0, 100, &data), S_OK);
+    let r = h.read(0, 100, data.len() as u32);
+    assert_eq!(r.status, S_OK);
+    assert_eq!(
+        r.used_len,
+        data.len() as u32 + 1,
+        "used len = data + status"
+    );
+    assert!(r.data == data, "read back differs");
+    // A read of the sectors around the write: zeros, data, zeros.
+    let r = h.read(0, 99, (data.len() + 2 * SECTOR) as u32);
+    assert!(r.data[..SECTOR].iter().all(|&b| b == 0));
+    assert!(r.data[SECTOR..SECTOR + data.len()] == data[..]);
+    assert!(r.data[SECTOR + data.len()..].iter().all(|&b| b == 0));
+
+    assert_eq!(h.flush(0), S_OK);
+
+    let id = h.get_id(0);
+    assert_eq!(id.status, S_OK);
+    assert_eq!(&id.data[..6], b"SER-42");
+    assert!(id.data[6..].iter().all(|&b| b == 0));
+
+    // WRITE_ZEROES of 8 sectors in the middle of the data.
+    assert_eq!(h.discard_like(0, true, 104, 8, 0), S_OK);
+    let r = h.read(0, 100, data.len() as u32);
+    let mut want = data.clone();
+    want[4 * SECTOR..12 * SECTOR].fill(0);
+    assert!(r.data == want, "write-zeroes result differs");
+    assert_eq!(
+        h.discard_like(0, true, 120, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+        S_OK
+    );
+    want[20 * SECTOR..28 * SECTOR].fill(0);
+    assert!(h.read(0, 100, data.len() as u32).data == want);
+
+    // DISCARD (outside the data): accepted; the data is untouched. A
+    // discard with the UNMAP flag is refused (virtio 1.2 5.2.6.2).
+    assert_eq!(h.discard_like(0, false, 1000, 8, 0), S_OK);
+    assert_eq!(
+        h.discard_like(0, false, 1000, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+        S_UNSUPP
+    );
+    assert!(h.read(0, 100, data.len() as u32).data == want);
+}
+
+#[test]
+fn multiqueue_requests_complete_on_their_own_queues() {
+    let d = Vcdev::start("blk-mq", &["--device", "blk,ram=8M,queues=4"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 4, 64);
+    // Every queue writes its own area, all in flight at once.
+    for q in 0..4 {
+        let data = pattern(q as u8, 8192);
+        let dq = &h.queues[q];
+        let hdr = dq.header_gpa();
+        let mut hd = [0u8; 16];
+        hd[0..4].copy_from_slice(&virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT.to_le_bytes());
+        hd[8..16].copy_from_slice(&(q as u64 * 1000).to_le_bytes());
+        h.mem.write(hdr, &hd);
+        h.mem.write(dq.data_gpa(), &data);
+        let chain = [
+            (hdr, 16, false),
+            (dq.data_gpa(), 8192, false),
+            (hdr + 16, 1, true),
+        ];
+        h.queues[q].submit(&h.mem, &chain);
+    }
+    for q in 0..4 {
+        let (id, _) = h.queues[q].wait_used(&h.mem, TIMEOUT).expect("completion");
+        assert_eq!(id, 0);
+        assert_eq!(h.mem.read(h.queues[q].header_gpa() + 16, 1)[0], S_OK);
+    }
+    // Read every area back through another queue.
+    for q in 0..4 {
+        let r = h.read((q + 1) % 4, q as u64 * 1000, 8192);
+        assert_eq!(r.status, S_OK);
+        assert!(r.data == pattern(q as u8, 8192), "queue {q} data");
+    }
+}
+
+#[test]
+fn malformed_chains_get_their_status_and_the_queue_keeps_working() {
+    let d = Vcdev::start("blk-bad", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 16);
+    let good = pattern(3, 4096);
+    assert_eq!(h.write(0, 0, &good), S_OK);
+    let check_alive = |h: &mut Harness| {
+        let r = h.read(0, 0, 4096);
+        assert_eq!(r.status, S_OK);
+        assert!(r.data == good);
+    };
+
+    // Unknown request type.
+    assert_eq!(h.blk(0, 0x7777, 0, &[], 0).status, S_UNSUPP);
+    check_alive(&mut h);
+    // Past the end of the disk (1 MiB = 2048 sectors).
+    assert_eq!(h.read(0, 2047, 1024).status, S_IOERR);
+    assert_eq!(h.read(0, u64::MAX / 2, 512).status, S_IOERR);
+    check_alive(&mut h);
+    // A data length that is not whole sectors.
+    assert_eq!(h.read(0, 0, 100).status, S_IOERR);
+    check_alive(&mut h);
+    // A write whose data the device would have to write (wrong direction).
+    assert_eq!(
+        h.blk(
+            0,
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT,
+            0,
+            &[],
+            512
+        )
+        .status,
+        S_IOERR
+    );
+    check_alive(&mut h);
+
+    let hdr = h.queues[0].header_gpa();
+    let status = hdr + 16;
+    let data = h.queues[0].data_gpa();
+    let mut hd = [0u8; 16];
+    hd[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h.mem.write(hdr, &hd);
+
+    // Header too short (8 bytes).
+    h.mem.write(status, &[0xff]);
+    h.run_chain(0, &[(hdr, 8, false), (status, 1, true)])
+        .expect("completion");
+    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    check_alive(&mut h);
+    // A data buffer outside guest memory.
+    h.mem.write(status, &[0xff]);
+    h.run_chain(
+        0,
+        &[
+            (hdr, 16, false),
+            (0x7000_0000, 512, true),
+            (status, 1, true),
+        ],
+    )
+    .expect("completion");
+    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    check_alive(&mut h);
+    // A readable descriptor after a writable one.
+    h.mem.write(status, &[0xff]);
+    h.run_chain(
+        0,
+        &[
+            (hdr, 16, false),
+            (data, 512, true),
+            (data, 512, false),
+            (status, 1, true),
+        ],
+    )
+    .expect("completion");
+    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    check_alive(&mut h);
+    // No writable status byte: the chain comes back with nothing written.
+    h.mem.write(status, &[0xff]);
+    let (_, len) = h
+        .run_chain(0, &[(hdr, 16, false), (status, 1, false)])
+        .expect("completion");
+    assert_eq!(len, 0);
+    assert_eq!(h.mem.read(status, 1)[0], 0xff);
+    check_alive(&mut h);
+    // A descriptor loop: 0 -> 1 -> 0.
+    {
+        let q = &mut h.queues[0];
+        let f = VRING_DESC_F_NEXT as u16;
+        q.write_desc(&h.mem, 0, hdr, 16, f, 1);
+        q.write_desc(&h.mem, 1, status, 1, f | VRING_DESC_F_WRITE as u16, 0);
+        q.publish(&h.mem, 0);
+        q.wait_used(&h.mem, TIMEOUT).expect("loop comes back");
+    }
+    check_alive(&mut h);
+    // A head index beyond the queue: ignored, the queue goes on.
+    {
+        let q = &mut h.queues[0];
+        q.publish(&h.mem, 200);
+        let _ = q.wait_used(&h.mem, Duration::from_millis(300));
+    }
+    // (Whether or not the bogus head came back, the next request works.)
+    let r = h.read(0, 0, 4096);
+    assert!(r.data == good || r.status == S_OK);
+}
+
+#[test]
+fn reconnect_keeps_the_data() {
+    let tmpimg = common::TempDir::new("blk-img").expect("tmp");
+    let img = tmpimg.join("disk.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(2 << 20))
+        .expect("image");
+    let spec = format!("blk,path={}", img.display());
+    let mut d = Vcdev::start("blk-reconn", &["--device", &spec], "vfio0");
+    let data = pattern(9, 32 * 1024);
+    {
+        let mut h = Harness::start(&d.socket("vfio0"), 1, 256);
+        assert_eq!(h.write(0, 10, &data), S_OK);
+    }
+    // The first frontend is gone; a second one attaches and reads.
+    let connected = common::poll_until(TIMEOUT, || {
+        d.log().contains("device released").then_some(())
+    });
+    assert!(connected.is_some(), "no release logged:\n{}", d.log());
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 128);
+    let r = h.read(0, 10, data.len() as u32);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data, "data lost across reconnect");
+    drop(h);
+    // SIGTERM flushes, removes the socket and exits 0.
+    let sock = d.socket("vfio0");
+    let out = d.daemon.stop(TIMEOUT).expect("stop");
+    assert!(
+        out.status.success(),
+        "exit: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    assert!(!sock.exists(), "socket left behind");
+    let on_disk = std::fs::read(&img).expect("image");
+    assert!(on_disk[10 * SECTOR..10 * SECTOR + data.len()] == data[..]);
+}
+
+#[test]
+fn second_frontend_is_refused_and_the_first_undisturbed() {
+    let mut d = Vcdev::start("blk-own", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    assert_eq!(h.write(0, 0, &pattern(1, 512)), S_OK);
+    // The second frontend's connection is closed at once.
+    let s = std::os::unix::net::UnixStream::connect(d.socket("vfio0")).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut buf = [0u8; 1];
+    let n = std::io::Read::read(&mut &s, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "second frontend not closed");
+    let logged = common::poll_until(TIMEOUT, || {
+        d.log().contains("frontend refused").then_some(())
+    });
+    assert!(logged.is_some(), "{}", d.log());
+    // The first still works.
+    assert!(h.read(0, 0, 512).data == pattern(1, 512));
+}
+
+#[test]
+fn garbage_ends_only_that_connection() {
+    let mut d = Vcdev::start(
+        "blk-garbage",
+        &["--device", "blk,ram=1M", "--device", "blk,ram=1M"],
+        "vfio1",
+    );
+    let mut h0 = Harness::start(&d.socket("vfio0"), 1, 64);
+    assert_eq!(h0.write(0, 0, &pattern(5, 1024)), S_OK);
+    for junk in [
+        &[0xffu8; 64][..],
+        // A header with an unknown request code and NEED_REPLY.
+        &[0x99, 0x99, 0, 0, 0x09, 0, 0, 0, 0, 0, 0, 0][..],
+        // A payload size over the 1 MiB cap.
+        &[1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f][..],
+        // SET_VRING_NUM with a short payload.
+        &[8, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0][..],
+    ] {
+        let s = std::os::unix::net::UnixStream::connect(d.socket("vfio1")).expect("connect");
+        std::io::Write::write_all(&mut &s, junk).expect("send");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut &s, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "connection not closed after {junk:?}");
+        // Device 0 is undisturbed, the daemon alive.
+        assert!(h0.read(0, 0, 1024).data == pattern(5, 1024));
+        assert!(d.alive());
+    }
+    // Each junk connection was served (and ended), none refused as busy:
+    // a connection releases its device before it closes.
+    assert!(!d.log().contains("frontend refused"), "{}", d.log());
+    let mut h1 = Harness::start(&d.socket("vfio1"), 1, 64);
+    assert_eq!(h1.write(0, 0, &pattern(6, 512)), S_OK);
+    assert!(h1.read(0, 0, 512).data == pattern(6, 512));
+}

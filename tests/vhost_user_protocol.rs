@@ -1,0 +1,249 @@
+//! vhost-user messages one by one, over the real socket of `vcdev serve`:
+//! memory-slot changes with I/O before and after, RESET_DEVICE,
+//! SET/GET_STATUS, config space, refused messages. Raw frames (through
+//! `vcdev::wire`) where vhost's `Frontend` has no method, and every check
+//! looks at an effect, so a handler that only acks fails.
+
+mod common;
+
+use common::frontend::{pattern, Harness, Vcdev, S_OK};
+use common::frontend::{u64_of, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_IOERR};
+use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags, VhostUserVringState};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+use vm_memory::ByteValued;
+
+const STATUS_ACK_DRIVER_FEATURES_OK_DRIVER_OK: u64 = 0xf;
+
+fn single_region(r: &Region) -> Vec<u8> {
+    let mut p = vec![0u8; 8];
+    for v in [r.gpa, r.size, r.uaddr(), 0] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    p
+}
+
+/// ADD_MEM_REG and REM_MEM_REG as raw frames, with I/O before and after:
+/// data in a removed region fails with IOERR, and works again once the
+/// region is back.
+#[test]
+fn add_and_remove_memory_regions_with_io() {
+    let d = Vcdev::start("vu-memslots", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    assert_eq!(
+        u64_of(&h.raw(FrontendReq::GET_MAX_MEM_SLOTS, &[], &[]).payload),
+        32
+    );
+    h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+    h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+    for r in &h.mem.regions {
+        let ack = h.raw_ack(
+            FrontendReq::ADD_MEM_REG,
+            &single_region(r),
+            &[r.file.as_raw_fd()],
+        );
+        assert_eq!(ack, 0, "ADD_MEM_REG");
+    }
+    // Overlapping the data region: refused.
+    let dup = Region::new(DATA_GPA + 0x1000, 0x1000);
+    let ack = h.raw_ack(
+        FrontendReq::ADD_MEM_REG,
+        &single_region(&dup),
+        &[dup.file.as_raw_fd()],
+    );
+    assert_ne!(ack, 0, "overlapping ADD_MEM_REG acked");
+    h.queues
+        .push(common::frontend::DriverQueue::new_for_tests(0, 64));
+    h.start_queue(0);
+    let data = pattern(4, 4096);
+    assert_eq!(h.write(0, 8, &data), S_OK);
+    // Remove the data region: the next request's data cannot be reached.
+    let data_region = single_region(&h.mem.regions[1]);
+    assert_eq!(h.raw_ack(FrontendReq::REM_MEM_REG, &data_region, &[]), 0);
+    assert_eq!(h.read(0, 8, 4096).status, S_IOERR);
+    // Removing it twice: refused.
+    assert_ne!(h.raw_ack(FrontendReq::REM_MEM_REG, &data_region, &[]), 0);
+    // Back again: I/O works, the disk kept the data.
+    let fd = h.mem.regions[1].file.as_raw_fd();
+    assert_eq!(h.raw_ack(FrontendReq::ADD_MEM_REG, &data_region, &[fd]), 0);
+    let r = h.read(0, 8, 4096);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data);
+}
+
+/// RESET_DEVICE stops the queues and forgets their state: a kick after it
+/// is not served, GET_VRING_BASE and GET_STATUS read 0; after a restart
+/// the disk still has its data.
+#[test]
+fn reset_device_stops_and_forgets_the_queues() {
+    let d = Vcdev::start("vu-reset", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    let data = pattern(8, 2048);
+    assert_eq!(h.write(0, 0, &data), S_OK);
+    let status = STATUS_ACK_DRIVER_FEATURES_OK_DRIVER_OK.to_le_bytes();
+    assert_eq!(h.raw_ack(FrontendReq::SET_STATUS, &status, &[]), 0);
+    assert_eq!(h.raw_ack(FrontendReq::RESET_DEVICE, &[], &[]), 0);
+    assert_eq!(
+        u64_of(&h.raw(FrontendReq::GET_STATUS, &[], &[]).payload),
+        0,
+        "status survives RESET_DEVICE"
+    );
+    // A request offered now is not served.
+    let before = h.queues[0].device_used_idx(&h.mem);
+    let hdr = h.queues[0].header_gpa();
+    h.queues[0].submit(&h.mem, &[(hdr, 16, false), (hdr + 16, 1, true)]);
+    assert!(
+        h.queues[0]
+            .wait_used(&h.mem, std::time::Duration::from_millis(300))
+            .is_none(),
+        "queue served after RESET_DEVICE"
+    );
+    assert_eq!(h.queues[0].device_used_idx(&h.mem), before);
+    let base = h.raw(
+        FrontendReq::GET_VRING_BASE,
+        VhostUserVringState::new(0, 0).as_slice(),
+        &[],
+    );
+    assert_eq!(&base.payload[4..8], &0u32.to_le_bytes(), "base not reset");
+    // Reinitialise (features are gone after a reset) and check the data.
+    h.fe.set_features(h.features).expect("SET_FEATURES");
+    h.queues[0].reset_indices(&h.mem);
+    h.start_queue(0);
+    let r = h.read(0, 0, 2048);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data);
+}
+
+/// SET_STATUS / GET_STATUS as raw frames: the status reads back, and
+/// status 0 stops the queues with their position kept for GET_VRING_BASE.
+#[test]
+fn set_and_get_status() {
+    let d = Vcdev::start("vu-status", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    for v in [0x1u64, 0x3, 0xb, STATUS_ACK_DRIVER_FEATURES_OK_DRIVER_OK] {
+        assert_eq!(h.raw_ack(FrontendReq::SET_STATUS, &v.to_le_bytes(), &[]), 0);
+        assert_eq!(u64_of(&h.raw(FrontendReq::GET_STATUS, &[], &[]).payload), v);
+    }
+    assert_ne!(
+        h.raw_ack(FrontendReq::SET_STATUS, &0x100u64.to_le_bytes(), &[]),
+        0,
+        "status beyond 8 bits acked"
+    );
+    for _ in 0..3 {
+        assert_eq!(h.flush(0), S_OK);
+    }
+    assert_eq!(
+        h.raw_ack(FrontendReq::SET_STATUS, &0u64.to_le_bytes(), &[]),
+        0
+    );
+    let hdr = h.queues[0].header_gpa();
+    h.queues[0].submit(&h.mem, &[(hdr, 16, false), (hdr + 16, 1, true)]);
+    assert!(
+        h.queues[0]
+            .wait_used(&h.mem, std::time::Duration::from_millis(300))
+            .is_none(),
+        "queue served after status 0"
+    );
+    let base = h.raw(
+        FrontendReq::GET_VRING_BASE,
+        VhostUserVringState::new(0, 0).as_slice(),
+        &[],
+    );
+    assert_eq!(&base.payload[4..8], &3u32.to_le_bytes(), "position lost");
+}
+
+/// GET_CONFIG answers the virtio-blk config space; a bad range gets a
+/// zero-size reply; SET_CONFIG of the read-only space is refused.
+#[test]
+fn config_space() {
+    let d = Vcdev::start("vu-config", &["--device", "blk,ram=2M,queues=3"], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    let (c, bytes) =
+        h.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .expect("GET_CONFIG");
+    assert_eq!({ c.size }, 60);
+    // capacity in sectors, then num_queues at offset 34.
+    assert_eq!(&bytes[0..8], &(2u64 << 20 >> 9).to_le_bytes());
+    assert_eq!(&bytes[34..36], &3u16.to_le_bytes());
+    let mut bad = Vec::new();
+    for v in [0x1000u32, 8, 0] {
+        bad.extend_from_slice(&v.to_le_bytes());
+    }
+    bad.extend_from_slice(&[0u8; 8]);
+    let r = h.raw(FrontendReq::GET_CONFIG, &bad, &[]);
+    assert_eq!(r.payload.len(), 12);
+    assert_eq!(&r.payload[4..8], &0u32.to_le_bytes());
+    assert!(h
+        .fe
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .is_err());
+    let (_, again) =
+        h.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .expect("GET_CONFIG");
+    assert_eq!(again, bytes);
+}
+
+/// Refused requests get a non-zero REPLY_ACK and the connection goes on;
+/// a request code nobody knows ends it.
+#[test]
+fn refused_messages_get_error_acks() {
+    let mut d = Vcdev::start("vu-refuse", &["--device", "blk,ram=1M"], "vfio0");
+    let h = Harness::start(&d.socket("vfio0"), 1, 64);
+    let bad_num = VhostUserVringState::new(0, 1000);
+    assert_ne!(
+        h.raw_ack(FrontendReq::SET_VRING_NUM, bad_num.as_slice(), &[]),
+        0
+    );
+    let bad_index = VhostUserVringState::new(9, 64);
+    assert_ne!(
+        h.raw_ack(FrontendReq::SET_VRING_NUM, bad_index.as_slice(), &[]),
+        0
+    );
+    assert_ne!(
+        h.raw_ack(FrontendReq::SET_FEATURES, &(1u64 << 62).to_le_bytes(), &[]),
+        0
+    );
+    assert_ne!(h.raw_ack(FrontendReq::SET_LOG_BASE, &[0u8; 8], &[]), 0);
+    // IOTLB_MSG without ACCESS_PLATFORM (the vIOMMU issue adds it).
+    assert_ne!(h.raw_ack(FrontendReq::IOTLB_MSG, &[0u8; 32], &[]), 0);
+    // Still alive.
+    assert_eq!(
+        u64_of(&h.raw(FrontendReq::GET_QUEUE_NUM, &[], &[]).payload),
+        1
+    );
+    // A code nobody knows: the connection ends.
+    assert!(h
+        .raw_flags_code(0xdead, wire_need_reply(), &[], &[])
+        .is_none());
+    let logged = common::poll_until(common::frontend::TIMEOUT, || {
+        d.log().contains("Unknown request 57005").then_some(())
+    });
+    assert!(logged.is_some(), "{}", d.log());
+}
+
+/// Memory that is not a sealed memfd is refused unless the daemon runs
+/// with --allow-unsealed-memory.
+#[test]
+fn unsealed_memory_refused_unless_allowed() {
+    for (allow, want_ok) in [(false, false), (true, true)] {
+        let mut args = vec!["--device", "blk,ram=1M"];
+        if allow {
+            args.push("--allow-unsealed-memory");
+        }
+        let d = Vcdev::start("vu-seal", &args, "vfio0");
+        let h = Harness::connect(&d.socket("vfio0"));
+        let f = common::frontend::unsealed_memfd(0x10000);
+        let mut p = vec![0u8; 8];
+        for v in [0x10000u64, 0x10000, 0x7f00_0000_0000, 0] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        let ack = h.raw_ack(FrontendReq::ADD_MEM_REG, &p, &[f.as_raw_fd()]);
+        assert_eq!(ack == 0, want_ok, "allow={allow} ack={ack}");
+    }
+}
+
+fn wire_need_reply() -> u32 {
+    vcdev::wire::FLAG_NEED_REPLY
+}
+
+use std::os::fd::AsRawFd;
