@@ -19,6 +19,14 @@
 //! `VIRTIO_BLK_S_IOERR` or handed back to the transport for resolution, as the transport's
 //! [`blk::FaultPolicy`] says.
 //!
+//! [`pci`] is the virtio PCI function (modern, virtio 1.2 section 4.1) that the device-cdev door
+//! exposes the way Linux's vfio-pci exposes a PCI device: config space with the virtio and MSI-X
+//! capabilities, the BAR layout, regions and interrupt indexes as data, and the register
+//! semantics of the common configuration, ISR, doorbells and MSI-X table as
+//! [`pci::VirtioPciFunction`]. It has no sockets and no VFIO messages: register writes return
+//! [`pci::Event`]s (queue enabled, doorbell, reset, interrupt) for the transport to act on, and
+//! the queues it configures are served by the same [`blk::BlkQueue`] as the vhost-user door's.
+//!
 //! # Errors
 //!
 //! Each module has its own `thiserror` enum whose variants name the step that failed and carry
@@ -28,4 +36,5 @@
 #![deny(missing_docs)]
 
 pub mod blk;
+pub mod pci;
 pub mod virtio;
