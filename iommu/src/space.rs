@@ -291,6 +291,11 @@ impl AddressSpace {
     }
 
     #[inline]
+    pub(crate) fn generation_ref(&self) -> &AtomicU64 {
+        &self.generation
+    }
+
+    #[inline]
     pub(crate) fn generation_relaxed(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
     }

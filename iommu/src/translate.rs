@@ -14,7 +14,7 @@
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::marker::PhantomData;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -163,6 +163,8 @@ impl Reader {
         fence(Ordering::SeqCst);
         Session {
             reader: self,
+            generation: self.space.generation_ref(),
+            cache: &self.cache,
             _not_send: PhantomData,
         }
     }
@@ -180,6 +182,9 @@ impl Reader {
 /// An online period of a [`Reader`]; ending it (drop) is a quiescent point.
 pub struct Session<'r> {
     reader: &'r Reader,
+    // Direct references, so that a probe costs no pointer chasing.
+    generation: &'r AtomicU64,
+    cache: &'r [Cell<CacheEntry>; CACHE_ENTRIES],
     _not_send: PhantomData<*const ()>,
 }
 
@@ -195,7 +200,7 @@ impl Session<'_> {
     #[inline]
     fn check_generation(&self) {
         let r = self.reader;
-        let g = r.space.generation();
+        let g = self.generation.load(Ordering::Acquire);
         if g != r.cache_gen.get() {
             for e in r.cache.iter() {
                 e.set(INVALID);
@@ -210,10 +215,13 @@ impl Session<'_> {
     #[inline]
     pub fn probe(&self, iova: u64, len: u64, access: Permissions) -> Option<*mut u8> {
         self.check_generation();
-        let e = self.reader.cache[(iova >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)].get();
-        let end = iova.checked_add(len.checked_sub(1)?)?;
-        (e.start <= iova && end <= e.last && e.perm & access as u8 == access as u8)
-            .then(|| e.host.wrapping_add((iova - e.start) as usize) as *mut u8)
+        let e = self.cache[(iova >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)].get();
+        // `end < iova` catches both len == 0 and a wrap; non-short-circuit
+        // `&` keeps the hit path free of branches but one.
+        let end = iova.wrapping_add(len).wrapping_sub(1);
+        let want = access as u8;
+        let hit = (e.start <= iova) & (end <= e.last) & (end >= iova) & (e.perm & want == want);
+        hit.then(|| e.host.wrapping_add((iova - e.start) as usize) as *mut u8)
     }
 
     /// Translates the first piece of `iova..`: host address and the bytes
@@ -222,7 +230,7 @@ impl Session<'_> {
     fn segment(&self, iova: u64, access: Permissions) -> Result<(usize, u64), Fault> {
         let r = self.reader;
         r.translations.set(r.translations.get() + 1);
-        let slot = &r.cache[(iova >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)];
+        let slot = &self.cache[(iova >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)];
         let e = slot.get();
         let want = access as u8;
         if e.start <= iova && iova <= e.last && e.perm & want == want {
