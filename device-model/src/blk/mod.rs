@@ -184,7 +184,12 @@ impl BlkDevice {
             return Ok(outcome);
         }
         let target = self.target();
-        let max_chain = usize::from(queue.size());
+        // The config space promises seg_max data segments (derived from the
+        // device's largest queue), and a driver that set a smaller queue
+        // still builds indirect chains that long: accept header + seg_max +
+        // status whatever the queue's own size.
+        let seg_max = usize::try_from(self.config().seg_max()).unwrap_or(usize::MAX);
+        let max_chain = usize::from(queue.size()).max(seg_max.saturating_add(2));
         let desc_table = GuestAddress(queue.desc_table());
         let queue_size = queue.size();
         let event_idx = queue.event_idx_enabled();
