@@ -596,9 +596,16 @@ impl VirtioPciFunction {
             let rel = usize::try_from(rel).unwrap_or(usize::MAX);
             events.extend(self.common.write(rel, data, l.msix_vectors));
         } else if l.notify.relative(offset).is_some() {
-            match l.queue_for_doorbell(RegionIndex::Bar0, offset) {
-                Some(q) => events.push(Event::QueueNotify(q)),
-                None => debug!("virtio-pci: doorbell write at {offset:#x} matches no queue"),
+            // Every doorbell the write covers rings (an 8-byte write may cover two).
+            let before = events.len();
+            for i in 0..data.len() {
+                let at = offset.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
+                if let Some(q) = l.queue_for_doorbell(RegionIndex::Bar0, at) {
+                    events.push(Event::QueueNotify(q));
+                }
+            }
+            if events.len() == before {
+                debug!("virtio-pci: doorbell write at {offset:#x} matches no queue");
             }
         } else if let Some(rel) = l.msix_table.relative(offset) {
             self.msix.write_table(rel, data);
