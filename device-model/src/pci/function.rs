@@ -409,6 +409,7 @@ impl VirtioPciFunction {
     /// Read config space at `offset`. Bytes past its end read as zero. Reading the virtio PCI
     /// configuration access window's data performs the BAR read it describes.
     pub fn read_config_space(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
         let window = self.cfg_window();
         for (at, start, size) in pieces(offset, data.len(), 4) {
             let Some(piece) = data.get_mut(start..start + size) else {
