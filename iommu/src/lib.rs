@@ -1,4 +1,32 @@
 //! vcdev's software IOMMU.
+//!
+//! # Architecture
+//!
+//! One extent store serves both ways into the IOMMU. An [`AddressSpace`]
+//! holds non-overlapping extents (IOVA range -> offset in a [`MemObject`],
+//! with permissions) in a persistent B+ tree ([`tree`]) whose root is
+//! published read-copy-update; writers change it only through
+//! [`AddressSpace::edit`], which returns after a grace period whenever a
+//! translation was removed or replaced ([`space`] documents the invariants).
+//!
+//! Two rule sets sit on top of it:
+//! - the iommufd object model, Linux's errno for errno: [`object`] (the
+//!   object table of one iommufd file, `main.c`), [`ioas`] (the IOAS
+//!   commands, `ioas.c`), [`io_pagetable`] (areas, allowed and reserved
+//!   ranges, IOVA allocation, `io_pagetable.c`), [`hwpt`] and [`device`]
+//!   (bind, attach, replace, detach), [`uapi`] (the kernel structs);
+//! - an IOTLB cache of a remote IOMMU for vhost-user ([`iotlb`]): UPDATE
+//!   replaces what it overlaps, INVALIDATE removes what it overlaps.
+//!
+//! Readers are queues: each owns a [`Reader`] with a direct-mapped front
+//! cache, goes online with [`Reader::enter`] and translates through the
+//! resulting [`Session`], which also implements vm-memory's permission-aware
+//! `GuestMemory` so that virtio-queue walks descriptor chains through it
+//! ([`translate`]). A hit costs one atomic load (the generation) and one
+//! cache probe; no lock is taken on the read side.
+//!
+//! Every error enum has `fn errno(&self) -> Errno`: the one mapping from a
+//! failure to a Linux errno ([`errno`]).
 pub mod device;
 pub mod errno;
 pub mod hwpt;

@@ -6,8 +6,8 @@
 //! - **Writers** serialise on `writer` (a mutex readers never take). Each
 //!   [`AddressSpace::edit`] mutates the writer's private [`Tree`] and then
 //!   publishes its root with one atomic pointer swap.
-//! - **Readers** are [`Reader`]s (one per queue, single owner). A reader is
-//!   *online* inside a [`Session`] and may then dereference the published
+//! - **Readers** are [`Reader`](crate::Reader)s (one per queue, single owner). A reader is
+//!   *online* inside a [`Session`](crate::Session) and may then dereference the published
 //!   root and the host memory it points to; it is *offline* (quiescent)
 //!   otherwise. Its slot holds 0 when offline, else the generation it saw
 //!   when it went online.
