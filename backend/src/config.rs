@@ -2,11 +2,15 @@
 //! syntax:
 //!
 //! `blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N][,queue-size=N][,serial=S]`
+//! `[,iova-aperture=START-LAST][,iova-reserved=START-LAST]...[,group=N]`
+//!
+//! Addresses take decimal or `0x` hex; `iova-reserved` may be repeated.
 
 use std::path::PathBuf;
 
 use vcdev_device_model::blk::config::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, SERIAL_LEN};
 use vcdev_device_model::blk::SECTOR_SIZE;
+use vcdev_iommu::IovaRange;
 
 /// A RAM disk's size when a device has neither `path` nor `ram`: 64 MiB.
 pub const DEFAULT_RAM_SIZE: u64 = 64 << 20;
@@ -82,6 +86,13 @@ pub struct DeviceSpec {
     pub queue_size: u16,
     /// The GET_ID answer (at most 20 bytes).
     pub serial: String,
+    /// The DMA aperture the software IOMMU gives the device (default: the
+    /// whole 64-bit space).
+    pub iova_aperture: IovaRange,
+    /// IOVA ranges reserved by the device (default: none).
+    pub iova_reserved: Vec<IovaRange>,
+    /// Its IOMMU group (default: alone in a group of its own).
+    pub group: Option<u32>,
 }
 
 /// The validated configuration.
@@ -93,7 +104,13 @@ pub struct Config {
     pub devices: Vec<DeviceSpec>,
     /// Accept memory fds that are not memfds sealed against shrinking.
     pub allow_unsealed_memory: bool,
+    /// How long a vhost-user queue waits for the answer to an IOTLB miss
+    /// before the request fails with IOERR.
+    pub iotlb_miss_timeout: std::time::Duration,
 }
+
+/// The default of [`Config::iotlb_miss_timeout`]: 5 s.
+pub const DEFAULT_IOTLB_MISS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `$XDG_RUNTIME_DIR/vcdev`, else `/tmp/vcdev-$UID`.
 pub fn default_dir() -> PathBuf {
@@ -115,6 +132,21 @@ pub fn parse_size(s: &str) -> Option<u64> {
     };
     let n: u64 = num.parse().ok()?;
     n.checked_mul(1u64 << shift)
+}
+
+/// Parses a number, decimal or `0x` hex.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Parses `START-LAST` (inclusive, `START <= LAST`).
+pub fn parse_range(s: &str) -> Option<IovaRange> {
+    let (a, b) = s.split_once('-')?;
+    let (start, last) = (parse_u64(a)?, parse_u64(b)?);
+    (start <= last).then_some(IovaRange::new(start, last))
 }
 
 fn valid_name(n: &str) -> bool {
@@ -146,6 +178,9 @@ impl DeviceSpec {
         let mut queues = 1u16;
         let mut queue_size = DEFAULT_QUEUE_SIZE;
         let mut serial = None;
+        let mut iova_aperture = IovaRange::ALL;
+        let mut iova_reserved = Vec::new();
+        let mut group = None;
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
                 return Err(ConfigError::UnknownKey {
@@ -201,6 +236,25 @@ impl DeviceSpec {
                         })
                         .ok_or_else(|| bad("queue-size", v, "a power of two from 4 to 32768"))?;
                 }
+                "iova-aperture" => {
+                    iova_aperture = parse_range(v)
+                        .ok_or_else(|| bad("iova-aperture", v, "START-LAST with START <= LAST"))?;
+                }
+                "iova-reserved" => {
+                    iova_reserved.push(
+                        parse_range(v).ok_or_else(|| {
+                            bad("iova-reserved", v, "START-LAST with START <= LAST")
+                        })?,
+                    );
+                }
+                "group" => {
+                    group = Some(
+                        v.parse::<u32>()
+                            .ok()
+                            .filter(|g| i32::try_from(*g).is_ok())
+                            .ok_or_else(|| bad("group", v, "a group number below 2^31"))?,
+                    );
+                }
                 "serial" => {
                     if v.len() > SERIAL_LEN {
                         return Err(bad("serial", v, "at most 20 bytes"));
@@ -233,6 +287,9 @@ impl DeviceSpec {
             queues,
             queue_size,
             serial,
+            iova_aperture,
+            iova_reserved,
+            group,
         })
     }
 }
@@ -259,6 +316,7 @@ impl Config {
             dir: dir.unwrap_or_else(default_dir),
             devices: specs,
             allow_unsealed_memory,
+            iotlb_miss_timeout: DEFAULT_IOTLB_MISS_TIMEOUT,
         })
     }
 }
@@ -312,6 +370,32 @@ mod tests {
         }
         let e = Config::new(None, &["blk,name=a".into(), "blk,name=a".into()], false);
         assert_eq!(e.unwrap_err(), ConfigError::DuplicateName("a".into()));
+    }
+
+    #[test]
+    fn iommu_options() {
+        let d = DeviceSpec::parse(
+            "blk,iova-aperture=0x1000-0xffffffff,iova-reserved=0x8000-0x8fff,iova-reserved=65536-65537,group=3",
+            0,
+        )
+        .unwrap();
+        assert_eq!(d.iova_aperture, IovaRange::new(0x1000, 0xffff_ffff));
+        assert_eq!(
+            d.iova_reserved,
+            vec![IovaRange::new(0x8000, 0x8fff), IovaRange::new(65536, 65537)]
+        );
+        assert_eq!(d.group, Some(3));
+        let d = DeviceSpec::parse("blk", 0).unwrap();
+        assert_eq!((d.iova_aperture, d.iova_reserved.len(), d.group), (IovaRange::ALL, 0, None));
+        for bad in [
+            "blk,iova-aperture=5-4",
+            "blk,iova-aperture=0x10",
+            "blk,iova-reserved=x-1",
+            "blk,group=-1",
+            "blk,group=4294967295",
+        ] {
+            assert!(DeviceSpec::parse(bad, 0).is_err(), "{bad}");
+        }
     }
 
     #[test]

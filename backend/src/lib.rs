@@ -20,7 +20,9 @@
 //! that failed, causes as `#[source]`; the ones that cross a protocol
 //! boundary have `fn errno()`. [`Error`] is what ends the daemon.
 
+pub mod cdev;
 pub mod config;
+pub mod ctl;
 pub mod event_loop;
 pub mod registry;
 pub mod vhost_user;
@@ -36,7 +38,7 @@ use vcdev_device_model::blk::{self, BlkConfig, BlkDevice, BlockBackend, FileBack
 use vcdev_iommu::SealPolicy;
 
 pub use config::{Backing, Config, ConfigError, DeviceSpec};
-use registry::Registry;
+use registry::{IommuView, Registry};
 use vhost_user::conn::ConnConfig;
 
 /// Errors that end the daemon (exit code 1).
@@ -93,6 +95,12 @@ pub enum Error {
     /// A thread could not be started.
     #[error("Cannot start a thread")]
     Spawn(#[source] std::io::Error),
+    /// The device-cdev door could not be set up.
+    #[error("Cannot set up the device-cdev door")]
+    Cdev(#[source] cdev::server::ServerError),
+    /// The control socket could not be set up.
+    #[error("Cannot set up the control socket")]
+    Control(#[source] std::io::Error),
     /// Signal setup or wait failed.
     #[error("Signal handling failed")]
     Signal(#[source] std::io::Error),
@@ -208,21 +216,44 @@ pub fn run(config: Config) -> Result<()> {
     create_dir(&vu_dir)?;
     let mut registry = Registry::default();
     for spec in &config.devices {
-        registry.add(spec.name.clone(), Arc::new(build_device(spec)?));
+        let view = IommuView {
+            aperture: spec.iova_aperture,
+            reserved: spec.iova_reserved.clone(),
+            group: spec.group,
+        };
+        registry.add_with_view(spec.name.clone(), Arc::new(build_device(spec)?), view);
     }
+    let registry = Arc::new(registry);
     let conn_cfg = ConnConfig {
         seal_policy: if config.allow_unsealed_memory {
             SealPolicy::AllowUnsealed
         } else {
             SealPolicy::RequireShrinkSeal
         },
+        iotlb_miss_timeout: config.iotlb_miss_timeout,
     };
     if config.allow_unsealed_memory {
         log::warn!(
             "--allow-unsealed-memory: a frontend that shrinks its memory file can crash the daemon"
         );
     }
-    let mut sockets = Vec::new();
+    let cdev_server = cdev::Server::new(
+        registry.clone(),
+        if config.allow_unsealed_memory {
+            SealPolicy::AllowUnsealed
+        } else {
+            SealPolicy::RequireShrinkSeal
+        },
+    )
+    .map_err(Error::Cdev)?;
+    let mut sockets = cdev_server.serve(&config.dir).map_err(Error::Cdev)?;
+    match ctl::serve(&config.dir, cdev_server.clone()) {
+        Ok(p) => sockets.push(p),
+        Err(e) => {
+            remove_sockets(&sockets);
+            return Err(Error::Control(e));
+        }
+    }
     let mut out = String::new();
     for (spec, dev) in config.devices.iter().zip(registry.devices()) {
         let path = vu_dir.join(&spec.name);
@@ -267,6 +298,11 @@ pub fn run(config: Config) -> Result<()> {
         if let Err(e) = dev.blk().flush() {
             error!("{}: flush failed: {e}", dev.name());
         }
+        info!(
+            "{}: counters: {}",
+            dev.name(),
+            vhost_user::counters_line(dev)
+        );
     }
     remove_sockets(&sockets);
     Ok(())

@@ -1,13 +1,23 @@
 //! Devices, their names and ownership.
 //!
-//! A device has one owner at a time. Today the only door is vhost-user: a
-//! second frontend connecting while one is attached is refused and the
-//! first is left undisturbed. Every exclusivity rule is one named function
-//! here; handlers ask the registry, they never test flags themselves.
+//! A device has one owner at a time: a vhost-user frontend, a device file
+//! bound through its cdev, or (feature `group`) the open group file of its
+//! IOMMU group. A second claimant is refused and the first is left
+//! undisturbed. Every exclusivity rule of PROTOCOL.md ("Container and group
+//! files") is one named function here: [`Registry::claim_vhost_user`],
+//! [`Registry::claim_cdev_bind`], [`Registry::open_group`]. Handlers ask
+//! the registry; they never test flags themselves.
+//!
+//! All ownership state of a registry sits behind one lock
+//! ([`OwnerTable`]), so that a rule spanning a whole group (opening a group
+//! file) is atomic against claims on its devices.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vcdev_device_model::blk::BlkDevice;
+use vcdev_iommu::IovaRange;
 
 /// Errors of ownership.
 #[derive(Debug, thiserror::Error)]
@@ -20,12 +30,140 @@ pub enum RegistryError {
         /// Who owns it.
         owner: String,
     },
+    /// Another device file of the device is bound through its cdev
+    /// (the kernel's `vfio_df_open`: `open_count != 0` is EINVAL).
+    #[error("Device {name} is already bound by {owner}")]
+    AlreadyBound {
+        /// The device.
+        name: String,
+        /// Who bound it.
+        owner: String,
+    },
+    /// The group file is open already, or one of its devices has an owner.
+    #[error("IOMMU group {group} is busy: {why}")]
+    GroupBusy {
+        /// The group.
+        group: u32,
+        /// Who holds it.
+        why: String,
+    },
 }
 
 impl RegistryError {
     /// The errno for this error.
     pub fn errno(&self) -> vcdev_iommu::Errno {
-        vcdev_iommu::Errno(libc::EBUSY)
+        match self {
+            RegistryError::Busy { .. } | RegistryError::GroupBusy { .. } => {
+                vcdev_iommu::Errno::EBUSY
+            }
+            RegistryError::AlreadyBound { .. } => vcdev_iommu::Errno::EINVAL,
+        }
+    }
+}
+
+/// Which door owns a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerKind {
+    /// A vhost-user frontend.
+    VhostUser,
+    /// A device file bound through the device's cdev.
+    Cdev,
+}
+
+/// The ownership state of every device of a registry, behind one lock.
+#[derive(Debug, Default)]
+pub struct OwnerTable {
+    /// Per device index: its owner.
+    owners: Vec<Option<(OwnerKind, String)>>,
+    /// Per device index: its IOMMU group.
+    groups: Vec<u32>,
+    /// Groups whose group file is open (with the claims of the device
+    /// files got through it).
+    open_groups: BTreeSet<u32>,
+}
+
+/// Live counters of a device, shown by `vcdev ctl stats` (issue #4's
+/// vhost-user IOTLB traffic and the cdev door's requests). Plain relaxed
+/// atomics: any door may bump them.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Requests served through the cdev door (device file messages).
+    pub cdev_requests: AtomicU64,
+    /// Queue batches processed by cdev queue workers.
+    pub cdev_batches: AtomicU64,
+    /// Segments translated by queue workers (both doors may add).
+    pub translations: AtomicU64,
+    /// Of those, served by the per-queue front cache.
+    pub cache_hits: AtomicU64,
+    /// vhost-user IOTLB UPDATE messages received.
+    pub iotlb_updates: AtomicU64,
+    /// vhost-user IOTLB INVALIDATE messages received.
+    pub iotlb_invalidates: AtomicU64,
+    /// vhost-user IOTLB misses sent to the frontend.
+    pub iotlb_misses: AtomicU64,
+    /// vhost-user faults that joined a miss already pending for their page.
+    pub iotlb_misses_joined: AtomicU64,
+    /// vhost-user misses acked without an UPDATE (request failed, IOERR).
+    pub iotlb_misses_refused: AtomicU64,
+    /// vhost-user misses unanswered before the timeout (request failed).
+    pub iotlb_misses_timed_out: AtomicU64,
+    /// Whole-IOTLB drops (memory table change, device stop, disconnect).
+    pub iotlb_flushes: AtomicU64,
+    /// Ring translations redone (queue start, or after an invalidation).
+    pub ring_pins: AtomicU64,
+    /// Total time queues waited for IOTLB miss answers, in microseconds.
+    pub iotlb_miss_wait_us: AtomicU64,
+    /// Longest single wait for a miss answer, in microseconds.
+    pub iotlb_miss_wait_max_us: AtomicU64,
+}
+
+impl DeviceCounters {
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Every counter with its name, for display.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("cdev_requests", g(&self.cdev_requests)),
+            ("cdev_batches", g(&self.cdev_batches)),
+            ("translations", g(&self.translations)),
+            ("cache_hits", g(&self.cache_hits)),
+            ("iotlb_updates", g(&self.iotlb_updates)),
+            ("iotlb_invalidates", g(&self.iotlb_invalidates)),
+            ("iotlb_misses", g(&self.iotlb_misses)),
+            ("iotlb_misses_joined", g(&self.iotlb_misses_joined)),
+            ("iotlb_misses_refused", g(&self.iotlb_misses_refused)),
+            ("iotlb_misses_timed_out", g(&self.iotlb_misses_timed_out)),
+            ("iotlb_flushes", g(&self.iotlb_flushes)),
+            ("ring_pins", g(&self.ring_pins)),
+            ("iotlb_miss_wait_us", g(&self.iotlb_miss_wait_us)),
+            ("iotlb_miss_wait_max_us", g(&self.iotlb_miss_wait_max_us)),
+        ]
+    }
+}
+
+/// How the software IOMMU sees a device (the `--device` options
+/// `iova-aperture`, `iova-reserved`, `group`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuView {
+    /// The DMA aperture (default: the whole 64-bit space).
+    pub aperture: IovaRange,
+    /// Reserved IOVA ranges (default: none).
+    pub reserved: Vec<IovaRange>,
+    /// The IOMMU group (default: alone in its own group).
+    pub group: Option<u32>,
+}
+
+impl Default for IommuView {
+    fn default() -> Self {
+        IommuView {
+            aperture: IovaRange::new(0, u64::MAX),
+            reserved: Vec::new(),
+            group: None,
+        }
     }
 }
 
@@ -34,7 +172,11 @@ impl RegistryError {
 pub struct Device {
     name: String,
     blk: Arc<BlkDevice>,
-    owner: Mutex<Option<String>>,
+    index: usize,
+    group: u32,
+    view: IommuView,
+    table: Arc<Mutex<OwnerTable>>,
+    counters: DeviceCounters,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,7 +196,31 @@ impl Device {
 
     /// Who owns the device now, if anyone.
     pub fn owner(&self) -> Option<String> {
-        lock(&self.owner).clone()
+        let t = lock(&self.table);
+        t.owners.get(self.index).cloned().flatten().map(|(_, who)| who)
+    }
+
+    /// The door that owns the device now, and who; or, when its group
+    /// file is open, `None` and `Some(group)` in the second slot.
+    pub fn owner_state(&self) -> (Option<(OwnerKind, String)>, Option<u32>) {
+        let t = lock(&self.table);
+        let own = t.owners.get(self.index).cloned().flatten();
+        (own, t.open_groups.contains(&self.group).then_some(self.group))
+    }
+
+    /// Its IOMMU group number (`DIR/vfio/N`).
+    pub fn group(&self) -> u32 {
+        self.group
+    }
+
+    /// Its IOMMU view (aperture, reserved ranges).
+    pub fn iommu_view(&self) -> &IommuView {
+        &self.view
+    }
+
+    /// Its live counters.
+    pub fn counters(&self) -> &DeviceCounters {
+        &self.counters
     }
 }
 
@@ -62,6 +228,28 @@ impl Device {
 #[derive(Debug)]
 pub struct Ownership {
     device: Arc<Device>,
+}
+
+/// Proof that a group file is open; the group is released when it is
+/// dropped (shared by the group file and the device files got through it,
+/// as the kernel's group stays in use while they are open).
+#[derive(Debug)]
+pub struct GroupOwnership {
+    group: u32,
+    table: Arc<Mutex<OwnerTable>>,
+}
+
+impl GroupOwnership {
+    /// The group.
+    pub fn group(&self) -> u32 {
+        self.group
+    }
+}
+
+impl Drop for GroupOwnership {
+    fn drop(&mut self) {
+        lock(&self.table).open_groups.remove(&self.group);
+    }
 }
 
 impl Ownership {
@@ -73,7 +261,10 @@ impl Ownership {
 
 impl Drop for Ownership {
     fn drop(&mut self) {
-        *lock(&self.device.owner) = None;
+        let mut t = lock(&self.device.table);
+        if let Some(o) = t.owners.get_mut(self.device.index) {
+            *o = None;
+        }
     }
 }
 
@@ -81,18 +272,60 @@ impl Drop for Ownership {
 #[derive(Debug, Default)]
 pub struct Registry {
     devices: Vec<Arc<Device>>,
+    table: Arc<Mutex<OwnerTable>>,
 }
 
 impl Registry {
-    /// Adds a device (names are checked unique by the configuration).
+    /// Adds a device (names are checked unique by the configuration) with
+    /// the default IOMMU view.
     pub fn add(&mut self, name: String, blk: Arc<BlkDevice>) -> Arc<Device> {
+        self.add_with_view(name, blk, IommuView::default())
+    }
+
+    /// Adds a device with its IOMMU view. A device without a `group` gets
+    /// the lowest group number no other device has.
+    pub fn add_with_view(
+        &mut self,
+        name: String,
+        blk: Arc<BlkDevice>,
+        view: IommuView,
+    ) -> Arc<Device> {
+        let mut t = lock(&self.table);
+        let group = view.group.unwrap_or_else(|| {
+            let taken: BTreeSet<u32> = t
+                .groups
+                .iter()
+                .copied()
+                .chain(self.devices.iter().filter_map(|d| d.view.group))
+                .collect();
+            (0..).find(|g| !taken.contains(g)).unwrap_or(u32::MAX)
+        });
+        let index = t.owners.len();
+        t.owners.push(None);
+        t.groups.push(group);
+        drop(t);
         let d = Arc::new(Device {
             name,
             blk,
-            owner: Mutex::new(None),
+            index,
+            group,
+            view,
+            table: self.table.clone(),
+            counters: DeviceCounters::default(),
         });
         self.devices.push(d.clone());
         d
+    }
+
+    /// The device named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Device>> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+
+    /// Every IOMMU group number, ascending, without duplicates.
+    pub fn groups(&self) -> Vec<u32> {
+        let set: BTreeSet<u32> = self.devices.iter().map(|d| d.group).collect();
+        set.into_iter().collect()
     }
 
     /// Every device, in configuration order.
@@ -102,18 +335,105 @@ impl Registry {
 
     /// The rule of the vhost-user door: a frontend may attach only to a
     /// device nobody owns; `who` names it in logs and errors.
+    ///
+    /// PROTOCOL.md: a vhost-user connection counts as an open of the
+    /// device's group file, so it is refused while the device is bound
+    /// through its cdev or its group file is open.
     pub fn claim_vhost_user(device: &Arc<Device>, who: &str) -> Result<Ownership, RegistryError> {
-        let mut owner = lock(&device.owner);
-        if let Some(o) = owner.as_ref() {
+        let mut t = lock(&device.table);
+        if t.open_groups.contains(&device.group) {
+            return Err(RegistryError::Busy {
+                name: device.name.clone(),
+                owner: format!("the open group file of group {}", device.group),
+            });
+        }
+        let slot = t.owners.get_mut(device.index).ok_or(RegistryError::Busy {
+            name: device.name.clone(),
+            owner: "nobody (unregistered device)".into(),
+        })?;
+        if let Some((_, o)) = slot.as_ref() {
             return Err(RegistryError::Busy {
                 name: device.name.clone(),
                 owner: o.clone(),
             });
         }
-        *owner = Some(who.to_owned());
+        *slot = Some((OwnerKind::VhostUser, who.to_owned()));
         Ok(Ownership {
             device: device.clone(),
         })
+    }
+
+    /// The rule of `VFIO_DEVICE_BIND_IOMMUFD` (the kernel's
+    /// `vfio_device_block_group`, then `vfio_df_open`): EBUSY while the
+    /// device's group file is open or a vhost-user frontend owns it
+    /// (it counts as a group open); EINVAL while another device file of the
+    /// device is bound.
+    pub fn claim_cdev_bind(device: &Arc<Device>, who: &str) -> Result<Ownership, RegistryError> {
+        let mut t = lock(&device.table);
+        if t.open_groups.contains(&device.group) {
+            return Err(RegistryError::Busy {
+                name: device.name.clone(),
+                owner: format!("the open group file of group {}", device.group),
+            });
+        }
+        let slot = t.owners.get_mut(device.index).ok_or(RegistryError::Busy {
+            name: device.name.clone(),
+            owner: "nobody (unregistered device)".into(),
+        })?;
+        match slot.as_ref() {
+            Some((OwnerKind::Cdev, o)) => Err(RegistryError::AlreadyBound {
+                name: device.name.clone(),
+                owner: o.clone(),
+            }),
+            Some((OwnerKind::VhostUser, o)) => Err(RegistryError::Busy {
+                name: device.name.clone(),
+                owner: o.clone(),
+            }),
+            None => {
+                *slot = Some((OwnerKind::Cdev, who.to_owned()));
+                Ok(Ownership {
+                    device: device.clone(),
+                })
+            }
+        }
+    }
+
+    /// The rule of opening `DIR/vfio/N` (the kernel's group open): EBUSY
+    /// when the group file is open already, or when any of its devices is
+    /// bound through its cdev or owned by a vhost-user frontend.
+    pub fn open_group(&self, group: u32) -> Result<GroupOwnership, RegistryError> {
+        let mut t = lock(&self.table);
+        if t.open_groups.contains(&group) {
+            return Err(RegistryError::GroupBusy {
+                group,
+                why: "its group file is open".into(),
+            });
+        }
+        let busy = t
+            .groups
+            .iter()
+            .zip(&t.owners)
+            .find_map(|(g, o)| o.as_ref().filter(|_| *g == group).cloned());
+        if let Some((_, who)) = busy {
+            return Err(RegistryError::GroupBusy {
+                group,
+                why: format!("a device is owned by {who}"),
+            });
+        }
+        t.open_groups.insert(group);
+        Ok(GroupOwnership {
+            group,
+            table: self.table.clone(),
+        })
+    }
+
+    /// The devices of IOMMU group `group`.
+    pub fn group_devices(&self, group: u32) -> Vec<Arc<Device>> {
+        self.devices
+            .iter()
+            .filter(|d| d.group == group)
+            .cloned()
+            .collect()
     }
 }
 
@@ -137,5 +457,70 @@ mod tests {
         assert_eq!(d.owner().as_deref(), Some("a"));
         drop(first);
         assert!(Registry::claim_vhost_user(&d, "b").is_ok());
+    }
+
+    fn blk() -> Arc<BlkDevice> {
+        Arc::new(
+            BlkDevice::new(
+                Arc::new(RamBackend::new(1 << 20).unwrap()),
+                BlkConfig::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// PROTOCOL.md exclusivity, both ways: cdev bind vs group open vs
+    /// vhost-user.
+    #[test]
+    fn cdev_group_and_vhost_user_exclude_each_other() {
+        let mut r = Registry::default();
+        let a = r.add("a".into(), blk());
+        let b = r.add_with_view(
+            "b".into(),
+            blk(),
+            IommuView {
+                group: Some(7),
+                ..IommuView::default()
+            },
+        );
+        let c = r.add_with_view(
+            "c".into(),
+            blk(),
+            IommuView {
+                group: Some(7),
+                ..IommuView::default()
+            },
+        );
+        assert_eq!((a.group(), b.group(), c.group()), (0, 7, 7));
+        assert_eq!(r.groups(), vec![0, 7]);
+
+        let bound = Registry::claim_cdev_bind(&a, "file1").unwrap();
+        let e = Registry::claim_cdev_bind(&a, "file2").unwrap_err();
+        assert_eq!(e.errno(), vcdev_iommu::Errno::EINVAL);
+        assert_eq!(r.open_group(0).unwrap_err().errno(), vcdev_iommu::Errno::EBUSY);
+        assert_eq!(
+            Registry::claim_vhost_user(&a, "qemu").unwrap_err().errno(),
+            vcdev_iommu::Errno::EBUSY
+        );
+        drop(bound);
+
+        let g = r.open_group(7).unwrap();
+        assert_eq!(r.open_group(7).unwrap_err().errno(), vcdev_iommu::Errno::EBUSY);
+        for d in [&b, &c] {
+            assert_eq!(
+                Registry::claim_cdev_bind(d, "f").unwrap_err().errno(),
+                vcdev_iommu::Errno::EBUSY
+            );
+            assert!(Registry::claim_vhost_user(d, "qemu").is_err());
+        }
+        drop(g);
+        let vu = Registry::claim_vhost_user(&c, "qemu").unwrap();
+        assert_eq!(r.open_group(7).unwrap_err().errno(), vcdev_iommu::Errno::EBUSY);
+        assert_eq!(
+            Registry::claim_cdev_bind(&c, "f").unwrap_err().errno(),
+            vcdev_iommu::Errno::EBUSY
+        );
+        drop(vu);
+        assert!(r.open_group(7).is_ok());
     }
 }

@@ -1,0 +1,757 @@
+//! A device as the cdev door drives it: the virtio PCI function of
+//! device-model (config space, BAR registers, MSI-X), queue workers over
+//! the same [`BlkDevice`] the vhost-user door serves, MSI-X vectors on the
+//! client's eventfds and doorbells on its ioeventfds.
+//!
+//! # DMA and the attach hook
+//!
+//! Each running queue has a worker thread and a reader slot
+//! (`Mutex<Option<Reader>>`). A worker holds its slot while it processes a
+//! batch, online in the slot's reader; the [`DeviceHandle`]'s attach hook
+//! (called by the iommu crate whenever the device's address space changes:
+//! attach, replace, detach, unbind) takes every slot in turn and puts a
+//! reader of the new space in it, or `None` (DMA blocked). Taking a slot
+//! waits for the batch in progress: when the hook returns, no queue uses
+//! the old space any more.
+//!
+//! # Locks
+//!
+//! Order: the iommufd's table (hook) -> `slots` -> one slot; `queues` ->
+//! `pci` -> `irqs`. A worker takes its slot, lets go, then `pci` and
+//! `irqs` to signal its vector; nobody joins a worker while holding `pci`
+//! or a slot.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use log::{debug, error, info, warn};
+use vcdev_device_model::blk::{BlkDevice, BlkQueue, FaultPolicy};
+use vcdev_device_model::pci::{Event, IrqIndex, RegionIndex, VirtioPciFunction};
+use vcdev_iommu::{AddressSpace, DeviceHandle, Errno, Reader};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vfio_uapi::*;
+use crate::event_loop::{EventLoop, EVENT_CONTROL, EVENT_FIRST_DEVICE};
+use crate::registry::{Device, DeviceCounters};
+
+/// The internal kick (REGION_WRITE doorbells) in a worker's loop.
+const EVENT_KICK: u64 = EVENT_FIRST_DEVICE;
+/// The first ioeventfd in a worker's loop.
+const EVENT_IOEVENTFD: u64 = EVENT_FIRST_DEVICE + 1;
+/// The most ioeventfds a device takes (the kernel's `VFIO_PCI_IOEVENTFD_MAX`).
+pub const IOEVENTFD_MAX: usize = 1000;
+
+/// Errors of building a device's function.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The PCI function refused the device.
+    #[error("Invalid virtio PCI function")]
+    Pci(#[source] vcdev_device_model::pci::Error),
+    /// The software IOMMU refused the device's view.
+    #[error("Invalid IOMMU view")]
+    Iommu(#[source] vcdev_iommu::DeviceError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A queue's reader: `None` while the device's DMA is blocked.
+type Slot = Arc<Mutex<Option<Reader>>>;
+
+/// The reader slots of the running queues (see the module doc).
+#[derive(Default)]
+struct Slots {
+    list: Mutex<Vec<Slot>>,
+}
+
+impl Slots {
+    /// The attach hook: every queue reads through `space` from now on.
+    fn switch(&self, space: Option<Arc<AddressSpace>>) {
+        let list = lock(&self.list);
+        for slot in list.iter() {
+            *lock(slot) = space.as_ref().map(AddressSpace::reader);
+        }
+    }
+}
+
+/// What workers share with the device: the function and the vectors.
+struct Core {
+    pci: Mutex<VirtioPciFunction>,
+    /// MSI-X vector -> eventfd.
+    msix: Mutex<Vec<Option<EventFd>>>,
+    /// The ERR and REQ eventfds (never signalled: no AER, no request).
+    err_req: Mutex<[Option<EventFd>; 2]>,
+    reg: Arc<Device>,
+}
+
+impl Core {
+    fn signal(&self, v: u16) {
+        if let Some(Some(fd)) = lock(&self.msix).get(usize::from(v)) {
+            if let Err(e) = fd.write(1) {
+                warn!("{}: MSI-X vector {v}: {e}", self.reg.name());
+            }
+        }
+    }
+
+    fn queue_interrupt(&self, q: u16) {
+        let v = lock(&self.pci).queue_interrupt(q);
+        if let Some(v) = v {
+            self.signal(v);
+        }
+    }
+
+    fn needs_reset(&self) {
+        let v = lock(&self.pci).set_needs_reset();
+        if let Some(v) = v {
+            self.signal(v);
+        }
+    }
+}
+
+struct Control {
+    wake: EventFd,
+    stop: AtomicBool,
+}
+
+struct Worker {
+    control: Arc<Control>,
+    kick: Arc<EventFd>,
+    slot: Slot,
+    join: JoinHandle<Queue>,
+}
+
+/// A registered ioeventfd: a write of `data` (`size` bytes) at BAR0
+/// `offset` whenever `fd` fires; only doorbells are taken.
+struct IoEventFd {
+    offset: u64,
+    size: u32,
+    data: u64,
+    queue: u16,
+    fd: EventFd,
+}
+
+#[derive(Default)]
+struct Queues {
+    workers: BTreeMap<u16, Worker>,
+    ioeventfds: Vec<IoEventFd>,
+}
+
+/// A device of the cdev door.
+pub struct CdevDevice {
+    reg: Arc<Device>,
+    handle: Arc<DeviceHandle>,
+    core: Arc<Core>,
+    slots: Arc<Slots>,
+    queues: Mutex<Queues>,
+}
+
+impl std::fmt::Debug for CdevDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CdevDevice")
+            .field("name", &self.reg.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn event_idx(pci: &VirtioPciFunction) -> bool {
+    pci.negotiated_features()
+        .is_some_and(|f| f & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0)
+}
+
+impl CdevDevice {
+    /// The cdev side of registry device `reg`.
+    pub fn new(reg: Arc<Device>) -> Result<Arc<CdevDevice>, DeviceError> {
+        let pci = VirtioPciFunction::new(reg.blk().clone()).map_err(DeviceError::Pci)?;
+        let vectors = usize::from(pci.layout().msix_vectors);
+        let slots = Arc::new(Slots::default());
+        let hook_slots = slots.clone();
+        let view = reg.iommu_view();
+        let handle = DeviceHandle::new(
+            reg.name(),
+            view.aperture,
+            view.reserved.clone(),
+            Box::new(move |space| hook_slots.switch(space)),
+        )
+        .map_err(DeviceError::Iommu)?;
+        let core = Arc::new(Core {
+            pci: Mutex::new(pci),
+            msix: Mutex::new((0..vectors).map(|_| None).collect()),
+            err_req: Mutex::new([None, None]),
+            reg: reg.clone(),
+        });
+        Ok(Arc::new(CdevDevice {
+            reg,
+            handle,
+            core,
+            slots,
+            queues: Mutex::new(Queues::default()),
+        }))
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        self.reg.name()
+    }
+
+    /// The registry's device.
+    pub fn reg(&self) -> &Arc<Device> {
+        &self.reg
+    }
+
+    /// The software IOMMU's handle.
+    pub fn handle(&self) -> &Arc<DeviceHandle> {
+        &self.handle
+    }
+
+    /// The virtio-blk device.
+    pub fn blk(&self) -> &Arc<BlkDevice> {
+        self.reg.blk()
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &DeviceCounters {
+        self.reg.counters()
+    }
+
+    /// Running queues.
+    pub fn running_queues(&self) -> Vec<u16> {
+        lock(&self.queues).workers.keys().copied().collect()
+    }
+
+    /// VFIO_DEVICE_GET_INFO's answer.
+    pub fn info(&self) -> VfioDeviceInfo {
+        VfioDeviceInfo {
+            argsz: 0,
+            flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
+            num_regions: u32::try_from(RegionIndex::ALL.len()).unwrap_or(0),
+            num_irqs: u32::try_from(IrqIndex::ALL.len()).unwrap_or(0),
+            cap_offset: 0,
+            pad: 0,
+        }
+    }
+
+    /// VFIO_DEVICE_GET_REGION_INFO for `index`: EINVAL where vfio-pci
+    /// refuses it (past the last region, VGA).
+    pub fn region_info(&self, index: u32) -> Result<VfioRegionInfo, Errno> {
+        let r = RegionIndex::from_index(index).ok_or(Errno::EINVAL)?;
+        let info = lock(&self.core.pci)
+            .layout()
+            .region_info(r)
+            .ok_or(Errno::EINVAL)?;
+        let mut flags = 0;
+        if info.flags.read {
+            flags |= VFIO_REGION_INFO_FLAG_READ;
+        }
+        if info.flags.write {
+            flags |= VFIO_REGION_INFO_FLAG_WRITE;
+        }
+        if info.flags.mmap {
+            flags |= VFIO_REGION_INFO_FLAG_MMAP;
+        }
+        Ok(VfioRegionInfo {
+            argsz: 0,
+            flags,
+            index,
+            cap_offset: 0,
+            size: info.size,
+            offset: r.file_offset(),
+        })
+    }
+
+    /// VFIO_DEVICE_GET_IRQ_INFO for `index`.
+    pub fn irq_info(&self, index: u32) -> Result<VfioIrqInfo, Errno> {
+        let i = IrqIndex::from_index(index).ok_or(Errno::EINVAL)?;
+        let info = lock(&self.core.pci).layout().irq_info(i);
+        let mut flags = 0;
+        for (on, bit) in [
+            (info.flags.eventfd, VFIO_IRQ_INFO_EVENTFD),
+            (info.flags.maskable, VFIO_IRQ_INFO_MASKABLE),
+            (info.flags.automasked, VFIO_IRQ_INFO_AUTOMASKED),
+            (info.flags.noresize, VFIO_IRQ_INFO_NORESIZE),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        Ok(VfioIrqInfo {
+            argsz: 0,
+            flags,
+            index,
+            count: info.count,
+        })
+    }
+
+    /// A pread of the device file: `count` bytes at file offset `offset`.
+    pub fn region_read(&self, offset: u64, count: usize) -> Result<Vec<u8>, Errno> {
+        let (index, off) = RegionIndex::split_file_offset(offset);
+        let region = u32::try_from(index)
+            .ok()
+            .and_then(RegionIndex::from_index)
+            .ok_or(Errno::EINVAL)?;
+        let mut buf = vec![0u8; count];
+        let n = lock(&self.core.pci)
+            .region_read(region, off, &mut buf)
+            .map_err(access_errno)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// A pwrite of the device file; acts on what the write caused before
+    /// returning (a reset stops every queue first).
+    pub fn region_write(&self, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        let (index, off) = RegionIndex::split_file_offset(offset);
+        let region = u32::try_from(index)
+            .ok()
+            .and_then(RegionIndex::from_index)
+            .ok_or(Errno::EINVAL)?;
+        let (n, events) = lock(&self.core.pci)
+            .region_write(region, off, data)
+            .map_err(access_errno)?;
+        self.act(events);
+        Ok(n)
+    }
+
+    /// VFIO_DEVICE_RESET.
+    pub fn reset(&self) {
+        let events = lock(&self.core.pci).reset();
+        self.act(events);
+    }
+
+    /// Acts on the function's events.
+    fn act(&self, events: Vec<Event>) {
+        for ev in events {
+            match ev {
+                Event::QueueEnabled(q) => self.start_queue(q),
+                Event::QueueNotify(q) => {
+                    if let Some(w) = lock(&self.queues).workers.get(&q) {
+                        let _ = w.kick.write(1);
+                    }
+                }
+                Event::DriverOk => {
+                    for w in lock(&self.queues).workers.values() {
+                        let _ = w.kick.write(1);
+                    }
+                }
+                Event::Reset => self.stop_queues(),
+                Event::Interrupt(v) => self.core.signal(v),
+            }
+        }
+    }
+
+    /// Starts queue `q` as the driver configured it.
+    fn start_queue(&self, q: u16) {
+        let (cfg, ev_idx) = {
+            let pci = lock(&self.core.pci);
+            (pci.queue_config(q), event_idx(&pci))
+        };
+        let Some(cfg) = cfg else { return };
+        let queue = match cfg.to_queue(self.blk().queue_size(), ev_idx) {
+            Ok(queue) => queue,
+            Err(e) => {
+                warn!("{}: queue {q} badly configured: {e}", self.name());
+                self.core.needs_reset();
+                return;
+            }
+        };
+        let mut qs = lock(&self.queues);
+        if let Some(old) = qs.workers.remove(&q) {
+            self.stop_worker(old);
+        }
+        self.spawn_worker(&mut qs, q, queue);
+    }
+
+    fn spawn_worker(&self, qs: &mut Queues, q: u16, queue: Queue) {
+        let setup = || -> std::io::Result<(Arc<Control>, Arc<EventFd>, EventLoop, Vec<EventFd>)> {
+            let control = Arc::new(Control {
+                wake: EventFd::new(libc::EFD_NONBLOCK)?,
+                stop: AtomicBool::new(false),
+            });
+            let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+            let el = EventLoop::new().map_err(std::io::Error::other)?;
+            el.add(control.wake.as_raw_fd(), EVENT_CONTROL)
+                .and_then(|()| el.add(kick.as_raw_fd(), EVENT_KICK))
+                .map_err(std::io::Error::other)?;
+            let mut iofds = Vec::new();
+            for (i, io) in qs.ioeventfds.iter().filter(|io| io.queue == q).enumerate() {
+                let fd = io.fd.try_clone()?;
+                let id = EVENT_IOEVENTFD + u64::try_from(i).unwrap_or(u64::MAX - EVENT_IOEVENTFD);
+                el.add(fd.as_raw_fd(), id).map_err(std::io::Error::other)?;
+                iofds.push(fd);
+            }
+            Ok((control, kick, el, iofds))
+        };
+        let (control, kick, el, iofds) = match setup() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("{}: queue {q}: cannot set up its worker: {e}", self.name());
+                self.core.needs_reset();
+                return;
+            }
+        };
+        let slot: Slot = {
+            let mut list = lock(&self.slots.list);
+            let slot = Arc::new(Mutex::new(
+                self.handle
+                    .address_space()
+                    .as_ref()
+                    .map(AddressSpace::reader),
+            ));
+            list.push(slot.clone());
+            slot
+        };
+        let ctx = WorkerCtx {
+            q,
+            queue,
+            blk: BlkQueue::new(self.blk().clone()),
+            slot: slot.clone(),
+            kick: kick.clone(),
+            iofds,
+            el,
+            control: control.clone(),
+            core: self.core.clone(),
+            name: self.name().to_owned(),
+        };
+        match std::thread::Builder::new()
+            .name(format!("{}-cq{q}", self.name()))
+            .spawn(move || ctx.run())
+        {
+            Ok(join) => {
+                debug!("{}: queue {q} started", self.name());
+                qs.workers.insert(
+                    q,
+                    Worker {
+                        control,
+                        kick,
+                        slot,
+                        join,
+                    },
+                );
+            }
+            Err(e) => {
+                error!("{}: queue {q}: cannot spawn its worker: {e}", self.name());
+                lock(&self.slots.list).retain(|s| !Arc::ptr_eq(s, &slot));
+                self.core.needs_reset();
+            }
+        }
+    }
+
+    /// Stops a worker and returns its queue (position kept).
+    fn stop_worker(&self, w: Worker) -> Option<Queue> {
+        w.control.stop.store(true, Ordering::SeqCst);
+        let _ = w.control.wake.write(1);
+        let q = w.join.join().ok();
+        lock(&self.slots.list).retain(|s| !Arc::ptr_eq(s, &w.slot));
+        q
+    }
+
+    /// Stops and forgets every queue.
+    fn stop_queues(&self) {
+        let workers = std::mem::take(&mut lock(&self.queues).workers);
+        for (_, w) in workers {
+            self.stop_worker(w);
+        }
+    }
+
+    /// Restarts the running queue `q` (its ioeventfds changed), keeping
+    /// its position.
+    fn restart_queue(&self, qs: &mut Queues, q: u16) {
+        if let Some(w) = qs.workers.remove(&q) {
+            if let Some(queue) = self.stop_worker(w) {
+                self.spawn_worker(qs, q, queue);
+            }
+        }
+    }
+
+    /// VFIO_DEVICE_IOEVENTFD (the kernel's `vfio_pci_ioeventfd`): `fd`
+    /// None de-assigns the matching registration (ENODEV if none).
+    ///
+    /// Deviation: only doorbells are taken (EINVAL elsewhere); vfio-pci
+    /// accepts any BAR offset outside the MSI-X table, but the only
+    /// registers a virtio driver writes in its fast path are doorbells.
+    pub fn ioeventfd(
+        &self,
+        offset: u64,
+        size: u32,
+        data: u64,
+        fd: Option<EventFd>,
+    ) -> Result<(), Errno> {
+        let (index, off) = RegionIndex::split_file_offset(offset);
+        let region = u32::try_from(index)
+            .ok()
+            .and_then(RegionIndex::from_index)
+            .ok_or(Errno::EINVAL)?;
+        if region.bar().is_none() {
+            return Err(Errno::EINVAL);
+        }
+        let q = {
+            let pci = lock(&self.core.pci);
+            let layout = pci.layout();
+            let end = off.checked_add(u64::from(size)).ok_or(Errno::EINVAL)?;
+            let bar = layout.region_info(region).map_or(0, |i| i.size);
+            if end > bar {
+                return Err(Errno::EINVAL);
+            }
+            if layout.msix_table.relative(off).is_some()
+                || (off < layout.msix_table.offset && end > layout.msix_table.offset)
+            {
+                return Err(Errno::EINVAL);
+            }
+            layout
+                .queue_for_doorbell(region, off)
+                .ok_or(Errno::EINVAL)?
+        };
+        let mut qs = lock(&self.queues);
+        let existing = qs
+            .ioeventfds
+            .iter()
+            .position(|io| io.offset == off && io.size == size && io.data == data);
+        match (existing, fd) {
+            (Some(_), Some(_)) => return Err(Errno::EEXIST),
+            (Some(i), None) => {
+                qs.ioeventfds.remove(i);
+            }
+            (None, None) => return Err(Errno::ENODEV),
+            (None, Some(fd)) => {
+                if qs.ioeventfds.len() >= IOEVENTFD_MAX {
+                    return Err(Errno::ENOSPC);
+                }
+                qs.ioeventfds.push(IoEventFd {
+                    offset: off,
+                    size,
+                    data,
+                    queue: q,
+                    fd,
+                });
+            }
+        }
+        self.restart_queue(&mut qs, q);
+        Ok(())
+    }
+
+    /// VFIO_DEVICE_SET_IRQS after the generic checks: `fds` are the
+    /// eventfds for `start..start+fds.len()` (None: de-assign) with
+    /// DATA_EVENTFD, `fire` the vectors to trigger with DATA_NONE/BOOL.
+    pub fn set_irqs(&self, hdr: &VfioIrqSet, action: IrqAction) -> Result<(), Errno> {
+        let index = IrqIndex::from_index(hdr.index).ok_or(Errno::EINVAL)?;
+        let action_bits = hdr.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        match index {
+            IrqIndex::Intx | IrqIndex::Msi => {
+                // Count 0 only (checked by the caller): nothing to do.
+                if action_bits != VFIO_IRQ_SET_ACTION_TRIGGER && index == IrqIndex::Msi {
+                    return Err(Errno::ENOTTY);
+                }
+                Ok(())
+            }
+            IrqIndex::Err | IrqIndex::Req => {
+                if action_bits != VFIO_IRQ_SET_ACTION_TRIGGER {
+                    return Err(Errno::ENOTTY);
+                }
+                let slot = if index == IrqIndex::Err { 0 } else { 1 };
+                let mut er = lock(&self.core.err_req);
+                match action {
+                    IrqAction::Disable => er[slot] = None,
+                    IrqAction::Assign(mut fds) => er[slot] = fds.pop().flatten(),
+                    IrqAction::Fire(v) => {
+                        if v.first().copied().unwrap_or(false) {
+                            if let Some(fd) = &er[slot] {
+                                let _ = fd.write(1);
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            IrqIndex::Msix => {
+                // vfio-pci has no mask/unmask for MSI-X (`vfio_pci_set_irqs_ioctl`).
+                if action_bits != VFIO_IRQ_SET_ACTION_TRIGGER {
+                    return Err(Errno::ENOTTY);
+                }
+                let events = match action {
+                    IrqAction::Disable => {
+                        lock(&self.core.msix).iter_mut().for_each(|v| *v = None);
+                        lock(&self.core.pci).host_msix_enable(false)
+                    }
+                    IrqAction::Assign(fds) => {
+                        let mut events = Vec::new();
+                        let mut pci = lock(&self.core.pci);
+                        if !pci.msix_enabled() {
+                            events.extend(pci.host_msix_enable(true));
+                        }
+                        let mut table = lock(&self.core.msix);
+                        for (i, fd) in fds.into_iter().enumerate() {
+                            let v = u16::try_from(
+                                usize::try_from(hdr.start)
+                                    .unwrap_or(usize::MAX)
+                                    .saturating_add(i),
+                            )
+                            .map_err(|_| Errno::EINVAL)?;
+                            let masked = fd.is_none();
+                            if let Some(s) = table.get_mut(usize::from(v)) {
+                                *s = fd;
+                            }
+                            drop(table);
+                            events.extend(pci.host_msix_mask(v, masked));
+                            table = lock(&self.core.msix);
+                        }
+                        events
+                    }
+                    IrqAction::Fire(which) => {
+                        for (i, on) in which.into_iter().enumerate() {
+                            if on {
+                                let v = usize::try_from(hdr.start)
+                                    .unwrap_or(usize::MAX)
+                                    .saturating_add(i);
+                                if let Ok(v) = u16::try_from(v) {
+                                    self.core.signal(v);
+                                }
+                            }
+                        }
+                        Vec::new()
+                    }
+                };
+                self.act(events);
+                Ok(())
+            }
+        }
+    }
+
+    /// The device file was released: queues stop, vectors and ioeventfds
+    /// go, and the function is back to its power-on state for the next
+    /// opener (vfio-pci's `vfio_pci_core_disable` restores the saved
+    /// config state).
+    pub fn quiesce(&self) {
+        self.stop_queues();
+        lock(&self.queues).ioeventfds.clear();
+        lock(&self.core.msix).iter_mut().for_each(|v| *v = None);
+        *lock(&self.core.err_req) = [None, None];
+        match VirtioPciFunction::new(self.blk().clone()) {
+            Ok(f) => *lock(&self.core.pci) = f,
+            Err(e) => error!("{}: cannot reset the function: {e}", self.name()),
+        }
+        info!("{}: cdev function quiesced", self.name());
+    }
+}
+
+/// What SET_IRQS asks of an index.
+#[derive(Debug)]
+pub enum IrqAction {
+    /// DATA_NONE with count 0: disable the index.
+    Disable,
+    /// DATA_EVENTFD: eventfds from `start` on (None: de-assign).
+    Assign(Vec<Option<EventFd>>),
+    /// DATA_NONE (all true) or DATA_BOOL: trigger these from `start` on.
+    Fire(Vec<bool>),
+}
+
+/// The errno vfio-pci gives for an access the function refuses.
+fn access_errno(e: vcdev_device_model::pci::AccessError) -> Errno {
+    use vcdev_device_model::pci::AccessError;
+    match e {
+        AccessError::NoRegion(_) | AccessError::BarOutOfRange { .. } => Errno::EINVAL,
+        AccessError::ConfigOutOfRange { .. } => Errno::EFAULT,
+        AccessError::MemoryDisabled => Errno::EIO,
+    }
+}
+
+/// Whether `fd` is an eventfd (the kernel's `eventfd_ctx_fdget` refuses
+/// anything else with EINVAL).
+pub fn into_eventfd(fd: OwnedFd) -> Result<EventFd, Errno> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| Errno::EINVAL)?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: we own `fd` and it is an eventfd; EventFd takes ownership.
+    Ok(unsafe {
+        <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
+    })
+}
+
+/// Everything a worker thread owns.
+struct WorkerCtx {
+    q: u16,
+    queue: Queue,
+    blk: BlkQueue,
+    slot: Slot,
+    kick: Arc<EventFd>,
+    iofds: Vec<EventFd>,
+    el: EventLoop,
+    control: Arc<Control>,
+    core: Arc<Core>,
+    name: String,
+}
+
+impl WorkerCtx {
+    fn run(mut self) -> Queue {
+        let mut broken = !self.process();
+        loop {
+            let mut work = false;
+            if let Err(e) = self.el.wait(|id| work |= id != EVENT_CONTROL) {
+                error!("{}: queue {}: {e}", self.name, self.q);
+                break;
+            }
+            let _ = self.control.wake.read();
+            if self.control.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if work {
+                // The counts only say "look"; EAGAIN too.
+                let _ = self.kick.read();
+                for fd in &self.iofds {
+                    let _ = fd.read();
+                }
+                if !broken {
+                    broken = !self.process();
+                }
+            }
+        }
+        self.queue
+    }
+
+    /// Drains the queue through the current reader; false if the queue
+    /// itself is broken (the device then needs a reset).
+    fn process(&mut self) -> bool {
+        let mut guard = lock(&self.slot);
+        let Some(reader) = guard.as_mut() else {
+            debug!(
+                "{}: queue {}: DMA blocked (not attached)",
+                self.name, self.q
+            );
+            return true;
+        };
+        let before = reader.stats();
+        let session = reader.enter();
+        let r = self
+            .blk
+            .process(&mut self.queue, &session, FaultPolicy::Fail);
+        drop(session);
+        let after = reader.stats();
+        drop(guard);
+        let c = self.core.reg.counters();
+        DeviceCounters::add(&c.cdev_batches, 1);
+        DeviceCounters::add(
+            &c.translations,
+            after.translations.saturating_sub(before.translations),
+        );
+        DeviceCounters::add(&c.cache_hits, after.hits.saturating_sub(before.hits));
+        match r {
+            Ok(outcome) => {
+                if outcome.notify {
+                    self.core.queue_interrupt(self.q);
+                }
+                true
+            }
+            Err(e) => {
+                error!("{}: queue {}: {e}; device needs a reset", self.name, self.q);
+                self.core.needs_reset();
+                false
+            }
+        }
+    }
+}

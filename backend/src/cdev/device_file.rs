@@ -1,0 +1,431 @@
+//! The device file (`DIR/devices/NAME`, the kernel's
+//! `/dev/vfio/devices/vfioX`, or a device fd got through a group).
+//!
+//! State machine (PROTOCOL.md, "Device file requests", the kernel's
+//! `vfio_device_fops_unl_ioctl` and `device_cdev.c`):
+//!
+//! - a cdev file starts unbound: every request but BIND is EINVAL (the
+//!   gate, before even the code is looked up);
+//! - BIND takes an iommufd (or container) file, asks the registry
+//!   ([`Registry::claim_cdev_bind`]) and binds the device: the device id
+//!   comes back; a second BIND is EINVAL;
+//! - ATTACH attaches or replaces, DETACH detaches;
+//! - release (the last copy closed): queues stop, the function is reset,
+//!   the device detaches and unbinds (the IOAS and its mappings stay; the
+//!   iommufd lives on while its file or another device holds it).
+//!
+//! A file got through a group is open at once; BIND is EINVAL on it and
+//! ATTACH/DETACH are not its requests (ENOTTY, as vfio-pci answers them).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::info;
+use vcdev_iommu::{Errno, Iommufd};
+
+use super::device::{into_eventfd, CdevDevice, IrqAction};
+use super::dispatch::{Arg, Op, Out, Req};
+#[cfg(feature = "group")]
+use super::group::GroupDeviceBinding;
+use super::iommufd_file::sized;
+use super::server::{FileKind, Known, Server};
+use super::vfio_uapi::*;
+use crate::registry::{DeviceCounters, Ownership, Registry};
+use crate::wire::MAX_PAYLOAD;
+
+/// The largest REGION_READ: its reply (result, header, data) must fit one
+/// frame.
+pub const MAX_REGION_READ: u32 = MAX_PAYLOAD - 4 - 16;
+
+enum State {
+    Unbound,
+    Bound {
+        ictx: Arc<Iommufd>,
+        devid: u32,
+        _own: Ownership,
+    },
+    #[cfg(feature = "group")]
+    Group(Arc<GroupDeviceBinding>),
+}
+
+/// A device file.
+pub struct DeviceFile {
+    server: Arc<Server>,
+    dev: Arc<CdevDevice>,
+    name: String,
+    state: Mutex<State>,
+}
+
+impl DeviceFile {
+    /// A device file opened through the cdev node: unbound.
+    pub fn new_cdev(server: &Arc<Server>, dev: Arc<CdevDevice>) -> Arc<DeviceFile> {
+        let name = format!("{}#{}", dev.name(), server.next_seq());
+        Arc::new(DeviceFile {
+            server: server.clone(),
+            dev,
+            name,
+            state: Mutex::new(State::Unbound),
+        })
+    }
+
+    /// A device file got through a group: open at once.
+    #[cfg(feature = "group")]
+    pub fn new_group(server: &Arc<Server>, binding: Arc<GroupDeviceBinding>) -> Arc<DeviceFile> {
+        let dev = binding.device().clone();
+        let name = format!("{}#g{}", dev.name(), server.next_seq());
+        Arc::new(DeviceFile {
+            server: server.clone(),
+            dev,
+            name,
+            state: Mutex::new(State::Group(binding)),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn granted(&self) -> bool {
+        !matches!(*self.state(), State::Unbound)
+    }
+
+    fn via_group(&self) -> bool {
+        #[cfg(feature = "group")]
+        if matches!(*self.state(), State::Group(_)) {
+            return true;
+        }
+        false
+    }
+
+    /// The device id, when bound through the cdev.
+    pub fn devid(&self) -> Option<u32> {
+        match &*self.state() {
+            State::Bound { devid, .. } => Some(*devid),
+            _ => None,
+        }
+    }
+}
+
+impl FileKind for DeviceFile {
+    fn ops(&self) -> &'static [Op<Self>] {
+        DEVICE_OPS
+    }
+
+    fn gate(&self, code: u32) -> Option<Errno> {
+        DeviceCounters::add(&self.dev.counters().cdev_requests, 1);
+        (code != VFIO_DEVICE_BIND_IOMMUFD && !self.granted()).then_some(Errno::EINVAL)
+    }
+
+    fn release(&self) {
+        let st = std::mem::replace(&mut *self.state(), State::Unbound);
+        match st {
+            State::Unbound => {}
+            State::Bound { ictx, devid, _own } => {
+                self.dev.quiesce();
+                if let Err(e) = self.dev.handle().unbind() {
+                    log::warn!("{}: unbind: {e}", self.name);
+                }
+                info!("{}: closed, device {devid} unbound", self.name);
+                drop(ictx);
+            }
+            #[cfg(feature = "group")]
+            State::Group(b) => drop(b),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// VFIO_DEVICE_BIND_IOMMUFD (the kernel's `vfio_df_ioctl_bind_iommufd`),
+/// in its order: argument EINVAL, a group's device file EINVAL, the
+/// registry's rules (EBUSY / EINVAL), the iommufd file (EBADF / EBADFD),
+/// then the bind.
+fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let mut cmd: VfioDeviceBindIommufd = req.get();
+    if cmd.flags != 0 || cmd.iommufd < 0 {
+        return Err(Errno::EINVAL);
+    }
+    if f.via_group() {
+        return Err(Errno::EINVAL);
+    }
+    let mut st = f.state();
+    if !matches!(*st, State::Unbound) {
+        return Err(Errno::EINVAL);
+    }
+    let own = Registry::claim_cdev_bind(f.dev.reg(), &f.name).map_err(|e| e.errno())?;
+    let fd = req.take_fd().ok_or(Errno::EBADF)?;
+    let known = f.server.lookup(&fd)?;
+    drop(fd);
+    let ictx = match known {
+        Known::Iommufd(w) => w.upgrade().ok_or(Errno::EBADFD)?.ictx().clone(),
+        _ => return Err(Errno::EBADFD),
+    };
+    let devid = f.dev.handle().bind(&ictx).map_err(|e| e.errno())?;
+    info!("{}: bound as device {}", f.name, devid.0);
+    *st = State::Bound {
+        ictx,
+        devid: devid.0,
+        _own: own,
+    };
+    cmd.out_devid = devid.0;
+    Ok(Out::with(req, &cmd))
+}
+
+/// VFIO_DEVICE_ATTACH_IOMMUFD_PT (`vfio_df_ioctl_attach_pt`): unknown
+/// flags EINVAL, PASID EOPNOTSUPP (no PASID support), then attach or
+/// replace; `pt_id` comes back as the HWPT attached.
+fn attach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    if f.via_group() {
+        return Err(Errno::ENOTTY);
+    }
+    let mut cmd: VfioDeviceAttachIommufdPt = req.get();
+    if cmd.flags & !VFIO_DEVICE_PASID != 0 {
+        return Err(Errno::EINVAL);
+    }
+    if cmd.flags & VFIO_DEVICE_PASID != 0 {
+        if req.user_size < VfioDeviceAttachIommufdPt::SIZE {
+            return Err(Errno::EINVAL);
+        }
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let hwpt = f.dev.handle().attach(cmd.pt_id).map_err(|e| e.errno())?;
+    cmd.pt_id = hwpt.0;
+    Ok(Out::with(req, &cmd))
+}
+
+/// VFIO_DEVICE_DETACH_IOMMUFD_PT (`vfio_df_ioctl_detach_pt`).
+fn detach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    if f.via_group() {
+        return Err(Errno::ENOTTY);
+    }
+    let cmd: VfioDeviceDetachIommufdPt = req.get();
+    if cmd.flags & !VFIO_DEVICE_PASID != 0 {
+        return Err(Errno::EINVAL);
+    }
+    if cmd.flags & VFIO_DEVICE_PASID != 0 {
+        if req.user_size < VfioDeviceDetachIommufdPt::SIZE {
+            return Err(Errno::EINVAL);
+        }
+        return Err(Errno::EOPNOTSUPP);
+    }
+    f.dev.handle().detach().map_err(|e| e.errno())?;
+    Ok(Out::with(req, &cmd))
+}
+
+fn get_info(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VfioDeviceInfo = req.get();
+    let mut info = f.dev.info();
+    info.argsz = cmd.argsz;
+    Ok(Out::with(req, &info))
+}
+
+fn get_region_info(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VfioRegionInfo = req.get();
+    let mut info = f.dev.region_info(cmd.index)?;
+    info.argsz = cmd.argsz;
+    Ok(Out::with(req, &info))
+}
+
+fn get_irq_info(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VfioIrqInfo = req.get();
+    let mut info = f.dev.irq_info(cmd.index)?;
+    info.argsz = cmd.argsz;
+    Ok(Out::with(req, &info))
+}
+
+/// VFIO_DEVICE_SET_IRQS: the kernel's
+/// `vfio_set_irqs_validate_and_prepare` (all EINVAL), then the index.
+fn set_irqs(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let hdr: VfioIrqSet = req.get();
+    let info = f.dev.irq_info(hdr.index)?;
+    if hdr.flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let data_type = hdr.flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+    let action = hdr.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+    if data_type.count_ones() != 1 || action.count_ones() != 1 {
+        return Err(Errno::EINVAL);
+    }
+    if hdr.start > info.count || hdr.count > info.count - hdr.start {
+        return Err(Errno::EINVAL);
+    }
+    let count = usize::try_from(hdr.count).map_err(|_| Errno::EINVAL)?;
+    let elem = match data_type {
+        VFIO_IRQ_SET_DATA_BOOL => 1,
+        VFIO_IRQ_SET_DATA_EVENTFD => 4,
+        _ => 0,
+    };
+    let need = count.checked_mul(elem).ok_or(Errno::EINVAL)?;
+    let data = req.trailing.get(..need).ok_or(Errno::EINVAL)?;
+    let act = match data_type {
+        VFIO_IRQ_SET_DATA_NONE if count == 0 => IrqAction::Disable,
+        VFIO_IRQ_SET_DATA_NONE => IrqAction::Fire(vec![true; count]),
+        VFIO_IRQ_SET_DATA_BOOL => IrqAction::Fire(data.iter().map(|&b| b != 0).collect()),
+        _ => {
+            let mut fds: Vec<Option<std::os::fd::OwnedFd>> =
+                std::mem::take(&mut req.fds).into_iter().map(Some).collect();
+            let mut out = Vec::with_capacity(count);
+            for w in data.chunks_exact(4) {
+                let i = i32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                if i == -1 {
+                    out.push(None);
+                    continue;
+                }
+                let fd = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| fds.get_mut(i))
+                    .and_then(Option::take)
+                    .ok_or(Errno::EBADF)?;
+                out.push(Some(into_eventfd(fd)?));
+            }
+            IrqAction::Assign(out)
+        }
+    };
+    f.dev.set_irqs(&hdr, act)?;
+    Ok(Out::with(req, &hdr))
+}
+
+fn reset(f: &DeviceFile, _req: &mut Req) -> Result<Out, Errno> {
+    f.dev.reset();
+    Ok(Out::ok())
+}
+
+/// VFIO_DEVICE_IOEVENTFD (`vfio_pci_core_ioctl_ioeventfd`).
+fn ioeventfd(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VfioDeviceIoeventfd = req.get();
+    if cmd.flags & !VFIO_DEVICE_IOEVENTFD_SIZE_MASK != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let size_bits = cmd.flags & VFIO_DEVICE_IOEVENTFD_SIZE_MASK;
+    if size_bits.count_ones() != 1 || cmd.fd < -1 {
+        return Err(Errno::EINVAL);
+    }
+    let size = size_bits; // 1, 2, 4 or 8 bytes: the bit is the size.
+    let fd = if cmd.fd == -1 {
+        None
+    } else {
+        Some(into_eventfd(req.take_fd().ok_or(Errno::EBADF)?)?)
+    };
+    f.dev.ioeventfd(cmd.offset, size, cmd.data, fd)?;
+    Ok(Out::with(req, &cmd))
+}
+
+/// VCDEV_REGION_READ (pread): the result is the bytes read; they follow
+/// the header.
+fn region_read(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VcdevRegionRw = req.get();
+    if cmd.reserved != 0 || cmd.count > MAX_REGION_READ {
+        return Err(Errno::EINVAL);
+    }
+    let count = usize::try_from(cmd.count).map_err(|_| Errno::EINVAL)?;
+    let data = f.dev.region_read(cmd.offset, count)?;
+    let mut out = Out::with(req, &cmd).trailing(&data);
+    out.result = i32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
+    Ok(out)
+}
+
+/// VCDEV_REGION_WRITE (pwrite): `count` bytes follow the header (fewer:
+/// EFAULT); the result is the bytes written.
+fn region_write(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VcdevRegionRw = req.get();
+    if cmd.reserved != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let count = usize::try_from(cmd.count).map_err(|_| Errno::EINVAL)?;
+    let data = req.trailing.get(..count).ok_or(Errno::EFAULT)?;
+    let n = f.dev.region_write(cmd.offset, data)?;
+    let mut out = Out::with(req, &cmd);
+    out.result = i32::try_from(n).map_err(|_| Errno::EINVAL)?;
+    Ok(out)
+}
+
+/// The device file's requests (PROTOCOL.md, "Device file requests").
+pub static DEVICE_OPS: &[Op<DeviceFile>] = &[
+    Op {
+        code: VFIO_DEVICE_GET_INFO,
+        name: "VFIO_DEVICE_GET_INFO",
+        arg: Arg::Flex {
+            size: VfioDeviceInfo::SIZE,
+            min: VfioDeviceInfo::MIN_SIZE,
+        },
+        max_fds: 0,
+        handler: get_info,
+    },
+    Op {
+        code: VFIO_DEVICE_GET_REGION_INFO,
+        name: "VFIO_DEVICE_GET_REGION_INFO",
+        arg: Arg::Flex {
+            size: VfioRegionInfo::SIZE,
+            min: VfioRegionInfo::MIN_SIZE,
+        },
+        max_fds: 0,
+        handler: get_region_info,
+    },
+    Op {
+        code: VFIO_DEVICE_GET_IRQ_INFO,
+        name: "VFIO_DEVICE_GET_IRQ_INFO",
+        arg: sized!(VfioIrqInfo),
+        max_fds: 0,
+        handler: get_irq_info,
+    },
+    Op {
+        code: VFIO_DEVICE_SET_IRQS,
+        name: "VFIO_DEVICE_SET_IRQS",
+        arg: Arg::Flex {
+            size: VfioIrqSet::SIZE,
+            min: VfioIrqSet::MIN_SIZE,
+        },
+        max_fds: crate::wire::MAX_FDS,
+        handler: set_irqs,
+    },
+    Op {
+        code: VFIO_DEVICE_RESET,
+        name: "VFIO_DEVICE_RESET",
+        arg: Arg::Bytes,
+        max_fds: 0,
+        handler: reset,
+    },
+    Op {
+        code: VFIO_DEVICE_IOEVENTFD,
+        name: "VFIO_DEVICE_IOEVENTFD",
+        arg: sized!(VfioDeviceIoeventfd),
+        max_fds: 1,
+        handler: ioeventfd,
+    },
+    Op {
+        code: VFIO_DEVICE_BIND_IOMMUFD,
+        name: "VFIO_DEVICE_BIND_IOMMUFD",
+        arg: sized!(VfioDeviceBindIommufd),
+        max_fds: 1,
+        handler: bind,
+    },
+    Op {
+        code: VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        name: "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        arg: sized!(VfioDeviceAttachIommufdPt),
+        max_fds: 0,
+        handler: attach,
+    },
+    Op {
+        code: VFIO_DEVICE_DETACH_IOMMUFD_PT,
+        name: "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+        arg: sized!(VfioDeviceDetachIommufdPt),
+        max_fds: 0,
+        handler: detach,
+    },
+    Op {
+        code: VCDEV_REGION_READ,
+        name: "VCDEV_REGION_READ",
+        arg: Arg::Fixed(VcdevRegionRw::SIZE),
+        max_fds: 0,
+        handler: region_read,
+    },
+    Op {
+        code: VCDEV_REGION_WRITE,
+        name: "VCDEV_REGION_WRITE",
+        arg: Arg::Fixed(VcdevRegionRw::SIZE),
+        max_fds: 0,
+        handler: region_write,
+    },
+];
