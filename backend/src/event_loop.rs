@@ -59,10 +59,24 @@ impl EventLoop {
     }
 
     /// Waits (forever) for events and calls `f` with each ready id.
-    pub fn wait(&self, mut f: impl FnMut(u64)) -> Result<(), EventLoopError> {
+    pub fn wait(&self, f: impl FnMut(u64)) -> Result<(), EventLoopError> {
+        self.wait_timeout(None, f)
+    }
+
+    /// Waits for events, at most `timeout` (`None`: forever), and calls `f`
+    /// with each ready id; nothing is called when the time runs out.
+    pub fn wait_timeout(
+        &self,
+        timeout: Option<std::time::Duration>,
+        mut f: impl FnMut(u64),
+    ) -> Result<(), EventLoopError> {
+        // Round up, so that a wait of 0.5 ms does not spin at 0.
+        let ms = timeout.map_or(-1, |t| {
+            i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
         let mut events = [EpollEvent::default(); MAX_EVENTS];
         let n = loop {
-            match self.epoll.wait(-1, &mut events) {
+            match self.epoll.wait(ms, &mut events) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(EventLoopError::Wait(e)),

@@ -19,6 +19,37 @@ struct Args {
 enum Command {
     /// Serve devices until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Ask a running daemon: list | show NAME | stats NAME.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// The daemon's runtime directory [default: as for serve].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// list | show NAME | stats NAME
+    #[arg(required = true, num_args = 1..=2)]
+    command: Vec<String>,
+}
+
+/// `vcdev ctl`: prints the daemon's answer; exit 1 on failure.
+fn ctl(a: CtlArgs) -> ExitCode {
+    let dir = a.dir.unwrap_or_else(vcdev::config::default_dir);
+    let path = dir.join(vcdev::ctl::CONTROL_SOCKET);
+    match vcdev::cdev::client::ctl(&path, &a.command.join(" ")) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err((e, text)) => {
+            eprint!("vcdev ctl: {e}: {text}");
+            if text.is_empty() {
+                eprintln!("({})", path.display());
+            }
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,20 +66,30 @@ struct ServeArgs {
     /// file crashes the daemon with SIGBUS.
     #[arg(long)]
     allow_unsealed_memory: bool,
+    /// Under a guest vIOMMU: how long a queue waits for the frontend's
+    /// answer to an IOTLB miss before the request fails with IOERR.
+    #[arg(long, value_name = "MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    iotlb_miss_timeout_ms: u64,
 }
 
 impl TryFrom<ServeArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(a: ServeArgs) -> Result<Config, ConfigError> {
-        Config::new(a.dir, &a.devices, a.allow_unsealed_memory)
+        let mut c = Config::new(a.dir, &a.devices, a.allow_unsealed_memory)?;
+        c.iotlb_miss_timeout = std::time::Duration::from_millis(a.iotlb_miss_timeout_ms);
+        Ok(c)
     }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let Command::Serve(serve) = args.command;
+    let serve = match args.command {
+        Command::Serve(s) => s,
+        Command::Ctl(c) => return ctl(c),
+    };
     let config = match Config::try_from(serve) {
         Ok(c) => c,
         Err(e) => {

@@ -3,25 +3,39 @@
 //! `vcdev::wire`, the one header codec) for what it cannot, guest memory in
 //! sealed memfds, and a tiny split-virtqueue driver that builds
 //! virtio-blk descriptor chains.
+//!
+//! With a vIOMMU ([`Harness::start_iotlb`]) the frontend acks
+//! VIRTIO_F_ACCESS_PLATFORM, gives every address as an IOVA, keeps a model
+//! of the guest's IOMMU mappings ([`IommuFront`]) and serves the backend
+//! channel as QEMU does: a miss for a mapped page is answered with an
+//! UPDATE on the main channel, then acked; a miss for an unmapped page is
+//! acked with a failure and no UPDATE. Main-channel use is serialised by
+//! one lock ([`Harness::main_lock`]) shared with the miss server.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vcdev::vhost_user::iotlb::{IotlbMsg, IOTLB_MSG_LEN, IOTLB_PAGE_SIZE};
 use vcdev::wire::{self, FlagPolicy, Frame, FrameHeader, FLAG_NEED_REPLY};
 use vcdev_iommu::{MemObject, SealPolicy};
+use vhost::vhost_user::message::BackendReq;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostAccess, VhostIotlbType};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -324,6 +338,19 @@ impl DriverQueue {
         }
     }
 
+    /// The vring addresses as IOVAs (under ACCESS_PLATFORM).
+    pub fn config_iova(&self) -> VringConfigData {
+        VringConfigData {
+            queue_max_size: self.size,
+            queue_size: self.size,
+            flags: 0,
+            desc_table_addr: iova_of(self.desc),
+            used_ring_addr: iova_of(self.used),
+            avail_ring_addr: iova_of(self.avail),
+            log_addr: None,
+        }
+    }
+
     /// Puts `chain` (descriptors 0..n) on the avail ring and kicks.
     pub fn submit(&mut self, mem: &GuestMem, chain: &[Desc]) -> u16 {
         assert!(!chain.is_empty() && chain.len() <= usize::from(self.size));
@@ -436,6 +463,22 @@ pub struct Harness {
     pub features: u64,
     /// The protocol features acked.
     pub protocol: VhostUserProtocolFeatures,
+    /// Serialises the main channel between the test and the miss server.
+    pub main_lock: Arc<Mutex<()>>,
+    /// Under ACCESS_PLATFORM: the guest IOMMU model and miss server.
+    pub iommu: Option<Arc<IommuFront>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(io) = &self.iommu {
+            io.shutdown();
+        }
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// virtio-blk status OK.
@@ -446,10 +489,18 @@ pub const S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
 pub const S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 impl Harness {
-    /// Connects and negotiates, without memory or queues.
+    /// Connects and negotiates (every offered feature but
+    /// ACCESS_PLATFORM), without memory or queues.
     pub fn connect(socket: &Path) -> Harness {
+        Harness::connect_with(socket, false)
+    }
+
+    fn connect_with(socket: &Path, platform: bool) -> Harness {
         let mut fe = Frontend::connect(socket, 1).expect("connect");
-        let features = fe.get_features().expect("GET_FEATURES");
+        let mut features = fe.get_features().expect("GET_FEATURES");
+        if !platform {
+            features &= !(1u64 << VIRTIO_F_ACCESS_PLATFORM);
+        }
         let offered = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
         let acked = offered;
         fe.set_features(features).expect("SET_FEATURES");
@@ -466,7 +517,81 @@ impl Harness {
             queues: Vec::new(),
             features,
             protocol: acked,
+            main_lock: Arc::default(),
+            iommu: None,
+            server: None,
         }
+    }
+
+    /// Connects with VIRTIO_F_ACCESS_PLATFORM acked, sets the memory table,
+    /// maps the metadata and data regions in the guest IOMMU model at
+    /// `iova_of(gpa)` (answered through misses: the backend starts with an
+    /// empty IOTLB) and starts `nqueues` queues with IOVA ring addresses.
+    pub fn start_iotlb(socket: &Path, nqueues: usize, size: u16) -> Harness {
+        let mut h = Harness::connect_with(socket, true);
+        assert!(h.features & (1u64 << VIRTIO_F_ACCESS_PLATFORM) != 0);
+        h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+        h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+        let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+        h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        h.fe.set_backend_request_fd(&theirs)
+            .expect("SET_BACKEND_REQ_FD");
+        drop(theirs);
+        let main = h.sock().try_clone().expect("dup main socket");
+        let regions = h
+            .mem
+            .regions
+            .iter()
+            .map(|r| (r.gpa, r.size, r.uaddr()))
+            .collect();
+        let io = Arc::new(IommuFront::new(main, h.main_lock.clone(), regions));
+        io.map(
+            iova_of(META_GPA),
+            META_GPA,
+            META_SIZE,
+            VhostAccess::ReadWrite,
+        );
+        io.map(
+            iova_of(DATA_GPA),
+            DATA_GPA,
+            DATA_SIZE,
+            VhostAccess::ReadWrite,
+        );
+        let server_io = io.clone();
+        h.server = Some(
+            std::thread::Builder::new()
+                .name("miss-server".into())
+                .spawn(move || server_io.serve(ours))
+                .expect("spawn miss server"),
+        );
+        h.iommu = Some(io);
+        for i in 0..nqueues {
+            h.queues.push(DriverQueue::new(i, size));
+            h.start_queue(i);
+        }
+        h
+    }
+
+    /// The guest IOMMU model (under ACCESS_PLATFORM).
+    pub fn iommu(&self) -> &Arc<IommuFront> {
+        self.iommu.as_ref().expect("started with start_iotlb")
+    }
+
+    /// The address the device is given for `gpa`: its IOVA under
+    /// ACCESS_PLATFORM, else the GPA itself.
+    pub fn dma_addr(&self, gpa: u64) -> u64 {
+        if self.iommu.is_some() {
+            iova_of(gpa)
+        } else {
+            gpa
+        }
+    }
+
+    /// Holds the main channel (for direct `fe` calls while the miss server
+    /// may write UPDATEs).
+    pub fn lock_main(&self) -> MutexGuard<'_, ()> {
+        lock(&self.main_lock)
     }
 
     /// Connects, sets the memory table (metadata + data regions) and starts
@@ -486,8 +611,13 @@ impl Harness {
 
     /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `i`.
     pub fn start_queue(&mut self, i: usize) {
+        let _g = lock(&self.main_lock);
         let q = &self.queues[i];
-        let cfg = q.config(&self.mem);
+        let cfg = if self.iommu.is_some() {
+            q.config_iova()
+        } else {
+            q.config(&self.mem)
+        };
         self.fe.set_vring_num(i, q.size).expect("SET_VRING_NUM");
         self.fe.set_vring_addr(i, &cfg).expect("SET_VRING_ADDR");
         self.fe
@@ -505,6 +635,33 @@ impl Harness {
         dq.wait_used(&self.mem, TIMEOUT)
     }
 
+    /// One virtio-blk request on queue `q` with buffers given by their
+    /// device addresses (IOVAs under ACCESS_PLATFORM): header at `hdr`
+    /// (written through GPA `hdr_gpa`), `bufs` as (address, length,
+    /// device-writable), status at `status` (GPA `status_gpa`). Returns
+    /// the status byte and used length.
+    pub fn blk_raw(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        (hdr, hdr_gpa): (u64, u64),
+        bufs: &[Desc],
+        (status, status_gpa): (u64, u64),
+    ) -> (u8, u32) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(hdr_gpa, &h);
+        self.mem.write(status_gpa, &[0xff]);
+        let mut chain: Vec<Desc> = vec![(hdr, 16, false)];
+        chain.extend_from_slice(bufs);
+        chain.push((status, 1, true));
+        let (id, used_len) = self.run_chain(q, &chain).expect("request completes");
+        assert_eq!(id, 0, "used id is the head");
+        (self.mem.read(status_gpa, 1)[0], used_len)
+    }
+
     /// One virtio-blk request on queue `q`: header, `out` data (device
     /// reads), `in_len` bytes of device-writable data, status byte.
     pub fn blk(&mut self, q: usize, kind: u32, sector: u64, out: &[u8], in_len: u32) -> BlkResult {
@@ -517,16 +674,17 @@ impl Harness {
         hdr[8..16].copy_from_slice(&sector.to_le_bytes());
         self.mem.write(hdr_gpa, &hdr);
         self.mem.write(status_gpa, &[0xff]);
-        let mut chain: Vec<Desc> = vec![(hdr_gpa, 16, false)];
+        let d = |gpa| self.dma_addr(gpa);
+        let mut chain: Vec<Desc> = vec![(d(hdr_gpa), 16, false)];
         if !out.is_empty() {
             self.mem.write(data_gpa, out);
-            chain.push((data_gpa, out.len() as u32, false));
+            chain.push((d(data_gpa), out.len() as u32, false));
         }
         if in_len > 0 {
             self.mem.write(data_gpa, &vec![0xa5; in_len as usize]);
-            chain.push((data_gpa, in_len, true));
+            chain.push((d(data_gpa), in_len, true));
         }
-        chain.push((status_gpa, 1, true));
+        chain.push((d(status_gpa), 1, true));
         let (id, used_len) = self.run_chain(q, &chain).expect("request completes");
         assert_eq!(id, 0, "used id is the head");
         BlkResult {
@@ -599,6 +757,7 @@ impl Harness {
         payload: &[u8],
         fds: &[RawFd],
     ) -> Option<Frame> {
+        let _g = lock(&self.main_lock);
         let s = self.sock();
         let h = FrameHeader::request(u32::from(req), flags, payload.len() as u32);
         wire::write_frame(&s, &h, payload, fds).ok()?;
@@ -615,6 +774,7 @@ impl Harness {
         payload: &[u8],
         fds: &[RawFd],
     ) -> Option<Frame> {
+        let _g = lock(&self.main_lock);
         let s = self.sock();
         let h = FrameHeader::request(code, flags, payload.len() as u32);
         wire::write_frame(&s, &h, payload, fds).ok()?;
@@ -654,4 +814,219 @@ pub fn unsealed_memfd(len: u64) -> File {
     let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     f.set_len(len).expect("set_len");
     f
+}
+
+// ---------------------------------------------------------------------------
+// The guest IOMMU (ACCESS_PLATFORM)
+
+/// What [`Harness::start_iotlb`] adds to a GPA to make its IOVA: IOVAs and
+/// GPAs never coincide, so a GPA taken for an IOVA faults.
+pub const IOVA_SHIFT: u64 = 0x10_0000_0000;
+
+/// The IOVA of `gpa` in [`Harness::start_iotlb`]'s default mapping.
+pub fn iova_of(gpa: u64) -> u64 {
+    gpa + IOVA_SHIFT
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One miss the frontend received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MissSeen {
+    /// The IOVA asked for.
+    pub iova: u64,
+    /// `VHOST_ACCESS_*` asked for.
+    pub perm: u8,
+    /// When it came.
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Model {
+    /// IOVA page -> (GPA page, VHOST_ACCESS_*).
+    pages: BTreeMap<u64, (u64, VhostAccess)>,
+    /// Pages whose misses are never acked.
+    silent: BTreeSet<u64>,
+    /// While set, misses wait before being answered.
+    hold: bool,
+    misses: Vec<MissSeen>,
+    /// Round trips of answered misses (receive -> ack sent).
+    answer_times: Vec<Duration>,
+    stop: bool,
+}
+
+/// The guest's IOMMU as the frontend sees it, and the backend-channel
+/// server that answers the daemon's misses from it.
+pub struct IommuFront {
+    main: UnixStream,
+    main_lock: Arc<Mutex<()>>,
+    /// (GPA, size, frontend user address) of each memory region.
+    regions: Vec<(u64, u64, u64)>,
+    model: Mutex<Model>,
+    changed: Condvar,
+    backend: Mutex<Option<UnixStream>>,
+}
+
+impl IommuFront {
+    fn new(main: UnixStream, main_lock: Arc<Mutex<()>>, regions: Vec<(u64, u64, u64)>) -> Self {
+        IommuFront {
+            main,
+            main_lock,
+            regions,
+            model: Mutex::default(),
+            changed: Condvar::new(),
+            backend: Mutex::new(None),
+        }
+    }
+
+    /// The frontend user address of `gpa`.
+    pub fn uaddr(&self, gpa: u64) -> u64 {
+        self.regions
+            .iter()
+            .find(|(g, s, _)| *g <= gpa && gpa < g + s)
+            .map(|(g, _, u)| u + (gpa - g))
+            .unwrap_or_else(|| panic!("GPA {gpa:#x} outside guest memory"))
+    }
+
+    /// Maps `len` bytes (whole pages) at `iova` to `gpa` in the model.
+    pub fn map(&self, iova: u64, gpa: u64, len: u64, perm: VhostAccess) {
+        let mut m = lock(&self.model);
+        for off in (0..len).step_by(IOTLB_PAGE_SIZE as usize) {
+            m.pages.insert(iova + off, (gpa + off, perm));
+        }
+    }
+
+    /// Unmaps `len` bytes at `iova` in the model (no message is sent).
+    pub fn unmap(&self, iova: u64, len: u64) {
+        let mut m = lock(&self.model);
+        for off in (0..len).step_by(IOTLB_PAGE_SIZE as usize) {
+            m.pages.remove(&(iova + off));
+        }
+    }
+
+    /// Never acks misses of the page of `iova`.
+    pub fn set_silent(&self, iova: u64) {
+        lock(&self.model)
+            .silent
+            .insert(iova & !(IOTLB_PAGE_SIZE - 1));
+    }
+
+    /// Holds (true) or releases (false) the answers to misses.
+    pub fn hold(&self, on: bool) {
+        lock(&self.model).hold = on;
+        self.changed.notify_all();
+    }
+
+    /// The misses received so far.
+    pub fn misses(&self) -> Vec<MissSeen> {
+        lock(&self.model).misses.clone()
+    }
+
+    /// Forgets the misses received so far.
+    pub fn clear_misses(&self) {
+        lock(&self.model).misses.clear();
+    }
+
+    /// Waits until at least `n` misses were received.
+    pub fn wait_misses(&self, n: usize, timeout: Duration) -> bool {
+        super::poll_until(timeout, || {
+            (lock(&self.model).misses.len() >= n).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Round trips of the misses answered so far, as the frontend saw them.
+    pub fn answer_times(&self) -> Vec<Duration> {
+        lock(&self.model).answer_times.clone()
+    }
+
+    fn shutdown(&self) {
+        lock(&self.model).stop = true;
+        self.changed.notify_all();
+        if let Some(s) = lock(&self.backend).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Sends an IOTLB_MSG on the main channel and returns its ack value
+    /// (None if the daemon closed the connection).
+    pub fn send(&self, msg: &IotlbMsg) -> Option<u64> {
+        let _g = lock(&self.main_lock);
+        let h = FrameHeader::request(
+            u32::from(FrontendReq::IOTLB_MSG),
+            FLAG_NEED_REPLY,
+            IOTLB_MSG_LEN as u32,
+        );
+        wire::write_frame(&self.main, &h, &msg.encode(), &[]).ok()?;
+        let f = wire::read_frame(&self.main, FlagPolicy::VHOST_USER).ok()??;
+        assert!(f.header.is_reply() && f.header.request == u32::from(FrontendReq::IOTLB_MSG));
+        Some(u64_of(&f.payload))
+    }
+
+    /// UPDATE `iova..+size` -> the user address of `gpa`, `perm`.
+    pub fn update(&self, iova: u64, size: u64, gpa: u64, perm: VhostAccess) -> u64 {
+        self.send(&IotlbMsg {
+            iova,
+            size,
+            uaddr: self.uaddr(gpa),
+            perm: perm as u8,
+            kind: VhostIotlbType::Update as u8,
+            padding: [0; 6],
+        })
+        .expect("UPDATE acked")
+    }
+
+    /// INVALIDATE `iova..+size`; returns the ack value.
+    pub fn invalidate(&self, iova: u64, size: u64) -> u64 {
+        self.send(&IotlbMsg {
+            iova,
+            size,
+            kind: VhostIotlbType::Invalidate as u8,
+            ..IotlbMsg::default()
+        })
+        .expect("INVALIDATE acked")
+    }
+
+    /// The backend-channel server: one miss at a time, as QEMU.
+    fn serve(&self, sock: UnixStream) {
+        *lock(&self.backend) = Some(sock.try_clone().expect("dup backend channel"));
+        while let Ok(Some(f)) = wire::read_frame(&sock, FlagPolicy::VHOST_USER) {
+            let got = Instant::now();
+            assert_eq!(f.header.request, u32::from(BackendReq::IOTLB_MSG));
+            let msg = IotlbMsg::decode(&f.payload).expect("32-byte IOTLB message");
+            assert_eq!(msg.kind, VhostIotlbType::Miss as u8, "only misses come");
+            let page = msg.iova & !(IOTLB_PAGE_SIZE - 1);
+            let answer = {
+                let mut m = lock(&self.model);
+                m.misses.push(MissSeen {
+                    iova: msg.iova,
+                    perm: msg.perm,
+                    at: got,
+                });
+                while m.hold && !m.stop {
+                    m = self.changed.wait(m).unwrap_or_else(|p| p.into_inner());
+                }
+                if m.stop {
+                    return;
+                }
+                if m.silent.contains(&page) {
+                    continue;
+                }
+                m.pages.get(&page).copied()
+            };
+            let ok = match answer {
+                Some((gpa, perm)) => self.update(page, IOTLB_PAGE_SIZE, gpa, perm) == 0,
+                None => false,
+            };
+            if f.header.need_reply() {
+                let v = u64::from(!ok).to_le_bytes();
+                if wire::write_frame(&sock, &f.header.reply(8), &v, &[]).is_err() {
+                    return;
+                }
+            }
+            lock(&self.model).answer_times.push(got.elapsed());
+        }
+    }
 }

@@ -17,8 +17,10 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, info, warn};
+use vcdev_iommu::iotlb::IotlbError;
 use vcdev_iommu::{AddressSpace, Errno, SealPolicy};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
@@ -26,17 +28,22 @@ use vhost::vhost_user::message::{
     VhostUserVringState, VHOST_USER_CONFIG_SIZE,
 };
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::VhostIotlbType;
+use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_channel::BackendChannel;
+use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
 use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
-use super::vring::{Vring, VringError};
-use crate::registry::Ownership;
+use super::vring::{DmaCtx, Iotlb, Vring, VringError};
+use crate::registry::{DeviceCounters, Ownership};
 use crate::wire::{self, FlagPolicy, Frame, FrameHeader, WireError};
 
-/// The protocol features offered (ACCESS_PLATFORM comes with the vIOMMU
-/// issue, and with it IOTLB_MSG).
+/// The protocol features offered. REPLY_ACK and BACKEND_REQ are what QEMU
+/// requires before it accepts VIRTIO_F_ACCESS_PLATFORM (IOTLB messages
+/// need no protocol feature of their own).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -51,6 +58,8 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 const VRING_IDX_MASK: u64 = 0xff;
 /// Bit 8 of a SET_VRING_KICK/CALL/ERR payload: no descriptor comes.
 const VRING_NOFD_MASK: u64 = 0x100;
+/// VIRTIO_F_ACCESS_PLATFORM: addresses are IOVAs of the frontend's vIOMMU.
+const ACCESS_PLATFORM: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
 /// virtio status bit DRIVER_OK.
 const STATUS_DRIVER_OK: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
 
@@ -108,6 +117,15 @@ pub enum ConnError {
     /// A queue could not start.
     #[error("Queue start failed")]
     Vring(#[from] VringError),
+    /// An IOTLB UPDATE the IOMMU refused.
+    #[error("IOTLB update refused")]
+    Iotlb(#[from] IotlbError),
+    /// IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated.
+    #[error("IOTLB message without VIRTIO_F_ACCESS_PLATFORM negotiated")]
+    NoAccessPlatform,
+    /// The backend channel could not be set up.
+    #[error("Backend channel setup failed")]
+    BackendChannel(#[source] std::io::Error),
 }
 
 impl ConnError {
@@ -130,6 +148,9 @@ impl ConnError {
             ConnError::Memory(e) => e.errno(),
             ConnError::Unsupported(_) => Errno(libc::EOPNOTSUPP),
             ConnError::Vring(_) => Errno(libc::EIO),
+            ConnError::Iotlb(e) => e.errno(),
+            ConnError::NoAccessPlatform => Errno(libc::EOPNOTSUPP),
+            ConnError::BackendChannel(e) => Errno::from_io(e),
             _ => Errno::EINVAL,
         }
     }
@@ -148,6 +169,9 @@ enum Reply {
 pub struct ConnConfig {
     /// What memory-table fds must be.
     pub seal_policy: SealPolicy,
+    /// How long a queue waits for the answer to an IOTLB miss before the
+    /// request fails.
+    pub iotlb_miss_timeout: Duration,
 }
 
 /// One frontend connection to one device.
@@ -160,7 +184,10 @@ pub struct Conn {
     status: u8,
     mem: MemoryTable,
     vrings: Vec<Vring>,
-    backend_channel: Option<UnixStream>,
+    /// Under ACCESS_PLATFORM, descriptor and ring addresses are IOVAs
+    /// translated here (IOTLB entries point into the memory table's objects).
+    iova_space: Arc<AddressSpace>,
+    iotlb: Arc<Iotlb>,
 }
 
 fn u64_payload(v: u64) -> Vec<u8> {
@@ -183,7 +210,12 @@ impl Conn {
             status: 0,
             mem: MemoryTable::new(AddressSpace::new(), cfg.seal_policy),
             vrings,
-            backend_channel: None,
+            iova_space: AddressSpace::new(),
+            iotlb: Arc::new(Iotlb {
+                misses: MissTable::default(),
+                channel: BackendChannel::default(),
+                timeout: cfg.iotlb_miss_timeout,
+            }),
         }
     }
 
@@ -219,7 +251,16 @@ impl Conn {
         for v in &mut self.vrings {
             v.reset(true);
         }
+        self.iotlb.channel.close();
+        self.flush_iotlb();
         self.mem.clear();
+        if self.access_platform() {
+            info!(
+                "{}: counters (device total): {}",
+                self.peer,
+                super::counters_line(self.own.device())
+            );
+        }
         if let Err(e) = self.own.device().blk().flush() {
             warn!("{}: flush after disconnect failed: {e}", self.peer);
         }
@@ -231,7 +272,26 @@ impl Conn {
     }
 
     fn offered_features(&self) -> u64 {
-        self.dev().device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let mut f =
+            self.dev().device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // QEMU refuses a device offering ACCESS_PLATFORM without these.
+        let needed = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::BACKEND_REQ;
+        if offered_protocol_features().contains(needed) {
+            f |= ACCESS_PLATFORM;
+        }
+        f
+    }
+
+    /// Whether VIRTIO_F_ACCESS_PLATFORM is negotiated: addresses are IOVAs.
+    fn access_platform(&self) -> bool {
+        self.features & ACCESS_PLATFORM != 0
+    }
+
+    /// Drops every IOTLB entry; returns after the grace period.
+    fn flush_iotlb(&self) {
+        if self.iova_space.iotlb_clear() > 0 {
+            DeviceCounters::add(&self.own.device().counters().iotlb_flushes, 1);
+        }
     }
 
     fn reply_ack_on(&self) -> bool {
@@ -311,6 +371,7 @@ impl Conn {
             FrontendReq::RESET_OWNER => {
                 expect_len(req, &payload, 0)?;
                 self.reset_device();
+                self.flush_iotlb();
                 self.mem.clear();
                 Ok(Reply::Ack)
             }
@@ -349,6 +410,7 @@ impl Conn {
                     got: 0,
                     want: 1,
                 })?;
+                self.flush_iotlb();
                 self.mem.add(single_desc(&r), fd)?;
                 info!(
                     "{}: memory region added at GPA {:#x} ({} regions)",
@@ -368,6 +430,7 @@ impl Conn {
                         want: 1,
                     });
                 }
+                self.flush_iotlb();
                 self.mem.remove(&single_desc(&r))?;
                 info!(
                     "{}: memory region removed at GPA {:#x} ({} regions)",
@@ -413,6 +476,7 @@ impl Conn {
                 Ok(Reply::Ack)
             }
             FrontendReq::SET_VRING_ADDR => self.set_vring_addr(body(req, &payload)?),
+            FrontendReq::IOTLB_MSG => self.iotlb_msg(&payload),
             FrontendReq::SET_VRING_BASE => {
                 let s = body::<VhostUserVringState>(req, &payload)?;
                 let base = u16::try_from(s.num).map_err(|_| ConnError::Invalid {
@@ -436,6 +500,9 @@ impl Conn {
                 let v = self.vring_mut(req, s.index)?;
                 v.reset(false);
                 let base = v.base();
+                // QEMU never flushes the IOTLB itself: entries of this run
+                // (SeaBIOS's, say) must not survive into the next one.
+                self.flush_iotlb();
                 info!("{}: queue {} stopped at {base}", self.peer, { s.index });
                 Ok(Reply::Payload(
                     VhostUserVringState::new(s.index, u32::from(base))
@@ -462,11 +529,11 @@ impl Conn {
                         })
                     }
                 };
-                let (dev, space, peer) = (self.dev().clone(), self.dma_space(), self.peer.clone());
+                let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
                 let v = self.vring_mut(req, s.index)?;
                 v.set_enabled(on);
                 if on {
-                    v.maybe_start(&dev, &space, &peer)?;
+                    v.maybe_start(&dev, &dma, &peer)?;
                 } else {
                     v.stop();
                 }
@@ -493,7 +560,10 @@ impl Conn {
                     got: 0,
                     want: 1,
                 })?;
-                self.backend_channel = Some(UnixStream::from(fd));
+                self.iotlb
+                    .channel
+                    .set(UnixStream::from(fd), self.reply_ack_on(), &self.peer)
+                    .map_err(ConnError::BackendChannel)?;
                 Ok(Reply::Ack)
             }
             FrontendReq::SET_STATUS => {
@@ -523,11 +593,104 @@ impl Conn {
         }
     }
 
-    /// The address space descriptor and ring addresses are translated in:
-    /// guest physical today; the IOVA space when ACCESS_PLATFORM is
-    /// negotiated (the vIOMMU issue).
-    fn dma_space(&self) -> Arc<AddressSpace> {
-        self.mem.gpa_space().clone()
+    /// What queues translate descriptor and ring addresses through: guest
+    /// physical addresses, or IOVAs when ACCESS_PLATFORM is negotiated (the
+    /// single switch point).
+    fn dma(&self) -> DmaCtx {
+        let (space, iotlb) = if self.access_platform() {
+            (self.iova_space.clone(), Some(self.iotlb.clone()))
+        } else {
+            (self.mem.gpa_space().clone(), None)
+        };
+        DmaCtx {
+            space,
+            iotlb,
+            device: self.own.device().clone(),
+        }
+    }
+
+    /// VHOST_USER_IOTLB_MSG: UPDATE or INVALIDATE. Acked only once it holds:
+    /// an UPDATE that replaced entries, and every INVALIDATE, return after
+    /// the grace period (no queue uses the old translation any more).
+    fn iotlb_msg(&mut self, payload: &[u8]) -> Result<Reply, ConnError> {
+        let req = FrontendReq::IOTLB_MSG;
+        expect_len(req, payload, IOTLB_MSG_LEN)?;
+        if !self.access_platform() {
+            return Err(ConnError::NoAccessPlatform);
+        }
+        let m = IotlbMsg::decode(payload).ok_or(ConnError::PayloadSize {
+            req,
+            got: payload.len(),
+            want: IOTLB_MSG_LEN,
+        })?;
+        const UPDATE: u8 = VhostIotlbType::Update as u8;
+        const INVALIDATE: u8 = VhostIotlbType::Invalidate as u8;
+        match m.kind {
+            UPDATE => {
+                let perm = perm_from_vhost(m.perm).ok_or(ConnError::Invalid {
+                    req,
+                    what: "IOTLB permission",
+                    value: u64::from(m.perm),
+                })?;
+                self.iotlb_update(&m, perm)?;
+                DeviceCounters::add(&self.own.device().counters().iotlb_updates, 1);
+                // Wake the queues waiting for this page (after the update is
+                // published, before QEMU acks their miss).
+                self.iotlb.misses.updated(m.iova, m.size, perm);
+                debug!(
+                    "{}: IOTLB update {:#x}+{:#x} -> {:#x} {perm:?}",
+                    self.peer, m.iova, m.size, m.uaddr
+                );
+            }
+            INVALIDATE => {
+                let n = self.iova_space.iotlb_invalidate(m.iova, m.size);
+                DeviceCounters::add(&self.own.device().counters().iotlb_invalidates, 1);
+                debug!(
+                    "{}: IOTLB invalidate {:#x}+{:#x} ({n} entries)",
+                    self.peer, m.iova, m.size
+                );
+            }
+            k => {
+                return Err(ConnError::Invalid {
+                    req,
+                    what: "IOTLB message type",
+                    value: u64::from(k),
+                })
+            }
+        }
+        Ok(Reply::Ack)
+    }
+
+    /// Maps `m.iova..+m.size` to the frontend's user range at `m.uaddr`,
+    /// one memory region at a time.
+    fn iotlb_update(&self, m: &IotlbMsg, perm: vcdev_iommu::Permissions) -> Result<(), ConnError> {
+        let req = FrontendReq::IOTLB_MSG;
+        if m.size == 0 || m.iova.checked_add(m.size - 1).is_none() {
+            return Err(IotlbError::BadRange {
+                iova: m.iova,
+                size: m.size,
+            }
+            .into());
+        }
+        let (mut iova, mut uaddr, mut left) = (m.iova, m.uaddr, m.size);
+        while left > 0 {
+            let (mem, offset, avail) = self
+                .mem
+                .uaddr_piece(uaddr)
+                .ok_or(MemoryError::Unmapped { uaddr })?;
+            let n = avail.min(left);
+            self.iova_space.iotlb_update(iova, n, &mem, offset, perm)?;
+            left -= n;
+            if left > 0 {
+                iova += n;
+                uaddr = uaddr.checked_add(n).ok_or(ConnError::Invalid {
+                    req,
+                    what: "IOTLB user address",
+                    value: m.uaddr,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn need_protocol(
@@ -603,6 +766,7 @@ impl Conn {
                 fd,
             ));
         }
+        self.flush_iotlb();
         self.mem.replace(regions)?;
         info!("{}: memory table set ({n} regions)", self.peer);
         Ok(Reply::Ack)
@@ -627,16 +791,23 @@ impl Conn {
         let desc_len = 16 * size;
         let avail_len = 6 + 2 * size;
         let used_len = 6 + 8 * size;
-        let desc = self.mem.uaddr_to_gpa(a.descriptor, desc_len)?;
-        let avail = self.mem.uaddr_to_gpa(a.available, avail_len)?;
-        let used = self.mem.uaddr_to_gpa(a.used, used_len)?;
-        let (dev, space, peer) = (self.dev().clone(), self.dma_space(), self.peer.clone());
+        let (desc, avail, used) = if self.access_platform() {
+            // IOVAs: translated (and asked for) by the queue when it runs.
+            (a.descriptor, a.available, a.used)
+        } else {
+            (
+                self.mem.uaddr_to_gpa(a.descriptor, desc_len)?,
+                self.mem.uaddr_to_gpa(a.available, avail_len)?,
+                self.mem.uaddr_to_gpa(a.used, used_len)?,
+            )
+        };
+        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
         let v = self.vring_mut(req, index)?;
         let was_running = v.running();
         v.stop();
         v.set_addr(desc, avail, used);
         if was_running {
-            v.maybe_start(&dev, &space, &peer)?;
+            v.maybe_start(&dev, &dma, &peer)?;
         }
         Ok(Reply::Ack)
     }
@@ -665,7 +836,7 @@ impl Conn {
             unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
         });
         let features = self.features;
-        let (dev, space, peer) = (self.dev().clone(), self.dma_space(), self.peer.clone());
+        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
         let vr = self.vring_mut(req, index)?;
         match req {
             FrontendReq::SET_VRING_KICK => {
@@ -679,7 +850,7 @@ impl Conn {
                 if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     vr.set_enabled(true);
                 }
-                vr.maybe_start(&dev, &space, &peer)?;
+                vr.maybe_start(&dev, &dma, &peer)?;
                 debug!("{peer}: queue {index} kick fd set");
             }
             FrontendReq::SET_VRING_CALL => vr.set_call(fd),
@@ -734,6 +905,7 @@ impl Conn {
         for v in &mut self.vrings {
             v.reset(true);
         }
+        self.flush_iotlb();
         // Protocol features and ownership survive a reset (the frontend
         // does not negotiate them again); virtio features do not.
         self.features = 0;

@@ -260,6 +260,19 @@ impl MemoryTable {
             .ok_or(MemoryError::Unmapped { uaddr })
     }
 
+    /// The region holding the frontend's user address `uaddr`: its memory,
+    /// the offset of `uaddr` in it and the bytes from there to the region's
+    /// end (saturated). An IOTLB UPDATE that spans regions maps piecewise.
+    pub fn uaddr_piece(&self, uaddr: u64) -> Option<(Arc<MemObject>, u64, u64)> {
+        self.regions
+            .iter()
+            .find(|r| r.desc.uaddr <= uaddr && uaddr <= r.uaddr_last)
+            .map(|r| {
+                let off = uaddr - r.desc.uaddr;
+                (r.mem.clone(), off, (r.uaddr_last - uaddr).saturating_add(1))
+            })
+    }
+
     /// The memory behind the frontend's user range `uaddr..+len`, as
     /// `(object, offset)`: what an IOTLB UPDATE (the vIOMMU issue) maps.
     pub fn uaddr_to_mem(&self, uaddr: u64, len: u64) -> Result<(Arc<MemObject>, u64), MemoryError> {

@@ -9,8 +9,11 @@
 //!   memory (after a grace period) and flushes the disk; the device then
 //!   accepts the next frontend with its data intact.
 
+pub mod backend_channel;
 pub mod conn;
+pub mod iotlb;
 pub mod memory;
+pub mod ring;
 pub mod vring;
 
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -47,6 +50,18 @@ fn peer_name(device: &str, n: u64, sock: &UnixStream) -> String {
     } else {
         format!("{device}#{n}")
     }
+}
+
+/// The device's counters as one line of `key=value` words (logged at
+/// disconnect and by `vcdev serve` at exit; the tests parse it).
+pub fn counters_line(device: &Device) -> String {
+    device
+        .counters()
+        .snapshot()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Accepts frontends for `device` on `listener` forever.

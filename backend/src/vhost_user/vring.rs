@@ -13,28 +13,73 @@
 //! - The call and err eventfds are shared ([`Notifiers`]): the frontend may
 //!   change them while the queue runs (QEMU masks guest notifiers so).
 //!
-//! A worker waits only on its own epoll (kick + control): stopping it
-//! (GET_VRING_BASE, SET_VRING_ENABLE 0, RESET_DEVICE, disconnect) never
-//! waits on the frontend. The vIOMMU issue must keep it so: a queue waiting
-//! for a miss answer waits offline and on this same epoll, so that a stop
-//! request wins.
+//! A worker waits only on its own epoll (kick + control + miss wake-up):
+//! stopping it (GET_VRING_BASE, SET_VRING_ENABLE 0, RESET_DEVICE,
+//! disconnect) never waits on the frontend.
+//!
+//! # Under a vIOMMU (ACCESS_PLATFORM)
+//!
+//! The worker pins the rings ([`super::ring`]) and processes the queue with
+//! [`FaultPolicy::Retry`]. A fault ends the session first (the worker is
+//! then quiescent, so an INVALIDATE never waits for it: QEMU acks our miss
+//! only after we acked its invalidations), then joins or sends the miss
+//! ([`super::iotlb`]) and waits on its epoll for the answer, the timeout or
+//! a stop, whichever comes first. An answered miss retries the request; a
+//! refused or timed-out one fails exactly that request with IOERR (the
+//! avail index is clamped to it) and the queue goes on. A write into a
+//! read-only mapping fails at once, without a miss, as in Linux vhost.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use vcdev_device_model::blk::{BlkDevice, BlkQueue, FaultPolicy};
-use vcdev_iommu::{AddressSpace, Reader};
+use vcdev_iommu::translate::ReaderStats;
+use vcdev_iommu::{AddressSpace, Fault, Permissions, Reader};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_channel::BackendChannel;
+use super::iotlb::{record_wait, MissTable, IOTLB_PAGE_SIZE};
+use super::ring::{RingPins, RingView};
 use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
+use crate::registry::{Device, DeviceCounters};
 
 /// The kick eventfd's event id in a worker's loop.
 const EVENT_KICK: u64 = EVENT_FIRST_DEVICE;
+/// The worker's miss wake-up eventfd (an answer to a miss it waits for).
+const EVENT_MISS: u64 = EVENT_FIRST_DEVICE + 1;
+
+/// How many times in a row one page may fault again right after its miss
+/// was answered (updated, then invalidated at once) before the request
+/// fails: a frontend that keeps doing so must not spin a queue forever.
+const MAX_REFAULTS: u32 = 16;
+
+/// A connection's IOTLB machinery, shared by its queues (ACCESS_PLATFORM).
+#[derive(Debug)]
+pub struct Iotlb {
+    /// Misses waiting for an answer.
+    pub misses: MissTable,
+    /// Where misses are sent.
+    pub channel: BackendChannel,
+    /// How long a miss may stay unanswered.
+    pub timeout: Duration,
+}
+
+/// What a queue translates through.
+#[derive(Clone, Debug)]
+pub struct DmaCtx {
+    /// The address space of descriptor and ring addresses.
+    pub space: Arc<AddressSpace>,
+    /// Under ACCESS_PLATFORM: misses are asked of the frontend.
+    pub iotlb: Option<Arc<Iotlb>>,
+    /// The registry's entry of the device (its counters).
+    pub device: Arc<Device>,
+}
 
 /// Errors of starting a queue.
 #[derive(Debug, thiserror::Error)]
@@ -225,11 +270,11 @@ impl Vring {
     }
 
     /// Starts the worker if the queue is started and enabled and not yet
-    /// running. Reads and writes go through a new reader of `space`.
+    /// running. Reads and writes go through a new reader of `dma.space`.
     pub fn maybe_start(
         &mut self,
         device: &Arc<BlkDevice>,
-        space: &Arc<AddressSpace>,
+        dma: &DmaCtx,
         owner: &str,
     ) -> Result<(), VringError> {
         if self.worker.is_some() || !self.enabled {
@@ -267,19 +312,31 @@ impl Vring {
                 .map_err(|source| VringError::EventFd { index, source })?,
             stop: AtomicBool::new(false),
         });
+        let miss_wake = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|source| VringError::EventFd { index, source })?,
+        );
         let el = EventLoop::new().map_err(|source| VringError::EventLoop { index, source })?;
         el.add(kick.as_raw_fd(), EVENT_KICK)
             .and_then(|()| el.add(control.wake.as_raw_fd(), EVENT_CONTROL))
+            .and_then(|()| el.add(miss_wake.as_raw_fd(), EVENT_MISS))
             .map_err(|source| VringError::EventLoop { index, source })?;
+        let reader = dma.space.reader();
         let ctx = WorkerCtx {
             index,
             queue,
             blk: BlkQueue::new(device.clone()),
-            reader: space.reader(),
+            last_stats: reader.stats(),
+            reader,
             kick,
             el,
             control: control.clone(),
             notifiers: self.notifiers.clone(),
+            iotlb: dma.iotlb.clone(),
+            device: dma.device.clone(),
+            pins: RingPins::default(),
+            miss_wake,
+            owner: owner.to_owned(),
         };
         let join = std::thread::Builder::new()
             .name(format!("{owner}-q{index}"))
@@ -340,60 +397,291 @@ struct WorkerCtx {
     queue: Queue,
     blk: BlkQueue,
     reader: Reader,
+    last_stats: ReaderStats,
     kick: EventFd,
     el: EventLoop,
     control: Arc<Control>,
     notifiers: Arc<Notifiers>,
+    iotlb: Option<Arc<Iotlb>>,
+    device: Arc<Device>,
+    pins: RingPins,
+    miss_wake: Arc<EventFd>,
+    owner: String,
+}
+
+/// How a drain of the queue ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drained {
+    /// Nothing left to do until the next kick.
+    Idle,
+    /// The queue is broken until restarted.
+    Broken,
+    /// A stop request came.
+    Stopped,
+}
+
+/// Why a fault could not be resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unresolved {
+    /// The mapping exists but forbids the access.
+    Denied,
+    /// The frontend acked the miss without an UPDATE.
+    Refused,
+    /// No answer before the timeout.
+    TimedOut,
+    /// No backend channel to ask on, or not under a vIOMMU.
+    NoChannel,
+    /// The same page keeps faulting right after its UPDATE.
+    Refaults,
+}
+
+/// The outcome of resolving one fault.
+enum Resolution {
+    /// The translation is there now: process again.
+    Retry,
+    /// It will not come: fail the request.
+    Fail(Unresolved),
+    /// A stop request came while waiting.
+    Stopped,
 }
 
 impl WorkerCtx {
     fn run(mut self) -> Queue {
         // A kick may have come before the queue was enabled: look now.
-        let mut broken = !self.process();
-        loop {
+        let mut state = self.process();
+        while state != Drained::Stopped {
             let mut kicked = false;
             if let Err(e) = self.el.wait(|id| kicked |= id == EVENT_KICK) {
                 error!("queue {}: {e}", self.index);
                 break;
             }
-            // Consume the wake-up first, then look at the word: a stop set
+            // Consume the wake-ups first, then look at the word: a stop set
             // after this look leaves the eventfd readable for the next wait.
             let _ = self.control.wake.read();
+            let _ = self.miss_wake.read();
             if self.control.stop.load(Ordering::SeqCst) {
                 break;
             }
             if kicked {
                 // The count only says "look"; a failed read (EAGAIN) too.
                 let _ = self.kick.read();
-                if !broken {
-                    broken = !self.process();
+                if state != Drained::Broken {
+                    state = self.process();
                 }
             }
         }
+        self.account();
         self.queue
     }
 
-    /// Drains the queue; false if the queue itself is broken (the frontend
-    /// is told on the err eventfd and the queue is left alone until
-    /// restarted).
-    fn process(&mut self) -> bool {
-        let session = self.reader.enter();
-        let r = self
-            .blk
-            .process(&mut self.queue, &session, FaultPolicy::Fail);
-        drop(session);
-        match r {
-            Ok(outcome) => {
-                if outcome.notify {
-                    Notifiers::signal(&self.notifiers.call, "call");
-                }
-                true
+    /// Adds the reader's counts since the last call to the device's.
+    fn account(&mut self) {
+        let now = self.reader.stats();
+        let c = self.device.counters();
+        DeviceCounters::add(
+            &c.translations,
+            now.translations - self.last_stats.translations,
+        );
+        DeviceCounters::add(&c.cache_hits, now.hits - self.last_stats.hits);
+        self.last_stats = now;
+    }
+
+    /// Drains the queue, resolving IOTLB misses on the way.
+    fn process(&mut self) -> Drained {
+        // Process only the next chain, failing it if it faults.
+        let mut fail_one = false;
+        let mut last_fault: Option<(u64, Permissions)> = None;
+        let mut refaults = 0u32;
+        loop {
+            if self.control.stop.load(Ordering::SeqCst) {
+                return Drained::Stopped;
             }
-            Err(e) => {
-                error!("queue {}: {e}; queue stopped until restarted", self.index);
-                Notifiers::signal(&self.notifiers.err, "err");
-                false
+            let session = self.reader.enter();
+            let pins = if self.iotlb.is_some() {
+                let rings = (
+                    self.queue.desc_table(),
+                    self.queue.avail_ring(),
+                    self.queue.used_ring(),
+                );
+                match self.pins.refresh(&session, rings, self.queue.size()) {
+                    Ok(redone) => {
+                        if redone {
+                            DeviceCounters::add(&self.device.counters().ring_pins, 1);
+                        }
+                        Some(&self.pins)
+                    }
+                    Err((fault, access)) => {
+                        drop(session);
+                        self.account();
+                        match self.resolve(&fault, access, &mut last_fault, &mut refaults) {
+                            Resolution::Retry => continue,
+                            Resolution::Stopped => return Drained::Stopped,
+                            Resolution::Fail(why) => {
+                                // Nothing to fail: the queue itself is out
+                                // of reach. Try again at the next kick.
+                                warn!(
+                                    "{}: queue {}: ring at IOVA {:#x} not translatable ({why:?})",
+                                    self.owner,
+                                    self.index,
+                                    fault.iova()
+                                );
+                                return Drained::Idle;
+                            }
+                        }
+                    }
+                }
+            } else {
+                None
+            };
+            let mut view = RingView::new(&session, pins);
+            let policy = if fail_one {
+                let at = self.queue.avail_ring().wrapping_add(2);
+                view = view.clamp_avail_idx(at, self.queue.next_avail().wrapping_add(1));
+                FaultPolicy::Fail
+            } else if self.iotlb.is_some() {
+                FaultPolicy::Retry
+            } else {
+                FaultPolicy::Fail
+            };
+            let r = self.blk.process(&mut self.queue, &view, policy);
+            // The view borrows the session: it ends here with it.
+            drop(session);
+            self.account();
+            let outcome = match r {
+                Ok(o) => o,
+                Err(e) => {
+                    error!(
+                        "{}: queue {}: {e}; queue stopped until restarted",
+                        self.owner, self.index
+                    );
+                    Notifiers::signal(&self.notifiers.err, "err");
+                    return Drained::Broken;
+                }
+            };
+            if outcome.notify {
+                Notifiers::signal(&self.notifiers.call, "call");
+            }
+            if fail_one {
+                fail_one = false;
+                last_fault = None;
+                continue;
+            }
+            let Some(f) = outcome.fault else {
+                return Drained::Idle;
+            };
+            let fault = Fault::Unmapped { iova: f.addr.0 };
+            match self.resolve(&fault, f.access, &mut last_fault, &mut refaults) {
+                Resolution::Retry => {}
+                Resolution::Stopped => return Drained::Stopped,
+                Resolution::Fail(why) => {
+                    debug!(
+                        "{}: queue {}: request at avail {} fails: IOVA {:#x} {:?} ({why:?})",
+                        self.owner,
+                        self.index,
+                        self.queue.next_avail(),
+                        f.addr.0,
+                        f.access
+                    );
+                    fail_one = true;
+                }
             }
         }
+    }
+
+    /// Resolves a fault at `fault.iova()` for `access`: offline, asks the
+    /// frontend (or joins the same pending question) and waits for the
+    /// answer, the timeout or a stop.
+    fn resolve(
+        &mut self,
+        fault: &Fault,
+        access: Permissions,
+        last: &mut Option<(u64, Permissions)>,
+        refaults: &mut u32,
+    ) -> Resolution {
+        let iova = fault.iova();
+        let Some(io) = self.iotlb.clone() else {
+            return Resolution::Fail(Unresolved::NoChannel);
+        };
+        // Already there (an UPDATE raced in), or there but not allowed?
+        match self.reader.enter().translate(iova, 1, access) {
+            Ok(_) => return Resolution::Retry,
+            Err(Fault::Unmapped { .. }) => {}
+            Err(_) => return Resolution::Fail(Unresolved::Denied),
+        }
+        let page = (iova & !(IOTLB_PAGE_SIZE - 1), access);
+        if *last == Some(page) {
+            *refaults += 1;
+            if *refaults > MAX_REFAULTS {
+                *refaults = 0;
+                *last = None;
+                return Resolution::Fail(Unresolved::Refaults);
+            }
+        } else {
+            *last = Some(page);
+            *refaults = 0;
+        }
+        let start = Instant::now();
+        let (miss, send) = io.misses.join(iova, access, &self.miss_wake);
+        if send {
+            if let Err(e) = io.channel.send_miss(&miss, self.device.counters()) {
+                debug!("{}: queue {}: {e}", self.owner, self.index);
+                miss.unsent();
+            }
+        } else {
+            DeviceCounters::add(&self.device.counters().iotlb_misses_joined, 1);
+            debug!(
+                "{}: queue {}: joins the pending miss for IOVA {:#x} {access:?}",
+                self.owner, self.index, miss.page
+            );
+        }
+        let deadline = start + io.timeout;
+        let r = loop {
+            let st = miss.state();
+            if st.updated {
+                break Resolution::Retry;
+            }
+            if st.done() {
+                // Acked (or unsendable) without an UPDATE for this page
+                // and access: unless another UPDATE brought it meanwhile,
+                // the request fails now.
+                if self.reader.enter().translate(iova, 1, access).is_ok() {
+                    break Resolution::Retry;
+                }
+                DeviceCounters::add(&self.device.counters().iotlb_misses_refused, 1);
+                break Resolution::Fail(if st.unsent {
+                    Unresolved::NoChannel
+                } else {
+                    Unresolved::Refused
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                DeviceCounters::add(&self.device.counters().iotlb_misses_timed_out, 1);
+                warn!(
+                    "{}: queue {}: IOTLB miss for IOVA {iova:#x} {access:?} unanswered after {:?}",
+                    self.owner, self.index, io.timeout
+                );
+                break Resolution::Fail(Unresolved::TimedOut);
+            }
+            let mut kicked = false;
+            if let Err(e) = self
+                .el
+                .wait_timeout(Some(deadline - now), |id| kicked |= id == EVENT_KICK)
+            {
+                error!("queue {}: {e}", self.index);
+                break Resolution::Stopped;
+            }
+            let _ = self.miss_wake.read();
+            if kicked {
+                // The drain that follows the answer sees the new chains.
+                let _ = self.kick.read();
+            }
+            if self.control.stop.load(Ordering::SeqCst) {
+                break Resolution::Stopped;
+            }
+        };
+        io.misses.leave(&miss, &self.miss_wake);
+        record_wait(self.device.counters(), start.elapsed());
+        r
     }
 }

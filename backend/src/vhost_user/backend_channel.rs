@@ -1,0 +1,189 @@
+//! The backend channel (SET_BACKEND_REQ_FD): IOTLB misses go out on it,
+//! the frontend's acks come back on it.
+//!
+//! Replies on this channel carry no request id, so misses are matched to
+//! acks in order: a sender appends its miss to `outstanding` and writes it
+//! while holding the channel lock (one sender at a time), and one reader
+//! thread per channel pops the oldest miss for each ack. Nobody ever waits
+//! on this channel while holding a lock: queue workers wait for the miss's
+//! state on their own epoll (see [`super::iotlb`]), and QEMU never reads
+//! this channel while it waits on the main one, so nothing here may block
+//! the connection thread.
+
+use std::collections::VecDeque;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use log::{debug, warn};
+use vhost::vhost_user::message::BackendReq;
+
+use super::iotlb::{IotlbMsg, Miss, IOTLB_MSG_LEN};
+use crate::registry::DeviceCounters;
+use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_NEED_REPLY};
+
+/// Errors of sending on the backend channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The frontend gave no backend channel (or it broke).
+    #[error("No backend channel")]
+    NoChannel,
+    /// Writing the miss failed.
+    #[error("Sending an IOTLB miss failed")]
+    Send(#[source] wire::WireError),
+}
+
+type Outstanding = Arc<Mutex<VecDeque<Arc<Miss>>>>;
+
+struct Open {
+    sock: UnixStream,
+    /// Whether the frontend acks (REPLY_ACK negotiated): only then are
+    /// misses sent with NEED_REPLY and queued for their ack.
+    acks: bool,
+    outstanding: Outstanding,
+    reader: Option<JoinHandle<()>>,
+}
+
+/// The backend channel of one connection.
+#[derive(Default)]
+pub struct BackendChannel {
+    open: Mutex<Option<Open>>,
+}
+
+impl std::fmt::Debug for BackendChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendChannel")
+            .field("open", &lock(&self.open).is_some())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fail_all(outstanding: &Outstanding) {
+    for m in lock(outstanding).drain(..) {
+        m.unsent();
+    }
+}
+
+impl BackendChannel {
+    /// Installs the channel (replacing and closing any previous one) and
+    /// starts its ack reader; `acks` says whether REPLY_ACK is negotiated.
+    pub fn set(&self, sock: UnixStream, acks: bool, peer: &str) -> std::io::Result<()> {
+        self.close();
+        let outstanding: Outstanding = Arc::default();
+        let rsock = sock.try_clone()?;
+        let out = outstanding.clone();
+        let name = format!("{peer}-backend-channel");
+        let reader = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || read_acks(&rsock, &out, &name))?;
+        *lock(&self.open) = Some(Open {
+            sock,
+            acks,
+            outstanding,
+            reader: Some(reader),
+        });
+        Ok(())
+    }
+
+    /// Whether a channel is installed.
+    pub fn is_open(&self) -> bool {
+        lock(&self.open).is_some()
+    }
+
+    /// Sends `miss`; its ack (if the frontend acks) completes it later.
+    pub fn send_miss(
+        &self,
+        miss: &Arc<Miss>,
+        counters: &DeviceCounters,
+    ) -> Result<(), ChannelError> {
+        let g = lock(&self.open);
+        let open = g.as_ref().ok_or(ChannelError::NoChannel)?;
+        let msg = IotlbMsg::miss(miss.iova, miss.access).encode();
+        let flags = if open.acks { FLAG_NEED_REPLY } else { 0 };
+        let hdr = FrameHeader::request(
+            u32::from(BackendReq::IOTLB_MSG),
+            flags,
+            IOTLB_MSG_LEN as u32,
+        );
+        // Queue it first: the ack may be read before write_frame returns.
+        if open.acks {
+            lock(&open.outstanding).push_back(miss.clone());
+        }
+        if let Err(e) = wire::write_frame(&open.sock, &hdr, &msg, &[]) {
+            if open.acks {
+                lock(&open.outstanding).retain(|m| !Arc::ptr_eq(m, miss));
+            }
+            return Err(ChannelError::Send(e));
+        }
+        DeviceCounters::add(&counters.iotlb_misses, 1);
+        debug!("IOTLB miss sent: iova {:#x} {:?}", miss.iova, miss.access);
+        Ok(())
+    }
+
+    /// Closes the channel: its reader ends, misses waiting for an ack are
+    /// failed.
+    pub fn close(&self) {
+        let open = lock(&self.open).take();
+        if let Some(mut o) = open {
+            let _ = o.sock.shutdown(Shutdown::Both);
+            if let Some(r) = o.reader.take() {
+                let _ = r.join();
+            }
+            fail_all(&o.outstanding);
+        }
+    }
+}
+
+impl Drop for BackendChannel {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The reader thread: one ack per outstanding miss, in order. Anything but
+/// an 8-byte IOTLB_MSG reply is a protocol violation that ends the channel.
+fn read_acks(sock: &UnixStream, outstanding: &Outstanding, name: &str) {
+    loop {
+        let frame = match wire::read_frame(sock, FlagPolicy::VHOST_USER) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                debug!("{name}: {e}");
+                break;
+            }
+        };
+        let h = frame.header;
+        if !h.is_reply()
+            || h.request != u32::from(BackendReq::IOTLB_MSG)
+            || frame.payload.len() != 8
+            || !frame.fds.is_empty()
+        {
+            warn!(
+                "{name}: unexpected message {} ({} bytes) on the backend channel; closing it",
+                h.request, h.size
+            );
+            break;
+        }
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&frame.payload);
+        let ok = u64::from_le_bytes(v) == 0;
+        let Some(m) = lock(outstanding).pop_front() else {
+            warn!("{name}: an ack for no miss; ignored");
+            continue;
+        };
+        debug!(
+            "{name}: miss {:#x} acked ({})",
+            m.iova,
+            if ok { "ok" } else { "failed" }
+        );
+        m.acked(ok);
+    }
+    fail_all(outstanding);
+    // Stop the peer too: later misses then fail at once.
+    let _ = sock.shutdown(Shutdown::Both);
+}

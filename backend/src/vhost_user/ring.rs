@@ -1,0 +1,279 @@
+//! Ring translations pinned per queue, as Linux vhost's `meta_iotlb`.
+//!
+//! Under a vIOMMU the descriptor table, avail ring and used ring are IOVAs.
+//! virtio-queue hides a failed access to the avail or used ring (it just
+//! stops, or fails the queue), so the transport translates the three rings
+//! itself before it processes a queue, asking the frontend for the missing
+//! pages with the exact access (descriptor table and avail ring read, used
+//! ring written), and keeps the host slices ([`RingPins`]).
+//!
+//! Pins are redone when the session's generation changes (every removal of
+//! a translation, an INVALIDATE covering a ring included, bumps it). Within
+//! one session they stay valid even if an invalidation runs meanwhile: its
+//! ack waits for the session to end, which is the promise.
+//!
+//! [`RingView`] is the `GuestMemory` the device model walks: ring accesses
+//! come from the pins, everything else from the session. It can also clamp
+//! the avail index the device sees, so that exactly one chain is processed
+//! (used to fail the one request whose miss was refused).
+
+use std::cell::Cell;
+use std::iter::FusedIterator;
+
+use vcdev_iommu::{Fault, HostSlice, Session};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions, VolatileSlice};
+
+use super::iotlb::allows;
+
+/// The byte sizes of the split rings (virtio 1.2 section 2.7): descriptor
+/// table, avail ring (with used_event) and used ring (with avail_event).
+pub fn ring_sizes(size: u16) -> (u64, u64, u64) {
+    let n = u64::from(size);
+    (16 * n, 6 + 2 * n, 6 + 8 * n)
+}
+
+/// One pinned ring.
+#[derive(Debug, Default)]
+struct Pin {
+    iova: u64,
+    len: u64,
+    access: Option<Permissions>,
+    /// (first IOVA, host slice) of each piece, in IOVA order.
+    pieces: Vec<(u64, HostSlice)>,
+}
+
+impl Pin {
+    fn covers(&self, addr: u64, count: u64, access: Permissions) -> bool {
+        let Some(have) = self.access else {
+            return false;
+        };
+        let Some(end) = addr.checked_add(count) else {
+            return false;
+        };
+        count > 0 && addr >= self.iova && end <= self.iova + self.len && allows(have, access)
+    }
+
+    fn pin(
+        &mut self,
+        s: &Session<'_>,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(), Fault> {
+        self.access = None;
+        self.pieces.clear();
+        let mut at = iova;
+        let pieces = &mut self.pieces;
+        s.translate_into(iova, len, access, |h| {
+            pieces.push((at, h));
+            at = at.wrapping_add(h.len as u64);
+        })?;
+        self.iova = iova;
+        self.len = len;
+        self.access = Some(access);
+        Ok(())
+    }
+
+    /// The slices of `addr..addr+count` (inside the pin), at most 4.
+    fn slices(&self, addr: u64, count: u64) -> Option<PinIter> {
+        let mut it = PinIter::default();
+        let end = addr + count;
+        for &(start, h) in &self.pieces {
+            let pend = start + h.len as u64;
+            if pend <= addr || start >= end {
+                continue;
+            }
+            let from = addr.max(start);
+            let to = end.min(pend);
+            let slot = it.items.get_mut(it.n)?;
+            *slot = HostSlice {
+                ptr: h.ptr.wrapping_add((from - start) as usize),
+                len: (to - from) as usize,
+            };
+            it.n += 1;
+        }
+        Some(it)
+    }
+}
+
+/// The three rings of a queue, translated for one generation.
+#[derive(Debug, Default)]
+pub struct RingPins {
+    pins: [Pin; 3],
+    generation: Option<u64>,
+}
+
+// SAFETY: the host pointers are plain data until dereferenced, which only
+// the owning queue worker does, inside one of its sessions, after checking
+// that the pins were made for that session's generation (so the memory they
+// point into is still mapped); moving them between threads is harmless.
+unsafe impl Send for RingPins {}
+
+impl RingPins {
+    /// Forgets the pins (the queue's addresses changed).
+    pub fn reset(&mut self) {
+        self.generation = None;
+    }
+
+    /// Makes sure the rings at `desc`, `avail`, `used` of a queue of `size`
+    /// are pinned for the session's generation. Returns whether they were
+    /// (re)translated, or the fault to resolve first with the access the
+    /// ring needs.
+    pub fn refresh(
+        &mut self,
+        s: &Session<'_>,
+        (desc, avail, used): (u64, u64, u64),
+        size: u16,
+    ) -> Result<bool, (Fault, Permissions)> {
+        let g = s.generation();
+        if self.generation == Some(g) {
+            return Ok(false);
+        }
+        self.generation = None;
+        let (dl, al, ul) = ring_sizes(size);
+        for (pin, (iova, len, access)) in self.pins.iter_mut().zip([
+            (desc, dl, Permissions::Read),
+            (avail, al, Permissions::Read),
+            (used, ul, Permissions::Write),
+        ]) {
+            pin.pin(s, iova, len, access).map_err(|f| (f, access))?;
+        }
+        self.generation = Some(g);
+        Ok(true)
+    }
+}
+
+/// The memory a queue is processed through: pinned rings, then the session.
+pub struct RingView<'a, 's> {
+    session: &'a Session<'s>,
+    pins: Option<&'a RingPins>,
+    /// (address of the avail ring's idx, the value to show).
+    clamp: Option<(u64, Cell<u16>)>,
+}
+
+impl<'a, 's> RingView<'a, 's> {
+    /// A view of `session`, serving rings from `pins` (if any).
+    pub fn new(session: &'a Session<'s>, pins: Option<&'a RingPins>) -> Self {
+        RingView {
+            session,
+            pins,
+            clamp: None,
+        }
+    }
+
+    /// Shows `idx` as the avail ring's index at `avail_idx_addr`.
+    pub fn clamp_avail_idx(mut self, avail_idx_addr: u64, idx: u16) -> Self {
+        self.clamp = Some((avail_idx_addr, Cell::new(idx.to_le())));
+        self
+    }
+
+    fn pinned(&self, addr: u64, count: usize, access: Permissions) -> Option<PinIter> {
+        let pins = self.pins?;
+        let count = count as u64;
+        pins.pins
+            .iter()
+            .find(|p| p.covers(addr, count, access))?
+            .slices(addr, count)
+    }
+}
+
+/// Up to four pinned slices.
+#[derive(Clone, Copy, Debug)]
+pub struct PinIter {
+    items: [HostSlice; 4],
+    n: usize,
+    i: usize,
+}
+
+const NO_SLICE: HostSlice = HostSlice {
+    ptr: std::ptr::null_mut(),
+    len: 0,
+};
+
+impl Default for PinIter {
+    fn default() -> Self {
+        PinIter {
+            items: [NO_SLICE; 4],
+            n: 0,
+            i: 0,
+        }
+    }
+}
+
+/// The slices of one access through a [`RingView`].
+pub enum ViewIter<'a, I> {
+    /// From the pins (or the clamp cell).
+    Pinned(PinIter, std::marker::PhantomData<&'a ()>),
+    /// From the session.
+    Session(I),
+}
+
+impl<'a, I> Iterator for ViewIter<'a, I>
+where
+    I: Iterator<Item = GuestMemoryResult<VolatileSlice<'a, ()>>>,
+{
+    type Item = GuestMemoryResult<VolatileSlice<'a, ()>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            ViewIter::Pinned(p, _) => {
+                let h = *p.items.get(p.i).filter(|_| p.i < p.n)?;
+                p.i += 1;
+                // SAFETY: the slice comes from a translation made in the
+                // session this view borrows for 'a (pins are redone for each
+                // generation and used only while that session is online), or
+                // from the view's clamp cell, which lives for 'a; both lie
+                // inside memory that stays mapped for 'a.
+                Some(Ok(unsafe { VolatileSlice::new(h.ptr, h.len) }))
+            }
+            ViewIter::Session(i) => i.next(),
+        }
+    }
+}
+
+impl<'a, I> FusedIterator for ViewIter<'a, I> where
+    I: FusedIterator<Item = GuestMemoryResult<VolatileSlice<'a, ()>>>
+{
+}
+
+impl<'a, I> GuestMemorySliceIterator<'a, BS<'a, ()>> for ViewIter<'a, I> where
+    I: GuestMemorySliceIterator<'a, BS<'a, ()>>
+{
+}
+
+impl GuestMemory for RingView<'_, '_> {
+    type PhysicalMemory = vm_memory::GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        self.pinned(addr.0, count, access).is_some()
+            || self.session.check_range(addr, count, access)
+    }
+
+    fn get_slices<'b>(
+        &'b self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
+        if let Some((at, cell)) = &self.clamp {
+            if addr.0 == *at && count == 2 && access == Permissions::Read {
+                let mut it = PinIter::default();
+                it.items[0] = HostSlice {
+                    ptr: cell.as_ptr().cast::<u8>(),
+                    len: 2,
+                };
+                it.n = 1;
+                return Ok(ViewIter::Pinned(it, std::marker::PhantomData));
+            }
+        }
+        if let Some(it) = self.pinned(addr.0, count, access) {
+            return Ok(ViewIter::Pinned(it, std::marker::PhantomData));
+        }
+        Ok(ViewIter::Session(
+            self.session.get_slices(addr, count, access)?,
+        ))
+    }
+}

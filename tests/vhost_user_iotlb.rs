@@ -1,0 +1,415 @@
+//! vhost-user under a vIOMMU, without QEMU: the harness acks
+//! VIRTIO_F_ACCESS_PLATFORM, gives every address as an IOVA and answers the
+//! daemon's IOTLB misses on the backend channel from its model of the guest
+//! IOMMU ([`common::frontend::IommuFront`]), as QEMU 10 does.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::frontend::{
+    iova_of, pattern, Desc, Harness, Vcdev, DATA_GPA, SECTOR, S_IOERR, S_OK, TIMEOUT,
+};
+use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
+use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostAccess, VhostBackend, VhostIotlbType};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
+
+const PAGE: u64 = IOTLB_PAGE_SIZE;
+const RO: u8 = VhostAccess::ReadOnly as u8;
+const WO: u8 = VhostAccess::WriteOnly as u8;
+
+/// A daemon with one 16 MiB RAM disk of `queues` queues, plus `extra` options.
+fn daemon(tag: &str, queues: u16, extra: &[&str]) -> Vcdev {
+    let spec = format!("blk,ram=16M,queues={queues}");
+    let mut args = vec!["--device", spec.as_str()];
+    args.extend_from_slice(extra);
+    Vcdev::start(tag, &args, "vfio0")
+}
+
+fn page_of(a: u64) -> u64 {
+    a & !(PAGE - 1)
+}
+
+/// The value of `key=N` in the last line of `log` that has it.
+fn counter(log: &str, key: &str) -> Option<u64> {
+    let pat = format!(" {key}=");
+    log.lines().rev().find_map(|l| {
+        let at = l.find(&pat)? + pat.len();
+        l[at..].split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[test]
+fn access_platform_is_offered_with_reply_ack_and_backend_req() {
+    let mut d = daemon("iotlb-offer", 1, &[]);
+    let mut fe = Frontend::connect(d.socket("vfio0"), 1).expect("connect");
+    let f = fe.get_features().expect("GET_FEATURES");
+    assert!(f & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0, "{f:#x}");
+    let p = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    assert!(
+        p.contains(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::BACKEND_REQ)
+    );
+    drop(fe);
+    assert!(d.alive());
+}
+
+/// Without ACCESS_PLATFORM negotiated, an IOTLB message is refused with an
+/// error reply; the connection and the data path go on.
+#[test]
+fn iotlb_msg_without_access_platform_is_an_error_reply() {
+    let mut d = daemon("iotlb-noplat", 1, &[]);
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    let msg = vcdev::vhost_user::iotlb::IotlbMsg {
+        iova: 0x1000,
+        size: PAGE,
+        uaddr: h.mem.uaddr(DATA_GPA),
+        perm: VhostAccess::ReadWrite as u8,
+        kind: VhostIotlbType::Update as u8,
+        padding: [0; 6],
+    };
+    let ack = h.raw_ack(FrontendReq::IOTLB_MSG, &msg.encode(), &[]);
+    assert_eq!(ack, libc::EOPNOTSUPP as u64);
+    assert_eq!(h.write(0, 0, &pattern(1, SECTOR)), S_OK);
+    assert!(d.log().contains("without VIRTIO_F_ACCESS_PLATFORM"));
+}
+
+/// I/O through an empty IOTLB: every page the device touches is asked for
+/// once, with the exact access (rings: descriptors and avail read, used
+/// written; buffers as the request uses them), and nothing else is asked.
+#[test]
+fn io_through_misses_asks_each_page_once_with_the_exact_access() {
+    let mut d = daemon("iotlb-io", 1, &[]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    let data = pattern(7, 4096);
+    // Device-writable first: the data page is asked for write.
+    let r = h.read(0, 8, 4096);
+    assert_eq!(r.status, S_OK);
+    assert_eq!(h.write(0, 8, &data), S_OK);
+    assert_eq!(h.read(0, 8, 4096).data, data);
+    let q = &h.queues[0];
+    let misses: Vec<(u64, u8)> = h
+        .iommu()
+        .misses()
+        .iter()
+        .map(|m| (page_of(m.iova), m.perm))
+        .collect();
+    let want = vec![
+        (iova_of(q.desc), RO),
+        (iova_of(q.avail), RO),
+        (iova_of(q.used), WO),
+        // The status byte shares the header's page, and the device
+        // model reaches it first (to be able to report any failure).
+        (iova_of(q.header_gpa()), WO),
+        (iova_of(q.data_gpa()), WO),
+    ];
+    let mut got = misses.clone();
+    got.sort_unstable();
+    let mut sorted = want.clone();
+    sorted.sort_unstable();
+    assert_eq!(got, sorted, "misses in order: {misses:x?}");
+    // The rings come first, in order.
+    assert_eq!(misses[..3], want[..3]);
+    let times = h.iommu().answer_times();
+    drop(h);
+    common::poll_until(TIMEOUT, || {
+        d.log().contains("device released").then_some(())
+    })
+    .expect("disconnect handled");
+    let out = d.daemon.stop(Duration::from_secs(10)).expect("stop");
+    assert_eq!(
+        counter(&out.stderr, "iotlb_misses"),
+        Some(5),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(counter(&out.stderr, "iotlb_updates"), Some(5));
+    assert!(counter(&out.stderr, "translations").unwrap_or(0) > 0);
+    assert!(counter(&out.stderr, "iotlb_flushes").unwrap_or(0) >= 1);
+    eprintln!("miss answer round trips (frontend side): {times:?}");
+}
+
+/// A buffer that spans two IOVA pages mapped to distant, reversed guest
+/// pages is read and written as two pieces.
+#[test]
+fn buffer_spanning_two_mappings() {
+    let _d = daemon("iotlb-span", 1, &[]);
+    let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
+    let x = 0x2000_0000_0000u64;
+    let (a, b) = (DATA_GPA + 0x30000, DATA_GPA + 0x10000);
+    h.iommu().map(x, a, PAGE, VhostAccess::ReadWrite);
+    h.iommu().map(x + PAGE, b, PAGE, VhostAccess::ReadWrite);
+    let q = &h.queues[0];
+    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
+    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
+    let data = pattern(3, 4096);
+    h.mem.write(a + 0x800, &data[..2048]);
+    h.mem.write(b, &data[2048..]);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_OUT, 0, hdr, &[(x + 0x800, 4096, false)], st);
+    assert_eq!(s, S_OK);
+    assert_eq!(h.read(0, 0, 4096).data, data);
+    // And the device writes through both pieces.
+    h.mem.write(a + 0x800, &[0u8; 2048]);
+    h.mem.write(b, &[0u8; 2048]);
+    let (s, len) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(x + 0x800, 4096, true)], st);
+    assert_eq!((s, len), (S_OK, 4097));
+    assert_eq!(h.mem.read(a + 0x800, 2048), data[..2048]);
+    assert_eq!(h.mem.read(b, 2048), data[2048..]);
+}
+
+/// A device write into a read-only mapping fails with IOERR (no retry, no
+/// write), and the queue goes on.
+#[test]
+fn write_into_read_only_mapping_is_ioerr() {
+    let _d = daemon("iotlb-ro", 1, &[]);
+    let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
+    let y = 0x3000_0000_0000u64;
+    let target = DATA_GPA + 0x50000;
+    h.iommu().map(y, target, PAGE, VhostAccess::ReadOnly);
+    h.mem.write(target, &[0x5a; 4096]);
+    let q = &h.queues[0];
+    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
+    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(y, 4096, true)], st);
+    assert_eq!(s, S_IOERR);
+    assert_eq!(h.mem.read(target, 4096), vec![0x5a; 4096]);
+    // Reading from it is fine (a write request), and the queue goes on.
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_OUT, 0, hdr, &[(y, 4096, false)], st);
+    assert_eq!(s, S_OK);
+    assert_eq!(h.read(0, 0, 4096).data, vec![0x5a; 4096]);
+    let asked: Vec<u8> = h
+        .iommu()
+        .misses()
+        .iter()
+        .filter(|m| page_of(m.iova) == y)
+        .map(|m| m.perm)
+        .collect();
+    assert_eq!(asked, vec![WO], "one miss, for write");
+}
+
+/// A miss the frontend never acks fails its request after the timeout;
+/// the queue then goes on.
+#[test]
+fn unanswered_miss_fails_after_the_timeout_and_the_queue_continues() {
+    let _d = daemon("iotlb-tmo", 1, &["--iotlb-miss-timeout-ms", "400"]);
+    let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
+    // Warm up the rings and the header page.
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let z = 0x4000_0000_0000u64;
+    h.iommu()
+        .map(z, DATA_GPA + 0x60000, PAGE, VhostAccess::ReadWrite);
+    h.iommu().set_silent(z);
+    let q = &h.queues[0];
+    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
+    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
+    let t = Instant::now();
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(z, 512, true)], st);
+    let took = t.elapsed();
+    assert_eq!(s, S_IOERR);
+    assert!(
+        took >= Duration::from_millis(380) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    eprintln!("unanswered miss failed after {took:?}");
+}
+
+/// A miss acked without an UPDATE (an IOVA the guest did not map) fails
+/// its request at once.
+#[test]
+fn ack_without_update_fails_the_request_at_once() {
+    let _d = daemon("iotlb-refused", 1, &[]);
+    let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let w = 0x5000_0000_0000u64;
+    let q = &h.queues[0];
+    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
+    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
+    let t = Instant::now();
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(w, 512, true)], st);
+    let took = t.elapsed();
+    assert_eq!(s, S_IOERR);
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?} (the timeout is 5 s)"
+    );
+    let asked = h
+        .iommu()
+        .misses()
+        .iter()
+        .filter(|m| page_of(m.iova) == w)
+        .count();
+    assert_eq!(asked, 1);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+}
+
+/// Two queues faulting on one page while its miss is pending: one miss is
+/// sent, both requests complete once it is answered.
+#[test]
+fn misses_of_one_page_from_two_queues_are_sent_once() {
+    let mut d = daemon("iotlb-dup", 2, &[]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 2, 64);
+    for q in 0..2 {
+        assert_eq!(h.read(q, 0, 512).status, S_OK);
+    }
+    let shared = 0x6000_0000_0000u64;
+    let gpa = DATA_GPA + 0x70000;
+    h.iommu().map(shared, gpa, PAGE, VhostAccess::ReadWrite);
+    h.mem.write(gpa, &pattern(9, 512));
+    let before = h.iommu().misses().len();
+    h.iommu().hold(true);
+    let chain = |h: &Harness, q: usize| -> Vec<Desc> {
+        let hq = &h.queues[q];
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        hdr[8..16].copy_from_slice(&(u64::from(q as u32) * 8).to_le_bytes());
+        h.mem.write(hq.header_gpa(), &hdr);
+        h.mem.write(hq.header_gpa() + 16, &[0xff]);
+        vec![
+            (iova_of(hq.header_gpa()), 16, false),
+            (shared, 512, false),
+            (iova_of(hq.header_gpa() + 16), 1, true),
+        ]
+    };
+    let c0 = chain(&h, 0);
+    h.queues[0].submit(&h.mem, &c0);
+    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+    let c1 = chain(&h, 1);
+    h.queues[1].submit(&h.mem, &c1);
+    let joined = common::poll_until(TIMEOUT, || {
+        d.log()
+            .contains("queue 1: joins the pending miss")
+            .then_some(())
+    });
+    h.iommu().hold(false);
+    assert!(joined.is_some(), "queue 1 never joined\n{}", d.log());
+    for q in 0..2 {
+        let (id, _) = h.queues[q].wait_used(&h.mem, TIMEOUT).expect("completes");
+        assert_eq!(id, 0);
+        assert_eq!(h.mem.read(h.queues[q].header_gpa() + 16, 1)[0], S_OK);
+    }
+    let asked = h
+        .iommu()
+        .misses()
+        .iter()
+        .filter(|m| page_of(m.iova) == shared)
+        .count();
+    assert_eq!(asked, 1);
+    assert_eq!(h.read(1, 8, 512).data, pattern(9, 512));
+}
+
+/// Invalidate during a stream of I/O: once the INVALIDATE is acked, the
+/// device never writes the old guest page again (a sentinel written right
+/// after the ack survives), and the stream goes on through the new mapping.
+#[test]
+fn invalidate_during_io_never_writes_the_old_page_after_the_ack() {
+    let d = daemon("iotlb-sentinel", 1, &[]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    const LEN: u64 = 64 << 10;
+    let buf = 0x7000_0000_0000u64;
+    // Five 64 KiB ranges of the data region; the buffer moves along them.
+    let range = |k: u64| DATA_GPA + 0x10_0000 + k * LEN;
+    let disk = pattern(0x42, LEN as usize);
+    assert_eq!(h.write(0, 0, &disk[..]), S_OK);
+    h.iommu().map(buf, range(0), LEN, VhostAccess::ReadWrite);
+    let io = h.iommu().clone();
+    let mem_ranges: Vec<_> = (0..5).map(range).collect();
+    let q = &h.queues[0];
+    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
+    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
+    let sentinel = vec![0xee; LEN as usize];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (stop2, done2) = (stop.clone(), done.clone());
+    // The test thread drives the queue; the invalidator runs beside it.
+    let invalidator = std::thread::spawn(move || {
+        let mut acks = Vec::new();
+        for k in 1..5u64 {
+            let at = done2.load(std::sync::atomic::Ordering::SeqCst);
+            common::poll_until(TIMEOUT, || {
+                (done2.load(std::sync::atomic::Ordering::SeqCst) >= at + 3).then_some(())
+            })
+            .expect("I/O goes on");
+            io.map(buf, mem_ranges[k as usize], LEN, VhostAccess::ReadWrite);
+            acks.push(io.invalidate(buf, LEN));
+            write_sentinel(&io, mem_ranges[k as usize - 1]);
+        }
+        stop2.store(true, std::sync::atomic::Ordering::SeqCst);
+        acks
+    });
+    // Writes the sentinel into the old range right after the ack (through
+    // the frontend's own mapping of guest memory).
+    fn write_sentinel(io: &common::frontend::IommuFront, gpa: u64) {
+        let p = io.uaddr(gpa) as *mut u8;
+        // SAFETY: `gpa..+LEN` lies in the data region, which the frontend
+        // maps at `uaddr(gpa)` for the harness's lifetime.
+        unsafe { std::ptr::write_bytes(p, 0xee, LEN as usize) };
+    }
+    let mut statuses = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(buf, LEN as u32, true)], st);
+        statuses.push(s);
+        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    let acks = invalidator.join().expect("invalidator");
+    assert_eq!(acks, vec![0; 4]);
+    assert!(statuses.iter().all(|s| *s == S_OK), "{statuses:?}");
+    for k in 0..4 {
+        assert!(
+            h.mem.read(range(k), LEN as usize) == sentinel,
+            "range {k} was written after its invalidation was acked"
+        );
+    }
+    // The stream goes on through the last mapping.
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(buf, LEN as u32, true)], st);
+    assert_eq!(s, S_OK);
+    assert!(h.mem.read(range(4), LEN as usize) == disk, "last range");
+    eprintln!("{} reads across 4 invalidations", statuses.len());
+}
+
+/// The IOTLB is dropped when a queue stops (GET_VRING_BASE) and when the
+/// memory table changes; an INVALIDATE covering a ring makes the queue
+/// translate (and ask for) that ring again.
+#[test]
+fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
+    let _d = daemon("iotlb-drop", 1, &[]);
+    let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let used = iova_of(h.queues[0].used);
+    let hdr = iova_of(h.queues[0].header_gpa());
+    let asked = |h: &Harness, page: u64| {
+        h.iommu()
+            .misses()
+            .iter()
+            .filter(|m| page_of(m.iova) == page_of(page))
+            .count()
+    };
+    assert_eq!(asked(&h, used), 1);
+    // A ring invalidation: the used ring is asked for again, for write.
+    assert_eq!(h.iommu().invalidate(page_of(used), PAGE), 0);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    assert_eq!(asked(&h, used), 2);
+    assert_eq!(h.iommu().misses().last().map(|m| m.perm), Some(WO));
+    assert_eq!(asked(&h, hdr), 1, "the header page stayed");
+    // Stop and restart the queue: everything is asked for again.
+    {
+        let lock = h.main_lock.clone();
+        let _g = lock.lock().expect("main lock");
+        h.fe.set_vring_enable(0, false).expect("disable");
+        h.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    }
+    h.start_queue(0);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    assert_eq!((asked(&h, used), asked(&h, hdr)), (3, 2));
+    // A new memory table: the same.
+    {
+        let lock = h.main_lock.clone();
+        let _g = lock.lock().expect("main lock");
+        let infos: Vec<_> = h.mem.regions.iter().map(|r| r.info()).collect();
+        h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+    }
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    assert_eq!(asked(&h, hdr), 3);
+}
