@@ -14,6 +14,7 @@
 // Each test target uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod cdev;
 pub mod frontend;
 pub mod process;
 pub mod qemu;

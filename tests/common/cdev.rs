@@ -1,0 +1,378 @@
+//! The cdev door from the client side: a daemon launcher, openers for the
+//! nodes, one helper per command (through `vcdev::cdev::client`, the way
+//! `iommufd_utils.h` wraps the ioctls), and a small userspace virtio-blk
+//! driver (PCI capability walk, common configuration, MSI-X eventfds,
+//! ioeventfd doorbells) over the split-ring driver of [`super::frontend`].
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::process::Command;
+
+use vcdev::cdev::client::File;
+use vcdev_iommu::uapi::{
+    IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
+};
+use vcdev_iommu::Errno;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::frontend::{
+    vcdev_bin, DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, TIMEOUT,
+};
+use super::process::Daemon;
+use super::TempDir;
+
+/// Map flags for read-write DMA at a fixed IOVA.
+pub const MAP_RW_FIXED: u32 =
+    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+
+/// Asserts that `r` failed with errno `e`.
+#[macro_export]
+macro_rules! assert_errno {
+    ($r:expr, $e:ident) => {
+        match $r {
+            Err(err) => assert_eq!(err, vcdev_iommu::Errno::$e, "{}", stringify!($r)),
+            Ok(v) => panic!(
+                "{} succeeded ({:?}), expected {}",
+                stringify!($r),
+                v,
+                stringify!($e)
+            ),
+        }
+    };
+}
+
+/// A `vcdev serve` with its cdev nodes, killed on drop.
+pub struct CdevDaemon {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its `--dir`.
+    pub dir: TempDir,
+}
+
+impl CdevDaemon {
+    /// Starts `vcdev serve --dir <tmp> <args>`, waiting for `DIR/control`
+    /// (created after every node).
+    pub fn start(tag: &str, args: &[&str]) -> CdevDaemon {
+        let dir = TempDir::new(tag).expect("tmpdir");
+        let mut cmd = Command::new(vcdev_bin());
+        cmd.arg("serve").arg("--dir").arg(dir.path()).args(args);
+        cmd.env("RUST_LOG", "debug");
+        let sock = dir.path().join("control");
+        let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
+        CdevDaemon { daemon, dir }
+    }
+
+    /// `DIR/rel`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Opens `DIR/iommu`.
+    pub fn iommufd(&self) -> File {
+        File::open(&self.path("iommu")).expect("open iommu")
+    }
+
+    /// Opens `DIR/devices/NAME`.
+    pub fn device(&self, name: &str) -> File {
+        File::open(&self.path(&format!("devices/{name}"))).expect("open device")
+    }
+
+    /// Opens `DIR/vfio/N`.
+    pub fn group(&self, n: u32) -> Result<File, Errno> {
+        File::open(&self.path(&format!("vfio/{n}")))
+    }
+
+    /// Opens `DIR/vfio/vfio`.
+    pub fn container(&self) -> File {
+        File::open(&self.path("vfio/vfio")).expect("open container")
+    }
+
+    /// `vcdev ctl --dir DIR <args>`: (success, stdout).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(vcdev_bin())
+            .arg("ctl")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(args)
+            .output()
+            .expect("vcdev ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&mut self) -> String {
+        self.daemon.proc().stderr().text()
+    }
+
+    /// Whether the daemon still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.daemon.proc().try_wait(), Ok(None))
+    }
+}
+
+/// An iommufd with one IOAS and a device bound to it and attached.
+pub struct Bound {
+    /// The iommufd file.
+    pub iommufd: File,
+    /// The device file.
+    pub dev: File,
+    /// The device id.
+    pub devid: u32,
+    /// The IOAS.
+    pub ioas: u32,
+    /// The HWPT the device is attached to.
+    pub hwpt: u32,
+}
+
+/// Opens, binds and attaches device `name` (the usual sequence of
+/// `tools/testing/selftests/vfio` and QEMU's iommufd backend).
+pub fn bind_and_attach(d: &CdevDaemon, name: &str) -> Bound {
+    let iommufd = d.iommufd();
+    let dev = d.device(name);
+    let devid = dev.bind_iommufd(&iommufd).expect("bind");
+    let ioas = iommufd.ioas_alloc().expect("ioas");
+    let hwpt = dev.attach_pt(ioas).expect("attach");
+    Bound {
+        iommufd,
+        dev,
+        devid,
+        ioas,
+        hwpt,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The userspace virtio-blk driver
+
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_MASTER: u16 = 0x4;
+const PCI_CAPABILITY_LIST: u64 = 0x34;
+const PCI_CAP_ID_VNDR: u8 = 0x09;
+const PCI_CAP_ID_MSIX: u8 = 0x11;
+const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+const CONFIG_REGION: u64 = 7 << 40;
+const STATUS_ACK: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+/// virtio_pci_common_cfg offsets (virtio 1.2 4.1.4.3).
+mod common {
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const MSIX_CONFIG: u64 = 0x10;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC: u64 = 0x20;
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    pub const QUEUE_DEVICE: u64 = 0x30;
+}
+
+/// What the capability walk found.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Caps {
+    /// BAR0 offset of the common configuration.
+    pub common: u64,
+    /// BAR0 offset of the doorbells and their multiplier.
+    pub notify: (u64, u32),
+    /// Whether an MSI-X capability is present.
+    pub msix: bool,
+    /// Vendor and device id.
+    pub ids: (u16, u16),
+}
+
+/// A virtio-blk driver over a bound device: memory in two sealed memfds
+/// mapped with IOAS_MAP_FILE at the IOVAs the split-ring driver uses.
+pub struct BlkDriver {
+    /// The binding.
+    pub b: Bound,
+    /// The memory (IOVA == the driver's "GPA").
+    pub mem: GuestMem,
+    /// Queue 0.
+    pub q: DriverQueue,
+    /// The config-change vector's eventfd.
+    pub config_irq: EventFd,
+    /// What the capability walk found.
+    pub caps: Caps,
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Walks the capability list of config space.
+pub fn walk_caps(dev: &File) -> Caps {
+    let cfg = dev.region_read(CONFIG_REGION, 256).expect("config read");
+    let mut caps = Caps {
+        ids: (u16_at(&cfg, 0), u16_at(&cfg, 2)),
+        ..Caps::default()
+    };
+    let mut ptr = usize::from(cfg[PCI_CAPABILITY_LIST as usize]);
+    let mut guard = 0;
+    while ptr != 0 && guard < 48 {
+        guard += 1;
+        match cfg[ptr] {
+            PCI_CAP_ID_VNDR => {
+                let off = u64::from(u32_at(&cfg, ptr + 8));
+                match cfg[ptr + 3] {
+                    VIRTIO_PCI_CAP_COMMON_CFG => caps.common = off,
+                    VIRTIO_PCI_CAP_NOTIFY_CFG => caps.notify = (off, u32_at(&cfg, ptr + 16)),
+                    _ => {}
+                }
+            }
+            PCI_CAP_ID_MSIX => caps.msix = true,
+            _ => {}
+        }
+        ptr = usize::from(cfg[ptr + 1]);
+    }
+    caps
+}
+
+impl BlkDriver {
+    /// Binds `name`, maps memory, brings the device up with queue 0 of
+    /// `size` entries, its vector on an eventfd and its doorbell on an
+    /// ioeventfd.
+    pub fn start(d: &CdevDaemon, name: &str, size: u16) -> BlkDriver {
+        let b = bind_and_attach(d, name);
+        let mut mem = GuestMem::default();
+        for (iova, len) in [(META_GPA, META_SIZE), (DATA_GPA, DATA_SIZE)] {
+            let r = Region::new(iova, len);
+            let got = b
+                .iommufd
+                .ioas_map_file(b.ioas, r.file.as_fd(), 0, len, iova, MAP_RW_FIXED)
+                .expect("map");
+            assert_eq!(got, iova);
+            mem.regions.push(r);
+        }
+        let dev = &b.dev;
+        let caps = walk_caps(dev);
+        // Memory space and bus mastering on.
+        let cmd = u16_at(&dev.region_read(CONFIG_REGION + PCI_COMMAND, 2).unwrap(), 0);
+        let cmd = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        dev.region_write(CONFIG_REGION + PCI_COMMAND, &cmd.to_le_bytes())
+            .unwrap();
+        let c = caps.common;
+        let w8 = |off: u64, v: u8| dev.region_write(c + off, &[v]).unwrap();
+        let w16 = |off: u64, v: u16| dev.region_write(c + off, &v.to_le_bytes()).unwrap();
+        let w32 = |off: u64, v: u32| dev.region_write(c + off, &v.to_le_bytes()).unwrap();
+        let w64 = |off: u64, v: u64| {
+            w32(off, v as u32);
+            w32(off + 4, (v >> 32) as u32);
+        };
+        let status = || dev.region_read(c + common::DEVICE_STATUS, 1).unwrap()[0];
+        w8(common::DEVICE_STATUS, 0);
+        w8(common::DEVICE_STATUS, STATUS_ACK);
+        w8(common::DEVICE_STATUS, STATUS_ACK | STATUS_DRIVER);
+        // VIRTIO_F_VERSION_1 (32) and VIRTIO_F_ACCESS_PLATFORM (33).
+        w32(common::DRIVER_FEATURE_SELECT, 0);
+        w32(common::DRIVER_FEATURE, 0);
+        w32(common::DRIVER_FEATURE_SELECT, 1);
+        w32(common::DRIVER_FEATURE, 0b11);
+        w8(
+            common::DEVICE_STATUS,
+            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(status() & STATUS_FEATURES_OK, 0, "FEATURES_OK refused");
+
+        let q = DriverQueue::new_for_tests(0, size);
+        let config_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        dev.set_irqs_eventfds(2, 0, &[Some(evfd(&config_irq)), Some(evfd(&q.call))])
+            .expect("MSI-X eventfds");
+        w16(common::MSIX_CONFIG, 0);
+        w16(common::QUEUE_SELECT, 0);
+        w16(common::QUEUE_SIZE, size);
+        w16(common::QUEUE_MSIX_VECTOR, 1);
+        w64(common::QUEUE_DESC, q.desc);
+        w64(common::QUEUE_DRIVER, q.avail);
+        w64(common::QUEUE_DEVICE, q.used);
+        let notify_off = u16_at(
+            &dev.region_read(c + common::QUEUE_NOTIFY_OFF, 2).unwrap(),
+            0,
+        );
+        let doorbell = caps.notify.0 + u64::from(notify_off) * u64::from(caps.notify.1);
+        dev.ioeventfd(doorbell, 2, 0, Some(evfd(&q.kick)))
+            .expect("ioeventfd");
+        w16(common::QUEUE_ENABLE, 1);
+        w8(
+            common::DEVICE_STATUS,
+            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        BlkDriver {
+            b,
+            mem,
+            q,
+            config_irq,
+            caps,
+        }
+    }
+
+    /// One request: header, optional data buffer at `data_iova`, status.
+    /// Returns (status byte, used length); None if it never completes.
+    pub fn request(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data_iova: u64,
+        len: u32,
+        device_writes: bool,
+    ) -> Option<(u8, u32)> {
+        let hdr = self.q.header_gpa();
+        let status = hdr + 0x100;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(hdr, &h);
+        self.mem.write(status, &[0xff]);
+        let mut chain = vec![(hdr, 16u32, false)];
+        if len > 0 {
+            chain.push((data_iova, len, device_writes));
+        }
+        chain.push((status, 1, true));
+        self.q.submit(&self.mem, &chain);
+        let (_, used) = self.q.wait_used(&self.mem, TIMEOUT)?;
+        Some((self.mem.read(status, 1)[0], used))
+    }
+
+    /// Writes `data` at `sector` from the data area.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> u8 {
+        let at = self.q.data_gpa();
+        self.mem.write(at, data);
+        self.request(VIRTIO_BLK_T_OUT, sector, at, data.len() as u32, false)
+            .expect("write completes")
+            .0
+    }
+
+    /// Reads `len` bytes at `sector` into the data area.
+    pub fn read(&mut self, sector: u64, len: u32) -> (u8, Vec<u8>) {
+        let at = self.q.data_gpa();
+        let (st, _) = self
+            .request(VIRTIO_BLK_T_IN, sector, at, len, true)
+            .expect("read completes");
+        (st, self.mem.read(at, len as usize))
+    }
+}
+
+/// The raw descriptor of a file, for tests that pass it by hand.
+pub fn raw(f: &File) -> i32 {
+    f.as_fd().as_raw_fd()
+}
+
+/// An eventfd as a borrowed descriptor.
+pub fn evfd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is open for as long as `e`, which the result
+    // borrows.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
