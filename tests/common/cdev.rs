@@ -376,3 +376,8 @@ pub fn evfd(e: &EventFd) -> BorrowedFd<'_> {
     // borrows.
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
+
+/// The raw descriptor of an eventfd.
+pub fn raw_ev(e: &EventFd) -> i32 {
+    e.as_raw_fd()
+}
