@@ -89,13 +89,22 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         .cloned()
         .unwrap_or_default();
     let out = d.daemon.stop(Duration::from_secs(10)).expect("stop vcdev");
-    assert!(out.status.success(), "{what}: vcdev exit {:?}\n{}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "{what}: vcdev exit {:?}\n{}",
+        out.status,
+        out.stderr
+    );
     let host = qemu::file_region_md5(&image, 0, u64::from(MIB) << 20).expect("host md5");
     assert_eq!(host, expected, "{what}: host backing file");
     let c = exit_counters(&out.stderr);
     let get = |k: &str| c.get(k).copied().unwrap_or(0);
     // Every address went through the IOTLB: misses were sent and answered.
-    assert!(get("iotlb_misses") > 0, "{what}: no IOTLB miss\n{}", out.stderr);
+    assert!(
+        get("iotlb_misses") > 0,
+        "{what}: no IOTLB miss\n{}",
+        out.stderr
+    );
     assert!(get("iotlb_updates") >= get("iotlb_misses") - get("iotlb_misses_refused"));
     assert_eq!(get("iotlb_misses_timed_out"), 0, "{what}\n{}", out.stderr);
     if mode == "strict" {
@@ -143,5 +152,8 @@ fn viommu_guests_dd_md5_matches_in_strict_lazy_and_passthrough_modes() {
         guest.accel,
         summary.join("\n")
     );
-    assert!(!summary.is_empty(), "VCDEV_VIOMMU_ONLY={only:?} matched nothing");
+    assert!(
+        !summary.is_empty(),
+        "VCDEV_VIOMMU_ONLY={only:?} matched nothing"
+    );
 }
