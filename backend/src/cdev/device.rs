@@ -64,6 +64,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A queue's reader: `None` while the device's DMA is blocked.
 type Slot = Arc<Mutex<Option<Reader>>>;
 
+/// What a worker's setup makes: control word, kick, loop, ioeventfds.
+type WorkerSetup = (Arc<Control>, Arc<EventFd>, EventLoop, Vec<EventFd>);
+
 /// The reader slots of the running queues (see the module doc).
 #[derive(Default)]
 struct Slots {
@@ -367,7 +370,7 @@ impl CdevDevice {
     }
 
     fn spawn_worker(&self, qs: &mut Queues, q: u16, queue: Queue) {
-        let setup = || -> std::io::Result<(Arc<Control>, Arc<EventFd>, EventLoop, Vec<EventFd>)> {
+        let setup = || -> std::io::Result<WorkerSetup> {
             let control = Arc::new(Control {
                 wake: EventFd::new(libc::EFD_NONBLOCK)?,
                 stop: AtomicBool::new(false),
