@@ -386,7 +386,10 @@ mod tests {
         );
         assert_eq!(d.group, Some(3));
         let d = DeviceSpec::parse("blk", 0).unwrap();
-        assert_eq!((d.iova_aperture, d.iova_reserved.len(), d.group), (IovaRange::ALL, 0, None));
+        assert_eq!(
+            (d.iova_aperture, d.iova_reserved.len(), d.group),
+            (IovaRange::ALL, 0, None)
+        );
         for bad in [
             "blk,iova-aperture=5-4",
             "blk,iova-aperture=0x10",

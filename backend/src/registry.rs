@@ -197,7 +197,11 @@ impl Device {
     /// Who owns the device now, if anyone.
     pub fn owner(&self) -> Option<String> {
         let t = lock(&self.table);
-        t.owners.get(self.index).cloned().flatten().map(|(_, who)| who)
+        t.owners
+            .get(self.index)
+            .cloned()
+            .flatten()
+            .map(|(_, who)| who)
     }
 
     /// The door that owns the device now, and who; or, when its group
@@ -205,7 +209,10 @@ impl Device {
     pub fn owner_state(&self) -> (Option<(OwnerKind, String)>, Option<u32>) {
         let t = lock(&self.table);
         let own = t.owners.get(self.index).cloned().flatten();
-        (own, t.open_groups.contains(&self.group).then_some(self.group))
+        (
+            own,
+            t.open_groups.contains(&self.group).then_some(self.group),
+        )
     }
 
     /// Its IOMMU group number (`DIR/vfio/N`).
@@ -497,7 +504,10 @@ mod tests {
         let bound = Registry::claim_cdev_bind(&a, "file1").unwrap();
         let e = Registry::claim_cdev_bind(&a, "file2").unwrap_err();
         assert_eq!(e.errno(), vcdev_iommu::Errno::EINVAL);
-        assert_eq!(r.open_group(0).unwrap_err().errno(), vcdev_iommu::Errno::EBUSY);
+        assert_eq!(
+            r.open_group(0).unwrap_err().errno(),
+            vcdev_iommu::Errno::EBUSY
+        );
         assert_eq!(
             Registry::claim_vhost_user(&a, "qemu").unwrap_err().errno(),
             vcdev_iommu::Errno::EBUSY
@@ -505,7 +515,10 @@ mod tests {
         drop(bound);
 
         let g = r.open_group(7).unwrap();
-        assert_eq!(r.open_group(7).unwrap_err().errno(), vcdev_iommu::Errno::EBUSY);
+        assert_eq!(
+            r.open_group(7).unwrap_err().errno(),
+            vcdev_iommu::Errno::EBUSY
+        );
         for d in [&b, &c] {
             assert_eq!(
                 Registry::claim_cdev_bind(d, "f").unwrap_err().errno(),
@@ -515,7 +528,10 @@ mod tests {
         }
         drop(g);
         let vu = Registry::claim_vhost_user(&c, "qemu").unwrap();
-        assert_eq!(r.open_group(7).unwrap_err().errno(), vcdev_iommu::Errno::EBUSY);
+        assert_eq!(
+            r.open_group(7).unwrap_err().errno(),
+            vcdev_iommu::Errno::EBUSY
+        );
         assert_eq!(
             Registry::claim_cdev_bind(&c, "f").unwrap_err().errno(),
             vcdev_iommu::Errno::EBUSY
