@@ -182,6 +182,7 @@ fn release_on_close() {
 
 /// `vfio_device_block_group` / group open: exclusivity both ways between
 /// the cdev, the group file and vhost-user.
+#[cfg(feature = "group")]
 #[test]
 fn cdev_group_and_vhost_user_exclude_each_other() {
     let d = daemon("cdev-excl");
@@ -216,10 +217,35 @@ fn cdev_group_and_vhost_user_exclude_each_other() {
     assert_errno!(dev0.bind_iommufd(&f), EBUSY);
 }
 
+/// Without the `group` feature there are no `DIR/vfio` nodes, and the cdev
+/// and vhost-user paths exclude each other alone (PROTOCOL.md).
+#[cfg(not(feature = "group"))]
+#[test]
+fn without_group_cdev_and_vhost_user_exclude_each_other_alone() {
+    let d = daemon("cdev-nogroup");
+    assert!(
+        !d.path("vfio").exists(),
+        "DIR/vfio exists without the group feature"
+    );
+    let f = d.iommufd();
+    let dev = d.device("other");
+    dev.bind_iommufd(&f).unwrap();
+    // vhost-user on a bound device is refused: the connection is closed.
+    let mut s = UnixStream::connect(d.path("vhost-user/other")).unwrap();
+    s.set_read_timeout(Some(common::frontend::TIMEOUT)).unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    // A vhost-user frontend holds the device: BIND is EBUSY.
+    let _vu = common::frontend::Harness::start(&d.path("vhost-user/vfio0"), 1, 256);
+    let dev0 = d.device("vfio0");
+    assert_errno!(dev0.bind_iommufd(&f), EBUSY);
+}
+
 /// Container and group (the kernel's iommufd-backed compat layer):
 /// extensions, SET_CONTAINER (EBADFD for a file that is no container),
 /// SET_IOMMU, GET_DEVICE_FD, MAP_DMA / UNMAP_DMA; a group's device file is
 /// open at once and refuses BIND.
+#[cfg(feature = "group")]
 #[test]
 fn container_and_group() {
     let d = daemon("cdev-group");
