@@ -51,7 +51,10 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// The `vcdev` binary of this workspace, built if missing or older than its
 /// sources (`VCDEV_BIN` overrides). Tests of another package cannot use
 /// `CARGO_BIN_EXE_vcdev`, so the path comes from this test executable's
-/// directory (`<target>/<profile>/deps/..`).
+/// directory (`<target>/<profile>/deps/..`). Without the `group` feature
+/// the daemon is built without it too, in a target directory of its own
+/// (`<target>/nogroup`): the workspace build's binary has the feature, and
+/// that directory's lock is not the one the running `cargo test` holds.
 pub fn vcdev_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -63,19 +66,22 @@ pub fn vcdev_bin() -> PathBuf {
             .parent()
             .and_then(Path::parent)
             .expect("test binary lives in <target>/<profile>/deps");
-        let bin = profile_dir.join("vcdev");
-        if !is_fresh(&bin) {
+        let profile = profile_dir.file_name().expect("profile name").to_owned();
+        let mut target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        if !cfg!(feature = "group") {
+            target_dir.push("nogroup");
+        }
+        let bin = target_dir.join(&profile).join("vcdev");
+        if !cfg!(feature = "group") || !is_fresh(&bin) {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let target_dir = profile_dir.parent().expect("target dir");
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "-p", "vcdev", "--bin", "vcdev", "--target-dir"])
-                .arg(target_dir)
+                .arg(&target_dir)
                 .current_dir(super::repo_root());
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
+            if profile == "release" {
                 cmd.arg("--release");
             }
             if !cfg!(feature = "group") {
-                // The daemon must have the feature set these tests expect.
                 cmd.arg("--no-default-features");
             }
             let st = cmd.status().expect("running cargo build -p vcdev");
