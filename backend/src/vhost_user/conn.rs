@@ -404,12 +404,7 @@ impl Conn {
             FrontendReq::ADD_MEM_REG => {
                 self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
                 let r = body::<VhostUserSingleMemoryRegion>(req, &payload)?;
-                expect_fds(req, &fds, 1)?;
-                let fd = fds.into_iter().next().ok_or(ConnError::Fds {
-                    req,
-                    got: 0,
-                    want: 1,
-                })?;
+                let fd = one_fd(req, fds)?;
                 self.flush_iotlb();
                 self.mem.add(single_desc(&r), fd)?;
                 info!(
@@ -455,13 +450,7 @@ impl Conn {
                         value: u64::from(s.num),
                     });
                 };
-                if v.running() {
-                    return Err(ConnError::Invalid {
-                        req,
-                        what: "running queue",
-                        value: u64::from(s.index),
-                    });
-                }
+                refuse_running(req, v, s.index)?;
                 if num < max && !v.warned_small() {
                     // seg_max in the config space is derived from the
                     // device's queue size: a guest may build chains longer
@@ -485,13 +474,7 @@ impl Conn {
                     value: u64::from(s.num),
                 })?;
                 let v = self.vring_mut(req, s.index)?;
-                if v.running() {
-                    return Err(ConnError::Invalid {
-                        req,
-                        what: "running queue",
-                        value: u64::from(s.index),
-                    });
-                }
+                refuse_running(req, v, s.index)?;
                 v.set_base(base);
                 Ok(Reply::Ack)
             }
@@ -554,12 +537,7 @@ impl Conn {
             FrontendReq::SET_BACKEND_REQ_FD => {
                 expect_len(req, &payload, 0)?;
                 self.need_protocol(req, VhostUserProtocolFeatures::BACKEND_REQ)?;
-                expect_fds(req, &fds, 1)?;
-                let fd = fds.into_iter().next().ok_or(ConnError::Fds {
-                    req,
-                    got: 0,
-                    want: 1,
-                })?;
+                let fd = one_fd(req, fds)?;
                 self.iotlb
                     .channel
                     .set(UnixStream::from(fd), self.reply_ack_on(), &self.peer)
@@ -735,14 +713,7 @@ impl Conn {
         let req = FrontendReq::SET_MEM_TABLE;
         let head = size_of::<VhostUserMemory>();
         let each = size_of::<VhostUserMemoryRegion>();
-        if payload.len() < head {
-            return Err(ConnError::PayloadSize {
-                req,
-                got: payload.len(),
-                want: head,
-            });
-        }
-        let m: VhostUserMemory = pod_from(payload);
+        let m = body_head::<VhostUserMemory>(req, payload)?;
         let n = usize::try_from(m.num_regions).unwrap_or(usize::MAX);
         if n == 0 || n > MAX_MEM_SLOTS {
             return Err(ConnError::Invalid {
@@ -963,6 +934,42 @@ fn body<T: ByteValued + Default>(req: FrontendReq, payload: &[u8]) -> Result<T, 
     Ok(pod_from(payload))
 }
 
+/// The fixed head of a variable-length payload: its first `size_of::<T>()`
+/// bytes as a `T`, or `PayloadSize` if the payload is shorter.
+fn body_head<T: ByteValued + Default>(req: FrontendReq, payload: &[u8]) -> Result<T, ConnError> {
+    let head = size_of::<T>();
+    if payload.len() < head {
+        return Err(ConnError::PayloadSize {
+            req,
+            got: payload.len(),
+            want: head,
+        });
+    }
+    Ok(pod_from(payload))
+}
+
+/// The one descriptor a request must carry.
+fn one_fd(req: FrontendReq, fds: Vec<OwnedFd>) -> Result<OwnedFd, ConnError> {
+    expect_fds(req, &fds, 1)?;
+    fds.into_iter().next().ok_or(ConnError::Fds {
+        req,
+        got: 0,
+        want: 1,
+    })
+}
+
+/// SET_VRING_NUM and SET_VRING_BASE leave a running queue alone.
+fn refuse_running(req: FrontendReq, v: &Vring, index: u32) -> Result<(), ConnError> {
+    if v.running() {
+        return Err(ConnError::Invalid {
+            req,
+            what: "running queue",
+            value: u64::from(index),
+        });
+    }
+    Ok(())
+}
+
 /// A `T` from the first `size_of::<T>()` bytes of `bytes` (zero-filled if short).
 fn pod_from<T: ByteValued + Default>(bytes: &[u8]) -> T {
     let mut t = T::default();
@@ -975,14 +982,7 @@ fn pod_from<T: ByteValued + Default>(bytes: &[u8]) -> T {
 /// GET/SET_CONFIG: the header, followed by exactly `size` bytes.
 fn config_header(req: FrontendReq, payload: &[u8]) -> Result<VhostUserConfig, ConnError> {
     let head = size_of::<VhostUserConfig>();
-    if payload.len() < head {
-        return Err(ConnError::PayloadSize {
-            req,
-            got: payload.len(),
-            want: head,
-        });
-    }
-    let c: VhostUserConfig = pod_from(payload);
+    let c = body_head::<VhostUserConfig>(req, payload)?;
     let want = usize::try_from(c.size)
         .ok()
         .and_then(|s| s.checked_add(head))
