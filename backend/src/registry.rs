@@ -282,6 +282,25 @@ pub struct Registry {
     table: Arc<Mutex<OwnerTable>>,
 }
 
+/// The owner slot of `device` for a claim through its cdev or by a
+/// vhost-user frontend. Both count as an open of the device's group
+/// (PROTOCOL.md), so both are refused while its group file is open.
+fn claimable_slot<'t>(
+    t: &'t mut OwnerTable,
+    device: &Device,
+) -> Result<&'t mut Option<(OwnerKind, String)>, RegistryError> {
+    if t.open_groups.contains(&device.group) {
+        return Err(RegistryError::Busy {
+            name: device.name.clone(),
+            owner: format!("the open group file of group {}", device.group),
+        });
+    }
+    t.owners.get_mut(device.index).ok_or(RegistryError::Busy {
+        name: device.name.clone(),
+        owner: "nobody (unregistered device)".into(),
+    })
+}
+
 impl Registry {
     /// Adds a device (names are checked unique by the configuration) with
     /// the default IOMMU view.
@@ -348,16 +367,7 @@ impl Registry {
     /// through its cdev or its group file is open.
     pub fn claim_vhost_user(device: &Arc<Device>, who: &str) -> Result<Ownership, RegistryError> {
         let mut t = lock(&device.table);
-        if t.open_groups.contains(&device.group) {
-            return Err(RegistryError::Busy {
-                name: device.name.clone(),
-                owner: format!("the open group file of group {}", device.group),
-            });
-        }
-        let slot = t.owners.get_mut(device.index).ok_or(RegistryError::Busy {
-            name: device.name.clone(),
-            owner: "nobody (unregistered device)".into(),
-        })?;
+        let slot = claimable_slot(&mut t, device)?;
         if let Some((_, o)) = slot.as_ref() {
             return Err(RegistryError::Busy {
                 name: device.name.clone(),
@@ -377,16 +387,7 @@ impl Registry {
     /// device is bound.
     pub fn claim_cdev_bind(device: &Arc<Device>, who: &str) -> Result<Ownership, RegistryError> {
         let mut t = lock(&device.table);
-        if t.open_groups.contains(&device.group) {
-            return Err(RegistryError::Busy {
-                name: device.name.clone(),
-                owner: format!("the open group file of group {}", device.group),
-            });
-        }
-        let slot = t.owners.get_mut(device.index).ok_or(RegistryError::Busy {
-            name: device.name.clone(),
-            owner: "nobody (unregistered device)".into(),
-        })?;
+        let slot = claimable_slot(&mut t, device)?;
         match slot.as_ref() {
             Some((OwnerKind::Cdev, o)) => Err(RegistryError::AlreadyBound {
                 name: device.name.clone(),
