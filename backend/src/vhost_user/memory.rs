@@ -250,14 +250,8 @@ impl MemoryTable {
     /// The GPA of the frontend's user address `uaddr`, if `uaddr..+len` lies
     /// in one region.
     pub fn uaddr_to_gpa(&self, uaddr: u64, len: u64) -> Result<u64, MemoryError> {
-        let last = uaddr
-            .checked_add(len.saturating_sub(1))
-            .ok_or(MemoryError::Unmapped { uaddr })?;
-        self.regions
-            .iter()
-            .find(|r| r.desc.uaddr <= uaddr && last <= r.uaddr_last)
-            .map(|r| r.desc.gpa + (uaddr - r.desc.uaddr))
-            .ok_or(MemoryError::Unmapped { uaddr })
+        let r = self.uaddr_region(uaddr, len)?;
+        Ok(r.desc.gpa + (uaddr - r.desc.uaddr))
     }
 
     /// The region holding the frontend's user address `uaddr`: its memory,
@@ -276,13 +270,19 @@ impl MemoryTable {
     /// The memory behind the frontend's user range `uaddr..+len`, as
     /// `(object, offset)`: what an IOTLB UPDATE (the vIOMMU issue) maps.
     pub fn uaddr_to_mem(&self, uaddr: u64, len: u64) -> Result<(Arc<MemObject>, u64), MemoryError> {
+        let r = self.uaddr_region(uaddr, len)?;
+        Ok((r.mem.clone(), uaddr - r.desc.uaddr))
+    }
+
+    /// The one region holding all of the frontend's user range
+    /// `uaddr..+len`.
+    fn uaddr_region(&self, uaddr: u64, len: u64) -> Result<&Region, MemoryError> {
         let last = uaddr
             .checked_add(len.saturating_sub(1))
             .ok_or(MemoryError::Unmapped { uaddr })?;
         self.regions
             .iter()
             .find(|r| r.desc.uaddr <= uaddr && last <= r.uaddr_last)
-            .map(|r| (r.mem.clone(), uaddr - r.desc.uaddr))
             .ok_or(MemoryError::Unmapped { uaddr })
     }
 }
