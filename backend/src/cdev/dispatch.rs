@@ -96,6 +96,16 @@ impl Req {
         t
     }
 
+    /// The int argument of an [`Arg::Fixed`]`(4)` request (vfio's
+    /// `ioctl(fd, CMD, int)`), as its 4 little-endian bytes; EFAULT if
+    /// shorter.
+    pub fn int_arg(&self) -> Result<[u8; 4], Errno> {
+        self.cmd
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(Errno::EFAULT)
+    }
+
     /// Takes the first descriptor, if any came.
     pub fn take_fd(&mut self) -> Option<OwnedFd> {
         (!self.fds.is_empty()).then(|| self.fds.remove(0))

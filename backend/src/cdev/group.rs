@@ -117,12 +117,7 @@ fn group_get_status(g: &GroupFile, req: &mut Req) -> Result<Out, Errno> {
 /// negative fd or none EBADF, a container already set EINVAL, a file not
 /// ours (or not a container / iommufd) EBADFD.
 fn group_set_container(g: &GroupFile, req: &mut Req) -> Result<Out, Errno> {
-    let fdnum = i32::from_le_bytes(
-        req.cmd
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(Errno::EFAULT)?,
-    );
+    let fdnum = i32::from_le_bytes(req.int_arg()?);
     if fdnum < 0 {
         return Err(Errno::EBADF);
     }
@@ -243,12 +238,7 @@ fn get_api_version(_c: &IommufdFile, _req: &mut Req) -> Result<Out, Errno> {
 
 /// VFIO_CHECK_EXTENSION (`iommufd_vfio_check_extension`).
 fn check_extension(_c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
-    let ext = u32::from_le_bytes(
-        req.cmd
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(Errno::EFAULT)?,
-    );
+    let ext = u32::from_le_bytes(req.int_arg()?);
     let yes = matches!(ext, VFIO_TYPE1_IOMMU | VFIO_TYPE1V2_IOMMU | VFIO_UNMAP_ALL);
     Ok(Out::result(i32::from(yes)))
 }
@@ -261,12 +251,7 @@ fn compat_ioas(c: &IommufdFile) -> Result<u32, Errno> {
 /// VFIO_SET_IOMMU (`iommufd_vfio_set_iommu`): type1 or type1v2, else
 /// EINVAL; type1 (v1) disables large pages, as the kernel does.
 fn set_iommu(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
-    let ty = u32::from_le_bytes(
-        req.cmd
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(Errno::EFAULT)?,
-    );
+    let ty = u32::from_le_bytes(req.int_arg()?);
     if ty != VFIO_TYPE1_IOMMU && ty != VFIO_TYPE1V2_IOMMU {
         return Err(Errno::EINVAL);
     }
