@@ -8,8 +8,7 @@
 //! [`crate::cdev::client::ctl`].
 
 use std::fmt::Write as _;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,17 +27,7 @@ pub const CONTROL_SOCKET: &str = "control";
 /// Binds `DIR/control` and answers commands on a thread of its own.
 pub fn serve(dir: &Path, server: Arc<Server>) -> std::io::Result<PathBuf> {
     let path = dir.join(CONTROL_SOCKET);
-    if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running process", path.display()),
-            ));
-        }
-        let _ = std::fs::remove_file(&path);
-    }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = crate::socket::listen(&path, Some(0o600)).map_err(std::io::Error::other)?;
     std::thread::Builder::new()
         .name("ctl".into())
         .spawn(move || accept_loop(&listener, &server))?;

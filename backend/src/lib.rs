@@ -25,12 +25,12 @@ pub mod config;
 pub mod ctl;
 pub mod event_loop;
 pub mod registry;
+pub mod socket;
 pub mod vhost_user;
 pub mod wire;
 
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use log::{error, info};
@@ -44,15 +44,9 @@ use vhost_user::conn::ConnConfig;
 /// Errors that end the daemon (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The runtime directory could not be created.
-    #[error("Cannot create directory {path}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The runtime directory or a vhost-user socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
     /// A disk image could not be opened.
     #[error("Device {name}: cannot open its disk image")]
     File {
@@ -80,18 +74,6 @@ pub enum Error {
         #[source]
         source: blk::Error,
     },
-    /// A live daemon already serves the socket.
-    #[error("Socket {0} is in use by a running process")]
-    SocketInUse(PathBuf),
-    /// The socket could not be bound.
-    #[error("Cannot listen on {path}")]
-    Bind {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// A thread could not be started.
     #[error("Cannot start a thread")]
     Spawn(#[source] std::io::Error),
@@ -108,18 +90,6 @@ pub enum Error {
 
 /// `Result` with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
-
-fn create_dir(path: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| Error::Dir {
-            path: path.to_owned(),
-            source,
-        })
-}
 
 /// Builds the device model of one `--device`.
 pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
@@ -145,20 +115,6 @@ pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
         queue_size: spec.queue_size,
     };
     BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })
-}
-
-/// Binds `path`, replacing a stale socket but never a live one.
-fn bind(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::SocketInUse(path.to_owned()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(|source| Error::Bind {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// The QEMU options that attach device `spec` served at `socket`.
@@ -213,7 +169,7 @@ fn wait_signal(set: &libc::sigset_t) -> Result<libc::c_int> {
 pub fn run(config: Config) -> Result<()> {
     let signals = block_signals()?;
     let vu_dir = config.dir.join("vhost-user");
-    create_dir(&vu_dir)?;
+    socket::create_dir(&vu_dir)?;
     let mut registry = Registry::default();
     for spec in &config.devices {
         let view = IommuView {
@@ -250,18 +206,18 @@ pub fn run(config: Config) -> Result<()> {
     match ctl::serve(&config.dir, cdev_server.clone()) {
         Ok(p) => sockets.push(p),
         Err(e) => {
-            remove_sockets(&sockets);
+            socket::remove_all(&sockets);
             return Err(Error::Control(e));
         }
     }
     let mut out = String::new();
     for (spec, dev) in config.devices.iter().zip(registry.devices()) {
         let path = vu_dir.join(&spec.name);
-        let listener = match bind(&path) {
+        let listener = match socket::listen(&path, None) {
             Ok(l) => l,
             Err(e) => {
-                remove_sockets(&sockets);
-                return Err(e);
+                socket::remove_all(&sockets);
+                return Err(e.into());
             }
         };
         sockets.push(path.clone());
@@ -304,12 +260,6 @@ pub fn run(config: Config) -> Result<()> {
             vhost_user::counters_line(dev)
         );
     }
-    remove_sockets(&sockets);
+    socket::remove_all(&sockets);
     Ok(())
-}
-
-fn remove_sockets(sockets: &[PathBuf]) {
-    for s in sockets {
-        let _ = std::fs::remove_file(s);
-    }
 }

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,32 +20,15 @@ use super::group::GroupFile;
 use super::iommufd_file::{IommufdFile, IommufdKind};
 use super::vfio_uapi::VCDEV_OPEN;
 use crate::registry::Registry;
+use crate::socket::{create_dir, listen, remove_all, SocketError};
 use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_REPLY, MAX_PAYLOAD};
 
 /// Errors of setting the door up (they end the daemon).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// A node's directory could not be created.
-    #[error("Cannot create directory {path}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// A node could not be bound.
-    #[error("Cannot listen on {path}")]
-    Bind {
-        /// The node.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// A live daemon already serves the node.
-    #[error("Socket {0} is in use by a running process")]
-    InUse(PathBuf),
+    /// A node or its directory could not be set up.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// A device's IOMMU view or PCI function is invalid.
     #[error("Device {name}: cannot build its cdev function")]
     Device {
@@ -233,14 +215,14 @@ impl Server {
     pub fn serve(self: &Arc<Self>, dir: &Path) -> Result<Vec<PathBuf>, ServerError> {
         let mut nodes = vec![(dir.join("iommu"), Node::Iommu)];
         let devdir = dir.join("devices");
-        make_dir(&devdir)?;
+        create_dir(&devdir)?;
         for (i, d) in self.devices.iter().enumerate() {
             nodes.push((devdir.join(d.name()), Node::Device(i)));
         }
         #[cfg(feature = "group")]
         {
             let vfio = dir.join("vfio");
-            make_dir(&vfio)?;
+            create_dir(&vfio)?;
             nodes.push((vfio.join("vfio"), Node::Container));
             for g in self.registry.groups() {
                 nodes.push((vfio.join(g.to_string()), Node::Group(g)));
@@ -248,11 +230,12 @@ impl Server {
         }
         let mut paths = Vec::new();
         for (path, node) in nodes {
-            let listener = match bind_node(&path) {
+            // Mode 0600: only the daemon's user may open a node.
+            let listener = match listen(&path, Some(0o600)) {
                 Ok(l) => l,
                 Err(e) => {
-                    remove_nodes(&paths);
-                    return Err(e);
+                    remove_all(&paths);
+                    return Err(e.into());
                 }
             };
             paths.push(path.clone());
@@ -306,46 +289,6 @@ enum Node {
     Container,
     #[cfg(feature = "group")]
     Group(u32),
-}
-
-fn make_dir(path: &Path) -> Result<(), ServerError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| ServerError::Dir {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-/// Binds a node (mode 0600), replacing a stale socket but never a live one.
-fn bind_node(path: &Path) -> Result<UnixListener, ServerError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ServerError::InUse(path.to_owned()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let l = UnixListener::bind(path).map_err(|source| ServerError::Bind {
-        path: path.to_owned(),
-        source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ServerError::Bind {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
-    Ok(l)
-}
-
-/// Removes node sockets.
-pub fn remove_nodes(paths: &[PathBuf]) {
-    for p in paths {
-        let _ = std::fs::remove_file(p);
-    }
 }
 
 /// Serves one file until its last client copy closes or the client breaks
