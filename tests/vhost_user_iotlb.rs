@@ -141,19 +141,16 @@ fn buffer_spanning_two_mappings() {
     let (a, b) = (DATA_GPA + 0x30000, DATA_GPA + 0x10000);
     h.iommu().map(x, a, PAGE, VhostAccess::ReadWrite);
     h.iommu().map(x + PAGE, b, PAGE, VhostAccess::ReadWrite);
-    let q = &h.queues[0];
-    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
-    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
     let data = pattern(3, 4096);
     h.mem.write(a + 0x800, &data[..2048]);
     h.mem.write(b, &data[2048..]);
-    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_OUT, 0, hdr, &[(x + 0x800, 4096, false)], st);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_OUT, 0, &[(x + 0x800, 4096, false)]);
     assert_eq!(s, S_OK);
     assert_eq!(h.read(0, 0, 4096).data, data);
     // And the device writes through both pieces.
     h.mem.write(a + 0x800, &[0u8; 2048]);
     h.mem.write(b, &[0u8; 2048]);
-    let (s, len) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(x + 0x800, 4096, true)], st);
+    let (s, len) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(x + 0x800, 4096, true)]);
     assert_eq!((s, len), (S_OK, 4097));
     assert_eq!(h.mem.read(a + 0x800, 2048), data[..2048]);
     assert_eq!(h.mem.read(b, 2048), data[2048..]);
@@ -169,14 +166,11 @@ fn write_into_read_only_mapping_is_ioerr() {
     let target = DATA_GPA + 0x50000;
     h.iommu().map(y, target, PAGE, VhostAccess::ReadOnly);
     h.mem.write(target, &[0x5a; 4096]);
-    let q = &h.queues[0];
-    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
-    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
-    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(y, 4096, true)], st);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(y, 4096, true)]);
     assert_eq!(s, S_IOERR);
     assert_eq!(h.mem.read(target, 4096), vec![0x5a; 4096]);
     // Reading from it is fine (a write request), and the queue goes on.
-    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_OUT, 0, hdr, &[(y, 4096, false)], st);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_OUT, 0, &[(y, 4096, false)]);
     assert_eq!(s, S_OK);
     assert_eq!(h.read(0, 0, 4096).data, vec![0x5a; 4096]);
     let asked: Vec<u8> = h
@@ -201,11 +195,8 @@ fn unanswered_miss_fails_after_the_timeout_and_the_queue_continues() {
     h.iommu()
         .map(z, DATA_GPA + 0x60000, PAGE, VhostAccess::ReadWrite);
     h.iommu().set_silent(z);
-    let q = &h.queues[0];
-    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
-    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
     let t = Instant::now();
-    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(z, 512, true)], st);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(z, 512, true)]);
     let took = t.elapsed();
     assert_eq!(s, S_IOERR);
     assert!(
@@ -224,11 +215,8 @@ fn ack_without_update_fails_the_request_at_once() {
     let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
     let w = 0x5000_0000_0000u64;
-    let q = &h.queues[0];
-    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
-    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
     let t = Instant::now();
-    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(w, 512, true)], st);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(w, 512, true)]);
     let took = t.elapsed();
     assert_eq!(s, S_IOERR);
     assert!(
@@ -318,9 +306,6 @@ fn invalidate_during_io_never_writes_the_old_page_after_the_ack() {
     h.iommu().map(buf, range(0), LEN, VhostAccess::ReadWrite);
     let io = h.iommu().clone();
     let mem_ranges: Vec<_> = (0..=ROUNDS).map(range).collect();
-    let q = &h.queues[0];
-    let hdr = (iova_of(q.header_gpa()), q.header_gpa());
-    let st = (iova_of(q.header_gpa() + 16), q.header_gpa() + 16);
     let sentinel = vec![0xee; LEN as usize];
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -351,7 +336,7 @@ fn invalidate_during_io_never_writes_the_old_page_after_the_ack() {
     }
     let mut statuses = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(buf, LEN as u32, true)], st);
+        let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(buf, LEN as u32, true)]);
         statuses.push(s);
         done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
@@ -365,7 +350,7 @@ fn invalidate_during_io_never_writes_the_old_page_after_the_ack() {
         );
     }
     // The stream goes on through the last mapping.
-    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, hdr, &[(buf, LEN as u32, true)], st);
+    let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(buf, LEN as u32, true)]);
     assert_eq!(s, S_OK);
     assert!(
         h.mem.read(range(ROUNDS), LEN as usize) == disk,

@@ -645,28 +645,21 @@ impl Harness {
         dq.wait_used(&self.mem, TIMEOUT)
     }
 
-    /// One virtio-blk request on queue `q` with buffers given by their
-    /// device addresses (IOVAs under ACCESS_PLATFORM): header at `hdr`
-    /// (written through GPA `hdr_gpa`), `bufs` as (address, length,
-    /// device-writable), status at `status` (GPA `status_gpa`). Returns
-    /// the status byte and used length.
-    pub fn blk_raw(
-        &mut self,
-        q: usize,
-        kind: u32,
-        sector: u64,
-        (hdr, hdr_gpa): (u64, u64),
-        bufs: &[Desc],
-        (status, status_gpa): (u64, u64),
-    ) -> (u8, u32) {
+    /// One virtio-blk request on queue `q`, its header and status byte in
+    /// the queue's own slots, with data buffers `bufs` given by their
+    /// device addresses (IOVAs under ACCESS_PLATFORM) as (address, length,
+    /// device-writable). Returns the status byte and used length.
+    pub fn blk_raw(&mut self, q: usize, kind: u32, sector: u64, bufs: &[Desc]) -> (u8, u32) {
+        let hdr_gpa = self.queues[q].header_gpa();
+        let status_gpa = hdr_gpa + 16;
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
         self.mem.write(hdr_gpa, &h);
         self.mem.write(status_gpa, &[0xff]);
-        let mut chain: Vec<Desc> = vec![(hdr, 16, false)];
+        let mut chain: Vec<Desc> = vec![(self.dma_addr(hdr_gpa), 16, false)];
         chain.extend_from_slice(bufs);
-        chain.push((status, 1, true));
+        chain.push((self.dma_addr(status_gpa), 1, true));
         let (id, used_len) = self.run_chain(q, &chain).expect("request completes");
         assert_eq!(id, 0, "used id is the head");
         (self.mem.read(status_gpa, 1)[0], used_len)
@@ -675,30 +668,20 @@ impl Harness {
     /// One virtio-blk request on queue `q`: header, `out` data (device
     /// reads), `in_len` bytes of device-writable data, status byte.
     pub fn blk(&mut self, q: usize, kind: u32, sector: u64, out: &[u8], in_len: u32) -> BlkResult {
-        let dq = &self.queues[q];
-        let hdr_gpa = dq.header_gpa();
-        let status_gpa = hdr_gpa + 16;
-        let data_gpa = dq.data_gpa();
-        let mut hdr = [0u8; 16];
-        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
-        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write(hdr_gpa, &hdr);
-        self.mem.write(status_gpa, &[0xff]);
-        let d = |gpa| self.dma_addr(gpa);
-        let mut chain: Vec<Desc> = vec![(d(hdr_gpa), 16, false)];
+        let data_gpa = self.queues[q].data_gpa();
+        let data = self.dma_addr(data_gpa);
+        let mut bufs: Vec<Desc> = Vec::new();
         if !out.is_empty() {
             self.mem.write(data_gpa, out);
-            chain.push((d(data_gpa), out.len() as u32, false));
+            bufs.push((data, out.len() as u32, false));
         }
         if in_len > 0 {
             self.mem.write(data_gpa, &vec![0xa5; in_len as usize]);
-            chain.push((d(data_gpa), in_len, true));
+            bufs.push((data, in_len, true));
         }
-        chain.push((d(status_gpa), 1, true));
-        let (id, used_len) = self.run_chain(q, &chain).expect("request completes");
-        assert_eq!(id, 0, "used id is the head");
+        let (status, used_len) = self.blk_raw(q, kind, sector, &bufs);
         BlkResult {
-            status: self.mem.read(status_gpa, 1)[0],
+            status,
             used_len,
             data: self.mem.read(data_gpa, in_len as usize),
         }
@@ -767,11 +750,7 @@ impl Harness {
         payload: &[u8],
         fds: &[RawFd],
     ) -> Option<Frame> {
-        let _g = lock(&self.main_lock);
-        let s = self.sock();
-        let h = FrameHeader::request(u32::from(req), flags, payload.len() as u32);
-        wire::write_frame(&s, &h, payload, fds).ok()?;
-        let f = wire::read_frame(&s, FlagPolicy::VHOST_USER).ok()??;
+        let f = self.raw_flags_code(u32::from(req), flags, payload, fds)?;
         assert!(f.header.is_reply() && f.header.request == u32::from(req));
         Some(f)
     }
