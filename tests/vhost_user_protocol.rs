@@ -23,6 +23,29 @@ fn single_region(r: &Region) -> Vec<u8> {
     p
 }
 
+/// Offers a request on queue 0 and asserts that the device does not serve
+/// it (within 300 ms): the queue is stopped since `after`.
+fn assert_not_served(h: &mut Harness, after: &str) {
+    let hdr = h.queues[0].header_gpa();
+    h.queues[0].submit(&h.mem, &[(hdr, 16, false), (hdr + 16, 1, true)]);
+    assert!(
+        h.queues[0]
+            .wait_used(&h.mem, std::time::Duration::from_millis(300))
+            .is_none(),
+        "queue served after {after}"
+    );
+}
+
+/// GET_VRING_BASE of queue 0 as a raw frame: the base it answers.
+fn raw_vring_base(h: &Harness) -> u32 {
+    let base = h.raw(
+        FrontendReq::GET_VRING_BASE,
+        VhostUserVringState::new(0, 0).as_slice(),
+        &[],
+    );
+    u32::from_le_bytes(base.payload[4..8].try_into().expect("4 bytes"))
+}
+
 /// ADD_MEM_REG and REM_MEM_REG as raw frames, with I/O before and after:
 /// data in a removed region fails with IOERR, and works again once the
 /// region is back.
@@ -90,21 +113,9 @@ fn reset_device_stops_and_forgets_the_queues() {
     );
     // A request offered now is not served.
     let before = h.queues[0].device_used_idx(&h.mem);
-    let hdr = h.queues[0].header_gpa();
-    h.queues[0].submit(&h.mem, &[(hdr, 16, false), (hdr + 16, 1, true)]);
-    assert!(
-        h.queues[0]
-            .wait_used(&h.mem, std::time::Duration::from_millis(300))
-            .is_none(),
-        "queue served after RESET_DEVICE"
-    );
+    assert_not_served(&mut h, "RESET_DEVICE");
     assert_eq!(h.queues[0].device_used_idx(&h.mem), before);
-    let base = h.raw(
-        FrontendReq::GET_VRING_BASE,
-        VhostUserVringState::new(0, 0).as_slice(),
-        &[],
-    );
-    assert_eq!(&base.payload[4..8], &0u32.to_le_bytes(), "base not reset");
+    assert_eq!(raw_vring_base(&h), 0, "base not reset");
     // Reinitialise (features are gone after a reset) and check the data.
     h.fe.set_features(h.features).expect("SET_FEATURES");
     h.queues[0].reset_indices(&h.mem);
@@ -136,20 +147,8 @@ fn set_and_get_status() {
         h.raw_ack(FrontendReq::SET_STATUS, &0u64.to_le_bytes(), &[]),
         0
     );
-    let hdr = h.queues[0].header_gpa();
-    h.queues[0].submit(&h.mem, &[(hdr, 16, false), (hdr + 16, 1, true)]);
-    assert!(
-        h.queues[0]
-            .wait_used(&h.mem, std::time::Duration::from_millis(300))
-            .is_none(),
-        "queue served after status 0"
-    );
-    let base = h.raw(
-        FrontendReq::GET_VRING_BASE,
-        VhostUserVringState::new(0, 0).as_slice(),
-        &[],
-    );
-    assert_eq!(&base.payload[4..8], &3u32.to_le_bytes(), "position lost");
+    assert_not_served(&mut h, "status 0");
+    assert_eq!(raw_vring_base(&h), 3, "position lost");
 }
 
 /// GET_CONFIG answers the virtio-blk config space; a bad range gets a
