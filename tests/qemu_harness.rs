@@ -172,24 +172,16 @@ fn no_viommu_dd_against_qemu_storage_daemon() {
         .param("seed", &seed)
         .run()
         .expect("spawn qemu");
-    let report = run.expect_ok();
+    let what = "qemu-storage-daemon no-viommu";
+    let (report, expected) = qemu::expect_dd_readback(&run, what, &seed, mib);
     eprintln!(
-        "no-viommu dd {mib} MiB: qemu wall {:.2?}, write {}s read {}s ({}, accel {})",
+        "{what} dd {mib} MiB: qemu wall {:.2?}, {} ({}, accel {})",
         run.elapsed,
-        report.get("write_s").unwrap_or("?"),
-        report.get("read_s").unwrap_or("?"),
+        qemu::dd_timings(report),
         guest.qemu_version,
         guest.accel
     );
-    let expected = qemu::dd_pattern_md5(&seed, mib).expect("pattern md5");
-    assert_eq!(
-        report.get("md5"),
-        Some(expected.as_str()),
-        "guest read-back\n{}",
-        run.diagnostics()
-    );
-    let host = qemu::file_region_md5(&image, 0, u64::from(mib) << 20).expect("host md5");
-    assert_eq!(host, expected, "host backing file");
+    qemu::assert_dd_on_disk(&image, mib, &expected, what);
     assert_eq!(
         report
             .find("dev", "vda")

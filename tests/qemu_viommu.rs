@@ -75,14 +75,7 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         run.diagnostics(),
         d.log()
     );
-    let report = run.expect_ok();
-    let expected = qemu::dd_pattern_md5(&seed, MIB).expect("pattern md5");
-    assert_eq!(
-        report.get("md5"),
-        Some(expected.as_str()),
-        "{what}: guest read-back\n{}",
-        run.diagnostics()
-    );
+    let (report, expected) = qemu::expect_dd_readback(&run, &what, &seed, MIB);
     let iommu_type = report
         .find("dev", "vda")
         .and_then(|m| m.get("iommu_type"))
@@ -95,8 +88,7 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         out.status,
         out.stderr
     );
-    let host = qemu::file_region_md5(&image, 0, u64::from(MIB) << 20).expect("host md5");
-    assert_eq!(host, expected, "{what}: host backing file");
+    qemu::assert_dd_on_disk(&image, MIB, &expected, &what);
     let c = exit_counters(&out.stderr);
     let get = |k: &str| c.get(k).copied().unwrap_or(0);
     // Every address went through the IOTLB: misses were sent and answered.
@@ -112,12 +104,11 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         assert!(get("iotlb_invalidates") > 0, "{what}\n{}", out.stderr);
     }
     format!(
-        "{what:<26} {iommu_type:<8} qemu {:>6.2?}  write {}s read {}s  translations={} cache_hits={} \
+        "{what:<26} {iommu_type:<8} qemu {:>6.2?}  {}  translations={} cache_hits={} \
          misses={} joined={} refused={} updates={} invalidates={} flushes={} ring_pins={} \
          miss_wait_us={} max_us={}",
         run.elapsed,
-        report.get("write_s").unwrap_or("?"),
-        report.get("read_s").unwrap_or("?"),
+        qemu::dd_timings(report),
         get("translations"),
         get("cache_hits"),
         get("iotlb_misses"),

@@ -701,6 +701,44 @@ pub fn dd_pattern_md5(seed: &str, mib: u32) -> io::Result<String> {
     md5_hex(&dd_pattern(seed, mib))
 }
 
+/// Checks a finished run of the guest's `dd` test: QEMU and the guest
+/// ended cleanly ([`GuestRun::expect_ok`]) and the guest read back the
+/// [`dd_pattern`] of `seed` and `mib`. Returns the report and the pattern's
+/// md5, which the backing file must match too ([`assert_dd_on_disk`]).
+/// `what` starts the failure messages.
+pub fn expect_dd_readback<'r>(
+    run: &'r GuestRun,
+    what: &str,
+    seed: &str,
+    mib: u32,
+) -> (&'r GuestReport, String) {
+    let report = run.expect_ok();
+    let expected = dd_pattern_md5(seed, mib).expect("pattern md5");
+    assert_eq!(
+        report.get("md5"),
+        Some(expected.as_str()),
+        "{what}: guest read-back\n{}",
+        run.diagnostics()
+    );
+    (report, expected)
+}
+
+/// Asserts that the first `mib` MiB of `image` hash to `expected` (the
+/// md5 [`expect_dd_readback`] returned).
+pub fn assert_dd_on_disk(image: &Path, mib: u32, expected: &str, what: &str) {
+    let host = file_region_md5(image, 0, u64::from(mib) << 20).expect("host md5");
+    assert_eq!(host, expected, "{what}: host backing file");
+}
+
+/// `write Ns read Ns`: the guest's `dd` timings.
+pub fn dd_timings(report: &GuestReport) -> String {
+    format!(
+        "write {}s read {}s",
+        report.get("write_s").unwrap_or("?"),
+        report.get("read_s").unwrap_or("?")
+    )
+}
+
 /// md5 (lowercase hex) of `data`, computed by `md5sum`.
 pub fn md5_hex(data: &[u8]) -> io::Result<String> {
     md5_stream(|w| w.write_all(data))
