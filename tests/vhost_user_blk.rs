@@ -292,3 +292,70 @@ fn garbage_ends_only_that_connection() {
     assert_eq!(h1.write(0, 0, &pattern(6, 512)), S_OK);
     assert!(h1.read(0, 0, 512).data == pattern(6, 512));
 }
+
+/// `vcdev serve` prints, ready to paste, the options that attach each
+/// device (its socket, queues and queue size), and the guest memory options
+/// once.
+#[test]
+fn serve_prints_how_to_attach_each_device() {
+    let mut d = Vcdev::start(
+        "blk-print",
+        &[
+            "--device",
+            "blk,ram=1M",
+            "--device",
+            "blk,name=data,ram=1M,queues=2,queue-size=64",
+        ],
+        "vfio0",
+    );
+    let want = [
+        format!(
+            "-chardev socket,id=vfio0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vfio0,num-queues=1,queue-size=256",
+            d.socket("vfio0").display()
+        ),
+        format!(
+            "-chardev socket,id=data,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=data,num-queues=2,queue-size=64",
+            d.socket("data").display()
+        ),
+    ];
+    let out = common::poll_until(TIMEOUT, || {
+        let out = d.daemon.proc().stdout().text();
+        out.contains("-device virtio-iommu-pci").then_some(out)
+    })
+    .expect("vcdev serve printed the QEMU options");
+    for w in &want {
+        assert_eq!(
+            out.lines().filter(|l| l == w).count(),
+            1,
+            "{w}\nnot in\n{out}"
+        );
+    }
+    assert_eq!(out.matches("memory-backend-memfd").count(), 1, "{out}");
+}
+
+/// Invalid options: one clear line on stderr and exit code 2; nothing is
+/// created.
+#[test]
+fn invalid_options_exit_2_with_one_line() {
+    let dir = common::TempDir::new("blk-badopt").unwrap();
+    for bad in [
+        &["--device", "blk,ram=1M,foo=1"][..],
+        &["--device", "blk,ram=12Q"],
+        &["--device", "blk,queues=0"],
+        &["--device", "nvme"],
+        &["--iotlb-miss-timeout-ms", "0"],
+    ] {
+        let out = std::process::Command::new(common::frontend::vcdev_bin())
+            .arg("serve")
+            .arg("--dir")
+            .arg(dir.join("run"))
+            .args(bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(out.stdout.is_empty(), "{bad:?}");
+        assert!(!err.trim().is_empty(), "{bad:?}: no message");
+        assert!(!dir.join("run").join("vhost-user").exists(), "{bad:?}");
+    }
+}

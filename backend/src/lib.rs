@@ -117,6 +117,17 @@ pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
     BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })
 }
 
+/// What every guest needs once, printed after the per-device options.
+const QEMU_GUEST_OPTIONS: &str = "\
+# once per guest: its RAM must be shared memfd memory, e.g.
+-object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
+# behind a guest vIOMMU, add iommu_platform=on to each -device, and either
+#   -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,device-iotlb=on
+#   (the device behind a pcie-root-port, with iommu_platform=on,ats=on)
+# or
+#   -device virtio-iommu-pci (the device with iommu_platform=on,disable-legacy=on)
+";
+
 /// The QEMU options that attach device `spec` served at `socket`.
 pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
     format!(
@@ -231,9 +242,7 @@ pub fn run(config: Config) -> Result<()> {
             path.display()
         );
         out.push_str(&format!(
-            "# {}: QEMU options (guest RAM must be shared memfd memory)\n\
-             -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \
-             {}\n",
+            "# {}: attach it with\n{}\n",
             spec.name,
             qemu_options(spec, &path)
         ));
@@ -243,6 +252,7 @@ pub fn run(config: Config) -> Result<()> {
             .spawn(move || vhost_user::serve_device(listener, dev, conn_cfg))
             .map_err(Error::Spawn)?;
     }
+    out.push_str(QEMU_GUEST_OPTIONS);
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();

@@ -58,7 +58,9 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// A device: blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N]
-    /// [,queue-size=N][,serial=S]. Default: one 64 MiB RAM disk named vfio0.
+    /// [,queue-size=N][,serial=S][,iova-aperture=START-LAST]
+    /// [,iova-reserved=START-LAST]...[,group=N]. Default: one 64 MiB RAM
+    /// disk named vfio0.
     #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<String>,
     /// Accept guest memory that is not a memfd sealed against shrinking
