@@ -11,9 +11,12 @@
 //!   root and the host memory it points to; it is *offline* (quiescent)
 //!   otherwise. Its slot holds 0 when offline, else the generation it saw
 //!   when it went online.
-//! - **`generation`** is bumped by every grace period. A reader's front
-//!   cache is valid only for the generation it was filled in; one atomic load
-//!   per translation checks it.
+//! - **`generation`** is bumped by every grace period, and only under the
+//!   writer lock. A reader's front cache is valid for the generation it was
+//!   filled in; one atomic load per translation checks it. When it moved,
+//!   the reader drops the entries that overlap what the generations in
+//!   between removed (the invalidation log remembers the hull of each of
+//!   the last 16), or all of them if the log no longer covers the gap.
 //! - **Grace periods.** An edit that removes or changes any translation
 //!   bumps the generation and then waits until every reader is offline or
 //!   has gone online again since (slot 0 or slot >= the new generation).
@@ -41,6 +44,20 @@ use crate::tree::{Extent, Node, Tree};
 /// Grace periods are triggered at the latest when this many roots are
 /// retired by add-only edits.
 const MAX_RETIRED: usize = 64;
+
+/// Generations whose removed range is remembered ([`AddressSpace::removed_in`]).
+const LOG_LEN: usize = 16;
+
+/// What one generation removed: the hull `first..=last` of the extents a
+/// grace period was started for (`first > last`: nothing, a grace period
+/// that only retired old roots). Written under the writer lock before the
+/// generation moves to `gen`; read seqlock-style.
+#[derive(Debug, Default)]
+struct LogSlot {
+    gen: AtomicU64,
+    first: AtomicU64,
+    last: AtomicU64,
+}
 
 /// How long a grace period spins on a reader before it blocks.
 const SPIN_BEFORE_BLOCKING: Duration = Duration::from_micros(20);
@@ -72,6 +89,9 @@ pub struct AddressSpace {
     wake_lock: Mutex<()>,
     wake: Condvar,
     grace_periods: AtomicU64,
+    /// The ranges the last [`LOG_LEN`] generations removed, so that readers
+    /// drop only the cache entries they cover.
+    log: [LogSlot; LOG_LEN],
     /// Test-only: skip the wait for readers (the negative test of the
     /// promise).
     #[cfg(test)]
@@ -91,6 +111,7 @@ impl Default for AddressSpace {
                 retired: Vec::new(),
             }),
             grace_periods: AtomicU64::new(0),
+            log: Default::default(),
             waiters: AtomicU32::new(0),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -181,7 +202,10 @@ impl AddressSpace {
             Ok(r) => {
                 drop(saved);
                 if !removed.is_empty() || added {
-                    self.publish(&mut w, !removed.is_empty());
+                    let hull = removed.iter().fold(None, |h: Option<(u64, u64)>, e| {
+                        Some(h.map_or((e.start, e.last), |(f, l)| (f.min(e.start), l.max(e.last))))
+                    });
+                    self.publish(&mut w, hull);
                 }
                 drop(removed);
                 Ok(r)
@@ -194,22 +218,33 @@ impl AddressSpace {
         f(&lock(&self.writer).tree)
     }
 
-    fn publish(&self, w: &mut Writer, removal: bool) {
+    /// Publishes the writer's tree; `removed` is the hull of what the edit
+    /// removed, if anything.
+    fn publish(&self, w: &mut Writer, removed: Option<(u64, u64)>) {
         let new = Arc::into_raw(w.tree.root.clone()).cast_mut();
         let old = self.root.swap(new, Ordering::AcqRel);
         // SAFETY: `old` came from Arc::into_raw in a previous publish (or
         // Default) and was owned by `root`, which no longer holds it.
         w.retired.push(unsafe { Arc::from_raw(old) });
-        if removal || w.retired.len() >= MAX_RETIRED {
-            self.synchronize();
+        if removed.is_some() || w.retired.len() >= MAX_RETIRED {
+            self.synchronize(removed.unwrap_or((1, 0)));
             w.retired.clear();
         }
     }
 
-    /// Starts a grace period and waits for its end: every reader online now
-    /// has gone offline or re-entered.
-    fn synchronize(&self) {
-        let target = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    /// Starts a grace period for the removal of `first..=last` and waits
+    /// for its end: every reader online now has gone offline or re-entered.
+    /// Called with the writer lock held (the only place the generation
+    /// moves).
+    fn synchronize(&self, (first, last): (u64, u64)) {
+        let target = self.generation.load(Ordering::Relaxed) + 1;
+        let slot = &self.log[target as usize % LOG_LEN];
+        slot.gen.store(0, Ordering::Relaxed);
+        fence(Ordering::Release);
+        slot.first.store(first, Ordering::Relaxed);
+        slot.last.store(last, Ordering::Relaxed);
+        slot.gen.store(target, Ordering::Release);
+        self.generation.store(target, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         self.grace_periods.fetch_add(1, Ordering::Relaxed);
         #[cfg(test)]
@@ -259,6 +294,24 @@ impl AddressSpace {
     pub fn grace_periods(&self) -> u64 {
         self.grace_periods.load(Ordering::Relaxed)
     }
+
+    /// The range generation `gen` removed (`first > last`: nothing), if it
+    /// is still in the log; `None` means "unknown: assume everything".
+    pub(crate) fn removed_in(&self, gen: u64) -> Option<(u64, u64)> {
+        let slot = &self.log[gen as usize % LOG_LEN];
+        if slot.gen.load(Ordering::Acquire) != gen {
+            return None;
+        }
+        let r = (
+            slot.first.load(Ordering::Relaxed),
+            slot.last.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        (slot.gen.load(Ordering::Relaxed) == gen).then_some(r)
+    }
+
+    /// The number of generations [`AddressSpace::removed_in`] remembers.
+    pub(crate) const LOG_LEN: u64 = LOG_LEN as u64;
 
     /// Registers a new reader (one per queue).
     pub fn reader(self: &Arc<Self>) -> crate::Reader {
@@ -378,6 +431,77 @@ mod tests {
             sess.translate(0x10000, 1, Permissions::Read),
             Err(Fault::Unmapped { iova: 0x10000 })
         );
+    }
+
+    /// An unmap drops only the cache entries it covers: another mapping
+    /// cached before still hits afterwards.
+    #[test]
+    fn unmap_keeps_the_cache_entries_it_does_not_cover() {
+        let m = Arc::new(MemObject::anonymous(1 << 20).unwrap());
+        let s = AddressSpace::new();
+        map(&s, 0x10000, &m, 0x3000);
+        map(&s, 0x20000, &m, 0x5000);
+        let mut r = s.reader();
+        {
+            let sess = r.enter();
+            sess.translate(0x10000, 8, Permissions::Read).unwrap();
+            sess.translate(0x20000, 8, Permissions::Read).unwrap();
+        }
+        unmap(&s, 0x10000);
+        let sess = r.enter();
+        assert!(sess.probe(0x20000, 8, Permissions::Read).is_some());
+        assert!(sess.probe(0x10000, 8, Permissions::Read).is_none());
+        assert_eq!(
+            sess.translate(0x10000, 8, Permissions::Read),
+            Err(Fault::Unmapped { iova: 0x10000 })
+        );
+        drop(sess);
+        assert_eq!((r.stats().partial_flushes, r.stats().flushes), (1, 1));
+    }
+
+    /// An UPDATE replacing the middle of a cached extent: the old entry is
+    /// dropped, so neither the replaced nor the kept parts use it again.
+    #[test]
+    fn replacing_part_of_a_cached_extent_drops_the_entry() {
+        let m = Arc::new(MemObject::anonymous(1 << 20).unwrap());
+        let s = AddressSpace::new();
+        s.iotlb_update(0x1000, 0x3000, &m, 0, Permissions::ReadWrite)
+            .unwrap();
+        let mut r = s.reader();
+        {
+            let sess = r.enter();
+            for iova in [0x1800u64, 0x2800, 0x3800] {
+                sess.translate(iova, 8, Permissions::Read).unwrap();
+            }
+        }
+        s.iotlb_update(0x2000, 0x1000, &m, 0x8000, Permissions::ReadWrite)
+            .unwrap();
+        let sess = r.enter();
+        let host = |iova| sess.translate(iova, 8, Permissions::Read).unwrap()[0].ptr as usize;
+        let base = m.host_base() as usize;
+        assert_eq!(host(0x2800), base + 0x8800);
+        assert_eq!(host(0x1800), base + 0x0800);
+        assert_eq!(host(0x3800), base + 0x2800);
+    }
+
+    /// More generations than the log remembers between two sessions: the
+    /// whole cache goes.
+    #[test]
+    fn a_gap_longer_than_the_log_flushes_the_whole_cache() {
+        let m = Arc::new(MemObject::anonymous(1 << 20).unwrap());
+        let s = AddressSpace::new();
+        map(&s, 0x10000, &m, 0);
+        let mut r = s.reader();
+        r.enter().translate(0x10000, 8, Permissions::Read).unwrap();
+        for _ in 0..=AddressSpace::LOG_LEN {
+            map(&s, 0x90000, &m, 0);
+            unmap(&s, 0x90000);
+        }
+        let sess = r.enter();
+        assert!(sess.probe(0x10000, 8, Permissions::Read).is_none());
+        assert!(sess.translate(0x10000, 8, Permissions::Read).is_ok());
+        drop(sess);
+        assert_eq!((r.stats().partial_flushes, r.stats().flushes), (0, 2));
     }
 
     #[test]

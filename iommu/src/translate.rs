@@ -103,8 +103,11 @@ pub struct ReaderStats {
     pub translations: u64,
     /// Of those, found in the front cache.
     pub hits: u64,
-    /// Front-cache flushes caused by a new generation.
+    /// Whole front-cache flushes caused by a new generation.
     pub flushes: u64,
+    /// New generations handled by dropping only the entries that overlap
+    /// what they removed.
+    pub partial_flushes: u64,
 }
 
 /// A queue's view of an address space: front cache and reader slot.
@@ -116,6 +119,7 @@ pub struct Reader {
     translations: Cell<u64>,
     hits: Cell<u64>,
     flushes: Cell<u64>,
+    partial_flushes: Cell<u64>,
 }
 
 // SAFETY: a Reader is used by one thread at a time (it is not Sync: the
@@ -147,6 +151,7 @@ impl Reader {
             translations: Cell::new(0),
             hits: Cell::new(0),
             flushes: Cell::new(0),
+            partial_flushes: Cell::new(0),
         }
     }
 
@@ -175,6 +180,7 @@ impl Reader {
             translations: self.translations.get(),
             hits: self.hits.get(),
             flushes: self.flushes.get(),
+            partial_flushes: self.partial_flushes.get(),
         }
     }
 }
@@ -199,15 +205,46 @@ impl Drop for Session<'_> {
 impl Session<'_> {
     #[inline]
     fn check_generation(&self) {
-        let r = self.reader;
         let g = self.generation.load(Ordering::Acquire);
-        if g != r.cache_gen.get() {
+        if g != self.reader.cache_gen.get() {
+            self.new_generation(g);
+        }
+    }
+
+    /// The generation moved from the cache's to `g`: drop the entries that
+    /// overlap what the generations in between removed, or all of them when
+    /// the log no longer covers them.
+    #[cold]
+    fn new_generation(&self, g: u64) {
+        let r = self.reader;
+        let c = r.cache_gen.get();
+        let space = &r.space;
+        let partial = c != 0
+            && g > c
+            && g - c <= AddressSpace::LOG_LEN
+            && (c + 1..=g).all(|x| match space.removed_in(x) {
+                Some((first, last)) => {
+                    if first <= last {
+                        for e in r.cache.iter() {
+                            let v = e.get();
+                            if v.start <= last && first <= v.last {
+                                e.set(INVALID);
+                            }
+                        }
+                    }
+                    true
+                }
+                None => false,
+            });
+        if partial {
+            r.partial_flushes.set(r.partial_flushes.get() + 1);
+        } else {
             for e in r.cache.iter() {
                 e.set(INVALID);
             }
-            r.cache_gen.set(g);
             r.flushes.set(r.flushes.get() + 1);
         }
+        r.cache_gen.set(g);
     }
 
     /// Probes the front cache only: the host address of `iova` if a cached
