@@ -76,11 +76,11 @@ impl MemError {
 pub struct MemObject {
     base: NonNull<u8>,
     len: usize,
-    /// The file the memory comes from, kept for diagnostics and so that it
-    /// stays open as long as it is mapped.
-    file: Option<File>,
-    /// Offset of the mapping in `file`.
-    file_offset: u64,
+    /// Offset of the first byte in the file it maps, if it maps one. The
+    /// descriptor itself is closed once mapped: the mapping holds the file,
+    /// and a descriptor per mapping would run into RLIMIT_NOFILE long before
+    /// the mappings run out.
+    file_offset: Option<u64>,
 }
 
 // SAFETY: the mapping is plain shared memory, accessed only through
@@ -104,7 +104,7 @@ impl MemObject {
                 0,
             )
         };
-        Self::from_mmap(ptr, len, None, 0)
+        Self::from_mmap(ptr, len, None)
     }
 
     /// Maps `len` bytes of `fd` at `offset`, shared, after checking the
@@ -156,7 +156,8 @@ impl MemObject {
                 aligned_off,
             )
         };
-        let mut obj = Self::from_mmap(ptr, map_len + slack, Some(file), offset)?;
+        drop(file);
+        let mut obj = Self::from_mmap(ptr, map_len + slack, Some(offset))?;
         obj.skip_prefix(slack);
         Ok(obj)
     }
@@ -164,8 +165,7 @@ impl MemObject {
     fn from_mmap(
         ptr: *mut libc::c_void,
         len: usize,
-        file: Option<File>,
-        file_offset: u64,
+        file_offset: Option<u64>,
     ) -> Result<MemObject, MemError> {
         if ptr == libc::MAP_FAILED {
             return Err(MemError::Mmap {
@@ -180,7 +180,6 @@ impl MemObject {
         Ok(MemObject {
             base,
             len,
-            file,
             file_offset,
         })
     }
@@ -209,12 +208,7 @@ impl MemObject {
 
     /// The offset of the first byte in the file, if a file backs it.
     pub fn file_offset(&self) -> Option<u64> {
-        self.file.as_ref().map(|_| self.file_offset)
-    }
-
-    /// The backing file, if any.
-    pub fn file(&self) -> Option<&File> {
-        self.file.as_ref()
+        self.file_offset
     }
 
     /// Whether `[offset, offset + len)` lies inside the object.
@@ -298,6 +292,30 @@ mod tests {
         assert_eq!(m.len(), 4096);
     }
 
+    /// The descriptor is closed once mapped: thousands of mappings must not
+    /// run into RLIMIT_NOFILE.
+    #[test]
+    fn the_descriptor_is_closed_once_mapped() {
+        use std::os::fd::{AsFd, AsRawFd};
+        use std::os::unix::fs::MetadataExt;
+        let fd = sealed_memfd("t", 8192).unwrap();
+        let ino = File::from(fd.try_clone().unwrap())
+            .metadata()
+            .unwrap()
+            .ino();
+        let dup = fd.as_fd().try_clone_to_owned().unwrap();
+        let raw = dup.as_raw_fd();
+        let m = MemObject::from_fd(dup, 0, 4096, SealPolicy::RequireShrinkSeal).unwrap();
+        // SAFETY: fstat into a zeroed stat buffer; `raw` may be closed (or
+        // reused by another thread), which fstat reports or we tell by inode.
+        let still_ours = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(raw, &mut st) == 0 && st.st_ino == ino
+        };
+        assert!(!still_ours, "the mapped descriptor is still open");
+        drop(m);
+    }
+
     #[test]
     fn range_beyond_file_end_is_efault() {
         let fd = sealed_memfd("t", 8192).unwrap();
@@ -311,6 +329,7 @@ mod tests {
         let file = File::from(fd);
         std::os::unix::fs::FileExt::write_all_at(&file, b"hello", 5000).unwrap();
         let m = MemObject::from_fd(file.into(), 5000, 100, SealPolicy::RequireShrinkSeal).unwrap();
+        assert_eq!(m.file_offset(), Some(5000));
         let mut got = [0u8; 5];
         // SAFETY: 5 bytes inside the 100-byte mapping.
         unsafe { std::ptr::copy_nonoverlapping(m.host_base(), got.as_mut_ptr(), 5) };
