@@ -15,7 +15,7 @@ use vm_memory::Permissions;
 
 use crate::errno::Errno;
 use crate::io_pagetable::{IoPageTable, IoptError, IovaRange};
-use crate::mem::{MemError, MemObject};
+use crate::mem::MemError;
 use crate::object::{Iommufd, ObjectError};
 use crate::space::AddressSpace;
 use crate::uapi::{self, IommuIovaRange};
@@ -230,11 +230,13 @@ impl Iommufd {
         if offset.checked_add(length).is_none() {
             return Err(IoasError::Overflow);
         }
-        let mem = MemObject::from_fd(fd()?, offset, length, self.seal_policy())
+        let (mem, offset) = self
+            .files()
+            .map(fd()?, offset, length, self.seal_policy())
             .map_err(IoasError::Memory)?;
         Ok(ioas
             .iopt()
-            .map(Arc::new(mem), 0, length, fixed.then_some(iova), perm)?)
+            .map(mem, offset, length, fixed.then_some(iova), perm)?)
     }
 
     /// IOMMU_IOAS_UNMAP: unmaps whole mappings inside `iova..iova+length`

@@ -116,13 +116,7 @@ impl MemObject {
         policy: SealPolicy,
     ) -> Result<MemObject, MemError> {
         let file = File::from(fd);
-        if policy == SealPolicy::RequireShrinkSeal {
-            // SAFETY: fcntl on a descriptor we own; F_GET_SEALS takes no argument.
-            let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-            if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-                return Err(MemError::NotSealed { seals });
-            }
-        }
+        check_seals(&file, policy)?;
         let file_size = file.metadata().map_err(MemError::Stat)?.len();
         let end = offset.checked_add(len);
         let map_len = usize::try_from(len).ok();
@@ -231,6 +225,76 @@ impl Drop for MemObject {
     }
 }
 
+/// Refuses `file` unless `policy` allows it.
+fn check_seals(file: &File, policy: SealPolicy) -> Result<(), MemError> {
+    if policy == SealPolicy::RequireShrinkSeal {
+        // SAFETY: fcntl on a descriptor we own; F_GET_SEALS takes no argument.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(MemError::NotSealed { seals });
+        }
+    }
+    Ok(())
+}
+
+/// Whole-file mappings shared by every mapping made of one file (one per
+/// iommufd context).
+///
+/// Mapping each IOAS_MAP call's range on its own would cost an mmap per
+/// call and bound the mappings by the host's `vm.max_map_count`; instead
+/// the first map of a file maps all of it, and later maps of the same file
+/// (same device and inode) share that [`MemObject`] as long as any mapping
+/// uses it. A file that grew past the shared mapping is mapped again,
+/// whole.
+#[derive(Debug, Default)]
+pub struct FileMappings {
+    files: std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<MemObject>>>,
+}
+
+impl FileMappings {
+    /// The memory of `fd[offset..offset + len]`, checked as
+    /// [`MemObject::from_fd`] checks it: the shared whole-file object and
+    /// the offset of the range in it.
+    pub fn map(
+        &self,
+        fd: OwnedFd,
+        offset: u64,
+        len: u64,
+        policy: SealPolicy,
+    ) -> Result<(std::sync::Arc<MemObject>, u64), MemError> {
+        use std::os::unix::fs::MetadataExt;
+        let file = File::from(fd);
+        check_seals(&file, policy)?;
+        let meta = file.metadata().map_err(MemError::Stat)?;
+        let file_size = meta.len();
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > file_size) {
+            return Err(MemError::OutOfRange {
+                offset,
+                len,
+                file_size,
+            });
+        }
+        let key = (meta.dev(), meta.ino());
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(obj) = files.get(&key).and_then(std::sync::Weak::upgrade) {
+            if obj.contains(offset, len) {
+                return Ok((obj, offset));
+            }
+        }
+        let obj = std::sync::Arc::new(MemObject::from_fd(
+            file.into(),
+            0,
+            file_size,
+            SealPolicy::AllowUnsealed, // checked above
+        )?);
+        if files.len() >= 64 && files.len().is_power_of_two() {
+            files.retain(|_, w| w.strong_count() > 0);
+        }
+        files.insert(key, std::sync::Arc::downgrade(&obj));
+        Ok((obj, offset))
+    }
+}
+
 fn page_size_usize() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -272,6 +336,8 @@ pub fn sealed_memfd(name: &str, len: u64) -> std::io::Result<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -314,6 +380,45 @@ mod tests {
         };
         assert!(!still_ours, "the mapped descriptor is still open");
         drop(m);
+    }
+
+    /// Maps of one file share one whole-file mapping; a file that grew is
+    /// mapped again; refusals are those of `from_fd`.
+    #[test]
+    fn file_mappings_share_one_mapping_per_file() {
+        use std::os::fd::AsFd;
+        let fm = FileMappings::default();
+        let fd = sealed_memfd("t", 4 * 4096).unwrap();
+        let dup = || fd.as_fd().try_clone_to_owned().unwrap();
+        let (a, oa) = fm
+            .map(dup(), 4096, 4096, SealPolicy::RequireShrinkSeal)
+            .unwrap();
+        let (b, ob) = fm
+            .map(dup(), 100, 8000, SealPolicy::RequireShrinkSeal)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!((oa, ob, a.len()), (4096, 100, 4 * 4096));
+        File::from(dup()).set_len(8 * 4096).unwrap();
+        let (c, oc) = fm
+            .map(dup(), 6 * 4096, 4096, SealPolicy::RequireShrinkSeal)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!((oc, c.len()), (6 * 4096, 8 * 4096));
+        let e = fm
+            .map(dup(), 8 * 4096, 1, SealPolicy::RequireShrinkSeal)
+            .unwrap_err();
+        assert_eq!(e.errno(), Errno::EFAULT);
+        let e = fm
+            .map(dup(), 0, 0, SealPolicy::RequireShrinkSeal)
+            .unwrap_err();
+        assert_eq!(e.errno(), Errno::EFAULT);
+        drop((a, b));
+        // Nothing uses the first mapping any more: a new one is made.
+        let other = sealed_memfd("u", 4096).unwrap();
+        let (d, _) = fm
+            .map(other, 0, 4096, SealPolicy::RequireShrinkSeal)
+            .unwrap();
+        assert_eq!(d.len(), 4096);
     }
 
     #[test]

@@ -238,6 +238,8 @@ pub(crate) fn destroy_object(obj: Object) {
 pub struct Iommufd {
     table: Mutex<Table>,
     seal_policy: SealPolicy,
+    /// Whole-file mappings shared by the IOAS maps of this context.
+    files: crate::mem::FileMappings,
 }
 
 impl Iommufd {
@@ -247,12 +249,18 @@ impl Iommufd {
         Arc::new(Iommufd {
             table: Mutex::new(Table::default()),
             seal_policy,
+            files: crate::mem::FileMappings::default(),
         })
     }
 
     /// What memory mapped through this iommufd must satisfy.
     pub fn seal_policy(&self) -> SealPolicy {
         self.seal_policy
+    }
+
+    /// The whole-file mappings shared by this context's IOAS maps.
+    pub(crate) fn files(&self) -> &crate::mem::FileMappings {
+        &self.files
     }
 
     pub(crate) fn table(&self) -> MutexGuard<'_, Table> {
