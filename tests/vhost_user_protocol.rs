@@ -6,12 +6,13 @@
 
 mod common;
 
-use common::frontend::{pattern, Harness, Vcdev, S_OK};
+use common::frontend::{pattern, DriverQueue, Harness, Vcdev, S_OK, TIMEOUT};
 use common::frontend::{u64_of, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_IOERR};
 use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags, VhostUserVringState};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::EventFd;
 
 const STATUS_ACK_DRIVER_FEATURES_OK_DRIVER_OK: u64 = 0xf;
 
@@ -246,3 +247,92 @@ fn wire_need_reply() -> u32 {
 }
 
 use std::os::fd::AsRawFd;
+
+/// A kick that comes after SET_VRING_KICK but before SET_VRING_ENABLE is
+/// remembered: the request is served once the queue is enabled.
+#[test]
+fn kick_before_enable_is_served_once_enabled() {
+    let d = Vcdev::start("vu-early-kick", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+    h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+    let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+    h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+    h.queues.push(DriverQueue::new_for_tests(0, 64));
+    let cfg = h.queues[0].config(&h.mem);
+    let q = &h.queues[0];
+    h.fe.set_vring_num(0, q.size).expect("SET_VRING_NUM");
+    h.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
+    h.fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
+    h.fe.set_vring_call(0, &q.call).expect("SET_VRING_CALL");
+    h.fe.set_vring_kick(0, &q.kick).expect("SET_VRING_KICK");
+    assert_not_served(&mut h, "SET_VRING_KICK without SET_VRING_ENABLE");
+    h.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+    let (id, _) = h.queues[0]
+        .wait_used(&h.mem, TIMEOUT)
+        .expect("the early kick is served once enabled");
+    assert_eq!(id, 0);
+    assert_eq!(h.flush(0), S_OK);
+}
+
+/// QEMU sends SET_VRING_ADDR with a non-zero log address even when it does
+/// not log (no VHOST_VRING_F_LOG): accepted, the queue works.
+#[test]
+fn vring_addr_with_log_address_but_no_log_flag_is_accepted() {
+    let d = Vcdev::start("vu-logaddr", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    h.fe.set_vring_enable(0, false).expect("disable");
+    h.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let mut cfg = h.queues[0].config(&h.mem);
+    cfg.log_addr = Some(0x7f12_3456_0000);
+    h.fe.set_vring_addr(0, &cfg)
+        .expect("SET_VRING_ADDR with a log address");
+    let q = &h.queues[0];
+    h.fe.set_vring_kick(0, &q.kick).expect("SET_VRING_KICK");
+    h.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+    assert_eq!(h.flush(0), S_OK);
+}
+
+/// The call eventfd changes between two starts: completions after the
+/// restart are signalled on the new one only.
+#[test]
+fn call_fd_changes_between_starts() {
+    let d = Vcdev::start("vu-callfd", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    assert_eq!(h.flush(0), S_OK);
+    h.fe.set_vring_enable(0, false).expect("disable");
+    let base = h.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(base, 1);
+    let old = h.queues[0].call.try_clone().expect("dup");
+    let _ = old.read();
+    h.queues[0].call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    h.start_queue(0);
+    assert_eq!(h.write(0, 0, &pattern(2, 512)), S_OK);
+    assert_eq!(h.flush(0), S_OK);
+    assert!(old.read().is_err(), "the old call fd was signalled");
+}
+
+/// QEMU gives one memfd for several regions at different mmap offsets:
+/// each region is the file's bytes from its own offset.
+#[test]
+fn regions_at_mmap_offsets_of_one_memfd() {
+    let d = Vcdev::start("vu-mmapoff", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    let fd = vcdev_iommu::mem::sealed_memfd("guest", META_SIZE + DATA_SIZE).expect("memfd");
+    let file = std::fs::File::from(fd);
+    h.mem
+        .regions
+        .push(Region::in_file(DATA_GPA, DATA_SIZE, &file, META_SIZE));
+    h.mem
+        .regions
+        .push(Region::in_file(META_GPA, META_SIZE, &file, 0));
+    let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+    h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+    h.queues.push(DriverQueue::new_for_tests(0, 64));
+    h.start_queue(0);
+    let data = pattern(12, 8192);
+    assert_eq!(h.write(0, 16, &data), S_OK);
+    let r = h.read(0, 16, 8192);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data);
+}

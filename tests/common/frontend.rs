@@ -174,21 +174,31 @@ pub struct Region {
     pub file: File,
     /// Our mapping; its address is the "user address" the backend sees.
     pub map: Arc<MemObject>,
+    /// Where the region starts in `file` (the table's mmap_offset).
+    pub offset: u64,
 }
 
 impl Region {
     /// A new zeroed region at `gpa`.
     pub fn new(gpa: u64, size: u64) -> Region {
         let fd = vcdev_iommu::mem::sealed_memfd("guest", size).expect("memfd");
-        let file = File::from(fd);
+        Region::in_file(gpa, size, &File::from(fd), 0)
+    }
+
+    /// A region at `gpa` of `size` bytes that starts at `offset` in `file`
+    /// (QEMU gives one RAM block's memfd for several regions so).
+    pub fn in_file(gpa: u64, size: u64, file: &File, offset: u64) -> Region {
+        let file = file.try_clone().expect("dup");
         let dup: OwnedFd = file.try_clone().expect("dup").into();
-        let map =
-            Arc::new(MemObject::from_fd(dup, 0, size, SealPolicy::AllowUnsealed).expect("map"));
+        let map = Arc::new(
+            MemObject::from_fd(dup, offset, size, SealPolicy::AllowUnsealed).expect("map"),
+        );
         Region {
             gpa,
             size,
             file,
             map,
+            offset,
         }
     }
 
@@ -203,7 +213,7 @@ impl Region {
             guest_phys_addr: self.gpa,
             memory_size: self.size,
             userspace_addr: self.uaddr(),
-            mmap_offset: 0,
+            mmap_offset: self.offset,
             mmap_handle: self.file.as_raw_fd(),
         }
     }
