@@ -312,6 +312,28 @@ fn call_fd_changes_between_starts() {
     assert!(old.read().is_err(), "the old call fd was signalled");
 }
 
+/// RESET_OWNER (deprecated) only disables the rings, as the vhost-user
+/// spec recommends: memory table, features and ring setup survive, and
+/// SET_VRING_ENABLE 1 resumes the queue where it stopped.
+#[test]
+fn reset_owner_only_disables_the_rings() {
+    let d = Vcdev::start("vu-reset-owner", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    let data = pattern(11, 1024);
+    assert_eq!(h.write(0, 0, &data), S_OK);
+    assert_eq!(h.raw_ack(FrontendReq::RESET_OWNER, &[], &[]), 0);
+    assert_not_served(&mut h, "RESET_OWNER");
+    h.fe.set_vring_enable(0, true)
+        .expect("SET_VRING_ENABLE after RESET_OWNER");
+    let (id, _) = h.queues[0]
+        .wait_used(&h.mem, TIMEOUT)
+        .expect("the pending request is served once re-enabled");
+    assert_eq!(id, 0);
+    let r = h.read(0, 0, 1024);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data);
+}
+
 /// QEMU gives one memfd for several regions at different mmap offsets:
 /// each region is the file's bytes from its own offset.
 #[test]

@@ -370,9 +370,15 @@ impl Conn {
             }
             FrontendReq::RESET_OWNER => {
                 expect_len(req, &payload, 0)?;
-                self.reset_device();
-                self.flush_iotlb();
-                self.mem.clear();
+                // Deprecated. The vhost-user spec: discarding connection
+                // state here "would lead to bugs"; back-ends should ignore
+                // it or disable all rings. Rings are disabled (stopped,
+                // positions kept); SET_VRING_ENABLE 1 resumes them.
+                for v in &mut self.vrings {
+                    v.stop();
+                    v.set_enabled(false);
+                }
+                info!("{}: RESET_OWNER: rings disabled", self.peer);
                 Ok(Reply::Ack)
             }
             FrontendReq::GET_PROTOCOL_FEATURES => {
