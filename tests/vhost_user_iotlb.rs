@@ -403,3 +403,76 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
     assert_eq!(h.read(0, 0, 512).status, S_OK);
     assert_eq!(asked(&h, hdr), 3);
 }
+
+/// Offers a read of 512 bytes at sector 0 into `buf` (an IOVA) on queue
+/// `q` without waiting for it.
+fn offer_read(h: &mut Harness, q: usize, buf: u64) {
+    let hq = &h.queues[q];
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h.mem.write(hq.header_gpa(), &hdr);
+    h.mem.write(hq.header_gpa() + 16, &[0xff]);
+    let chain: Vec<Desc> = vec![
+        (iova_of(hq.header_gpa()), 16, false),
+        (buf, 512, true),
+        (iova_of(hq.header_gpa() + 16), 1, true),
+    ];
+    h.queues[q].submit(&h.mem, &chain);
+}
+
+/// While a queue waits for the answer to a miss (QEMU does not read the
+/// backend channel while it waits on the main one), the main channel is
+/// served and GET_VRING_BASE answers at once, without the request.
+#[test]
+fn main_channel_and_get_vring_base_are_served_while_a_queue_waits_on_a_miss() {
+    let _d = daemon("iotlb-stopwait", 1, &[]);
+    let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let z = 0x3000_0000_0000u64;
+    h.iommu()
+        .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
+    let before = h.iommu().misses().len();
+    h.iommu().hold(true);
+    offer_read(&mut h, 0, z);
+    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+    let t = Instant::now();
+    let n = h.raw(FrontendReq::GET_QUEUE_NUM, &[], &[]);
+    assert_eq!(n.payload, 1u64.to_le_bytes());
+    let base = {
+        let lock = h.main_lock.clone();
+        let _g = lock.lock().expect("main lock");
+        h.fe.set_vring_enable(0, false).expect("disable");
+        h.fe.get_vring_base(0).expect("GET_VRING_BASE")
+    };
+    let took = t.elapsed();
+    h.iommu().hold(false);
+    assert_eq!(base, 1, "the waiting request is not consumed");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A frontend that vanishes while a queue waits on a miss: the device is
+/// released and the next frontend finds its data.
+#[test]
+fn frontend_vanishing_during_a_miss_leaves_the_device_usable() {
+    let mut d = daemon("iotlb-vanish", 1, &[]);
+    let data = pattern(0x5a, 4096);
+    {
+        let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+        assert_eq!(h.write(0, 8, &data), S_OK);
+        let z = 0x3000_0000_0000u64;
+        h.iommu()
+            .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
+        let before = h.iommu().misses().len();
+        h.iommu().hold(true);
+        offer_read(&mut h, 0, z);
+        assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+    }
+    common::poll_until(TIMEOUT, || {
+        d.log().contains("device released").then_some(())
+    })
+    .expect("device released");
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    let r = h.read(0, 8, 4096);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data, "data lost");
+}
