@@ -333,6 +333,33 @@ fn serve_prints_how_to_attach_each_device() {
     assert_eq!(out.matches("memory-backend-memfd").count(), 1, "{out}");
 }
 
+/// A device name QEMU does not take as an id (it must start with a
+/// letter) still prints options QEMU accepts: the chardev id gets a
+/// prefix, and a comma in the socket path is doubled (QEMU's escape).
+#[test]
+fn serve_prints_qemu_ids_and_escaped_paths() {
+    let dir = common::TempDir::new("blk-id").expect("tmp");
+    let odd = dir.join("a,b");
+    std::fs::create_dir(&odd).expect("mkdir");
+    let mut cmd = std::process::Command::new(common::frontend::vcdev_bin());
+    cmd.arg("serve")
+        .arg("--dir")
+        .arg(&odd)
+        .args(["--device", "blk,name=0disk,ram=1M"]);
+    let sock = odd.join("vhost-user").join("0disk");
+    let mut d = common::process::Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("serve");
+    let out = common::poll_until(TIMEOUT, || {
+        let out = d.proc().stdout().text();
+        out.contains("-device virtio-iommu-pci").then_some(out)
+    })
+    .expect("vcdev serve printed the QEMU options");
+    let path = sock.display().to_string().replace(',', ",,");
+    let want = format!(
+        "-chardev socket,id=vcdev-0disk,path={path},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=vcdev-0disk,num-queues=1,queue-size=256"
+    );
+    assert!(out.lines().any(|l| l == want), "{want}\nnot in\n{out}");
+}
+
 /// Invalid options: one clear line on stderr and exit code 2; nothing is
 /// created.
 #[test]

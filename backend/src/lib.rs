@@ -128,13 +128,24 @@ const QEMU_GUEST_OPTIONS: &str = "\
 #   -device virtio-iommu-pci (the device with iommu_platform=on,disable-legacy=on)
 ";
 
-/// The QEMU options that attach device `spec` served at `socket`.
+/// The QEMU id for device `name`: QEMU ids must start with a letter
+/// (`id_wellformed`), device names need not, so those get a prefix.
+fn qemu_id(name: &str) -> String {
+    if name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        name.to_owned()
+    } else {
+        format!("vcdev-{name}")
+    }
+}
+
+/// The QEMU options that attach device `spec` served at `socket`. A comma
+/// in the path is doubled, QEMU's escape inside an option value.
 pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
     format!(
         "-chardev socket,id={n},path={p},reconnect-ms=1000 \
          -device vhost-user-blk-pci,chardev={n},num-queues={q},queue-size={s}",
-        n = spec.name,
-        p = socket.display(),
+        n = qemu_id(&spec.name),
+        p = socket.display().to_string().replace(',', ",,"),
         q = spec.queues,
         s = spec.queue_size
     )
