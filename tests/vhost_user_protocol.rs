@@ -230,7 +230,7 @@ fn unsealed_memory_refused_unless_allowed() {
         if allow {
             args.push("--allow-unsealed-memory");
         }
-        let d = Vcdev::start("vu-seal", &args, "vfio0");
+        let mut d = Vcdev::start("vu-seal", &args, "vfio0");
         let h = Harness::connect(&d.socket("vfio0"));
         let f = common::frontend::unsealed_memfd(0x10000);
         let mut p = vec![0u8; 8];
@@ -239,6 +239,19 @@ fn unsealed_memory_refused_unless_allowed() {
         }
         let ack = h.raw_ack(FrontendReq::ADD_MEM_REG, &p, &[f.as_raw_fd()]);
         assert_eq!(ack == 0, want_ok, "allow={allow} ack={ack}");
+        if !allow {
+            // The log says why and what to do about it.
+            let logged = common::poll_until(TIMEOUT, || {
+                d.log()
+                    .lines()
+                    .any(|l| {
+                        l.contains("not a memfd sealed against shrinking")
+                            && l.contains("--allow-unsealed-memory")
+                    })
+                    .then_some(())
+            });
+            assert!(logged.is_some(), "{}", d.log());
+        }
     }
 }
 

@@ -41,6 +41,19 @@ pub enum MemoryError {
         #[source]
         source: MemError,
     },
+    /// The region's fd is not a memfd sealed against shrinking (and the
+    /// daemon does not allow unsealed memory).
+    #[error(
+        "Memory region at GPA {gpa:#x} is not a memfd sealed against shrinking; \
+         use QEMU's memory-backend-memfd, or run vcdev with --allow-unsealed-memory"
+    )]
+    Unsealed {
+        /// Its guest physical address.
+        gpa: u64,
+        /// The cause.
+        #[source]
+        source: MemError,
+    },
     /// The region overlaps another one in guest physical or user space.
     #[error("Memory region at GPA {gpa:#x} overlaps another region")]
     Overlap {
@@ -70,7 +83,9 @@ impl MemoryError {
     /// The errno for this error (sent in a REPLY_ACK).
     pub fn errno(&self) -> Errno {
         match self {
-            MemoryError::Map { source, .. } => source.errno(),
+            MemoryError::Map { source, .. } | MemoryError::Unsealed { source, .. } => {
+                source.errno()
+            }
             MemoryError::TooMany => Errno(libc::ENOSPC),
             MemoryError::NoSuchRegion { .. } => Errno(libc::ENOENT),
             MemoryError::Unmapped { .. } => Errno::EFAULT,
@@ -161,8 +176,13 @@ impl MemoryTable {
 
     fn map(&self, d: &RegionDesc, fd: OwnedFd) -> Result<Region, MemoryError> {
         let (gpa_last, uaddr_last) = d.check()?;
-        let mem = MemObject::from_fd(fd, d.mmap_offset, d.size, self.policy)
-            .map_err(|source| MemoryError::Map { gpa: d.gpa, source })?;
+        let mem = MemObject::from_fd(fd, d.mmap_offset, d.size, self.policy).map_err(|source| {
+            if matches!(source, MemError::NotSealed { .. }) {
+                MemoryError::Unsealed { gpa: d.gpa, source }
+            } else {
+                MemoryError::Map { gpa: d.gpa, source }
+            }
+        })?;
         Ok(Region {
             desc: *d,
             gpa_last,
@@ -342,6 +362,7 @@ mod tests {
         f.set_len(0x1000).unwrap();
         let mut t = MemoryTable::new(AddressSpace::new(), SealPolicy::RequireShrinkSeal);
         let e = t.add(desc(0, 0x1000, 0x1000), f.into()).unwrap_err();
-        assert!(matches!(e, MemoryError::Map { .. }), "{e}");
+        assert!(matches!(e, MemoryError::Unsealed { .. }), "{e}");
+        assert!(e.to_string().contains("--allow-unsealed-memory"), "{e}");
     }
 }
