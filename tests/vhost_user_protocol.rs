@@ -259,7 +259,7 @@ fn wire_need_reply() -> u32 {
     vcdev::wire::FLAG_NEED_REPLY
 }
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 /// A kick that comes after SET_VRING_KICK but before SET_VRING_ENABLE is
 /// remembered: the request is served once the queue is enabled.
@@ -370,4 +370,43 @@ fn regions_at_mmap_offsets_of_one_memfd() {
     let r = h.read(0, 16, 8192);
     assert_eq!(r.status, S_OK);
     assert!(r.data == data);
+}
+
+/// A call fd that cannot take a signal (here a full pipe; an eventfd at its
+/// maximum count does the same) must not hang the queue's worker, and with
+/// it GET_VRING_BASE and the device: the signal is dropped instead.
+#[test]
+fn a_call_fd_that_would_block_never_hangs_the_queue() {
+    let d = Vcdev::start("vu-fullcall", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors nobody else owns.
+    let (rd, wr) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    // Fill the pipe (non-blocking for us only while we fill it).
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    while std::io::Write::write(&mut &wr, &[0u8; 4096]).is_ok() {}
+    // SAFETY: as above; back to blocking, as the frontend hands it over.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, 0) };
+    let payload = 0u64.to_le_bytes();
+    assert_eq!(
+        h.raw_ack(FrontendReq::SET_VRING_CALL, &payload, &[wr.as_raw_fd()]),
+        0
+    );
+    let hdr = h.queues[0].header_gpa();
+    h.queues[0].submit(&h.mem, &[(hdr, 16, false), (hdr + 16, 1, true)]);
+    let done = common::poll_until(TIMEOUT, || {
+        (h.queues[0].device_used_idx(&h.mem) == 1).then_some(())
+    });
+    assert!(done.is_some(), "request not completed");
+    h.set_reply_timeout(Some(TIMEOUT));
+    assert_eq!(raw_vring_base(&h), 1, "GET_VRING_BASE");
+    drop(rd);
 }

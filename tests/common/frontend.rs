@@ -745,6 +745,12 @@ impl Harness {
         ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(self.fe.as_raw_fd()) })
     }
 
+    /// Bounds every later wait for a reply on the main channel (`None`:
+    /// wait forever), so that a daemon that never answers fails the test.
+    pub fn set_reply_timeout(&self, t: Option<Duration>) {
+        self.sock().set_read_timeout(t).expect("SO_RCVTIMEO");
+    }
+
     /// Sends a raw request with NEED_REPLY and returns the reply frame.
     pub fn raw(&self, req: FrontendReq, payload: &[u8], fds: &[RawFd]) -> Frame {
         self.raw_flags(req, FLAG_NEED_REPLY, payload, fds)

@@ -123,6 +123,9 @@ pub enum ConnError {
     /// IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated.
     #[error("IOTLB message without VIRTIO_F_ACCESS_PLATFORM negotiated")]
     NoAccessPlatform,
+    /// A call or err descriptor could not be made non-blocking.
+    #[error("Cannot make the eventfd non-blocking")]
+    EventFd(#[source] std::io::Error),
     /// The backend channel could not be set up.
     #[error("Backend channel setup failed")]
     BackendChannel(#[source] std::io::Error),
@@ -150,7 +153,7 @@ impl ConnError {
             ConnError::Vring(_) => Errno(libc::EIO),
             ConnError::Iotlb(e) => e.errno(),
             ConnError::NoAccessPlatform => Errno(libc::EOPNOTSUPP),
-            ConnError::BackendChannel(e) => Errno::from_io(e),
+            ConnError::BackendChannel(e) | ConnError::EventFd(e) => Errno::from_io(e),
             _ => Errno::EINVAL,
         }
     }
@@ -830,8 +833,8 @@ impl Conn {
                 vr.maybe_start(&dev, &dma, &peer)?;
                 debug!("{peer}: queue {index} kick fd set");
             }
-            FrontendReq::SET_VRING_CALL => vr.set_call(fd),
-            _ => vr.set_err(fd),
+            FrontendReq::SET_VRING_CALL => vr.set_call(fd.map(nonblocking).transpose()?),
+            _ => vr.set_err(fd.map(nonblocking).transpose()?),
         }
         Ok(Reply::Ack)
     }
@@ -952,6 +955,20 @@ fn body_head<T: ByteValued + Default>(req: FrontendReq, payload: &[u8]) -> Resul
         });
     }
     Ok(pod_from(payload))
+}
+
+/// Makes a call or err eventfd non-blocking: a queue worker signals it and
+/// must never block there (a full counter already means "signalled"), or
+/// stopping the queue would wait for it forever.
+fn nonblocking(fd: EventFd) -> Result<EventFd, ConnError> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; F_GETFL takes no argument.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    // SAFETY: as above; F_SETFL takes an int of status flags.
+    if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(ConnError::EventFd(std::io::Error::last_os_error()));
+    }
+    Ok(fd)
 }
 
 /// The one descriptor a request must carry.

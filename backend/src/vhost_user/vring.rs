@@ -135,8 +135,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Notifiers {
     fn signal(slot: &Mutex<Option<EventFd>>, what: &str) {
         if let Some(fd) = lock(slot).as_ref() {
-            if let Err(e) = fd.write(1) {
-                warn!("failed to signal the {what} eventfd: {e}");
+            match fd.write(1) {
+                // Non-blocking (see conn): a full counter is signalled
+                // already.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => warn!("failed to signal the {what} eventfd: {e}"),
+                Ok(()) => {}
             }
         }
     }
