@@ -1,338 +1,236 @@
-//! The device file, the group and container files, exclusivity between
-//! the doors, release on close, and protocol violations. Each test names
-//! the kernel code or selftest it mirrors (`tools/testing/selftests/vfio`,
-//! `tools/testing/selftests/iommu/iommufd.c`, `drivers/vfio/device_cdev.c`).
+//! The nodes, the device file, the group and container files,
+//! exclusivity between the doors, release on close and protocol
+//! violations, one test per rule. Each names the kernel code or selftest it
+//! mirrors (`drivers/vfio/device_cdev.c`, `drivers/vfio/group.c`,
+//! `drivers/vfio/pci/vfio_pci_core.c`, `drivers/iommu/iommufd/vfio_compat.c`,
+//! `tools/testing/selftests/vfio`, `tools/testing/selftests/iommu/iommufd.c`).
+//! Every test starts its own daemon ([`device_daemon`]): `vfio0` alone in
+//! group 0, `vfio1` and `other` in group 5.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 
-use common::cdev::{bind_and_attach, evfd, CdevDaemon, MAP_RW_FIXED};
-use common::frontend::Region;
-use vcdev::cdev::client::File;
+use common::cdev::{
+    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, MAP_RW_FIXED,
+};
+use common::frontend::{Region, TIMEOUT};
 use vcdev::cdev::vfio_uapi::*;
+use vcdev::wire::{FlagPolicy, FLAG_REPLY, MAX_PAYLOAD};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
-fn daemon(tag: &str) -> CdevDaemon {
-    CdevDaemon::start(
-        tag,
-        &[
-            "--device",
-            "blk,ram=1M",
-            "--device",
-            "blk,ram=1M,group=5",
-            "--device",
-            "blk,ram=1M,name=other,group=5",
-        ],
-    )
-}
-
-/// Whether the server closed `f` (its socket reads EOF).
-fn closed(f: &File) -> bool {
+/// Whether a vhost-user connection to `path` is refused (closed at once).
+fn vhost_user_refused(path: &std::path::Path) -> bool {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut b = [0u8; 1];
-    let mut s = f.socket();
-    s.set_read_timeout(Some(common::frontend::TIMEOUT)).unwrap();
     matches!(s.read(&mut b), Ok(0) | Err(_))
 }
+
+// ---------------------------------------------------------------------------
+// Nodes and the VCDEV_OPEN handshake
+
+/// PROTOCOL.md "Nodes": every node is a socket of mode 0600 (the kernel's
+/// `/dev/iommu` and `/dev/vfio/*` are root-only by default).
+#[test]
+fn nodes_are_sockets_of_mode_0600() {
+    let d = device_daemon("cdev-nodes");
+    let mut nodes = vec!["iommu", "devices/vfio0", "devices/vfio1", "devices/other"];
+    if cfg!(feature = "group") {
+        nodes.extend(["vfio/vfio", "vfio/0", "vfio/5"]);
+    }
+    for n in nodes {
+        let m = std::fs::metadata(d.path(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+        assert!(m.file_type().is_socket(), "{n} is no socket");
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{n}");
+    }
+}
+
+/// PROTOCOL.md "Opening a node gives a file": VCDEV_OPEN with flags 0x5,
+/// result 0 and exactly one descriptor, then the connection closes.
+#[test]
+fn open_handshake_gives_one_descriptor_then_closes() {
+    let d = device_daemon("cdev-open");
+    let conn = UnixStream::connect(d.path("iommu")).unwrap();
+    let f = vcdev::wire::read_frame(&conn, FlagPolicy::CDEV)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (f.header.request, f.header.flags, f.header.size),
+        (VCDEV_OPEN, 0x5, 4)
+    );
+    assert_eq!(f.payload, 0i32.to_le_bytes());
+    assert_eq!(f.fds.len(), 1);
+    assert!(vcdev::wire::read_frame(&conn, FlagPolicy::CDEV)
+        .unwrap()
+        .is_none());
+}
+
+/// PROTOCOL.md "Opening a node gives a file" / `vfio_group_fops_open`: a
+/// refused open (a group open twice: EBUSY) carries no descriptor.
+#[cfg(feature = "group")]
+#[test]
+fn refused_open_carries_no_descriptor() {
+    let d = device_daemon("cdev-open-refused");
+    let _g = d.group(5).unwrap();
+    let conn = UnixStream::connect(d.path("vfio/5")).unwrap();
+    let f = vcdev::wire::read_frame(&conn, FlagPolicy::CDEV)
+        .unwrap()
+        .unwrap();
+    assert_eq!((f.header.request, f.header.flags), (VCDEV_OPEN, 0x5));
+    assert_eq!(f.payload, (-libc::EBUSY).to_le_bytes());
+    assert!(f.fds.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// The device file before BIND, and BIND (`vfio_df_ioctl_bind_iommufd`)
 
 /// `vfio_device_fops_unl_ioctl`: before BIND everything, unknown codes
 /// and region reads included, is EINVAL.
 #[test]
 fn before_bind_everything_is_einval() {
-    let d = daemon("cdev-unbound");
+    let d = device_daemon("cdev-unbound");
     let dev = d.device("vfio0");
     assert_errno!(dev.device_info(), EINVAL);
     assert_errno!(dev.region_read(7 << 40, 4), EINVAL);
     assert_errno!(dev.attach_pt(1), EINVAL);
-    assert_eq!(dev.call(0x7777, &[], &[]).unwrap().result, -libc::EINVAL);
+    assert_eq!(result(&dev, 0x7777, &[]), -libc::EINVAL);
     assert_errno!(dev.reset(), EINVAL);
 }
 
-/// `vfio_df_ioctl_bind_iommufd`: BIND returns the device id; a second
-/// BIND on the file EINVAL; BIND on another file of the device EINVAL;
-/// `iommufd` < 0 EINVAL; no descriptor EBADF; a descriptor that is no
-/// iommufd file EBADFD.
-#[test]
-fn bind_rules() {
-    let d = daemon("cdev-bind");
-    let f = d.iommufd();
-    let dev = d.device("vfio0");
-    let mut c = VfioDeviceBindIommufd {
+/// A BIND command with `iommufd` = `fd`.
+fn bind_cmd(fd: i32) -> VfioDeviceBindIommufd {
+    VfioDeviceBindIommufd {
         argsz: 16,
         flags: 0,
-        iommufd: -1,
+        iommufd: fd,
         out_devid: 0,
-    };
+    }
+}
+
+/// `vfio_df_ioctl_bind_iommufd`: `iommufd` < 0 is EINVAL.
+#[test]
+fn bind_negative_iommufd_is_einval() {
+    let d = device_daemon("cdev-bind-neg");
+    let dev = d.device("vfio0");
     assert_eq!(
-        dev.call(VFIO_DEVICE_BIND_IOMMUFD, c.as_slice(), &[])
-            .unwrap()
-            .result,
+        result(&dev, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(-1).as_slice()),
         -libc::EINVAL
     );
-    c.iommufd = 3;
+}
+
+/// PROTOCOL.md "Opening a node gives a file" / `iommufd_ctx_from_fd`: BIND
+/// with no descriptor riding is EBADF.
+#[test]
+fn no_fd_is_ebadf() {
+    let d = device_daemon("cdev-bind-nofd");
+    let dev = d.device("vfio0");
     assert_eq!(
-        dev.call(VFIO_DEVICE_BIND_IOMMUFD, c.as_slice(), &[])
-            .unwrap()
-            .result,
+        result(&dev, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(3).as_slice()),
         -libc::EBADF
     );
+}
+
+/// PROTOCOL.md / `iommufd_ctx_from_fd`: a descriptor the server did not
+/// hand out as an iommufd (an eventfd, another device file) is EBADFD.
+#[test]
+fn passed_back_foreign_fd_is_ebadfd() {
+    let d = device_daemon("cdev-bind-ebadfd");
+    let dev = d.device("vfio0");
     let ev = EventFd::new(0).unwrap();
-    assert_eq!(
-        dev.call(
+    let r = dev
+        .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            c.as_slice(),
-            &[common::cdev::raw_ev(&ev)]
+            bind_cmd(3).as_slice(),
+            &[raw_ev(&ev)],
         )
-        .unwrap()
-        .result,
-        -libc::EBADFD
-    );
+        .unwrap();
+    assert_eq!(r.result, -libc::EBADFD);
     let other_dev = d.device("vfio1");
     assert_errno!(dev.bind_iommufd(&other_dev), EBADFD);
+}
+
+/// `vfio_df_ioctl_bind_iommufd`: BIND returns the device's object id.
+#[test]
+fn bind_returns_the_device_id() {
+    let d = device_daemon("cdev-bind");
+    let f = d.iommufd();
+    let dev = d.device("vfio0");
     assert_eq!(dev.bind_iommufd(&f), Ok(1));
+}
+
+/// `vfio_df_ioctl_bind_iommufd`: a second BIND on a bound file is EINVAL
+/// ("one device cannot be bound twice").
+#[test]
+fn bind_twice_is_einval() {
+    let d = device_daemon("cdev-bind-twice");
+    let f = d.iommufd();
+    let dev = d.device("vfio0");
+    dev.bind_iommufd(&f).unwrap();
     assert_errno!(dev.bind_iommufd(&f), EINVAL);
+}
+
+/// `vfio_df_open`: BIND on another file of a device bound through its
+/// cdev is EINVAL.
+#[test]
+fn bind_while_another_file_is_bound_is_einval() {
+    let d = device_daemon("cdev-bind-other");
+    let f = d.iommufd();
+    let dev = d.device("vfio0");
+    dev.bind_iommufd(&f).unwrap();
     let dev2 = d.device("vfio0");
     assert_errno!(dev2.bind_iommufd(&f), EINVAL);
-    let info = dev.device_info().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The virtio PCI function as vfio-pci presents it
+
+/// `vfio_pci_ioctl_get_info`: PCI | RESET, nine regions, five irq indexes.
+#[test]
+fn device_info_is_pci_with_reset_9_regions_5_irqs() {
+    let d = device_daemon("cdev-info");
+    let b = bind_and_attach(&d, "vfio0");
+    let info = b.dev.device_info().unwrap();
     assert_eq!(info.flags, VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET);
     assert_eq!((info.num_regions, info.num_irqs), (9, 5));
-    let bar0 = dev.region_info(0).unwrap();
+}
+
+/// `vfio_pci_ioctl_get_region_info`: BAR0 read/write without mmap, the
+/// offsets are index << 40; VGA (absent) and past the last region EINVAL.
+#[test]
+fn region_info_offsets_and_absent_regions() {
+    let d = device_daemon("cdev-region-info");
+    let b = bind_and_attach(&d, "vfio0");
+    let bar0 = b.dev.region_info(0).unwrap();
     assert_eq!(
         bar0.flags,
         VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
     );
-    assert_eq!(dev.region_info(7).unwrap().offset, 7 << 40);
-    assert_errno!(dev.region_info(8), EINVAL);
-    assert_errno!(dev.region_info(9), EINVAL);
-    assert_eq!(dev.irq_info(2).unwrap().count, 2);
-    assert_errno!(dev.irq_info(5), EINVAL);
+    assert_eq!(b.dev.region_info(7).unwrap().offset, 7 << 40);
+    assert_errno!(b.dev.region_info(8), EINVAL);
+    assert_errno!(b.dev.region_info(9), EINVAL);
 }
 
-/// TEST_F(iommufd_device, attach/replace/detach) through VFIO: ATTACH to
-/// an IOAS gives its automatic HWPT; replace to another IOAS; DETACH;
-/// unknown pt ENOENT; PASID EOPNOTSUPP.
+/// `vfio_pci_ioctl_get_irq_info`: MSI-X has one vector per queue plus
+/// config; an index past REQ is EINVAL.
 #[test]
-fn attach_replace_detach() {
-    let d = daemon("cdev-attach");
+fn irq_info_counts_and_index_out_of_range() {
+    let d = device_daemon("cdev-irq-info");
     let b = bind_and_attach(&d, "vfio0");
-    assert_ne!(b.hwpt, b.ioas);
-    let ioas2 = b.iommufd.ioas_alloc().unwrap();
-    let hwpt2 = b.dev.attach_pt(ioas2).unwrap();
-    assert_ne!(hwpt2, b.hwpt);
-    // The first automatic HWPT went with its last device.
-    assert_errno!(b.iommufd.destroy(b.hwpt), ENOENT);
-    assert_errno!(b.dev.attach_pt(999), ENOENT);
-    let pasid = VfioDeviceAttachIommufdPt {
-        argsz: 16,
-        flags: 1,
-        pt_id: ioas2,
-        pasid: 1,
-    };
-    assert_eq!(
-        b.dev
-            .call(VFIO_DEVICE_ATTACH_IOMMUFD_PT, pasid.as_slice(), &[])
-            .unwrap()
-            .result,
-        -libc::EOPNOTSUPP
-    );
-    b.dev.detach_pt().unwrap();
-    assert_errno!(b.iommufd.destroy(hwpt2), ENOENT);
-    b.iommufd.destroy(ioas2).unwrap();
+    assert_eq!(b.dev.irq_info(2).unwrap().count, 2);
+    assert_errno!(b.dev.irq_info(5), EINVAL);
 }
 
-/// `vfio_df_unbind_iommufd` on close: the device detaches and unbinds, the
-/// IOAS and its mappings stay; closing the iommufd while bound tears
-/// nothing down until the device file closes.
+/// `vfio_msi_set_vector_signal`: a descriptor that is no eventfd for an
+/// MSI-X vector is an errno (EINVAL), not a protocol violation; an
+/// eventfd then works on the same file.
 #[test]
-fn release_on_close() {
-    let d = daemon("cdev-release");
-    let b = bind_and_attach(&d, "vfio0");
-    let reg = Region::new(0, 0x4000);
-    b.iommufd
-        .ioas_map_file(b.ioas, reg.file.as_fd(), 0, 0x4000, 0x10000, MAP_RW_FIXED)
-        .unwrap();
-    let dup = b.dev.try_clone().unwrap();
-    drop(b.dev);
-    // A copy is still open: still bound.
-    assert!(dup.device_info().is_ok());
-    drop(dup);
-    let again = d.device("vfio0");
-    let devid = common::poll_until(common::frontend::TIMEOUT, || {
-        again.bind_iommufd(&b.iommufd).ok()
-    })
-    .expect("bindable again after close");
-    assert_eq!(
-        devid, b.devid,
-        "the old device object went: its id is the lowest free"
-    );
-    assert_eq!(
-        b.iommufd.ioas_unmap(b.ioas, 0x10000, 0x4000),
-        Ok(0x4000),
-        "mappings stay"
-    );
-    // Close the iommufd while bound: the device still works.
-    again.attach_pt(b.ioas).unwrap();
-    drop(b.iommufd);
-    assert!(again.region_read(7 << 40, 4).is_ok());
-    assert!(again.detach_pt().is_ok());
-}
-
-/// `vfio_device_block_group` / group open: exclusivity both ways between
-/// the cdev, the group file and vhost-user.
-#[cfg(feature = "group")]
-#[test]
-fn cdev_group_and_vhost_user_exclude_each_other() {
-    let d = daemon("cdev-excl");
-    let f = d.iommufd();
-    // Group 5 holds vfio1 and other.
-    let g = d.group(5).unwrap();
-    assert_errno!(d.group(5), EBUSY);
-    let dev = d.device("other");
-    assert_errno!(dev.bind_iommufd(&f), EBUSY);
-    drop(g);
-    let devid = common::poll_until(common::frontend::TIMEOUT, || dev.bind_iommufd(&f).ok());
-    assert!(devid.is_some());
-    assert_errno!(d.group(5), EBUSY);
-    // vhost-user on a bound device is refused: the connection is closed.
-    let mut s = UnixStream::connect(d.path("vhost-user/other")).unwrap();
-    s.set_read_timeout(Some(common::frontend::TIMEOUT)).unwrap();
-    let mut b = [0u8; 1];
-    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
-    drop(dev);
-    // A vhost-user frontend holds the device: group open and BIND EBUSY.
-    let h = common::poll_until(common::frontend::TIMEOUT, || {
-        d.ctl(&["list"])
-            .1
-            .lines()
-            .any(|l| l.starts_with("other") && l.contains("owner none"))
-            .then_some(())
-    });
-    assert!(h.is_some());
-    let _vu = common::frontend::Harness::start(&d.path("vhost-user/vfio0"), 1, 256);
-    assert_errno!(d.group(0), EBUSY);
-    let dev0 = d.device("vfio0");
-    assert_errno!(dev0.bind_iommufd(&f), EBUSY);
-}
-
-/// Without the `group` feature there are no `DIR/vfio` nodes, and the cdev
-/// and vhost-user paths exclude each other alone (PROTOCOL.md).
-#[cfg(not(feature = "group"))]
-#[test]
-fn without_group_cdev_and_vhost_user_exclude_each_other_alone() {
-    let d = daemon("cdev-nogroup");
-    assert!(
-        !d.path("vfio").exists(),
-        "DIR/vfio exists without the group feature"
-    );
-    let f = d.iommufd();
-    let dev = d.device("other");
-    dev.bind_iommufd(&f).unwrap();
-    // vhost-user on a bound device is refused: the connection is closed.
-    let mut s = UnixStream::connect(d.path("vhost-user/other")).unwrap();
-    s.set_read_timeout(Some(common::frontend::TIMEOUT)).unwrap();
-    let mut b = [0u8; 1];
-    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
-    // A vhost-user frontend holds the device: BIND is EBUSY.
-    let _vu = common::frontend::Harness::start(&d.path("vhost-user/vfio0"), 1, 256);
-    let dev0 = d.device("vfio0");
-    assert_errno!(dev0.bind_iommufd(&f), EBUSY);
-}
-
-/// Container and group (the kernel's iommufd-backed compat layer):
-/// extensions, SET_CONTAINER (EBADFD for a file that is no container),
-/// SET_IOMMU, GET_DEVICE_FD, MAP_DMA / UNMAP_DMA; a group's device file is
-/// open at once and refuses BIND.
-#[cfg(feature = "group")]
-#[test]
-fn container_and_group() {
-    let d = daemon("cdev-group");
-    let c = d.container();
-    assert_eq!(c.get_api_version(), Ok(0));
-    assert_eq!(c.check_extension(VFIO_TYPE1V2_IOMMU), Ok(1));
-    assert_eq!(c.check_extension(2), Ok(0));
-    assert_errno!(c.set_iommu(VFIO_TYPE1V2_IOMMU), ENODEV);
-    let g = d.group(5).unwrap();
-    assert_eq!(g.group_get_status(), Ok(VFIO_GROUP_FLAGS_VIABLE));
-    assert_errno!(g.group_get_device_fd("vfio1"), EINVAL);
-    let notc = d.device("vfio0");
-    assert_errno!(g.group_set_container(&notc), EBADFD);
-    g.group_set_container(&c).unwrap();
-    assert_errno!(g.group_set_container(&c), EINVAL);
-    assert_eq!(
-        g.group_get_status(),
-        Ok(VFIO_GROUP_FLAGS_VIABLE | VFIO_GROUP_FLAGS_CONTAINER_SET)
-    );
-    c.set_iommu(VFIO_TYPE1V2_IOMMU).unwrap();
-    assert_errno!(c.set_iommu(2), EINVAL);
-    let reg = Region::new(0, 0x10000);
-    c.map_dma(
-        reg.file.as_fd(),
-        0,
-        0x100000,
-        0x10000,
-        VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-    )
-    .unwrap();
-    assert_errno!(
-        c.map_dma(
-            reg.file.as_fd(),
-            0,
-            0x100000,
-            0x1000,
-            VFIO_DMA_MAP_FLAG_READ
-        ),
-        EEXIST
-    );
-    let (info, rep) = c.iommu_get_info(4096).unwrap();
-    assert_ne!(info.flags & VFIO_IOMMU_INFO_PGSIZES, 0);
-    assert_eq!(info.cap_offset, 24);
-    assert!(rep.body.len() > 24);
-    assert_errno!(g.group_get_device_fd("vfio0"), ENODEV);
-    let dev = g.group_get_device_fd("vfio1").unwrap();
-    assert!(dev.device_info().is_ok());
-    assert_errno!(dev.bind_iommufd(&c), EINVAL);
-    assert_errno!(g.group_unset_container(), EBUSY);
-    let (_, show) = d.ctl(&["show", "vfio1"]);
-    assert!(show.contains("mappings 1"), "{show}");
-    assert_eq!(c.unmap_dma(0, 0, VFIO_DMA_UNMAP_FLAG_ALL), Ok(0x10000));
-    drop(dev);
-    common::poll_until(common::frontend::TIMEOUT, || g.group_unset_container().ok())
-        .expect("unset once the device file closed");
-}
-
-/// PROTOCOL.md "Framing": garbage, a truncated message, a bad version and
-/// more descriptors than a request takes end only that file.
-#[test]
-fn violations_end_only_that_file() {
-    let mut d = daemon("cdev-garbage");
-    let keep = d.iommufd();
-    assert_eq!(keep.ioas_alloc(), Ok(1));
-    // Garbage header.
-    let f = d.iommufd();
-    f.socket().write_all(&[0xff; 32]).unwrap();
-    assert!(closed(&f));
-    // Truncated payload, then the writer goes away.
-    let f = d.iommufd();
-    let mut sock = f.socket();
-    sock.write_all(&[0x81, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0, 12, 0])
-        .unwrap();
-    sock.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(closed(&f));
-    // Descriptors on a request that takes none.
-    let f = d.iommufd();
-    let ev = EventFd::new(0).unwrap();
-    assert!(f
-        .call(
-            0x81,
-            &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            &[common::cdev::raw_ev(&ev)]
-        )
-        .is_err());
-    assert!(closed(&f));
-    // A wrong descriptor for MSI-X (not an eventfd) is an errno, not a close.
+fn wrong_descriptor_for_msix_is_einval_not_a_close() {
+    let d = device_daemon("cdev-msix-wrongfd");
     let b = bind_and_attach(&d, "vfio0");
     let reg = Region::new(0, 0x1000);
     let hdr = VfioIrqSet {
@@ -350,7 +248,535 @@ fn violations_end_only_that_file() {
         ),
         EINVAL
     );
+    let ev = EventFd::new(0).unwrap();
     assert!(b.dev.set_irqs_eventfds(2, 0, &[Some(evfd(&ev))]).is_ok());
+}
+
+// ---------------------------------------------------------------------------
+// ATTACH / replace / DETACH (`vfio_df_ioctl_attach_pt`,
+// `vfio_df_ioctl_detach_pt`; TEST_F(iommufd_device, ...))
+
+/// `iommufd_device_attach`: ATTACH to an IOAS gives an automatic HWPT, a
+/// new object.
+#[test]
+fn attach_ioas_gives_automatic_hwpt() {
+    let d = device_daemon("cdev-attach");
+    let b = bind_and_attach(&d, "vfio0");
+    assert_ne!(b.hwpt, b.ioas);
+}
+
+/// `iommufd_device_replace`: ATTACH while attached replaces; the old
+/// automatic HWPT goes with its last device.
+#[test]
+fn attach_other_ioas_replaces() {
+    let d = device_daemon("cdev-replace");
+    let b = bind_and_attach(&d, "vfio0");
+    let ioas2 = b.iommufd.ioas_alloc().unwrap();
+    let hwpt2 = b.dev.attach_pt(ioas2).unwrap();
+    assert_ne!(hwpt2, b.hwpt);
+    assert_errno!(b.iommufd.destroy(b.hwpt), ENOENT);
+}
+
+/// `iommufd_device_change_pt`: an unknown pt_id is ENOENT.
+#[test]
+fn attach_unknown_pt_is_enoent() {
+    let d = device_daemon("cdev-attach-enoent");
+    let b = bind_and_attach(&d, "vfio0");
+    assert_errno!(b.dev.attach_pt(999), ENOENT);
+}
+
+/// `vfio_df_ioctl_attach_pt`: PASID attach is EOPNOTSUPP (no PASID
+/// support).
+#[test]
+fn attach_pasid_is_eopnotsupp() {
+    let d = device_daemon("cdev-attach-pasid");
+    let b = bind_and_attach(&d, "vfio0");
+    let pasid = VfioDeviceAttachIommufdPt {
+        argsz: 16,
+        flags: 1,
+        pt_id: b.ioas,
+        pasid: 1,
+    };
+    assert_eq!(
+        result(&b.dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, pasid.as_slice()),
+        -libc::EOPNOTSUPP
+    );
+}
+
+/// `iommufd_device_detach`: DETACH frees the automatic HWPT; the IOAS can
+/// then be destroyed.
+#[test]
+fn detach_frees_the_automatic_hwpt() {
+    let d = device_daemon("cdev-detach");
+    let b = bind_and_attach(&d, "vfio0");
+    let ioas2 = b.iommufd.ioas_alloc().unwrap();
+    let hwpt2 = b.dev.attach_pt(ioas2).unwrap();
+    b.dev.detach_pt().unwrap();
+    assert_errno!(b.iommufd.destroy(hwpt2), ENOENT);
+    b.iommufd.destroy(ioas2).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Release on close (`vfio_device_fops_release`, `vfio_df_unbind_iommufd`)
+
+/// A dup'ed device file keeps the file (and the binding) alive.
+#[test]
+fn a_copy_keeps_the_file_open() {
+    let d = device_daemon("cdev-release-dup");
+    let b = bind_and_attach(&d, "vfio0");
+    let dup = b.dev.try_clone().unwrap();
+    drop(b.dev);
+    assert!(dup.device_info().is_ok());
+}
+
+/// `vfio_df_unbind_iommufd` on the last close: the device unbinds (its
+/// object id is free again, the device bindable), the IOAS and its
+/// mappings stay.
+#[test]
+fn release_on_close_unbinds_and_keeps_mappings() {
+    let d = device_daemon("cdev-release");
+    let b = bind_and_attach(&d, "vfio0");
+    let reg = Region::new(0, 0x4000);
+    b.iommufd
+        .ioas_map_file(b.ioas, reg.file.as_fd(), 0, 0x4000, 0x10000, MAP_RW_FIXED)
+        .unwrap();
+    let dup = b.dev.try_clone().unwrap();
+    drop(b.dev);
+    drop(dup);
+    let again = d.device("vfio0");
+    let devid = common::poll_until(TIMEOUT, || again.bind_iommufd(&b.iommufd).ok())
+        .expect("bindable again after close");
+    assert_eq!(
+        devid, b.devid,
+        "the old device object went: its id is the lowest free"
+    );
+    assert_eq!(
+        b.iommufd.ioas_unmap(b.ioas, 0x10000, 0x4000),
+        Ok(0x4000),
+        "mappings stay"
+    );
+}
+
+/// `iommufd_ctx_get` in bind: closing the iommufd while a device is bound
+/// tears nothing down until the device file closes.
+#[test]
+fn closing_the_iommufd_while_bound_keeps_the_device_working() {
+    let d = device_daemon("cdev-release-iommufd");
+    let b = bind_and_attach(&d, "vfio0");
+    drop(b.iommufd);
+    assert!(b.dev.region_read(7 << 40, 4).is_ok());
+    assert!(b.dev.detach_pt().is_ok());
+    assert!(b.dev.attach_pt(b.ioas).is_ok());
+}
+
+// ---------------------------------------------------------------------------
+// Exclusivity (`vfio_device_block_group`, `vfio_group_fops_open`)
+
+/// `vfio_group_fops_open`: a group file can be open only once: EBUSY.
+#[cfg(feature = "group")]
+#[test]
+fn group_open_twice_is_ebusy() {
+    let d = device_daemon("cdev-group-twice");
+    let _g = d.group(5).unwrap();
+    assert_errno!(d.group(5), EBUSY);
+}
+
+/// `vfio_device_block_group`: BIND while the device's group file is open
+/// is EBUSY; once the group file closes, BIND works.
+#[cfg(feature = "group")]
+#[test]
+fn bind_while_group_open_is_ebusy() {
+    let d = device_daemon("cdev-bind-group-open");
+    let f = d.iommufd();
+    let g = d.group(5).unwrap();
+    let dev = d.device("other");
+    assert_errno!(dev.bind_iommufd(&f), EBUSY);
+    drop(g);
+    let devid = common::poll_until(TIMEOUT, || dev.bind_iommufd(&f).ok());
+    assert!(devid.is_some());
+}
+
+/// `vfio_group_fops_open` (`cdev_device_open_cnt`): opening the group node
+/// while one of its devices is bound through its cdev is EBUSY.
+#[cfg(feature = "group")]
+#[test]
+fn group_open_while_device_bound_is_ebusy() {
+    let d = device_daemon("cdev-group-bound");
+    let f = d.iommufd();
+    let dev = d.device("other");
+    dev.bind_iommufd(&f).unwrap();
+    assert_errno!(d.group(5), EBUSY);
+}
+
+/// PROTOCOL.md: a vhost-user frontend that connects to a device bound
+/// through its cdev is refused (the connection is closed).
+#[test]
+fn vhost_user_refused_while_bound() {
+    let d = device_daemon("cdev-vu-bound");
+    let f = d.iommufd();
+    let dev = d.device("other");
+    dev.bind_iommufd(&f).unwrap();
+    assert!(vhost_user_refused(&d.path("vhost-user/other")));
+}
+
+/// PROTOCOL.md: a vhost-user frontend that connects while the device's
+/// group file is open is refused.
+#[cfg(feature = "group")]
+#[test]
+fn vhost_user_refused_while_group_open() {
+    let d = device_daemon("cdev-vu-group");
+    let _g = d.group(5).unwrap();
+    assert!(vhost_user_refused(&d.path("vhost-user/other")));
+}
+
+/// PROTOCOL.md: a vhost-user connection counts as an open of the group
+/// file: opening the group node and BIND are EBUSY while it lasts.
+#[cfg(feature = "group")]
+#[test]
+fn vhost_user_holds_the_group() {
+    let d = device_daemon("cdev-vu-holds");
+    let f = d.iommufd();
+    let _vu = common::frontend::Harness::start(&d.path("vhost-user/vfio0"), 1, 256);
+    assert_errno!(d.group(0), EBUSY);
+    let dev0 = d.device("vfio0");
+    assert_errno!(dev0.bind_iommufd(&f), EBUSY);
+}
+
+/// Without the `group` feature there are no `DIR/vfio` nodes (PROTOCOL.md).
+#[cfg(not(feature = "group"))]
+#[test]
+fn without_group_there_are_no_vfio_nodes() {
+    let d = device_daemon("cdev-nogroup");
+    assert!(
+        !d.path("vfio").exists(),
+        "DIR/vfio exists without the group feature"
+    );
+}
+
+/// Without the `group` feature the cdev and vhost-user paths exclude each
+/// other alone: a vhost-user frontend makes BIND EBUSY.
+#[cfg(not(feature = "group"))]
+#[test]
+fn without_group_vhost_user_makes_bind_ebusy() {
+    let d = device_daemon("cdev-nogroup-vu");
+    let f = d.iommufd();
+    let _vu = common::frontend::Harness::start(&d.path("vhost-user/vfio0"), 1, 256);
+    let dev0 = d.device("vfio0");
+    assert_errno!(dev0.bind_iommufd(&f), EBUSY);
+}
+
+// ---------------------------------------------------------------------------
+// Container and group files (`drivers/vfio/group.c`, `vfio_compat.c`)
+
+/// `iommufd_vfio_ioctl`: API version 0; TYPE1v2 supported, SPAPR (2) not.
+#[cfg(feature = "group")]
+#[test]
+fn container_api_version_and_extensions() {
+    let d = device_daemon("cdev-container-ext");
+    let c = d.container();
+    assert_eq!(c.get_api_version(), Ok(0));
+    assert_eq!(c.check_extension(VFIO_TYPE1V2_IOMMU), Ok(1));
+    assert_eq!(c.check_extension(2), Ok(0));
+}
+
+/// `iommufd_vfio_set_iommu` / `get_compat_ioas`: before any group joined
+/// the container SET_IOMMU is ENODEV.
+#[cfg(feature = "group")]
+#[test]
+fn set_iommu_without_group_is_enodev() {
+    let d = device_daemon("cdev-setiommu-enodev");
+    let c = d.container();
+    assert_errno!(c.set_iommu(VFIO_TYPE1V2_IOMMU), ENODEV);
+}
+
+/// `vfio_group_ioctl_get_status`: viable, then CONTAINER_SET once set.
+#[cfg(feature = "group")]
+#[test]
+fn group_status_viable_then_container_set() {
+    let d = device_daemon("cdev-group-status");
+    let c = d.container();
+    let g = d.group(5).unwrap();
+    assert_eq!(g.group_get_status(), Ok(VFIO_GROUP_FLAGS_VIABLE));
+    g.group_set_container(&c).unwrap();
+    assert_eq!(
+        g.group_get_status(),
+        Ok(VFIO_GROUP_FLAGS_VIABLE | VFIO_GROUP_FLAGS_CONTAINER_SET)
+    );
+}
+
+/// `vfio_df_group_open`: GET_DEVICE_FD before a container is set is
+/// EINVAL.
+#[cfg(feature = "group")]
+#[test]
+fn get_device_fd_without_container_is_einval() {
+    let d = device_daemon("cdev-getfd-nocontainer");
+    let g = d.group(5).unwrap();
+    assert_errno!(g.group_get_device_fd("vfio1"), EINVAL);
+}
+
+/// `vfio_group_ioctl_set_container`: a file that is no container or
+/// iommufd is EBADFD; a second SET_CONTAINER is EINVAL.
+#[cfg(feature = "group")]
+#[test]
+fn set_container_rules() {
+    let d = device_daemon("cdev-setcontainer");
+    let c = d.container();
+    let g = d.group(5).unwrap();
+    let notc = d.device("vfio0");
+    assert_errno!(g.group_set_container(&notc), EBADFD);
+    g.group_set_container(&c).unwrap();
+    assert_errno!(g.group_set_container(&c), EINVAL);
+}
+
+/// A container with group 5 set and TYPE1v2.
+#[cfg(feature = "group")]
+fn container_with_group(
+    d: &common::cdev::CdevDaemon,
+) -> (vcdev::cdev::client::File, vcdev::cdev::client::File) {
+    let c = d.container();
+    let g = d.group(5).unwrap();
+    g.group_set_container(&c).unwrap();
+    c.set_iommu(VFIO_TYPE1V2_IOMMU).unwrap();
+    (c, g)
+}
+
+/// `iommufd_vfio_set_iommu`: a type other than TYPE1/TYPE1v2 is EINVAL.
+#[cfg(feature = "group")]
+#[test]
+fn set_iommu_unknown_type_is_einval() {
+    let d = device_daemon("cdev-setiommu-einval");
+    let (c, _g) = container_with_group(&d);
+    assert_errno!(c.set_iommu(2), EINVAL);
+}
+
+/// `iommufd_vfio_map_dma`: an overlapping MAP_DMA is EEXIST.
+#[cfg(feature = "group")]
+#[test]
+fn map_dma_overlap_is_eexist() {
+    let d = device_daemon("cdev-mapdma");
+    let (c, _g) = container_with_group(&d);
+    let reg = Region::new(0, 0x10000);
+    let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+    c.map_dma(reg.file.as_fd(), 0, 0x100000, 0x10000, rw)
+        .unwrap();
+    assert_errno!(
+        c.map_dma(
+            reg.file.as_fd(),
+            0,
+            0x100000,
+            0x1000,
+            VFIO_DMA_MAP_FLAG_READ
+        ),
+        EEXIST
+    );
+}
+
+/// `iommufd_vfio_iommu_get_info`: page sizes and capabilities at offset
+/// 24 when `argsz` leaves room.
+#[cfg(feature = "group")]
+#[test]
+fn iommu_get_info_has_pgsizes_and_caps() {
+    let d = device_daemon("cdev-getinfo");
+    let (c, _g) = container_with_group(&d);
+    let (info, rep) = c.iommu_get_info(4096).unwrap();
+    assert_ne!(info.flags & VFIO_IOMMU_INFO_PGSIZES, 0);
+    assert_eq!(info.cap_offset, 24);
+    assert!(rep.body.len() > 24);
+}
+
+/// `vfio_device_get_from_name`: a device outside the group is ENODEV.
+#[cfg(feature = "group")]
+#[test]
+fn get_device_fd_of_device_outside_group_is_enodev() {
+    let d = device_daemon("cdev-getfd-enodev");
+    let (_c, g) = container_with_group(&d);
+    assert_errno!(g.group_get_device_fd("vfio0"), ENODEV);
+}
+
+/// `vfio_df_group_open` / `vfio_df_ioctl_bind_iommufd`: a device file got
+/// through the group is open at once and refuses BIND with EINVAL.
+#[cfg(feature = "group")]
+#[test]
+fn group_device_file_is_open_and_refuses_bind() {
+    let d = device_daemon("cdev-getfd");
+    let (c, g) = container_with_group(&d);
+    let dev = g.group_get_device_fd("vfio1").unwrap();
+    assert!(dev.device_info().is_ok());
+    assert_errno!(dev.bind_iommufd(&c), EINVAL);
+}
+
+/// `vfio_group_ioctl_unset_container`: UNSET while a device file got
+/// through the group is open is EBUSY; once it closed, UNSET works.
+#[cfg(feature = "group")]
+#[test]
+fn unset_container_with_device_open_is_ebusy() {
+    let d = device_daemon("cdev-unset");
+    let (_c, g) = container_with_group(&d);
+    let dev = g.group_get_device_fd("vfio1").unwrap();
+    assert_errno!(g.group_unset_container(), EBUSY);
+    drop(dev);
+    common::poll_until(TIMEOUT, || g.group_unset_container().ok())
+        .expect("unset once the device file closed");
+}
+
+/// `iommufd_vfio_unmap_dma`: UNMAP_ALL returns every byte mapped; a group
+/// device's DMA goes through the compat IOAS (one mapping shown).
+#[cfg(feature = "group")]
+#[test]
+fn unmap_dma_all_returns_every_byte() {
+    let d = device_daemon("cdev-unmapall");
+    let (c, g) = container_with_group(&d);
+    let reg = Region::new(0, 0x10000);
+    let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+    c.map_dma(reg.file.as_fd(), 0, 0x100000, 0x10000, rw)
+        .unwrap();
+    let _dev = g.group_get_device_fd("vfio1").unwrap();
+    let (_, show) = d.ctl(&["show", "vfio1"]);
+    assert!(show.contains("mappings 1"), "{show}");
+    assert_eq!(c.unmap_dma(0, 0, VFIO_DMA_UNMAP_FLAG_ALL), Ok(0x10000));
+}
+
+// ---------------------------------------------------------------------------
+// Framing violations end only that file (PROTOCOL.md "Framing")
+
+/// Garbage instead of a header closes the file.
+#[test]
+fn garbage_header_closes_the_file() {
+    let d = device_daemon("cdev-garbage");
+    let f = d.iommufd();
+    std::io::Write::write_all(&mut f.socket(), &[0xff; 32]).unwrap();
+    assert!(closed(&f));
+}
+
+/// A truncated payload, then the writer goes away: the file closes.
+#[test]
+fn truncated_message_closes_the_file() {
+    let d = device_daemon("cdev-truncated");
+    let f = d.iommufd();
+    let mut sock = f.socket();
+    std::io::Write::write_all(&mut sock, &[0x81, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0, 12, 0]).unwrap();
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed(&f));
+}
+
+/// More descriptors than the request takes (IOAS_ALLOC takes none)
+/// closes the file, without a reply.
+#[test]
+fn too_many_fds_closes_the_file() {
+    let d = device_daemon("cdev-toomanyfds");
+    let f = d.iommufd();
+    let ev = EventFd::new(0).unwrap();
+    assert!(f
+        .call(0x81, &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[raw_ev(&ev)])
+        .is_err());
+    assert!(closed(&f));
+}
+
+/// A header with version bits other than 1 closes the file.
+#[test]
+fn bad_version_closes_the_file() {
+    let d = device_daemon("cdev-badversion");
+    let f = d.iommufd();
+    send_raw(&f, 0x81, 2, 12, &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    assert!(closed(&f));
+}
+
+/// A header with a flag bit beyond REPLY closes the file.
+#[test]
+fn unknown_flag_bits_close_the_file() {
+    let d = device_daemon("cdev-badflags");
+    let f = d.iommufd();
+    send_raw(
+        &f,
+        0x81,
+        0x9,
+        12,
+        &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[],
+    );
+    assert!(closed(&f));
+}
+
+/// A request flagged as a reply closes the file.
+#[test]
+fn request_flagged_as_reply_closes_the_file() {
+    let d = device_daemon("cdev-replyflag");
+    let f = d.iommufd();
+    send_raw(
+        &f,
+        0x81,
+        1 | FLAG_REPLY,
+        12,
+        &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[],
+    );
+    assert!(closed(&f));
+}
+
+/// A payload announced beyond 1 MiB closes the file (before any payload
+/// is read).
+#[test]
+fn oversized_payload_closes_the_file() {
+    let d = device_daemon("cdev-oversized");
+    let f = d.iommufd();
+    send_raw(&f, 0x81, 1, MAX_PAYLOAD + 1, &[], &[]);
+    assert!(closed(&f));
+}
+
+/// More than 32 descriptors on one message closes the file.
+#[test]
+fn more_than_32_fds_closes_the_file() {
+    let d = device_daemon("cdev-33fds");
+    let b = bind_and_attach(&d, "vfio0");
+    let evs: Vec<EventFd> = (0..33).map(|_| EventFd::new(0).unwrap()).collect();
+    let raw: Vec<i32> = evs.iter().map(raw_ev).collect();
+    let hdr = VfioIrqSet {
+        argsz: 20 + 4,
+        flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        index: 2,
+        start: 0,
+        count: 1,
+    };
+    let mut p = hdr.as_slice().to_vec();
+    p.extend_from_slice(&0i32.to_le_bytes());
+    send_raw(&b.dev, VFIO_DEVICE_SET_IRQS, 1, p.len() as u32, &p, &raw);
+    assert!(closed(&b.dev));
+}
+
+/// A violation ends only that file: other files and the daemon go on.
+#[test]
+fn violation_leaves_other_files_alive() {
+    let mut d = device_daemon("cdev-violation-others");
+    let keep = d.iommufd();
+    assert_eq!(keep.ioas_alloc(), Ok(1));
+    let f = d.iommufd();
+    std::io::Write::write_all(&mut f.socket(), &[0xff; 32]).unwrap();
+    assert!(closed(&f));
     assert_eq!(keep.ioas_alloc(), Ok(2));
     assert!(d.alive());
+}
+
+/// Each request gets exactly one reply, in order: requests sent back to
+/// back are answered one by one with their own codes.
+#[test]
+fn replies_come_one_per_request_in_order() {
+    let d = device_daemon("cdev-order");
+    let f = d.iommufd();
+    let alloc = [12u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    send_raw(&f, 0x81, 1, 12, &alloc, &[]);
+    send_raw(&f, 0x7f, 1, 0, &[], &[]);
+    send_raw(&f, 0x81, 1, 12, &alloc, &[]);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let r = vcdev::wire::read_frame(f.socket(), FlagPolicy::CDEV)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.header.flags, 0x5);
+        let res = i32::from_le_bytes(r.payload[..4].try_into().unwrap());
+        got.push((r.header.request, res, r.payload.len()));
+    }
+    assert_eq!(
+        got,
+        vec![(0x81, 0, 16), (0x7f, -libc::ENOTTY, 4), (0x81, 0, 16)]
+    );
 }

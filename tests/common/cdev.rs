@@ -4,7 +4,8 @@
 //! driver (PCI capability walk, common configuration, MSI-X eventfds,
 //! ioeventfd doorbells) over the split-ring driver of [`super::frontend`].
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -111,6 +112,73 @@ impl CdevDaemon {
     /// Whether the daemon still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.daemon.proc().try_wait(), Ok(None))
+    }
+}
+
+/// The daemon of the iommufd tests: `vfio0` with the default IOMMU view
+/// (the full 64-bit aperture, nothing reserved) and `vfio1` with the
+/// aperture 0x100000-0xffffffff and 0x200000-0x2fffff reserved.
+pub fn iommufd_daemon(tag: &str) -> CdevDaemon {
+    CdevDaemon::start(
+        tag,
+        &[
+            "--device",
+            "blk,ram=1M",
+            "--device",
+            "blk,ram=1M,iova-aperture=0x100000-0xffffffff,iova-reserved=0x200000-0x2fffff",
+        ],
+    )
+}
+
+/// The daemon of the device tests: `vfio0` alone in group 0, `vfio1` and
+/// `other` together in group 5.
+pub fn device_daemon(tag: &str) -> CdevDaemon {
+    CdevDaemon::start(
+        tag,
+        &[
+            "--device",
+            "blk,ram=1M",
+            "--device",
+            "blk,ram=1M,group=5",
+            "--device",
+            "blk,ram=1M,name=other,group=5",
+        ],
+    )
+}
+
+/// The result of request `code` with `payload` and no descriptor.
+pub fn result(f: &File, code: u32, payload: &[u8]) -> i32 {
+    f.call(code, payload, &[]).expect("reply").result
+}
+
+/// Sends one frame with any header fields (no check of `flags` or
+/// `size`): `size` is the header's word, `payload` what follows.
+pub fn send_raw(f: &File, request: u32, flags: u32, size: u32, payload: &[u8], fds: &[RawFd]) {
+    let hdr = vcdev::wire::FrameHeader {
+        request,
+        flags,
+        size,
+    };
+    if fds.is_empty() {
+        let mut s = f.socket();
+        s.write_all(&hdr.encode()).expect("header");
+        s.write_all(payload).expect("payload");
+    } else {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let bufs: [&[u8]; 2] = [&hdr.encode(), payload];
+        let n = f.socket().send_with_fds(&bufs[..], fds).expect("sendmsg");
+        assert_eq!(n, vcdev::wire::HEADER_LEN + payload.len());
+    }
+}
+
+/// Whether the server closed `f` (its socket reads EOF, nothing else).
+pub fn closed(f: &File) -> bool {
+    let mut b = [0u8; 1];
+    let mut s = f.socket();
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
     }
 }
 
