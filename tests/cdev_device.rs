@@ -780,3 +780,14 @@ fn replies_come_one_per_request_in_order() {
         vec![(0x81, 0, 16), (0x7f, -libc::ENOTTY, 4), (0x81, 0, 16)]
     );
 }
+
+/// `iommufd_vfio_unmap_dma`: flags beyond UNMAP_FLAG_ALL are EINVAL (a
+/// vfio struct's unknown flag bits).
+#[cfg(feature = "group")]
+#[test]
+fn unmap_dma_unknown_flags_is_einval() {
+    let d = device_daemon("cdev-unmapdma-flags");
+    let (c, _g) = container_with_group(&d);
+    assert_errno!(c.unmap_dma(0x100000, 0x1000, 1), EINVAL);
+    assert_errno!(c.unmap_dma(0x100000, 0x1000, 1 << 5), EINVAL);
+}

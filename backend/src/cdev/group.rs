@@ -330,11 +330,11 @@ fn map_dma(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
 }
 
 /// VFIO_IOMMU_UNMAP_DMA (`iommufd_vfio_unmap_dma`): flags beyond ALL are
-/// EOPNOTSUPP; ALL needs iova and size 0 (EINVAL); whole mappings only.
+/// EINVAL; ALL needs iova and size 0 (EINVAL); whole mappings only.
 fn unmap_dma(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
     let mut cmd: VfioIommuType1DmaUnmap = req.get();
     if cmd.flags & !VFIO_DMA_UNMAP_FLAG_ALL != 0 {
-        return Err(Errno::EOPNOTSUPP);
+        return Err(Errno::EINVAL);
     }
     let ioas_id = compat_ioas(c)?;
     let mut unmap = IommuIoasUnmap {
