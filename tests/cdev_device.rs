@@ -791,3 +791,31 @@ fn unmap_dma_unknown_flags_is_einval() {
     assert_errno!(c.unmap_dma(0x100000, 0x1000, 1), EINVAL);
     assert_errno!(c.unmap_dma(0x100000, 0x1000, 1 << 5), EINVAL);
 }
+
+/// `vfio_group_ioctl_get_device_fd`: the name is looked up first
+/// (`vfio_device_get_from_name`: ENODEV), before the container is asked
+/// for (`vfio_df_group_open`: EINVAL).
+#[cfg(feature = "group")]
+#[test]
+fn get_device_fd_unknown_name_is_enodev_even_without_container() {
+    let d = device_daemon("cdev-getfd-order");
+    let g = d.group(5).unwrap();
+    assert_errno!(g.group_get_device_fd("nosuch"), ENODEV);
+    assert_errno!(g.group_get_device_fd("vfio0"), ENODEV);
+}
+
+/// `strndup_user`: a name that runs past the end of the payload (no NUL)
+/// is EFAULT; one longer than a page is EINVAL.
+#[cfg(feature = "group")]
+#[test]
+fn get_device_fd_name_without_nul_is_efault() {
+    let d = device_daemon("cdev-getfd-nul");
+    let (_c, g) = container_with_group(&d);
+    assert_eq!(
+        result(&g, VFIO_GROUP_GET_DEVICE_FD, b"vfio1"),
+        -libc::EFAULT
+    );
+    let mut long = vec![b'a'; 5000];
+    long.push(0);
+    assert_eq!(result(&g, VFIO_GROUP_GET_DEVICE_FD, &long), -libc::EINVAL);
+}

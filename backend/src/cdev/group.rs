@@ -151,20 +151,37 @@ fn group_unset_container(g: &GroupFile, _req: &mut Req) -> Result<Out, Errno> {
     Ok(Out::ok())
 }
 
-/// VFIO_GROUP_GET_DEVICE_FD: the NUL-terminated name; no container EINVAL,
-/// a device not in the group ENODEV; a device file rides with the reply.
+/// The longest device name with its NUL (`strndup_user(arg, PAGE_SIZE)`).
+const NAME_MAX: usize = 4096;
+
+/// The NUL-terminated name at the start of `payload`, as `strndup_user`
+/// reads it from user memory: no NUL within the payload (reading past the
+/// end of the user's bytes) EFAULT, longer than a page EINVAL.
+fn device_name(payload: &[u8]) -> Result<&[u8], Errno> {
+    let head = payload
+        .get(..NAME_MAX.min(payload.len()))
+        .unwrap_or_default();
+    match head.iter().position(|&b| b == 0) {
+        Some(nul) => Ok(head.get(..nul).unwrap_or_default()),
+        None if payload.len() >= NAME_MAX => Err(Errno::EINVAL),
+        None => Err(Errno::EFAULT),
+    }
+}
+
+/// VFIO_GROUP_GET_DEVICE_FD (`vfio_group_ioctl_get_device_fd`): the
+/// NUL-terminated name ([`device_name`]); a device not in the group
+/// ENODEV, then no container EINVAL (`vfio_df_group_open`); a device file
+/// rides with the reply.
 fn group_get_device_fd(g: &GroupFile, req: &mut Req) -> Result<Out, Errno> {
-    let nul = req.cmd.iter().position(|&b| b == 0).ok_or(Errno::EINVAL)?;
-    let name =
-        std::str::from_utf8(req.cmd.get(..nul).unwrap_or_default()).map_err(|_| Errno::ENODEV)?;
-    let mut st = lock(&g.state);
-    let container = st.container.clone().ok_or(Errno::EINVAL)?;
+    let name = std::str::from_utf8(device_name(&req.cmd)?).map_err(|_| Errno::ENODEV)?;
     let dev = g
         .server
         .device(name)
         .filter(|d| d.reg().group() == g.group)
         .ok_or(Errno::ENODEV)?
         .clone();
+    let mut st = lock(&g.state);
+    let container = st.container.clone().ok_or(Errno::EINVAL)?;
     let existing = st.devices.get(name).and_then(Weak::upgrade);
     let binding = match existing {
         Some(b) => b,
