@@ -819,3 +819,29 @@ fn get_device_fd_name_without_nul_is_efault() {
     long.push(0);
     assert_eq!(result(&g, VFIO_GROUP_GET_DEVICE_FD, &long), -libc::EINVAL);
 }
+
+/// `iommufd_vfio_iommu_get_info`: `argsz` comes back as the size of the
+/// struct and every capability, whatever the caller gave; the chain is
+/// DMA_AVAIL (U32_MAX) at 24, then the IOVA ranges at 40.
+#[cfg(feature = "group")]
+#[test]
+fn iommu_get_info_argsz_is_the_total_and_caps_chain() {
+    let d = device_daemon("cdev-getinfo-caps");
+    let (c, _g) = container_with_group(&d);
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    let (info, rep) = c.iommu_get_info(4096).unwrap();
+    // One range: the whole space.
+    let total = 24 + 16 + 16 + 16;
+    assert_eq!(info.argsz, total);
+    assert_eq!(rep.body.len(), total as usize);
+    let b = &rep.body;
+    assert_eq!((u16_at(b, 24), u16_at(b, 26), u32_at(b, 28)), (3, 1, 40));
+    assert_eq!(u32_at(b, 32), u32::MAX);
+    assert_eq!((u16_at(b, 40), u16_at(b, 42), u32_at(b, 44)), (1, 1, 0));
+    assert_eq!(u32_at(b, 48), 1);
+    // Too small: no capabilities, argsz says how much is needed.
+    let (small, rep) = c.iommu_get_info(24).unwrap();
+    assert_eq!((small.argsz, small.cap_offset), (total, 0));
+    assert_eq!(rep.body.len(), 24);
+}

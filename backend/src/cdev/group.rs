@@ -282,8 +282,10 @@ fn set_iommu(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
 }
 
 /// VFIO_IOMMU_GET_INFO (`iommufd_vfio_iommu_get_info`): page sizes and
-/// the IOVA range capability (when `argsz` leaves room; else `argsz`
-/// comes back as the size needed).
+/// the capability chain DMA_AVAIL (U32_MAX, as iommufd reports it), then
+/// the IOVA ranges. `argsz` comes back as the size of the struct and every
+/// capability; the capabilities follow only when the caller's `argsz`
+/// holds them all (`cap_offset` 24), else `cap_offset` is 0.
 fn iommu_get_info(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
     let mut info: VfioIommuType1Info = req.get();
     let ioas = c.ictx().ioas(compat_ioas(c)?).map_err(|e| e.errno())?;
@@ -295,6 +297,14 @@ fn iommu_get_info(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
     } else {
         page
     };
+    let iova_cap_at = VfioIommuType1Info::SIZE + std::mem::size_of::<VfioCapDmaAvail>();
+    let dma = VfioCapDmaAvail {
+        id: VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL,
+        version: 1,
+        next: u32::try_from(iova_cap_at).unwrap_or(0),
+        avail: u32::MAX,
+        pad: 0,
+    };
     let cap = VfioCapIovaRange {
         id: VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
         version: 1,
@@ -302,15 +312,16 @@ fn iommu_get_info(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
         nr_iovas: u32::try_from(ranges.len()).unwrap_or(u32::MAX),
         reserved: 0,
     };
-    let mut caps = cap.as_slice().to_vec();
+    let mut caps = dma.as_slice().to_vec();
+    caps.extend_from_slice(cap.as_slice());
     for r in &ranges {
         caps.extend_from_slice(&r.start.to_le_bytes());
         caps.extend_from_slice(&r.last.to_le_bytes());
     }
     let need = VfioIommuType1Info::SIZE + caps.len();
     let user = usize::try_from(info.argsz).unwrap_or(0);
+    info.argsz = u32::try_from(need).unwrap_or(u32::MAX);
     if user < need {
-        info.argsz = u32::try_from(need).unwrap_or(u32::MAX);
         info.cap_offset = 0;
         return Ok(Out::with(req, &info));
     }

@@ -119,6 +119,8 @@ pub const VFIO_IOMMU_INFO_PGSIZES: u32 = 1 << 0;
 pub const VFIO_IOMMU_INFO_CAPS: u32 = 1 << 1;
 /// `VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE`.
 pub const VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: u16 = 1;
+/// `VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL`.
+pub const VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: u16 = 3;
 
 /// `VFIO_DMA_MAP_FLAG_READ`.
 pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1 << 0;
@@ -397,6 +399,26 @@ pub struct VfioCapIovaRange {
     pub reserved: u32,
 }
 const _: () = assert!(size_of::<VfioCapIovaRange>() == 16);
+
+/// `struct vfio_iommu_type1_info_dma_avail`, padded to 8 bytes as the
+/// kernel lays capabilities out (`ALIGN(cap_size, sizeof(u64))`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfioCapDmaAvail {
+    /// `VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL`.
+    pub id: u16,
+    /// 1.
+    pub version: u16,
+    /// Offset of the next capability.
+    pub next: u32,
+    /// DMA mappings still available.
+    pub avail: u32,
+    /// Alignment padding.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<VfioCapDmaAvail>() == 16);
+// SAFETY: plain integers, no padding (asserted size); any bit pattern is valid.
+unsafe impl ByteValued for VfioCapDmaAvail {}
 // SAFETY: plain integers, no padding (asserted size); any bit pattern is valid.
 unsafe impl ByteValued for VfioCapIovaRange {}
 
