@@ -845,3 +845,18 @@ fn iommu_get_info_argsz_is_the_total_and_caps_chain() {
     assert_eq!((small.argsz, small.cap_offset), (total, 0));
     assert_eq!(rep.body.len(), 24);
 }
+
+/// `iommufd_vfio_check_extension` / `iommufd_vfio_cc_iommu`: VFIO_UNMAP_ALL
+/// is 1; VFIO_DMA_CC_IOMMU is ENODEV before a group joined, then 1 (the
+/// software IOMMU's DMA is cache coherent).
+#[cfg(feature = "group")]
+#[test]
+fn check_extension_unmap_all_and_dma_cc() {
+    let d = device_daemon("cdev-ext-cc");
+    let c = d.container();
+    assert_eq!(c.check_extension(VFIO_UNMAP_ALL), Ok(1));
+    assert_errno!(c.check_extension(VFIO_DMA_CC_IOMMU), ENODEV);
+    let g = d.group(5).unwrap();
+    g.group_set_container(&c).unwrap();
+    assert_eq!(c.check_extension(VFIO_DMA_CC_IOMMU), Ok(1));
+}

@@ -253,9 +253,15 @@ fn get_api_version(_c: &IommufdFile, _req: &mut Req) -> Result<Out, Errno> {
     Ok(Out::result(VFIO_API_VERSION))
 }
 
-/// VFIO_CHECK_EXTENSION (`iommufd_vfio_check_extension`).
-fn check_extension(_c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
+/// VFIO_CHECK_EXTENSION (`iommufd_vfio_check_extension`): TYPE1, TYPE1v2
+/// and UNMAP_ALL 1; DMA_CC_IOMMU (`iommufd_vfio_cc_iommu`) ENODEV without
+/// the compat IOAS, else 1 (the software IOMMU's DMA is coherent); 0 else.
+fn check_extension(c: &IommufdFile, req: &mut Req) -> Result<Out, Errno> {
     let ext = u32::from_le_bytes(req.int_arg()?);
+    if ext == VFIO_DMA_CC_IOMMU {
+        compat_ioas(c)?;
+        return Ok(Out::result(1));
+    }
     let yes = matches!(ext, VFIO_TYPE1_IOMMU | VFIO_TYPE1V2_IOMMU | VFIO_UNMAP_ALL);
     Ok(Out::result(i32::from(yes)))
 }

@@ -64,6 +64,8 @@ pub const VFIO_API_VERSION: i32 = 0;
 pub const VFIO_TYPE1_IOMMU: u32 = 1;
 /// `VFIO_TYPE1v2_IOMMU`.
 pub const VFIO_TYPE1V2_IOMMU: u32 = 3;
+/// `VFIO_DMA_CC_IOMMU`: DMA is cache coherent.
+pub const VFIO_DMA_CC_IOMMU: u32 = 4;
 /// `VFIO_UNMAP_ALL` (an extension iommufd's compat layer reports).
 pub const VFIO_UNMAP_ALL: u32 = 9;
 
