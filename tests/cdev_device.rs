@@ -860,3 +860,28 @@ fn check_extension_unmap_all_and_dma_cc() {
     g.group_set_container(&c).unwrap();
     assert_eq!(c.check_extension(VFIO_DMA_CC_IOMMU), Ok(1));
 }
+
+/// `vfio_df_ioctl_bind_iommufd`: the iommufd is resolved
+/// (`iommufd_ctx_from_fd`: EBADF / EBADFD) before `vfio_df_open` refuses a
+/// device bound through another file (EINVAL).
+#[test]
+fn bind_checks_the_iommufd_before_another_files_binding() {
+    let d = device_daemon("cdev-bind-order");
+    let f = d.iommufd();
+    let dev = d.device("vfio0");
+    dev.bind_iommufd(&f).unwrap();
+    let dev2 = d.device("vfio0");
+    assert_eq!(
+        result(&dev2, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(3).as_slice()),
+        -libc::EBADF
+    );
+    let ev = EventFd::new(0).unwrap();
+    let r = dev2
+        .call(
+            VFIO_DEVICE_BIND_IOMMUFD,
+            bind_cmd(3).as_slice(),
+            &[raw_ev(&ev)],
+        )
+        .unwrap();
+    assert_eq!(r.result, -libc::EBADFD);
+}

@@ -29,7 +29,7 @@ use super::group::GroupDeviceBinding;
 use super::iommufd_file::sized;
 use super::server::{FileKind, Known, Server};
 use super::vfio_uapi::*;
-use crate::registry::{DeviceCounters, Ownership, Registry};
+use crate::registry::{DeviceCounters, Ownership, Registry, RegistryError};
 use crate::wire::MAX_PAYLOAD;
 
 /// The largest REGION_READ: its reply (result, header, data) must fit one
@@ -138,9 +138,10 @@ impl FileKind for DeviceFile {
 }
 
 /// VFIO_DEVICE_BIND_IOMMUFD (the kernel's `vfio_df_ioctl_bind_iommufd`),
-/// in its order: argument EINVAL, a group's device file EINVAL, the
-/// registry's rules (EBUSY / EINVAL), the iommufd file (EBADF / EBADFD),
-/// then the bind.
+/// in its order: argument EINVAL, a group's device file EINVAL, the group
+/// open or a vhost-user frontend EBUSY, this file bound EINVAL, the
+/// iommufd file (EBADF / EBADFD), another file bound EINVAL, then the
+/// bind.
 fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     let mut cmd: VfioDeviceBindIommufd = req.get();
     if cmd.flags != 0 || cmd.iommufd < 0 {
@@ -153,7 +154,15 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     if !matches!(*st, State::Unbound) {
         return Err(Errno::EINVAL);
     }
-    let own = Registry::claim_cdev_bind(f.dev.reg(), &f.name).map_err(|e| e.errno())?;
+    // One atomic claim, its refusals reported in the kernel's order:
+    // `vfio_device_block_group` (EBUSY) before the iommufd, `vfio_df_open`
+    // (another file bound: EINVAL) after it.
+    let claim = Registry::claim_cdev_bind(f.dev.reg(), &f.name);
+    if let Err(e) = &claim {
+        if !matches!(e, RegistryError::AlreadyBound { .. }) {
+            return Err(e.errno());
+        }
+    }
     let fd = req.take_fd().ok_or(Errno::EBADF)?;
     let known = f.server.lookup(&fd)?;
     drop(fd);
@@ -161,6 +170,7 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
         Known::Iommufd(w) => w.upgrade().ok_or(Errno::EBADFD)?.ictx().clone(),
         _ => return Err(Errno::EBADFD),
     };
+    let own = claim.map_err(|e| e.errno())?;
     let devid = f.dev.handle().bind(&ictx).map_err(|e| e.errno())?;
     info!("{}: bound as device {}", f.name, devid.0);
     *st = State::Bound {
