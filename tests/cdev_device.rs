@@ -885,3 +885,39 @@ fn bind_checks_the_iommufd_before_another_files_binding() {
         .unwrap();
     assert_eq!(r.result, -libc::EBADFD);
 }
+
+/// `vfio_df_ioctl_attach_pt` / `vfio_df_ioctl_detach_pt`: without PASID
+/// support the PASID flag is EOPNOTSUPP before `argsz` is checked against
+/// the end of `pasid`.
+#[test]
+fn pasid_flag_is_eopnotsupp_before_the_pasid_size_check() {
+    let d = device_daemon("cdev-pasid-short");
+    let b = bind_and_attach(&d, "vfio0");
+    let attach = VfioDeviceAttachIommufdPt {
+        argsz: 12,
+        flags: VFIO_DEVICE_PASID,
+        pt_id: b.ioas,
+        pasid: 0,
+    };
+    assert_eq!(
+        result(
+            &b.dev,
+            VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+            &attach.as_slice()[..12]
+        ),
+        -libc::EOPNOTSUPP
+    );
+    let detach = VfioDeviceDetachIommufdPt {
+        argsz: 8,
+        flags: VFIO_DEVICE_PASID,
+        pasid: 0,
+    };
+    assert_eq!(
+        result(
+            &b.dev,
+            VFIO_DEVICE_DETACH_IOMMUFD_PT,
+            &detach.as_slice()[..8]
+        ),
+        -libc::EOPNOTSUPP
+    );
+}

@@ -193,10 +193,9 @@ fn attach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     if cmd.flags & !VFIO_DEVICE_PASID != 0 {
         return Err(Errno::EINVAL);
     }
+    // No PASID support (no `pasid_attach_ioas`): EOPNOTSUPP before the
+    // kernel would check `argsz` against the end of `pasid`.
     if cmd.flags & VFIO_DEVICE_PASID != 0 {
-        if req.user_size < VfioDeviceAttachIommufdPt::SIZE {
-            return Err(Errno::EINVAL);
-        }
         return Err(Errno::EOPNOTSUPP);
     }
     let hwpt = f.dev.handle().attach(cmd.pt_id).map_err(|e| e.errno())?;
@@ -213,10 +212,9 @@ fn detach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     if cmd.flags & !VFIO_DEVICE_PASID != 0 {
         return Err(Errno::EINVAL);
     }
+    // No PASID support (no `pasid_attach_ioas`): EOPNOTSUPP before the
+    // kernel would check `argsz` against the end of `pasid`.
     if cmd.flags & VFIO_DEVICE_PASID != 0 {
-        if req.user_size < VfioDeviceDetachIommufdPt::SIZE {
-            return Err(Errno::EINVAL);
-        }
         return Err(Errno::EOPNOTSUPP);
     }
     f.dev.handle().detach().map_err(|e| e.errno())?;
