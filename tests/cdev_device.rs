@@ -921,3 +921,24 @@ fn pasid_flag_is_eopnotsupp_before_the_pasid_size_check() {
         -libc::EOPNOTSUPP
     );
 }
+
+/// `vfio_device_fops_unl_ioctl`: ATTACH/DETACH are cdev-only ioctls; on a
+/// device file got through a group they reach vfio-pci, which answers
+/// ENOTTY whatever the payload.
+#[cfg(feature = "group")]
+#[test]
+fn attach_on_group_device_file_is_enotty() {
+    let d = device_daemon("cdev-getfd-attach");
+    let (_c, g) = container_with_group(&d);
+    let dev = g.group_get_device_fd("vfio1").unwrap();
+    assert_errno!(dev.attach_pt(1), ENOTTY);
+    assert_errno!(dev.detach_pt(), ENOTTY);
+    assert_eq!(
+        result(&dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &[4, 0, 0, 0]),
+        -libc::ENOTTY
+    );
+    assert_eq!(
+        result(&dev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &[]),
+        -libc::ENOTTY
+    );
+}

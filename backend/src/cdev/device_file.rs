@@ -110,9 +110,19 @@ impl FileKind for DeviceFile {
         DEVICE_OPS
     }
 
+    /// Before BIND everything else is EINVAL; on a file got through a
+    /// group ATTACH/DETACH (cdev-only ioctls) reach vfio-pci, which answers
+    /// ENOTTY whatever the payload (`vfio_device_fops_unl_ioctl`).
     fn gate(&self, code: u32) -> Option<Errno> {
         DeviceCounters::add(&self.dev.counters().cdev_requests, 1);
-        (code != VFIO_DEVICE_BIND_IOMMUFD && !self.granted()).then_some(Errno::EINVAL)
+        if code != VFIO_DEVICE_BIND_IOMMUFD && !self.granted() {
+            return Some(Errno::EINVAL);
+        }
+        let cdev_only = matches!(
+            code,
+            VFIO_DEVICE_ATTACH_IOMMUFD_PT | VFIO_DEVICE_DETACH_IOMMUFD_PT
+        );
+        (cdev_only && self.via_group()).then_some(Errno::ENOTTY)
     }
 
     fn release(&self) {
@@ -186,9 +196,6 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
 /// flags EINVAL, PASID EOPNOTSUPP (no PASID support), then attach or
 /// replace; `pt_id` comes back as the HWPT attached.
 fn attach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
-    if f.via_group() {
-        return Err(Errno::ENOTTY);
-    }
     let mut cmd: VfioDeviceAttachIommufdPt = req.get();
     if cmd.flags & !VFIO_DEVICE_PASID != 0 {
         return Err(Errno::EINVAL);
@@ -205,9 +212,6 @@ fn attach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
 
 /// VFIO_DEVICE_DETACH_IOMMUFD_PT (`vfio_df_ioctl_detach_pt`).
 fn detach(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
-    if f.via_group() {
-        return Err(Errno::ENOTTY);
-    }
     let cmd: VfioDeviceDetachIommufdPt = req.get();
     if cmd.flags & !VFIO_DEVICE_PASID != 0 {
         return Err(Errno::EINVAL);
