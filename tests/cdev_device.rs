@@ -942,3 +942,149 @@ fn attach_on_group_device_file_is_enotty() {
         -libc::ENOTTY
     );
 }
+
+// ---------------------------------------------------------------------------
+// SET_IRQS (`vfio_set_irqs_validate_and_prepare`, `vfio_pci_set_irqs_ioctl`)
+
+/// A SET_IRQS of `flags` on `index` from `start`, `count` irqs, `data`
+/// after the struct, `fds` riding.
+fn set_irqs(
+    dev: &vcdev::cdev::client::File,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    data: &[u8],
+    fds: &[i32],
+) -> i32 {
+    let hdr = VfioIrqSet {
+        argsz: 20 + data.len() as u32,
+        flags,
+        index,
+        start,
+        count,
+    };
+    let mut p = hdr.as_slice().to_vec();
+    p.extend_from_slice(data);
+    dev.call(VFIO_DEVICE_SET_IRQS, &p, fds).unwrap().result
+}
+
+const NONE_TRIGGER: u32 = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+const BOOL_TRIGGER: u32 = VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER;
+const EVENTFD_TRIGGER: u32 = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+
+/// `vfio_set_irqs_validate_and_prepare`: `start` at or past the index's
+/// count is EINVAL, even with count 0: INTX and MSI (no irqs here) refuse
+/// everything, MSI-X refuses start 2 of 2 vectors.
+#[test]
+fn set_irqs_start_past_the_irqs_is_einval() {
+    let d = device_daemon("cdev-irqs-start");
+    let b = bind_and_attach(&d, "vfio0");
+    assert_eq!(
+        set_irqs(&b.dev, NONE_TRIGGER, 0, 0, 0, &[], &[]),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        set_irqs(&b.dev, NONE_TRIGGER, 1, 0, 0, &[], &[]),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        set_irqs(&b.dev, BOOL_TRIGGER, 2, 2, 0, &[], &[]),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        set_irqs(&b.dev, BOOL_TRIGGER, 2, 1, 2, &[1, 1], &[]),
+        -libc::EINVAL
+    );
+}
+
+/// `vfio_pci_set_irqs_ioctl`: no action bit or several select no handler:
+/// ENOTTY (after the generic checks, which are EINVAL).
+#[test]
+fn set_irqs_without_exactly_one_action_is_enotty() {
+    let d = device_daemon("cdev-irqs-action");
+    let b = bind_and_attach(&d, "vfio0");
+    let ev = EventFd::new(0).unwrap();
+    b.dev.set_irqs_eventfds(2, 0, &[Some(evfd(&ev))]).unwrap();
+    let none = VFIO_IRQ_SET_DATA_NONE;
+    assert_eq!(set_irqs(&b.dev, none, 2, 0, 1, &[], &[]), -libc::ENOTTY);
+    let two = none | VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_TRIGGER;
+    assert_eq!(set_irqs(&b.dev, two, 2, 0, 1, &[], &[]), -libc::ENOTTY);
+    // Two data types stay EINVAL.
+    let two_data = none | VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER;
+    assert_eq!(
+        set_irqs(&b.dev, two_data, 2, 0, 1, &[1], &[]),
+        -libc::EINVAL
+    );
+}
+
+/// `vfio_pci_set_msi_trigger`: triggering or disabling MSI-X before it
+/// was enabled with eventfds is EINVAL; once enabled both work, and a
+/// second disable is EINVAL again.
+#[test]
+fn msix_trigger_while_msix_disabled_is_einval() {
+    let d = device_daemon("cdev-irqs-msix-off");
+    let b = bind_and_attach(&d, "vfio0");
+    assert_eq!(
+        set_irqs(&b.dev, NONE_TRIGGER, 2, 0, 1, &[], &[]),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        set_irqs(&b.dev, BOOL_TRIGGER, 2, 0, 1, &[1], &[]),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        set_irqs(&b.dev, NONE_TRIGGER, 2, 0, 0, &[], &[]),
+        -libc::EINVAL
+    );
+    let ev = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    b.dev.set_irqs_eventfds(2, 0, &[Some(evfd(&ev))]).unwrap();
+    assert_eq!(set_irqs(&b.dev, BOOL_TRIGGER, 2, 0, 1, &[1], &[]), 0);
+    assert_eq!(ev.read().unwrap(), 1, "the loopback trigger signals");
+    assert_eq!(set_irqs(&b.dev, NONE_TRIGGER, 2, 0, 0, &[], &[]), 0);
+    assert_eq!(
+        set_irqs(&b.dev, NONE_TRIGGER, 2, 0, 0, &[], &[]),
+        -libc::EINVAL
+    );
+}
+
+/// `vfio_pci_set_ctx_trigger_single` (ERR, REQ): DATA_NONE without an
+/// eventfd set is EINVAL; DATA_BOOL and DATA_EVENTFD with count 0 are
+/// EINVAL; with an eventfd, DATA_NONE count 1 signals it and count 0
+/// removes it.
+#[test]
+fn err_and_req_triggers_follow_the_single_context_rules() {
+    let d = device_daemon("cdev-irqs-errreq");
+    let b = bind_and_attach(&d, "vfio0");
+    for index in [3, 4] {
+        assert_eq!(
+            set_irqs(&b.dev, NONE_TRIGGER, index, 0, 1, &[], &[]),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            set_irqs(&b.dev, NONE_TRIGGER, index, 0, 0, &[], &[]),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            set_irqs(&b.dev, BOOL_TRIGGER, index, 0, 0, &[], &[]),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            set_irqs(&b.dev, EVENTFD_TRIGGER, index, 0, 0, &[], &[]),
+            -libc::EINVAL
+        );
+        let ev = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let data = 0i32.to_le_bytes();
+        assert_eq!(
+            set_irqs(&b.dev, EVENTFD_TRIGGER, index, 0, 1, &data, &[raw_ev(&ev)]),
+            0
+        );
+        assert_eq!(set_irqs(&b.dev, NONE_TRIGGER, index, 0, 1, &[], &[]), 0);
+        assert_eq!(ev.read().unwrap(), 1);
+        assert_eq!(set_irqs(&b.dev, NONE_TRIGGER, index, 0, 0, &[], &[]), 0);
+        assert_eq!(
+            set_irqs(&b.dev, NONE_TRIGGER, index, 0, 1, &[], &[]),
+            -libc::EINVAL
+        );
+    }
+}

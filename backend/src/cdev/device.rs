@@ -90,6 +90,8 @@ struct Core {
     msix: Mutex<Vec<Option<EventFd>>>,
     /// The ERR and REQ eventfds (never signalled: no AER, no request).
     err_req: Mutex<[Option<EventFd>; 2]>,
+    /// Whether MSI-X is on through SET_IRQS (vfio-pci's `irq_type`).
+    msix_on: AtomicBool,
     reg: Arc<Device>,
 }
 
@@ -186,6 +188,7 @@ impl CdevDevice {
             pci: Mutex::new(pci),
             msix: Mutex::new((0..vectors).map(|_| None).collect()),
             err_req: Mutex::new([None, None]),
+            msix_on: AtomicBool::new(false),
             reg: reg.clone(),
         });
         Ok(Arc::new(CdevDevice {
@@ -544,45 +547,38 @@ impl CdevDevice {
         let index = IrqIndex::from_index(hdr.index).ok_or(Errno::EINVAL)?;
         let action_bits = hdr.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
         match index {
-            IrqIndex::Intx | IrqIndex::Msi => {
-                // Count 0 only (checked by the caller): nothing to do.
-                if action_bits != VFIO_IRQ_SET_ACTION_TRIGGER && index == IrqIndex::Msi {
-                    return Err(Errno::ENOTTY);
-                }
-                Ok(())
-            }
+            // No irqs (count 0): the caller refused every request already.
+            IrqIndex::Intx | IrqIndex::Msi => Err(Errno::EINVAL),
             IrqIndex::Err | IrqIndex::Req => {
                 if action_bits != VFIO_IRQ_SET_ACTION_TRIGGER {
                     return Err(Errno::ENOTTY);
                 }
-                let slot = if index == IrqIndex::Err { 0 } else { 1 };
+                let slot = usize::from(index == IrqIndex::Req);
                 let mut er = lock(&self.core.err_req);
-                match action {
-                    IrqAction::Disable => er[slot] = None,
-                    IrqAction::Assign(mut fds) => er[slot] = fds.pop().flatten(),
-                    IrqAction::Fire(v) => {
-                        if v.first().copied().unwrap_or(false) {
-                            if let Some(fd) = &er[slot] {
-                                let _ = fd.write(1);
-                            }
-                        }
-                    }
-                }
-                Ok(())
+                let ctx = er.get_mut(slot).ok_or(Errno::EINVAL)?;
+                set_ctx_trigger_single(ctx, hdr.flags, action)
             }
             IrqIndex::Msix => {
                 // vfio-pci has no mask/unmask for MSI-X (`vfio_pci_set_irqs_ioctl`).
                 if action_bits != VFIO_IRQ_SET_ACTION_TRIGGER {
                     return Err(Errno::ENOTTY);
                 }
+                // `vfio_pci_set_msi_trigger`: only DATA_EVENTFD works while
+                // MSI-X is off (it turns it on).
+                let on = self.core.msix_on.load(Ordering::SeqCst);
+                if !on && !matches!(action, IrqAction::Assign(_)) {
+                    return Err(Errno::EINVAL);
+                }
                 let events = match action {
                     IrqAction::Disable => {
+                        self.core.msix_on.store(false, Ordering::SeqCst);
                         lock(&self.core.msix).iter_mut().for_each(|v| *v = None);
                         lock(&self.core.pci).host_msix_enable(false)
                     }
                     IrqAction::Assign(fds) => {
                         let mut events = Vec::new();
                         let mut pci = lock(&self.core.pci);
+                        self.core.msix_on.store(true, Ordering::SeqCst);
                         if !pci.msix_enabled() {
                             events.extend(pci.host_msix_enable(true));
                         }
@@ -632,6 +628,7 @@ impl CdevDevice {
         self.stop_queues();
         lock(&self.queues).ioeventfds.clear();
         lock(&self.core.msix).iter_mut().for_each(|v| *v = None);
+        self.core.msix_on.store(false, Ordering::SeqCst);
         *lock(&self.core.err_req) = [None, None];
         match VirtioPciFunction::new(self.blk().clone()) {
             Ok(f) => *lock(&self.core.pci) = f,
@@ -639,6 +636,39 @@ impl CdevDevice {
         }
         info!("{}: cdev function quiesced", self.name());
     }
+}
+
+/// An ERR or REQ trigger (`vfio_pci_set_ctx_trigger_single`): DATA_NONE
+/// signals (count 1) or removes (count 0) the eventfd, EINVAL without one;
+/// DATA_BOOL signals if its byte is set; DATA_EVENTFD sets or removes it;
+/// BOOL and EVENTFD with count 0 are EINVAL.
+fn set_ctx_trigger_single(
+    ctx: &mut Option<EventFd>,
+    flags: u32,
+    action: IrqAction,
+) -> Result<(), Errno> {
+    match action {
+        IrqAction::Disable => {
+            ctx.take().ok_or(Errno::EINVAL)?;
+        }
+        IrqAction::Fire(v) if flags & VFIO_IRQ_SET_DATA_NONE != 0 => {
+            let fd = ctx.as_ref().ok_or(Errno::EINVAL)?;
+            if v.first().copied().unwrap_or(false) {
+                let _ = fd.write(1);
+            }
+        }
+        IrqAction::Fire(v) => {
+            if *v.first().ok_or(Errno::EINVAL)? {
+                if let Some(fd) = ctx.as_ref() {
+                    let _ = fd.write(1);
+                }
+            }
+        }
+        IrqAction::Assign(fds) => {
+            *ctx = fds.into_iter().next().ok_or(Errno::EINVAL)?;
+        }
+    }
+    Ok(())
 }
 
 /// What SET_IRQS asks of an index.

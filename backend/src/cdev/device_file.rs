@@ -247,19 +247,22 @@ fn get_irq_info(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
 }
 
 /// VFIO_DEVICE_SET_IRQS: the kernel's
-/// `vfio_set_irqs_validate_and_prepare` (all EINVAL), then the index.
+/// `vfio_set_irqs_validate_and_prepare` (all EINVAL: unknown flags, `start`
+/// at or past the index's count even with count 0, not one data type, too
+/// little data), then `vfio_pci_set_irqs_ioctl`'s choice of a handler (not
+/// exactly one action: ENOTTY), then the index.
 fn set_irqs(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     let hdr: VfioIrqSet = req.get();
     let info = f.dev.irq_info(hdr.index)?;
     if hdr.flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 {
         return Err(Errno::EINVAL);
     }
-    let data_type = hdr.flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
-    let action = hdr.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
-    if data_type.count_ones() != 1 || action.count_ones() != 1 {
+    if hdr.start >= info.count || hdr.count > info.count - hdr.start {
         return Err(Errno::EINVAL);
     }
-    if hdr.start > info.count || hdr.count > info.count - hdr.start {
+    let data_type = hdr.flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+    let action = hdr.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+    if data_type.count_ones() != 1 {
         return Err(Errno::EINVAL);
     }
     let count = usize::try_from(hdr.count).map_err(|_| Errno::EINVAL)?;
@@ -270,6 +273,9 @@ fn set_irqs(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     };
     let need = count.checked_mul(elem).ok_or(Errno::EINVAL)?;
     let data = req.trailing.get(..need).ok_or(Errno::EINVAL)?;
+    if action.count_ones() != 1 {
+        return Err(Errno::ENOTTY);
+    }
     let act = match data_type {
         VFIO_IRQ_SET_DATA_NONE if count == 0 => IrqAction::Disable,
         VFIO_IRQ_SET_DATA_NONE => IrqAction::Fire(vec![true; count]),
