@@ -1088,3 +1088,69 @@ fn err_and_req_triggers_follow_the_single_context_rules() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// IOEVENTFD (`vfio_pci_ioctl_ioeventfd`, `vfio_pci_ioeventfd`)
+
+/// A VFIO_DEVICE_IOEVENTFD of 2 bytes, data 0, at `offset`, `fd` field
+/// `fd`, `reserved`, `fds` riding.
+fn ioeventfd_raw(
+    dev: &vcdev::cdev::client::File,
+    offset: u64,
+    fd: i32,
+    reserved: u32,
+    fds: &[i32],
+) -> i32 {
+    let c = VfioDeviceIoeventfd {
+        argsz: 32,
+        flags: 2,
+        offset,
+        data: 0,
+        fd,
+        reserved,
+    };
+    dev.call(VFIO_DEVICE_IOEVENTFD, c.as_slice(), fds)
+        .unwrap()
+        .result
+}
+
+/// PROTOCOL.md struct rules: a non-zero reserved field of a vfio struct is
+/// EINVAL.
+#[test]
+fn ioeventfd_reserved_field_is_einval() {
+    let d = device_daemon("cdev-ioeventfd-reserved");
+    let drv = common::cdev::BlkDriver::start(&d, "vfio0", 64);
+    assert_eq!(
+        ioeventfd_raw(&drv.b.dev, drv.doorbell, -1, 1, &[]),
+        -libc::EINVAL
+    );
+    assert_eq!(ioeventfd_raw(&drv.b.dev, drv.doorbell, -1, 0, &[]), 0);
+}
+
+/// `vfio_pci_ioeventfd`: the offset (EINVAL) and the registrations
+/// (EEXIST, ENODEV) are checked before the descriptor is looked at
+/// (EBADF, EINVAL for a non-eventfd).
+#[test]
+fn ioeventfd_checks_the_offset_and_registrations_before_the_descriptor() {
+    let d = device_daemon("cdev-ioeventfd-order");
+    let drv = common::cdev::BlkDriver::start(&d, "vfio0", 64);
+    let dev = &drv.b.dev;
+    // Config space takes no ioeventfd; no descriptor rides.
+    assert_eq!(ioeventfd_raw(dev, 7 << 40, 3, 0, &[]), -libc::EINVAL);
+    // Registered already (by the driver): EEXIST, whatever rides.
+    let reg = Region::new(0, 0x1000);
+    let memfd = std::os::fd::AsRawFd::as_raw_fd(&reg.file);
+    assert_eq!(
+        ioeventfd_raw(dev, drv.doorbell, 3, 0, &[memfd]),
+        -libc::EEXIST
+    );
+    assert_eq!(ioeventfd_raw(dev, drv.doorbell, 3, 0, &[]), -libc::EEXIST);
+    // Unregistered: the descriptor decides.
+    assert_eq!(ioeventfd_raw(dev, drv.doorbell, -1, 0, &[]), 0);
+    assert_eq!(ioeventfd_raw(dev, drv.doorbell, -1, 0, &[]), -libc::ENODEV);
+    assert_eq!(ioeventfd_raw(dev, drv.doorbell, 3, 0, &[]), -libc::EBADF);
+    assert_eq!(
+        ioeventfd_raw(dev, drv.doorbell, 3, 0, &[memfd]),
+        -libc::EINVAL
+    );
+}

@@ -271,6 +271,8 @@ pub struct BlkDriver {
     pub config_irq: EventFd,
     /// What the capability walk found.
     pub caps: Caps,
+    /// BAR0 offset of queue 0's doorbell (its ioeventfd: 2 bytes, data 0).
+    pub doorbell: u64,
 }
 
 fn u16_at(b: &[u8], i: usize) -> u16 {
@@ -384,6 +386,7 @@ impl BlkDriver {
             q,
             config_irq,
             caps,
+            doorbell,
         }
     }
 

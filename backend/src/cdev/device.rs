@@ -474,8 +474,10 @@ impl CdevDevice {
         }
     }
 
-    /// VFIO_DEVICE_IOEVENTFD (the kernel's `vfio_pci_ioeventfd`): `fd`
-    /// None de-assigns the matching registration (ENODEV if none).
+    /// VFIO_DEVICE_IOEVENTFD (the kernel's `vfio_pci_ioeventfd`), in its
+    /// order: the offset (EINVAL), the registrations (EEXIST, ENODEV,
+    /// ENOSPC), then the descriptor (`fd` Some: its error, or EINVAL if no
+    /// eventfd). `fd` None de-assigns the matching registration.
     ///
     /// Deviation: only doorbells are taken (EINVAL elsewhere); vfio-pci
     /// accepts any BAR offset outside the MSI-X table, but the only
@@ -485,7 +487,7 @@ impl CdevDevice {
         offset: u64,
         size: u32,
         data: u64,
-        fd: Option<EventFd>,
+        fd: Option<Result<OwnedFd, Errno>>,
     ) -> Result<(), Errno> {
         let (index, off) = RegionIndex::split_file_offset(offset);
         let region = u32::try_from(index)
@@ -527,6 +529,7 @@ impl CdevDevice {
                 if qs.ioeventfds.len() >= IOEVENTFD_MAX {
                     return Err(Errno::ENOSPC);
                 }
+                let fd = into_eventfd(fd?)?;
                 qs.ioeventfds.push(IoEventFd {
                     offset: off,
                     size,

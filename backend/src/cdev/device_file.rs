@@ -309,7 +309,8 @@ fn reset(f: &DeviceFile, _req: &mut Req) -> Result<Out, Errno> {
     Ok(Out::ok())
 }
 
-/// VFIO_DEVICE_IOEVENTFD (`vfio_pci_core_ioctl_ioeventfd`).
+/// VFIO_DEVICE_IOEVENTFD (`vfio_pci_ioctl_ioeventfd`): flags, size and
+/// `fd` < -1 EINVAL, reserved EINVAL, then [`CdevDevice::ioeventfd`].
 fn ioeventfd(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     let cmd: VfioDeviceIoeventfd = req.get();
     if cmd.flags & !VFIO_DEVICE_IOEVENTFD_SIZE_MASK != 0 {
@@ -319,12 +320,13 @@ fn ioeventfd(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     if size_bits.count_ones() != 1 || cmd.fd < -1 {
         return Err(Errno::EINVAL);
     }
+    // PROTOCOL.md: a non-zero reserved field of a vfio struct is EINVAL.
+    if cmd.reserved != 0 {
+        return Err(Errno::EINVAL);
+    }
     let size = size_bits; // 1, 2, 4 or 8 bytes: the bit is the size.
-    let fd = if cmd.fd == -1 {
-        None
-    } else {
-        Some(into_eventfd(req.take_fd().ok_or(Errno::EBADF)?)?)
-    };
+                          // The descriptor is looked at last, as `vfio_virqfd_enable` does.
+    let fd = (cmd.fd != -1).then(|| req.take_fd().ok_or(Errno::EBADF));
     f.dev.ioeventfd(cmd.offset, size, cmd.data, fd)?;
     Ok(Out::with(req, &cmd))
 }
