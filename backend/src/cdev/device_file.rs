@@ -332,13 +332,15 @@ fn ioeventfd(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
 }
 
 /// VCDEV_REGION_READ (pread): the result is the bytes read; they follow
-/// the header.
+/// the header. As a pread, it may read less than asked: up to the end of
+/// the region (`vfio_pci_bar_rw`), and at most [`MAX_REGION_READ`] bytes
+/// (what one reply carries).
 fn region_read(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     let cmd: VcdevRegionRw = req.get();
-    if cmd.reserved != 0 || cmd.count > MAX_REGION_READ {
+    if cmd.reserved != 0 {
         return Err(Errno::EINVAL);
     }
-    let count = usize::try_from(cmd.count).map_err(|_| Errno::EINVAL)?;
+    let count = usize::try_from(cmd.count.min(MAX_REGION_READ)).map_err(|_| Errno::EINVAL)?;
     let data = f.dev.region_read(cmd.offset, count)?;
     let mut out = Out::with(req, &cmd).trailing(&data);
     out.result = i32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
