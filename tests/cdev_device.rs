@@ -39,7 +39,14 @@ fn vhost_user_refused(path: &std::path::Path) -> bool {
 #[test]
 fn nodes_are_sockets_of_mode_0600() {
     let d = device_daemon("cdev-nodes");
-    let mut nodes = vec!["iommu", "devices/vfio0", "devices/vfio1", "devices/other"];
+    let mut nodes = vec![
+        "iommu",
+        "devices/vfio0",
+        "devices/vfio1",
+        "devices/other",
+        "vhost-user/vfio0",
+        "vhost-user/other",
+    ];
     if cfg!(feature = "group") {
         nodes.extend(["vfio/vfio", "vfio/0", "vfio/5"]);
     }

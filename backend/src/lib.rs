@@ -235,7 +235,8 @@ pub fn run(config: Config) -> Result<()> {
     let mut out = String::new();
     for (spec, dev) in config.devices.iter().zip(registry.devices()) {
         let path = vu_dir.join(&spec.name);
-        let listener = match socket::listen(&path, None) {
+        // PROTOCOL.md "Nodes": mode 0600, like every node.
+        let listener = match socket::listen(&path, Some(0o600)) {
             Ok(l) => l,
             Err(e) => {
                 socket::remove_all(&sockets);
