@@ -342,4 +342,142 @@ mod tests {
         (&a).write_all(&[0xff; 32]).unwrap();
         assert!(read_frame(&b, FlagPolicy::VHOST_USER).is_err());
     }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::eventfd::EventFd;
+
+        /// A payload size around the interesting values: small, at and
+        /// past the cap, and anything.
+        fn size() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                4 => 0u32..64,
+                1 => Just(MAX_PAYLOAD - 1),
+                1 => Just(MAX_PAYLOAD),
+                1 => Just(MAX_PAYLOAD + 1),
+                1 => Just(u32::MAX),
+                1 => any::<u32>(),
+            ]
+        }
+
+        /// Flags: mostly valid for one door or the other, sometimes anything.
+        fn flags() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                3 => prop::sample::select(vec![1u32, 1 | FLAG_REPLY, 1 | FLAG_NEED_REPLY, 1 | FLAG_REPLY | FLAG_NEED_REPLY]),
+                1 => 0u32..16,
+                1 => any::<u32>(),
+            ]
+        }
+
+        fn policy() -> impl Strategy<Value = FlagPolicy> {
+            prop::sample::select(vec![FlagPolicy::CDEV, FlagPolicy::VHOST_USER])
+        }
+
+        /// Writes `bytes` (with `fds` on the first chunk) from a thread,
+        /// then closes; the reader may stop early (EPIPE is fine).
+        fn send(
+            a: UnixStream,
+            first: Vec<u8>,
+            rest: Vec<u8>,
+            fds: Vec<EventFd>,
+        ) -> std::thread::JoinHandle<()> {
+            std::thread::spawn(move || {
+                let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                let sent = if raw.is_empty() {
+                    (&a).write_all(&first).map(|()| first.len())
+                } else {
+                    a.send_with_fds(&[&first[..]], &raw)
+                        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+                };
+                if let Ok(n) = sent {
+                    let _ = (&a).write_all(first.get(n..).unwrap_or_default());
+                    let _ = (&a).write_all(&rest);
+                }
+            })
+        }
+
+        /// Reads frames until EOF or an error; none may exceed the cap.
+        fn drain(b: &UnixStream, policy: FlagPolicy) {
+            while let Ok(Some(f)) = read_frame(b, policy) {
+                assert!(f.payload.len() <= MAX_PAYLOAD as usize);
+                assert!(f.fds.len() <= MAX_FDS);
+                assert_eq!(f.payload.len(), f.header.size as usize);
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+            /// Random byte streams: frames or a clean error, never a panic
+            /// or a payload past the cap.
+            #[test]
+            fn random_streams_are_frames_or_errors(
+                bytes in prop::collection::vec(any::<u8>(), 0..2048),
+                policy in policy(),
+            ) {
+                let (a, b) = UnixStream::pair().unwrap();
+                let t = send(a, bytes, Vec::new(), Vec::new());
+                drain(&b, policy);
+                t.join().unwrap();
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+            /// One mutated frame (header fields, sizes up to and past the
+            /// cap, a body shorter or longer than `size`, 0..40 descriptors):
+            /// exactly the answer PROTOCOL.md's "Framing" gives, then
+            /// whatever follows reads cleanly too.
+            #[test]
+            fn mutated_frames_get_the_framing_answer(
+                request in any::<u32>(),
+                flags in flags(),
+                size in size(),
+                delta in -8i64..8,
+                nfds in prop_oneof![3 => 0usize..4, 1 => 28usize..40],
+                policy in policy(),
+            ) {
+                let (a, b) = UnixStream::pair().unwrap();
+                let hdr = FrameHeader { request, flags, size };
+                // Never write more than the cap and a bit: the reader must
+                // refuse a larger size from the header alone.
+                let want = i64::from(size.min(MAX_PAYLOAD + 16));
+                let body_len = usize::try_from((want + delta).max(0)).unwrap();
+                let body: Vec<u8> = (0..body_len).map(|i| (i % 251) as u8).collect();
+                let fds: Vec<EventFd> = (0..nfds).map(|_| EventFd::new(0).unwrap()).collect();
+                let t = send(a, hdr.encode().to_vec(), body.clone(), fds);
+                let r = read_frame(&b, policy);
+                let flags_ok = policy.check(flags).is_ok();
+                let size_ok = size <= MAX_PAYLOAD;
+                let whole = body_len >= size as usize;
+                match r {
+                    Ok(Some(f)) => {
+                        prop_assert!(nfds <= MAX_FDS && flags_ok && size_ok && whole);
+                        prop_assert_eq!(f.header, hdr);
+                        prop_assert_eq!(f.fds.len(), nfds);
+                        prop_assert_eq!(&f.payload[..], &body[..size as usize]);
+                    }
+                    Ok(None) => prop_assert!(false, "EOF before a whole header"),
+                    Err(WireError::Fds) => prop_assert!(nfds > MAX_FDS),
+                    Err(WireError::Version(_)) | Err(WireError::Flags(_)) => {
+                        prop_assert!(nfds <= MAX_FDS && !flags_ok)
+                    }
+                    Err(WireError::Oversized(s)) => {
+                        prop_assert!(nfds <= MAX_FDS && flags_ok && !size_ok);
+                        prop_assert_eq!(s, size);
+                    }
+                    Err(WireError::Truncated) => {
+                        prop_assert!(nfds <= MAX_FDS && flags_ok && size_ok && !whole)
+                    }
+                    Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                }
+                drain(&b, policy);
+                drop(b);
+                t.join().unwrap();
+            }
+        }
+    }
 }
