@@ -37,4 +37,7 @@ pub mod iommufd_file;
 pub mod server;
 pub mod vfio_uapi;
 
+#[cfg(test)]
+mod prop_tests;
+
 pub use server::Server;
