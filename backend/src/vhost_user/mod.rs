@@ -16,6 +16,9 @@ pub mod memory;
 pub mod ring;
 pub mod vring;
 
+#[cfg(test)]
+mod prop_tests;
+
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
