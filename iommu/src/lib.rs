@@ -29,6 +29,8 @@
 //! failure to a Linux errno ([`errno`]).
 pub mod device;
 pub mod errno;
+#[cfg(test)]
+mod hostile_tests;
 pub mod hwpt;
 pub mod io_pagetable;
 pub mod ioas;
