@@ -49,10 +49,14 @@ impl Pin {
         let Some(have) = self.access else {
             return false;
         };
-        let Some(end) = addr.checked_add(count) else {
+        if count == 0 || addr < self.iova {
+            return false;
+        }
+        // Inclusive ends: a ring may end at 2^64 (its last byte u64::MAX).
+        let Some(last) = addr.checked_add(count - 1) else {
             return false;
         };
-        count > 0 && addr >= self.iova && end <= self.iova + self.len && allows(have, access)
+        last - self.iova < self.len && allows(have, access)
     }
 
     fn pin(
@@ -79,18 +83,22 @@ impl Pin {
     /// The slices of `addr..addr+count` (inside the pin), at most 4.
     fn slices(&self, addr: u64, count: u64) -> Option<PinIter> {
         let mut it = PinIter::default();
-        let end = addr + count;
+        // Inclusive ends, as in `covers`: nothing overflows at 2^64.
+        let last = addr.checked_add(count.checked_sub(1)?)?;
         for &(start, h) in &self.pieces {
-            let pend = start + h.len as u64;
-            if pend <= addr || start >= end {
+            let plen = u64::try_from(h.len).ok()?;
+            let Some(plast) = plen.checked_sub(1).and_then(|l| start.checked_add(l)) else {
+                continue;
+            };
+            if plast < addr || start > last {
                 continue;
             }
             let from = addr.max(start);
-            let to = end.min(pend);
+            let to = last.min(plast);
             let slot = it.items.get_mut(it.n)?;
             *slot = HostSlice {
-                ptr: h.ptr.wrapping_add((from - start) as usize),
-                len: (to - from) as usize,
+                ptr: h.ptr.wrapping_add(usize::try_from(from - start).ok()?),
+                len: usize::try_from(to - from).ok()?.checked_add(1)?,
             };
             it.n += 1;
         }
@@ -275,5 +283,52 @@ impl GuestMemory for RingView<'_, '_> {
         Ok(ViewIter::Session(
             self.session.get_slices(addr, count, access)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vcdev_iommu::{AddressSpace, MemObject};
+
+    use super::*;
+
+    /// Rings in the last page of the IOVA space (a frontend may put them
+    /// there under a vIOMMU): the pin ends at 2^64, which must not
+    /// overflow (it panicked in debug builds) and must still serve the
+    /// ring accesses.
+    #[test]
+    fn rings_at_the_top_of_the_iova_space() {
+        let space = AddressSpace::new();
+        let mem = Arc::new(MemObject::anonymous(4096).unwrap());
+        let top = u64::MAX - 4095;
+        space
+            .iotlb_update(top, 4096, &mem, 0, Permissions::ReadWrite)
+            .unwrap();
+        let size = 16;
+        let (dl, al, ul) = ring_sizes(size);
+        let used = 0u64.wrapping_sub(ul);
+        let rings = (top, top + dl, used);
+        let mut reader = space.reader();
+        let s = reader.enter();
+        let mut pins = RingPins::default();
+        assert_eq!(pins.refresh(&s, rings, size), Ok(true));
+        let view = RingView::new(&s, Some(&pins));
+        // The used ring's flags, its last bytes, and the avail ring.
+        assert!(view.check_range(GuestAddress(used), 2, Permissions::Write));
+        assert!(view.check_range(GuestAddress(u64::MAX - 1), 2, Permissions::Write));
+        assert!(view.check_range(
+            GuestAddress(top + dl),
+            usize::try_from(al).unwrap(),
+            Permissions::Read
+        ));
+        assert!(view
+            .get_slices(
+                GuestAddress(used),
+                usize::try_from(ul).unwrap(),
+                Permissions::Write
+            )
+            .is_ok());
     }
 }
