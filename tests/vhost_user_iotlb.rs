@@ -476,3 +476,41 @@ fn frontend_vanishing_during_a_miss_leaves_the_device_usable() {
     assert_eq!(r.status, S_OK);
     assert!(r.data == data, "data lost");
 }
+
+/// A frontend cannot grow the IOTLB without bound: past
+/// `--iotlb-max-entries` an UPDATE drops the whole IOTLB first, the
+/// guest's next accesses miss again, and the data path stays correct.
+#[test]
+fn a_full_iotlb_is_dropped_and_refilled_through_misses() {
+    let mut d = daemon("iotlb-cap", 1, &["--iotlb-max-entries", "16"]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    let data = pattern(3, 4096);
+    assert_eq!(h.write(0, 8, &data), S_OK);
+    // Fill the IOTLB with UPDATEs of pages the device never uses.
+    let far = 0x4000_0000_0000u64;
+    for i in 0..16 {
+        h.iommu().update(
+            far + i * PAGE,
+            PAGE,
+            DATA_GPA,
+            vhost::VhostAccess::ReadWrite,
+        );
+    }
+    h.iommu().clear_misses();
+    // The rings' and buffers' entries went with the flush: asked again.
+    assert_eq!(h.read(0, 8, 4096).data, data);
+    assert!(!h.iommu().misses().is_empty(), "no miss after the flush");
+    assert!(d.log().contains("IOTLB full (16 entries)"), "{}", d.log());
+    drop(h);
+    common::poll_until(TIMEOUT, || {
+        d.log().contains("device released").then_some(())
+    })
+    .expect("disconnect handled");
+    let out = d.daemon.stop(Duration::from_secs(10)).expect("stop");
+    // One flush for the cap, one at the disconnect.
+    assert!(
+        counter(&out.stderr, "iotlb_flushes").unwrap_or(0) >= 2,
+        "{}",
+        out.stderr
+    );
+}

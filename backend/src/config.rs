@@ -107,7 +107,14 @@ pub struct Config {
     /// How long a vhost-user queue waits for the answer to an IOTLB miss
     /// before the request fails with IOERR.
     pub iotlb_miss_timeout: std::time::Duration,
+    /// The most IOTLB entries a vhost-user connection keeps; an UPDATE that
+    /// finds it full drops them all first (misses fetch them again).
+    pub iotlb_max_entries: usize,
 }
+
+/// The default of [`Config::iotlb_max_entries`]: 2^18 entries, about 32 MiB
+/// of IOTLB, enough for 1 GiB of guest memory in 4 KiB identity pages.
+pub const DEFAULT_IOTLB_MAX_ENTRIES: usize = 1 << 18;
 
 /// The default of [`Config::iotlb_miss_timeout`]: 5 s.
 pub const DEFAULT_IOTLB_MISS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -317,6 +324,7 @@ impl Config {
             devices: specs,
             allow_unsealed_memory,
             iotlb_miss_timeout: DEFAULT_IOTLB_MISS_TIMEOUT,
+            iotlb_max_entries: DEFAULT_IOTLB_MAX_ENTRIES,
         })
     }
 }

@@ -209,6 +209,7 @@ pub fn run(config: Config) -> Result<()> {
             SealPolicy::RequireShrinkSeal
         },
         iotlb_miss_timeout: config.iotlb_miss_timeout,
+        iotlb_max_entries: config.iotlb_max_entries,
     };
     if config.allow_unsealed_memory {
         log::warn!(

@@ -73,6 +73,13 @@ struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..))]
     iotlb_miss_timeout_ms: u64,
+    /// Under a guest vIOMMU: the most IOTLB entries one frontend connection
+    /// may fill; an UPDATE that finds the IOTLB full drops it whole first
+    /// (the guest's next accesses miss and are fetched again).
+    #[arg(long, value_name = "N",
+          default_value_t = vcdev::config::DEFAULT_IOTLB_MAX_ENTRIES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    iotlb_max_entries: u64,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -81,6 +88,7 @@ impl TryFrom<ServeArgs> for Config {
     fn try_from(a: ServeArgs) -> Result<Config, ConfigError> {
         let mut c = Config::new(a.dir, &a.devices, a.allow_unsealed_memory)?;
         c.iotlb_miss_timeout = std::time::Duration::from_millis(a.iotlb_miss_timeout_ms);
+        c.iotlb_max_entries = usize::try_from(a.iotlb_max_entries).unwrap_or(usize::MAX);
         Ok(c)
     }
 }

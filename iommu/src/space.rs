@@ -213,6 +213,16 @@ impl AddressSpace {
         }
     }
 
+    /// Number of extents (the latest committed state).
+    pub fn len(&self) -> usize {
+        self.with_tree(Tree::len)
+    }
+
+    /// Whether there is no extent.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Reads the writer's current tree (the latest committed state).
     pub fn with_tree<R>(&self, f: impl FnOnce(&Tree) -> R) -> R {
         f(&lock(&self.writer).tree)

@@ -175,6 +175,8 @@ pub struct ConnConfig {
     /// How long a queue waits for the answer to an IOTLB miss before the
     /// request fails.
     pub iotlb_miss_timeout: Duration,
+    /// The most IOTLB entries this connection keeps.
+    pub iotlb_max_entries: usize,
 }
 
 /// One frontend connection to one device.
@@ -191,6 +193,9 @@ pub struct Conn {
     /// translated here (IOTLB entries point into the memory table's objects).
     iova_space: Arc<AddressSpace>,
     iotlb: Arc<Iotlb>,
+    /// Past this many IOTLB entries an UPDATE drops them all first: a
+    /// frontend cannot make the daemon's memory grow without bound.
+    iotlb_max_entries: usize,
 }
 
 fn u64_payload(v: u64) -> Vec<u8> {
@@ -219,6 +224,7 @@ impl Conn {
                 channel: BackendChannel::default(),
                 timeout: cfg.iotlb_miss_timeout,
             }),
+            iotlb_max_entries: cfg.iotlb_max_entries,
         }
     }
 
@@ -658,6 +664,13 @@ impl Conn {
                 size: m.size,
             }
             .into());
+        }
+        if self.iova_space.len() >= self.iotlb_max_entries {
+            warn!(
+                "{}: IOTLB full ({} entries): dropping it, the guest's accesses will miss again",
+                self.peer, self.iotlb_max_entries
+            );
+            self.flush_iotlb();
         }
         let (mut iova, mut uaddr, mut left) = (m.iova, m.uaddr, m.size);
         while left > 0 {

@@ -342,6 +342,7 @@ fn connect(dev: &Arc<Device>) -> (UnixStream, mpsc::Receiver<()>) {
     let cfg = ConnConfig {
         seal_policy: SealPolicy::RequireShrinkSeal,
         iotlb_miss_timeout: Duration::from_millis(100),
+        iotlb_max_entries: 64,
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
