@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::mem::size_of;
+
 use std::os::fd::{AsFd, AsRawFd};
 
 use common::cdev::{bind_and_attach, iommufd_daemon, result, MAP_RW_FIXED};
@@ -212,7 +214,7 @@ fn map_reserved_field_is_eopnotsupp() {
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
     let m = IommuIoasMap {
-        size: 40,
+        size: size_of::<IommuIoasMap>() as u32,
         flags: MAP_RW_FIXED,
         ioas_id: ioas,
         __reserved: 1,
@@ -234,7 +236,7 @@ fn map_without_descriptor_is_efault() {
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
     let m = IommuIoasMap {
-        size: 40,
+        size: size_of::<IommuIoasMap>() as u32,
         flags: MAP_RW_FIXED,
         ioas_id: ioas,
         __reserved: 0,
@@ -256,7 +258,7 @@ fn map_file_without_descriptor_is_ebadf() {
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
     let mf = IommuIoasMapFile {
-        size: 40,
+        size: size_of::<IommuIoasMapFile>() as u32,
         flags: MAP_RW_FIXED,
         ioas_id: ioas,
         fd: -1,
@@ -279,7 +281,7 @@ fn map_file_ignores_the_fd_field() {
     let ioas = f.ioas_alloc().unwrap();
     let r = Region::new(0, 0x1000);
     let mf = IommuIoasMapFile {
-        size: 40,
+        size: size_of::<IommuIoasMapFile>() as u32,
         flags: MAP_RW_FIXED,
         ioas_id: ioas,
         fd: -1,
@@ -419,7 +421,7 @@ fn iova_ranges_too_small_is_emsgsize_with_total_and_partial_ranges() {
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
     let c = IommuIoasIovaRanges {
-        size: 32,
+        size: size_of::<IommuIoasIovaRanges>() as u32,
         ioas_id: ioas,
         num_iovas: 1,
         ..Default::default()
@@ -513,7 +515,7 @@ fn allow_iovas_short_array_is_efault() {
     let f = d.iommufd();
     let b = f.ioas_alloc().unwrap();
     let c = IommuIoasAllowIovas {
-        size: 24,
+        size: size_of::<IommuIoasAllowIovas>() as u32,
         ioas_id: b,
         num_iovas: 2,
         ..Default::default()
@@ -536,7 +538,7 @@ fn option_rlimit_mode_rules() {
     let f = d.iommufd();
     let opt = |option_id, op, object_id, val64| {
         let c = IommuOption {
-            size: 24,
+            size: size_of::<IommuOption>() as u32,
             option_id,
             op,
             __reserved: 0,
@@ -590,7 +592,7 @@ fn get_hw_info_unknown_flags_is_eopnotsupp() {
     let d = iommufd_daemon("cdev-hwinfo-flags");
     let b = bind_and_attach(&d, "vfio0");
     let mut c = IommuHwInfo {
-        size: 40,
+        size: size_of::<IommuHwInfo>() as u32,
         flags: 1,
         dev_id: b.devid,
         ..Default::default()
@@ -619,7 +621,7 @@ fn hwpt_alloc_with_data_is_einval() {
     let d = iommufd_daemon("cdev-hwpt-data");
     let b = bind_and_attach(&d, "vfio0");
     let bad = IommuHwptAlloc {
-        size: 48,
+        size: size_of::<IommuHwptAlloc>() as u32,
         flags: 0,
         dev_id: b.devid,
         pt_id: b.ioas,
