@@ -64,3 +64,35 @@ fn no_viommu_guest_dd_md5_matches_backing_file() {
     assert!(out.stderr.contains("frontend connected"), "{}", out.stderr);
     qemu::assert_dd_on_disk(&image, mib, &expected, what);
 }
+
+/// The device outlives its frontend: a first guest writes the pattern to a
+/// RAM disk and powers off (QEMU disconnects), a second guest connects to
+/// the same daemon and reads the same bytes back.
+#[test]
+fn next_guest_reads_what_the_previous_one_wrote() {
+    let Some(guest) = qemu::require() else { return };
+    let mib = 8;
+    let mut d = Vcdev::start(
+        "qemu-blk-next",
+        &["--device", "blk,ram=32M,queue-size=128"],
+        "vfio0",
+    );
+    let seed = format!("n{}", std::process::id());
+    let boot = |test: &str| {
+        guest
+            .boot("no-viommu")
+            .socket(&d.socket("vfio0"))
+            .test(test)
+            .param("mb", mib)
+            .param("seed", &seed)
+            .run()
+            .expect("spawn qemu")
+    };
+    let first = boot("dd");
+    qemu::expect_dd_readback(&first, "first guest (dd)", &seed, mib);
+    let second = boot("read");
+    qemu::expect_dd_readback(&second, "second guest (read)", &seed, mib);
+    let log = d.log();
+    assert_eq!(log.matches("frontend connected").count(), 2, "{log}");
+    assert!(log.contains("frontend disconnected"), "{log}");
+}
