@@ -402,12 +402,27 @@ impl DriverQueue {
 
     /// Offers head `head` on the avail ring and kicks; returns the head.
     pub fn publish(&mut self, mem: &GuestMem, head: u16) -> u16 {
+        self.offer(mem, head);
+        self.kick.write(1).expect("kick");
+        head
+    }
+
+    /// Offers head `head` on the avail ring without kicking (several
+    /// offers, then one kick on [`DriverQueue::kick`]).
+    pub fn offer(&mut self, mem: &GuestMem, head: u16) {
         let slot = self.avail_idx % self.size;
         mem.write_u16(self.avail + 4 + u64::from(slot) * 2, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         mem.write_u16(self.avail + 2, self.avail_idx);
-        self.kick.write(1).expect("kick");
-        head
+    }
+
+    /// Under VIRTIO_RING_F_EVENT_IDX: asks for a call at the next used
+    /// element (writes `used_event` = the used index consumed so far, as
+    /// Linux's `virtqueue_enable_cb` does). Without it `used_event` stays
+    /// 0 and the device calls only when its used index goes from 0 to 1
+    /// (again after wrapping): later completions are only seen by polling.
+    pub fn enable_calls(&self, mem: &GuestMem) {
+        mem.write_u16(self.avail + 4 + u64::from(self.size) * 2, self.used_idx);
     }
 
     /// The used ring's index as the device left it.

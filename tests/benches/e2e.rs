@@ -1,0 +1,607 @@
+//! End-to-end virtio-blk over vhost-user: the Rust frontend of
+//! `tests/common/frontend.rs` drives a release-built `vcdev serve` (one
+//! 64 MiB RAM disk) over its real socket with 4 KiB random reads and writes
+//! at queue depth 1 and 32, in four configurations side by side:
+//!
+//! - `none`: no IOMMU, descriptors carry guest physical addresses;
+//! - `static`: ACCESS_PLATFORM, every page of guest memory UPDATEd before the
+//!   run (one 4 KiB entry per page, as QEMU sends them): no miss during it;
+//! - `churn`: ACCESS_PLATFORM, rings and request headers mapped once, each
+//!   request's data page UPDATEd before it is offered and INVALIDATEd once
+//!   it is used (a strict guest IOMMU, the frontend pushing the UPDATE);
+//! - `churn-miss`: as `churn` but without the UPDATE: the daemon misses on
+//!   the data page and the frontend answers on the backend channel (what
+//!   QEMU does under a strict vIOMMU).
+//!
+//! Run with `cargo bench -p vcdev-tests --bench e2e`. Environment:
+//! `VCDEV_E2E_REQUESTS` (measured requests per phase, 20000),
+//! `VCDEV_E2E_WARMUP` (2000), `VCDEV_E2E_RUNS` (5: each run starts one
+//! daemon per configuration, configurations interleaved; the table shows
+//! medians over runs), `VCDEV_E2E_MODES` (comma-separated subset of the
+//! names above). Without `--bench` in its arguments (`cargo test
+//! --benches`) it exits at once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::frontend::{
+    iova_of, vcdev_bin, Harness, Vcdev, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK, TIMEOUT,
+};
+use common::process::Daemon;
+use common::TempDir;
+use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
+use vhost::VhostAccess;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
+/// Bytes per request.
+const BLOCK: u64 = 4096;
+/// The RAM disk.
+const DISK: u64 = 64 << 20;
+/// Queue entries (descriptors); three per request.
+const QUEUE_SIZE: u16 = 256;
+/// Request headers (16 bytes) and status bytes (at +16) of the slots, 64
+/// bytes apart, in one page of the metadata region. The daemon's front
+/// cache is direct-mapped by IOVA page (64 entries: pages 256 KiB apart
+/// share an entry), so the header page (entry 63) and the data pages
+/// (entries 16-47) are placed where they do not alias each other or the
+/// rings (entries 0, 4, 8): a layout that aliased them would cost up to
+/// two back-store lookups per request.
+const HDR_BASE: u64 = META_GPA + 0x30_0000 + 63 * 0x1000;
+/// The data page of slot 0; slot `k` uses the `k`-th page from here.
+const DATA_BASE: u64 = DATA_GPA + 16 * 0x1000;
+/// Depths measured.
+const DEPTHS: [usize; 2] = [1, 32];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    None,
+    Static,
+    Churn,
+    ChurnMiss,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::None, Mode::Static, Mode::Churn, Mode::ChurnMiss];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Static => "static",
+            Mode::Churn => "churn",
+            Mode::ChurnMiss => "churn-miss",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::None => "(a) no IOMMU",
+            Mode::Static => "(b) static IOTLB",
+            Mode::Churn => "(c) churn: UPDATE+INV/req",
+            Mode::ChurnMiss => "(d) churn: miss+INV/req",
+        }
+    }
+
+    fn iommu(self) -> bool {
+        self != Mode::None
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "randread",
+            Op::Write => "randwrite",
+        }
+    }
+}
+
+/// The daemon's counters of interest.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    translations: u64,
+    cache_hits: u64,
+    iotlb_updates: u64,
+    iotlb_invalidates: u64,
+    iotlb_misses: u64,
+    iotlb_miss_wait_us: u64,
+    ring_pins: u64,
+}
+
+impl Counters {
+    /// From the exit log's `key=value` words or `ctl stats`'s `key value`
+    /// lines.
+    fn parse(text: &str) -> Counters {
+        let get = |key: &str| -> u64 {
+            text.split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .chain(
+                    // `ctl stats` prints "key value" lines.
+                    text.lines().filter_map(|l| l.trim().split_once(' ')),
+                )
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Counters {
+            translations: get("translations"),
+            cache_hits: get("cache_hits"),
+            iotlb_updates: get("iotlb_updates"),
+            iotlb_invalidates: get("iotlb_invalidates"),
+            iotlb_misses: get("iotlb_misses"),
+            iotlb_miss_wait_us: get("iotlb_miss_wait_us"),
+            ring_pins: get("ring_pins"),
+        }
+    }
+
+    fn minus(&self, o: &Counters) -> Counters {
+        Counters {
+            translations: self.translations - o.translations,
+            cache_hits: self.cache_hits - o.cache_hits,
+            iotlb_updates: self.iotlb_updates - o.iotlb_updates,
+            iotlb_invalidates: self.iotlb_invalidates - o.iotlb_invalidates,
+            iotlb_misses: self.iotlb_misses - o.iotlb_misses,
+            iotlb_miss_wait_us: self.iotlb_miss_wait_us - o.iotlb_miss_wait_us,
+            ring_pins: self.ring_pins - o.ring_pins,
+        }
+    }
+}
+
+/// One measured phase.
+#[derive(Clone, Debug)]
+struct Phase {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    counters: Counters,
+    requests: u64,
+    /// Median round trip of the frontend's UPDATEs / INVALIDATEs (us).
+    update_us: f64,
+    invalidate_us: f64,
+}
+
+/// The result of one configuration in one run.
+struct ModeRun {
+    phases: Vec<((Op, usize), Phase)>,
+    /// From the daemon's exit log.
+    exit: Counters,
+    /// Every request the daemon served (prefill and warm-ups included).
+    served: u64,
+}
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The benchmark's driver: one harness, `depth` request slots.
+struct Driver {
+    h: Harness,
+    mode: Mode,
+    dir: std::path::PathBuf,
+    served: u64,
+    /// Round trips (ns) of the IOTLB messages sent since the last take.
+    updates: Vec<u64>,
+    invalidates: Vec<u64>,
+}
+
+impl Driver {
+    fn data_gpa(slot: usize) -> u64 {
+        DATA_BASE + slot as u64 * BLOCK
+    }
+
+    fn hdr_gpa(slot: usize) -> u64 {
+        HDR_BASE + slot as u64 * 64
+    }
+
+    fn stats(&self) -> Counters {
+        let text = vcdev::cdev::client::ctl(&self.dir.join("control"), "stats vfio0")
+            .unwrap_or_else(|(e, t)| panic!("ctl stats: {e:?} {t}"));
+        Counters::parse(&text)
+    }
+
+    /// Maps `gpa..+len` page by page at its IOVA, as QEMU's UPDATEs.
+    fn premap(&self, gpa: u64, len: u64) {
+        let io = self.h.iommu();
+        for off in (0..len).step_by(IOTLB_PAGE_SIZE as usize) {
+            assert_eq!(
+                io.update(
+                    iova_of(gpa + off),
+                    IOTLB_PAGE_SIZE,
+                    gpa + off,
+                    VhostAccess::ReadWrite
+                ),
+                0
+            );
+        }
+    }
+
+    fn start(mode: Mode, vcdev: &Vcdev) -> Driver {
+        let sock = vcdev.socket("vfio0");
+        let h = if mode.iommu() {
+            Harness::start_iotlb(&sock, 1, QUEUE_SIZE)
+        } else {
+            Harness::start(&sock, 1, QUEUE_SIZE)
+        };
+        let d = Driver {
+            h,
+            mode,
+            dir: vcdev.dir.path().to_path_buf(),
+            served: 0,
+            updates: Vec::new(),
+            invalidates: Vec::new(),
+        };
+        match mode {
+            Mode::None => {}
+            Mode::Static => {
+                d.premap(META_GPA, META_SIZE);
+                d.premap(DATA_GPA, DATA_SIZE);
+            }
+            Mode::Churn | Mode::ChurnMiss => d.premap(META_GPA, META_SIZE),
+        }
+        // Something to write.
+        for slot in 0..32 {
+            d.h.mem.write(
+                Self::data_gpa(slot),
+                &vec![slot as u8 ^ 0x5a; BLOCK as usize],
+            );
+        }
+        d
+    }
+
+    /// Builds slot `slot`'s request and offers it (no kick).
+    fn offer(&mut self, slot: usize, op: Op, sector: u64) {
+        let data = Self::data_gpa(slot);
+        let hdr = Self::hdr_gpa(slot);
+        if self.mode == Mode::Churn {
+            let t = Instant::now();
+            let ack = self
+                .h
+                .iommu()
+                .update(iova_of(data), BLOCK, data, VhostAccess::ReadWrite);
+            assert_eq!(ack, 0);
+            self.updates.push(t.elapsed().as_nanos() as u64);
+        }
+        let kind = match op {
+            Op::Read => VIRTIO_BLK_T_IN,
+            Op::Write => VIRTIO_BLK_T_OUT,
+        };
+        let mut h = [0u8; 17];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h[16] = 0xff;
+        self.h.mem.write(hdr, &h);
+        let head = (slot * 3) as u16;
+        let (a_hdr, a_data, a_st) = (
+            self.h.dma_addr(hdr),
+            self.h.dma_addr(data),
+            self.h.dma_addr(hdr + 16),
+        );
+        let next = 1u16; // VRING_DESC_F_NEXT
+        let wr = 2u16; // VRING_DESC_F_WRITE
+        let q = &mut self.h.queues[0];
+        q.write_desc(&self.h.mem, head, a_hdr, 16, next, head + 1);
+        let data_flags = next | if op == Op::Read { wr } else { 0 };
+        q.write_desc(
+            &self.h.mem,
+            head + 1,
+            a_data,
+            BLOCK as u32,
+            data_flags,
+            head + 2,
+        );
+        q.write_desc(&self.h.mem, head + 2, a_st, 1, wr, 0);
+        q.offer(&self.h.mem, head);
+    }
+
+    /// Completes slot `slot`: checks the status, unmaps under churn.
+    fn complete(&mut self, slot: usize, used_len: u32, op: Op) {
+        let st = self.h.mem.read(Self::hdr_gpa(slot) + 16, 1)[0];
+        assert_eq!(st, S_OK, "request status");
+        let want = if op == Op::Read { BLOCK as u32 + 1 } else { 1 };
+        assert_eq!(used_len, want, "used length");
+        if matches!(self.mode, Mode::Churn | Mode::ChurnMiss) {
+            let t = Instant::now();
+            let ack = self
+                .h
+                .iommu()
+                .invalidate(iova_of(Self::data_gpa(slot)), BLOCK);
+            assert_eq!(ack, 0);
+            self.invalidates.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+
+    /// `n` requests at depth `depth`; `sector` picks each request's
+    /// sector. Returns the latencies (ns) and the elapsed time.
+    fn run(
+        &mut self,
+        op: Op,
+        depth: usize,
+        n: usize,
+        mut sector: impl FnMut() -> u64,
+    ) -> (Vec<u64>, Duration) {
+        let depth = depth.min(n).max(1);
+        let mut started = vec![Instant::now(); depth];
+        let mut lat = Vec::with_capacity(n);
+        let t0 = Instant::now();
+        let mut submitted = 0;
+        for (slot, s) in started.iter_mut().enumerate() {
+            *s = Instant::now();
+            self.offer(slot, op, sector());
+            submitted += 1;
+        }
+        self.h.queues[0].kick.write(1).expect("kick");
+        let mut done = 0;
+        let mut ready = Vec::with_capacity(depth);
+        while done < n {
+            ready.clear();
+            {
+                let q = &mut self.h.queues[0];
+                q.enable_calls(&self.h.mem);
+                let first = q
+                    .wait_used(&self.h.mem, TIMEOUT)
+                    .expect("request completes");
+                ready.push(first);
+                while let Some(e) = q.wait_used(&self.h.mem, Duration::ZERO) {
+                    ready.push(e);
+                }
+            }
+            let mut resubmitted = false;
+            for &(id, len) in &ready {
+                let slot = id as usize / 3;
+                self.complete(slot, len, op);
+                lat.push(started[slot].elapsed().as_nanos() as u64);
+                done += 1;
+                if submitted < n {
+                    started[slot] = Instant::now();
+                    self.offer(slot, op, sector());
+                    submitted += 1;
+                    resubmitted = true;
+                }
+            }
+            if resubmitted {
+                self.h.queues[0].kick.write(1).expect("kick");
+            }
+        }
+        self.served += n as u64;
+        (lat, t0.elapsed())
+    }
+
+    /// Writes the whole disk once (so that reads find allocated pages).
+    fn prefill(&mut self) {
+        let mut next = 0u64;
+        let blocks = DISK / BLOCK;
+        self.run(Op::Write, 32, blocks as usize, || {
+            let s = next * (BLOCK / 512);
+            next += 1;
+            s
+        });
+    }
+
+    fn phase(&mut self, op: Op, depth: usize, warmup: usize, n: usize, rng: &mut Rng) -> Phase {
+        let blocks = DISK / BLOCK;
+        let mut pick = || (rng.next() % blocks) * (BLOCK / 512);
+        self.run(op, depth, warmup, &mut pick);
+        let before = self.stats();
+        self.updates.clear();
+        self.invalidates.clear();
+        let (mut lat, took) = self.run(op, depth, n, &mut pick);
+        let counters = self.stats().minus(&before);
+        lat.sort_unstable();
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
+        let med = |v: &mut Vec<u64>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).map_or(0.0, |&x| x as f64 / 1e3)
+        };
+        Phase {
+            update_us: med(&mut self.updates),
+            invalidate_us: med(&mut self.invalidates),
+            iops: n as f64 / took.as_secs_f64(),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            counters,
+            requests: n as u64,
+        }
+    }
+}
+
+/// A `vcdev serve` with one 64 MiB RAM disk, logging at info (debug logs
+/// every vhost-user message and would be measured too).
+fn daemon(tag: &str) -> Vcdev {
+    let dir = TempDir::new(tag).expect("tmpdir");
+    let mut cmd = Command::new(vcdev_bin());
+    cmd.arg("serve")
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--device", "blk,name=vfio0,ram=64M,queue-size=256"])
+        .env("RUST_LOG", "info");
+    let sock = dir.path().join("vhost-user").join("vfio0");
+    let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
+    Vcdev { daemon, dir }
+}
+
+fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
+    let mut vcdev = daemon(&format!("e2e-{}", mode.name()));
+    let mut d = Driver::start(mode, &vcdev);
+    d.prefill();
+    let mut rng = Rng(seed | 1);
+    let mut phases = Vec::new();
+    for depth in DEPTHS {
+        for op in [Op::Read, Op::Write] {
+            let p = d.phase(op, depth, warmup, n, &mut rng);
+            phases.push(((op, depth), p));
+        }
+    }
+    let served = d.served;
+    drop(d);
+    common::poll_until(TIMEOUT, || {
+        vcdev.log().contains("device released").then_some(())
+    })
+    .expect("disconnect handled");
+    let out = vcdev.daemon.stop(TIMEOUT).expect("stop the daemon");
+    let line = out
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("counters:"))
+        .unwrap_or_else(|| panic!("no counters in the exit log:\n{}", out.stderr));
+    ModeRun {
+        phases,
+        exit: Counters::parse(line),
+        served,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("e2e: a benchmark; run it with `cargo bench -p vcdev-tests --bench e2e`");
+        return;
+    }
+    let n = env_usize("VCDEV_E2E_REQUESTS", 20_000);
+    let warmup = env_usize("VCDEV_E2E_WARMUP", 2_000);
+    let runs = env_usize("VCDEV_E2E_RUNS", 5).max(1);
+    let modes: Vec<Mode> = match std::env::var("VCDEV_E2E_MODES") {
+        Ok(s) => Mode::ALL
+            .into_iter()
+            .filter(|m| s.split(',').any(|w| w.trim() == m.name()))
+            .collect(),
+        Err(_) => Mode::ALL.to_vec(),
+    };
+    assert!(!modes.is_empty(), "VCDEV_E2E_MODES selects nothing");
+    println!(
+        "e2e: vcdev {} , {runs} run(s) x {} configuration(s), {n} requests per phase after {warmup} warm-up, 4 KiB, RAM disk 64 MiB",
+        vcdev_bin().display(),
+        modes.len()
+    );
+    // results[mode][run]
+    let mut results: Vec<Vec<ModeRun>> = modes.iter().map(|_| Vec::new()).collect();
+    for run in 0..runs {
+        for (i, &mode) in modes.iter().enumerate() {
+            let t = Instant::now();
+            let r = run_mode(mode, warmup, n, 0x9e37_79b9_7f4a_7c15 ^ run as u64);
+            eprintln!(
+                "run {}/{runs} {:<11} {:.1} s: {}",
+                run + 1,
+                mode.name(),
+                t.elapsed().as_secs_f64(),
+                r.phases
+                    .iter()
+                    .map(|((op, qd), p)| format!("{}/qd{qd} {:.0}", op.name(), p.iops))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            results[i].push(r);
+        }
+    }
+
+    println!();
+    println!(
+        "Medians over {runs} run(s); IOPS range = min-max over runs; x = IOPS / (a)'s; per request: counter deltas of the measured phase (`vcdev ctl stats`) / requests; UPDATE/INVALIDATE us: median round trip of one IOTLB message as the frontend sees it; miss wait us: the daemon's iotlb_miss_wait_us / iotlb_misses (mean)."
+    );
+    println!();
+    println!("| workload | configuration | IOPS | IOPS range | x (a) | p50 us | p99 us | translations/req | front-cache hits/req | misses/req | updates/req | invalidates/req | UPDATE us | INVALIDATE us | miss wait us |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let nphases = results[0][0].phases.len();
+    for ph in 0..nphases {
+        let (op, qd) = results[0][0].phases[ph].0;
+        let mut base = None;
+        for (i, &mode) in modes.iter().enumerate() {
+            let ps: Vec<&Phase> = results[i].iter().map(|r| &r.phases[ph].1).collect();
+            let mut iops: Vec<f64> = ps.iter().map(|p| p.iops).collect();
+            let lo = iops.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = iops.iter().copied().fold(0.0, f64::max);
+            let iops = median(&mut iops);
+            let p50 = median(&mut ps.iter().map(|p| p.p50_us).collect::<Vec<_>>());
+            let p99 = median(&mut ps.iter().map(|p| p.p99_us).collect::<Vec<_>>());
+            let per = |f: fn(&Counters) -> u64| {
+                median(
+                    &mut ps
+                        .iter()
+                        .map(|p| f(&p.counters) as f64 / p.requests as f64)
+                        .collect::<Vec<_>>(),
+                )
+            };
+            if mode == Mode::None {
+                base = Some(iops);
+            }
+            let upd = median(&mut ps.iter().map(|p| p.update_us).collect::<Vec<_>>());
+            let inv = median(&mut ps.iter().map(|p| p.invalidate_us).collect::<Vec<_>>());
+            let wait = median(
+                &mut ps
+                    .iter()
+                    .map(|p| {
+                        p.counters.iotlb_miss_wait_us as f64 / p.counters.iotlb_misses.max(1) as f64
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            let ratio = base.map_or("-".to_owned(), |b| format!("{:.3}", iops / b));
+            println!(
+                "| {} QD{qd} | {} | {:.0} | {:.0}-{:.0} | {ratio} | {p50:.1} | {p99:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {upd:.1} | {inv:.1} | {wait:.1} |",
+                op.name(),
+                mode.label(),
+                iops,
+                lo,
+                hi,
+                per(|c| c.translations),
+                per(|c| c.cache_hits),
+                per(|c| c.iotlb_misses),
+                per(|c| c.iotlb_updates),
+                per(|c| c.iotlb_invalidates),
+            );
+        }
+    }
+    println!();
+    println!("Exit-log counters (last run; whole daemon life: prefill of 16,384 writes, warm-ups, phases, ring pins):");
+    println!();
+    println!("| configuration | requests served | translations | cache_hits | hit % | translations/req | iotlb_updates | iotlb_invalidates | iotlb_misses | ring_pins |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (i, &mode) in modes.iter().enumerate() {
+        let r = results[i].last().expect("a run");
+        let c = r.exit;
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {} | {} | {} | {} |",
+            mode.label(),
+            r.served,
+            c.translations,
+            c.cache_hits,
+            100.0 * c.cache_hits as f64 / c.translations.max(1) as f64,
+            c.translations as f64 / r.served as f64,
+            c.iotlb_updates,
+            c.iotlb_invalidates,
+            c.iotlb_misses,
+            c.ring_pins
+        );
+    }
+}
