@@ -114,10 +114,7 @@ fn io_through_misses_asks_each_page_once_with_the_exact_access() {
     assert_eq!(misses[..3], want[..3]);
     let times = h.iommu().answer_times();
     drop(h);
-    common::poll_until(TIMEOUT, || {
-        d.log().contains("device released").then_some(())
-    })
-    .expect("disconnect handled");
+    d.wait_released();
     let out = d.daemon.stop(Duration::from_secs(10)).expect("stop");
     assert_eq!(
         counter(&out.stderr, "iotlb_misses"),
@@ -467,10 +464,7 @@ fn frontend_vanishing_during_a_miss_leaves_the_device_usable() {
         offer_read(&mut h, 0, z);
         assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
     }
-    common::poll_until(TIMEOUT, || {
-        d.log().contains("device released").then_some(())
-    })
-    .expect("device released");
+    d.wait_released();
     let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
     let r = h.read(0, 8, 4096);
     assert_eq!(r.status, S_OK);
@@ -502,10 +496,7 @@ fn a_full_iotlb_is_dropped_and_refilled_through_misses() {
     assert!(!h.iommu().misses().is_empty(), "no miss after the flush");
     assert!(d.log().contains("IOTLB full (16 entries)"), "{}", d.log());
     drop(h);
-    common::poll_until(TIMEOUT, || {
-        d.log().contains("device released").then_some(())
-    })
-    .expect("disconnect handled");
+    d.wait_released();
     let out = d.daemon.stop(Duration::from_secs(10)).expect("stop");
     // One flush for the cap, one at the disconnect.
     assert!(

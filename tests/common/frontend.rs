@@ -155,6 +155,15 @@ impl Vcdev {
         self.daemon.proc().stderr().text()
     }
 
+    /// Waits until the daemon logged that a frontend's device was released
+    /// (the frontend that just left was fully torn down).
+    pub fn wait_released(&mut self) {
+        let released = super::poll_until(TIMEOUT, || {
+            self.log().contains("device released").then_some(())
+        });
+        assert!(released.is_some(), "no release logged:\n{}", self.log());
+    }
+
     /// Whether the daemon still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.daemon.proc().try_wait(), Ok(None))
