@@ -45,14 +45,8 @@ fn no_viommu_guest_dd_md5_matches_backing_file() {
         d.log()
     );
     let what = "vcdev no-viommu";
-    let (report, expected) = qemu::expect_dd_readback(&run, what, &seed, mib);
-    eprintln!(
-        "{what} dd {mib} MiB: qemu wall {:.2?}, {} ({}, accel {})",
-        run.elapsed,
-        qemu::dd_timings(report),
-        guest.qemu_version,
-        guest.accel
-    );
+    let (_, expected) = qemu::expect_dd_readback(&run, what, &seed, mib);
+    eprintln!("{}", qemu::dd_summary(what, mib, &run, &guest));
     // SIGTERM flushes the disk and exits 0.
     let out = d.daemon.stop(Duration::from_secs(10)).expect("stop vcdev");
     assert!(

@@ -174,13 +174,7 @@ fn no_viommu_dd_against_qemu_storage_daemon() {
         .expect("spawn qemu");
     let what = "qemu-storage-daemon no-viommu";
     let (report, expected) = qemu::expect_dd_readback(&run, what, &seed, mib);
-    eprintln!(
-        "{what} dd {mib} MiB: qemu wall {:.2?}, {} ({}, accel {})",
-        run.elapsed,
-        qemu::dd_timings(report),
-        guest.qemu_version,
-        guest.accel
-    );
+    eprintln!("{}", qemu::dd_summary(what, mib, &run, &guest));
     qemu::assert_dd_on_disk(&image, mib, &expected, what);
     assert_eq!(
         report

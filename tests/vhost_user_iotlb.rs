@@ -33,6 +33,15 @@ fn page_of(a: u64) -> u64 {
     a & !(PAGE - 1)
 }
 
+/// How many misses the frontend received for the page of `iova`.
+fn misses_of_page(h: &Harness, iova: u64) -> usize {
+    h.iommu()
+        .misses()
+        .iter()
+        .filter(|m| page_of(m.iova) == page_of(iova))
+        .count()
+}
+
 /// The value of `key=N` in the last line of `log` that has it.
 fn counter(log: &str, key: &str) -> Option<u64> {
     let pat = format!(" {key}=");
@@ -220,13 +229,7 @@ fn ack_without_update_fails_the_request_at_once() {
         took < Duration::from_secs(2),
         "{took:?} (the timeout is 5 s)"
     );
-    let asked = h
-        .iommu()
-        .misses()
-        .iter()
-        .filter(|m| page_of(m.iova) == w)
-        .count();
-    assert_eq!(asked, 1);
+    assert_eq!(misses_of_page(&h, w), 1);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
 }
 
@@ -275,13 +278,7 @@ fn misses_of_one_page_from_two_queues_are_sent_once() {
         assert_eq!(id, 0);
         assert_eq!(h.mem.read(h.queues[q].header_gpa() + 16, 1)[0], S_OK);
     }
-    let asked = h
-        .iommu()
-        .misses()
-        .iter()
-        .filter(|m| page_of(m.iova) == shared)
-        .count();
-    assert_eq!(asked, 1);
+    assert_eq!(misses_of_page(&h, shared), 1);
     assert_eq!(h.read(1, 8, 512).data, pattern(9, 512));
 }
 
@@ -366,20 +363,13 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
     assert_eq!(h.read(0, 0, 512).status, S_OK);
     let used = iova_of(h.queues[0].used);
     let hdr = iova_of(h.queues[0].header_gpa());
-    let asked = |h: &Harness, page: u64| {
-        h.iommu()
-            .misses()
-            .iter()
-            .filter(|m| page_of(m.iova) == page_of(page))
-            .count()
-    };
-    assert_eq!(asked(&h, used), 1);
+    assert_eq!(misses_of_page(&h, used), 1);
     // A ring invalidation: the used ring is asked for again, for write.
     assert_eq!(h.iommu().invalidate(page_of(used), PAGE), 0);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    assert_eq!(asked(&h, used), 2);
+    assert_eq!(misses_of_page(&h, used), 2);
     assert_eq!(h.iommu().misses().last().map(|m| m.perm), Some(WO));
-    assert_eq!(asked(&h, hdr), 1, "the header page stayed");
+    assert_eq!(misses_of_page(&h, hdr), 1, "the header page stayed");
     // Stop and restart the queue: everything is asked for again.
     {
         let lock = h.main_lock.clone();
@@ -389,7 +379,7 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
     }
     h.start_queue(0);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    assert_eq!((asked(&h, used), asked(&h, hdr)), (3, 2));
+    assert_eq!((misses_of_page(&h, used), misses_of_page(&h, hdr)), (3, 2));
     // A new memory table: the same.
     {
         let lock = h.main_lock.clone();
@@ -398,7 +388,7 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
         h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
     }
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    assert_eq!(asked(&h, hdr), 3);
+    assert_eq!(misses_of_page(&h, hdr), 3);
 }
 
 /// Offers a read of 512 bytes at sector 0 into `buf` (an IOVA) on queue

@@ -739,6 +739,18 @@ pub fn dd_timings(report: &GuestReport) -> String {
     )
 }
 
+/// One line for the log of a dd guest run: what, size, QEMU's wall time,
+/// the guest's timings, QEMU version and accelerator.
+pub fn dd_summary(what: &str, mib: u32, run: &GuestRun, guest: &Guest) -> String {
+    format!(
+        "{what} dd {mib} MiB: qemu wall {:.2?}, {} ({}, accel {})",
+        run.elapsed,
+        dd_timings(&run.report),
+        guest.qemu_version,
+        guest.accel
+    )
+}
+
 /// md5 (lowercase hex) of `data`, computed by `md5sum`.
 pub fn md5_hex(data: &[u8]) -> io::Result<String> {
     md5_stream(|w| w.write_all(data))
