@@ -62,14 +62,36 @@ fn check_readable<M: GuestMemory>(
     Ok(())
 }
 
+/// What a second, careful walk of a chain that virtio-queue could not walk found.
+#[derive(Debug)]
+pub(crate) enum Rewalk {
+    /// An IOMMU fault on a descriptor or an indirect table.
+    Fault(Fault),
+    /// The chain does end, in this descriptor: virtio-queue gave up for a reason that leaves the
+    /// request answerable (its lengths add up past 2^32, which virtio 1.2 section 2.7.5.2
+    /// forbids), so the status byte can still carry `VIRTIO_BLK_S_IOERR`.
+    End(Descriptor),
+    /// A loop, a bad index or a bad indirect table: no status byte can be trusted.
+    Broken,
+}
+
 /// Re-walk a chain that virtio-queue could not walk, looking for an IOMMU fault on a descriptor
-/// or an indirect table (error path only).
-pub(crate) fn probe_fault<M: GuestMemory>(
+/// or an indirect table, or else for the chain's real last descriptor (error path only).
+pub(crate) fn rewalk<M: GuestMemory>(
     mem: &M,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
-) -> Option<Fault> {
+) -> Rewalk {
+    rewalk_inner(mem, desc_table, queue_size, head).unwrap_or(Rewalk::Broken)
+}
+
+fn rewalk_inner<M: GuestMemory>(
+    mem: &M,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+) -> Option<Rewalk> {
     let mut table = desc_table;
     let mut size = queue_size;
     let mut idx = head;
@@ -83,7 +105,7 @@ pub(crate) fn probe_fault<M: GuestMemory>(
         let addr = table.checked_add(u64::from(idx).checked_mul(DESC_LEN)?)?;
         let desc_len = usize::try_from(DESC_LEN).ok()?;
         if let Err(err) = check_readable(mem, addr, desc_len) {
-            return Fault::from_error(&err, addr, desc_len, Permissions::Read);
+            return Fault::from_error(&err, addr, desc_len, Permissions::Read).map(Rewalk::Fault);
         }
         let desc = Descriptor::from(mem.read_obj::<RawDescriptor>(addr).ok()?);
         if desc.refers_to_indirect_table() {
@@ -92,7 +114,8 @@ pub(crate) fn probe_fault<M: GuestMemory>(
             }
             let len = usize::try_from(desc.len()).ok()?;
             if let Err(err) = check_readable(mem, desc.addr(), len) {
-                return Fault::from_error(&err, desc.addr(), len, Permissions::Read);
+                return Fault::from_error(&err, desc.addr(), len, Permissions::Read)
+                    .map(Rewalk::Fault);
             }
             if u64::from(desc.len()) % DESC_LEN != 0 {
                 return None;
@@ -105,7 +128,7 @@ pub(crate) fn probe_fault<M: GuestMemory>(
             continue;
         }
         if !desc.has_next() {
-            return None;
+            return Some(Rewalk::End(desc));
         }
         idx = desc.next();
     }

@@ -46,6 +46,7 @@ pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
 pub use file::FileBackend;
 pub use ram::RamBackend;
 
+use chain::Rewalk;
 use config::SERIAL_LEN;
 use exec::{handle_chain, Completion, Target};
 use request::{ParseError, Segment};
@@ -215,9 +216,14 @@ impl BlkDevice {
                         let last = scratch.descs.last().copied();
                         exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err)
                     }
-                    Err(_) => match chain::probe_fault(mem, desc_table, queue_size, head) {
-                        Some(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
-                        _ => Completion::Dropped,
+                    Err(err) => match chain::rewalk(mem, desc_table, queue_size, head) {
+                        Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
+                            Completion::Retry(fault)
+                        }
+                        Rewalk::End(last) => {
+                            exec::fail_chain(&[last], mem, policy, &mut slices, err)
+                        }
+                        Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
                     },
                 };
                 let len = match completion {

@@ -344,6 +344,29 @@ fn malformed_chains() {
     let sub = d.submit_descs(&[(h, 16, R), (u64::MAX - 100, 512, R), (s, 1, W)]);
     expect_malformed(&mut d, &sub, Some(IOERR), s);
 
+    // A data descriptor longer than guest memory (and than 4 GiB less the header): virtio-queue
+    // stops walking a chain whose lengths add up past 2^32, yet the status descriptor is valid,
+    // so the request is answered with IOERR, never returned with its status byte untouched.
+    for (kind, flags) in [(VIRTIO_BLK_T_IN, W), (VIRTIO_BLK_T_OUT, R)] {
+        for len in [u32::MAX, u32::MAX - 15, u32::MAX - 16, 1 << 31] {
+            let h = header(&mut d, kind, 0);
+            let b = d.alloc(512, 0);
+            let s = d.alloc(1, 0xff);
+            let sub = d.submit_descs(&[(h, 16, R), (b, len, flags), (s, 1, W)]);
+            expect_malformed(&mut d, &sub, Some(IOERR), s);
+        }
+    }
+    // The same through an indirect table.
+    let h = header(&mut d, VIRTIO_BLK_T_IN, 0);
+    let b = d.alloc(512, 0);
+    let s = d.alloc(1, 0xff);
+    let sub = d.submit_indirect(&[
+        Descriptor::new(h, 16, NEXT, 1),
+        Descriptor::new(b, u32::MAX, W | NEXT, 2),
+        Descriptor::new(s, 1, W, 0),
+    ]);
+    expect_malformed(&mut d, &sub, Some(IOERR), s);
+
     // Header outside guest memory.
     let s = d.alloc(1, 0xff);
     let sub = d.submit_descs(&[(1 << 40, 16, R), (s, 1, W)]);
