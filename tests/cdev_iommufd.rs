@@ -330,8 +330,8 @@ fn map_unsealed_memfd_is_einval() {
     );
 }
 
-/// PROTOCOL.md "User virtual addresses": a range beyond the file's end is
-/// EFAULT.
+/// PROTOCOL.md "User virtual addresses": an IOAS_MAP range beyond the
+/// file's end is EFAULT (the kernel's bad user pointer).
 #[test]
 fn map_beyond_file_end_is_efault() {
     let d = iommufd_daemon("cdev-map-beyond");
@@ -340,13 +340,31 @@ fn map_beyond_file_end_is_efault() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
-        EFAULT
-    );
-    assert_errno!(
         f.ioas_map(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
         EFAULT
     );
+}
+
+/// PROTOCOL.md "Struct rules": an IOAS_MAP_FILE range beyond the file's end
+/// is EINVAL, as the kernel pins the file's pages at map time (selftest
+/// `iommufd`, `test_basic_file`).
+#[test]
+fn map_file_beyond_file_end_is_einval() {
+    let d = iommufd_daemon("cdev-mapfile-beyond");
+    let f = d.iommufd();
+    let ioas = f.ioas_alloc().unwrap();
+    let r = Region::new(0, 0x10000);
+    let fd = r.file.as_fd();
+    assert_errno!(
+        f.ioas_map_file(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
+        EINVAL
+    );
+    assert_errno!(
+        f.ioas_map_file(ioas, fd, 0, 0x10001, 0x40000, MAP_RW_FIXED),
+        EINVAL
+    );
+    f.ioas_map_file(ioas, fd, 0x8000, 0x8000, 0x40000, MAP_RW_FIXED)
+        .unwrap();
 }
 
 /// `iommufd_get_ioas`: a map into an IOAS that does not exist is ENOENT.

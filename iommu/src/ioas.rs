@@ -75,6 +75,11 @@ pub enum IoasError {
     /// Mapping the backing memory failed (unsealed, beyond its end, ...).
     #[error("cannot map the backing memory")]
     Memory(#[source] MemError),
+    /// IOMMU_IOAS_MAP_FILE of a range that is empty or reaches past the file's end: the kernel
+    /// pins the file's pages at map time (`iopt_map_file_pages`) and that fails with EINVAL,
+    /// where IOAS_MAP's offset into a passed file stands for a bad user address (EFAULT).
+    #[error("IOAS_MAP_FILE range is outside the file")]
+    FileRange(#[source] MemError),
     /// The page table refused.
     #[error("IO page table")]
     Iopt(#[source] IoptError),
@@ -123,6 +128,7 @@ impl IoasError {
             NoDescriptor | ShortArray { .. } => Errno::EFAULT,
             BadFile => Errno::EBADF,
             Memory(e) => e.errno(),
+            FileRange(_) => Errno::EINVAL,
             Iopt(e) => e.errno(),
             RangesTooSmall { .. } => Errno::EMSGSIZE,
             RlimitBusy => Errno::EBUSY,
@@ -197,14 +203,19 @@ impl Iommufd {
         fd: Option<OwnedFd>,
     ) -> Result<u64, IoasError> {
         check_map_flags(cmd.flags)?;
-        let iova = self.map_common(
-            cmd.ioas_id,
-            cmd.flags,
-            cmd.iova,
-            cmd.start,
-            cmd.length,
-            || fd.ok_or(IoasError::BadFile),
-        )?;
+        let iova = self
+            .map_common(
+                cmd.ioas_id,
+                cmd.flags,
+                cmd.iova,
+                cmd.start,
+                cmd.length,
+                || fd.ok_or(IoasError::BadFile),
+            )
+            .map_err(|e| match e {
+                IoasError::Memory(m @ MemError::OutOfRange { .. }) => IoasError::FileRange(m),
+                e => e,
+            })?;
         cmd.iova = iova;
         Ok(iova)
     }
@@ -545,7 +556,24 @@ mod tests {
         map_fixed(&ictx, ioas, &fd, 0, P, 18 * P).unwrap();
     }
 
-    /// PROTOCOL.md "Struct rules": a range beyond the file's end is EFAULT
+    /// PROTOCOL.md "Struct rules": IOAS_MAP_FILE of a range beyond the
+    /// file's end is EINVAL, as the kernel's page pinning at map time gives
+    /// it (selftest `iommufd`, `test_basic_file`: MAP_FILE of a length past
+    /// the memfd's size).
+    #[test]
+    fn map_file_beyond_file_end_is_einval() {
+        let ictx = ctx();
+        let ioas = ioas_alloc(&ictx);
+        let fd = memfd(2);
+        assert_errno!(map_file(&ictx, ioas, FIXED, &fd, P, 2 * P, P), EINVAL);
+        assert_errno!(map_file(&ictx, ioas, RW, &fd, 3 * P, P, 0), EINVAL);
+        assert_errno!(map_file(&ictx, ioas, RW, &fd, 0, 3 * P, 0), EINVAL);
+        assert!(ictx.ioas(ioas).unwrap().iopt().areas().is_empty());
+        map_file(&ictx, ioas, FIXED, &fd, P, P, P).unwrap();
+    }
+
+    /// PROTOCOL.md "User virtual addresses": IOAS_MAP, whose `user_va` is
+    /// an offset into the file riding along, is EFAULT past the file's end
     /// (the kernel's bad user pointer).
     #[test]
     fn map_beyond_file_end_is_efault() {

@@ -2,6 +2,7 @@
 //! kernel's `iommufd_utils.h` has them).
 
 use std::fs::File;
+use std::mem::size_of;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
@@ -75,6 +76,28 @@ pub(crate) fn map(
         iova,
     };
     ictx.ioas_map(&mut cmd, Some(dup(fd)))
+}
+
+/// IOMMU_IOAS_MAP_FILE of `length` bytes from `start` of `fd`.
+pub(crate) fn map_file(
+    ictx: &Iommufd,
+    ioas: u32,
+    flags: u32,
+    fd: &OwnedFd,
+    start: u64,
+    length: u64,
+    iova: u64,
+) -> Result<u64, IoasError> {
+    let mut cmd = IommuIoasMapFile {
+        size: size_of::<IommuIoasMapFile>() as u32,
+        flags,
+        ioas_id: ioas,
+        fd: -1,
+        start,
+        length,
+        iova,
+    };
+    ictx.ioas_map_file(&mut cmd, Some(dup(fd)))
 }
 
 pub(crate) fn map_fixed(
