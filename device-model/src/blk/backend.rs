@@ -2,6 +2,7 @@
 
 use std::fmt::Debug;
 use std::io;
+use std::os::fd::RawFd;
 
 use vm_memory::VolatileSlice;
 
@@ -43,6 +44,13 @@ pub trait BlockBackend: Send + Sync + Debug {
 
     /// Make `len` bytes at `offset` read as zeros; `unmap` allows deallocating them.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// The file descriptor an asynchronous engine submits to, if the backing is a file (RAM
+    /// disks have none and keep their synchronous `memcpy` path). It stays open as long as the
+    /// backend lives.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A page of zeros, for backends that write zeros by hand.

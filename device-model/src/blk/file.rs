@@ -168,6 +168,10 @@ impl BlockBackend for FileBackend {
         self.file.sync_data()
     }
 
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,

@@ -18,6 +18,7 @@
 //! fault cannot be resolved, it calls with [`FaultPolicy::Fail`], which completes that request
 //! with `VIRTIO_BLK_S_IOERR`.
 
+pub mod aio;
 mod backend;
 mod chain;
 pub mod config;
