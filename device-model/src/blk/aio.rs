@@ -187,6 +187,18 @@ impl IoVec {
         self.0.iov_base.cast()
     }
 
+    /// Store `byte` in the buffer's first byte (a status byte).
+    ///
+    /// # Safety
+    ///
+    /// The buffer's memory must be mapped and writable.
+    pub unsafe fn write_byte(&self, byte: u8) {
+        if !self.is_empty() {
+            // SAFETY: the caller guarantees the first byte is mapped and writable.
+            unsafe { self.ptr().write_volatile(byte) }
+        }
+    }
+
     /// The buffer as a volatile slice.
     ///
     /// # Safety
@@ -249,7 +261,9 @@ impl Engine {
     #[must_use]
     pub fn new(aio: Aio, backend: Arc<dyn BlockBackend>, depth: u16) -> Self {
         match (aio, backend.raw_fd()) {
-            (Aio::IoUring, Some(fd)) => Self::IoUring(Box::new(UringEngine::new(backend, fd, depth))),
+            (Aio::IoUring, Some(fd)) => {
+                Self::IoUring(Box::new(UringEngine::new(backend, fd, depth)))
+            }
             _ => Self::Sync(SyncEngine::new(backend)),
         }
     }

@@ -75,15 +75,20 @@ pub(crate) enum Rewalk {
     Broken,
 }
 
-/// Re-walk a chain that virtio-queue could not walk, looking for an IOMMU fault on a descriptor
-/// or an indirect table, or else for the chain's real last descriptor (error path only).
+/// Walk a chain by hand, looking for an IOMMU fault on a descriptor or an indirect table, or
+/// else for the chain's real last descriptor; the descriptors seen go to `out` (cleared here).
+///
+/// Used on the error path of a chain virtio-queue could not walk, and to walk again the chain
+/// of a request parked on a fault (virtio-queue walks only chains it pops).
 pub(crate) fn rewalk<M: GuestMemory>(
     mem: &M,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
+    out: &mut Vec<Descriptor>,
 ) -> Rewalk {
-    rewalk_inner(mem, desc_table, queue_size, head).unwrap_or(Rewalk::Broken)
+    out.clear();
+    rewalk_inner(mem, desc_table, queue_size, head, out).unwrap_or(Rewalk::Broken)
 }
 
 fn rewalk_inner<M: GuestMemory>(
@@ -91,6 +96,7 @@ fn rewalk_inner<M: GuestMemory>(
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
+    out: &mut Vec<Descriptor>,
 ) -> Option<Rewalk> {
     let mut table = desc_table;
     let mut size = queue_size;
@@ -127,6 +133,7 @@ fn rewalk_inner<M: GuestMemory>(
             indirect = true;
             continue;
         }
+        out.push(desc);
         if !desc.has_next() {
             return Some(Rewalk::End(desc));
         }

@@ -275,7 +275,7 @@ fn validate(req: &Request, target: &Target<'_>) -> Result<(), RequestError> {
 }
 
 /// Check that `len` bytes from `sector` lie within a disk of `capacity` bytes; give the offset.
-fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
+pub(crate) fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
     let out_of_range = RequestError::OutOfRange { sector, len };
     let offset = sector
         .checked_mul(SECTOR_SIZE)
@@ -284,6 +284,82 @@ fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError
         Some(end) if end <= capacity => Ok(offset),
         _ => Err(out_of_range),
     }
+}
+
+/// How the first phase of a chain ended.
+pub(crate) enum Started<'m, B: BitmapSlice> {
+    /// Nothing more to do: put the chain on the used ring.
+    Finished(Completion),
+    /// Parsed, valid, and every buffer translated (data slices in the scratch vector): ready
+    /// to execute, with the status byte's slice.
+    Ready(Request, VolatileSlice<'m, B>),
+}
+
+/// Phase one of a chain: find and translate its status byte, parse, validate and translate its
+/// data buffers (into `slices`, cleared here). No side effect on the disk.
+pub(crate) fn start_chain<'m, M: GuestMemory>(
+    target: &Target<'_>,
+    descs: &[Descriptor],
+    mem: &'m M,
+    policy: FaultPolicy,
+    slices: &mut Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
+) -> Started<'m, BS<'m, M::Bitmap>> {
+    slices.clear();
+    let status_addr = match status_address(descs) {
+        Ok(addr) => addr,
+        Err(err) => {
+            debug!("dropping request: {err}");
+            return Started::Finished(Completion::Dropped);
+        }
+    };
+    match translate(mem, status_addr, 1, Permissions::Write, slices) {
+        Ok(()) => {}
+        Err(TranslateError::Fault(fault)) if policy == FaultPolicy::Retry => {
+            return Started::Finished(Completion::Retry(fault))
+        }
+        Err(err) => {
+            debug!(
+                "dropping request, status byte unreachable: {}",
+                err.into_request_error()
+            );
+            return Started::Finished(Completion::Dropped);
+        }
+    }
+    let Some(status_slice) = slices.pop() else {
+        return Started::Finished(Completion::Dropped);
+    };
+    match prepare(target, descs, status_addr, mem, slices) {
+        Ok(req) => Started::Ready(req, status_slice),
+        Err(TranslateError::Fault(fault)) if policy == FaultPolicy::Retry => {
+            Started::Finished(Completion::Retry(fault))
+        }
+        Err(err) => Started::Finished(answer(&status_slice, Err(err.into_request_error()))),
+    }
+}
+
+/// Write the status byte for `result` (bytes written into the driver's buffers, or the error)
+/// and give the chain's used length.
+pub(crate) fn answer<B: BitmapSlice>(
+    status_slice: &VolatileSlice<'_, B>,
+    result: Result<u64, RequestError>,
+) -> Completion {
+    let (status, written) = match result {
+        Ok(written) => (status_ok(), written),
+        Err(err) => {
+            debug!("request failed: {err}");
+            (err.status(), 0)
+        }
+    };
+    if let Err(err) = status_slice.write_obj(status, 0) {
+        debug!("dropping request, status byte not written: {err}");
+        return Completion::Dropped;
+    }
+    Completion::Used(used_len(written))
+}
+
+/// The used length of a chain whose device wrote `written` data bytes and the status byte.
+pub(crate) fn used_len(written: u64) -> u32 {
+    u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
 }
 
 /// Run one chain to completion (or to a fault, under [`FaultPolicy::Retry`]).
@@ -297,50 +373,12 @@ pub(crate) fn handle_chain<'m, M: GuestMemory>(
     slices: &mut Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
     segments: &mut Vec<Segment>,
 ) -> Completion {
-    slices.clear();
-    let status_addr = match status_address(descs) {
-        Ok(addr) => addr,
-        Err(err) => {
-            debug!("dropping request: {err}");
-            return Completion::Dropped;
-        }
-    };
-    match translate(mem, status_addr, 1, Permissions::Write, slices) {
-        Ok(()) => {}
-        Err(TranslateError::Fault(fault)) if policy == FaultPolicy::Retry => {
-            return Completion::Retry(fault)
-        }
-        Err(err) => {
-            debug!(
-                "dropping request, status byte unreachable: {}",
-                err.into_request_error()
-            );
-            return Completion::Dropped;
+    match start_chain(target, descs, mem, policy, slices) {
+        Started::Finished(c) => c,
+        Started::Ready(req, status_slice) => {
+            answer(&status_slice, execute(target, &req, slices, segments))
         }
     }
-    let Some(status_slice) = slices.pop() else {
-        return Completion::Dropped;
-    };
-
-    let result = match prepare(target, descs, status_addr, mem, slices) {
-        Ok(req) => execute(target, &req, slices, segments),
-        Err(TranslateError::Fault(fault)) if policy == FaultPolicy::Retry => {
-            return Completion::Retry(fault)
-        }
-        Err(err) => Err(err.into_request_error()),
-    };
-    let (status, written) = match result {
-        Ok(written) => (status_ok(), written),
-        Err(err) => {
-            debug!("request failed: {err}");
-            (err.status(), 0)
-        }
-    };
-    if let Err(err) = status_slice.write_obj(status, 0) {
-        debug!("dropping request, status byte not written: {err}");
-        return Completion::Dropped;
-    }
-    Completion::Used(u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX))
 }
 
 /// Complete a chain that cannot be parsed (but ends in `last`) with `VIRTIO_BLK_S_IOERR`.
@@ -401,7 +439,7 @@ fn prepare<'m, M: GuestMemory>(
 }
 
 /// Phase two: run the request. Returns the bytes written into device-writable data buffers.
-fn execute<B: BitmapSlice>(
+pub(crate) fn execute<B: BitmapSlice>(
     target: &Target<'_>,
     req: &Request,
     slices: &[VolatileSlice<'_, B>],

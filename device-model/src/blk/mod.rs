@@ -24,10 +24,13 @@ mod chain;
 pub mod config;
 mod exec;
 pub mod file;
+pub mod inflight;
 pub mod ram;
 pub mod request;
 mod volatile;
 
+#[cfg(test)]
+mod inflight_tests;
 #[cfg(test)]
 mod test_util;
 #[cfg(test)]
@@ -45,6 +48,7 @@ pub use backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
 pub use config::BlkConfig;
 pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
 pub use file::FileBackend;
+pub use inflight::{AsyncQueue, HoldToken, InflightMemory};
 pub use ram::RamBackend;
 
 use chain::Rewalk;
@@ -217,15 +221,17 @@ impl BlkDevice {
                         let last = scratch.descs.last().copied();
                         exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err)
                     }
-                    Err(err) => match chain::rewalk(mem, desc_table, queue_size, head) {
-                        Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
-                            Completion::Retry(fault)
+                    Err(err) => {
+                        match chain::rewalk(mem, desc_table, queue_size, head, &mut scratch.walk) {
+                            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
+                                Completion::Retry(fault)
+                            }
+                            Rewalk::End(last) => {
+                                exec::fail_chain(&[last], mem, policy, &mut slices, err)
+                            }
+                            Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
                         }
-                        Rewalk::End(last) => {
-                            exec::fail_chain(&[last], mem, policy, &mut slices, err)
-                        }
-                        Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
-                    },
+                    }
                 };
                 let len = match completion {
                     Completion::Retry(fault) => {
@@ -259,6 +265,8 @@ impl BlkDevice {
 #[derive(Debug, Default)]
 struct Scratch {
     descs: Vec<Descriptor>,
+    /// Descriptors of a chain walked by hand ([`chain::rewalk`]).
+    walk: Vec<Descriptor>,
     segments: Vec<Segment>,
 }
 
@@ -276,6 +284,7 @@ impl BlkQueue {
         let max = usize::from(device.queue_size());
         let scratch = Scratch {
             descs: Vec::with_capacity(max),
+            walk: Vec::new(),
             segments: Vec::with_capacity(usize::try_from(config::MAX_DISCARD_SEG).unwrap_or(0)),
         };
         Self { device, scratch }

@@ -1,0 +1,623 @@
+//! The asynchronous request lifecycle of one queue (issue #8's storage engine).
+//!
+//! A request is parsed, translated, submitted, completed, then returned to the used ring:
+//!
+//! 1. **Parse and translate** ([`super::exec::start_chain`]): as in the synchronous path, every
+//!    buffer is translated before anything happens, so an IOMMU fault has no side effect.
+//! 2. **Hold and submit**: reads, writes and flushes become one [`IoOp`] each on the queue's
+//!    [`Engine`]. Before the operation is submitted, the request *holds* the ranges it
+//!    translated ([`InflightMemory::hold`]) so that an invalidation overlapping them waits for
+//!    its completion, and only for it. Requests without disk I/O (GET_ID, errors) and the rare
+//!    DISCARD / WRITE_ZEROES run at once.
+//! 3. **Complete** ([`AsyncQueue::poll`] reaps): the status byte is written through the held
+//!    translation, the hold released, the chain put on the used ring, in completion order.
+//!    Used-ring updates and the notification are batched per poll, with EVENT_IDX honoured.
+//!
+//! A request can wait without holding up the requests behind it (it is *parked*):
+//! - on an IOMMU fault under [`FaultPolicy::Retry`]: it is set aside by head index, the fault
+//!   is reported in [`QueueOutcome::fault`], and later chains go on; the next poll walks it
+//!   again (retry), or [`AsyncQueue::fail_parked`] fails it with IOERR;
+//! - for a free submission slot, when the engine is full: it is submitted after reaping;
+//! - a FLUSH waits until every write in flight when it arrived has completed, then is
+//!   submitted, and completes after its `fdatasync`.
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use log::warn;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
+
+use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
+use super::chain::{self, Rewalk};
+use super::exec::{self, answer, check_range, start_chain, used_len, Completion, Started};
+use super::request::{ParseError, RequestType, Segment};
+use super::{BlkDevice, Error, FaultPolicy, QueueOutcome};
+
+/// A hold on translated ranges, given back to [`InflightMemory::release`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldToken(pub u64);
+
+/// Guest memory whose translations a request can hold while its I/O is in flight.
+///
+/// # Safety
+///
+/// An implementation promises that the host memory of every translation made through this
+/// view before [`InflightMemory::hold`] returned, and that lies in the held ranges, stays mapped
+/// (and keeps meaning the same guest memory) until [`InflightMemory::release`] is called with
+/// the token, even if the view itself is dropped meanwhile: the kernel reads and writes it
+/// asynchronously.
+pub unsafe trait InflightMemory: GuestMemory {
+    /// Hold `ranges` (`(first, last)` addresses, inclusive, in this view's address space).
+    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken;
+    /// Release a hold.
+    fn release(&self, token: HoldToken);
+}
+
+/// A request whose I/O is in flight (or waits for a slot or a flush barrier).
+#[derive(Debug)]
+struct Inflight {
+    head: u16,
+    status: IoVec,
+    /// Bytes the operation must move.
+    expect: u64,
+    /// Bytes written into the driver's buffers on success.
+    written: u64,
+    hold: HoldToken,
+    /// For writes: the sequence number in [`AsyncQueue::writes`].
+    write_seq: Option<u64>,
+}
+
+/// An operation prepared but not yet submitted.
+#[derive(Debug)]
+struct Pending {
+    tag: u64,
+    op: IoOp,
+    iov: Vec<IoVec>,
+    /// For flushes: wait until no write with a smaller sequence number is in flight.
+    barrier: Option<u64>,
+}
+
+/// What the engine did, in order, for tests of ordering rules.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpEvent {
+    Submitted { head: u16, op: IoOp },
+    Completed { head: u16 },
+}
+
+/// One queue's asynchronous worker state: the engine, the requests in flight, the parked ones.
+#[derive(Debug)]
+pub struct AsyncQueue {
+    device: Arc<BlkDevice>,
+    engine: Engine,
+    /// Indexed by tag.
+    slots: Vec<Option<Inflight>>,
+    free: Vec<u64>,
+    pending: VecDeque<Pending>,
+    /// Heads of chains parked on an IOMMU fault, oldest first.
+    parked: VecDeque<u16>,
+    /// Sequence numbers of the writes in flight.
+    writes: BTreeSet<u64>,
+    next_write_seq: u64,
+    descs: Vec<Descriptor>,
+    segments: Vec<Segment>,
+    reaped: Vec<IoCompletion>,
+    spare_iov: Vec<Vec<IoVec>>,
+    #[cfg(test)]
+    gate: Option<u16>,
+    #[cfg(test)]
+    gated: Vec<IoCompletion>,
+    #[cfg(test)]
+    pub(crate) log: Vec<OpEvent>,
+}
+
+impl AsyncQueue {
+    /// A worker for one queue of `device`, doing its I/O on `engine`, with at most as many
+    /// requests in flight as the device's queue size.
+    #[must_use]
+    pub fn new(device: Arc<BlkDevice>, engine: Engine) -> Self {
+        let depth = usize::from(device.queue_size());
+        Self {
+            device,
+            engine,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth as u64).rev().collect(),
+            pending: VecDeque::new(),
+            parked: VecDeque::new(),
+            writes: BTreeSet::new(),
+            next_write_seq: 0,
+            descs: Vec::new(),
+            segments: Vec::new(),
+            reaped: Vec::new(),
+            spare_iov: Vec::new(),
+            #[cfg(test)]
+            gate: None,
+            #[cfg(test)]
+            gated: Vec::new(),
+            #[cfg(test)]
+            log: Vec::new(),
+        }
+    }
+
+    /// The engine (its notifier goes in the worker's event loop).
+    #[must_use]
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Requests submitted or waiting for a slot or a barrier, not yet completed.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.slots.len().saturating_sub(self.free.len())
+    }
+
+    /// Requests parked on an IOMMU fault.
+    #[must_use]
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Complete what the engine finished, retry the parked requests, then take new chains
+    /// from the avail ring while there is room, and submit.
+    ///
+    /// Under [`FaultPolicy::Retry`] a request that faults is parked and its fault reported in
+    /// the outcome (the first one of this call); under [`FaultPolicy::Fail`] it completes with
+    /// IOERR. An error means the queue itself (used ring, event fields) could not be updated.
+    pub fn poll<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+    ) -> Result<QueueOutcome, Error> {
+        let mut outcome = QueueOutcome::default();
+        if !queue.ready() {
+            return Ok(outcome);
+        }
+        self.reap(queue, mem, &mut outcome)?;
+        for _ in 0..self.parked.len() {
+            let Some(head) = self.parked.pop_front() else {
+                break;
+            };
+            if self.free.is_empty() {
+                self.parked.push_front(head);
+                break;
+            }
+            self.retry_parked(queue, mem, policy, head, &mut outcome)?;
+        }
+        self.take_new(queue, mem, policy, &mut outcome)?;
+        self.submit_pending();
+        if let Err(e) = self.engine.commit() {
+            warn!("virtio-blk: submitting to the I/O engine failed: {e}");
+        }
+        // The sync engine's completions are ready now.
+        self.reap(queue, mem, &mut outcome)?;
+        if outcome.completed > 0 {
+            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Fail every parked request with IOERR (a miss refused or timed out), or drop it when its
+    /// status byte cannot be reached. Returns how many were parked.
+    pub fn fail_parked<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueOutcome, Error> {
+        let mut outcome = QueueOutcome::default();
+        while let Some(head) = self.parked.pop_front() {
+            self.retry_parked(queue, mem, FaultPolicy::Fail, head, &mut outcome)?;
+        }
+        self.submit_pending();
+        if let Err(e) = self.engine.commit() {
+            warn!("virtio-blk: submitting to the I/O engine failed: {e}");
+        }
+        self.reap(queue, mem, &mut outcome)?;
+        if outcome.completed > 0 {
+            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Wait for every request in flight and complete it (a queue stop, a disconnect, SIGTERM:
+    /// before any memory goes away). Parked requests stay parked.
+    pub fn drain<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueOutcome, Error> {
+        let mut outcome = QueueOutcome::default();
+        #[cfg(test)]
+        self.open_gate();
+        while self.in_flight() > 0 {
+            self.submit_pending();
+            if let Err(e) = self.engine.commit() {
+                warn!("virtio-blk: submitting to the I/O engine failed: {e}");
+            }
+            if let Err(e) = self.engine.wait() {
+                warn!("virtio-blk: waiting for the I/O engine failed: {e}");
+                break;
+            }
+            self.reap(queue, mem, &mut outcome)?;
+        }
+        if outcome.completed > 0 {
+            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
+        }
+        Ok(outcome)
+    }
+
+    fn take_new<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let seg_max = usize::try_from(self.device.config().seg_max()).unwrap_or(usize::MAX);
+        let max_chain = usize::from(queue.size()).max(seg_max.saturating_add(2));
+        let desc_table = GuestAddress(queue.desc_table());
+        let queue_size = queue.size();
+        let event_idx = queue.event_idx_enabled();
+        loop {
+            if event_idx {
+                queue.disable_notification(mem).map_err(Error::Queue)?;
+            }
+            while !self.free.is_empty() {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let mut descs = std::mem::take(&mut self.descs);
+                let r = chain::collect(chain, max_chain, &mut descs);
+                let res = match r {
+                    Ok(()) => self.begin(queue, mem, policy, head, &descs, outcome),
+                    Err(err) => {
+                        let c =
+                            self.unwalkable(mem, policy, desc_table, queue_size, head, &descs, err);
+                        self.finish(queue, mem, head, c, outcome)
+                    }
+                };
+                self.descs = descs;
+                res?;
+            }
+            // A full queue of requests in flight: the completions poll again.
+            if self.free.is_empty()
+                || !event_idx
+                || !queue.enable_notification(mem).map_err(Error::Queue)?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A chain virtio-queue could not walk: IOERR through its real status byte if it has one.
+    #[allow(clippy::too_many_arguments)]
+    fn unwalkable<M: InflightMemory>(
+        &mut self,
+        mem: &M,
+        policy: FaultPolicy,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+        descs: &[Descriptor],
+        err: ParseError,
+    ) -> Completion {
+        let mut slices = Vec::new();
+        if let ParseError::TooLong { .. } = err {
+            let last = descs.last().copied();
+            return exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err);
+        }
+        let mut walk = Vec::new();
+        match chain::rewalk(mem, desc_table, queue_size, head, &mut walk) {
+            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
+            Rewalk::End(last) => exec::fail_chain(&[last], mem, policy, &mut slices, err),
+            Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
+        }
+    }
+
+    fn retry_parked<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+        head: u16,
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let mut descs = std::mem::take(&mut self.descs);
+        let walked = chain::rewalk(
+            mem,
+            GuestAddress(queue.desc_table()),
+            queue.size(),
+            head,
+            &mut descs,
+        );
+        let r = match walked {
+            Rewalk::End(_) => self.begin(queue, mem, policy, head, &descs, outcome),
+            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
+                self.finish(queue, mem, head, Completion::Retry(fault), outcome)
+            }
+            Rewalk::Fault(_) | Rewalk::Broken => {
+                self.finish(queue, mem, head, Completion::Dropped, outcome)
+            }
+        };
+        self.descs = descs;
+        r
+    }
+
+    /// Phase one of a walked chain, then its submission or its answer.
+    fn begin<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        policy: FaultPolicy,
+        head: u16,
+        descs: &[Descriptor],
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let device = self.device.clone();
+        let target = device.target();
+        let mut slices: Vec<VolatileSlice<'_, _>> = Vec::new();
+        let (req, status) = match start_chain(&target, descs, mem, policy, &mut slices) {
+            Started::Finished(c) => return self.finish(queue, mem, head, c, outcome),
+            Started::Ready(req, status) => (req, status),
+        };
+        let (op, expect, written) = match req.kind {
+            RequestType::In | RequestType::Out => {
+                let reading = req.kind == RequestType::In;
+                let len = if reading {
+                    req.writable.len
+                } else {
+                    req.readable.len
+                };
+                let offset = match check_range(req.sector, len, target.capacity) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let c = answer(&status, Err(e));
+                        return self.finish(queue, mem, head, c, outcome);
+                    }
+                };
+                if reading {
+                    for s in &slices {
+                        s.bitmap().mark_dirty(0, s.len());
+                    }
+                    (IoOp::Read { offset }, len, len)
+                } else {
+                    (IoOp::Write { offset }, len, 0)
+                }
+            }
+            RequestType::Flush => (IoOp::Flush, 0, 0),
+            _ => {
+                let c = answer(
+                    &status,
+                    exec::execute(&target, &req, &slices, &mut self.segments),
+                );
+                return self.finish(queue, mem, head, c, outcome);
+            }
+        };
+        // Hold every translated range until the operation completes.
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(descs.len().saturating_add(1));
+        ranges.push((req.status.0, req.status.0));
+        let (data, _) = req.data();
+        for (addr, len) in data.pieces(descs).flatten() {
+            ranges.push((
+                addr.0,
+                addr.0.saturating_add(u64::from(len).saturating_sub(1)),
+            ));
+        }
+        let hold = mem.hold(&ranges);
+        let Some(tag) = self.free.pop() else {
+            // Unreachable: the caller checked for a free slot. Answer rather than lose it.
+            mem.release(hold);
+            let c = answer(&status, Err(exec::RequestError::Unsupported(0)));
+            return self.finish(queue, mem, head, c, outcome);
+        };
+        let mut iov = self.spare_iov.pop().unwrap_or_default();
+        iov.clear();
+        iov.extend(slices.iter().map(IoVec::of));
+        let write_seq = matches!(op, IoOp::Write { .. }).then(|| {
+            let seq = self.next_write_seq;
+            self.next_write_seq = self.next_write_seq.wrapping_add(1);
+            self.writes.insert(seq);
+            seq
+        });
+        let barrier = matches!(op, IoOp::Flush).then_some(self.next_write_seq);
+        if let Some(slot) = usize::try_from(tag)
+            .ok()
+            .and_then(|t| self.slots.get_mut(t))
+        {
+            *slot = Some(Inflight {
+                head,
+                status: IoVec::of(&status),
+                expect,
+                written,
+                hold,
+                write_seq,
+            });
+        }
+        self.pending.push_back(Pending {
+            tag,
+            op,
+            iov,
+            barrier,
+        });
+        self.submit_pending();
+        Ok(())
+    }
+
+    /// Submit pending operations in order while the engine takes them. A flush whose earlier
+    /// writes are still in flight stays pending; what comes after it does not wait for it.
+    fn submit_pending(&mut self) {
+        let oldest_write = self.writes.first().copied();
+        let mut i = 0;
+        while let Some(p) = self.pending.get(i) {
+            if p.barrier
+                .is_some_and(|b| oldest_write.is_some_and(|w| w < b))
+            {
+                i += 1;
+                continue;
+            }
+            // SAFETY: the buffers are guest memory held by this request's `hold` (the
+            // `InflightMemory` contract keeps them mapped until `release`), which is released
+            // only after the engine returned the completion for `p.tag`.
+            let r = unsafe { self.engine.submit(p.tag, p.op, &p.iov) };
+            if r.is_err() {
+                return;
+            }
+            if let Some(p) = self.pending.remove(i) {
+                #[cfg(test)]
+                if let Some(Some(f)) = usize::try_from(p.tag).ok().and_then(|t| self.slots.get(t)) {
+                    self.log.push(OpEvent::Submitted {
+                        head: f.head,
+                        op: p.op,
+                    });
+                }
+                self.spare_iov.push(p.iov);
+            }
+        }
+    }
+
+    fn reap<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        self.engine.reap(&mut reaped);
+        let mut r = Ok(());
+        for (tag, result) in reaped.drain(..) {
+            #[cfg(test)]
+            {
+                let gated = usize::try_from(tag)
+                    .ok()
+                    .and_then(|t| self.slots.get(t))
+                    .and_then(|s| s.as_ref())
+                    .is_some_and(|f| Some(f.head) == self.gate);
+                if gated {
+                    self.gated.push((tag, result));
+                    continue;
+                }
+            }
+            if r.is_ok() {
+                r = self.complete(queue, mem, tag, result, outcome);
+            }
+        }
+        self.reaped = reaped;
+        self.submit_pending();
+        r
+    }
+
+    fn complete<M: InflightMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        tag: u64,
+        result: std::io::Result<u64>,
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let Some(f) = usize::try_from(tag)
+            .ok()
+            .and_then(|t| self.slots.get_mut(t))
+            .and_then(Option::take)
+        else {
+            warn!("virtio-blk: completion for unknown tag {tag}");
+            return Ok(());
+        };
+        self.free.push(tag);
+        if let Some(seq) = f.write_seq {
+            self.writes.remove(&seq);
+        }
+        #[cfg(test)]
+        self.log.push(OpEvent::Completed { head: f.head });
+        let (status, written) = match result {
+            Ok(n) if n == f.expect => (exec::status_ok(), f.written),
+            Ok(n) => {
+                warn!(
+                    "virtio-blk: short transfer of {n} of {} bytes; IOERR",
+                    f.expect
+                );
+                (ioerr(), 0)
+            }
+            Err(e) => {
+                log::debug!("virtio-blk: request failed: {e}");
+                (ioerr(), 0)
+            }
+        };
+        // SAFETY: the status byte was translated for writing and is held by `f.hold` until the
+        // release below.
+        unsafe { f.status.write_byte(status) };
+        mem.release(f.hold);
+        self.finish(
+            queue,
+            mem,
+            f.head,
+            Completion::Used(used_len(written)),
+            outcome,
+        )
+    }
+
+    /// Put a finished chain on the used ring, or park it.
+    fn finish<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        head: u16,
+        completion: Completion,
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let len = match completion {
+            Completion::Retry(fault) => {
+                self.parked.push_back(head);
+                outcome.fault.get_or_insert(fault);
+                return Ok(());
+            }
+            Completion::Used(len) => len,
+            Completion::Dropped => 0,
+        };
+        match queue.add_used(mem, head, len) {
+            Ok(()) => outcome.completed = outcome.completed.saturating_add(1),
+            Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+                warn!("virtio-blk: driver offered out-of-range head {head}; ignored");
+            }
+            Err(err) => return Err(Error::Queue(err)),
+        }
+        Ok(())
+    }
+
+    /// Test-only: hold back the completion of the request with this head until
+    /// [`AsyncQueue::open_gate`].
+    #[cfg(test)]
+    pub(crate) fn set_gate(&mut self, head: u16) {
+        self.gate = Some(head);
+    }
+
+    /// Test-only: let the gated completion through at the next poll.
+    #[cfg(test)]
+    pub(crate) fn open_gate(&mut self) {
+        self.gate = None;
+        let gated = std::mem::take(&mut self.gated);
+        self.reaped.extend(gated);
+    }
+}
+
+impl Drop for AsyncQueue {
+    fn drop(&mut self) {
+        if self.in_flight() > 0 {
+            // The engine waits for its operations when dropped; the holds are the
+            // transport's, released with its reader.
+            warn!(
+                "virtio-blk: queue dropped with {} requests in flight",
+                self.in_flight()
+            );
+        }
+    }
+}
+
+fn ioerr() -> u8 {
+    u8::try_from(VIRTIO_BLK_S_IOERR).unwrap_or(u8::MAX)
+}

@@ -1,0 +1,341 @@
+//! Tests of the asynchronous request lifecycle ([`super::inflight`]).
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, Permissions};
+
+use super::aio::{Aio, Engine, IoOp};
+use super::file::tests::TempImage;
+use super::inflight::OpEvent;
+use super::test_util::*;
+use super::*;
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const QSIZE: u16 = 16;
+const DISK: u64 = 1 << 20;
+
+thread_local! {
+    /// Holds taken and not released on this thread: token -> ranges.
+    static HOLDS: RefCell<HashMap<u64, Vec<(u64, u64)>>> = RefCell::new(HashMap::new());
+    static NEXT: RefCell<u64> = const { RefCell::new(1) };
+}
+
+fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
+    let id = NEXT.with(|n| {
+        let mut n = n.borrow_mut();
+        *n += 1;
+        *n
+    });
+    HOLDS.with(|h| h.borrow_mut().insert(id, ranges.to_vec()));
+    HoldToken(id)
+}
+
+fn drop_hold(t: HoldToken) {
+    let had = HOLDS.with(|h| h.borrow_mut().remove(&t.0));
+    assert!(had.is_some(), "release of a hold never taken: {t:?}");
+}
+
+fn holds() -> Vec<Vec<(u64, u64)>> {
+    HOLDS.with(|h| h.borrow().values().cloned().collect())
+}
+
+// SAFETY: test memory outlives every queue of the test that uses it (each test drains its queue
+// before the memory is dropped).
+unsafe impl InflightMemory for GuestMemoryMmap<()> {
+    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
+        take_hold(ranges)
+    }
+    fn release(&self, token: HoldToken) {
+        drop_hold(token)
+    }
+}
+
+// SAFETY: as above.
+unsafe impl InflightMemory for FaultyMem {
+    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
+        take_hold(ranges)
+    }
+    fn release(&self, token: HoldToken) {
+        drop_hold(token)
+    }
+}
+
+fn cfg() -> BlkConfig {
+    BlkConfig {
+        queue_size: QSIZE,
+        serial: b"vcdev-serial".to_vec(),
+        ..BlkConfig::default()
+    }
+}
+
+fn file_device(img: &TempImage) -> Arc<BlkDevice> {
+    let backend: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&img.path, false).unwrap());
+    Arc::new(BlkDevice::new(backend, cfg()).unwrap())
+}
+
+fn engine(dev: &Arc<BlkDevice>, aio: Aio) -> Engine {
+    Engine::new(aio, dev.backend().clone(), dev.queue_size())
+}
+
+/// Every used element so far: (head, used length).
+fn used(d: &Driver<'_, impl GuestMemory>) -> Vec<(u16, u32)> {
+    let n = d.used_idx();
+    (0..n)
+        .map(|i| {
+            let elem = GuestAddress(USED_RING).unchecked_add(4 + 8 * u64::from(i % d.size));
+            let head: u32 = d.mem.read_obj(elem).unwrap();
+            let len: u32 = d.mem.read_obj(elem.unchecked_add(4)).unwrap();
+            (head as u16, len)
+        })
+        .collect()
+}
+
+fn status_of(d: &Driver<'_, impl GuestMemory>, sub: &Submitted) -> u8 {
+    let (addr, _, _) = *sub.descs.last().unwrap();
+    d.mem.read_obj(GuestAddress(addr)).unwrap()
+}
+
+fn data_of(d: &Driver<'_, impl GuestMemory>, sub: &Submitted) -> Vec<u8> {
+    let (addr, len, _) = sub.descs[1];
+    let mut buf = vec![0u8; len as usize];
+    d.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+    buf
+}
+
+/// Poll until `n` chains are on the used ring (or give up after a while).
+fn poll_until<M: InflightMemory>(
+    d: &mut Driver<'_, M>,
+    q: &mut AsyncQueue,
+    policy: FaultPolicy,
+    n: u16,
+) {
+    for _ in 0..10_000 {
+        q.poll(&mut d.queue, d.mem, policy).unwrap();
+        if d.used_idx() >= n {
+            return;
+        }
+        std::thread::yield_now();
+    }
+    panic!("only {} of {n} chains completed", d.used_idx());
+}
+
+/// A request's completion held back by the test gate lets later requests complete first; it
+/// completes afterwards, with its own data.
+#[test]
+fn completions_out_of_order() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    for i in 0..4u8 {
+        let w = d.request(
+            VIRTIO_BLK_T_OUT,
+            u64::from(i) * 8,
+            &[Buf::Out(pattern(4096, i))],
+        );
+        poll_until(&mut d, &mut q, FaultPolicy::Fail, u16::from(i) + 1);
+        assert_eq!(status_of(&d, &w), OK);
+    }
+    let reads: Vec<Submitted> = (0..4u8)
+        .map(|i| d.request(VIRTIO_BLK_T_IN, u64::from(i) * 8, &[Buf::In(4096)]))
+        .collect();
+    q.set_gate(reads[0].head);
+    poll_until(&mut d, &mut q, FaultPolicy::Fail, 4 + 3);
+    let heads: Vec<u16> = used(&d)[4..].iter().map(|&(h, _)| h).collect();
+    assert!(!heads.contains(&reads[0].head), "gated request completed");
+    assert_eq!(status_of(&d, &reads[0]), 0xff);
+    assert_eq!(q.in_flight(), 1);
+    assert_eq!(holds().len(), 1, "the gated request still holds its ranges");
+    q.open_gate();
+    poll_until(&mut d, &mut q, FaultPolicy::Fail, 8);
+    assert_eq!(used(&d)[7], (reads[0].head, 4097));
+    for (i, r) in reads.iter().enumerate() {
+        assert_eq!(status_of(&d, r), OK);
+        assert_eq!(data_of(&d, r), pattern(4096, i as u8));
+    }
+    assert!(holds().is_empty());
+}
+
+/// A held request keeps exactly its status byte and data buffers.
+#[test]
+fn a_request_holds_its_buffers() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512), Buf::In(1024)]);
+    q.set_gate(r.head);
+    q.poll(&mut d.queue, d.mem, FaultPolicy::Fail).unwrap();
+    let mut want: Vec<(u64, u64)> = r.descs[1..]
+        .iter()
+        .map(|&(a, l, _)| (a, a + u64::from(l) - 1))
+        .collect();
+    want.sort_unstable();
+    let mut got = holds().pop().unwrap();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    q.drain(&mut d.queue, d.mem).unwrap();
+    assert!(holds().is_empty());
+    assert_eq!(status_of(&d, &r), OK);
+}
+
+/// Random requests of every type give the same statuses and bytes on io_uring and on sync,
+/// on a file, as the synchronous path on a RAM disk (the model).
+#[test]
+fn every_request_type_matches_the_model_on_both_engines() {
+    for aio in [Aio::IoUring, Aio::Sync] {
+        let img = TempImage::new(DISK);
+        let mem = plain_mem();
+        let model_mem = plain_mem();
+        let dev = file_device(&img);
+        let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+        let mut m = Driver::new(&model_mem, ram_device(DISK, cfg()), QSIZE);
+        let mut q = AsyncQueue::new(dev.clone(), engine(&dev, aio));
+        let mut seed = 0x1234_5678u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut done = 0u16;
+        for step in 0..200u32 {
+            let sector = next(DISK / 512 - 16);
+            let nsec = 1 + next(8) as u32;
+            let (kind, bufs) = match next(7) {
+                0 | 1 => (
+                    VIRTIO_BLK_T_OUT,
+                    vec![Buf::Out(pattern(512 * nsec as usize, step as u8))],
+                ),
+                2 | 3 => (VIRTIO_BLK_T_IN, vec![Buf::In(512 * nsec)]),
+                4 => (VIRTIO_BLK_T_FLUSH, vec![]),
+                5 => (VIRTIO_BLK_T_GET_ID, vec![Buf::In(20)]),
+                _ => {
+                    let kind = if next(2) == 0 {
+                        VIRTIO_BLK_T_DISCARD
+                    } else {
+                        VIRTIO_BLK_T_WRITE_ZEROES
+                    };
+                    (kind, vec![Buf::Out(segments(&[(sector, nsec, 0)]))])
+                }
+            };
+            let sub = d.request(kind, sector, &bufs);
+            let model = m.exec(kind, sector, &bufs);
+            done += 1;
+            poll_until(&mut d, &mut q, FaultPolicy::Fail, done);
+            assert_eq!(status_of(&d, &sub), model.status, "{aio} step {step}");
+            if kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID {
+                assert_eq!(data_of(&d, &sub), model.data, "{aio} step {step}");
+            }
+            assert_eq!(
+                used(&d)[usize::from(done - 1)].1,
+                model.used_len,
+                "{aio} step {step}"
+            );
+        }
+        // Byte-exact at the end: the file holds what the model's disk holds.
+        let mut file = vec![0u8; DISK as usize];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(&img.path).unwrap(),
+            &mut file,
+            0,
+        )
+        .unwrap();
+        for (i, chunk) in file.chunks(65536).enumerate() {
+            assert_eq!(m.read(i as u64 * 128, 65536).data, chunk, "{aio} chunk {i}");
+        }
+        assert!(holds().is_empty());
+    }
+}
+
+/// A FLUSH is submitted only once every write that was in flight when it arrived has
+/// completed, and completes after its fdatasync.
+#[test]
+fn flush_waits_for_the_writes_before_it() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let w: Vec<Submitted> = (0..3u8)
+        .map(|i| {
+            d.request(
+                VIRTIO_BLK_T_OUT,
+                u64::from(i) * 8,
+                &[Buf::Out(pattern(4096, i))],
+            )
+        })
+        .collect();
+    // Hold the middle write's completion: the flush must wait for it.
+    q.set_gate(w[1].head);
+    let f = d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    let late = d.request(VIRTIO_BLK_T_OUT, 64, &[Buf::Out(pattern(512, 9))]);
+    poll_until(&mut d, &mut q, FaultPolicy::Fail, 3);
+    assert!(!q.log.iter().any(|e| matches!(
+        e,
+        OpEvent::Submitted {
+            op: IoOp::Flush,
+            ..
+        }
+    )));
+    assert_eq!(status_of(&d, &f), 0xff);
+    q.open_gate();
+    poll_until(&mut d, &mut q, FaultPolicy::Fail, 5);
+    assert_eq!(status_of(&d, &f), OK);
+    let pos = |e: OpEvent| q.log.iter().position(|x| *x == e).unwrap();
+    let flush_submitted = pos(OpEvent::Submitted {
+        head: f.head,
+        op: IoOp::Flush,
+    });
+    for s in &w {
+        assert!(pos(OpEvent::Completed { head: s.head }) < flush_submitted);
+    }
+    assert!(flush_submitted < pos(OpEvent::Completed { head: f.head }));
+    // The write that came after the flush was not held back by it.
+    assert_eq!(status_of(&d, &late), OK);
+    assert!(holds().is_empty());
+}
+
+/// Under Retry a request that faults is parked; the requests behind it complete; once the
+/// translation is there it completes too. fail_parked fails a parked request with IOERR.
+#[test]
+fn a_parked_request_does_not_hold_up_the_queue() {
+    let img = TempImage::new(DISK);
+    let mem = FaultyMem::new();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let a = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    let b = d.request(VIRTIO_BLK_T_IN, 8, &[Buf::In(4096)]);
+    let (abuf, alen, _) = a.descs[1];
+    mem.poison(abuf, u64::from(alen), Permissions::Write);
+    let out = q.poll(&mut d.queue, d.mem, FaultPolicy::Retry).unwrap();
+    assert_eq!(out.fault.unwrap().addr, GuestAddress(abuf));
+    poll_until(&mut d, &mut q, FaultPolicy::Retry, 1);
+    assert_eq!(used(&d)[0].0, b.head);
+    assert_eq!(q.parked(), 1);
+    mem.heal();
+    poll_until(&mut d, &mut q, FaultPolicy::Retry, 2);
+    assert_eq!(used(&d)[1], (a.head, 4097));
+    assert_eq!(status_of(&d, &a), OK);
+
+    let c = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    let (cbuf, clen, _) = c.descs[1];
+    mem.poison(cbuf, u64::from(clen), Permissions::Write);
+    q.poll(&mut d.queue, d.mem, FaultPolicy::Retry).unwrap();
+    assert_eq!(q.parked(), 1);
+    q.fail_parked(&mut d.queue, d.mem).unwrap();
+    assert_eq!(used(&d)[2], (c.head, 1));
+    assert_eq!(status_of(&d, &c), IOERR);
+    assert!(holds().is_empty());
+}
