@@ -24,8 +24,10 @@ pub mod cdev;
 pub mod config;
 pub mod ctl;
 pub mod event_loop;
+pub mod pod;
 pub mod registry;
 pub mod socket;
+pub mod sys;
 pub mod vhost_user;
 pub mod wire;
 
@@ -40,6 +42,18 @@ use vcdev_iommu::SealPolicy;
 pub use config::{Backing, Config, ConfigError, DeviceSpec};
 use registry::{IommuView, Registry};
 use vhost_user::conn::ConnConfig;
+
+/// An error and its causes, `: `-separated, for one log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// Errors that end the daemon (exit code 1).
 #[derive(Debug, thiserror::Error)]

@@ -110,14 +110,7 @@ fn main() -> ExitCode {
     match vcdev::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                msg.push_str(": ");
-                msg.push_str(&c.to_string());
-                cur = c.source();
-            }
-            log::error!("{msg}");
+            log::error!("{}", vcdev::error_chain(&e));
             ExitCode::from(1)
         }
     }

@@ -11,6 +11,7 @@
 
 pub mod backend_channel;
 pub mod conn;
+pub mod dispatch;
 pub mod iotlb;
 pub mod memory;
 pub mod ring;
