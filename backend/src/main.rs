@@ -37,7 +37,7 @@ struct CtlArgs {
 fn ctl(a: CtlArgs) -> ExitCode {
     let dir = a.dir.unwrap_or_else(vcdev::config::default_dir);
     let path = dir.join(vcdev::ctl::CONTROL_SOCKET);
-    match vcdev::cdev::client::ctl(&path, &a.command.join(" ")) {
+    match vcdev::ctl::ctl(&path, &a.command.join(" ")) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
