@@ -172,38 +172,10 @@ fn describe(spec: &DeviceSpec) -> String {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts),
-/// returning the set to wait on.
-fn block_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    let r = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if r != 0 {
-        return Err(Error::Signal(std::io::Error::from_raw_os_error(r)));
-    }
-    Ok(set)
-}
-
-fn wait_signal(set: &libc::sigset_t) -> Result<libc::c_int> {
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
-    let r = unsafe { libc::sigwait(set, &mut sig) };
-    if r != 0 {
-        return Err(Error::Signal(std::io::Error::from_raw_os_error(r)));
-    }
-    Ok(sig)
-}
-
 /// Runs the daemon until SIGINT or SIGTERM; then flushes every file-backed
 /// disk, removes the sockets and returns `Ok`.
 pub fn run(config: Config) -> Result<()> {
-    let signals = block_signals()?;
+    let signals = sys::block_signals().map_err(Error::Signal)?;
     let vu_dir = config.dir.join("vhost-user");
     socket::create_dir(&vu_dir)?;
     let mut registry = Registry::default();
@@ -285,7 +257,7 @@ pub fn run(config: Config) -> Result<()> {
     let _ = stdout.flush();
     drop(stdout);
 
-    let sig = wait_signal(&signals)?;
+    let sig = sys::wait_signal(&signals).map_err(Error::Signal)?;
     info!("signal {sig}: flushing disks and exiting");
     for dev in registry.devices() {
         if let Err(e) = dev.blk().flush() {

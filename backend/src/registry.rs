@@ -14,9 +14,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use vcdev_device_model::blk::BlkDevice;
+use vcdev_iommu::sync::lock;
 use vcdev_iommu::IovaRange;
 
 /// Errors of ownership.
@@ -177,10 +178,6 @@ pub struct Device {
     view: IommuView,
     table: Arc<Mutex<OwnerTable>>,
     counters: DeviceCounters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Device {

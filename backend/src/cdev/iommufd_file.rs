@@ -16,6 +16,7 @@ use vm_memory::ByteValued;
 
 use super::dispatch::{sized, Op, Out, Req};
 use super::files::{FileKind, Files};
+use crate::pod::pod_from;
 
 /// Which node opened the context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,11 +144,7 @@ fn ranges_of(trailing: &[u8], count: u32) -> Vec<IommuIovaRange> {
     trailing
         .chunks_exact(std::mem::size_of::<IommuIovaRange>())
         .take(n)
-        .map(|c| {
-            let mut r = IommuIovaRange::default();
-            r.as_mut_slice().copy_from_slice(c);
-            r
-        })
+        .map(pod_from::<IommuIovaRange>)
         .collect()
 }
 
