@@ -1,18 +1,35 @@
-//! vcdev daemon library: the vhost-user door over the device models and the
-//! software IOMMU.
+//! vcdev daemon library: virtio-blk devices, over the software IOMMU,
+//! served through two doors at once.
 //!
 //! # Architecture
 //!
 //! [`run`] builds every device (a [`vcdev_device_model::blk::BlkDevice`]
-//! over a file or RAM), registers it ([`registry`]), binds
-//! `DIR/vhost-user/NAME` and starts one accept thread per device
-//! ([`vhost_user::serve_device`]). Each frontend gets a connection thread
-//! ([`vhost_user::conn`]), each running queue a worker thread
-//! ([`vhost_user::vring`]) driven by its own epoll ([`event_loop`]). The
+//! over a file or RAM) and registers it ([`registry`], which also owns the
+//! rule that a device has one owner at a time, whichever door it came
+//! through). Then it opens both doors under the runtime directory:
+//!
+//! - **vhost-user** ([`vhost_user`]): `DIR/vhost-user/NAME`, one accept
+//!   thread per device ([`vhost_user::serve_device`]). Each frontend gets a
+//!   connection thread ([`vhost_user::conn`], its requests dispatched by
+//!   one table, [`vhost_user::dispatch`]); each running queue a worker
+//!   thread ([`vhost_user::vring`]) driven by its own epoll
+//!   ([`event_loop`]). Under a vIOMMU, addresses are IOVAs translated
+//!   through an IOTLB the frontend fills ([`vhost_user::iotlb`]).
+//! - **device cdev** ([`cdev`], PROTOCOL.md): a VFIO-compatible protocol
+//!   over UNIX sockets. `DIR/iommu` gives an iommufd file, `DIR/devices/NAME`
+//!   a vfio device file, and with feature `group` `DIR/vfio/vfio` a type1
+//!   container and `DIR/vfio/N` a group file ([`cdev::server`],
+//!   [`cdev::files`]). Requests run through one table per file kind
+//!   ([`cdev::dispatch`]); a bound device's queues read guest memory
+//!   through the iommufd IOAS it is attached to ([`cdev::device`]).
+//!
+//! A control socket, `DIR/control` ([`ctl`]), answers `vcdev ctl`. The
 //! main thread waits for SIGINT/SIGTERM, then flushes every disk, removes
 //! the sockets and returns.
 //!
-//! Framing lives in [`wire`], the one codec of the 12-byte header.
+//! Framing lives in [`wire`], the one codec of the 12-byte header both
+//! doors share, each with its own flag policy. The backend's libc calls
+//! sit in [`sys`], POD decoding in [`pod`].
 //!
 //! # Errors
 //!

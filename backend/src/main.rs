@@ -1,5 +1,8 @@
-//! `vcdev`: the command line. Options become a validated [`Config`]; one
-//! exit path: invalid options exit 2, a failure at run time exits 1.
+//! `vcdev`: the command line. `vcdev serve` runs the daemon with both
+//! doors (vhost-user sockets for QEMU, and the VFIO-compatible device-cdev
+//! nodes); `vcdev ctl` asks a running daemon through its control socket.
+//! Options become a validated [`Config`]; one exit path: invalid options
+//! exit 2, a failure at run time exits 1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vcdev::{Config, ConfigError};
 
-/// Out-of-process device backend: virtio-blk over vhost-user.
+/// Out-of-process device backend: virtio-blk over vhost-user and a
+/// VFIO-compatible device cdev.
 #[derive(Debug, Parser)]
 #[command(name = "vcdev", version, about)]
 struct Args {

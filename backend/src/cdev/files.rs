@@ -18,7 +18,7 @@ use log::{debug, warn};
 use vcdev_iommu::sync::lock;
 use vcdev_iommu::Errno;
 
-use super::dispatch::{dispatch, reply_payload, Op, Out};
+use super::dispatch::{dispatch, reply_payload, Op, Out, Violation};
 use crate::wire::{self, FlagPolicy, MAX_PAYLOAD};
 
 /// A kind of file: its request table, its gate and its release.
@@ -105,16 +105,17 @@ fn serve_file<F: FileKind>(sock: &UnixStream, file: &F) {
             }
         };
         let code = frame.header.request;
-        if frame.header.is_reply() {
-            warn!(
-                "{}: request {code:#x} flagged as a reply, file closed",
-                file.describe()
-            );
-            break;
-        }
-        let out = match dispatch(file.ops(), file, code, frame.payload, frame.fds, |c| {
-            file.gate(c)
-        }) {
+        // The cdev flag policy allows REPLY (replies carry it); a request
+        // carrying it closes the file, as the other violations of
+        // PROTOCOL.md "Framing" do.
+        let out = if frame.header.is_reply() {
+            Err(Violation::ReplyFlag(code))
+        } else {
+            dispatch(file.ops(), file, code, frame.payload, frame.fds, |c| {
+                file.gate(c)
+            })
+        };
+        let out = match out {
             Ok(o) => o,
             Err(v) => {
                 warn!("{}: protocol violation, file closed: {v}", file.describe());
