@@ -1,5 +1,7 @@
 //! One frontend connection: the request loop and the per-connection state
-//! machine (features, memory table, vrings).
+//! machine (features, memory table, vrings). Requests go through one table,
+//! [`OPS`] (the rules it applies are in [`super::dispatch`]), to one small
+//! handler each.
 //!
 //! The connection thread reads the frontend's messages, one at a time, and
 //! answers each in order. It never waits on a queue worker that could wait
@@ -950,18 +952,13 @@ impl AsRawFd for Conn {
 mod tests {
     use super::*;
     use crate::registry::Registry;
+    use crate::test_util::ram_blk;
     use crate::wire::FLAG_NEED_REPLY;
-    use vcdev_device_model::blk::{BlkConfig, BlkDevice, RamBackend};
 
     /// A connection to a fresh RAM device, and the frontend's end.
     fn conn() -> (Conn, UnixStream) {
-        let blk = BlkDevice::new(
-            Arc::new(RamBackend::new(1 << 20).unwrap()),
-            BlkConfig::default(),
-        )
-        .unwrap();
         let mut r = Registry::default();
-        let dev = r.add("t".into(), Arc::new(blk));
+        let dev = r.add("t".into(), ram_blk());
         let own = Registry::claim_vhost_user(&dev, "t").unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
