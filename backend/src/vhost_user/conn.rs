@@ -1065,5 +1065,9 @@ mod tests {
         assert_eq!(c.status, 0);
         let e = c.handle(frame(R::GET_STATUS, 0, &[])).unwrap_err();
         assert!(matches!(e, ConnError::Unsupported(R::GET_STATUS)));
+        // The feature is checked before the payload, for every request
+        // (SET_BACKEND_REQ_FD used to check its size first and close).
+        c.handle(frame(R::SET_BACKEND_REQ_FD, 0, &[0; 8])).unwrap();
+        c.handle(frame(R::RESET_DEVICE, 0, &[0; 8])).unwrap();
     }
 }
