@@ -1,6 +1,6 @@
 //! One frontend connection: the request loop and the per-connection state
 //! machine (features, memory table, vrings). Requests go through one table,
-//! [`OPS`] (the rules it applies are in [`super::dispatch`]), to one small
+//! `OPS` (the rules it applies are in [`super::dispatch`]), to one small
 //! handler each.
 //!
 //! The connection thread reads the frontend's messages, one at a time, and
