@@ -124,8 +124,7 @@ pub fn default_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("vcdev");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::sys::uid();
     PathBuf::from(format!("/tmp/vcdev-{uid}"))
 }
 

@@ -5,10 +5,10 @@
 //! request `VCDEV_CTL` whose payload is the command line, one reply whose
 //! payload is `i32 result` (0, or `-ENOENT` for an unknown device,
 //! `-EINVAL` for an unknown command) and the text. The client is
-//! [`crate::cdev::client::ctl`].
+//! [`ctl`], used by `vcdev ctl`.
 
 use std::fmt::Write as _;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,6 +32,35 @@ pub fn serve(dir: &Path, server: Arc<Server>) -> std::io::Result<PathBuf> {
         .name("ctl".into())
         .spawn(move || accept_loop(&listener, &server))?;
     Ok(path)
+}
+
+/// Sends a `vcdev ctl` command on the control socket `path`; returns its
+/// text answer, or the errno with the server's message.
+pub fn ctl(path: &Path, command: &str) -> Result<String, (Errno, String)> {
+    let conn = UnixStream::connect(path).map_err(|e| (Errno::from_io(&e), e.to_string()))?;
+    let size = u32::try_from(command.len()).map_err(|_| (Errno::E2BIG, String::new()))?;
+    wire::write_frame(
+        &conn,
+        &FrameHeader::request(VCDEV_CTL, 0, size),
+        command.as_bytes(),
+        &[],
+    )
+    .map_err(|e| (Errno(libc::EPIPE), e.to_string()))?;
+    let f = wire::read_frame(&conn, FlagPolicy::CDEV)
+        .map_err(|e| (Errno(libc::EPIPE), e.to_string()))?
+        .ok_or((Errno(libc::EPIPE), "connection closed".to_owned()))?;
+    let r = f
+        .payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_le_bytes)
+        .ok_or((Errno(libc::EPIPE), "short reply".to_owned()))?;
+    let text = String::from_utf8_lossy(f.payload.get(4..).unwrap_or_default()).into_owned();
+    if r < 0 {
+        Err((Errno(r.saturating_neg()), text))
+    } else {
+        Ok(text)
+    }
 }
 
 fn accept_loop(listener: &UnixListener, server: &Arc<Server>) {

@@ -1,18 +1,35 @@
-//! vcdev daemon library: the vhost-user door over the device models and the
-//! software IOMMU.
+//! vcdev daemon library: virtio-blk devices, over the software IOMMU,
+//! served through two doors at once.
 //!
 //! # Architecture
 //!
 //! [`run`] builds every device (a [`vcdev_device_model::blk::BlkDevice`]
-//! over a file or RAM), registers it ([`registry`]), binds
-//! `DIR/vhost-user/NAME` and starts one accept thread per device
-//! ([`vhost_user::serve_device`]). Each frontend gets a connection thread
-//! ([`vhost_user::conn`]), each running queue a worker thread
-//! ([`vhost_user::vring`]) driven by its own epoll ([`event_loop`]). The
+//! over a file or RAM) and registers it ([`registry`], which also owns the
+//! rule that a device has one owner at a time, whichever door it came
+//! through). Then it opens both doors under the runtime directory:
+//!
+//! - **vhost-user** ([`vhost_user`]): `DIR/vhost-user/NAME`, one accept
+//!   thread per device ([`vhost_user::serve_device`]). Each frontend gets a
+//!   connection thread ([`vhost_user::conn`], its requests dispatched by
+//!   one table, [`vhost_user::dispatch`]); each running queue a worker
+//!   thread ([`vhost_user::vring`]) driven by its own epoll
+//!   ([`event_loop`]). Under a vIOMMU, addresses are IOVAs translated
+//!   through an IOTLB the frontend fills ([`vhost_user::iotlb`]).
+//! - **device cdev** ([`cdev`], PROTOCOL.md): a VFIO-compatible protocol
+//!   over UNIX sockets. `DIR/iommu` gives an iommufd file, `DIR/devices/NAME`
+//!   a vfio device file, and with feature `group` `DIR/vfio/vfio` a type1
+//!   container and `DIR/vfio/N` a group file ([`cdev::server`],
+//!   [`cdev::files`]). Requests run through one table per file kind
+//!   ([`cdev::dispatch`]); a bound device's queues read guest memory
+//!   through the iommufd IOAS it is attached to ([`cdev::device`]).
+//!
+//! A control socket, `DIR/control` ([`ctl`]), answers `vcdev ctl`. The
 //! main thread waits for SIGINT/SIGTERM, then flushes every disk, removes
 //! the sockets and returns.
 //!
-//! Framing lives in [`wire`], the one codec of the 12-byte header.
+//! Framing lives in [`wire`], the one codec of the 12-byte header both
+//! doors share, each with its own flag policy. The backend's libc calls
+//! sit in [`sys`], POD decoding in [`pod`].
 //!
 //! # Errors
 //!
@@ -24,8 +41,12 @@ pub mod cdev;
 pub mod config;
 pub mod ctl;
 pub mod event_loop;
+pub mod pod;
 pub mod registry;
 pub mod socket;
+pub mod sys;
+#[cfg(test)]
+mod test_util;
 pub mod vhost_user;
 pub mod wire;
 
@@ -40,6 +61,18 @@ use vcdev_iommu::SealPolicy;
 pub use config::{Backing, Config, ConfigError, DeviceSpec};
 use registry::{IommuView, Registry};
 use vhost_user::conn::ConnConfig;
+
+/// An error and its causes, `: `-separated, for one log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// Errors that end the daemon (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -158,38 +191,10 @@ fn describe(spec: &DeviceSpec) -> String {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts),
-/// returning the set to wait on.
-fn block_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    let r = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if r != 0 {
-        return Err(Error::Signal(std::io::Error::from_raw_os_error(r)));
-    }
-    Ok(set)
-}
-
-fn wait_signal(set: &libc::sigset_t) -> Result<libc::c_int> {
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
-    let r = unsafe { libc::sigwait(set, &mut sig) };
-    if r != 0 {
-        return Err(Error::Signal(std::io::Error::from_raw_os_error(r)));
-    }
-    Ok(sig)
-}
-
 /// Runs the daemon until SIGINT or SIGTERM; then flushes every file-backed
 /// disk, removes the sockets and returns `Ok`.
 pub fn run(config: Config) -> Result<()> {
-    let signals = block_signals()?;
+    let signals = sys::block_signals().map_err(Error::Signal)?;
     let vu_dir = config.dir.join("vhost-user");
     socket::create_dir(&vu_dir)?;
     let mut registry = Registry::default();
@@ -271,7 +276,7 @@ pub fn run(config: Config) -> Result<()> {
     let _ = stdout.flush();
     drop(stdout);
 
-    let sig = wait_signal(&signals)?;
+    let sig = sys::wait_signal(&signals).map_err(Error::Signal)?;
     info!("signal {sig}: flushing disks and exiting");
     for dev in registry.devices() {
         if let Err(e) = dev.blk().flush() {

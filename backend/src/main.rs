@@ -1,5 +1,8 @@
-//! `vcdev`: the command line. Options become a validated [`Config`]; one
-//! exit path: invalid options exit 2, a failure at run time exits 1.
+//! `vcdev`: the command line. `vcdev serve` runs the daemon with both
+//! doors (vhost-user sockets for QEMU, and the VFIO-compatible device-cdev
+//! nodes); `vcdev ctl` asks a running daemon through its control socket.
+//! Options become a validated [`Config`]; one exit path: invalid options
+//! exit 2, a failure at run time exits 1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vcdev::{Config, ConfigError};
 
-/// Out-of-process device backend: virtio-blk over vhost-user.
+/// Out-of-process device backend: virtio-blk over vhost-user and a
+/// VFIO-compatible device cdev.
 #[derive(Debug, Parser)]
 #[command(name = "vcdev", version, about)]
 struct Args {
@@ -37,7 +41,7 @@ struct CtlArgs {
 fn ctl(a: CtlArgs) -> ExitCode {
     let dir = a.dir.unwrap_or_else(vcdev::config::default_dir);
     let path = dir.join(vcdev::ctl::CONTROL_SOCKET);
-    match vcdev::cdev::client::ctl(&path, &a.command.join(" ")) {
+    match vcdev::ctl::ctl(&path, &a.command.join(" ")) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -110,14 +114,7 @@ fn main() -> ExitCode {
     match vcdev::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                msg.push_str(": ");
-                msg.push_str(&c.to_string());
-                cur = c.source();
-            }
-            log::error!("{msg}");
+            log::error!("{}", vcdev::error_chain(&e));
             ExitCode::from(1)
         }
     }

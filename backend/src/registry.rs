@@ -14,9 +14,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use vcdev_device_model::blk::BlkDevice;
+use vcdev_iommu::sync::lock;
 use vcdev_iommu::IovaRange;
 
 /// Errors of ownership.
@@ -177,10 +178,6 @@ pub struct Device {
     view: IommuView,
     table: Arc<Mutex<OwnerTable>>,
     counters: DeviceCounters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Device {
@@ -448,33 +445,18 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vcdev_device_model::blk::{BlkConfig, RamBackend};
+    use crate::test_util::ram_blk as blk;
 
     #[test]
     fn second_owner_is_refused_until_the_first_leaves() {
-        let blk = BlkDevice::new(
-            Arc::new(RamBackend::new(1 << 20).unwrap()),
-            BlkConfig::default(),
-        )
-        .unwrap();
         let mut r = Registry::default();
-        let d = r.add("vfio0".into(), Arc::new(blk));
+        let d = r.add("vfio0".into(), blk());
         let first = Registry::claim_vhost_user(&d, "a").unwrap();
         let e = Registry::claim_vhost_user(&d, "b").unwrap_err();
         assert_eq!(e.errno(), vcdev_iommu::Errno(libc::EBUSY));
         assert_eq!(d.owner().as_deref(), Some("a"));
         drop(first);
         assert!(Registry::claim_vhost_user(&d, "b").is_ok());
-    }
-
-    fn blk() -> Arc<BlkDevice> {
-        Arc::new(
-            BlkDevice::new(
-                Arc::new(RamBackend::new(1 << 20).unwrap()),
-                BlkConfig::default(),
-            )
-            .unwrap(),
-        )
     }
 
     /// PROTOCOL.md exclusivity, both ways: cdev bind vs group open vs

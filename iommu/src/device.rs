@@ -17,13 +17,14 @@
 //! is EBUSY (DMA ownership).
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use crate::errno::Errno;
 use crate::hwpt::{put_auto, Hwpt, HwptError};
 use crate::io_pagetable::{IoptError, IovaRange, ResvOwner};
 use crate::object::{Iommufd, Object, ObjectError, ObjectId, Table};
 use crate::space::AddressSpace;
+use crate::sync::lock;
 
 /// Called with the device's new address space (`None`: DMA blocked).
 pub type AttachHook = Box<dyn Fn(Option<Arc<AddressSpace>>) + Send + Sync>;
@@ -132,10 +133,6 @@ pub(crate) struct DeviceObj {
     pub(crate) hwpt: Option<ObjectId>,
     /// Owner of its reserved ranges in the IOAS it is attached to.
     pub(crate) owner: ResvOwner,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl DeviceHandle {

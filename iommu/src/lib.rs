@@ -38,6 +38,7 @@ pub mod iotlb;
 pub mod mem;
 pub mod object;
 pub mod space;
+pub mod sync;
 #[cfg(test)]
 mod test_util;
 pub mod translate;

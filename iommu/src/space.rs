@@ -36,9 +36,10 @@
 #[cfg(test)]
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sync::lock;
 use crate::tree::{Extent, Node, Tree};
 
 /// Grace periods are triggered at the latest when this many roots are
@@ -128,12 +129,6 @@ impl Drop for AddressSpace {
         // more: readers hold an Arc<AddressSpace>, so none is left.
         drop(unsafe { Arc::from_raw(root) });
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these locks leaves consistent data behind
-    // (trees are replaced, never half-written): recover from poisoning.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Changes made inside one [`AddressSpace::edit`].

@@ -8,9 +8,10 @@
 //! E2BIG / EFAULT rules once, then hands the struct to the handler (the
 //! `Iommufd::*` methods), which checks reserved fields and flags itself.
 
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 
-use vm_memory::ByteValued;
+#[doc(hidden)]
+pub use vm_memory::ByteValued;
 
 /// `IOMMUFD_CMD_BASE`: the request code of IOMMU_DESTROY.
 pub const IOMMUFD_CMD_DESTROY: u32 = 0x80;
@@ -67,22 +68,48 @@ pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
 /// `IOMMU_HW_INFO_TYPE_NONE`.
 pub const IOMMU_HW_INFO_TYPE_NONE: u32 = 0;
 
+/// Declares a uAPI struct's wire properties: `MIN_SIZE` (the end of its
+/// last mandatory field, the kernel's `minsz`), `SIZE` (the size the
+/// server knows), a compile-time check of its size against the kernel's,
+/// and its `ByteValued` impl. The one macro for the iommufd structs here
+/// and the vfio structs of the backend (`cdev/vfio_uapi.rs`).
+///
+/// Two forms: `uapi_struct!(Name, last = field, size = N)` for a struct
+/// defined just before it, or `uapi_struct!(/// doc
+/// Name { /// doc
+/// field: u32, ... }, last = field, size = N)` which also defines it
+/// (`#[repr(C)]`, public fields).
+#[macro_export]
 macro_rules! uapi_struct {
-    ($(#[$m:meta])* $name:ident, last = $last:ident, size = $size:expr) => {
+    ($name:ident, last = $last:ident, size = $size:expr) => {
         impl $name {
-            /// The end of the last mandatory field.
-            pub const MIN_SIZE: usize = offset_of!($name, $last) + field_size(|s: &$name| &s.$last);
+            /// The end of the last mandatory field (the kernel's `minsz`).
+            pub const MIN_SIZE: usize = ::core::mem::offset_of!($name, $last)
+                + $crate::uapi::field_size(|s: &$name| &s.$last);
+            /// The size the server knows.
+            pub const SIZE: usize = ::core::mem::size_of::<$name>();
         }
-        const _: () = assert!(size_of::<$name>() == $size);
+        const _: () = assert!(::core::mem::size_of::<$name>() == $size);
         // SAFETY: a #[repr(C)] struct of plain integers without padding
         // (its size is asserted above to be the sum the kernel has); every
         // bit pattern is a valid value.
-        unsafe impl ByteValued for $name {}
+        unsafe impl $crate::uapi::ByteValued for $name {}
+    };
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }, last = $last:ident, size = $size:expr) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name {
+            $($(#[$fm])* pub $f: $t,)*
+        }
+        $crate::uapi_struct!($name, last = $last, size = $size);
     };
 }
 
-/// The size of a field, for MIN_SIZE (const-evaluable).
-const fn field_size<S, T>(_: fn(&S) -> &T) -> usize {
+/// The size of a field, for `MIN_SIZE` (const-evaluable; used by
+/// [`uapi_struct!`]).
+#[doc(hidden)]
+pub const fn field_size<S, T>(_: fn(&S) -> &T) -> usize {
     size_of::<T>()
 }
 

@@ -217,7 +217,7 @@ impl Driver {
     }
 
     fn stats(&self) -> Counters {
-        let text = vcdev::cdev::client::ctl(&self.dir.join("control"), "stats vfio0")
+        let text = vcdev::ctl::ctl(&self.dir.join("control"), "stats vfio0")
             .unwrap_or_else(|(e, t)| panic!("ctl stats: {e:?} {t}"));
         Counters::parse(&text)
     }

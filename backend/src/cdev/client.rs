@@ -1,6 +1,6 @@
 //! The client side of the cdev protocol: open a node, then call requests
 //! by their kernel names (the way `iommufd_utils.h` wraps the ioctls).
-//! Used by the tests and by `vcdev ctl`.
+//! Used by the tests.
 //!
 //! Every call returns the kernel's errno on failure; a broken transport
 //! (the server closed the file) is `EPIPE`.
@@ -14,6 +14,7 @@ use vcdev_iommu::Errno;
 use vm_memory::ByteValued;
 
 use super::vfio_uapi::*;
+use crate::pod::pod_from;
 use crate::wire::{self, FlagPolicy, FrameHeader};
 
 /// A reply: the result and what followed it.
@@ -39,13 +40,7 @@ impl Reply {
 
     /// The struct `T` at the start of the body (zero-filled if short).
     pub fn get<T: ByteValued + Default>(&self) -> T {
-        let mut t = T::default();
-        let dst = t.as_mut_slice();
-        let n = dst.len().min(self.body.len());
-        if let (Some(d), Some(s)) = (dst.get_mut(..n), self.body.get(..n)) {
-            d.copy_from_slice(s);
-        }
-        t
+        pod_from(&self.body)
     }
 
     /// The body after `skip` bytes.
@@ -591,33 +586,5 @@ impl File {
         r.ok()?;
         let fd = r.fds.into_iter().next().ok_or_else(pipe)?;
         Ok(File::from_fd(fd))
-    }
-}
-
-/// Sends a `vcdev ctl` command on the control socket `path`; returns its
-/// text answer, or the errno with the server's message.
-pub fn ctl(path: &Path, command: &str) -> Result<String, (Errno, String)> {
-    let conn = UnixStream::connect(path).map_err(|e| (Errno::from_io(&e), e.to_string()))?;
-    let size = u32::try_from(command.len()).map_err(|_| (Errno::E2BIG, String::new()))?;
-    wire::write_frame(
-        &conn,
-        &FrameHeader::request(VCDEV_CTL, 0, size),
-        command.as_bytes(),
-        &[],
-    )
-    .map_err(|e| (pipe(), e.to_string()))?;
-    let f = wire::read_frame(&conn, FlagPolicy::CDEV)
-        .map_err(|e| (pipe(), e.to_string()))?
-        .ok_or((pipe(), "connection closed".to_owned()))?;
-    let r = f
-        .payload
-        .get(..4)
-        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or((pipe(), "short reply".to_owned()))?;
-    let text = String::from_utf8_lossy(f.payload.get(4..).unwrap_or_default()).into_owned();
-    if r < 0 {
-        Err((Errno(r.saturating_neg()), text))
-    } else {
-        Ok(text)
     }
 }

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, error, info, warn};
@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::vfio_uapi::*;
 use crate::event_loop::{EventLoop, EVENT_CONTROL, EVENT_FIRST_DEVICE};
 use crate::registry::{Device, DeviceCounters};
+use vcdev_iommu::sync::lock;
 
 /// The internal kick (REGION_WRITE doorbells) in a worker's loop.
 const EVENT_KICK: u64 = EVENT_FIRST_DEVICE;
@@ -55,10 +56,6 @@ pub enum DeviceError {
     /// The software IOMMU refused the device's view.
     #[error("Invalid IOMMU view")]
     Iommu(#[source] vcdev_iommu::DeviceError),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A queue's reader: `None` while the device's DMA is blocked.
@@ -703,10 +700,7 @@ pub fn into_eventfd(fd: OwnedFd) -> Result<EventFd, Errno> {
     if link.as_os_str() != "anon_inode:[eventfd]" {
         return Err(Errno::EINVAL);
     }
-    // SAFETY: we own `fd` and it is an eventfd; EventFd takes ownership.
-    Ok(unsafe {
-        <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
-    })
+    Ok(crate::sys::eventfd_from(fd))
 }
 
 /// Everything a worker thread owns.

@@ -20,14 +20,15 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::info;
+use vcdev_iommu::sync::lock;
 use vcdev_iommu::{Errno, Iommufd};
 
 use super::device::{into_eventfd, CdevDevice, IrqAction};
-use super::dispatch::{Arg, Op, Out, Req};
+use super::dispatch::{sized, Arg, Op, Out, Req};
+use super::files::{FileKind, Files};
 #[cfg(feature = "group")]
 use super::group::GroupDeviceBinding;
-use super::iommufd_file::sized;
-use super::server::{FileKind, Known, Server};
+use super::iommufd_file::IommufdFile;
 use super::vfio_uapi::*;
 use crate::registry::{DeviceCounters, Ownership, Registry, RegistryError};
 use crate::wire::MAX_PAYLOAD;
@@ -49,7 +50,7 @@ enum State {
 
 /// A device file.
 pub struct DeviceFile {
-    server: Arc<Server>,
+    files: Arc<Files>,
     dev: Arc<CdevDevice>,
     name: String,
     state: Mutex<State>,
@@ -57,10 +58,10 @@ pub struct DeviceFile {
 
 impl DeviceFile {
     /// A device file opened through the cdev node: unbound.
-    pub fn new_cdev(server: &Arc<Server>, dev: Arc<CdevDevice>) -> Arc<DeviceFile> {
-        let name = format!("{}#{}", dev.name(), server.next_seq());
+    pub fn new_cdev(files: &Arc<Files>, dev: Arc<CdevDevice>) -> Arc<DeviceFile> {
+        let name = format!("{}#{}", dev.name(), files.next_seq());
         Arc::new(DeviceFile {
-            server: server.clone(),
+            files: files.clone(),
             dev,
             name,
             state: Mutex::new(State::Unbound),
@@ -69,11 +70,11 @@ impl DeviceFile {
 
     /// A device file got through a group: open at once.
     #[cfg(feature = "group")]
-    pub fn new_group(server: &Arc<Server>, binding: Arc<GroupDeviceBinding>) -> Arc<DeviceFile> {
+    pub fn new_group(files: &Arc<Files>, binding: Arc<GroupDeviceBinding>) -> Arc<DeviceFile> {
         let dev = binding.device().clone();
-        let name = format!("{}#g{}", dev.name(), server.next_seq());
+        let name = format!("{}#g{}", dev.name(), files.next_seq());
         Arc::new(DeviceFile {
-            server: server.clone(),
+            files: files.clone(),
             dev,
             name,
             state: Mutex::new(State::Group(binding)),
@@ -81,7 +82,7 @@ impl DeviceFile {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn granted(&self) -> bool {
@@ -174,12 +175,8 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
         }
     }
     let fd = req.take_fd().ok_or(Errno::EBADF)?;
-    let known = f.server.lookup(&fd)?;
+    let ictx = f.files.lookup::<IommufdFile>(&fd)?.ictx().clone();
     drop(fd);
-    let ictx = match known {
-        Known::Iommufd(w) => w.upgrade().ok_or(Errno::EBADFD)?.ictx().clone(),
-        _ => return Err(Errno::EBADFD),
-    };
     let own = claim.map_err(|e| e.errno())?;
     let devid = f.dev.handle().bind(&ictx).map_err(|e| e.errno())?;
     info!("{}: bound as device {}", f.name, devid.0);

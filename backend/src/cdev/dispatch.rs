@@ -67,6 +67,12 @@ pub struct Op<F: ?Sized> {
     pub handler: fn(&F, &mut Req) -> Result<Out, Errno>,
 }
 
+impl<F: ?Sized> std::fmt::Debug for Op<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
 /// A decoded request, handed to the handler.
 #[derive(Debug)]
 pub struct Req {
@@ -87,13 +93,7 @@ impl Req {
     /// The struct as a `T` (`cmd` holds exactly `size_of::<T>()` bytes for
     /// the op's own struct; a shorter `cmd` leaves the rest zero).
     pub fn get<T: ByteValued + Default>(&self) -> T {
-        let mut t = T::default();
-        let dst = t.as_mut_slice();
-        let n = dst.len().min(self.cmd.len());
-        if let (Some(d), Some(s)) = (dst.get_mut(..n), self.cmd.get(..n)) {
-            d.copy_from_slice(s);
-        }
-        t
+        crate::pod::pod_from(&self.cmd)
     }
 
     /// The int argument of an [`Arg::Fixed`]`(4)` request (vfio's
@@ -111,6 +111,17 @@ impl Req {
         (!self.fds.is_empty()).then(|| self.fds.remove(0))
     }
 }
+
+/// `Arg::Sized` for a struct of the iommufd or vfio uAPI (its `MIN_SIZE`).
+macro_rules! sized {
+    ($t:ty) => {
+        $crate::cdev::dispatch::Arg::Sized {
+            size: std::mem::size_of::<$t>(),
+            min: <$t>::MIN_SIZE,
+        }
+    };
+}
+pub(crate) use sized;
 
 /// A successful (or partly successful) answer.
 #[derive(Debug, Default)]

@@ -1,31 +1,22 @@
 //! The iommufd file (`DIR/iommu`, the kernel's `/dev/iommu`) and, with
 //! feature `group`, the container file (`DIR/vfio/vfio`): both are an
 //! iommufd context; a container answers the type1 requests of
-//! [`super::group`] over its compat IOAS instead of the iommufd ones, as
-//! the kernel's iommufd-backed `/dev/vfio/vfio` does.
+//! [`super::container`] over its compat IOAS instead of the iommufd ones,
+//! as the kernel's iommufd-backed `/dev/vfio/vfio` does.
 //!
 //! Handlers decode, call one `Iommufd` method and encode; validation order
 //! and errnos are the iommu crate's (the kernel's `ioas.c`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vcdev_iommu::sync::lock;
 use vcdev_iommu::uapi::*;
-use vcdev_iommu::{Errno, IoasError, Iommufd};
+use vcdev_iommu::{Errno, IoasError, Iommufd, SealPolicy};
 use vm_memory::ByteValued;
 
-use super::dispatch::{Arg, Op, Out, Req};
-use super::server::{FileKind, Server};
-
-/// `Arg::Sized` for an iommufd struct.
-macro_rules! sized {
-    ($t:ty) => {
-        Arg::Sized {
-            size: std::mem::size_of::<$t>(),
-            min: <$t>::MIN_SIZE,
-        }
-    };
-}
-pub(crate) use sized;
+use super::dispatch::{sized, Op, Out, Req};
+use super::files::{FileKind, Files};
+use crate::pod::pod_from;
 
 /// Which node opened the context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +32,7 @@ pub enum IommufdKind {
 pub struct IommufdFile {
     ictx: Arc<Iommufd>,
     kind: IommufdKind,
+    ops: &'static [Op<IommufdFile>],
     name: String,
     /// The IOAS of the type1 compatibility layer (the kernel's
     /// `ictx->vfio_ioas`), and the type set by VFIO_SET_IOMMU.
@@ -57,15 +49,26 @@ pub struct Compat {
 }
 
 impl IommufdFile {
-    /// A fresh, empty context.
-    pub fn new(server: &Arc<Server>, kind: IommufdKind) -> Arc<IommufdFile> {
+    /// A fresh, empty iommufd context.
+    pub fn new(files: &Files, seal_policy: SealPolicy) -> Arc<IommufdFile> {
+        IommufdFile::with_ops(files, seal_policy, IommufdKind::Iommufd, IOMMUFD_OPS)
+    }
+
+    /// A fresh, empty context of kind `kind` answering `ops`.
+    pub fn with_ops(
+        files: &Files,
+        seal_policy: SealPolicy,
+        kind: IommufdKind,
+        ops: &'static [Op<IommufdFile>],
+    ) -> Arc<IommufdFile> {
         let name = match kind {
-            IommufdKind::Iommufd => format!("iommufd#{}", server.next_seq()),
-            IommufdKind::Container => format!("container#{}", server.next_seq()),
+            IommufdKind::Iommufd => format!("iommufd#{}", files.next_seq()),
+            IommufdKind::Container => format!("container#{}", files.next_seq()),
         };
         Arc::new(IommufdFile {
-            ictx: Iommufd::new(server.seal_policy()),
+            ictx: Iommufd::new(seal_policy),
             kind,
+            ops,
             name,
             compat: Mutex::new(Compat::default()),
         })
@@ -83,7 +86,7 @@ impl IommufdFile {
 
     /// The compat state.
     pub fn compat(&self) -> MutexGuard<'_, Compat> {
-        self.compat.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.compat)
     }
 
     /// The compat IOAS, made on first use (the kernel's
@@ -105,13 +108,7 @@ impl IommufdFile {
 
 impl FileKind for IommufdFile {
     fn ops(&self) -> &'static [Op<Self>] {
-        match self.kind {
-            IommufdKind::Iommufd => IOMMUFD_OPS,
-            #[cfg(feature = "group")]
-            IommufdKind::Container => super::group::CONTAINER_OPS,
-            #[cfg(not(feature = "group"))]
-            IommufdKind::Container => &[],
-        }
+        self.ops
     }
 
     fn release(&self) {
@@ -147,11 +144,7 @@ fn ranges_of(trailing: &[u8], count: u32) -> Vec<IommuIovaRange> {
     trailing
         .chunks_exact(std::mem::size_of::<IommuIovaRange>())
         .take(n)
-        .map(|c| {
-            let mut r = IommuIovaRange::default();
-            r.as_mut_slice().copy_from_slice(c);
-            r
-        })
+        .map(pod_from::<IommuIovaRange>)
         .collect()
 }
 

@@ -18,19 +18,26 @@
 //! riding with BIND or SET_CONTAINER is `fstat`ed and looked up; the
 //! server closes its copy at once, so it never keeps a client's file alive.
 //!
-//! - [`server`]: nodes, the handshake, the recognition table, the per-file
-//!   request loop.
+//! - [`server`]: nodes and the handshake.
+//! - [`files`]: the file kinds' common part (the kernel's VFS): handing a
+//!   file out, the recognition table, the per-file request loop.
 //! - [`dispatch`]: the request tables and the struct rules, applied once.
-//! - [`iommufd_file`], [`device_file`], [`group`]: the file kinds.
+//! - [`iommufd_file`], [`device_file`], [`group`], [`container`]: the file
+//!   kinds. Imports run server -> file kinds -> files and dispatch; only
+//!   [`device_file`] and [`group`] know each other (a device file got
+//!   through a group holds its binding).
 //! - [`device`]: a device as the cdev door drives it: the virtio PCI
 //!   function, its queue workers (reading through the attached IOAS), its
 //!   MSI-X eventfds and ioeventfds.
 //! - [`vfio_uapi`]: the vfio structs. [`client`]: the client side.
 
 pub mod client;
+#[cfg(feature = "group")]
+pub mod container;
 pub mod device;
 pub mod device_file;
 pub mod dispatch;
+pub mod files;
 #[cfg(feature = "group")]
 pub mod group;
 pub mod iommufd_file;

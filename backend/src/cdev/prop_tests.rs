@@ -9,7 +9,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vcdev_device_model::blk::{BlkConfig, BlkDevice, RamBackend};
 use vcdev_iommu::mem::sealed_memfd;
 use vcdev_iommu::uapi::*;
 use vcdev_iommu::{Errno, IovaRange, SealPolicy};
@@ -18,10 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device_file::DeviceFile;
 use super::dispatch::{dispatch, Arg, Op, Out};
-#[cfg(feature = "group")]
-use super::group::GroupFile;
-use super::iommufd_file::{IommufdFile, IommufdKind};
-use super::server::{FileKind, Known, Server};
+use super::files::FileKind;
+use super::iommufd_file::IommufdFile;
+use super::server::Server;
 use super::vfio_uapi::*;
 use crate::registry::{IommuView, Registry};
 
@@ -47,15 +45,7 @@ const KERNEL_ERRNOS: &[i32] = &[
     libc::EPERM,
 ];
 
-fn blk() -> Arc<BlkDevice> {
-    Arc::new(
-        BlkDevice::new(
-            Arc::new(RamBackend::new(1 << 20).unwrap()),
-            BlkConfig::default(),
-        )
-        .unwrap(),
-    )
-}
+use crate::test_util::ram_blk as blk;
 
 /// A server over `vfio0` (full aperture), `vfio1` (a narrow aperture with
 /// a reserved hole) and `vfio2` (for the group path), each in its own group.
@@ -285,10 +275,10 @@ proptest! {
         reqs in prop::collection::vec((any::<bool>(), raw()), 1..24),
     ) {
         let server = server();
-        let ictx = IommufdFile::new(&server, IommufdKind::Iommufd);
-        let handed = server.hand_out(ictx.clone(), Known::Iommufd).unwrap();
+        let ictx = IommufdFile::new(server.files(), server.seal_policy());
+        let handed = server.files().hand_out(ictx.clone()).unwrap();
         let fds = Fds { ictx: handed };
-        let d = DeviceFile::new_cdev(&server, server.devices()[dev].clone());
+        let d = DeviceFile::new_cdev(server.files(), server.devices()[dev].clone());
         let bind = VfioDeviceBindIommufd {
             argsz: u32::try_from(VfioDeviceBindIommufd::SIZE).unwrap(),
             flags: 0,
@@ -329,9 +319,9 @@ proptest! {
         reqs in prop::collection::vec(raw(), 1..16),
     ) {
         let server = server();
-        let ictx = IommufdFile::new(&server, IommufdKind::Iommufd);
-        let fds = Fds { ictx: server.hand_out(ictx, Known::Iommufd).unwrap() };
-        let d = DeviceFile::new_cdev(&server, server.devices()[0].clone());
+        let ictx = IommufdFile::new(server.files(), server.seal_policy());
+        let fds = Fds { ictx: server.files().hand_out(ictx).unwrap() };
+        let d = DeviceFile::new_cdev(server.files(), server.devices()[0].clone());
         for r in &reqs {
             run(d.as_ref(), r, &fds)?;
         }
@@ -351,10 +341,10 @@ proptest! {
         reqs in prop::collection::vec((any::<bool>(), raw()), 1..24),
     ) {
         let server = server();
-        let c = IommufdFile::new(&server, IommufdKind::Container);
-        let fds = Fds { ictx: server.hand_out(c.clone(), Known::Iommufd).unwrap() };
+        let c = super::container::open(server.files(), server.seal_policy());
+        let fds = Fds { ictx: server.files().hand_out(c.clone()).unwrap() };
         let group = server.devices()[2].reg().group();
-        let g = GroupFile::open(&server, group).unwrap();
+        let g = server.open_group(group).unwrap();
         if set {
             let fdnum = fds.ictx.as_raw_fd().to_le_bytes().to_vec();
             let out = dispatch(g.ops(), g.as_ref(), VFIO_GROUP_SET_CONTAINER, fdnum,

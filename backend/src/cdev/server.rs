@@ -1,27 +1,26 @@
-//! Nodes, the `VCDEV_OPEN` handshake, the table of handed-out files and
-//! the per-file request loop (see the module doc of [`crate::cdev`]).
+//! Nodes and the `VCDEV_OPEN` handshake: opening a node makes a file of
+//! its kind, which [`super::files`] hands out and serves (see the module
+//! doc of [`crate::cdev`]).
 
-use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 
 use log::{debug, error, info, warn};
 use vcdev_iommu::{Errno, SealPolicy};
 
 use super::device::CdevDevice;
 use super::device_file::DeviceFile;
-use super::dispatch::{dispatch, reply_payload, Op, Out};
+use super::files::Files;
 #[cfg(feature = "group")]
 use super::group::GroupFile;
-use super::iommufd_file::{IommufdFile, IommufdKind};
+use super::iommufd_file::IommufdFile;
 use super::vfio_uapi::VCDEV_OPEN;
 use crate::registry::Registry;
 use crate::socket::{create_dir, listen, remove_all, SocketError};
-use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_REPLY, MAX_PAYLOAD};
+use crate::wire::{self, FrameHeader, FLAG_REPLY};
 
 /// Errors of setting the door up (they end the daemon).
 #[derive(Debug, thiserror::Error)]
@@ -43,57 +42,13 @@ pub enum ServerError {
     Spawn(#[source] io::Error),
 }
 
-/// What kind of file a recognised descriptor is.
-#[derive(Clone, Debug)]
-pub enum Known {
-    /// An iommufd or container file.
-    Iommufd(Weak<IommufdFile>),
-    /// A device file.
-    Device(Weak<DeviceFile>),
-    /// A group file.
-    #[cfg(feature = "group")]
-    Group(Weak<GroupFile>),
-}
-
-/// A kind of file: its request table, its gate and its release.
-pub trait FileKind: Send + Sync + Sized + 'static {
-    /// Its requests.
-    fn ops(&self) -> &'static [Op<Self>];
-    /// An errno for `code` before anything else (a device file before
-    /// BIND), or `None`.
-    fn gate(&self, _code: u32) -> Option<Errno> {
-        None
-    }
-    /// The kernel's release: the last copy of the file was closed.
-    fn release(&self);
-    /// Names the file in logs.
-    fn describe(&self) -> String;
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The door: devices, the table of handed-out files, options.
 #[derive(Debug)]
 pub struct Server {
     registry: Arc<Registry>,
     devices: Vec<Arc<CdevDevice>>,
-    files: Mutex<HashMap<(u64, u64), Known>>,
+    files: Arc<Files>,
     seal_policy: SealPolicy,
-    seq: AtomicU64,
-}
-
-/// The `(st_dev, st_ino)` of a descriptor.
-fn inode_key(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    // SAFETY: `stat` is plain data; fstat fills it for a descriptor we
-    // borrow for the call.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((st.st_dev, st.st_ino))
 }
 
 impl Server {
@@ -115,9 +70,8 @@ impl Server {
         Ok(Arc::new(Server {
             registry,
             devices,
-            files: Mutex::new(HashMap::new()),
+            files: Files::new(),
             seal_policy,
-            seq: AtomicU64::new(0),
         }))
     }
 
@@ -141,43 +95,9 @@ impl Server {
         self.seal_policy
     }
 
-    /// A sequence number for naming files in logs.
-    pub fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Recognises a descriptor the server handed out (PROTOCOL.md,
-    /// "Opening a node gives a file"): EBADFD for any other.
-    pub fn lookup(&self, fd: &OwnedFd) -> Result<Known, Errno> {
-        let key = inode_key(fd.as_fd()).map_err(|_| Errno::EBADFD)?;
-        lock(&self.files).get(&key).cloned().ok_or(Errno::EBADFD)
-    }
-
-    /// Hands `file` out: makes its socketpair, records the client's end,
-    /// starts the thread serving ours. Returns the client's end.
-    pub fn hand_out<F: FileKind>(
-        self: &Arc<Self>,
-        file: Arc<F>,
-        known: fn(Weak<F>) -> Known,
-    ) -> io::Result<OwnedFd> {
-        let (ours, theirs) = UnixStream::pair()?;
-        let key = inode_key(theirs.as_fd())?;
-        lock(&self.files).insert(key, known(Arc::downgrade(&file)));
-        let server = self.clone();
-        let name = file.describe();
-        let spawned = std::thread::Builder::new()
-            .name(name.chars().take(15).collect())
-            .spawn(move || {
-                serve_file(&ours, file.as_ref());
-                lock(&server.files).remove(&key);
-                file.release();
-                debug!("{}: released", file.describe());
-            });
-        if let Err(e) = spawned {
-            lock(&self.files).remove(&key);
-            return Err(e);
-        }
-        Ok(theirs.into())
+    /// The handed-out files.
+    pub fn files(&self) -> &Arc<Files> {
+        &self.files
     }
 
     /// Opens node `node` for a client (the file to hand out), or the errno
@@ -187,27 +107,43 @@ impl Server {
             error!("cannot hand out a file: {e}");
             Errno::from_io(&e)
         };
+        let files = &self.files;
         match node {
             Node::Iommu => {
-                let f = IommufdFile::new(self, IommufdKind::Iommufd);
-                self.hand_out(f, Known::Iommufd).map_err(io)
+                let f = IommufdFile::new(files, self.seal_policy);
+                files.hand_out(f).map_err(io)
             }
             Node::Device(i) => {
                 let dev = self.devices.get(*i).ok_or(Errno::ENODEV)?;
-                let f = DeviceFile::new_cdev(self, dev.clone());
-                self.hand_out(f, Known::Device).map_err(io)
+                files
+                    .hand_out(DeviceFile::new_cdev(files, dev.clone()))
+                    .map_err(io)
             }
             #[cfg(feature = "group")]
             Node::Container => {
-                let f = IommufdFile::new(self, IommufdKind::Container);
-                self.hand_out(f, Known::Iommufd).map_err(io)
+                let f = super::container::open(files, self.seal_policy);
+                files.hand_out(f).map_err(io)
             }
             #[cfg(feature = "group")]
             Node::Group(g) => {
-                let f = GroupFile::open(self, *g)?;
-                self.hand_out(f, Known::Group).map_err(io)
+                let f = self.open_group(*g)?;
+                files.hand_out(f).map_err(io)
             }
         }
+    }
+
+    /// Opens group `group` ([`Registry::open_group`]: EBUSY while it is
+    /// open or one of its devices has another owner), with its devices.
+    #[cfg(feature = "group")]
+    pub fn open_group(&self, group: u32) -> Result<Arc<GroupFile>, Errno> {
+        let own = self.registry.open_group(group).map_err(|e| e.errno())?;
+        let devices = self
+            .devices
+            .iter()
+            .filter(|d| d.reg().group() == group)
+            .cloned()
+            .collect();
+        Ok(GroupFile::new(&self.files, group, own, devices))
     }
 
     /// Creates every node under `dir` and starts their accept threads.
@@ -289,51 +225,4 @@ enum Node {
     Container,
     #[cfg(feature = "group")]
     Group(u32),
-}
-
-/// Serves one file until its last client copy closes or the client breaks
-/// the protocol (PROTOCOL.md, "Framing"): then the socket is shut down.
-fn serve_file<F: FileKind>(sock: &UnixStream, file: &F) {
-    loop {
-        let frame = match wire::read_frame(sock, FlagPolicy::CDEV) {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                warn!("{}: protocol violation, file closed: {e}", file.describe());
-                break;
-            }
-        };
-        let code = frame.header.request;
-        if frame.header.is_reply() {
-            warn!(
-                "{}: request {code:#x} flagged as a reply, file closed",
-                file.describe()
-            );
-            break;
-        }
-        let out = match dispatch(file.ops(), file, code, frame.payload, frame.fds, |c| {
-            file.gate(c)
-        }) {
-            Ok(o) => o,
-            Err(v) => {
-                warn!("{}: protocol violation, file closed: {v}", file.describe());
-                break;
-            }
-        };
-        let mut payload = reply_payload(&out);
-        let mut fds = out.fds;
-        if payload.len() > MAX_PAYLOAD as usize {
-            // Never happens with the caps the handlers apply; keep the
-            // framing promise anyway.
-            payload = reply_payload(&Out::result(Errno::EINVAL.to_result()));
-            fds.clear();
-        }
-        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        if let Err(e) = wire::write_frame(sock, &frame.header.reply(size), &payload, &raw) {
-            debug!("{}: reply failed, file closed: {e}", file.describe());
-            break;
-        }
-    }
-    let _ = sock.shutdown(std::net::Shutdown::Both);
 }

@@ -4,9 +4,7 @@
 //! the protocol's own codes (PROTOCOL.md, "Opening a node gives a file",
 //! "Device file requests").
 
-use std::mem::{offset_of, size_of};
-
-use vm_memory::ByteValued;
+use vcdev_iommu::uapi_struct;
 
 /// `VCDEV_OPEN`: the message that hands out a file.
 pub const VCDEV_OPEN: u32 = 0x0001;
@@ -138,34 +136,7 @@ pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
 /// `VFIO_GROUP_FLAGS_CONTAINER_SET`.
 pub const VFIO_GROUP_FLAGS_CONTAINER_SET: u32 = 1 << 1;
 
-/// The size of a field, for MIN_SIZE (const-evaluable).
-const fn field_size<S, T>(_: fn(&S) -> &T) -> usize {
-    size_of::<T>()
-}
-
-macro_rules! vfio_struct {
-    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }, last = $last:ident, size = $size:expr) => {
-        $(#[$m])*
-        #[repr(C)]
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-        pub struct $name {
-            $($(#[$fm])* pub $f: $t,)*
-        }
-        impl $name {
-            /// The end of the last mandatory field (the kernel's `minsz`).
-            pub const MIN_SIZE: usize = offset_of!($name, $last) + field_size(|s: &$name| &s.$last);
-            /// The size the server knows.
-            pub const SIZE: usize = size_of::<$name>();
-        }
-        const _: () = assert!(size_of::<$name>() == $size);
-        // SAFETY: a #[repr(C)] struct of plain integers whose size is
-        // asserted above to be the kernel's (no padding); every bit
-        // pattern is a valid value.
-        unsafe impl ByteValued for $name {}
-    };
-}
-
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_device_info`.
     VfioDeviceInfo {
         /// Size of the struct (and capabilities).
@@ -185,7 +156,7 @@ vfio_struct!(
     size = 24
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_region_info`.
     VfioRegionInfo {
         /// Size of the struct.
@@ -205,7 +176,7 @@ vfio_struct!(
     size = 32
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_irq_info`.
     VfioIrqInfo {
         /// Size of the struct.
@@ -221,7 +192,7 @@ vfio_struct!(
     size = 16
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_irq_set` (its data follows in the payload).
     VfioIrqSet {
         /// Size of the struct and data.
@@ -239,7 +210,7 @@ vfio_struct!(
     size = 20
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_device_ioeventfd`.
     VfioDeviceIoeventfd {
         /// Size of the struct.
@@ -259,7 +230,7 @@ vfio_struct!(
     size = 32
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_device_bind_iommufd`.
     VfioDeviceBindIommufd {
         /// Size of the struct.
@@ -275,7 +246,7 @@ vfio_struct!(
     size = 16
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_device_attach_iommufd_pt`.
     VfioDeviceAttachIommufdPt {
         /// Size of the struct.
@@ -291,7 +262,7 @@ vfio_struct!(
     size = 16
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_device_detach_iommufd_pt`.
     VfioDeviceDetachIommufdPt {
         /// Size of the struct.
@@ -305,7 +276,7 @@ vfio_struct!(
     size = 12
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_iommu_type1_info`.
     VfioIommuType1Info {
         /// Size of the struct and capabilities.
@@ -323,7 +294,7 @@ vfio_struct!(
     size = 24
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_iommu_type1_dma_map`.
     VfioIommuType1DmaMap {
         /// Size of the struct.
@@ -341,7 +312,7 @@ vfio_struct!(
     size = 32
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_iommu_type1_dma_unmap`.
     VfioIommuType1DmaUnmap {
         /// Size of the struct.
@@ -357,7 +328,7 @@ vfio_struct!(
     size = 24
 );
 
-vfio_struct!(
+uapi_struct!(
     /// `struct vfio_group_status`.
     VfioGroupStatus {
         /// Size of the struct.
@@ -369,7 +340,7 @@ vfio_struct!(
     size = 8
 );
 
-vfio_struct!(
+uapi_struct!(
     /// The header of `VCDEV_REGION_READ` / `VCDEV_REGION_WRITE` (no size
     /// field: the kernel's pread/pwrite arguments).
     VcdevRegionRw {
@@ -400,7 +371,7 @@ pub struct VfioCapIovaRange {
     /// Padding.
     pub reserved: u32,
 }
-const _: () = assert!(size_of::<VfioCapIovaRange>() == 16);
+uapi_struct!(VfioCapIovaRange, last = reserved, size = 16);
 
 /// `struct vfio_iommu_type1_info_dma_avail`, padded to 8 bytes as the
 /// kernel lays capabilities out (`ALIGN(cap_size, sizeof(u64))`).
@@ -418,11 +389,7 @@ pub struct VfioCapDmaAvail {
     /// Alignment padding.
     pub pad: u32,
 }
-const _: () = assert!(size_of::<VfioCapDmaAvail>() == 16);
-// SAFETY: plain integers, no padding (asserted size); any bit pattern is valid.
-unsafe impl ByteValued for VfioCapDmaAvail {}
-// SAFETY: plain integers, no padding (asserted size); any bit pattern is valid.
-unsafe impl ByteValued for VfioCapIovaRange {}
+uapi_struct!(VfioCapDmaAvail, last = pad, size = 16);
 
 #[cfg(test)]
 mod tests {

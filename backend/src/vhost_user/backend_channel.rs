@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, warn};
@@ -22,6 +22,7 @@ use vhost::vhost_user::message::BackendReq;
 use super::iotlb::{IotlbMsg, Miss, IOTLB_MSG_LEN};
 use crate::registry::DeviceCounters;
 use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_NEED_REPLY};
+use vcdev_iommu::sync::lock;
 
 /// Errors of sending on the backend channel.
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +58,6 @@ impl std::fmt::Debug for BackendChannel {
             .field("open", &lock(&self.open).is_some())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn fail_all(outstanding: &Outstanding) {

@@ -1,5 +1,7 @@
 //! One frontend connection: the request loop and the per-connection state
-//! machine (features, memory table, vrings).
+//! machine (features, memory table, vrings). Requests go through one table,
+//! `OPS` (the rules it applies are in [`super::dispatch`]), to one small
+//! handler each.
 //!
 //! The connection thread reads the frontend's messages, one at a time, and
 //! answers each in order. It never waits on a queue worker that could wait
@@ -14,7 +16,7 @@
 //! logged either way.
 
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +37,12 @@ use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::BackendChannel;
+use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
 use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
 use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
+use crate::error_chain;
+use crate::pod::pod_from;
 use crate::registry::{DeviceCounters, Ownership};
 use crate::wire::{self, FlagPolicy, Frame, FrameHeader, WireError};
 
@@ -157,14 +162,6 @@ impl ConnError {
             _ => Errno::EINVAL,
         }
     }
-}
-
-/// How to answer a request.
-enum Reply {
-    /// No reply of its own: an ack if the frontend asked for one.
-    Ack,
-    /// A reply with this payload.
-    Payload(Vec<u8>),
 }
 
 /// Options of a connection.
@@ -308,25 +305,30 @@ impl Conn {
     }
 
     /// Handles one frame; an error return ends the connection.
+    /// Handles one frame; an error return ends the connection.
     fn handle(&mut self, frame: Frame) -> Result<(), ConnError> {
-        let hdr = frame.header;
+        let Frame {
+            header: hdr,
+            payload,
+            fds,
+        } = frame;
         if hdr.is_reply() {
             return Err(ConnError::UnexpectedReply(hdr.request));
         }
         let req = FrontendReq::try_from(hdr.request)
             .map_err(|()| ConnError::UnknownRequest(hdr.request))?;
         debug!("{}: {req:?} ({} bytes)", self.peer, hdr.size);
-        let has_own_reply = matches!(
-            req,
-            FrontendReq::GET_FEATURES
-                | FrontendReq::GET_PROTOCOL_FEATURES
-                | FrontendReq::GET_QUEUE_NUM
-                | FrontendReq::GET_VRING_BASE
-                | FrontendReq::GET_CONFIG
-                | FrontendReq::GET_MAX_MEM_SLOTS
-                | FrontendReq::GET_STATUS
-        );
-        match self.dispatch(req, frame) {
+        let msg = Msg { req, payload, fds };
+        let op = dispatch::find(OPS, req);
+        let result = match op {
+            Some(op) => {
+                dispatch::check(op, self.protocol, &msg).and_then(|()| (op.handler)(self, msg))
+            }
+            // A request we do not serve: refused, once its descriptors
+            // (none belong to it) are checked.
+            None => msg.expect_fds(0).and(Err(ConnError::Unsupported(req))),
+        };
+        match result {
             Ok(Reply::Payload(p)) => self.send(&hdr, &p),
             Ok(Reply::Ack) => {
                 if hdr.need_reply() && self.reply_ack_on() {
@@ -334,7 +336,7 @@ impl Conn {
                 }
                 Ok(())
             }
-            Err(e) if e.fatal() || has_own_reply => Err(e),
+            Err(e) if e.fatal() || op.is_some_and(|o| o.replies) => Err(e),
             Err(e) => {
                 warn!("{}: refused {req:?}: {}", self.peer, error_chain(&e));
                 if hdr.need_reply() && self.reply_ack_on() {
@@ -350,240 +352,6 @@ impl Conn {
         let len = u32::try_from(payload.len()).map_err(|_| WireError::Oversized(u32::MAX))?;
         wire::write_frame(&self.sock, &req.reply(len), payload, &[])?;
         Ok(())
-    }
-
-    fn dispatch(&mut self, req: FrontendReq, frame: Frame) -> Result<Reply, ConnError> {
-        let Frame { payload, fds, .. } = frame;
-        // Requests that take descriptors check them themselves.
-        if !matches!(
-            req,
-            FrontendReq::SET_MEM_TABLE
-                | FrontendReq::ADD_MEM_REG
-                | FrontendReq::REM_MEM_REG
-                | FrontendReq::SET_VRING_KICK
-                | FrontendReq::SET_VRING_CALL
-                | FrontendReq::SET_VRING_ERR
-                | FrontendReq::SET_BACKEND_REQ_FD
-        ) {
-            expect_fds(req, &fds, 0)?;
-        }
-        match req {
-            FrontendReq::GET_FEATURES => {
-                expect_len(req, &payload, 0)?;
-                Ok(Reply::Payload(u64_payload(self.offered_features())))
-            }
-            FrontendReq::SET_FEATURES => self.set_features(body::<VhostUserU64>(req, &payload)?),
-            FrontendReq::SET_OWNER => {
-                expect_len(req, &payload, 0)?;
-                Ok(Reply::Ack)
-            }
-            FrontendReq::RESET_OWNER => {
-                expect_len(req, &payload, 0)?;
-                // Deprecated. The vhost-user spec: discarding connection
-                // state here "would lead to bugs"; back-ends should ignore
-                // it or disable all rings. Rings are disabled (stopped,
-                // positions kept); SET_VRING_ENABLE 1 resumes them.
-                for v in &mut self.vrings {
-                    v.stop();
-                    v.set_enabled(false);
-                }
-                info!("{}: RESET_OWNER: rings disabled", self.peer);
-                Ok(Reply::Ack)
-            }
-            FrontendReq::GET_PROTOCOL_FEATURES => {
-                expect_len(req, &payload, 0)?;
-                Ok(Reply::Payload(u64_payload(
-                    offered_protocol_features().bits(),
-                )))
-            }
-            FrontendReq::SET_PROTOCOL_FEATURES => {
-                let v = body::<VhostUserU64>(req, &payload)?.value;
-                if v & !offered_protocol_features().bits() != 0 {
-                    return Err(ConnError::Features(v));
-                }
-                self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v);
-                Ok(Reply::Ack)
-            }
-            FrontendReq::GET_QUEUE_NUM => {
-                expect_len(req, &payload, 0)?;
-                Ok(Reply::Payload(u64_payload(u64::from(
-                    self.dev().num_queues(),
-                ))))
-            }
-            FrontendReq::SET_MEM_TABLE => self.set_mem_table(&payload, fds),
-            FrontendReq::GET_MAX_MEM_SLOTS => {
-                expect_len(req, &payload, 0)?;
-                self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
-                Ok(Reply::Payload(u64_payload(MAX_MEM_SLOTS as u64)))
-            }
-            FrontendReq::ADD_MEM_REG => {
-                self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
-                let r = body::<VhostUserSingleMemoryRegion>(req, &payload)?;
-                let fd = one_fd(req, fds)?;
-                self.flush_iotlb();
-                self.mem.add(single_desc(&r), fd)?;
-                info!(
-                    "{}: memory region added at GPA {:#x} ({} regions)",
-                    self.peer,
-                    { r.guest_phys_addr },
-                    self.mem.len()
-                );
-                Ok(Reply::Ack)
-            }
-            FrontendReq::REM_MEM_REG => {
-                self.need_protocol(req, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
-                let r = body::<VhostUserSingleMemoryRegion>(req, &payload)?;
-                if fds.len() > 1 {
-                    return Err(ConnError::Fds {
-                        req,
-                        got: fds.len(),
-                        want: 1,
-                    });
-                }
-                self.flush_iotlb();
-                self.mem.remove(&single_desc(&r))?;
-                info!(
-                    "{}: memory region removed at GPA {:#x} ({} regions)",
-                    self.peer,
-                    { r.guest_phys_addr },
-                    self.mem.len()
-                );
-                Ok(Reply::Ack)
-            }
-            FrontendReq::SET_VRING_NUM => {
-                let s = body::<VhostUserVringState>(req, &payload)?;
-                let max = self.dev().queue_size();
-                let peer = self.peer.clone();
-                let v = self.vring_mut(req, s.index)?;
-                let num = u16::try_from(s.num)
-                    .ok()
-                    .filter(|n| n.is_power_of_two() && *n <= max);
-                let Some(num) = num else {
-                    return Err(ConnError::Invalid {
-                        req,
-                        what: "queue size",
-                        value: u64::from(s.num),
-                    });
-                };
-                refuse_running(req, v, s.index)?;
-                if num < max && !v.warned_small() {
-                    // seg_max in the config space is derived from the
-                    // device's queue size: a guest may build chains longer
-                    // than this smaller queue, which the device refuses.
-                    warn!(
-                        "{peer}: queue size {num} is below the device's queue-size={max}; \
-                         long requests may fail (give the frontend queue-size={max})"
-                    );
-                    v.set_warned_small();
-                }
-                v.set_size(num);
-                Ok(Reply::Ack)
-            }
-            FrontendReq::SET_VRING_ADDR => self.set_vring_addr(body(req, &payload)?),
-            FrontendReq::IOTLB_MSG => self.iotlb_msg(&payload),
-            FrontendReq::SET_VRING_BASE => {
-                let s = body::<VhostUserVringState>(req, &payload)?;
-                let base = u16::try_from(s.num).map_err(|_| ConnError::Invalid {
-                    req,
-                    what: "base",
-                    value: u64::from(s.num),
-                })?;
-                let v = self.vring_mut(req, s.index)?;
-                refuse_running(req, v, s.index)?;
-                v.set_base(base);
-                Ok(Reply::Ack)
-            }
-            FrontendReq::GET_VRING_BASE => {
-                let s = body::<VhostUserVringState>(req, &payload)?;
-                let v = self.vring_mut(req, s.index)?;
-                v.reset(false);
-                let base = v.base();
-                // QEMU never flushes the IOTLB itself: entries of this run
-                // (SeaBIOS's, say) must not survive into the next one.
-                self.flush_iotlb();
-                info!("{}: queue {} stopped at {base}", self.peer, { s.index });
-                Ok(Reply::Payload(
-                    VhostUserVringState::new(s.index, u32::from(base))
-                        .as_slice()
-                        .to_vec(),
-                ))
-            }
-            FrontendReq::SET_VRING_KICK
-            | FrontendReq::SET_VRING_CALL
-            | FrontendReq::SET_VRING_ERR => self.set_vring_fd(req, &payload, fds),
-            FrontendReq::SET_VRING_ENABLE => {
-                let s = body::<VhostUserVringState>(req, &payload)?;
-                if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-                    return Err(ConnError::Unsupported(req));
-                }
-                let on = match s.num {
-                    0 => false,
-                    1 => true,
-                    n => {
-                        return Err(ConnError::Invalid {
-                            req,
-                            what: "enable value",
-                            value: u64::from(n),
-                        })
-                    }
-                };
-                let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
-                let v = self.vring_mut(req, s.index)?;
-                v.set_enabled(on);
-                if on {
-                    v.maybe_start(&dev, &dma, &peer)?;
-                } else {
-                    v.stop();
-                }
-                Ok(Reply::Ack)
-            }
-            FrontendReq::GET_CONFIG => self.get_config(&payload),
-            FrontendReq::SET_CONFIG => {
-                self.need_protocol(req, VhostUserProtocolFeatures::CONFIG)?;
-                let c = config_header(req, &payload)?;
-                // virtio-blk's only writable field (wce) needs CONFIG_WCE,
-                // which the device does not offer: its config is read-only.
-                Err(ConnError::Invalid {
-                    req,
-                    what: "write to read-only config at offset",
-                    value: u64::from(c.offset),
-                })
-            }
-            FrontendReq::SET_BACKEND_REQ_FD => {
-                expect_len(req, &payload, 0)?;
-                self.need_protocol(req, VhostUserProtocolFeatures::BACKEND_REQ)?;
-                let fd = one_fd(req, fds)?;
-                self.iotlb
-                    .channel
-                    .set(UnixStream::from(fd), self.reply_ack_on(), &self.peer)
-                    .map_err(ConnError::BackendChannel)?;
-                Ok(Reply::Ack)
-            }
-            FrontendReq::SET_STATUS => {
-                self.need_protocol(req, VhostUserProtocolFeatures::STATUS)?;
-                let v = body::<VhostUserU64>(req, &payload)?.value;
-                let status = u8::try_from(v).map_err(|_| ConnError::Invalid {
-                    req,
-                    what: "status",
-                    value: v,
-                })?;
-                self.set_status(status);
-                Ok(Reply::Ack)
-            }
-            FrontendReq::GET_STATUS => {
-                self.need_protocol(req, VhostUserProtocolFeatures::STATUS)?;
-                expect_len(req, &payload, 0)?;
-                Ok(Reply::Payload(u64_payload(u64::from(self.status))))
-            }
-            FrontendReq::RESET_DEVICE => {
-                self.need_protocol(req, VhostUserProtocolFeatures::RESET_DEVICE)?;
-                expect_len(req, &payload, 0)?;
-                self.reset_device();
-                info!("{}: device reset", self.peer);
-                Ok(Reply::Ack)
-            }
-            _ => Err(ConnError::Unsupported(req)),
-        }
     }
 
     /// What queues translate descriptor and ring addresses through: guest
@@ -602,18 +370,393 @@ impl Conn {
         }
     }
 
+    fn vring_mut(&mut self, req: FrontendReq, index: u32) -> Result<&mut Vring, ConnError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.vrings.get_mut(i))
+            .ok_or(ConnError::Invalid {
+                req,
+                what: "queue index",
+                value: u64::from(index),
+            })
+    }
+
+    /// Disables every queue: stopped, positions kept.
+    fn disable_vrings(&mut self) {
+        for v in &mut self.vrings {
+            v.stop();
+            v.set_enabled(false);
+        }
+    }
+
+    /// Enables or disables queue `index` and starts or stops it.
+    fn enable_vring(&mut self, req: FrontendReq, index: u32, on: bool) -> Result<(), ConnError> {
+        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
+        let v = self.vring_mut(req, index)?;
+        v.set_enabled(on);
+        if on {
+            v.maybe_start(&dev, &dma, &peer)?;
+        } else {
+            v.stop();
+        }
+        Ok(())
+    }
+
+    // The handlers, one per request of [`OPS`], which has checked the
+    // payload's shape, the descriptors and the protocol feature.
+
+    fn get_features(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        Ok(Reply::Payload(u64_payload(self.offered_features())))
+    }
+
+    fn set_features(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let f = m.get::<VhostUserU64>().value;
+        let extra = f & !self.offered_features();
+        if extra != 0 {
+            return Err(ConnError::Features(extra));
+        }
+        self.features = f;
+        let event_idx = f & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for v in &mut self.vrings {
+            v.set_event_idx(event_idx);
+        }
+        debug!("{}: features {f:#x}", self.peer);
+        Ok(Reply::Ack)
+    }
+
+    fn set_owner(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        Ok(Reply::Ack)
+    }
+
+    /// Deprecated. The vhost-user spec: discarding connection state here
+    /// "would lead to bugs"; back-ends should ignore it or disable all
+    /// rings. Rings are disabled (stopped, positions kept);
+    /// SET_VRING_ENABLE 1 resumes them.
+    fn reset_owner(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        self.disable_vrings();
+        info!("{}: RESET_OWNER: rings disabled", self.peer);
+        Ok(Reply::Ack)
+    }
+
+    fn get_protocol_features(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        Ok(Reply::Payload(u64_payload(
+            offered_protocol_features().bits(),
+        )))
+    }
+
+    fn set_protocol_features(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let v = m.get::<VhostUserU64>().value;
+        if v & !offered_protocol_features().bits() != 0 {
+            return Err(ConnError::Features(v));
+        }
+        self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v);
+        Ok(Reply::Ack)
+    }
+
+    fn get_queue_num(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        Ok(Reply::Payload(u64_payload(u64::from(
+            self.dev().num_queues(),
+        ))))
+    }
+
+    fn set_mem_table(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let each = size_of::<VhostUserMemoryRegion>();
+        let descs: Vec<_> = m
+            .tail::<VhostUserMemory>()
+            .chunks_exact(each)
+            .map(|c| region_desc(&pod_from::<VhostUserMemoryRegion>(c)))
+            .collect();
+        m.expect_fds(descs.len())?;
+        let regions: Vec<_> = descs.into_iter().zip(m.fds).collect();
+        let n = regions.len();
+        self.flush_iotlb();
+        self.mem.replace(regions)?;
+        info!("{}: memory table set ({n} regions)", self.peer);
+        Ok(Reply::Ack)
+    }
+
+    fn get_max_mem_slots(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        Ok(Reply::Payload(u64_payload(MAX_MEM_SLOTS as u64)))
+    }
+
+    fn add_mem_reg(&mut self, mut m: Msg) -> Result<Reply, ConnError> {
+        let r = m.get::<VhostUserSingleMemoryRegion>();
+        let fd = m.one_fd()?;
+        self.flush_iotlb();
+        self.mem.add(single_desc(&r), fd)?;
+        info!(
+            "{}: memory region added at GPA {:#x} ({} regions)",
+            self.peer,
+            { r.guest_phys_addr },
+            self.mem.len()
+        );
+        Ok(Reply::Ack)
+    }
+
+    fn rem_mem_reg(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let r = m.get::<VhostUserSingleMemoryRegion>();
+        self.flush_iotlb();
+        self.mem.remove(&single_desc(&r))?;
+        info!(
+            "{}: memory region removed at GPA {:#x} ({} regions)",
+            self.peer,
+            { r.guest_phys_addr },
+            self.mem.len()
+        );
+        Ok(Reply::Ack)
+    }
+
+    fn set_vring_num(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let (req, s) = (m.req, m.get::<VhostUserVringState>());
+        let max = self.dev().queue_size();
+        let peer = self.peer.clone();
+        let v = self.vring_mut(req, s.index)?;
+        let num = u16::try_from(s.num)
+            .ok()
+            .filter(|n| n.is_power_of_two() && *n <= max);
+        let Some(num) = num else {
+            return Err(ConnError::Invalid {
+                req,
+                what: "queue size",
+                value: u64::from(s.num),
+            });
+        };
+        refuse_running(req, v, s.index)?;
+        if num < max && !v.warned_small() {
+            // seg_max in the config space is derived from the device's
+            // queue size: a guest may build chains longer than this
+            // smaller queue, which the device refuses.
+            warn!(
+                "{peer}: queue size {num} is below the device's queue-size={max}; \
+                 long requests may fail (give the frontend queue-size={max})"
+            );
+            v.set_warned_small();
+        }
+        v.set_size(num);
+        Ok(Reply::Ack)
+    }
+
+    fn set_vring_addr(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let (req, a) = (m.req, m.get::<VhostUserVringAddr>());
+        if a.flags & !VhostUserVringAddrFlags::all().bits() != 0
+            || a.flags & VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits() != 0
+        {
+            // Logging (LOG_ALL) is not offered.
+            return Err(ConnError::Invalid {
+                req,
+                what: "flags",
+                value: u64::from(a.flags),
+            });
+        }
+        let index = a.index;
+        let size = u64::from(self.vring_mut(req, index)?.size());
+        // virtio 1.2 section 2.7: descriptor table 16 * size, avail ring
+        // 6 + 2 * size, used ring 6 + 8 * size bytes.
+        let desc_len = 16 * size;
+        let avail_len = 6 + 2 * size;
+        let used_len = 6 + 8 * size;
+        let (desc, avail, used) = if self.access_platform() {
+            // IOVAs: translated (and asked for) by the queue when it runs.
+            (a.descriptor, a.available, a.used)
+        } else {
+            (
+                self.mem.uaddr_to_gpa(a.descriptor, desc_len)?,
+                self.mem.uaddr_to_gpa(a.available, avail_len)?,
+                self.mem.uaddr_to_gpa(a.used, used_len)?,
+            )
+        };
+        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
+        let v = self.vring_mut(req, index)?;
+        let was_running = v.running();
+        v.stop();
+        v.set_addr(desc, avail, used);
+        if was_running {
+            v.maybe_start(&dev, &dma, &peer)?;
+        }
+        Ok(Reply::Ack)
+    }
+
+    fn set_vring_base(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let (req, s) = (m.req, m.get::<VhostUserVringState>());
+        let base = u16::try_from(s.num).map_err(|_| ConnError::Invalid {
+            req,
+            what: "base",
+            value: u64::from(s.num),
+        })?;
+        let v = self.vring_mut(req, s.index)?;
+        refuse_running(req, v, s.index)?;
+        v.set_base(base);
+        Ok(Reply::Ack)
+    }
+
+    fn get_vring_base(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let s = m.get::<VhostUserVringState>();
+        let v = self.vring_mut(m.req, s.index)?;
+        v.reset(false);
+        let base = v.base();
+        // QEMU never flushes the IOTLB itself: entries of this run
+        // (SeaBIOS's, say) must not survive into the next one.
+        self.flush_iotlb();
+        info!("{}: queue {} stopped at {base}", self.peer, { s.index });
+        Ok(Reply::Payload(
+            VhostUserVringState::new(s.index, u32::from(base))
+                .as_slice()
+                .to_vec(),
+        ))
+    }
+
+    /// SET_VRING_KICK, SET_VRING_CALL and SET_VRING_ERR.
+    fn set_vring_fd(&mut self, mut m: Msg) -> Result<Reply, ConnError> {
+        let req = m.req;
+        let v = m.get::<VhostUserU64>().value;
+        if v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0 {
+            return Err(ConnError::Invalid {
+                req,
+                what: "queue index",
+                value: v,
+            });
+        }
+        let nofd = v & VRING_NOFD_MASK != 0;
+        m.expect_fds(usize::from(!nofd))?;
+        let index = u32::try_from(v & VRING_IDX_MASK).unwrap_or(u32::MAX);
+        let fd: Option<EventFd> = m.take_fd().map(crate::sys::eventfd_from);
+        let features = self.features;
+        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
+        let vr = self.vring_mut(req, index)?;
+        match req {
+            FrontendReq::SET_VRING_KICK => {
+                let Some(fd) = fd else {
+                    // Polling without a kick fd is not supported.
+                    return Err(ConnError::Unsupported(req));
+                };
+                vr.stop();
+                vr.set_kick(Some(fd));
+                // Without PROTOCOL_FEATURES a queue is enabled when started.
+                if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    vr.set_enabled(true);
+                }
+                vr.maybe_start(&dev, &dma, &peer)?;
+                debug!("{peer}: queue {index} kick fd set");
+            }
+            FrontendReq::SET_VRING_CALL => vr.set_call(fd.map(nonblocking).transpose()?),
+            _ => vr.set_err(fd.map(nonblocking).transpose()?),
+        }
+        Ok(Reply::Ack)
+    }
+
+    fn set_vring_enable(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let (req, s) = (m.req, m.get::<VhostUserVringState>());
+        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(ConnError::Unsupported(req));
+        }
+        let on = match s.num {
+            0 => false,
+            1 => true,
+            n => {
+                return Err(ConnError::Invalid {
+                    req,
+                    what: "enable value",
+                    value: u64::from(n),
+                })
+            }
+        };
+        self.enable_vring(req, s.index, on)?;
+        Ok(Reply::Ack)
+    }
+
+    fn get_config(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let c = m.get::<VhostUserConfig>();
+        let (offset, size) = (c.offset, c.size);
+        let ok = size != 0
+            && offset
+                .checked_add(size)
+                .is_some_and(|end| end <= VHOST_USER_CONFIG_SIZE);
+        if !ok {
+            warn!("{}: refused GET_CONFIG at {offset:#x}+{size:#x}", self.peer);
+            let refused = VhostUserConfig {
+                offset,
+                size: 0,
+                flags: c.flags,
+            };
+            return Ok(Reply::Payload(refused.as_slice().to_vec()));
+        }
+        // The table checked that `size` bytes follow the head.
+        let mut out = m.payload;
+        let data = out
+            .get_mut(size_of::<VhostUserConfig>()..)
+            .unwrap_or_default();
+        data.fill(0);
+        self.dev().read_config(offset, data);
+        Ok(Reply::Payload(out))
+    }
+
+    /// virtio-blk's only writable field (wce) needs CONFIG_WCE, which the
+    /// device does not offer: its config is read-only.
+    fn set_config(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        Err(ConnError::Invalid {
+            req: m.req,
+            what: "write to read-only config at offset",
+            value: u64::from(m.get::<VhostUserConfig>().offset),
+        })
+    }
+
+    fn set_backend_req_fd(&mut self, mut m: Msg) -> Result<Reply, ConnError> {
+        let fd = m.one_fd()?;
+        self.iotlb
+            .channel
+            .set(UnixStream::from(fd), self.reply_ack_on(), &self.peer)
+            .map_err(ConnError::BackendChannel)?;
+        Ok(Reply::Ack)
+    }
+
+    fn set_status(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let v = m.get::<VhostUserU64>().value;
+        let status = u8::try_from(v).map_err(|_| ConnError::Invalid {
+            req: m.req,
+            what: "status",
+            value: v,
+        })?;
+        let was_ok = self.status & STATUS_DRIVER_OK != 0;
+        self.status = status;
+        if status == 0 {
+            // A device reset by status: the queues stop (their positions
+            // stay for GET_VRING_BASE) and are disabled until re-enabled.
+            self.disable_vrings();
+        }
+        if was_ok != (status & STATUS_DRIVER_OK != 0) {
+            info!("{}: status {status:#x}", self.peer);
+        }
+        Ok(Reply::Ack)
+    }
+
+    fn get_status(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        Ok(Reply::Payload(u64_payload(u64::from(self.status))))
+    }
+
+    fn reset_device(&mut self, _: Msg) -> Result<Reply, ConnError> {
+        for v in &mut self.vrings {
+            v.reset(true);
+        }
+        self.flush_iotlb();
+        // Protocol features and ownership survive a reset (the frontend
+        // does not negotiate them again); virtio features do not.
+        self.features = 0;
+        self.status = 0;
+        info!("{}: device reset", self.peer);
+        Ok(Reply::Ack)
+    }
+
     /// VHOST_USER_IOTLB_MSG: UPDATE or INVALIDATE. Acked only once it holds:
     /// an UPDATE that replaced entries, and every INVALIDATE, return after
     /// the grace period (no queue uses the old translation any more).
-    fn iotlb_msg(&mut self, payload: &[u8]) -> Result<Reply, ConnError> {
-        let req = FrontendReq::IOTLB_MSG;
-        expect_len(req, payload, IOTLB_MSG_LEN)?;
+    fn iotlb_msg(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let req = m.req;
         if !self.access_platform() {
             return Err(ConnError::NoAccessPlatform);
         }
-        let m = IotlbMsg::decode(payload).ok_or(ConnError::PayloadSize {
+        let m = IotlbMsg::decode(&m.payload).ok_or(ConnError::PayloadSize {
             req,
-            got: payload.len(),
+            got: m.payload.len(),
             want: IOTLB_MSG_LEN,
         })?;
         const UPDATE: u8 = VhostIotlbType::Update as u8;
@@ -692,229 +835,82 @@ impl Conn {
         }
         Ok(())
     }
-
-    fn need_protocol(
-        &self,
-        req: FrontendReq,
-        f: VhostUserProtocolFeatures,
-    ) -> Result<(), ConnError> {
-        if self.protocol.contains(f) {
-            Ok(())
-        } else {
-            Err(ConnError::Unsupported(req))
-        }
-    }
-
-    fn vring_mut(&mut self, req: FrontendReq, index: u32) -> Result<&mut Vring, ConnError> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.vrings.get_mut(i))
-            .ok_or(ConnError::Invalid {
-                req,
-                what: "queue index",
-                value: u64::from(index),
-            })
-    }
-
-    fn set_features(&mut self, v: VhostUserU64) -> Result<Reply, ConnError> {
-        let f = v.value;
-        let extra = f & !self.offered_features();
-        if extra != 0 {
-            return Err(ConnError::Features(extra));
-        }
-        self.features = f;
-        let event_idx = f & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        for v in &mut self.vrings {
-            v.set_event_idx(event_idx);
-        }
-        debug!("{}: features {f:#x}", self.peer);
-        Ok(Reply::Ack)
-    }
-
-    fn set_mem_table(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Reply, ConnError> {
-        let req = FrontendReq::SET_MEM_TABLE;
-        let head = size_of::<VhostUserMemory>();
-        let each = size_of::<VhostUserMemoryRegion>();
-        let m = body_head::<VhostUserMemory>(req, payload)?;
-        let n = usize::try_from(m.num_regions).unwrap_or(usize::MAX);
-        if n == 0 || n > MAX_MEM_SLOTS {
-            return Err(ConnError::Invalid {
-                req,
-                what: "region count",
-                value: u64::from(m.num_regions),
-            });
-        }
-        expect_len(req, payload, head + n * each)?;
-        expect_fds(req, &fds, n)?;
-        let mut regions = Vec::with_capacity(n);
-        for (chunk, fd) in payload[head..].chunks_exact(each).zip(fds) {
-            let r: VhostUserMemoryRegion = pod_from(chunk);
-            regions.push((
-                RegionDesc {
-                    gpa: r.guest_phys_addr,
-                    size: r.memory_size,
-                    uaddr: r.user_addr,
-                    mmap_offset: r.mmap_offset,
-                },
-                fd,
-            ));
-        }
-        self.flush_iotlb();
-        self.mem.replace(regions)?;
-        info!("{}: memory table set ({n} regions)", self.peer);
-        Ok(Reply::Ack)
-    }
-
-    fn set_vring_addr(&mut self, a: VhostUserVringAddr) -> Result<Reply, ConnError> {
-        let req = FrontendReq::SET_VRING_ADDR;
-        if a.flags & !VhostUserVringAddrFlags::all().bits() != 0
-            || a.flags & VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits() != 0
-        {
-            // Logging (LOG_ALL) is not offered.
-            return Err(ConnError::Invalid {
-                req,
-                what: "flags",
-                value: u64::from(a.flags),
-            });
-        }
-        let index = a.index;
-        let size = u64::from(self.vring_mut(req, index)?.size());
-        // virtio 1.2 section 2.7: descriptor table 16 * size, avail ring
-        // 6 + 2 * size, used ring 6 + 8 * size bytes.
-        let desc_len = 16 * size;
-        let avail_len = 6 + 2 * size;
-        let used_len = 6 + 8 * size;
-        let (desc, avail, used) = if self.access_platform() {
-            // IOVAs: translated (and asked for) by the queue when it runs.
-            (a.descriptor, a.available, a.used)
-        } else {
-            (
-                self.mem.uaddr_to_gpa(a.descriptor, desc_len)?,
-                self.mem.uaddr_to_gpa(a.available, avail_len)?,
-                self.mem.uaddr_to_gpa(a.used, used_len)?,
-            )
-        };
-        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
-        let v = self.vring_mut(req, index)?;
-        let was_running = v.running();
-        v.stop();
-        v.set_addr(desc, avail, used);
-        if was_running {
-            v.maybe_start(&dev, &dma, &peer)?;
-        }
-        Ok(Reply::Ack)
-    }
-
-    fn set_vring_fd(
-        &mut self,
-        req: FrontendReq,
-        payload: &[u8],
-        fds: Vec<OwnedFd>,
-    ) -> Result<Reply, ConnError> {
-        let v = body::<VhostUserU64>(req, payload)?.value;
-        if v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0 {
-            return Err(ConnError::Invalid {
-                req,
-                what: "queue index",
-                value: v,
-            });
-        }
-        let nofd = v & VRING_NOFD_MASK != 0;
-        expect_fds(req, &fds, usize::from(!nofd))?;
-        let index = u32::try_from(v & VRING_IDX_MASK).unwrap_or(u32::MAX);
-        let fd: Option<EventFd> = fds.into_iter().next().map(|fd| {
-            // SAFETY: `fd` is an open descriptor we own (just received);
-            // EventFd takes over its ownership and only reads or writes 8
-            // bytes through it, whatever kind of file it really is.
-            unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
-        });
-        let features = self.features;
-        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
-        let vr = self.vring_mut(req, index)?;
-        match req {
-            FrontendReq::SET_VRING_KICK => {
-                let Some(fd) = fd else {
-                    // Polling without a kick fd is not supported.
-                    return Err(ConnError::Unsupported(req));
-                };
-                vr.stop();
-                vr.set_kick(Some(fd));
-                // Without PROTOCOL_FEATURES a queue is enabled when started.
-                if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-                    vr.set_enabled(true);
-                }
-                vr.maybe_start(&dev, &dma, &peer)?;
-                debug!("{peer}: queue {index} kick fd set");
-            }
-            FrontendReq::SET_VRING_CALL => vr.set_call(fd.map(nonblocking).transpose()?),
-            _ => vr.set_err(fd.map(nonblocking).transpose()?),
-        }
-        Ok(Reply::Ack)
-    }
-
-    fn get_config(&mut self, payload: &[u8]) -> Result<Reply, ConnError> {
-        let req = FrontendReq::GET_CONFIG;
-        self.need_protocol(req, VhostUserProtocolFeatures::CONFIG)?;
-        let c = config_header(req, payload)?;
-        let head = size_of::<VhostUserConfig>();
-        let (offset, size) = (c.offset, c.size);
-        let ok = size != 0
-            && offset
-                .checked_add(size)
-                .is_some_and(|end| end <= VHOST_USER_CONFIG_SIZE);
-        if !ok {
-            warn!("{}: refused GET_CONFIG at {offset:#x}+{size:#x}", self.peer);
-            let refused = VhostUserConfig {
-                offset,
-                size: 0,
-                flags: c.flags,
-            };
-            return Ok(Reply::Payload(refused.as_slice().to_vec()));
-        }
-        // size <= VHOST_USER_CONFIG_SIZE (4 KiB): bounded.
-        let mut out = vec![0u8; head + size as usize];
-        out[..head].copy_from_slice(c.as_slice());
-        self.dev().read_config(offset, &mut out[head..]);
-        Ok(Reply::Payload(out))
-    }
-
-    fn set_status(&mut self, status: u8) {
-        let was_ok = self.status & STATUS_DRIVER_OK != 0;
-        self.status = status;
-        if status == 0 {
-            // A device reset by status: the queues stop (their positions
-            // stay for GET_VRING_BASE) and are disabled until re-enabled.
-            for v in &mut self.vrings {
-                v.stop();
-                v.set_enabled(false);
-            }
-        }
-        if was_ok != (status & STATUS_DRIVER_OK != 0) {
-            info!("{}: status {status:#x}", self.peer);
-        }
-    }
-
-    fn reset_device(&mut self) {
-        for v in &mut self.vrings {
-            v.reset(true);
-        }
-        self.flush_iotlb();
-        // Protocol features and ownership survive a reset (the frontend
-        // does not negotiate them again); virtio features do not.
-        self.features = 0;
-        self.status = 0;
-    }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+type P = VhostUserProtocolFeatures;
+use FrontendReq as R;
+
+const EMPTY: Payload = Payload::Empty;
+const U64: Payload = Payload::of::<VhostUserU64>();
+const STATE: Payload = Payload::of::<VhostUserVringState>();
+const ADDR: Payload = Payload::of::<VhostUserVringAddr>();
+const REGION: Payload = Payload::of::<VhostUserSingleMemoryRegion>();
+const MEM_TABLE: Payload = Payload::head::<VhostUserMemory>(mem_table_tail);
+const CONFIG: Payload = Payload::head::<VhostUserConfig>(config_tail);
+const IOTLB: Payload = Payload::Exact(IOTLB_MSG_LEN);
+
+/// The requests served, one entry each: code, payload, descriptors,
+/// handler, and the protocol feature needed (see [`super::dispatch`] for
+/// the rules the table applies). `Op::get` marks a request with a reply of
+/// its own. A request not listed is refused (EOPNOTSUPP).
+#[rustfmt::skip]
+const OPS: &[Op<Conn>] = &[
+    Op::get(R::GET_FEATURES,           EMPTY,                Conn::get_features),
+    Op::new(R::SET_FEATURES,           U64,       Fds::None, Conn::set_features),
+    Op::new(R::SET_OWNER,              EMPTY,     Fds::None, Conn::set_owner),
+    Op::new(R::RESET_OWNER,            EMPTY,     Fds::None, Conn::reset_owner),
+    Op::get(R::GET_PROTOCOL_FEATURES,  EMPTY,                Conn::get_protocol_features),
+    Op::new(R::SET_PROTOCOL_FEATURES,  U64,       Fds::None, Conn::set_protocol_features),
+    Op::get(R::GET_QUEUE_NUM,          EMPTY,                Conn::get_queue_num),
+    Op::new(R::SET_MEM_TABLE,          MEM_TABLE, Fds::Counted, Conn::set_mem_table),
+    Op::get(R::GET_MAX_MEM_SLOTS,      EMPTY,                Conn::get_max_mem_slots).needs(P::CONFIGURE_MEM_SLOTS),
+    Op::new(R::ADD_MEM_REG,            REGION,    Fds::One,  Conn::add_mem_reg).needs(P::CONFIGURE_MEM_SLOTS),
+    Op::new(R::REM_MEM_REG,            REGION,    Fds::AtMostOne, Conn::rem_mem_reg).needs(P::CONFIGURE_MEM_SLOTS),
+    Op::new(R::SET_VRING_NUM,          STATE,     Fds::None, Conn::set_vring_num),
+    Op::new(R::SET_VRING_ADDR,         ADDR,      Fds::None, Conn::set_vring_addr),
+    Op::new(R::SET_VRING_BASE,         STATE,     Fds::None, Conn::set_vring_base),
+    Op::get(R::GET_VRING_BASE,         STATE,                Conn::get_vring_base),
+    Op::new(R::SET_VRING_KICK,         U64,       Fds::Counted, Conn::set_vring_fd),
+    Op::new(R::SET_VRING_CALL,         U64,       Fds::Counted, Conn::set_vring_fd),
+    Op::new(R::SET_VRING_ERR,          U64,       Fds::Counted, Conn::set_vring_fd),
+    Op::new(R::SET_VRING_ENABLE,       STATE,     Fds::None, Conn::set_vring_enable),
+    Op::new(R::IOTLB_MSG,              IOTLB,     Fds::None, Conn::iotlb_msg),
+    Op::get(R::GET_CONFIG,             CONFIG,               Conn::get_config).needs(P::CONFIG),
+    Op::new(R::SET_CONFIG,             CONFIG,    Fds::None, Conn::set_config).needs(P::CONFIG),
+    Op::new(R::SET_BACKEND_REQ_FD,     EMPTY,     Fds::One,  Conn::set_backend_req_fd).needs(P::BACKEND_REQ),
+    Op::new(R::SET_STATUS,             U64,       Fds::None, Conn::set_status).needs(P::STATUS),
+    Op::get(R::GET_STATUS,             EMPTY,                Conn::get_status).needs(P::STATUS),
+    Op::new(R::RESET_DEVICE,           EMPTY,     Fds::None, Conn::reset_device).needs(P::RESET_DEVICE),
+];
+
+/// SET_MEM_TABLE: `num_regions` regions follow the head, 1 to
+/// [`MAX_MEM_SLOTS`] of them.
+fn mem_table_tail(head: &[u8]) -> Result<usize, ConnError> {
+    let m = pod_from::<VhostUserMemory>(head);
+    let n = usize::try_from(m.num_regions).unwrap_or(usize::MAX);
+    if n == 0 || n > MAX_MEM_SLOTS {
+        return Err(ConnError::Invalid {
+            req: FrontendReq::SET_MEM_TABLE,
+            what: "region count",
+            value: u64::from(m.num_regions),
+        });
     }
-    s
+    Ok(n * size_of::<VhostUserMemoryRegion>())
+}
+
+/// GET/SET_CONFIG: exactly `size` bytes follow the head.
+fn config_tail(head: &[u8]) -> Result<usize, ConnError> {
+    let c = pod_from::<VhostUserConfig>(head);
+    Ok(usize::try_from(c.size).unwrap_or(usize::MAX))
+}
+
+fn region_desc(r: &VhostUserMemoryRegion) -> RegionDesc {
+    RegionDesc {
+        gpa: r.guest_phys_addr,
+        size: r.memory_size,
+        uaddr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+    }
 }
 
 fn single_desc(r: &VhostUserSingleMemoryRegion) -> RegionDesc {
@@ -926,72 +922,12 @@ fn single_desc(r: &VhostUserSingleMemoryRegion) -> RegionDesc {
     }
 }
 
-fn expect_len(req: FrontendReq, payload: &[u8], want: usize) -> Result<(), ConnError> {
-    if payload.len() == want {
-        Ok(())
-    } else {
-        Err(ConnError::PayloadSize {
-            req,
-            got: payload.len(),
-            want,
-        })
-    }
-}
-
-fn expect_fds(req: FrontendReq, fds: &[OwnedFd], want: usize) -> Result<(), ConnError> {
-    if fds.len() == want {
-        Ok(())
-    } else {
-        Err(ConnError::Fds {
-            req,
-            got: fds.len(),
-            want,
-        })
-    }
-}
-
-/// The payload as exactly one `T` (copied: the payload need not be aligned).
-fn body<T: ByteValued + Default>(req: FrontendReq, payload: &[u8]) -> Result<T, ConnError> {
-    expect_len(req, payload, size_of::<T>())?;
-    Ok(pod_from(payload))
-}
-
-/// The fixed head of a variable-length payload: its first `size_of::<T>()`
-/// bytes as a `T`, or `PayloadSize` if the payload is shorter.
-fn body_head<T: ByteValued + Default>(req: FrontendReq, payload: &[u8]) -> Result<T, ConnError> {
-    let head = size_of::<T>();
-    if payload.len() < head {
-        return Err(ConnError::PayloadSize {
-            req,
-            got: payload.len(),
-            want: head,
-        });
-    }
-    Ok(pod_from(payload))
-}
-
 /// Makes a call or err eventfd non-blocking: a queue worker signals it and
 /// must never block there (a full counter already means "signalled"), or
 /// stopping the queue would wait for it forever.
 fn nonblocking(fd: EventFd) -> Result<EventFd, ConnError> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own; F_GETFL takes no argument.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    // SAFETY: as above; F_SETFL takes an int of status flags.
-    if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(ConnError::EventFd(std::io::Error::last_os_error()));
-    }
+    crate::sys::set_nonblocking(fd.as_raw_fd()).map_err(ConnError::EventFd)?;
     Ok(fd)
-}
-
-/// The one descriptor a request must carry.
-fn one_fd(req: FrontendReq, fds: Vec<OwnedFd>) -> Result<OwnedFd, ConnError> {
-    expect_fds(req, &fds, 1)?;
-    fds.into_iter().next().ok_or(ConnError::Fds {
-        req,
-        got: 0,
-        want: 1,
-    })
 }
 
 /// SET_VRING_NUM and SET_VRING_BASE leave a running queue alone.
@@ -1006,29 +942,132 @@ fn refuse_running(req: FrontendReq, v: &Vring, index: u32) -> Result<(), ConnErr
     Ok(())
 }
 
-/// A `T` from the first `size_of::<T>()` bytes of `bytes` (zero-filled if short).
-fn pod_from<T: ByteValued + Default>(bytes: &[u8]) -> T {
-    let mut t = T::default();
-    let dst = t.as_mut_slice();
-    let n = dst.len().min(bytes.len());
-    dst[..n].copy_from_slice(&bytes[..n]);
-    t
-}
-
-/// GET/SET_CONFIG: the header, followed by exactly `size` bytes.
-fn config_header(req: FrontendReq, payload: &[u8]) -> Result<VhostUserConfig, ConnError> {
-    let head = size_of::<VhostUserConfig>();
-    let c = body_head::<VhostUserConfig>(req, payload)?;
-    let want = usize::try_from(c.size)
-        .ok()
-        .and_then(|s| s.checked_add(head))
-        .unwrap_or(usize::MAX);
-    expect_len(req, payload, want)?;
-    Ok(c)
-}
-
 impl AsRawFd for Conn {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.sock.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use crate::test_util::ram_blk;
+    use crate::wire::FLAG_NEED_REPLY;
+
+    /// A connection to a fresh RAM device, and the frontend's end.
+    fn conn() -> (Conn, UnixStream) {
+        let mut r = Registry::default();
+        let dev = r.add("t".into(), ram_blk());
+        let own = Registry::claim_vhost_user(&dev, "t").unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let cfg = ConnConfig {
+            seal_policy: SealPolicy::RequireShrinkSeal,
+            iotlb_miss_timeout: Duration::from_millis(100),
+            iotlb_max_entries: 8,
+        };
+        (Conn::new(ours, own, "t".into(), cfg), theirs)
+    }
+
+    fn msg(req: FrontendReq, payload: &[u8]) -> Msg {
+        Msg {
+            req,
+            payload: payload.to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
+    fn frame(req: FrontendReq, flags: u32, payload: &[u8]) -> Frame {
+        let size = u32::try_from(payload.len()).unwrap();
+        Frame {
+            header: FrameHeader::request(u32::from(req), flags, size),
+            payload: payload.to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
+    /// One entry per code, and every code with a reply of its own is a GET.
+    #[test]
+    fn table_has_one_entry_per_code() {
+        for (i, a) in OPS.iter().enumerate() {
+            assert!(OPS[i + 1..].iter().all(|b| b.req != a.req), "{:?}", a.req);
+            assert_eq!(
+                a.replies,
+                format!("{:?}", a.req).starts_with("GET_"),
+                "{:?}",
+                a.req
+            );
+        }
+    }
+
+    #[test]
+    fn single_handlers() {
+        let (mut c, _peer) = conn();
+        let n = c.get_queue_num(msg(R::GET_QUEUE_NUM, &[])).unwrap();
+        assert_eq!(
+            n,
+            Reply::Payload(u64_payload(u64::from(c.dev().num_queues())))
+        );
+        c.set_status(msg(R::SET_STATUS, &7u64.to_le_bytes()))
+            .unwrap();
+        assert_eq!(c.status, 7);
+        let e = c.set_status(msg(R::SET_STATUS, &0x100u64.to_le_bytes()));
+        assert!(matches!(e, Err(ConnError::Invalid { what: "status", .. })));
+        assert_eq!(c.status, 7);
+        c.reset_device(msg(R::RESET_DEVICE, &[])).unwrap();
+        assert_eq!((c.status, c.features), (0, 0));
+        let e = c.set_features(msg(R::SET_FEATURES, &u64::MAX.to_le_bytes()));
+        assert!(matches!(e, Err(ConnError::Features(_))));
+        let e = c.iotlb_msg(msg(R::IOTLB_MSG, &[0; IOTLB_MSG_LEN]));
+        assert!(matches!(e, Err(ConnError::NoAccessPlatform)));
+    }
+
+    /// A wrong-size payload is refused by the table and ends the
+    /// connection, before the handler runs.
+    #[test]
+    fn wrong_size_is_refused_once() {
+        let (mut c, _peer) = conn();
+        let e = c.handle(frame(R::SET_FEATURES, 0, &[0; 7])).unwrap_err();
+        assert!(matches!(
+            e,
+            ConnError::PayloadSize {
+                got: 7,
+                want: 8,
+                ..
+            }
+        ));
+        let e = c.handle(frame(R::GET_QUEUE_NUM, 0, &[0])).unwrap_err();
+        assert!(matches!(
+            e,
+            ConnError::PayloadSize {
+                got: 1,
+                want: 0,
+                ..
+            }
+        ));
+    }
+
+    /// A request whose protocol feature was not negotiated is refused with
+    /// EOPNOTSUPP (the connection stays) unless it has a reply of its own.
+    #[test]
+    fn feature_not_negotiated() {
+        let (mut c, peer) = conn();
+        let p = P::REPLY_ACK.bits().to_le_bytes();
+        c.handle(frame(R::SET_PROTOCOL_FEATURES, 0, &p)).unwrap();
+        let status = 1u64.to_le_bytes();
+        c.handle(frame(R::SET_STATUS, FLAG_NEED_REPLY, &status))
+            .unwrap();
+        let ack = wire::read_frame(&peer, FlagPolicy::VHOST_USER)
+            .unwrap()
+            .unwrap();
+        let code = u64::from_le_bytes(ack.payload.try_into().unwrap());
+        assert_eq!(code, u64::try_from(libc::EOPNOTSUPP).unwrap());
+        assert_eq!(c.status, 0);
+        let e = c.handle(frame(R::GET_STATUS, 0, &[])).unwrap_err();
+        assert!(matches!(e, ConnError::Unsupported(R::GET_STATUS)));
+        // The feature is checked before the payload, for every request
+        // (SET_BACKEND_REQ_FD used to check its size first and close).
+        c.handle(frame(R::SET_BACKEND_REQ_FD, 0, &[0; 8])).unwrap();
+        c.handle(frame(R::RESET_DEVICE, 0, &[0; 8])).unwrap();
     }
 }

@@ -28,13 +28,14 @@
 //! other lock is held with them. Neither is held while sending or waiting.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use vcdev_iommu::Permissions;
 use vhost::{VhostAccess, VhostIotlbType};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::registry::DeviceCounters;
+use vcdev_iommu::sync::lock;
 
 /// Bytes of a `struct vhost_iotlb_msg` on the wire.
 pub const IOTLB_MSG_LEN: usize = std::mem::size_of::<IotlbMsg>();
@@ -134,10 +135,6 @@ pub fn perm_from_vhost(p: u8) -> Option<Permissions> {
 /// Whether `have` allows every access in `want`.
 pub fn allows(have: Permissions, want: Permissions) -> bool {
     (have as u8) & (want as u8) == want as u8
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Records one wait for a miss answer in the device's counters.

@@ -11,6 +11,7 @@
 
 pub mod backend_channel;
 pub mod conn;
+pub mod dispatch;
 pub mod iotlb;
 pub mod memory;
 pub mod ring;
@@ -30,28 +31,9 @@ use conn::{Conn, ConnConfig};
 
 /// Names a peer for logs: its pid and uid when the kernel tells them.
 fn peer_name(device: &str, n: u64, sock: &UnixStream) -> String {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a plain C
-    // struct of that size, for a socket descriptor we own.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::addr_of_mut!(cred).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        format!("{device}#{n} (pid {} uid {})", cred.pid, cred.uid)
-    } else {
-        format!("{device}#{n}")
+    match crate::sys::peer_cred(sock) {
+        Ok(cred) => format!("{device}#{n} (pid {} uid {})", cred.pid, cred.uid),
+        Err(_) => format!("{device}#{n}"),
     }
 }
 

@@ -31,7 +31,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,7 @@ use super::iotlb::{record_wait, MissTable, IOTLB_PAGE_SIZE};
 use super::ring::{RingPins, RingView};
 use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
 use crate::registry::{Device, DeviceCounters};
+use vcdev_iommu::sync::lock;
 
 /// The kick eventfd's event id in a worker's loop.
 const EVENT_KICK: u64 = EVENT_FIRST_DEVICE;
@@ -126,10 +127,6 @@ pub enum VringError {
 pub struct Notifiers {
     call: Mutex<Option<EventFd>>,
     err: Mutex<Option<EventFd>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Notifiers {
