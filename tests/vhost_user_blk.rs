@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::frontend::{pattern, Harness, Vcdev, SECTOR, S_IOERR, S_OK, S_UNSUPP, TIMEOUT};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP};
+use vcdev_device_model::testing::BlkRequest;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 #[test]
@@ -68,24 +71,15 @@ fn multiqueue_requests_complete_on_their_own_queues() {
     // Every queue writes its own area, all in flight at once.
     for q in 0..4 {
         let data = pattern(q as u8, 8192);
-        let dq = &h.queues[q];
-        let hdr = dq.header_gpa();
-        let mut hd = [0u8; 16];
-        hd[0..4].copy_from_slice(&virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT.to_le_bytes());
-        hd[8..16].copy_from_slice(&(q as u64 * 1000).to_le_bytes());
-        h.mem.write(hdr, &hd);
-        h.mem.write(dq.data_gpa(), &data);
-        let chain = [
-            (hdr, 16, false),
-            (dq.data_gpa(), 8192, false),
-            (hdr + 16, 1, true),
-        ];
+        let at = h.queues[q].data_gpa();
+        h.mem.write(at, &data);
+        let chain = h.blk_chain(q, VIRTIO_BLK_T_OUT, q as u64 * 1000, &[(at, 8192, false)]);
         h.queues[q].submit(&h.mem, &chain);
     }
     for q in 0..4 {
         let (id, _) = h.queues[q].wait_used(&h.mem, TIMEOUT).expect("completion");
         assert_eq!(id, 0);
-        assert_eq!(h.mem.read(h.queues[q].header_gpa() + 16, 1)[0], S_OK);
+        assert_eq!(h.mem.read(h.queues[q].status_gpa(), 1)[0], S_OK);
     }
     // Read every area back through another queue.
     for q in 0..4 {
@@ -118,25 +112,14 @@ fn malformed_chains_get_their_status_and_the_queue_keeps_working() {
     assert_eq!(h.read(0, 0, 100).status, S_IOERR);
     check_alive(&mut h);
     // A write whose data the device would have to write (wrong direction).
-    assert_eq!(
-        h.blk(
-            0,
-            virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT,
-            0,
-            &[],
-            512
-        )
-        .status,
-        S_IOERR
-    );
+    assert_eq!(h.blk(0, VIRTIO_BLK_T_OUT, 0, &[], 512).status, S_IOERR);
     check_alive(&mut h);
 
     let hdr = h.queues[0].header_gpa();
-    let status = hdr + 16;
+    let status = h.queues[0].status_gpa();
     let data = h.queues[0].data_gpa();
-    let mut hd = [0u8; 16];
-    hd[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    h.mem.write(hdr, &hd);
+    h.mem
+        .write(hdr, &BlkRequest::new(VIRTIO_BLK_T_IN, 0).header());
 
     // Header too short (8 bytes).
     h.mem.write(status, &[0xff]);

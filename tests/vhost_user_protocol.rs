@@ -274,7 +274,7 @@ fn kick_before_enable_is_served_once_enabled() {
     h.queues.push(DriverQueue::new_for_tests(0, 64));
     let cfg = h.queues[0].config(&h.mem);
     let q = &h.queues[0];
-    h.fe.set_vring_num(0, q.size).expect("SET_VRING_NUM");
+    h.fe.set_vring_num(0, q.size()).expect("SET_VRING_NUM");
     h.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
     h.fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
     h.fe.set_vring_call(0, &q.call).expect("SET_VRING_CALL");

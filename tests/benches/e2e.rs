@@ -33,6 +33,7 @@ use common::frontend::{
 use common::process::Daemon;
 use common::TempDir;
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
+use vcdev_device_model::testing::{BlkRequest, R, W};
 use vhost::VhostAccess;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
@@ -288,31 +289,17 @@ impl Driver {
             Op::Read => VIRTIO_BLK_T_IN,
             Op::Write => VIRTIO_BLK_T_OUT,
         };
-        let mut h = [0u8; 17];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        h[16] = 0xff;
-        self.h.mem.write(hdr, &h);
+        let status = hdr + u64::from(BlkRequest::HEADER_LEN);
+        BlkRequest::new(kind, sector).write(&self.h.mem, hdr, status);
         let head = (slot * 3) as u16;
-        let (a_hdr, a_data, a_st) = (
+        let data_flags = if op == Op::Read { W } else { R };
+        let chain = BlkRequest::chain(
             self.h.dma_addr(hdr),
-            self.h.dma_addr(data),
-            self.h.dma_addr(hdr + 16),
+            &[(self.h.dma_addr(data), BLOCK as u32, data_flags)],
+            self.h.dma_addr(status),
         );
-        let next = 1u16; // VRING_DESC_F_NEXT
-        let wr = 2u16; // VRING_DESC_F_WRITE
         let q = &mut self.h.queues[0];
-        q.write_desc(&self.h.mem, head, a_hdr, 16, next, head + 1);
-        let data_flags = next | if op == Op::Read { wr } else { 0 };
-        q.write_desc(
-            &self.h.mem,
-            head + 1,
-            a_data,
-            BLOCK as u32,
-            data_flags,
-            head + 2,
-        );
-        q.write_desc(&self.h.mem, head + 2, a_st, 1, wr, 0);
+        q.ring.write_chain(&self.h.mem, head, &chain);
         q.offer(&self.h.mem, head);
     }
 

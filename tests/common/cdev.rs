@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use vcdev::cdev::client::File;
+use vcdev_device_model::testing::{BlkRequest, R, W};
 use vcdev_iommu::uapi::{
     IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
 };
@@ -365,9 +366,9 @@ impl BlkDriver {
         w16(common::QUEUE_SELECT, 0);
         w16(common::QUEUE_SIZE, size);
         w16(common::QUEUE_MSIX_VECTOR, 1);
-        w64(common::QUEUE_DESC, q.desc);
-        w64(common::QUEUE_DRIVER, q.avail);
-        w64(common::QUEUE_DEVICE, q.used);
+        w64(common::QUEUE_DESC, q.ring.desc);
+        w64(common::QUEUE_DRIVER, q.ring.avail);
+        w64(common::QUEUE_DEVICE, q.ring.used);
         let notify_off = u16_at(
             &dev.region_read(c + common::QUEUE_NOTIFY_OFF, 2).unwrap(),
             0,
@@ -402,17 +403,16 @@ impl BlkDriver {
     ) -> Option<(u8, u32)> {
         let hdr = self.q.header_gpa();
         let status = hdr + 0x100;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write(hdr, &h);
-        self.mem.write(status, &[0xff]);
-        let mut chain = vec![(hdr, 16u32, false)];
-        if len > 0 {
-            chain.push((data_iova, len, device_writes));
-        }
-        chain.push((status, 1, true));
-        self.q.submit(&self.mem, &chain);
+        let req = BlkRequest::new(kind, sector);
+        req.write(&self.mem, hdr, status);
+        let data = if device_writes { W } else { R };
+        let bufs = if len > 0 {
+            vec![(data_iova, len, data)]
+        } else {
+            Vec::new()
+        };
+        self.q
+            .submit_flags(&self.mem, &BlkRequest::chain(hdr, &bufs, status));
         let (_, used) = self.q.wait_used(&self.mem, TIMEOUT)?;
         Some((self.mem.read(status, 1)[0], used))
     }
