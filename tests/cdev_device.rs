@@ -17,7 +17,8 @@ use std::os::unix::net::UnixStream;
 use common::cdev::{
     bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, MAP_RW_FIXED,
 };
-use common::frontend::{Region, TIMEOUT};
+use common::frontend::Region;
+use common::TIMEOUT;
 use vcdev::cdev::vfio_uapi::*;
 use vcdev::wire::{FlagPolicy, FLAG_REPLY, MAX_PAYLOAD};
 use vm_memory::ByteValued;
@@ -538,7 +539,7 @@ fn set_container_rules() {
 /// A container with group 5 set and TYPE1v2.
 #[cfg(feature = "group")]
 fn container_with_group(
-    d: &common::cdev::CdevDaemon,
+    d: &common::vcdev::Vcdev,
 ) -> (vcdev::cdev::client::File, vcdev::cdev::client::File) {
     let c = d.container();
     let g = d.group(5).unwrap();

@@ -489,7 +489,7 @@ fn detach_widens_the_ioas_again() {
 
 /// A source IOAS with 0x4000 bytes mapped at 0x10000 and a destination
 /// IOAS allowed 0x100000-0x1fffff only.
-fn copy_setup(d: &common::cdev::CdevDaemon) -> (File, u32, u32, Region) {
+fn copy_setup(d: &common::vcdev::Vcdev) -> (File, u32, u32, Region) {
     let f = d.iommufd();
     let a = f.ioas_alloc().unwrap();
     let b = f.ioas_alloc().unwrap();

@@ -10,8 +10,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::frontend::Vcdev;
 use common::qemu;
+use common::vcdev::Vcdev;
 use common::TempDir;
 
 #[test]

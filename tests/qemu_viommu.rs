@@ -19,8 +19,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::frontend::Vcdev;
 use common::qemu::{self, Guest};
+use common::vcdev::Vcdev;
 use common::TempDir;
 
 /// MiB written and read back by each guest.

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::frontend::{pattern, Harness, Vcdev, SECTOR, S_IOERR, S_OK, S_UNSUPP, TIMEOUT};
+use common::frontend::{pattern, Harness, SECTOR, S_IOERR, S_OK, S_UNSUPP};
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
 use vcdev_device_model::testing::BlkRequest;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -318,18 +320,14 @@ fn serve_prints_how_to_attach_each_device() {
 /// prefix, and a comma in the socket path is doubled (QEMU's escape).
 #[test]
 fn serve_prints_qemu_ids_and_escaped_paths() {
-    let dir = common::TempDir::new("blk-id").expect("tmp");
-    let odd = dir.join("a,b");
-    std::fs::create_dir(&odd).expect("mkdir");
-    let mut cmd = std::process::Command::new(common::frontend::vcdev_bin());
-    cmd.arg("serve")
-        .arg("--dir")
-        .arg(&odd)
-        .args(["--device", "blk,name=0disk,ram=1M"]);
-    let sock = odd.join("vhost-user").join("0disk");
-    let mut d = common::process::Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("serve");
+    let mut d = Vcdev::builder("blk-id")
+        .subdir("a,b")
+        .device("blk,name=0disk,ram=1M")
+        .wait_for_vhost_user("0disk")
+        .spawn();
+    let sock = d.socket("0disk");
     let out = common::poll_until(TIMEOUT, || {
-        let out = d.proc().stdout().text();
+        let out = d.daemon.proc().stdout().text();
         out.contains("-device virtio-iommu-pci").then_some(out)
     })
     .expect("vcdev serve printed the QEMU options");
@@ -352,13 +350,7 @@ fn invalid_options_exit_2_with_one_line() {
         &["--device", "nvme"],
         &["--iotlb-miss-timeout-ms", "0"],
     ] {
-        let out = std::process::Command::new(common::frontend::vcdev_bin())
-            .arg("serve")
-            .arg("--dir")
-            .arg(dir.join("run"))
-            .args(bad)
-            .output()
-            .unwrap();
+        let out = common::vcdev::serve_once(&dir.join("run"), bad);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
         assert!(out.stdout.is_empty(), "{bad:?}");

@@ -7,9 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::frontend::{
-    iova_of, pattern, Desc, Harness, Vcdev, DATA_GPA, SECTOR, S_IOERR, S_OK, TIMEOUT,
-};
+use common::frontend::{iova_of, pattern, Desc, Harness, DATA_GPA, SECTOR, S_IOERR, S_OK};
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};

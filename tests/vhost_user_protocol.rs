@@ -6,8 +6,10 @@
 
 mod common;
 
-use common::frontend::{pattern, DriverQueue, Harness, Vcdev, S_OK, TIMEOUT};
+use common::frontend::{pattern, DriverQueue, Harness, S_OK};
 use common::frontend::{u64_of, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_IOERR};
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
 use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags, VhostUserVringState};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -215,7 +217,7 @@ fn refused_messages_get_error_acks() {
     assert!(h
         .raw_flags_code(0xdead, wire_need_reply(), &[], &[])
         .is_none());
-    let logged = common::poll_until(common::frontend::TIMEOUT, || {
+    let logged = common::poll_until(common::TIMEOUT, || {
         d.log().contains("Unknown request 57005").then_some(())
     });
     assert!(logged.is_some(), "{}", d.log());

@@ -24,14 +24,12 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::frontend::{
-    iova_of, vcdev_bin, Harness, Vcdev, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK, TIMEOUT,
-};
-use common::process::Daemon;
-use common::TempDir;
+use common::frontend::{iova_of, Harness, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK};
+use common::vcdev::vcdev_bin;
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use vhost::VhostAccess;
@@ -249,7 +247,7 @@ impl Driver {
         let d = Driver {
             h,
             mode,
-            dir: vcdev.dir.path().to_path_buf(),
+            dir: vcdev.dir().to_path_buf(),
             served: 0,
             updates: Vec::new(),
             invalidates: Vec::new(),
@@ -417,16 +415,11 @@ impl Driver {
 /// A `vcdev serve` with one 64 MiB RAM disk, logging at info (debug logs
 /// every vhost-user message and would be measured too).
 fn daemon(tag: &str) -> Vcdev {
-    let dir = TempDir::new(tag).expect("tmpdir");
-    let mut cmd = Command::new(vcdev_bin());
-    cmd.arg("serve")
-        .arg("--dir")
-        .arg(dir.path())
-        .args(["--device", "blk,name=vfio0,ram=64M,queue-size=256"])
-        .env("RUST_LOG", "info");
-    let sock = dir.path().join("vhost-user").join("vfio0");
-    let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
-    Vcdev { daemon, dir }
+    Vcdev::builder(tag)
+        .device("blk,name=vfio0,ram=64M,queue-size=256")
+        .wait_for_vhost_user("vfio0")
+        .log_level("info")
+        .spawn()
 }
 
 fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {

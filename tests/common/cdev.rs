@@ -1,13 +1,11 @@
-//! The cdev door from the client side: a daemon launcher, openers for the
-//! nodes, one helper per command (through `vcdev::cdev::client`, the way
+//! The cdev door from the client side: openers for the nodes of a
+//! [`Vcdev`], the daemons of the cdev tests, one helper per command (through `vcdev::cdev::client`, the way
 //! `iommufd_utils.h` wraps the ioctls), and a small userspace virtio-blk
 //! driver (PCI capability walk, common configuration, MSI-X eventfds,
 //! ioeventfd doorbells) over the split-ring driver of [`super::frontend`].
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::path::PathBuf;
-use std::process::Command;
 
 use vcdev::cdev::client::File;
 use vcdev_device_model::testing::{BlkRequest, R, W};
@@ -18,11 +16,9 @@ use vcdev_iommu::Errno;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::frontend::{
-    vcdev_bin, DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, TIMEOUT,
-};
-use super::process::Daemon;
-use super::TempDir;
+use super::frontend::{DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE};
+use super::vcdev::Vcdev;
+use super::TIMEOUT;
 
 /// Map flags for read-write DMA at a fixed IOVA.
 pub const MAP_RW_FIXED: u32 =
@@ -44,32 +40,8 @@ macro_rules! assert_errno {
     };
 }
 
-/// A `vcdev serve` with its cdev nodes, killed on drop.
-pub struct CdevDaemon {
-    /// The process.
-    pub daemon: Daemon,
-    /// Its `--dir`.
-    pub dir: TempDir,
-}
-
-impl CdevDaemon {
-    /// Starts `vcdev serve --dir <tmp> <args>`, waiting for `DIR/control`
-    /// (created after every node).
-    pub fn start(tag: &str, args: &[&str]) -> CdevDaemon {
-        let dir = TempDir::new(tag).expect("tmpdir");
-        let mut cmd = Command::new(vcdev_bin());
-        cmd.arg("serve").arg("--dir").arg(dir.path()).args(args);
-        cmd.env("RUST_LOG", "debug");
-        let sock = dir.path().join("control");
-        let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
-        CdevDaemon { daemon, dir }
-    }
-
-    /// `DIR/rel`.
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
+/// The cdev nodes of a `vcdev serve`.
+impl Vcdev {
     /// Opens `DIR/iommu`.
     pub fn iommufd(&self) -> File {
         File::open(&self.path("iommu")).expect("open iommu")
@@ -89,62 +61,26 @@ impl CdevDaemon {
     pub fn container(&self) -> File {
         File::open(&self.path("vfio/vfio")).expect("open container")
     }
-
-    /// `vcdev ctl --dir DIR <args>`: (success, stdout).
-    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(vcdev_bin())
-            .arg("ctl")
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(args)
-            .output()
-            .expect("vcdev ctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&mut self) -> String {
-        self.daemon.proc().stderr().text()
-    }
-
-    /// Whether the daemon still runs.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.daemon.proc().try_wait(), Ok(None))
-    }
 }
 
 /// The daemon of the iommufd tests: `vfio0` with the default IOMMU view
 /// (the full 64-bit aperture, nothing reserved) and `vfio1` with the
 /// aperture 0x100000-0xffffffff and 0x200000-0x2fffff reserved.
-pub fn iommufd_daemon(tag: &str) -> CdevDaemon {
-    CdevDaemon::start(
-        tag,
-        &[
-            "--device",
-            "blk,ram=1M",
-            "--device",
-            "blk,ram=1M,iova-aperture=0x100000-0xffffffff,iova-reserved=0x200000-0x2fffff",
-        ],
-    )
+pub fn iommufd_daemon(tag: &str) -> Vcdev {
+    Vcdev::builder(tag)
+        .device("blk,ram=1M")
+        .device("blk,ram=1M,iova-aperture=0x100000-0xffffffff,iova-reserved=0x200000-0x2fffff")
+        .spawn()
 }
 
 /// The daemon of the device tests: `vfio0` alone in group 0, `vfio1` and
 /// `other` together in group 5.
-pub fn device_daemon(tag: &str) -> CdevDaemon {
-    CdevDaemon::start(
-        tag,
-        &[
-            "--device",
-            "blk,ram=1M",
-            "--device",
-            "blk,ram=1M,group=5",
-            "--device",
-            "blk,ram=1M,name=other,group=5",
-        ],
-    )
+pub fn device_daemon(tag: &str) -> Vcdev {
+    Vcdev::builder(tag)
+        .device("blk,ram=1M")
+        .device("blk,ram=1M,group=5")
+        .device("blk,ram=1M,name=other,group=5")
+        .spawn()
 }
 
 /// The result of request `code` with `payload` and no descriptor.
@@ -199,7 +135,7 @@ pub struct Bound {
 
 /// Opens, binds and attaches device `name` (the usual sequence of
 /// `tools/testing/selftests/vfio` and QEMU's iommufd backend).
-pub fn bind_and_attach(d: &CdevDaemon, name: &str) -> Bound {
+pub fn bind_and_attach(d: &Vcdev, name: &str) -> Bound {
     let iommufd = d.iommufd();
     let dev = d.device(name);
     let devid = dev.bind_iommufd(&iommufd).expect("bind");
@@ -316,7 +252,7 @@ impl BlkDriver {
     /// Binds `name`, maps memory, brings the device up with queue 0 of
     /// `size` entries, its vector on an eventfd and its doorbell on an
     /// ioeventfd.
-    pub fn start(d: &CdevDaemon, name: &str, size: u16) -> BlkDriver {
+    pub fn start(d: &Vcdev, name: &str, size: u16) -> BlkDriver {
         let b = bind_and_attach(d, name);
         let mut mem = GuestMem::default();
         for (iova, len) in [(META_GPA, META_SIZE), (DATA_GPA, DATA_SIZE)] {

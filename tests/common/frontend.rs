@@ -17,9 +17,8 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,136 +40,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::process::Daemon;
-use super::TempDir;
-
-/// How long any single wait on the daemon may take.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------
-// The daemon
-
-/// The `vcdev` binary of this workspace, built if missing or older than its
-/// sources (`VCDEV_BIN` overrides). Tests of another package cannot use
-/// `CARGO_BIN_EXE_vcdev`, so the path comes from this test executable's
-/// directory (`<target>/<profile>/deps/..`). Without the `group` feature
-/// the daemon is built without it too, in a target directory of its own
-/// (`<target>/nogroup`): the workspace build's binary has the feature, and
-/// that directory's lock is not the one the running `cargo test` holds.
-pub fn vcdev_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VCDEV_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps");
-        let profile = profile_dir.file_name().expect("profile name").to_owned();
-        let mut target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-        if !cfg!(feature = "group") {
-            target_dir.push("nogroup");
-        }
-        let bin = target_dir.join(&profile).join("vcdev");
-        if !cfg!(feature = "group") || !is_fresh(&bin) {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "vcdev", "--bin", "vcdev", "--target-dir"])
-                .arg(&target_dir)
-                .current_dir(super::repo_root());
-            if profile == "release" {
-                cmd.arg("--release");
-            }
-            if !cfg!(feature = "group") {
-                cmd.arg("--no-default-features");
-            }
-            let st = cmd.status().expect("running cargo build -p vcdev");
-            assert!(st.success(), "cargo build -p vcdev failed");
-        }
-        bin
-    })
-    .clone()
-}
-
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest_mtime(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).ok()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-fn is_fresh(bin: &Path) -> bool {
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return false;
-    };
-    let root = super::repo_root();
-    ["backend", "device-model/src", "iommu/src", "Cargo.lock"]
-        .iter()
-        .filter_map(|d| {
-            let p = root.join(d);
-            if p.is_dir() {
-                newest_mtime(&p)
-            } else {
-                p.metadata().and_then(|m| m.modified()).ok()
-            }
-        })
-        .all(|t| t <= built)
-}
-
-/// A `vcdev serve` in a scratch directory, killed on drop.
-pub struct Vcdev {
-    /// The process.
-    pub daemon: Daemon,
-    /// Its `--dir`.
-    pub dir: TempDir,
-}
-
-impl Vcdev {
-    /// Starts `vcdev serve --dir <tmp> <args>` and waits for the socket of
-    /// device `first` (the first device's name).
-    pub fn start(tag: &str, args: &[&str], first: &str) -> Vcdev {
-        let dir = TempDir::new(tag).expect("tmpdir");
-        let mut cmd = Command::new(vcdev_bin());
-        cmd.arg("serve").arg("--dir").arg(dir.path()).args(args);
-        cmd.env("RUST_LOG", "debug");
-        let sock = dir.path().join("vhost-user").join(first);
-        let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
-        Vcdev { daemon, dir }
-    }
-
-    /// The socket of device `name`.
-    pub fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join("vhost-user").join(name)
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&mut self) -> String {
-        self.daemon.proc().stderr().text()
-    }
-
-    /// Waits until the daemon logged that a frontend's device was released
-    /// (the frontend that just left was fully torn down).
-    pub fn wait_released(&mut self) {
-        let released = super::poll_until(TIMEOUT, || {
-            self.log().contains("device released").then_some(())
-        });
-        assert!(released.is_some(), "no release logged:\n{}", self.log());
-    }
-
-    /// Whether the daemon still runs.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.daemon.proc().try_wait(), Ok(None))
-    }
-}
+use super::TIMEOUT;
 
 // ---------------------------------------------------------------------------
 // Guest memory
