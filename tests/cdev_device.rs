@@ -15,14 +15,23 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 
 use common::cdev::{
-    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, MAP_RW_FIXED,
+    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, CONFIG_REGION,
 };
 use common::frontend::Region;
 use common::TIMEOUT;
 use vcdev::cdev::vfio_uapi::*;
-use vcdev::wire::{FlagPolicy, FLAG_REPLY, MAX_PAYLOAD};
+use vcdev::wire::{FlagPolicy, FrameHeader, FLAG_NEED_REPLY, FLAG_REPLY, MAX_PAYLOAD, VERSION};
+use vcdev_iommu::uapi::{IommuIoasAlloc, IOMMUFD_CMD_IOAS_ALLOC, IOMMU_IOAS_MAP_RW_FIXED};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
+
+/// A request code no file kind knows (answered ENOTTY).
+const UNKNOWN_CODE: u32 = 0x7f;
+
+/// An IOAS_ALLOC payload: the smallest valid request an iommufd takes.
+fn alloc_payload() -> Vec<u8> {
+    IommuIoasAlloc::new().as_slice().to_vec()
+}
 
 /// Whether a vhost-user connection to `path` is refused (closed at once).
 fn vhost_user_refused(path: &std::path::Path) -> bool {
@@ -104,20 +113,10 @@ fn before_bind_everything_is_einval() {
     let d = device_daemon("cdev-unbound");
     let dev = d.device("vfio0");
     assert_errno!(dev.device_info(), EINVAL);
-    assert_errno!(dev.region_read(7 << 40, 4), EINVAL);
+    assert_errno!(dev.region_read(CONFIG_REGION, 4), EINVAL);
     assert_errno!(dev.attach_pt(1), EINVAL);
     assert_eq!(result(&dev, 0x7777, &[]), -libc::EINVAL);
     assert_errno!(dev.reset(), EINVAL);
-}
-
-/// A BIND command with `iommufd` = `fd`.
-fn bind_cmd(fd: i32) -> VfioDeviceBindIommufd {
-    VfioDeviceBindIommufd {
-        argsz: 16,
-        flags: 0,
-        iommufd: fd,
-        out_devid: 0,
-    }
 }
 
 /// `vfio_df_ioctl_bind_iommufd`: `iommufd` < 0 is EINVAL.
@@ -126,7 +125,11 @@ fn bind_negative_iommufd_is_einval() {
     let d = device_daemon("cdev-bind-neg");
     let dev = d.device("vfio0");
     assert_eq!(
-        result(&dev, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(-1).as_slice()),
+        result(
+            &dev,
+            VFIO_DEVICE_BIND_IOMMUFD,
+            VfioDeviceBindIommufd::new(-1).as_slice()
+        ),
         -libc::EINVAL
     );
 }
@@ -138,7 +141,11 @@ fn no_fd_is_ebadf() {
     let d = device_daemon("cdev-bind-nofd");
     let dev = d.device("vfio0");
     assert_eq!(
-        result(&dev, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(3).as_slice()),
+        result(
+            &dev,
+            VFIO_DEVICE_BIND_IOMMUFD,
+            VfioDeviceBindIommufd::new(3).as_slice()
+        ),
         -libc::EBADF
     );
 }
@@ -153,7 +160,7 @@ fn passed_back_foreign_fd_is_ebadfd() {
     let r = dev
         .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            bind_cmd(3).as_slice(),
+            VfioDeviceBindIommufd::new(3).as_slice(),
             &[raw_ev(&ev)],
         )
         .unwrap();
@@ -218,7 +225,7 @@ fn region_info_offsets_and_absent_regions() {
         bar0.flags,
         VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
     );
-    assert_eq!(b.dev.region_info(7).unwrap().offset, 7 << 40);
+    assert_eq!(b.dev.region_info(7).unwrap().offset, CONFIG_REGION);
     assert_errno!(b.dev.region_info(8), EINVAL);
     assert_errno!(b.dev.region_info(9), EINVAL);
 }
@@ -301,7 +308,7 @@ fn attach_pasid_is_eopnotsupp() {
     let b = bind_and_attach(&d, "vfio0");
     let pasid = VfioDeviceAttachIommufdPt {
         argsz: 16,
-        flags: 1,
+        flags: VFIO_DEVICE_PASID,
         pt_id: b.ioas,
         pasid: 1,
     };
@@ -346,7 +353,14 @@ fn release_on_close_unbinds_and_keeps_mappings() {
     let b = bind_and_attach(&d, "vfio0");
     let reg = Region::new(0, 0x4000);
     b.iommufd
-        .ioas_map_file(b.ioas, reg.file.as_fd(), 0, 0x4000, 0x10000, MAP_RW_FIXED)
+        .ioas_map_file(
+            b.ioas,
+            reg.file.as_fd(),
+            0,
+            0x4000,
+            0x10000,
+            IOMMU_IOAS_MAP_RW_FIXED,
+        )
         .unwrap();
     let dup = b.dev.try_clone().unwrap();
     drop(b.dev);
@@ -372,7 +386,7 @@ fn closing_the_iommufd_while_bound_keeps_the_device_working() {
     let d = device_daemon("cdev-release-iommufd");
     let b = bind_and_attach(&d, "vfio0");
     drop(b.iommufd);
-    assert!(b.dev.region_read(7 << 40, 4).is_ok());
+    assert!(b.dev.region_read(CONFIG_REGION, 4).is_ok());
     assert!(b.dev.detach_pt().is_ok());
     assert!(b.dev.attach_pt(b.ioas).is_ok());
 }
@@ -662,7 +676,10 @@ fn truncated_message_closes_the_file() {
     let d = device_daemon("cdev-truncated");
     let f = d.iommufd();
     let mut sock = f.socket();
-    std::io::Write::write_all(&mut sock, &[0x81, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0, 12, 0]).unwrap();
+    let alloc = alloc_payload();
+    let hdr = FrameHeader::request(IOMMUFD_CMD_IOAS_ALLOC, VERSION, alloc.len() as u32);
+    std::io::Write::write_all(&mut sock, &hdr.encode()).unwrap();
+    std::io::Write::write_all(&mut sock, &alloc[..2]).unwrap();
     sock.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(closed(&f));
 }
@@ -675,7 +692,7 @@ fn too_many_fds_closes_the_file() {
     let f = d.iommufd();
     let ev = EventFd::new(0).unwrap();
     assert!(f
-        .call(0x81, &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[raw_ev(&ev)])
+        .call(IOMMUFD_CMD_IOAS_ALLOC, &alloc_payload(), &[raw_ev(&ev)])
         .is_err());
     assert!(closed(&f));
 }
@@ -685,7 +702,16 @@ fn too_many_fds_closes_the_file() {
 fn bad_version_closes_the_file() {
     let d = device_daemon("cdev-badversion");
     let f = d.iommufd();
-    send_raw(&f, 0x81, 2, 12, &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    let alloc = alloc_payload();
+    let bad_version = VERSION + 1;
+    send_raw(
+        &f,
+        IOMMUFD_CMD_IOAS_ALLOC,
+        bad_version,
+        alloc.len() as u32,
+        &alloc,
+        &[],
+    );
     assert!(closed(&f));
 }
 
@@ -694,12 +720,15 @@ fn bad_version_closes_the_file() {
 fn unknown_flag_bits_close_the_file() {
     let d = device_daemon("cdev-badflags");
     let f = d.iommufd();
+    let alloc = alloc_payload();
+    // NEED_REPLY is vhost-user's: on the cdev door a bit beyond REPLY.
+    let flags = VERSION | FLAG_NEED_REPLY;
     send_raw(
         &f,
-        0x81,
-        0x9,
-        12,
-        &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        IOMMUFD_CMD_IOAS_ALLOC,
+        flags,
+        alloc.len() as u32,
+        &alloc,
         &[],
     );
     assert!(closed(&f));
@@ -710,12 +739,14 @@ fn unknown_flag_bits_close_the_file() {
 fn request_flagged_as_reply_closes_the_file() {
     let d = device_daemon("cdev-replyflag");
     let f = d.iommufd();
+    let alloc = alloc_payload();
+    let flags = VERSION | FLAG_REPLY;
     send_raw(
         &f,
-        0x81,
-        1 | FLAG_REPLY,
-        12,
-        &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        IOMMUFD_CMD_IOAS_ALLOC,
+        flags,
+        alloc.len() as u32,
+        &alloc,
         &[],
     );
     assert!(closed(&f));
@@ -727,7 +758,14 @@ fn request_flagged_as_reply_closes_the_file() {
 fn oversized_payload_closes_the_file() {
     let d = device_daemon("cdev-oversized");
     let f = d.iommufd();
-    send_raw(&f, 0x81, 1, MAX_PAYLOAD + 1, &[], &[]);
+    send_raw(
+        &f,
+        IOMMUFD_CMD_IOAS_ALLOC,
+        VERSION,
+        MAX_PAYLOAD + 1,
+        &[],
+        &[],
+    );
     assert!(closed(&f));
 }
 
@@ -770,22 +808,27 @@ fn violation_leaves_other_files_alive() {
 fn replies_come_one_per_request_in_order() {
     let d = device_daemon("cdev-order");
     let f = d.iommufd();
-    let alloc = [12u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    send_raw(&f, 0x81, 1, 12, &alloc, &[]);
-    send_raw(&f, 0x7f, 1, 0, &[], &[]);
-    send_raw(&f, 0x81, 1, 12, &alloc, &[]);
+    let alloc = alloc_payload();
+    let size = alloc.len() as u32;
+    send_raw(&f, IOMMUFD_CMD_IOAS_ALLOC, VERSION, size, &alloc, &[]);
+    send_raw(&f, UNKNOWN_CODE, VERSION, 0, &[], &[]);
+    send_raw(&f, IOMMUFD_CMD_IOAS_ALLOC, VERSION, size, &alloc, &[]);
     let mut got = Vec::new();
     for _ in 0..3 {
         let r = vcdev::wire::read_frame(f.socket(), FlagPolicy::CDEV)
             .unwrap()
             .unwrap();
-        assert_eq!(r.header.flags, 0x5);
+        assert_eq!(r.header.flags, VERSION | FLAG_REPLY);
         let res = i32::from_le_bytes(r.payload[..4].try_into().unwrap());
         got.push((r.header.request, res, r.payload.len()));
     }
     assert_eq!(
         got,
-        vec![(0x81, 0, 16), (0x7f, -libc::ENOTTY, 4), (0x81, 0, 16)]
+        vec![
+            (IOMMUFD_CMD_IOAS_ALLOC, 0, 16),
+            (UNKNOWN_CODE, -libc::ENOTTY, 4),
+            (IOMMUFD_CMD_IOAS_ALLOC, 0, 16)
+        ]
     );
 }
 
@@ -880,14 +923,18 @@ fn bind_checks_the_iommufd_before_another_files_binding() {
     dev.bind_iommufd(&f).unwrap();
     let dev2 = d.device("vfio0");
     assert_eq!(
-        result(&dev2, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(3).as_slice()),
+        result(
+            &dev2,
+            VFIO_DEVICE_BIND_IOMMUFD,
+            VfioDeviceBindIommufd::new(3).as_slice()
+        ),
         -libc::EBADF
     );
     let ev = EventFd::new(0).unwrap();
     let r = dev2
         .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            bind_cmd(3).as_slice(),
+            VfioDeviceBindIommufd::new(3).as_slice(),
             &[raw_ev(&ev)],
         )
         .unwrap();
@@ -1144,7 +1191,7 @@ fn ioeventfd_checks_the_offset_and_registrations_before_the_descriptor() {
     let drv = common::cdev::BlkDriver::start(&d, "vfio0", 64);
     let dev = &drv.b.dev;
     // Config space takes no ioeventfd; no descriptor rides.
-    assert_eq!(ioeventfd_raw(dev, 7 << 40, 3, 0, &[]), -libc::EINVAL);
+    assert_eq!(ioeventfd_raw(dev, CONFIG_REGION, 3, 0, &[]), -libc::EINVAL);
     // Registered already (by the driver): EEXIST, whatever rides.
     let reg = Region::new(0, 0x1000);
     let memfd = std::os::fd::AsRawFd::as_raw_fd(&reg.file);

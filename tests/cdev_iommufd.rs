@@ -10,7 +10,7 @@ use std::mem::size_of;
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use common::cdev::{bind_and_attach, iommufd_daemon, result, MAP_RW_FIXED};
+use common::cdev::{bind_and_attach, iommufd_daemon, result};
 use common::frontend::{unsealed_memfd, Region};
 use vcdev::cdev::client::File;
 use vcdev_iommu::uapi::*;
@@ -164,11 +164,11 @@ fn map_and_map_file_at_fixed_iova() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_eq!(
-        f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED),
         Ok(0x10000)
     );
     assert_eq!(
-        f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, MAP_RW_FIXED),
+        f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, IOMMU_IOAS_MAP_RW_FIXED),
         Ok(0x20000)
     );
 }
@@ -182,10 +182,10 @@ fn map_overlap_is_eexist() {
     let ioas = f.ioas_alloc().unwrap();
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
-    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
         .unwrap();
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0, 0x1000, 0x11000, MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0, 0x1000, 0x11000, IOMMU_IOAS_MAP_RW_FIXED),
         EEXIST
     );
 }
@@ -199,7 +199,7 @@ fn map_auto_iova_avoids_existing_mappings() {
     let ioas = f.ioas_alloc().unwrap();
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
-    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
         .unwrap();
     let auto = f
         .ioas_map(ioas, fd, 0, 0x1000, 0, IOMMU_IOAS_MAP_READABLE)
@@ -214,13 +214,8 @@ fn map_reserved_field_is_eopnotsupp() {
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
     let m = IommuIoasMap {
-        size: size_of::<IommuIoasMap>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
         __reserved: 1,
-        user_va: 0,
-        length: 0x1000,
-        iova: 0x40000,
+        ..IommuIoasMap::fixed(ioas, 0x40000, 0x1000)
     };
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP, m.as_slice()),
@@ -235,15 +230,7 @@ fn map_without_descriptor_is_efault() {
     let d = iommufd_daemon("cdev-map-nofd");
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
-    let m = IommuIoasMap {
-        size: size_of::<IommuIoasMap>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
-        __reserved: 0,
-        user_va: 0,
-        length: 0x1000,
-        iova: 0x40000,
-    };
+    let m = IommuIoasMap::fixed(ioas, 0x40000, 0x1000);
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP, m.as_slice()),
         -libc::EFAULT
@@ -257,15 +244,7 @@ fn map_file_without_descriptor_is_ebadf() {
     let d = iommufd_daemon("cdev-mapfile-nofd");
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
-    let mf = IommuIoasMapFile {
-        size: size_of::<IommuIoasMapFile>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
-        fd: -1,
-        start: 0,
-        length: 0x1000,
-        iova: 0x40000,
-    };
+    let mf = IommuIoasMapFile::fixed(ioas, -1, 0, 0x40000, 0x1000);
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP_FILE, mf.as_slice()),
         -libc::EBADF
@@ -280,15 +259,7 @@ fn map_file_ignores_the_fd_field() {
     let f = d.iommufd();
     let ioas = f.ioas_alloc().unwrap();
     let r = Region::new(0, 0x1000);
-    let mf = IommuIoasMapFile {
-        size: size_of::<IommuIoasMapFile>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
-        fd: -1,
-        start: 0,
-        length: 0x1000,
-        iova: 0x40000,
-    };
+    let mf = IommuIoasMapFile::fixed(ioas, -1, 0, 0x40000, 0x1000);
     let rep = f
         .call(
             IOMMUFD_CMD_IOAS_MAP_FILE,
@@ -309,11 +280,25 @@ fn map_unsealed_memfd_is_einval() {
     let ioas = f.ioas_alloc().unwrap();
     let unsealed = unsealed_memfd(0x10000);
     assert_errno!(
-        f.ioas_map_file(ioas, unsealed.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
+        f.ioas_map_file(
+            ioas,
+            unsealed.as_fd(),
+            0,
+            0x1000,
+            0x40000,
+            IOMMU_IOAS_MAP_RW_FIXED
+        ),
         EINVAL
     );
     assert_errno!(
-        f.ioas_map(ioas, unsealed.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
+        f.ioas_map(
+            ioas,
+            unsealed.as_fd(),
+            0,
+            0x1000,
+            0x40000,
+            IOMMU_IOAS_MAP_RW_FIXED
+        ),
         EINVAL
     );
     let ev = EventFd::new(0).unwrap();
@@ -324,7 +309,7 @@ fn map_unsealed_memfd_is_einval() {
             0,
             0x1000,
             0x40000,
-            MAP_RW_FIXED
+            IOMMU_IOAS_MAP_RW_FIXED
         ),
         EINVAL
     );
@@ -340,7 +325,7 @@ fn map_beyond_file_end_is_efault() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
-        f.ioas_map(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
+        f.ioas_map(ioas, fd, 0x8000, 0x10000, 0x40000, IOMMU_IOAS_MAP_RW_FIXED),
         EFAULT
     );
 }
@@ -356,14 +341,14 @@ fn map_file_beyond_file_end_is_einval() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0x8000, 0x10000, 0x40000, IOMMU_IOAS_MAP_RW_FIXED),
         EINVAL
     );
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0, 0x10001, 0x40000, MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0, 0x10001, 0x40000, IOMMU_IOAS_MAP_RW_FIXED),
         EINVAL
     );
-    f.ioas_map_file(ioas, fd, 0x8000, 0x8000, 0x40000, MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0x8000, 0x8000, 0x40000, IOMMU_IOAS_MAP_RW_FIXED)
         .unwrap();
 }
 
@@ -374,7 +359,14 @@ fn map_unknown_ioas_is_enoent() {
     let f = d.iommufd();
     let r = Region::new(0, 0x10000);
     assert_errno!(
-        f.ioas_map_file(99, r.file.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
+        f.ioas_map_file(
+            99,
+            r.file.as_fd(),
+            0,
+            0x1000,
+            0x40000,
+            IOMMU_IOAS_MAP_RW_FIXED
+        ),
         ENOENT
     );
 }
@@ -389,9 +381,9 @@ fn unmap_returns_bytes_and_nothing_mapped_is_enoent() {
     let ioas = f.ioas_alloc().unwrap();
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
-    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
         .unwrap();
-    f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, MAP_RW_FIXED)
+    f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, IOMMU_IOAS_MAP_RW_FIXED)
         .unwrap();
     f.ioas_map(ioas, fd, 0, 0x1000, 0, IOMMU_IOAS_MAP_READABLE)
         .unwrap();
@@ -465,7 +457,14 @@ fn map_into_reserved_range_is_einval() {
     dev.attach_pt(ioas).unwrap();
     let reg = Region::new(0, 0x1000);
     assert_errno!(
-        f.ioas_map_file(ioas, reg.file.as_fd(), 0, 0x1000, 0x200000, MAP_RW_FIXED),
+        f.ioas_map_file(
+            ioas,
+            reg.file.as_fd(),
+            0,
+            0x1000,
+            0x200000,
+            IOMMU_IOAS_MAP_RW_FIXED
+        ),
         EINVAL
     );
 }
@@ -495,8 +494,15 @@ fn copy_setup(d: &common::vcdev::Vcdev) -> (File, u32, u32, Region) {
     let b = f.ioas_alloc().unwrap();
     f.ioas_allow_iovas(b, &[(0x100000, 0x1fffff)]).unwrap();
     let reg = Region::new(0, 0x4000);
-    f.ioas_map_file(a, reg.file.as_fd(), 0, 0x4000, 0x10000, MAP_RW_FIXED)
-        .unwrap();
+    f.ioas_map_file(
+        a,
+        reg.file.as_fd(),
+        0,
+        0x4000,
+        0x10000,
+        IOMMU_IOAS_MAP_RW_FIXED,
+    )
+    .unwrap();
     (f, a, b, reg)
 }
 

@@ -367,3 +367,48 @@ mod tests {
         assert_eq!(back, m);
     }
 }
+
+/// Read-write DMA at a fixed IOVA: the flags of the usual map.
+pub const IOMMU_IOAS_MAP_RW_FIXED: u32 =
+    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+
+impl IommuIoasAlloc {
+    /// An IOAS_ALLOC command of the full size.
+    pub fn new() -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+impl IommuIoasMap {
+    /// A read-write map of `length` bytes at the fixed `iova` in `ioas_id`, from offset 0 of
+    /// the descriptor riding with the message.
+    pub fn fixed(ioas_id: u32, iova: u64, length: u64) -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            flags: IOMMU_IOAS_MAP_RW_FIXED,
+            ioas_id,
+            length,
+            iova,
+            ..Self::default()
+        }
+    }
+}
+
+impl IommuIoasMapFile {
+    /// A read-write map of `length` bytes of file `fd` from `start`, at the fixed `iova` in
+    /// `ioas_id`.
+    pub fn fixed(ioas_id: u32, fd: i32, start: u64, iova: u64, length: u64) -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            flags: IOMMU_IOAS_MAP_RW_FIXED,
+            ioas_id,
+            fd,
+            start,
+            length,
+            iova,
+        }
+    }
+}

@@ -8,21 +8,30 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use vcdev::cdev::client::File;
-use vcdev_device_model::testing::{BlkRequest, R, W};
-use vcdev_iommu::uapi::{
-    IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
+use vcdev_device_model::pci::regs::{
+    PCI_CAPABILITY_LIST, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT,
+    PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_VENDOR_ID,
+    VIRTIO_PCI_CAP_CFG_TYPE, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_CAP_OFFSET, VIRTIO_PCI_COMMON_GF, VIRTIO_PCI_COMMON_GFSELECT,
+    VIRTIO_PCI_COMMON_MSIX, VIRTIO_PCI_COMMON_Q_AVAILLO, VIRTIO_PCI_COMMON_Q_DESCLO,
+    VIRTIO_PCI_COMMON_Q_ENABLE, VIRTIO_PCI_COMMON_Q_MSIX, VIRTIO_PCI_COMMON_Q_NOFF,
+    VIRTIO_PCI_COMMON_Q_SELECT, VIRTIO_PCI_COMMON_Q_SIZE, VIRTIO_PCI_COMMON_Q_USEDLO,
+    VIRTIO_PCI_COMMON_STATUS, VIRTIO_PCI_NOTIFY_CAP_MULT,
 };
+use vcdev_device_model::pci::RegionIndex;
+use vcdev_device_model::testing::{BlkRequest, R, W};
+use vcdev_iommu::uapi::IOMMU_IOAS_MAP_RW_FIXED;
 use vcdev_iommu::Errno;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frontend::{DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE};
 use super::vcdev::Vcdev;
 use super::TIMEOUT;
-
-/// Map flags for read-write DMA at a fixed IOVA.
-pub const MAP_RW_FIXED: u32 =
-    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
 
 /// Asserts that `r` failed with errno `e`.
 #[macro_export]
@@ -153,33 +162,23 @@ pub fn bind_and_attach(d: &Vcdev, name: &str) -> Bound {
 // ---------------------------------------------------------------------------
 // The userspace virtio-blk driver
 
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 0x2;
-const PCI_COMMAND_MASTER: u16 = 0x4;
-const PCI_CAPABILITY_LIST: u64 = 0x34;
-const PCI_CAP_ID_VNDR: u8 = 0x09;
-const PCI_CAP_ID_MSIX: u8 = 0x11;
-const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
-const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
-const CONFIG_REGION: u64 = 7 << 40;
-const STATUS_ACK: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-/// virtio_pci_common_cfg offsets (virtio 1.2 4.1.4.3).
-mod common {
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const MSIX_CONFIG: u64 = 0x10;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
+/// The offset of a vfio-pci region in the device file (Linux's
+/// `VFIO_PCI_INDEX_TO_OFFSET`: the index above bit 40).
+pub const fn region_offset(index: RegionIndex) -> u64 {
+    (index as u64) << 40
+}
+
+/// Config space in the device file.
+pub const CONFIG_REGION: u64 = region_offset(RegionIndex::Config);
+
+/// A `virtio_pci_common_cfg` field's offset as a region offset.
+fn common(field: usize) -> u64 {
+    field as u64
+}
+
+/// Device status bits as the status byte.
+fn status(bits: &[u32]) -> u8 {
+    bits.iter().fold(0, |s, &b| s | b as u8)
 }
 
 /// What the capability walk found.
@@ -224,26 +223,28 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 pub fn walk_caps(dev: &File) -> Caps {
     let cfg = dev.region_read(CONFIG_REGION, 256).expect("config read");
     let mut caps = Caps {
-        ids: (u16_at(&cfg, 0), u16_at(&cfg, 2)),
+        ids: (u16_at(&cfg, PCI_VENDOR_ID), u16_at(&cfg, PCI_DEVICE_ID)),
         ..Caps::default()
     };
-    let mut ptr = usize::from(cfg[PCI_CAPABILITY_LIST as usize]);
+    let mut ptr = usize::from(cfg[PCI_CAPABILITY_LIST]);
     let mut guard = 0;
     while ptr != 0 && guard < 48 {
         guard += 1;
-        match cfg[ptr] {
+        match cfg[ptr + PCI_CAP_LIST_ID] {
             PCI_CAP_ID_VNDR => {
-                let off = u64::from(u32_at(&cfg, ptr + 8));
-                match cfg[ptr + 3] {
+                let off = u64::from(u32_at(&cfg, ptr + VIRTIO_PCI_CAP_OFFSET));
+                match cfg[ptr + VIRTIO_PCI_CAP_CFG_TYPE] {
                     VIRTIO_PCI_CAP_COMMON_CFG => caps.common = off,
-                    VIRTIO_PCI_CAP_NOTIFY_CFG => caps.notify = (off, u32_at(&cfg, ptr + 16)),
+                    VIRTIO_PCI_CAP_NOTIFY_CFG => {
+                        caps.notify = (off, u32_at(&cfg, ptr + VIRTIO_PCI_NOTIFY_CAP_MULT));
+                    }
                     _ => {}
                 }
             }
             PCI_CAP_ID_MSIX => caps.msix = true,
             _ => {}
         }
-        ptr = usize::from(cfg[ptr + 1]);
+        ptr = usize::from(cfg[ptr + PCI_CAP_LIST_NEXT]);
     }
     caps
 }
@@ -259,7 +260,14 @@ impl BlkDriver {
             let r = Region::new(iova, len);
             let got = b
                 .iommufd
-                .ioas_map_file(b.ioas, r.file.as_fd(), 0, len, iova, MAP_RW_FIXED)
+                .ioas_map_file(
+                    b.ioas,
+                    r.file.as_fd(),
+                    0,
+                    len,
+                    iova,
+                    IOMMU_IOAS_MAP_RW_FIXED,
+                )
                 .expect("map");
             assert_eq!(got, iova);
             mem.regions.push(r);
@@ -267,10 +275,10 @@ impl BlkDriver {
         let dev = &b.dev;
         let caps = walk_caps(dev);
         // Memory space and bus mastering on.
-        let cmd = u16_at(&dev.region_read(CONFIG_REGION + PCI_COMMAND, 2).unwrap(), 0);
+        let command = CONFIG_REGION + PCI_COMMAND as u64;
+        let cmd = u16_at(&dev.region_read(command, 2).unwrap(), 0);
         let cmd = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        dev.region_write(CONFIG_REGION + PCI_COMMAND, &cmd.to_le_bytes())
-            .unwrap();
+        dev.region_write(command, &cmd.to_le_bytes()).unwrap();
         let c = caps.common;
         let w8 = |off: u64, v: u8| dev.region_write(c + off, &[v]).unwrap();
         let w16 = |off: u64, v: u16| dev.region_write(c + off, &v.to_le_bytes()).unwrap();
@@ -279,43 +287,50 @@ impl BlkDriver {
             w32(off, v as u32);
             w32(off + 4, (v >> 32) as u32);
         };
-        let status = || dev.region_read(c + common::DEVICE_STATUS, 1).unwrap()[0];
-        w8(common::DEVICE_STATUS, 0);
-        w8(common::DEVICE_STATUS, STATUS_ACK);
-        w8(common::DEVICE_STATUS, STATUS_ACK | STATUS_DRIVER);
-        // VIRTIO_F_VERSION_1 (32) and VIRTIO_F_ACCESS_PLATFORM (33).
-        w32(common::DRIVER_FEATURE_SELECT, 0);
-        w32(common::DRIVER_FEATURE, 0);
-        w32(common::DRIVER_FEATURE_SELECT, 1);
-        w32(common::DRIVER_FEATURE, 0b11);
-        w8(
-            common::DEVICE_STATUS,
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
+        let status_now = || {
+            dev.region_read(c + common(VIRTIO_PCI_COMMON_STATUS), 1)
+                .unwrap()[0]
+        };
+        let (ack, driver, features_ok, driver_ok) = (
+            status(&[VIRTIO_CONFIG_S_ACKNOWLEDGE]),
+            status(&[VIRTIO_CONFIG_S_DRIVER]),
+            status(&[VIRTIO_CONFIG_S_FEATURES_OK]),
+            status(&[VIRTIO_CONFIG_S_DRIVER_OK]),
         );
-        assert_ne!(status() & STATUS_FEATURES_OK, 0, "FEATURES_OK refused");
+        w8(common(VIRTIO_PCI_COMMON_STATUS), 0);
+        w8(common(VIRTIO_PCI_COMMON_STATUS), ack);
+        w8(common(VIRTIO_PCI_COMMON_STATUS), ack | driver);
+        let features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_F_ACCESS_PLATFORM);
+        w32(common(VIRTIO_PCI_COMMON_GFSELECT), 0);
+        w32(common(VIRTIO_PCI_COMMON_GF), features as u32);
+        w32(common(VIRTIO_PCI_COMMON_GFSELECT), 1);
+        w32(common(VIRTIO_PCI_COMMON_GF), (features >> 32) as u32);
+        w8(common(VIRTIO_PCI_COMMON_STATUS), ack | driver | features_ok);
+        assert_ne!(status_now() & features_ok, 0, "FEATURES_OK refused");
 
         let q = DriverQueue::new_for_tests(0, size);
         let config_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         dev.set_irqs_eventfds(2, 0, &[Some(evfd(&config_irq)), Some(evfd(&q.call))])
             .expect("MSI-X eventfds");
-        w16(common::MSIX_CONFIG, 0);
-        w16(common::QUEUE_SELECT, 0);
-        w16(common::QUEUE_SIZE, size);
-        w16(common::QUEUE_MSIX_VECTOR, 1);
-        w64(common::QUEUE_DESC, q.ring.desc);
-        w64(common::QUEUE_DRIVER, q.ring.avail);
-        w64(common::QUEUE_DEVICE, q.ring.used);
+        w16(common(VIRTIO_PCI_COMMON_MSIX), 0);
+        w16(common(VIRTIO_PCI_COMMON_Q_SELECT), 0);
+        w16(common(VIRTIO_PCI_COMMON_Q_SIZE), size);
+        w16(common(VIRTIO_PCI_COMMON_Q_MSIX), 1);
+        w64(common(VIRTIO_PCI_COMMON_Q_DESCLO), q.ring.desc);
+        w64(common(VIRTIO_PCI_COMMON_Q_AVAILLO), q.ring.avail);
+        w64(common(VIRTIO_PCI_COMMON_Q_USEDLO), q.ring.used);
         let notify_off = u16_at(
-            &dev.region_read(c + common::QUEUE_NOTIFY_OFF, 2).unwrap(),
+            &dev.region_read(c + common(VIRTIO_PCI_COMMON_Q_NOFF), 2)
+                .unwrap(),
             0,
         );
         let doorbell = caps.notify.0 + u64::from(notify_off) * u64::from(caps.notify.1);
         dev.ioeventfd(doorbell, 2, 0, Some(evfd(&q.kick)))
             .expect("ioeventfd");
-        w16(common::QUEUE_ENABLE, 1);
+        w16(common(VIRTIO_PCI_COMMON_Q_ENABLE), 1);
         w8(
-            common::DEVICE_STATUS,
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            common(VIRTIO_PCI_COMMON_STATUS),
+            ack | driver | features_ok | driver_ok,
         );
         BlkDriver {
             b,
