@@ -448,33 +448,18 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vcdev_device_model::blk::{BlkConfig, RamBackend};
+    use vcdev_device_model::testing::blk;
 
     #[test]
     fn second_owner_is_refused_until_the_first_leaves() {
-        let blk = BlkDevice::new(
-            Arc::new(RamBackend::new(1 << 20).unwrap()),
-            BlkConfig::default(),
-        )
-        .unwrap();
         let mut r = Registry::default();
-        let d = r.add("vfio0".into(), Arc::new(blk));
+        let d = r.add("vfio0".into(), blk());
         let first = Registry::claim_vhost_user(&d, "a").unwrap();
         let e = Registry::claim_vhost_user(&d, "b").unwrap_err();
         assert_eq!(e.errno(), vcdev_iommu::Errno(libc::EBUSY));
         assert_eq!(d.owner().as_deref(), Some("a"));
         drop(first);
         assert!(Registry::claim_vhost_user(&d, "b").is_ok());
-    }
-
-    fn blk() -> Arc<BlkDevice> {
-        Arc::new(
-            BlkDevice::new(
-                Arc::new(RamBackend::new(1 << 20).unwrap()),
-                BlkConfig::default(),
-            )
-            .unwrap(),
-        )
     }
 
     /// PROTOCOL.md exclusivity, both ways: cdev bind vs group open vs

@@ -1,7 +1,7 @@
 //! Test-only builders shared by this crate's unit tests and the integration tests in `tests/`
 //! (feature `testing`, off by default): the driver's side of a split virtqueue
 //! ([`SplitRing`]), the virtio-blk request encoder ([`BlkRequest`], [`blk_segments`]) and a
-//! RAM-disk device fixture ([`ram_blk`]).
+//! RAM-disk device fixture ([`ram_blk`], [`blk`]).
 //!
 //! The ring driver works on any memory the test can write through [`DriverMem`]: every
 //! [`GuestMemory`] (this crate's tests), or the integration harness's own mappings of the memfds
@@ -272,4 +272,9 @@ pub fn blk_segments(segs: &[(u64, u32, u32)]) -> Vec<u8> {
 pub fn ram_blk(len: u64, cfg: BlkConfig) -> Arc<BlkDevice> {
     let backend: Arc<dyn BlockBackend> = Arc::new(RamBackend::new(len).expect("RAM disk"));
     Arc::new(BlkDevice::new(backend, cfg).expect("virtio-blk device"))
+}
+
+/// The usual device fixture: a 1 MiB RAM disk with the default options.
+pub fn blk() -> Arc<BlkDevice> {
+    ram_blk(1 << 20, BlkConfig::default())
 }

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vcdev_device_model::blk::{BlkConfig, BlkDevice, RamBackend};
+use vcdev_device_model::testing::blk;
 use vcdev_iommu::mem::sealed_memfd;
 use vcdev_iommu::uapi::*;
 use vcdev_iommu::{Errno, IovaRange, SealPolicy};
@@ -46,16 +46,6 @@ const KERNEL_ERRNOS: &[i32] = &[
     libc::ERANGE,
     libc::EPERM,
 ];
-
-fn blk() -> Arc<BlkDevice> {
-    Arc::new(
-        BlkDevice::new(
-            Arc::new(RamBackend::new(1 << 20).unwrap()),
-            BlkConfig::default(),
-        )
-        .unwrap(),
-    )
-}
 
 /// A server over `vfio0` (full aperture), `vfio1` (a narrow aperture with
 /// a reserved hole) and `vfio2` (for the group path), each in its own group.

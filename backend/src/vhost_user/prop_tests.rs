@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use vcdev_device_model::blk::{BlkConfig, BlkDevice, RamBackend};
+use vcdev_device_model::testing::blk;
 use vcdev_iommu::mem::sealed_memfd;
 use vcdev_iommu::SealPolicy;
 use vhost::vhost_user::message::FrontendReq;
@@ -30,16 +30,6 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const MEMFD_LEN: u64 = 0x10000;
 /// The user address of the valid memory region of the setup.
 const UADDR: u64 = 0x7f00_0000_0000;
-
-fn blk() -> Arc<BlkDevice> {
-    Arc::new(
-        BlkDevice::new(
-            Arc::new(RamBackend::new(1 << 20).unwrap()),
-            BlkConfig::default(),
-        )
-        .unwrap(),
-    )
-}
 
 /// A descriptor to send.
 #[derive(Clone, Copy, Debug)]
