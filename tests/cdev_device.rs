@@ -19,6 +19,7 @@ use common::cdev::{
 };
 use common::frontend::Region;
 use common::TIMEOUT;
+use vcdev::cdev::client::File;
 use vcdev::cdev::vfio_uapi::*;
 use vcdev::wire::{FlagPolicy, FrameHeader, FLAG_NEED_REPLY, FLAG_REPLY, MAX_PAYLOAD, VERSION};
 use vcdev_iommu::uapi::{IommuIoasAlloc, IOMMUFD_CMD_IOAS_ALLOC, IOMMU_IOAS_MAP_RW_FIXED};
@@ -31,6 +32,19 @@ const UNKNOWN_CODE: u32 = 0x7f;
 /// An IOAS_ALLOC payload: the smallest valid request an iommufd takes.
 fn alloc_payload() -> Vec<u8> {
     IommuIoasAlloc::new().as_slice().to_vec()
+}
+
+/// Sends an IOAS_ALLOC on `f` with header flags `flags`, unchecked.
+fn send_alloc(f: &File, flags: u32) {
+    let alloc = alloc_payload();
+    send_raw(
+        f,
+        IOMMUFD_CMD_IOAS_ALLOC,
+        flags,
+        alloc.len() as u32,
+        &alloc,
+        &[],
+    );
 }
 
 /// Whether a vhost-user connection to `path` is refused (closed at once).
@@ -552,9 +566,7 @@ fn set_container_rules() {
 
 /// A container with group 5 set and TYPE1v2.
 #[cfg(feature = "group")]
-fn container_with_group(
-    d: &common::vcdev::Vcdev,
-) -> (vcdev::cdev::client::File, vcdev::cdev::client::File) {
+fn container_with_group(d: &common::vcdev::Vcdev) -> (File, File) {
     let c = d.container();
     let g = d.group(5).unwrap();
     g.group_set_container(&c).unwrap();
@@ -702,16 +714,7 @@ fn too_many_fds_closes_the_file() {
 fn bad_version_closes_the_file() {
     let d = device_daemon("cdev-badversion");
     let f = d.iommufd();
-    let alloc = alloc_payload();
-    let bad_version = VERSION + 1;
-    send_raw(
-        &f,
-        IOMMUFD_CMD_IOAS_ALLOC,
-        bad_version,
-        alloc.len() as u32,
-        &alloc,
-        &[],
-    );
+    send_alloc(&f, VERSION + 1);
     assert!(closed(&f));
 }
 
@@ -720,17 +723,8 @@ fn bad_version_closes_the_file() {
 fn unknown_flag_bits_close_the_file() {
     let d = device_daemon("cdev-badflags");
     let f = d.iommufd();
-    let alloc = alloc_payload();
     // NEED_REPLY is vhost-user's: on the cdev door a bit beyond REPLY.
-    let flags = VERSION | FLAG_NEED_REPLY;
-    send_raw(
-        &f,
-        IOMMUFD_CMD_IOAS_ALLOC,
-        flags,
-        alloc.len() as u32,
-        &alloc,
-        &[],
-    );
+    send_alloc(&f, VERSION | FLAG_NEED_REPLY);
     assert!(closed(&f));
 }
 
@@ -739,16 +733,7 @@ fn unknown_flag_bits_close_the_file() {
 fn request_flagged_as_reply_closes_the_file() {
     let d = device_daemon("cdev-replyflag");
     let f = d.iommufd();
-    let alloc = alloc_payload();
-    let flags = VERSION | FLAG_REPLY;
-    send_raw(
-        &f,
-        IOMMUFD_CMD_IOAS_ALLOC,
-        flags,
-        alloc.len() as u32,
-        &alloc,
-        &[],
-    );
+    send_alloc(&f, VERSION | FLAG_REPLY);
     assert!(closed(&f));
 }
 
@@ -808,11 +793,9 @@ fn violation_leaves_other_files_alive() {
 fn replies_come_one_per_request_in_order() {
     let d = device_daemon("cdev-order");
     let f = d.iommufd();
-    let alloc = alloc_payload();
-    let size = alloc.len() as u32;
-    send_raw(&f, IOMMUFD_CMD_IOAS_ALLOC, VERSION, size, &alloc, &[]);
+    send_alloc(&f, VERSION);
     send_raw(&f, UNKNOWN_CODE, VERSION, 0, &[], &[]);
-    send_raw(&f, IOMMUFD_CMD_IOAS_ALLOC, VERSION, size, &alloc, &[]);
+    send_alloc(&f, VERSION);
     let mut got = Vec::new();
     for _ in 0..3 {
         let r = vcdev::wire::read_frame(f.socket(), FlagPolicy::CDEV)
@@ -1004,7 +987,7 @@ fn attach_on_group_device_file_is_enotty() {
 /// A SET_IRQS of `flags` on `index` from `start`, `count` irqs, `data`
 /// after the struct, `fds` riding.
 fn set_irqs(
-    dev: &vcdev::cdev::client::File,
+    dev: &File,
     flags: u32,
     index: u32,
     start: u32,
@@ -1149,13 +1132,7 @@ fn err_and_req_triggers_follow_the_single_context_rules() {
 
 /// A VFIO_DEVICE_IOEVENTFD of 2 bytes, data 0, at `offset`, `fd` field
 /// `fd`, `reserved`, `fds` riding.
-fn ioeventfd_raw(
-    dev: &vcdev::cdev::client::File,
-    offset: u64,
-    fd: i32,
-    reserved: u32,
-    fds: &[i32],
-) -> i32 {
+fn ioeventfd_raw(dev: &File, offset: u64, fd: i32, reserved: u32, fds: &[i32]) -> i32 {
     let c = VfioDeviceIoeventfd {
         argsz: 32,
         flags: 2,

@@ -10,7 +10,7 @@ use std::mem::size_of;
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use common::cdev::{bind_and_attach, iommufd_daemon, result};
+use common::cdev::{bind_and_attach, iommufd_daemon, iommufd_ioas, result};
 use common::frontend::{unsealed_memfd, Region};
 use vcdev::cdev::client::File;
 use vcdev_iommu::uapi::*;
@@ -139,9 +139,7 @@ fn id_of_wrong_kind_is_enoent() {
 /// belongs to its device file, an IOAS or HWPT in use is busy: EBUSY.
 #[test]
 fn destroy_of_object_in_use_is_ebusy() {
-    let d = iommufd_daemon("cdev-destroy-busy");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-destroy-busy");
     let dev = d.device("vfio0");
     let devid = dev.bind_iommufd(&f).unwrap();
     assert_errno!(f.destroy(devid), EBUSY);
@@ -158,9 +156,7 @@ fn destroy_of_object_in_use_is_ebusy() {
 /// IOVAs return the IOVA.
 #[test]
 fn map_and_map_file_at_fixed_iova() {
-    let d = iommufd_daemon("cdev-map");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_eq!(
@@ -177,9 +173,7 @@ fn map_and_map_file_at_fixed_iova() {
 /// EEXIST.
 #[test]
 fn map_overlap_is_eexist() {
-    let d = iommufd_daemon("cdev-map-eexist");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-eexist");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
@@ -194,9 +188,7 @@ fn map_overlap_is_eexist() {
 /// picks a free IOVA.
 #[test]
 fn map_auto_iova_avoids_existing_mappings() {
-    let d = iommufd_daemon("cdev-map-auto");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-auto");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
@@ -210,9 +202,7 @@ fn map_auto_iova_avoids_existing_mappings() {
 /// `iommufd_ioas_map`: a non-zero `__reserved` is EOPNOTSUPP.
 #[test]
 fn map_reserved_field_is_eopnotsupp() {
-    let d = iommufd_daemon("cdev-map-reserved");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-reserved");
     let m = IommuIoasMap {
         __reserved: 1,
         ..IommuIoasMap::fixed(ioas, 0x40000, 0x1000)
@@ -227,9 +217,7 @@ fn map_reserved_field_is_eopnotsupp() {
 /// is EFAULT (no memory at `user_va`).
 #[test]
 fn map_without_descriptor_is_efault() {
-    let d = iommufd_daemon("cdev-map-nofd");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-nofd");
     let m = IommuIoasMap::fixed(ioas, 0x40000, 0x1000);
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP, m.as_slice()),
@@ -241,9 +229,7 @@ fn map_without_descriptor_is_efault() {
 /// EBADF.
 #[test]
 fn map_file_without_descriptor_is_ebadf() {
-    let d = iommufd_daemon("cdev-mapfile-nofd");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-mapfile-nofd");
     let mf = IommuIoasMapFile::fixed(ioas, -1, 0, 0x40000, 0x1000);
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP_FILE, mf.as_slice()),
@@ -255,9 +241,7 @@ fn map_file_without_descriptor_is_ebadf() {
 /// descriptor riding with the message is mapped.
 #[test]
 fn map_file_ignores_the_fd_field() {
-    let d = iommufd_daemon("cdev-mapfile-fdfield");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-mapfile-fdfield");
     let r = Region::new(0, 0x1000);
     let mf = IommuIoasMapFile::fixed(ioas, -1, 0, 0x40000, 0x1000);
     let rep = f
@@ -275,9 +259,7 @@ fn map_file_ignores_the_fd_field() {
 /// no memfd is EINVAL, through IOAS_MAP and IOAS_MAP_FILE alike.
 #[test]
 fn map_unsealed_memfd_is_einval() {
-    let d = iommufd_daemon("cdev-map-unsealed");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-unsealed");
     let unsealed = unsealed_memfd(0x10000);
     assert_errno!(
         f.ioas_map_file(
@@ -319,9 +301,7 @@ fn map_unsealed_memfd_is_einval() {
 /// file's end is EFAULT (the kernel's bad user pointer).
 #[test]
 fn map_beyond_file_end_is_efault() {
-    let d = iommufd_daemon("cdev-map-beyond");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-beyond");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
@@ -335,9 +315,7 @@ fn map_beyond_file_end_is_efault() {
 /// `iommufd`, `test_basic_file`).
 #[test]
 fn map_file_beyond_file_end_is_einval() {
-    let d = iommufd_daemon("cdev-mapfile-beyond");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-mapfile-beyond");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
@@ -376,9 +354,7 @@ fn map_unknown_ioas_is_enoent() {
 /// unmap everything.
 #[test]
 fn unmap_returns_bytes_and_nothing_mapped_is_enoent() {
-    let d = iommufd_daemon("cdev-unmap");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-unmap");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
@@ -399,9 +375,7 @@ fn unmap_returns_bytes_and_nothing_mapped_is_enoent() {
 /// one range, the whole space, and alignment 1.
 #[test]
 fn iova_ranges_without_device_is_the_whole_space() {
-    let d = iommufd_daemon("cdev-ranges-empty");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-ranges-empty");
     assert_eq!(f.ioas_iova_ranges(ioas, 4), Ok((vec![(0, u64::MAX)], 1)));
 }
 
@@ -409,9 +383,7 @@ fn iova_ranges_without_device_is_the_whole_space() {
 /// to its aperture minus its reserved ranges, alignment 4096.
 #[test]
 fn iova_ranges_follow_the_attached_device() {
-    let d = iommufd_daemon("cdev-ranges-dev");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-ranges-dev");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -424,9 +396,7 @@ fn iova_ranges_follow_the_attached_device() {
 /// the struct (num_iovas = the total) and the ranges that fit follow.
 #[test]
 fn iova_ranges_too_small_is_emsgsize_with_total_and_partial_ranges() {
-    let d = iommufd_daemon("cdev-ranges-emsgsize");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-ranges-emsgsize");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -449,9 +419,7 @@ fn iova_ranges_too_small_is_emsgsize_with_total_and_partial_ranges() {
 /// an attached device is EINVAL.
 #[test]
 fn map_into_reserved_range_is_einval() {
-    let d = iommufd_daemon("cdev-map-reserved-range");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-map-reserved-range");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -473,9 +441,7 @@ fn map_into_reserved_range_is_einval() {
 /// back to the whole space.
 #[test]
 fn detach_widens_the_ioas_again() {
-    let d = iommufd_daemon("cdev-ranges-detach");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-ranges-detach");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();

@@ -82,6 +82,16 @@ pub fn iommufd_daemon(tag: &str) -> Vcdev {
         .spawn()
 }
 
+/// An [`iommufd_daemon`], an iommufd file of it and one IOAS in that file
+/// (the start of most iommufd tests; keep the daemon bound: dropping it
+/// kills it).
+pub fn iommufd_ioas(tag: &str) -> (Vcdev, File, u32) {
+    let d = iommufd_daemon(tag);
+    let f = d.iommufd();
+    let ioas = f.ioas_alloc().expect("IOAS_ALLOC");
+    (d, f, ioas)
+}
+
 /// The daemon of the device tests: `vfio0` alone in group 0, `vfio1` and
 /// `other` together in group 5.
 pub fn device_daemon(tag: &str) -> Vcdev {
