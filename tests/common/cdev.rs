@@ -116,9 +116,11 @@ pub fn send_raw(f: &File, request: u32, flags: u32, size: u32, payload: &[u8], f
         size,
     };
     if fds.is_empty() {
-        let mut s = f.socket();
-        s.write_all(&hdr.encode()).expect("header");
-        s.write_all(payload).expect("payload");
+        // One write: a server that closes the file on a bad header must not
+        // make the payload's write fail (EPIPE) after the header's.
+        let mut frame = hdr.encode().to_vec();
+        frame.extend_from_slice(payload);
+        f.socket().write_all(&frame).expect("frame");
     } else {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let bufs: [&[u8]; 2] = [&hdr.encode(), payload];
