@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::frontend::{pattern, Harness, SECTOR, S_IOERR, S_OK, S_UNSUPP};
+use common::frontend::{pattern, Desc, Harness, SECTOR, S_IOERR, S_OK, S_UNSUPP};
 use common::vcdev::Vcdev;
 use common::TIMEOUT;
-use vcdev_device_model::testing::BlkRequest;
+use vcdev_device_model::testing::{BlkRequest, STATUS_UNSET};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
@@ -123,46 +123,32 @@ fn malformed_chains_get_their_status_and_the_queue_keeps_working() {
     h.mem
         .write(hdr, &BlkRequest::new(VIRTIO_BLK_T_IN, 0).header());
 
+    // Runs `chain` with the status byte unset: (status byte, used length).
+    let run = |h: &mut Harness, chain: &[Desc]| {
+        h.mem.write(status, &[STATUS_UNSET]);
+        let (_, len) = h.run_chain(0, chain).expect("completion");
+        (h.mem.read(status, 1)[0], len)
+    };
+    let hdr16 = (hdr, BlkRequest::HEADER_LEN, false);
+
     // Header too short (8 bytes).
-    h.mem.write(status, &[0xff]);
-    h.run_chain(0, &[(hdr, 8, false), (status, 1, true)])
-        .expect("completion");
-    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    assert_eq!(
+        run(&mut h, &[(hdr, 8, false), (status, 1, true)]).0,
+        S_IOERR
+    );
     check_alive(&mut h);
     // A data buffer outside guest memory.
-    h.mem.write(status, &[0xff]);
-    h.run_chain(
-        0,
-        &[
-            (hdr, 16, false),
-            (0x7000_0000, 512, true),
-            (status, 1, true),
-        ],
-    )
-    .expect("completion");
-    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    let outside = (0x7000_0000, 512, true);
+    assert_eq!(run(&mut h, &[hdr16, outside, (status, 1, true)]).0, S_IOERR);
     check_alive(&mut h);
     // A readable descriptor after a writable one.
-    h.mem.write(status, &[0xff]);
-    h.run_chain(
-        0,
-        &[
-            (hdr, 16, false),
-            (data, 512, true),
-            (data, 512, false),
-            (status, 1, true),
-        ],
-    )
-    .expect("completion");
-    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    let (w, r) = ((data, 512, true), (data, 512, false));
+    assert_eq!(run(&mut h, &[hdr16, w, r, (status, 1, true)]).0, S_IOERR);
     check_alive(&mut h);
     // No writable status byte: the chain comes back with nothing written.
-    h.mem.write(status, &[0xff]);
-    let (_, len) = h
-        .run_chain(0, &[(hdr, 16, false), (status, 1, false)])
-        .expect("completion");
+    let (st, len) = run(&mut h, &[hdr16, (status, 1, false)]);
     assert_eq!(len, 0);
-    assert_eq!(h.mem.read(status, 1)[0], 0xff);
+    assert_eq!(st, 0xff);
     check_alive(&mut h);
     // A descriptor loop: 0 -> 1 -> 0.
     {

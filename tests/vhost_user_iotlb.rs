@@ -389,6 +389,19 @@ fn offer_read(h: &mut Harness, q: usize, buf: u64) {
     h.queues[q].submit(&h.mem, &chain);
 }
 
+/// Offers a read on queue 0 into a page mapped in the guest IOMMU but not
+/// yet in the daemon's IOTLB, with the answers to misses held: returns
+/// once the daemon asked for that page (the queue now waits on it).
+fn offer_read_held_on_a_miss(h: &mut Harness) {
+    let z = 0x3000_0000_0000u64;
+    h.iommu()
+        .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
+    let before = h.iommu().misses().len();
+    h.iommu().hold(true);
+    offer_read(h, 0, z);
+    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+}
+
 /// While a queue waits for the answer to a miss (QEMU does not read the
 /// backend channel while it waits on the main one), the main channel is
 /// served and GET_VRING_BASE answers at once, without the request.
@@ -397,13 +410,7 @@ fn main_channel_and_get_vring_base_are_served_while_a_queue_waits_on_a_miss() {
     let _d = daemon("iotlb-stopwait", 1, &[]);
     let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    let z = 0x3000_0000_0000u64;
-    h.iommu()
-        .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
-    let before = h.iommu().misses().len();
-    h.iommu().hold(true);
-    offer_read(&mut h, 0, z);
-    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+    offer_read_held_on_a_miss(&mut h);
     let t = Instant::now();
     let n = h.raw(FrontendReq::GET_QUEUE_NUM, &[], &[]);
     assert_eq!(n.payload, 1u64.to_le_bytes());
@@ -428,13 +435,7 @@ fn frontend_vanishing_during_a_miss_leaves_the_device_usable() {
     {
         let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
         assert_eq!(h.write(0, 8, &data), S_OK);
-        let z = 0x3000_0000_0000u64;
-        h.iommu()
-            .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
-        let before = h.iommu().misses().len();
-        h.iommu().hold(true);
-        offer_read(&mut h, 0, z);
-        assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+        offer_read_held_on_a_miss(&mut h);
     }
     d.wait_released();
     let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
