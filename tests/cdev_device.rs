@@ -16,6 +16,7 @@ use std::os::unix::net::UnixStream;
 
 use common::cdev::{
     bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, CONFIG_REGION,
+    UNKNOWN_CODE,
 };
 use common::frontend::Region;
 use common::TIMEOUT;
@@ -25,9 +26,6 @@ use vcdev::wire::{FlagPolicy, FrameHeader, FLAG_NEED_REPLY, FLAG_REPLY, MAX_PAYL
 use vcdev_iommu::uapi::{IommuIoasAlloc, IOMMUFD_CMD_IOAS_ALLOC, IOMMU_IOAS_MAP_RW_FIXED};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
-
-/// A request code no file kind knows (answered ENOTTY).
-const UNKNOWN_CODE: u32 = 0x7f;
 
 /// An IOAS_ALLOC payload: the smallest valid request an iommufd takes.
 fn alloc_payload() -> Vec<u8> {

@@ -10,7 +10,7 @@ use std::mem::size_of;
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use common::cdev::{bind_and_attach, iommufd_daemon, iommufd_ioas, result};
+use common::cdev::{bind_and_attach, iommufd_daemon, iommufd_ioas, result, UNKNOWN_CODE};
 use common::frontend::{unsealed_memfd, Region};
 use vcdev::cdev::client::File;
 use vcdev_iommu::uapi::*;
@@ -88,7 +88,7 @@ fn zero_excess_behaves_as_exact_size() {
 fn unknown_code_is_enotty() {
     let d = iommufd_daemon("cdev-enotty");
     let f = d.iommufd();
-    assert_eq!(result(&f, 0x7f, &[]), -libc::ENOTTY);
+    assert_eq!(result(&f, UNKNOWN_CODE, &[]), -libc::ENOTTY);
     assert_eq!(result(&f, 0x101, &[]), -libc::ENOTTY);
 }
 

@@ -140,6 +140,10 @@ pub fn closed(f: &File) -> bool {
     }
 }
 
+/// A request code no file kind knows (answered ENOTTY, or EINVAL on an
+/// unbound device).
+pub const UNKNOWN_CODE: u32 = 0x7f;
+
 /// An iommufd with one IOAS and a device bound to it and attached.
 pub struct Bound {
     /// The iommufd file.
