@@ -7,10 +7,9 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use common::cdev::BlkDriver;
+use common::cdev::{BlkDriver, MAP_RW_FIXED};
 use common::frontend::{pattern, Harness, Region, S_IOERR, S_OK};
 use common::vcdev::Vcdev;
-use vcdev_iommu::uapi::IOMMU_IOAS_MAP_RW_FIXED;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
 /// Byte-for-byte round trip through the cdev door, completions on the
@@ -67,7 +66,7 @@ fn unmapped_buffer_is_ioerr_and_old_memory_untouched() {
             0,
             0x10000,
             BUF_IOVA,
-            IOMMU_IOAS_MAP_RW_FIXED,
+            MAP_RW_FIXED,
         )
         .unwrap();
     // Works while mapped.

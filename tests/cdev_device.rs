@@ -15,21 +15,21 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 
 use common::cdev::{
-    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, CONFIG_REGION,
-    UNKNOWN_CODE,
+    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, BindExt, FullSize,
+    CONFIG_REGION, MAP_RW_FIXED, UNKNOWN_CODE,
 };
 use common::frontend::Region;
 use common::TIMEOUT;
 use vcdev::cdev::client::File;
 use vcdev::cdev::vfio_uapi::*;
 use vcdev::wire::{FlagPolicy, FrameHeader, FLAG_NEED_REPLY, FLAG_REPLY, MAX_PAYLOAD, VERSION};
-use vcdev_iommu::uapi::{IommuIoasAlloc, IOMMUFD_CMD_IOAS_ALLOC, IOMMU_IOAS_MAP_RW_FIXED};
+use vcdev_iommu::uapi::{IommuIoasAlloc, IOMMUFD_CMD_IOAS_ALLOC};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 /// An IOAS_ALLOC payload: the smallest valid request an iommufd takes.
 fn alloc_payload() -> Vec<u8> {
-    IommuIoasAlloc::new().as_slice().to_vec()
+    IommuIoasAlloc::full().as_slice().to_vec()
 }
 
 /// Sends an IOAS_ALLOC on `f` with header flags `flags`, unchecked.
@@ -140,7 +140,7 @@ fn bind_negative_iommufd_is_einval() {
         result(
             &dev,
             VFIO_DEVICE_BIND_IOMMUFD,
-            VfioDeviceBindIommufd::new(-1).as_slice()
+            VfioDeviceBindIommufd::to(-1).as_slice()
         ),
         -libc::EINVAL
     );
@@ -156,7 +156,7 @@ fn no_fd_is_ebadf() {
         result(
             &dev,
             VFIO_DEVICE_BIND_IOMMUFD,
-            VfioDeviceBindIommufd::new(3).as_slice()
+            VfioDeviceBindIommufd::to(3).as_slice()
         ),
         -libc::EBADF
     );
@@ -172,7 +172,7 @@ fn passed_back_foreign_fd_is_ebadfd() {
     let r = dev
         .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            VfioDeviceBindIommufd::new(3).as_slice(),
+            VfioDeviceBindIommufd::to(3).as_slice(),
             &[raw_ev(&ev)],
         )
         .unwrap();
@@ -365,14 +365,7 @@ fn release_on_close_unbinds_and_keeps_mappings() {
     let b = bind_and_attach(&d, "vfio0");
     let reg = Region::new(0, 0x4000);
     b.iommufd
-        .ioas_map_file(
-            b.ioas,
-            reg.file.as_fd(),
-            0,
-            0x4000,
-            0x10000,
-            IOMMU_IOAS_MAP_RW_FIXED,
-        )
+        .ioas_map_file(b.ioas, reg.file.as_fd(), 0, 0x4000, 0x10000, MAP_RW_FIXED)
         .unwrap();
     let dup = b.dev.try_clone().unwrap();
     drop(b.dev);
@@ -907,7 +900,7 @@ fn bind_checks_the_iommufd_before_another_files_binding() {
         result(
             &dev2,
             VFIO_DEVICE_BIND_IOMMUFD,
-            VfioDeviceBindIommufd::new(3).as_slice()
+            VfioDeviceBindIommufd::to(3).as_slice()
         ),
         -libc::EBADF
     );
@@ -915,7 +908,7 @@ fn bind_checks_the_iommufd_before_another_files_binding() {
     let r = dev2
         .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            VfioDeviceBindIommufd::new(3).as_slice(),
+            VfioDeviceBindIommufd::to(3).as_slice(),
             &[raw_ev(&ev)],
         )
         .unwrap();

@@ -10,7 +10,10 @@ use std::mem::size_of;
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use common::cdev::{bind_and_attach, iommufd_daemon, iommufd_ioas, result, UNKNOWN_CODE};
+use common::cdev::{
+    bind_and_attach, iommufd_daemon, iommufd_ioas, result, IoasMapExt, IoasMapFileExt,
+    MAP_RW_FIXED, UNKNOWN_CODE,
+};
 use common::frontend::{unsealed_memfd, Region};
 use vcdev::cdev::client::File;
 use vcdev_iommu::uapi::*;
@@ -160,11 +163,11 @@ fn map_and_map_file_at_fixed_iova() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_eq!(
-        f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED),
         Ok(0x10000)
     );
     assert_eq!(
-        f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, IOMMU_IOAS_MAP_RW_FIXED),
+        f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, MAP_RW_FIXED),
         Ok(0x20000)
     );
 }
@@ -176,10 +179,10 @@ fn map_overlap_is_eexist() {
     let (_d, f, ioas) = iommufd_ioas("cdev-map-eexist");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
-    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
         .unwrap();
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0, 0x1000, 0x11000, IOMMU_IOAS_MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0, 0x1000, 0x11000, MAP_RW_FIXED),
         EEXIST
     );
 }
@@ -191,7 +194,7 @@ fn map_auto_iova_avoids_existing_mappings() {
     let (_d, f, ioas) = iommufd_ioas("cdev-map-auto");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
-    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
         .unwrap();
     let auto = f
         .ioas_map(ioas, fd, 0, 0x1000, 0, IOMMU_IOAS_MAP_READABLE)
@@ -262,25 +265,11 @@ fn map_unsealed_memfd_is_einval() {
     let (_d, f, ioas) = iommufd_ioas("cdev-map-unsealed");
     let unsealed = unsealed_memfd(0x10000);
     assert_errno!(
-        f.ioas_map_file(
-            ioas,
-            unsealed.as_fd(),
-            0,
-            0x1000,
-            0x40000,
-            IOMMU_IOAS_MAP_RW_FIXED
-        ),
+        f.ioas_map_file(ioas, unsealed.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
         EINVAL
     );
     assert_errno!(
-        f.ioas_map(
-            ioas,
-            unsealed.as_fd(),
-            0,
-            0x1000,
-            0x40000,
-            IOMMU_IOAS_MAP_RW_FIXED
-        ),
+        f.ioas_map(ioas, unsealed.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
         EINVAL
     );
     let ev = EventFd::new(0).unwrap();
@@ -291,7 +280,7 @@ fn map_unsealed_memfd_is_einval() {
             0,
             0x1000,
             0x40000,
-            IOMMU_IOAS_MAP_RW_FIXED
+            MAP_RW_FIXED
         ),
         EINVAL
     );
@@ -305,7 +294,7 @@ fn map_beyond_file_end_is_efault() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
-        f.ioas_map(ioas, fd, 0x8000, 0x10000, 0x40000, IOMMU_IOAS_MAP_RW_FIXED),
+        f.ioas_map(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
         EFAULT
     );
 }
@@ -319,14 +308,14 @@ fn map_file_beyond_file_end_is_einval() {
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0x8000, 0x10000, 0x40000, IOMMU_IOAS_MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0x8000, 0x10000, 0x40000, MAP_RW_FIXED),
         EINVAL
     );
     assert_errno!(
-        f.ioas_map_file(ioas, fd, 0, 0x10001, 0x40000, IOMMU_IOAS_MAP_RW_FIXED),
+        f.ioas_map_file(ioas, fd, 0, 0x10001, 0x40000, MAP_RW_FIXED),
         EINVAL
     );
-    f.ioas_map_file(ioas, fd, 0x8000, 0x8000, 0x40000, IOMMU_IOAS_MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0x8000, 0x8000, 0x40000, MAP_RW_FIXED)
         .unwrap();
 }
 
@@ -337,14 +326,7 @@ fn map_unknown_ioas_is_enoent() {
     let f = d.iommufd();
     let r = Region::new(0, 0x10000);
     assert_errno!(
-        f.ioas_map_file(
-            99,
-            r.file.as_fd(),
-            0,
-            0x1000,
-            0x40000,
-            IOMMU_IOAS_MAP_RW_FIXED
-        ),
+        f.ioas_map_file(99, r.file.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
         ENOENT
     );
 }
@@ -357,9 +339,9 @@ fn unmap_returns_bytes_and_nothing_mapped_is_enoent() {
     let (_d, f, ioas) = iommufd_ioas("cdev-unmap");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
-    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, IOMMU_IOAS_MAP_RW_FIXED)
+    f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
         .unwrap();
-    f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, IOMMU_IOAS_MAP_RW_FIXED)
+    f.ioas_map(ioas, fd, 0x4000, 0x4000, 0x20000, MAP_RW_FIXED)
         .unwrap();
     f.ioas_map(ioas, fd, 0, 0x1000, 0, IOMMU_IOAS_MAP_READABLE)
         .unwrap();
@@ -425,14 +407,7 @@ fn map_into_reserved_range_is_einval() {
     dev.attach_pt(ioas).unwrap();
     let reg = Region::new(0, 0x1000);
     assert_errno!(
-        f.ioas_map_file(
-            ioas,
-            reg.file.as_fd(),
-            0,
-            0x1000,
-            0x200000,
-            IOMMU_IOAS_MAP_RW_FIXED
-        ),
+        f.ioas_map_file(ioas, reg.file.as_fd(), 0, 0x1000, 0x200000, MAP_RW_FIXED),
         EINVAL
     );
 }
@@ -460,15 +435,8 @@ fn copy_setup(d: &common::vcdev::Vcdev) -> (File, u32, u32, Region) {
     let b = f.ioas_alloc().unwrap();
     f.ioas_allow_iovas(b, &[(0x100000, 0x1fffff)]).unwrap();
     let reg = Region::new(0, 0x4000);
-    f.ioas_map_file(
-        a,
-        reg.file.as_fd(),
-        0,
-        0x4000,
-        0x10000,
-        IOMMU_IOAS_MAP_RW_FIXED,
-    )
-    .unwrap();
+    f.ioas_map_file(a, reg.file.as_fd(), 0, 0x4000, 0x10000, MAP_RW_FIXED)
+        .unwrap();
     (f, a, b, reg)
 }
 

@@ -5,9 +5,11 @@
 //! ioeventfd doorbells) over the split-ring driver of [`super::frontend`].
 
 use std::io::{Read, Write};
+use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use vcdev::cdev::client::File;
+use vcdev::cdev::vfio_uapi::VfioDeviceBindIommufd;
 use vcdev_device_model::pci::regs::{
     PCI_CAPABILITY_LIST, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT,
     PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_VENDOR_ID,
@@ -20,13 +22,17 @@ use vcdev_device_model::pci::regs::{
 };
 use vcdev_device_model::pci::RegionIndex;
 use vcdev_device_model::testing::{BlkRequest, R, W};
-use vcdev_iommu::uapi::IOMMU_IOAS_MAP_RW_FIXED;
+use vcdev_iommu::uapi::{
+    IommuIoasAlloc, IommuIoasMap, IommuIoasMapFile, IOMMU_IOAS_MAP_FIXED_IOVA,
+    IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
+};
 use vcdev_iommu::Errno;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frontend::{DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE};
@@ -137,6 +143,111 @@ pub fn closed(f: &File) -> bool {
     match s.read(&mut b) {
         Ok(n) => n == 0,
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// uAPI structs with the values the tests usually send (extension traits: the
+// structs are the daemon's, these constructors only the tests')
+
+/// Map flags for read-write DMA at a fixed IOVA.
+pub const MAP_RW_FIXED: u32 =
+    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+
+/// A command struct whose size word is its full size, everything else 0.
+pub trait FullSize: ByteValued + Default {
+    /// The struct with its size word set (`size` or `argsz`).
+    fn full() -> Self;
+}
+
+impl FullSize for IommuIoasAlloc {
+    fn full() -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+impl FullSize for IommuIoasMap {
+    fn full() -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+impl FullSize for IommuIoasMapFile {
+    fn full() -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+impl FullSize for VfioDeviceBindIommufd {
+    fn full() -> Self {
+        Self {
+            argsz: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+/// `IommuIoasMap::fixed`.
+pub trait IoasMapExt {
+    /// A read-write map of `length` bytes at the fixed `iova` in `ioas_id`,
+    /// from offset 0 of the descriptor riding with the message.
+    fn fixed(ioas_id: u32, iova: u64, length: u64) -> Self;
+}
+
+impl IoasMapExt for IommuIoasMap {
+    fn fixed(ioas_id: u32, iova: u64, length: u64) -> Self {
+        Self {
+            flags: MAP_RW_FIXED,
+            ioas_id,
+            length,
+            iova,
+            ..Self::full()
+        }
+    }
+}
+
+/// `IommuIoasMapFile::fixed`.
+pub trait IoasMapFileExt {
+    /// A read-write map of `length` bytes of file `fd` from `start`, at the
+    /// fixed `iova` in `ioas_id`.
+    fn fixed(ioas_id: u32, fd: i32, start: u64, iova: u64, length: u64) -> Self;
+}
+
+impl IoasMapFileExt for IommuIoasMapFile {
+    fn fixed(ioas_id: u32, fd: i32, start: u64, iova: u64, length: u64) -> Self {
+        Self {
+            flags: MAP_RW_FIXED,
+            ioas_id,
+            fd,
+            start,
+            length,
+            iova,
+            ..Self::full()
+        }
+    }
+}
+
+/// `VfioDeviceBindIommufd::to`.
+pub trait BindExt {
+    /// A BIND_IOMMUFD command binding to iommufd `iommufd`.
+    fn to(iommufd: i32) -> Self;
+}
+
+impl BindExt for VfioDeviceBindIommufd {
+    fn to(iommufd: i32) -> Self {
+        Self {
+            iommufd,
+            ..Self::full()
+        }
     }
 }
 
@@ -276,14 +387,7 @@ impl BlkDriver {
             let r = Region::new(iova, len);
             let got = b
                 .iommufd
-                .ioas_map_file(
-                    b.ioas,
-                    r.file.as_fd(),
-                    0,
-                    len,
-                    iova,
-                    IOMMU_IOAS_MAP_RW_FIXED,
-                )
+                .ioas_map_file(b.ioas, r.file.as_fd(), 0, len, iova, MAP_RW_FIXED)
                 .expect("map");
             assert_eq!(got, iova);
             mem.regions.push(r);

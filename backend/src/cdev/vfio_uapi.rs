@@ -446,14 +446,3 @@ mod tests {
         assert_eq!(VfioGroupStatus::MIN_SIZE, 8);
     }
 }
-
-impl VfioDeviceBindIommufd {
-    /// A BIND_IOMMUFD command of the full size, binding to iommufd `iommufd`.
-    pub fn new(iommufd: i32) -> Self {
-        Self {
-            argsz: size_of::<Self>() as u32,
-            iommufd,
-            ..Self::default()
-        }
-    }
-}
