@@ -169,24 +169,6 @@ impl FullSize for IommuIoasAlloc {
     }
 }
 
-impl FullSize for IommuIoasMap {
-    fn full() -> Self {
-        Self {
-            size: size_of::<Self>() as u32,
-            ..Self::default()
-        }
-    }
-}
-
-impl FullSize for IommuIoasMapFile {
-    fn full() -> Self {
-        Self {
-            size: size_of::<Self>() as u32,
-            ..Self::default()
-        }
-    }
-}
-
 impl FullSize for VfioDeviceBindIommufd {
     fn full() -> Self {
         Self {
@@ -206,11 +188,12 @@ pub trait IoasMapExt {
 impl IoasMapExt for IommuIoasMap {
     fn fixed(ioas_id: u32, iova: u64, length: u64) -> Self {
         Self {
+            size: size_of::<Self>() as u32,
             flags: MAP_RW_FIXED,
             ioas_id,
             length,
             iova,
-            ..Self::full()
+            ..Self::default()
         }
     }
 }
@@ -225,13 +208,13 @@ pub trait IoasMapFileExt {
 impl IoasMapFileExt for IommuIoasMapFile {
     fn fixed(ioas_id: u32, fd: i32, start: u64, iova: u64, length: u64) -> Self {
         Self {
+            size: size_of::<Self>() as u32,
             flags: MAP_RW_FIXED,
             ioas_id,
             fd,
             start,
             length,
             iova,
-            ..Self::full()
         }
     }
 }
