@@ -1,8 +1,9 @@
 //! A vhost-user frontend harness over the real socket of a `vcdev serve`
 //! process: vhost's `Frontend` for what it can send, raw frames (through
 //! `vcdev::wire`, the one header codec) for what it cannot, guest memory in
-//! sealed memfds, and a tiny split-virtqueue driver that builds
-//! virtio-blk descriptor chains.
+//! sealed memfds, and per-queue slots and eventfds around device-model's
+//! split-ring driver and virtio-blk request encoder
+//! (`vcdev_device_model::testing`).
 //!
 //! With a vIOMMU ([`Harness::start_iotlb`]) the frontend acks
 //! VIRTIO_F_ACCESS_PLATFORM, gives every address as an IOVA, keeps a model
