@@ -33,9 +33,7 @@ fn no_viommu_guest_dd_md5_matches_backing_file() {
         .boot("no-viommu")
         .socket(&d.socket("vfio0"))
         .queues(2)
-        .test("dd")
-        .param("mb", mib)
-        .param("seed", &seed)
+        .dd(mib, &seed)
         .run()
         .expect("spawn qemu");
     assert!(
