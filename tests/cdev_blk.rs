@@ -7,8 +7,9 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use common::cdev::{BlkDriver, CdevDaemon, MAP_RW_FIXED};
+use common::cdev::{BlkDriver, MAP_RW_FIXED};
 use common::frontend::{pattern, Harness, Region, S_IOERR, S_OK};
+use common::vcdev::Vcdev;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
 /// Byte-for-byte round trip through the cdev door, completions on the
@@ -16,7 +17,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 /// once the driver closed its files.
 #[test]
 fn io_round_trip_then_visible_through_vhost_user() {
-    let d = CdevDaemon::start("cdev-blk", &["--device", "blk,ram=4M"]);
+    let d = Vcdev::builder("cdev-blk").device("blk,ram=4M").spawn();
     let mut drv = BlkDriver::start(&d, "vfio0", 64);
     assert_eq!(drv.caps.ids, (0x1af4, 0x1042));
     assert!(drv.caps.msix);
@@ -36,7 +37,7 @@ fn io_round_trip_then_visible_through_vhost_user() {
 
     // The device is free again: a vhost-user frontend reads the same bytes.
     let sock = d.path("vhost-user/vfio0");
-    let mut h = common::poll_until(common::frontend::TIMEOUT, || {
+    let mut h = common::poll_until(common::TIMEOUT, || {
         let (_, list) = d.ctl(&["list"]);
         list.contains("owner none").then_some(())
     })
@@ -51,7 +52,7 @@ fn io_round_trip_then_visible_through_vhost_user() {
 /// completes with IOERR and the old memory is never written.
 #[test]
 fn unmapped_buffer_is_ioerr_and_old_memory_untouched() {
-    let d = CdevDaemon::start("cdev-iso", &["--device", "blk,ram=4M"]);
+    let d = Vcdev::builder("cdev-iso").device("blk,ram=4M").spawn();
     let mut drv = BlkDriver::start(&d, "vfio0", 64);
     assert_eq!(drv.write(0, &pattern(9, 4096)), S_OK);
 
@@ -103,7 +104,7 @@ fn unmapped_buffer_is_ioerr_and_old_memory_untouched() {
 /// same mappings) lets the queue go on.
 #[test]
 fn detach_blocks_dma_until_attached_again() {
-    let d = CdevDaemon::start("cdev-detach", &["--device", "blk,ram=4M"]);
+    let d = Vcdev::builder("cdev-detach").device("blk,ram=4M").spawn();
     let mut drv = BlkDriver::start(&d, "vfio0", 64);
     assert_eq!(drv.write(0, &pattern(1, 4096)), S_OK);
     drv.b.dev.detach_pt().unwrap();

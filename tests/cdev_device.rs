@@ -15,13 +15,35 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 
 use common::cdev::{
-    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, MAP_RW_FIXED,
+    bind_and_attach, closed, device_daemon, evfd, raw_ev, result, send_raw, BindExt, FullSize,
+    CONFIG_REGION, MAP_RW_FIXED, UNKNOWN_CODE,
 };
-use common::frontend::{Region, TIMEOUT};
+use common::frontend::Region;
+use common::TIMEOUT;
+use vcdev::cdev::client::File;
 use vcdev::cdev::vfio_uapi::*;
-use vcdev::wire::{FlagPolicy, FLAG_REPLY, MAX_PAYLOAD};
+use vcdev::wire::{FlagPolicy, FrameHeader, FLAG_NEED_REPLY, FLAG_REPLY, MAX_PAYLOAD, VERSION};
+use vcdev_iommu::uapi::{IommuIoasAlloc, IOMMUFD_CMD_IOAS_ALLOC};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
+
+/// An IOAS_ALLOC payload: the smallest valid request an iommufd takes.
+fn alloc_payload() -> Vec<u8> {
+    IommuIoasAlloc::full().as_slice().to_vec()
+}
+
+/// Sends an IOAS_ALLOC on `f` with header flags `flags`, unchecked.
+fn send_alloc(f: &File, flags: u32) {
+    let alloc = alloc_payload();
+    send_raw(
+        f,
+        IOMMUFD_CMD_IOAS_ALLOC,
+        flags,
+        alloc.len() as u32,
+        &alloc,
+        &[],
+    );
+}
 
 /// Whether a vhost-user connection to `path` is refused (closed at once).
 fn vhost_user_refused(path: &std::path::Path) -> bool {
@@ -103,20 +125,10 @@ fn before_bind_everything_is_einval() {
     let d = device_daemon("cdev-unbound");
     let dev = d.device("vfio0");
     assert_errno!(dev.device_info(), EINVAL);
-    assert_errno!(dev.region_read(7 << 40, 4), EINVAL);
+    assert_errno!(dev.region_read(CONFIG_REGION, 4), EINVAL);
     assert_errno!(dev.attach_pt(1), EINVAL);
     assert_eq!(result(&dev, 0x7777, &[]), -libc::EINVAL);
     assert_errno!(dev.reset(), EINVAL);
-}
-
-/// A BIND command with `iommufd` = `fd`.
-fn bind_cmd(fd: i32) -> VfioDeviceBindIommufd {
-    VfioDeviceBindIommufd {
-        argsz: 16,
-        flags: 0,
-        iommufd: fd,
-        out_devid: 0,
-    }
 }
 
 /// `vfio_df_ioctl_bind_iommufd`: `iommufd` < 0 is EINVAL.
@@ -125,7 +137,11 @@ fn bind_negative_iommufd_is_einval() {
     let d = device_daemon("cdev-bind-neg");
     let dev = d.device("vfio0");
     assert_eq!(
-        result(&dev, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(-1).as_slice()),
+        result(
+            &dev,
+            VFIO_DEVICE_BIND_IOMMUFD,
+            VfioDeviceBindIommufd::to(-1).as_slice()
+        ),
         -libc::EINVAL
     );
 }
@@ -137,7 +153,11 @@ fn no_fd_is_ebadf() {
     let d = device_daemon("cdev-bind-nofd");
     let dev = d.device("vfio0");
     assert_eq!(
-        result(&dev, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(3).as_slice()),
+        result(
+            &dev,
+            VFIO_DEVICE_BIND_IOMMUFD,
+            VfioDeviceBindIommufd::to(3).as_slice()
+        ),
         -libc::EBADF
     );
 }
@@ -152,7 +172,7 @@ fn passed_back_foreign_fd_is_ebadfd() {
     let r = dev
         .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            bind_cmd(3).as_slice(),
+            VfioDeviceBindIommufd::to(3).as_slice(),
             &[raw_ev(&ev)],
         )
         .unwrap();
@@ -217,7 +237,7 @@ fn region_info_offsets_and_absent_regions() {
         bar0.flags,
         VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
     );
-    assert_eq!(b.dev.region_info(7).unwrap().offset, 7 << 40);
+    assert_eq!(b.dev.region_info(7).unwrap().offset, CONFIG_REGION);
     assert_errno!(b.dev.region_info(8), EINVAL);
     assert_errno!(b.dev.region_info(9), EINVAL);
 }
@@ -300,7 +320,7 @@ fn attach_pasid_is_eopnotsupp() {
     let b = bind_and_attach(&d, "vfio0");
     let pasid = VfioDeviceAttachIommufdPt {
         argsz: 16,
-        flags: 1,
+        flags: VFIO_DEVICE_PASID,
         pt_id: b.ioas,
         pasid: 1,
     };
@@ -371,7 +391,7 @@ fn closing_the_iommufd_while_bound_keeps_the_device_working() {
     let d = device_daemon("cdev-release-iommufd");
     let b = bind_and_attach(&d, "vfio0");
     drop(b.iommufd);
-    assert!(b.dev.region_read(7 << 40, 4).is_ok());
+    assert!(b.dev.region_read(CONFIG_REGION, 4).is_ok());
     assert!(b.dev.detach_pt().is_ok());
     assert!(b.dev.attach_pt(b.ioas).is_ok());
 }
@@ -537,9 +557,7 @@ fn set_container_rules() {
 
 /// A container with group 5 set and TYPE1v2.
 #[cfg(feature = "group")]
-fn container_with_group(
-    d: &common::cdev::CdevDaemon,
-) -> (vcdev::cdev::client::File, vcdev::cdev::client::File) {
+fn container_with_group(d: &common::vcdev::Vcdev) -> (File, File) {
     let c = d.container();
     let g = d.group(5).unwrap();
     g.group_set_container(&c).unwrap();
@@ -661,7 +679,10 @@ fn truncated_message_closes_the_file() {
     let d = device_daemon("cdev-truncated");
     let f = d.iommufd();
     let mut sock = f.socket();
-    std::io::Write::write_all(&mut sock, &[0x81, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0, 12, 0]).unwrap();
+    let alloc = alloc_payload();
+    let hdr = FrameHeader::request(IOMMUFD_CMD_IOAS_ALLOC, VERSION, alloc.len() as u32);
+    std::io::Write::write_all(&mut sock, &hdr.encode()).unwrap();
+    std::io::Write::write_all(&mut sock, &alloc[..2]).unwrap();
     sock.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(closed(&f));
 }
@@ -674,7 +695,7 @@ fn too_many_fds_closes_the_file() {
     let f = d.iommufd();
     let ev = EventFd::new(0).unwrap();
     assert!(f
-        .call(0x81, &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[raw_ev(&ev)])
+        .call(IOMMUFD_CMD_IOAS_ALLOC, &alloc_payload(), &[raw_ev(&ev)])
         .is_err());
     assert!(closed(&f));
 }
@@ -684,7 +705,7 @@ fn too_many_fds_closes_the_file() {
 fn bad_version_closes_the_file() {
     let d = device_daemon("cdev-badversion");
     let f = d.iommufd();
-    send_raw(&f, 0x81, 2, 12, &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    send_alloc(&f, VERSION + 1);
     assert!(closed(&f));
 }
 
@@ -693,14 +714,8 @@ fn bad_version_closes_the_file() {
 fn unknown_flag_bits_close_the_file() {
     let d = device_daemon("cdev-badflags");
     let f = d.iommufd();
-    send_raw(
-        &f,
-        0x81,
-        0x9,
-        12,
-        &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        &[],
-    );
+    // NEED_REPLY is vhost-user's: on the cdev door a bit beyond REPLY.
+    send_alloc(&f, VERSION | FLAG_NEED_REPLY);
     assert!(closed(&f));
 }
 
@@ -709,14 +724,7 @@ fn unknown_flag_bits_close_the_file() {
 fn request_flagged_as_reply_closes_the_file() {
     let d = device_daemon("cdev-replyflag");
     let f = d.iommufd();
-    send_raw(
-        &f,
-        0x81,
-        1 | FLAG_REPLY,
-        12,
-        &[12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        &[],
-    );
+    send_alloc(&f, VERSION | FLAG_REPLY);
     assert!(closed(&f));
 }
 
@@ -726,7 +734,14 @@ fn request_flagged_as_reply_closes_the_file() {
 fn oversized_payload_closes_the_file() {
     let d = device_daemon("cdev-oversized");
     let f = d.iommufd();
-    send_raw(&f, 0x81, 1, MAX_PAYLOAD + 1, &[], &[]);
+    send_raw(
+        &f,
+        IOMMUFD_CMD_IOAS_ALLOC,
+        VERSION,
+        MAX_PAYLOAD + 1,
+        &[],
+        &[],
+    );
     assert!(closed(&f));
 }
 
@@ -769,22 +784,25 @@ fn violation_leaves_other_files_alive() {
 fn replies_come_one_per_request_in_order() {
     let d = device_daemon("cdev-order");
     let f = d.iommufd();
-    let alloc = [12u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    send_raw(&f, 0x81, 1, 12, &alloc, &[]);
-    send_raw(&f, 0x7f, 1, 0, &[], &[]);
-    send_raw(&f, 0x81, 1, 12, &alloc, &[]);
+    send_alloc(&f, VERSION);
+    send_raw(&f, UNKNOWN_CODE, VERSION, 0, &[], &[]);
+    send_alloc(&f, VERSION);
     let mut got = Vec::new();
     for _ in 0..3 {
         let r = vcdev::wire::read_frame(f.socket(), FlagPolicy::CDEV)
             .unwrap()
             .unwrap();
-        assert_eq!(r.header.flags, 0x5);
+        assert_eq!(r.header.flags, VERSION | FLAG_REPLY);
         let res = i32::from_le_bytes(r.payload[..4].try_into().unwrap());
         got.push((r.header.request, res, r.payload.len()));
     }
     assert_eq!(
         got,
-        vec![(0x81, 0, 16), (0x7f, -libc::ENOTTY, 4), (0x81, 0, 16)]
+        vec![
+            (IOMMUFD_CMD_IOAS_ALLOC, 0, 16),
+            (UNKNOWN_CODE, -libc::ENOTTY, 4),
+            (IOMMUFD_CMD_IOAS_ALLOC, 0, 16)
+        ]
     );
 }
 
@@ -879,14 +897,18 @@ fn bind_checks_the_iommufd_before_another_files_binding() {
     dev.bind_iommufd(&f).unwrap();
     let dev2 = d.device("vfio0");
     assert_eq!(
-        result(&dev2, VFIO_DEVICE_BIND_IOMMUFD, bind_cmd(3).as_slice()),
+        result(
+            &dev2,
+            VFIO_DEVICE_BIND_IOMMUFD,
+            VfioDeviceBindIommufd::to(3).as_slice()
+        ),
         -libc::EBADF
     );
     let ev = EventFd::new(0).unwrap();
     let r = dev2
         .call(
             VFIO_DEVICE_BIND_IOMMUFD,
-            bind_cmd(3).as_slice(),
+            VfioDeviceBindIommufd::to(3).as_slice(),
             &[raw_ev(&ev)],
         )
         .unwrap();
@@ -956,7 +978,7 @@ fn attach_on_group_device_file_is_enotty() {
 /// A SET_IRQS of `flags` on `index` from `start`, `count` irqs, `data`
 /// after the struct, `fds` riding.
 fn set_irqs(
-    dev: &vcdev::cdev::client::File,
+    dev: &File,
     flags: u32,
     index: u32,
     start: u32,
@@ -1101,13 +1123,7 @@ fn err_and_req_triggers_follow_the_single_context_rules() {
 
 /// A VFIO_DEVICE_IOEVENTFD of 2 bytes, data 0, at `offset`, `fd` field
 /// `fd`, `reserved`, `fds` riding.
-fn ioeventfd_raw(
-    dev: &vcdev::cdev::client::File,
-    offset: u64,
-    fd: i32,
-    reserved: u32,
-    fds: &[i32],
-) -> i32 {
+fn ioeventfd_raw(dev: &File, offset: u64, fd: i32, reserved: u32, fds: &[i32]) -> i32 {
     let c = VfioDeviceIoeventfd {
         argsz: 32,
         flags: 2,
@@ -1143,7 +1159,7 @@ fn ioeventfd_checks_the_offset_and_registrations_before_the_descriptor() {
     let drv = common::cdev::BlkDriver::start(&d, "vfio0", 64);
     let dev = &drv.b.dev;
     // Config space takes no ioeventfd; no descriptor rides.
-    assert_eq!(ioeventfd_raw(dev, 7 << 40, 3, 0, &[]), -libc::EINVAL);
+    assert_eq!(ioeventfd_raw(dev, CONFIG_REGION, 3, 0, &[]), -libc::EINVAL);
     // Registered already (by the driver): EEXIST, whatever rides.
     let reg = Region::new(0, 0x1000);
     let memfd = std::os::fd::AsRawFd::as_raw_fd(&reg.file);

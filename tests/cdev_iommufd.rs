@@ -10,7 +10,10 @@ use std::mem::size_of;
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use common::cdev::{bind_and_attach, iommufd_daemon, result, MAP_RW_FIXED};
+use common::cdev::{
+    bind_and_attach, iommufd_daemon, iommufd_ioas, result, IoasMapExt, IoasMapFileExt,
+    MAP_RW_FIXED, UNKNOWN_CODE,
+};
 use common::frontend::{unsealed_memfd, Region};
 use vcdev::cdev::client::File;
 use vcdev_iommu::uapi::*;
@@ -88,7 +91,7 @@ fn zero_excess_behaves_as_exact_size() {
 fn unknown_code_is_enotty() {
     let d = iommufd_daemon("cdev-enotty");
     let f = d.iommufd();
-    assert_eq!(result(&f, 0x7f, &[]), -libc::ENOTTY);
+    assert_eq!(result(&f, UNKNOWN_CODE, &[]), -libc::ENOTTY);
     assert_eq!(result(&f, 0x101, &[]), -libc::ENOTTY);
 }
 
@@ -139,9 +142,7 @@ fn id_of_wrong_kind_is_enoent() {
 /// belongs to its device file, an IOAS or HWPT in use is busy: EBUSY.
 #[test]
 fn destroy_of_object_in_use_is_ebusy() {
-    let d = iommufd_daemon("cdev-destroy-busy");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-destroy-busy");
     let dev = d.device("vfio0");
     let devid = dev.bind_iommufd(&f).unwrap();
     assert_errno!(f.destroy(devid), EBUSY);
@@ -158,9 +159,7 @@ fn destroy_of_object_in_use_is_ebusy() {
 /// IOVAs return the IOVA.
 #[test]
 fn map_and_map_file_at_fixed_iova() {
-    let d = iommufd_daemon("cdev-map");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_eq!(
@@ -177,9 +176,7 @@ fn map_and_map_file_at_fixed_iova() {
 /// EEXIST.
 #[test]
 fn map_overlap_is_eexist() {
-    let d = iommufd_daemon("cdev-map-eexist");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-eexist");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
@@ -194,9 +191,7 @@ fn map_overlap_is_eexist() {
 /// picks a free IOVA.
 #[test]
 fn map_auto_iova_avoids_existing_mappings() {
-    let d = iommufd_daemon("cdev-map-auto");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-auto");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
@@ -210,17 +205,10 @@ fn map_auto_iova_avoids_existing_mappings() {
 /// `iommufd_ioas_map`: a non-zero `__reserved` is EOPNOTSUPP.
 #[test]
 fn map_reserved_field_is_eopnotsupp() {
-    let d = iommufd_daemon("cdev-map-reserved");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-reserved");
     let m = IommuIoasMap {
-        size: size_of::<IommuIoasMap>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
         __reserved: 1,
-        user_va: 0,
-        length: 0x1000,
-        iova: 0x40000,
+        ..IommuIoasMap::fixed(ioas, 0x40000, 0x1000)
     };
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP, m.as_slice()),
@@ -232,18 +220,8 @@ fn map_reserved_field_is_eopnotsupp() {
 /// is EFAULT (no memory at `user_va`).
 #[test]
 fn map_without_descriptor_is_efault() {
-    let d = iommufd_daemon("cdev-map-nofd");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
-    let m = IommuIoasMap {
-        size: size_of::<IommuIoasMap>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
-        __reserved: 0,
-        user_va: 0,
-        length: 0x1000,
-        iova: 0x40000,
-    };
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-nofd");
+    let m = IommuIoasMap::fixed(ioas, 0x40000, 0x1000);
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP, m.as_slice()),
         -libc::EFAULT
@@ -254,18 +232,8 @@ fn map_without_descriptor_is_efault() {
 /// EBADF.
 #[test]
 fn map_file_without_descriptor_is_ebadf() {
-    let d = iommufd_daemon("cdev-mapfile-nofd");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
-    let mf = IommuIoasMapFile {
-        size: size_of::<IommuIoasMapFile>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
-        fd: -1,
-        start: 0,
-        length: 0x1000,
-        iova: 0x40000,
-    };
+    let (_d, f, ioas) = iommufd_ioas("cdev-mapfile-nofd");
+    let mf = IommuIoasMapFile::fixed(ioas, -1, 0, 0x40000, 0x1000);
     assert_eq!(
         result(&f, IOMMUFD_CMD_IOAS_MAP_FILE, mf.as_slice()),
         -libc::EBADF
@@ -276,19 +244,9 @@ fn map_file_without_descriptor_is_ebadf() {
 /// descriptor riding with the message is mapped.
 #[test]
 fn map_file_ignores_the_fd_field() {
-    let d = iommufd_daemon("cdev-mapfile-fdfield");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-mapfile-fdfield");
     let r = Region::new(0, 0x1000);
-    let mf = IommuIoasMapFile {
-        size: size_of::<IommuIoasMapFile>() as u32,
-        flags: MAP_RW_FIXED,
-        ioas_id: ioas,
-        fd: -1,
-        start: 0,
-        length: 0x1000,
-        iova: 0x40000,
-    };
+    let mf = IommuIoasMapFile::fixed(ioas, -1, 0, 0x40000, 0x1000);
     let rep = f
         .call(
             IOMMUFD_CMD_IOAS_MAP_FILE,
@@ -304,9 +262,7 @@ fn map_file_ignores_the_fd_field() {
 /// no memfd is EINVAL, through IOAS_MAP and IOAS_MAP_FILE alike.
 #[test]
 fn map_unsealed_memfd_is_einval() {
-    let d = iommufd_daemon("cdev-map-unsealed");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-unsealed");
     let unsealed = unsealed_memfd(0x10000);
     assert_errno!(
         f.ioas_map_file(ioas, unsealed.as_fd(), 0, 0x1000, 0x40000, MAP_RW_FIXED),
@@ -334,9 +290,7 @@ fn map_unsealed_memfd_is_einval() {
 /// file's end is EFAULT (the kernel's bad user pointer).
 #[test]
 fn map_beyond_file_end_is_efault() {
-    let d = iommufd_daemon("cdev-map-beyond");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-map-beyond");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
@@ -350,9 +304,7 @@ fn map_beyond_file_end_is_efault() {
 /// `iommufd`, `test_basic_file`).
 #[test]
 fn map_file_beyond_file_end_is_einval() {
-    let d = iommufd_daemon("cdev-mapfile-beyond");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-mapfile-beyond");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     assert_errno!(
@@ -384,9 +336,7 @@ fn map_unknown_ioas_is_enoent() {
 /// unmap everything.
 #[test]
 fn unmap_returns_bytes_and_nothing_mapped_is_enoent() {
-    let d = iommufd_daemon("cdev-unmap");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-unmap");
     let r = Region::new(0, 0x10000);
     let fd = r.file.as_fd();
     f.ioas_map_file(ioas, fd, 0, 0x4000, 0x10000, MAP_RW_FIXED)
@@ -407,9 +357,7 @@ fn unmap_returns_bytes_and_nothing_mapped_is_enoent() {
 /// one range, the whole space, and alignment 1.
 #[test]
 fn iova_ranges_without_device_is_the_whole_space() {
-    let d = iommufd_daemon("cdev-ranges-empty");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (_d, f, ioas) = iommufd_ioas("cdev-ranges-empty");
     assert_eq!(f.ioas_iova_ranges(ioas, 4), Ok((vec![(0, u64::MAX)], 1)));
 }
 
@@ -417,9 +365,7 @@ fn iova_ranges_without_device_is_the_whole_space() {
 /// to its aperture minus its reserved ranges, alignment 4096.
 #[test]
 fn iova_ranges_follow_the_attached_device() {
-    let d = iommufd_daemon("cdev-ranges-dev");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-ranges-dev");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -432,9 +378,7 @@ fn iova_ranges_follow_the_attached_device() {
 /// the struct (num_iovas = the total) and the ranges that fit follow.
 #[test]
 fn iova_ranges_too_small_is_emsgsize_with_total_and_partial_ranges() {
-    let d = iommufd_daemon("cdev-ranges-emsgsize");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-ranges-emsgsize");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -457,9 +401,7 @@ fn iova_ranges_too_small_is_emsgsize_with_total_and_partial_ranges() {
 /// an attached device is EINVAL.
 #[test]
 fn map_into_reserved_range_is_einval() {
-    let d = iommufd_daemon("cdev-map-reserved-range");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-map-reserved-range");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -474,9 +416,7 @@ fn map_into_reserved_range_is_einval() {
 /// back to the whole space.
 #[test]
 fn detach_widens_the_ioas_again() {
-    let d = iommufd_daemon("cdev-ranges-detach");
-    let f = d.iommufd();
-    let ioas = f.ioas_alloc().unwrap();
+    let (d, f, ioas) = iommufd_ioas("cdev-ranges-detach");
     let dev = d.device("vfio1");
     dev.bind_iommufd(&f).unwrap();
     dev.attach_pt(ioas).unwrap();
@@ -489,7 +429,7 @@ fn detach_widens_the_ioas_again() {
 
 /// A source IOAS with 0x4000 bytes mapped at 0x10000 and a destination
 /// IOAS allowed 0x100000-0x1fffff only.
-fn copy_setup(d: &common::cdev::CdevDaemon) -> (File, u32, u32, Region) {
+fn copy_setup(d: &common::vcdev::Vcdev) -> (File, u32, u32, Region) {
     let f = d.iommufd();
     let a = f.ioas_alloc().unwrap();
     let b = f.ioas_alloc().unwrap();

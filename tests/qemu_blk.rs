@@ -10,8 +10,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::frontend::Vcdev;
 use common::qemu;
+use common::vcdev::Vcdev;
 use common::TempDir;
 
 #[test]
@@ -33,9 +33,7 @@ fn no_viommu_guest_dd_md5_matches_backing_file() {
         .boot("no-viommu")
         .socket(&d.socket("vfio0"))
         .queues(2)
-        .test("dd")
-        .param("mb", mib)
-        .param("seed", &seed)
+        .dd(mib, &seed)
         .run()
         .expect("spawn qemu");
     assert!(

@@ -167,9 +167,7 @@ fn no_viommu_dd_against_qemu_storage_daemon() {
         .boot("no-viommu")
         .socket(&socket)
         .queues(2)
-        .test("dd")
-        .param("mb", mib)
-        .param("seed", &seed)
+        .dd(mib, &seed)
         .run()
         .expect("spawn qemu");
     let what = "qemu-storage-daemon no-viommu";

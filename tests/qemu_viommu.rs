@@ -19,8 +19,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::frontend::Vcdev;
 use common::qemu::{self, Guest};
+use common::vcdev::Vcdev;
 use common::TempDir;
 
 /// MiB written and read back by each guest.
@@ -63,9 +63,7 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         .boot(config)
         .socket(&d.socket("vfio0"))
         .append(append)
-        .test("dd")
-        .param("mb", MIB)
-        .param("seed", &seed)
+        .dd(MIB, &seed)
         .run()
         .expect("spawn qemu");
     let what = format!("{config} {mode}");

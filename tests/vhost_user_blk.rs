@@ -6,8 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::frontend::{pattern, Harness, Vcdev, SECTOR, S_IOERR, S_OK, S_UNSUPP, TIMEOUT};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP};
+use common::frontend::{pattern, Desc, Harness, SECTOR, S_IOERR, S_OK, S_UNSUPP};
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
+use vcdev_device_model::testing::{BlkRequest, STATUS_UNSET};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 #[test]
@@ -68,24 +73,15 @@ fn multiqueue_requests_complete_on_their_own_queues() {
     // Every queue writes its own area, all in flight at once.
     for q in 0..4 {
         let data = pattern(q as u8, 8192);
-        let dq = &h.queues[q];
-        let hdr = dq.header_gpa();
-        let mut hd = [0u8; 16];
-        hd[0..4].copy_from_slice(&virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT.to_le_bytes());
-        hd[8..16].copy_from_slice(&(q as u64 * 1000).to_le_bytes());
-        h.mem.write(hdr, &hd);
-        h.mem.write(dq.data_gpa(), &data);
-        let chain = [
-            (hdr, 16, false),
-            (dq.data_gpa(), 8192, false),
-            (hdr + 16, 1, true),
-        ];
+        let at = h.queues[q].data_gpa();
+        h.mem.write(at, &data);
+        let chain = h.blk_chain(q, VIRTIO_BLK_T_OUT, q as u64 * 1000, &[(at, 8192, false)]);
         h.queues[q].submit(&h.mem, &chain);
     }
     for q in 0..4 {
         let (id, _) = h.queues[q].wait_used(&h.mem, TIMEOUT).expect("completion");
         assert_eq!(id, 0);
-        assert_eq!(h.mem.read(h.queues[q].header_gpa() + 16, 1)[0], S_OK);
+        assert_eq!(h.mem.read(h.queues[q].status_gpa(), 1)[0], S_OK);
     }
     // Read every area back through another queue.
     for q in 0..4 {
@@ -118,66 +114,41 @@ fn malformed_chains_get_their_status_and_the_queue_keeps_working() {
     assert_eq!(h.read(0, 0, 100).status, S_IOERR);
     check_alive(&mut h);
     // A write whose data the device would have to write (wrong direction).
-    assert_eq!(
-        h.blk(
-            0,
-            virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT,
-            0,
-            &[],
-            512
-        )
-        .status,
-        S_IOERR
-    );
+    assert_eq!(h.blk(0, VIRTIO_BLK_T_OUT, 0, &[], 512).status, S_IOERR);
     check_alive(&mut h);
 
     let hdr = h.queues[0].header_gpa();
-    let status = hdr + 16;
+    let status = h.queues[0].status_gpa();
     let data = h.queues[0].data_gpa();
-    let mut hd = [0u8; 16];
-    hd[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    h.mem.write(hdr, &hd);
+    h.mem
+        .write(hdr, &BlkRequest::new(VIRTIO_BLK_T_IN, 0).header());
+
+    // Runs `chain` with the status byte unset: (status byte, used length).
+    let run = |h: &mut Harness, chain: &[Desc]| {
+        h.mem.write(status, &[STATUS_UNSET]);
+        let (_, len) = h.run_chain(0, chain).expect("completion");
+        (h.mem.read(status, 1)[0], len)
+    };
+    let hdr16 = (hdr, BlkRequest::HEADER_LEN, false);
 
     // Header too short (8 bytes).
-    h.mem.write(status, &[0xff]);
-    h.run_chain(0, &[(hdr, 8, false), (status, 1, true)])
-        .expect("completion");
-    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    assert_eq!(
+        run(&mut h, &[(hdr, 8, false), (status, 1, true)]).0,
+        S_IOERR
+    );
     check_alive(&mut h);
     // A data buffer outside guest memory.
-    h.mem.write(status, &[0xff]);
-    h.run_chain(
-        0,
-        &[
-            (hdr, 16, false),
-            (0x7000_0000, 512, true),
-            (status, 1, true),
-        ],
-    )
-    .expect("completion");
-    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    let outside = (0x7000_0000, 512, true);
+    assert_eq!(run(&mut h, &[hdr16, outside, (status, 1, true)]).0, S_IOERR);
     check_alive(&mut h);
     // A readable descriptor after a writable one.
-    h.mem.write(status, &[0xff]);
-    h.run_chain(
-        0,
-        &[
-            (hdr, 16, false),
-            (data, 512, true),
-            (data, 512, false),
-            (status, 1, true),
-        ],
-    )
-    .expect("completion");
-    assert_eq!(h.mem.read(status, 1)[0], S_IOERR);
+    let (w, r) = ((data, 512, true), (data, 512, false));
+    assert_eq!(run(&mut h, &[hdr16, w, r, (status, 1, true)]).0, S_IOERR);
     check_alive(&mut h);
     // No writable status byte: the chain comes back with nothing written.
-    h.mem.write(status, &[0xff]);
-    let (_, len) = h
-        .run_chain(0, &[(hdr, 16, false), (status, 1, false)])
-        .expect("completion");
+    let (st, len) = run(&mut h, &[hdr16, (status, 1, false)]);
     assert_eq!(len, 0);
-    assert_eq!(h.mem.read(status, 1)[0], 0xff);
+    assert_eq!(st, 0xff);
     check_alive(&mut h);
     // A descriptor loop: 0 -> 1 -> 0.
     {
@@ -335,18 +306,14 @@ fn serve_prints_how_to_attach_each_device() {
 /// prefix, and a comma in the socket path is doubled (QEMU's escape).
 #[test]
 fn serve_prints_qemu_ids_and_escaped_paths() {
-    let dir = common::TempDir::new("blk-id").expect("tmp");
-    let odd = dir.join("a,b");
-    std::fs::create_dir(&odd).expect("mkdir");
-    let mut cmd = std::process::Command::new(common::frontend::vcdev_bin());
-    cmd.arg("serve")
-        .arg("--dir")
-        .arg(&odd)
-        .args(["--device", "blk,name=0disk,ram=1M"]);
-    let sock = odd.join("vhost-user").join("0disk");
-    let mut d = common::process::Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("serve");
+    let mut d = Vcdev::builder("blk-id")
+        .subdir("a,b")
+        .device("blk,name=0disk,ram=1M")
+        .wait_for_vhost_user("0disk")
+        .spawn();
+    let sock = d.socket("0disk");
     let out = common::poll_until(TIMEOUT, || {
-        let out = d.proc().stdout().text();
+        let out = d.daemon.proc().stdout().text();
         out.contains("-device virtio-iommu-pci").then_some(out)
     })
     .expect("vcdev serve printed the QEMU options");
@@ -369,13 +336,7 @@ fn invalid_options_exit_2_with_one_line() {
         &["--device", "nvme"],
         &["--iotlb-miss-timeout-ms", "0"],
     ] {
-        let out = std::process::Command::new(common::frontend::vcdev_bin())
-            .arg("serve")
-            .arg("--dir")
-            .arg(dir.join("run"))
-            .args(bad)
-            .output()
-            .unwrap();
+        let out = common::vcdev::serve_once(&dir.join("run"), bad);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
         assert!(out.stdout.is_empty(), "{bad:?}");

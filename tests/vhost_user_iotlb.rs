@@ -7,9 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::frontend::{
-    iova_of, pattern, Desc, Harness, Vcdev, DATA_GPA, SECTOR, S_IOERR, S_OK, TIMEOUT,
-};
+use common::frontend::{iova_of, pattern, Desc, Harness, DATA_GPA, SECTOR, S_IOERR, S_OK};
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
@@ -106,9 +106,9 @@ fn io_through_misses_asks_each_page_once_with_the_exact_access() {
         .map(|m| (page_of(m.iova), m.perm))
         .collect();
     let want = vec![
-        (iova_of(q.desc), RO),
-        (iova_of(q.avail), RO),
-        (iova_of(q.used), WO),
+        (iova_of(q.ring.desc), RO),
+        (iova_of(q.ring.avail), RO),
+        (iova_of(q.ring.used), WO),
         // The status byte shares the header's page, and the device
         // model reaches it first (to be able to report any failure).
         (iova_of(q.header_gpa()), WO),
@@ -249,17 +249,8 @@ fn misses_of_one_page_from_two_queues_are_sent_once() {
     let before = h.iommu().misses().len();
     h.iommu().hold(true);
     let chain = |h: &Harness, q: usize| -> Vec<Desc> {
-        let hq = &h.queues[q];
-        let mut hdr = [0u8; 16];
-        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-        hdr[8..16].copy_from_slice(&(u64::from(q as u32) * 8).to_le_bytes());
-        h.mem.write(hq.header_gpa(), &hdr);
-        h.mem.write(hq.header_gpa() + 16, &[0xff]);
-        vec![
-            (iova_of(hq.header_gpa()), 16, false),
-            (shared, 512, false),
-            (iova_of(hq.header_gpa() + 16), 1, true),
-        ]
+        let sector = u64::from(q as u32) * 8;
+        h.blk_chain(q, VIRTIO_BLK_T_OUT, sector, &[(shared, 512, false)])
     };
     let c0 = chain(&h, 0);
     h.queues[0].submit(&h.mem, &c0);
@@ -276,7 +267,7 @@ fn misses_of_one_page_from_two_queues_are_sent_once() {
     for q in 0..2 {
         let (id, _) = h.queues[q].wait_used(&h.mem, TIMEOUT).expect("completes");
         assert_eq!(id, 0);
-        assert_eq!(h.mem.read(h.queues[q].header_gpa() + 16, 1)[0], S_OK);
+        assert_eq!(h.mem.read(h.queues[q].status_gpa(), 1)[0], S_OK);
     }
     assert_eq!(misses_of_page(&h, shared), 1);
     assert_eq!(h.read(1, 8, 512).data, pattern(9, 512));
@@ -361,7 +352,7 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
     let _d = daemon("iotlb-drop", 1, &[]);
     let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    let used = iova_of(h.queues[0].used);
+    let used = iova_of(h.queues[0].ring.used);
     let hdr = iova_of(h.queues[0].header_gpa());
     assert_eq!(misses_of_page(&h, used), 1);
     // A ring invalidation: the used ring is asked for again, for write.
@@ -394,17 +385,21 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
 /// Offers a read of 512 bytes at sector 0 into `buf` (an IOVA) on queue
 /// `q` without waiting for it.
 fn offer_read(h: &mut Harness, q: usize, buf: u64) {
-    let hq = &h.queues[q];
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    h.mem.write(hq.header_gpa(), &hdr);
-    h.mem.write(hq.header_gpa() + 16, &[0xff]);
-    let chain: Vec<Desc> = vec![
-        (iova_of(hq.header_gpa()), 16, false),
-        (buf, 512, true),
-        (iova_of(hq.header_gpa() + 16), 1, true),
-    ];
+    let chain = h.blk_chain(q, VIRTIO_BLK_T_IN, 0, &[(buf, 512, true)]);
     h.queues[q].submit(&h.mem, &chain);
+}
+
+/// Offers a read on queue 0 into a page mapped in the guest IOMMU but not
+/// yet in the daemon's IOTLB, with the answers to misses held: returns
+/// once the daemon asked for that page (the queue now waits on it).
+fn offer_read_held_on_a_miss(h: &mut Harness) {
+    let z = 0x3000_0000_0000u64;
+    h.iommu()
+        .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
+    let before = h.iommu().misses().len();
+    h.iommu().hold(true);
+    offer_read(h, 0, z);
+    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
 }
 
 /// While a queue waits for the answer to a miss (QEMU does not read the
@@ -415,13 +410,7 @@ fn main_channel_and_get_vring_base_are_served_while_a_queue_waits_on_a_miss() {
     let _d = daemon("iotlb-stopwait", 1, &[]);
     let mut h = Harness::start_iotlb(&_d.socket("vfio0"), 1, 64);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    let z = 0x3000_0000_0000u64;
-    h.iommu()
-        .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
-    let before = h.iommu().misses().len();
-    h.iommu().hold(true);
-    offer_read(&mut h, 0, z);
-    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+    offer_read_held_on_a_miss(&mut h);
     let t = Instant::now();
     let n = h.raw(FrontendReq::GET_QUEUE_NUM, &[], &[]);
     assert_eq!(n.payload, 1u64.to_le_bytes());
@@ -446,13 +435,7 @@ fn frontend_vanishing_during_a_miss_leaves_the_device_usable() {
     {
         let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
         assert_eq!(h.write(0, 8, &data), S_OK);
-        let z = 0x3000_0000_0000u64;
-        h.iommu()
-            .map(z, DATA_GPA + 0x50000, PAGE, VhostAccess::ReadWrite);
-        let before = h.iommu().misses().len();
-        h.iommu().hold(true);
-        offer_read(&mut h, 0, z);
-        assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+        offer_read_held_on_a_miss(&mut h);
     }
     d.wait_released();
     let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);

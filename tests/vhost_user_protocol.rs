@@ -6,22 +6,40 @@
 
 mod common;
 
-use common::frontend::{pattern, DriverQueue, Harness, Vcdev, S_OK, TIMEOUT};
+use common::frontend::{pattern, DriverQueue, Harness, S_OK};
 use common::frontend::{u64_of, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_IOERR};
-use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags, VhostUserVringState};
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserSingleMemoryRegion,
+    VhostUserVringState,
+};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
-const STATUS_ACK_DRIVER_FEATURES_OK_DRIVER_OK: u64 = 0xf;
+const STATUS_ACK_DRIVER_FEATURES_OK_DRIVER_OK: u64 = (VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK) as u64;
+
+/// A request code vhost-user does not have.
+const UNKNOWN_REQUEST: u32 = 0xdead;
+
+/// The ADD_MEM_REG / REM_MEM_REG payload of one region.
+fn single_region_payload(gpa: u64, size: u64, uaddr: u64) -> Vec<u8> {
+    VhostUserSingleMemoryRegion::new(gpa, size, uaddr, 0)
+        .as_slice()
+        .to_vec()
+}
 
 fn single_region(r: &Region) -> Vec<u8> {
-    let mut p = vec![0u8; 8];
-    for v in [r.gpa, r.size, r.uaddr(), 0] {
-        p.extend_from_slice(&v.to_le_bytes());
-    }
-    p
+    single_region_payload(r.gpa, r.size, r.uaddr())
 }
 
 /// Offers a request on queue 0 and asserts that the device does not serve
@@ -165,10 +183,9 @@ fn config_space() {
     // capacity in sectors, then num_queues at offset 34.
     assert_eq!(&bytes[0..8], &(2u64 << 20 >> 9).to_le_bytes());
     assert_eq!(&bytes[34..36], &3u16.to_le_bytes());
-    let mut bad = Vec::new();
-    for v in [0x1000u32, 8, 0] {
-        bad.extend_from_slice(&v.to_le_bytes());
-    }
+    let mut bad = VhostUserConfig::new(0x1000, 8, VhostUserConfigFlags::empty())
+        .as_slice()
+        .to_vec();
     bad.extend_from_slice(&[0u8; 8]);
     let r = h.raw(FrontendReq::GET_CONFIG, &bad, &[]);
     assert_eq!(r.payload.len(), 12);
@@ -213,9 +230,9 @@ fn refused_messages_get_error_acks() {
     );
     // A code nobody knows: the connection ends.
     assert!(h
-        .raw_flags_code(0xdead, wire_need_reply(), &[], &[])
+        .raw_flags_code(UNKNOWN_REQUEST, wire_need_reply(), &[], &[])
         .is_none());
-    let logged = common::poll_until(common::frontend::TIMEOUT, || {
+    let logged = common::poll_until(common::TIMEOUT, || {
         d.log().contains("Unknown request 57005").then_some(())
     });
     assert!(logged.is_some(), "{}", d.log());
@@ -233,10 +250,7 @@ fn unsealed_memory_refused_unless_allowed() {
         let mut d = Vcdev::start("vu-seal", &args, "vfio0");
         let h = Harness::connect(&d.socket("vfio0"));
         let f = common::frontend::unsealed_memfd(0x10000);
-        let mut p = vec![0u8; 8];
-        for v in [0x10000u64, 0x10000, 0x7f00_0000_0000, 0] {
-            p.extend_from_slice(&v.to_le_bytes());
-        }
+        let p = single_region_payload(0x10000, 0x10000, 0x7f00_0000_0000);
         let ack = h.raw_ack(FrontendReq::ADD_MEM_REG, &p, &[f.as_raw_fd()]);
         assert_eq!(ack == 0, want_ok, "allow={allow} ack={ack}");
         if !allow {
@@ -274,7 +288,7 @@ fn kick_before_enable_is_served_once_enabled() {
     h.queues.push(DriverQueue::new_for_tests(0, 64));
     let cfg = h.queues[0].config(&h.mem);
     let q = &h.queues[0];
-    h.fe.set_vring_num(0, q.size).expect("SET_VRING_NUM");
+    h.fe.set_vring_num(0, q.size()).expect("SET_VRING_NUM");
     h.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
     h.fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
     h.fe.set_vring_call(0, &q.call).expect("SET_VRING_CALL");

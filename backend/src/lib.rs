@@ -45,8 +45,6 @@ pub mod pod;
 pub mod registry;
 pub mod socket;
 pub mod sys;
-#[cfg(test)]
-mod test_util;
 pub mod vhost_user;
 pub mod wire;
 

@@ -445,7 +445,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::ram_blk as blk;
+    use vcdev_device_model::testing::blk;
 
     #[test]
     fn second_owner_is_refused_until_the_first_leaves() {

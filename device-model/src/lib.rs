@@ -37,4 +37,6 @@
 
 pub mod blk;
 pub mod pci;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod virtio;

@@ -24,15 +24,14 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::frontend::{
-    iova_of, vcdev_bin, Harness, Vcdev, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK, TIMEOUT,
-};
-use common::process::Daemon;
-use common::TempDir;
+use common::frontend::{iova_of, Harness, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK};
+use common::vcdev::vcdev_bin;
+use common::vcdev::Vcdev;
+use common::TIMEOUT;
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
+use vcdev_device_model::testing::{BlkRequest, R, W};
 use vhost::VhostAccess;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
@@ -248,7 +247,7 @@ impl Driver {
         let d = Driver {
             h,
             mode,
-            dir: vcdev.dir.path().to_path_buf(),
+            dir: vcdev.dir().to_path_buf(),
             served: 0,
             updates: Vec::new(),
             invalidates: Vec::new(),
@@ -288,31 +287,17 @@ impl Driver {
             Op::Read => VIRTIO_BLK_T_IN,
             Op::Write => VIRTIO_BLK_T_OUT,
         };
-        let mut h = [0u8; 17];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        h[16] = 0xff;
-        self.h.mem.write(hdr, &h);
+        let status = hdr + u64::from(BlkRequest::HEADER_LEN);
+        BlkRequest::new(kind, sector).write(&self.h.mem, hdr, status);
         let head = (slot * 3) as u16;
-        let (a_hdr, a_data, a_st) = (
+        let data_flags = if op == Op::Read { W } else { R };
+        let chain = BlkRequest::chain(
             self.h.dma_addr(hdr),
-            self.h.dma_addr(data),
-            self.h.dma_addr(hdr + 16),
+            &[(self.h.dma_addr(data), BLOCK as u32, data_flags)],
+            self.h.dma_addr(status),
         );
-        let next = 1u16; // VRING_DESC_F_NEXT
-        let wr = 2u16; // VRING_DESC_F_WRITE
         let q = &mut self.h.queues[0];
-        q.write_desc(&self.h.mem, head, a_hdr, 16, next, head + 1);
-        let data_flags = next | if op == Op::Read { wr } else { 0 };
-        q.write_desc(
-            &self.h.mem,
-            head + 1,
-            a_data,
-            BLOCK as u32,
-            data_flags,
-            head + 2,
-        );
-        q.write_desc(&self.h.mem, head + 2, a_st, 1, wr, 0);
+        q.ring.write_chain(&self.h.mem, head, &chain);
         q.offer(&self.h.mem, head);
     }
 
@@ -430,16 +415,11 @@ impl Driver {
 /// A `vcdev serve` with one 64 MiB RAM disk, logging at info (debug logs
 /// every vhost-user message and would be measured too).
 fn daemon(tag: &str) -> Vcdev {
-    let dir = TempDir::new(tag).expect("tmpdir");
-    let mut cmd = Command::new(vcdev_bin());
-    cmd.arg("serve")
-        .arg("--dir")
-        .arg(dir.path())
-        .args(["--device", "blk,name=vfio0,ram=64M,queue-size=256"])
-        .env("RUST_LOG", "info");
-    let sock = dir.path().join("vhost-user").join("vfio0");
-    let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
-    Vcdev { daemon, dir }
+    Vcdev::builder(tag)
+        .device("blk,name=vfio0,ram=64M,queue-size=256")
+        .wait_for_vhost_user("vfio0")
+        .log_level("info")
+        .spawn()
 }
 
 fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {

@@ -1,31 +1,43 @@
-//! The cdev door from the client side: a daemon launcher, openers for the
-//! nodes, one helper per command (through `vcdev::cdev::client`, the way
+//! The cdev door from the client side: openers for the nodes of a
+//! [`Vcdev`], the daemons of the cdev tests, one helper per command (through `vcdev::cdev::client`, the way
 //! `iommufd_utils.h` wraps the ioctls), and a small userspace virtio-blk
 //! driver (PCI capability walk, common configuration, MSI-X eventfds,
 //! ioeventfd doorbells) over the split-ring driver of [`super::frontend`].
 
 use std::io::{Read, Write};
+use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::path::PathBuf;
-use std::process::Command;
 
 use vcdev::cdev::client::File;
+use vcdev::cdev::vfio_uapi::VfioDeviceBindIommufd;
+use vcdev_device_model::pci::regs::{
+    PCI_CAPABILITY_LIST, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT,
+    PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_VENDOR_ID,
+    VIRTIO_PCI_CAP_CFG_TYPE, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_CAP_OFFSET, VIRTIO_PCI_COMMON_GF, VIRTIO_PCI_COMMON_GFSELECT,
+    VIRTIO_PCI_COMMON_MSIX, VIRTIO_PCI_COMMON_Q_AVAILLO, VIRTIO_PCI_COMMON_Q_DESCLO,
+    VIRTIO_PCI_COMMON_Q_ENABLE, VIRTIO_PCI_COMMON_Q_MSIX, VIRTIO_PCI_COMMON_Q_NOFF,
+    VIRTIO_PCI_COMMON_Q_SELECT, VIRTIO_PCI_COMMON_Q_SIZE, VIRTIO_PCI_COMMON_Q_USEDLO,
+    VIRTIO_PCI_COMMON_STATUS, VIRTIO_PCI_NOTIFY_CAP_MULT,
+};
+use vcdev_device_model::pci::RegionIndex;
+use vcdev_device_model::testing::{BlkRequest, R, W};
 use vcdev_iommu::uapi::{
-    IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
+    IommuIoasAlloc, IommuIoasMap, IommuIoasMapFile, IOMMU_IOAS_MAP_FIXED_IOVA,
+    IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
 };
 use vcdev_iommu::Errno;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::frontend::{
-    vcdev_bin, DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, TIMEOUT,
-};
-use super::process::Daemon;
-use super::TempDir;
-
-/// Map flags for read-write DMA at a fixed IOVA.
-pub const MAP_RW_FIXED: u32 =
-    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+use super::frontend::{DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE};
+use super::vcdev::Vcdev;
+use super::TIMEOUT;
 
 /// Asserts that `r` failed with errno `e`.
 #[macro_export]
@@ -43,32 +55,8 @@ macro_rules! assert_errno {
     };
 }
 
-/// A `vcdev serve` with its cdev nodes, killed on drop.
-pub struct CdevDaemon {
-    /// The process.
-    pub daemon: Daemon,
-    /// Its `--dir`.
-    pub dir: TempDir,
-}
-
-impl CdevDaemon {
-    /// Starts `vcdev serve --dir <tmp> <args>`, waiting for `DIR/control`
-    /// (created after every node).
-    pub fn start(tag: &str, args: &[&str]) -> CdevDaemon {
-        let dir = TempDir::new(tag).expect("tmpdir");
-        let mut cmd = Command::new(vcdev_bin());
-        cmd.arg("serve").arg("--dir").arg(dir.path()).args(args);
-        cmd.env("RUST_LOG", "debug");
-        let sock = dir.path().join("control");
-        let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
-        CdevDaemon { daemon, dir }
-    }
-
-    /// `DIR/rel`.
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
+/// The cdev nodes of a `vcdev serve`.
+impl Vcdev {
     /// Opens `DIR/iommu`.
     pub fn iommufd(&self) -> File {
         File::open(&self.path("iommu")).expect("open iommu")
@@ -88,62 +76,36 @@ impl CdevDaemon {
     pub fn container(&self) -> File {
         File::open(&self.path("vfio/vfio")).expect("open container")
     }
-
-    /// `vcdev ctl --dir DIR <args>`: (success, stdout).
-    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(vcdev_bin())
-            .arg("ctl")
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(args)
-            .output()
-            .expect("vcdev ctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&mut self) -> String {
-        self.daemon.proc().stderr().text()
-    }
-
-    /// Whether the daemon still runs.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.daemon.proc().try_wait(), Ok(None))
-    }
 }
 
 /// The daemon of the iommufd tests: `vfio0` with the default IOMMU view
 /// (the full 64-bit aperture, nothing reserved) and `vfio1` with the
 /// aperture 0x100000-0xffffffff and 0x200000-0x2fffff reserved.
-pub fn iommufd_daemon(tag: &str) -> CdevDaemon {
-    CdevDaemon::start(
-        tag,
-        &[
-            "--device",
-            "blk,ram=1M",
-            "--device",
-            "blk,ram=1M,iova-aperture=0x100000-0xffffffff,iova-reserved=0x200000-0x2fffff",
-        ],
-    )
+pub fn iommufd_daemon(tag: &str) -> Vcdev {
+    Vcdev::builder(tag)
+        .device("blk,ram=1M")
+        .device("blk,ram=1M,iova-aperture=0x100000-0xffffffff,iova-reserved=0x200000-0x2fffff")
+        .spawn()
+}
+
+/// An [`iommufd_daemon`], an iommufd file of it and one IOAS in that file
+/// (the start of most iommufd tests; keep the daemon bound: dropping it
+/// kills it).
+pub fn iommufd_ioas(tag: &str) -> (Vcdev, File, u32) {
+    let d = iommufd_daemon(tag);
+    let f = d.iommufd();
+    let ioas = f.ioas_alloc().expect("IOAS_ALLOC");
+    (d, f, ioas)
 }
 
 /// The daemon of the device tests: `vfio0` alone in group 0, `vfio1` and
 /// `other` together in group 5.
-pub fn device_daemon(tag: &str) -> CdevDaemon {
-    CdevDaemon::start(
-        tag,
-        &[
-            "--device",
-            "blk,ram=1M",
-            "--device",
-            "blk,ram=1M,group=5",
-            "--device",
-            "blk,ram=1M,name=other,group=5",
-        ],
-    )
+pub fn device_daemon(tag: &str) -> Vcdev {
+    Vcdev::builder(tag)
+        .device("blk,ram=1M")
+        .device("blk,ram=1M,group=5")
+        .device("blk,ram=1M,name=other,group=5")
+        .spawn()
 }
 
 /// The result of request `code` with `payload` and no descriptor.
@@ -160,9 +122,11 @@ pub fn send_raw(f: &File, request: u32, flags: u32, size: u32, payload: &[u8], f
         size,
     };
     if fds.is_empty() {
-        let mut s = f.socket();
-        s.write_all(&hdr.encode()).expect("header");
-        s.write_all(payload).expect("payload");
+        // One write: a server that closes the file on a bad header must not
+        // make the payload's write fail (EPIPE) after the header's.
+        let mut frame = hdr.encode().to_vec();
+        frame.extend_from_slice(payload);
+        f.socket().write_all(&frame).expect("frame");
     } else {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let bufs: [&[u8]; 2] = [&hdr.encode(), payload];
@@ -182,6 +146,98 @@ pub fn closed(f: &File) -> bool {
     }
 }
 
+// ---------------------------------------------------------------------------
+// uAPI structs with the values the tests usually send (extension traits: the
+// structs are the daemon's, these constructors only the tests')
+
+/// Map flags for read-write DMA at a fixed IOVA.
+pub const MAP_RW_FIXED: u32 =
+    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+
+/// A command struct whose size word is its full size, everything else 0.
+pub trait FullSize: ByteValued + Default {
+    /// The struct with its size word set (`size` or `argsz`).
+    fn full() -> Self;
+}
+
+impl FullSize for IommuIoasAlloc {
+    fn full() -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+impl FullSize for VfioDeviceBindIommufd {
+    fn full() -> Self {
+        Self {
+            argsz: size_of::<Self>() as u32,
+            ..Self::default()
+        }
+    }
+}
+
+/// `IommuIoasMap::fixed`.
+pub trait IoasMapExt {
+    /// A read-write map of `length` bytes at the fixed `iova` in `ioas_id`,
+    /// from offset 0 of the descriptor riding with the message.
+    fn fixed(ioas_id: u32, iova: u64, length: u64) -> Self;
+}
+
+impl IoasMapExt for IommuIoasMap {
+    fn fixed(ioas_id: u32, iova: u64, length: u64) -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            flags: MAP_RW_FIXED,
+            ioas_id,
+            length,
+            iova,
+            ..Self::default()
+        }
+    }
+}
+
+/// `IommuIoasMapFile::fixed`.
+pub trait IoasMapFileExt {
+    /// A read-write map of `length` bytes of file `fd` from `start`, at the
+    /// fixed `iova` in `ioas_id`.
+    fn fixed(ioas_id: u32, fd: i32, start: u64, iova: u64, length: u64) -> Self;
+}
+
+impl IoasMapFileExt for IommuIoasMapFile {
+    fn fixed(ioas_id: u32, fd: i32, start: u64, iova: u64, length: u64) -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            flags: MAP_RW_FIXED,
+            ioas_id,
+            fd,
+            start,
+            length,
+            iova,
+        }
+    }
+}
+
+/// `VfioDeviceBindIommufd::to`.
+pub trait BindExt {
+    /// A BIND_IOMMUFD command binding to iommufd `iommufd`.
+    fn to(iommufd: i32) -> Self;
+}
+
+impl BindExt for VfioDeviceBindIommufd {
+    fn to(iommufd: i32) -> Self {
+        Self {
+            iommufd,
+            ..Self::full()
+        }
+    }
+}
+
+/// A request code no file kind knows (answered ENOTTY, or EINVAL on an
+/// unbound device).
+pub const UNKNOWN_CODE: u32 = 0x7f;
+
 /// An iommufd with one IOAS and a device bound to it and attached.
 pub struct Bound {
     /// The iommufd file.
@@ -198,7 +254,7 @@ pub struct Bound {
 
 /// Opens, binds and attaches device `name` (the usual sequence of
 /// `tools/testing/selftests/vfio` and QEMU's iommufd backend).
-pub fn bind_and_attach(d: &CdevDaemon, name: &str) -> Bound {
+pub fn bind_and_attach(d: &Vcdev, name: &str) -> Bound {
     let iommufd = d.iommufd();
     let dev = d.device(name);
     let devid = dev.bind_iommufd(&iommufd).expect("bind");
@@ -216,33 +272,23 @@ pub fn bind_and_attach(d: &CdevDaemon, name: &str) -> Bound {
 // ---------------------------------------------------------------------------
 // The userspace virtio-blk driver
 
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 0x2;
-const PCI_COMMAND_MASTER: u16 = 0x4;
-const PCI_CAPABILITY_LIST: u64 = 0x34;
-const PCI_CAP_ID_VNDR: u8 = 0x09;
-const PCI_CAP_ID_MSIX: u8 = 0x11;
-const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
-const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
-const CONFIG_REGION: u64 = 7 << 40;
-const STATUS_ACK: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-/// virtio_pci_common_cfg offsets (virtio 1.2 4.1.4.3).
-mod common {
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const MSIX_CONFIG: u64 = 0x10;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
+/// The offset of a vfio-pci region in the device file (Linux's
+/// `VFIO_PCI_INDEX_TO_OFFSET`: the index above bit 40).
+pub const fn region_offset(index: RegionIndex) -> u64 {
+    (index as u64) << 40
+}
+
+/// Config space in the device file.
+pub const CONFIG_REGION: u64 = region_offset(RegionIndex::Config);
+
+/// A `virtio_pci_common_cfg` field's offset as a region offset.
+fn common(field: usize) -> u64 {
+    field as u64
+}
+
+/// Device status bits as the status byte.
+fn status(bits: &[u32]) -> u8 {
+    bits.iter().fold(0, |s, &b| s | b as u8)
 }
 
 /// What the capability walk found.
@@ -287,26 +333,28 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 pub fn walk_caps(dev: &File) -> Caps {
     let cfg = dev.region_read(CONFIG_REGION, 256).expect("config read");
     let mut caps = Caps {
-        ids: (u16_at(&cfg, 0), u16_at(&cfg, 2)),
+        ids: (u16_at(&cfg, PCI_VENDOR_ID), u16_at(&cfg, PCI_DEVICE_ID)),
         ..Caps::default()
     };
-    let mut ptr = usize::from(cfg[PCI_CAPABILITY_LIST as usize]);
+    let mut ptr = usize::from(cfg[PCI_CAPABILITY_LIST]);
     let mut guard = 0;
     while ptr != 0 && guard < 48 {
         guard += 1;
-        match cfg[ptr] {
+        match cfg[ptr + PCI_CAP_LIST_ID] {
             PCI_CAP_ID_VNDR => {
-                let off = u64::from(u32_at(&cfg, ptr + 8));
-                match cfg[ptr + 3] {
+                let off = u64::from(u32_at(&cfg, ptr + VIRTIO_PCI_CAP_OFFSET));
+                match cfg[ptr + VIRTIO_PCI_CAP_CFG_TYPE] {
                     VIRTIO_PCI_CAP_COMMON_CFG => caps.common = off,
-                    VIRTIO_PCI_CAP_NOTIFY_CFG => caps.notify = (off, u32_at(&cfg, ptr + 16)),
+                    VIRTIO_PCI_CAP_NOTIFY_CFG => {
+                        caps.notify = (off, u32_at(&cfg, ptr + VIRTIO_PCI_NOTIFY_CAP_MULT));
+                    }
                     _ => {}
                 }
             }
             PCI_CAP_ID_MSIX => caps.msix = true,
             _ => {}
         }
-        ptr = usize::from(cfg[ptr + 1]);
+        ptr = usize::from(cfg[ptr + PCI_CAP_LIST_NEXT]);
     }
     caps
 }
@@ -315,7 +363,7 @@ impl BlkDriver {
     /// Binds `name`, maps memory, brings the device up with queue 0 of
     /// `size` entries, its vector on an eventfd and its doorbell on an
     /// ioeventfd.
-    pub fn start(d: &CdevDaemon, name: &str, size: u16) -> BlkDriver {
+    pub fn start(d: &Vcdev, name: &str, size: u16) -> BlkDriver {
         let b = bind_and_attach(d, name);
         let mut mem = GuestMem::default();
         for (iova, len) in [(META_GPA, META_SIZE), (DATA_GPA, DATA_SIZE)] {
@@ -330,10 +378,10 @@ impl BlkDriver {
         let dev = &b.dev;
         let caps = walk_caps(dev);
         // Memory space and bus mastering on.
-        let cmd = u16_at(&dev.region_read(CONFIG_REGION + PCI_COMMAND, 2).unwrap(), 0);
+        let command = CONFIG_REGION + PCI_COMMAND as u64;
+        let cmd = u16_at(&dev.region_read(command, 2).unwrap(), 0);
         let cmd = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        dev.region_write(CONFIG_REGION + PCI_COMMAND, &cmd.to_le_bytes())
-            .unwrap();
+        dev.region_write(command, &cmd.to_le_bytes()).unwrap();
         let c = caps.common;
         let w8 = |off: u64, v: u8| dev.region_write(c + off, &[v]).unwrap();
         let w16 = |off: u64, v: u16| dev.region_write(c + off, &v.to_le_bytes()).unwrap();
@@ -342,43 +390,50 @@ impl BlkDriver {
             w32(off, v as u32);
             w32(off + 4, (v >> 32) as u32);
         };
-        let status = || dev.region_read(c + common::DEVICE_STATUS, 1).unwrap()[0];
-        w8(common::DEVICE_STATUS, 0);
-        w8(common::DEVICE_STATUS, STATUS_ACK);
-        w8(common::DEVICE_STATUS, STATUS_ACK | STATUS_DRIVER);
-        // VIRTIO_F_VERSION_1 (32) and VIRTIO_F_ACCESS_PLATFORM (33).
-        w32(common::DRIVER_FEATURE_SELECT, 0);
-        w32(common::DRIVER_FEATURE, 0);
-        w32(common::DRIVER_FEATURE_SELECT, 1);
-        w32(common::DRIVER_FEATURE, 0b11);
-        w8(
-            common::DEVICE_STATUS,
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
+        let status_now = || {
+            dev.region_read(c + common(VIRTIO_PCI_COMMON_STATUS), 1)
+                .unwrap()[0]
+        };
+        let (ack, driver, features_ok, driver_ok) = (
+            status(&[VIRTIO_CONFIG_S_ACKNOWLEDGE]),
+            status(&[VIRTIO_CONFIG_S_DRIVER]),
+            status(&[VIRTIO_CONFIG_S_FEATURES_OK]),
+            status(&[VIRTIO_CONFIG_S_DRIVER_OK]),
         );
-        assert_ne!(status() & STATUS_FEATURES_OK, 0, "FEATURES_OK refused");
+        w8(common(VIRTIO_PCI_COMMON_STATUS), 0);
+        w8(common(VIRTIO_PCI_COMMON_STATUS), ack);
+        w8(common(VIRTIO_PCI_COMMON_STATUS), ack | driver);
+        let features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_F_ACCESS_PLATFORM);
+        w32(common(VIRTIO_PCI_COMMON_GFSELECT), 0);
+        w32(common(VIRTIO_PCI_COMMON_GF), features as u32);
+        w32(common(VIRTIO_PCI_COMMON_GFSELECT), 1);
+        w32(common(VIRTIO_PCI_COMMON_GF), (features >> 32) as u32);
+        w8(common(VIRTIO_PCI_COMMON_STATUS), ack | driver | features_ok);
+        assert_ne!(status_now() & features_ok, 0, "FEATURES_OK refused");
 
         let q = DriverQueue::new_for_tests(0, size);
         let config_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         dev.set_irqs_eventfds(2, 0, &[Some(evfd(&config_irq)), Some(evfd(&q.call))])
             .expect("MSI-X eventfds");
-        w16(common::MSIX_CONFIG, 0);
-        w16(common::QUEUE_SELECT, 0);
-        w16(common::QUEUE_SIZE, size);
-        w16(common::QUEUE_MSIX_VECTOR, 1);
-        w64(common::QUEUE_DESC, q.desc);
-        w64(common::QUEUE_DRIVER, q.avail);
-        w64(common::QUEUE_DEVICE, q.used);
+        w16(common(VIRTIO_PCI_COMMON_MSIX), 0);
+        w16(common(VIRTIO_PCI_COMMON_Q_SELECT), 0);
+        w16(common(VIRTIO_PCI_COMMON_Q_SIZE), size);
+        w16(common(VIRTIO_PCI_COMMON_Q_MSIX), 1);
+        w64(common(VIRTIO_PCI_COMMON_Q_DESCLO), q.ring.desc);
+        w64(common(VIRTIO_PCI_COMMON_Q_AVAILLO), q.ring.avail);
+        w64(common(VIRTIO_PCI_COMMON_Q_USEDLO), q.ring.used);
         let notify_off = u16_at(
-            &dev.region_read(c + common::QUEUE_NOTIFY_OFF, 2).unwrap(),
+            &dev.region_read(c + common(VIRTIO_PCI_COMMON_Q_NOFF), 2)
+                .unwrap(),
             0,
         );
         let doorbell = caps.notify.0 + u64::from(notify_off) * u64::from(caps.notify.1);
         dev.ioeventfd(doorbell, 2, 0, Some(evfd(&q.kick)))
             .expect("ioeventfd");
-        w16(common::QUEUE_ENABLE, 1);
+        w16(common(VIRTIO_PCI_COMMON_Q_ENABLE), 1);
         w8(
-            common::DEVICE_STATUS,
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            common(VIRTIO_PCI_COMMON_STATUS),
+            ack | driver | features_ok | driver_ok,
         );
         BlkDriver {
             b,
@@ -402,17 +457,16 @@ impl BlkDriver {
     ) -> Option<(u8, u32)> {
         let hdr = self.q.header_gpa();
         let status = hdr + 0x100;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write(hdr, &h);
-        self.mem.write(status, &[0xff]);
-        let mut chain = vec![(hdr, 16u32, false)];
-        if len > 0 {
-            chain.push((data_iova, len, device_writes));
-        }
-        chain.push((status, 1, true));
-        self.q.submit(&self.mem, &chain);
+        let req = BlkRequest::new(kind, sector);
+        req.write(&self.mem, hdr, status);
+        let data = if device_writes { W } else { R };
+        let bufs = if len > 0 {
+            vec![(data_iova, len, data)]
+        } else {
+            Vec::new()
+        };
+        self.q
+            .submit_flags(&self.mem, &BlkRequest::chain(hdr, &bufs, status));
         let (_, used) = self.q.wait_used(&self.mem, TIMEOUT)?;
         Some((self.mem.read(status, 1)[0], used))
     }

@@ -1,8 +1,9 @@
 //! A vhost-user frontend harness over the real socket of a `vcdev serve`
 //! process: vhost's `Frontend` for what it can send, raw frames (through
 //! `vcdev::wire`, the one header codec) for what it cannot, guest memory in
-//! sealed memfds, and a tiny split-virtqueue driver that builds
-//! virtio-blk descriptor chains.
+//! sealed memfds, and per-queue slots and eventfds around device-model's
+//! split-ring driver and virtio-blk request encoder
+//! (`vcdev_device_model::testing`).
 //!
 //! With a vIOMMU ([`Harness::start_iotlb`]) the frontend acks
 //! VIRTIO_F_ACCESS_PLATFORM, gives every address as an IOVA, keeps a model
@@ -17,14 +18,16 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vcdev::vhost_user::iotlb::{IotlbMsg, IOTLB_MSG_LEN, IOTLB_PAGE_SIZE};
 use vcdev::wire::{self, FlagPolicy, Frame, FrameHeader, FLAG_NEED_REPLY};
+use vcdev_device_model::testing::{
+    blk_segments, BlkRequest, Desc as RingDesc, Descriptor, DriverMem, SplitRing, R, W,
+};
 use vcdev_iommu::{MemObject, SealPolicy};
 use vhost::vhost_user::message::BackendReq;
 use vhost::vhost_user::message::FrontendReq;
@@ -36,139 +39,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::process::Daemon;
-use super::TempDir;
-
-/// How long any single wait on the daemon may take.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------
-// The daemon
-
-/// The `vcdev` binary of this workspace, built if missing or older than its
-/// sources (`VCDEV_BIN` overrides). Tests of another package cannot use
-/// `CARGO_BIN_EXE_vcdev`, so the path comes from this test executable's
-/// directory (`<target>/<profile>/deps/..`). Without the `group` feature
-/// the daemon is built without it too, in a target directory of its own
-/// (`<target>/nogroup`): the workspace build's binary has the feature, and
-/// that directory's lock is not the one the running `cargo test` holds.
-pub fn vcdev_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VCDEV_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps");
-        let profile = profile_dir.file_name().expect("profile name").to_owned();
-        let mut target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-        if !cfg!(feature = "group") {
-            target_dir.push("nogroup");
-        }
-        let bin = target_dir.join(&profile).join("vcdev");
-        if !cfg!(feature = "group") || !is_fresh(&bin) {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "vcdev", "--bin", "vcdev", "--target-dir"])
-                .arg(&target_dir)
-                .current_dir(super::repo_root());
-            if profile == "release" {
-                cmd.arg("--release");
-            }
-            if !cfg!(feature = "group") {
-                cmd.arg("--no-default-features");
-            }
-            let st = cmd.status().expect("running cargo build -p vcdev");
-            assert!(st.success(), "cargo build -p vcdev failed");
-        }
-        bin
-    })
-    .clone()
-}
-
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest_mtime(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).ok()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-fn is_fresh(bin: &Path) -> bool {
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return false;
-    };
-    let root = super::repo_root();
-    ["backend", "device-model/src", "iommu/src", "Cargo.lock"]
-        .iter()
-        .filter_map(|d| {
-            let p = root.join(d);
-            if p.is_dir() {
-                newest_mtime(&p)
-            } else {
-                p.metadata().and_then(|m| m.modified()).ok()
-            }
-        })
-        .all(|t| t <= built)
-}
-
-/// A `vcdev serve` in a scratch directory, killed on drop.
-pub struct Vcdev {
-    /// The process.
-    pub daemon: Daemon,
-    /// Its `--dir`.
-    pub dir: TempDir,
-}
-
-impl Vcdev {
-    /// Starts `vcdev serve --dir <tmp> <args>` and waits for the socket of
-    /// device `first` (the first device's name).
-    pub fn start(tag: &str, args: &[&str], first: &str) -> Vcdev {
-        let dir = TempDir::new(tag).expect("tmpdir");
-        let mut cmd = Command::new(vcdev_bin());
-        cmd.arg("serve").arg("--dir").arg(dir.path()).args(args);
-        cmd.env("RUST_LOG", "debug");
-        let sock = dir.path().join("vhost-user").join(first);
-        let daemon = Daemon::spawn("vcdev", &mut cmd, &sock, TIMEOUT).expect("vcdev serve");
-        Vcdev { daemon, dir }
-    }
-
-    /// The socket of device `name`.
-    pub fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join("vhost-user").join(name)
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&mut self) -> String {
-        self.daemon.proc().stderr().text()
-    }
-
-    /// Waits until the daemon logged that a frontend's device was released
-    /// (the frontend that just left was fully torn down).
-    pub fn wait_released(&mut self) {
-        let released = super::poll_until(TIMEOUT, || {
-            self.log().contains("device released").then_some(())
-        });
-        assert!(released.is_some(), "no release logged:\n{}", self.log());
-    }
-
-    /// Whether the daemon still runs.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.daemon.proc().try_wait(), Ok(None))
-    }
-}
+use super::TIMEOUT;
 
 // ---------------------------------------------------------------------------
 // Guest memory
@@ -266,6 +139,23 @@ impl GuestMem {
         v
     }
 
+    /// The user address of `gpa`.
+    pub fn uaddr(&self, gpa: u64) -> u64 {
+        self.ptr(gpa, 1) as u64
+    }
+}
+
+/// The ring driver of device-model's `testing` writes through this; ring
+/// indices are accessed volatile and fenced, as the device runs concurrently.
+impl DriverMem for GuestMem {
+    fn write_at(&self, gpa: u64, data: &[u8]) {
+        self.write(gpa, data);
+    }
+
+    fn read_at(&self, gpa: u64, len: usize) -> Vec<u8> {
+        self.read(gpa, len)
+    }
+
     fn read_u16(&self, gpa: u64) -> u16 {
         let p = self.ptr(gpa, 2);
         // SAFETY: 2 bytes inside a mapping; the device writes it concurrently.
@@ -278,11 +168,6 @@ impl GuestMem {
         // SAFETY: 2 bytes inside a mapping.
         unsafe { std::ptr::write_volatile(p.cast::<u16>(), v.to_le()) }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// The user address of `gpa`.
-    pub fn uaddr(&self, gpa: u64) -> u64 {
-        self.ptr(gpa, 1) as u64
     }
 }
 
@@ -303,20 +188,13 @@ pub const DATA_PER_QUEUE: u64 = 1 << 20;
 /// One descriptor of a chain to build: (GPA, length, device-writable).
 pub type Desc = (u64, u32, bool);
 
-/// A split virtqueue driven by the test.
+/// A split virtqueue driven by the test: device-model's [`SplitRing`] in
+/// this queue's slot of the metadata region, with its kick and call eventfds.
 pub struct DriverQueue {
     /// Queue index.
     pub index: usize,
-    /// Entries.
-    pub size: u16,
-    /// GPAs of the descriptor table, avail and used rings.
-    pub desc: u64,
-    /// Avail ring.
-    pub avail: u64,
-    /// Used ring.
-    pub used: u64,
-    avail_idx: u16,
-    used_idx: u16,
+    /// The ring: size and GPAs of the descriptor table, avail and used rings.
+    pub ring: SplitRing,
     /// Kick eventfd (ours to write).
     pub kick: EventFd,
     /// Call eventfd (the device writes).
@@ -333,20 +211,26 @@ impl DriverQueue {
         let base = META_GPA + index as u64 * 0x10000;
         DriverQueue {
             index,
-            size,
-            desc: base,
-            avail: base + 0x4000,
-            used: base + 0x8000,
-            avail_idx: 0,
-            used_idx: 0,
+            ring: SplitRing::new(size, base, base + 0x4000, base + 0x8000),
             kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
             call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         }
     }
 
-    /// Where this queue's request header goes (metadata region).
+    /// Entries.
+    pub fn size(&self) -> u16 {
+        self.ring.size
+    }
+
+    /// Where this queue's request header goes (metadata region); its
+    /// status byte follows the header.
     pub fn header_gpa(&self) -> u64 {
         META_GPA + 0x20_0000 + self.index as u64 * 0x1000
+    }
+
+    /// Where this queue's status byte goes: right after the header.
+    pub fn status_gpa(&self) -> u64 {
+        self.header_gpa() + u64::from(BlkRequest::HEADER_LEN)
     }
 
     /// Where this queue's data goes (data region).
@@ -354,59 +238,50 @@ impl DriverQueue {
         DATA_GPA + self.index as u64 * DATA_PER_QUEUE
     }
 
-    /// The vring addresses as the frontend's user addresses.
-    pub fn config(&self, mem: &GuestMem) -> VringConfigData {
+    /// The vring addresses, each mapped by `addr` (to a user address or an
+    /// IOVA).
+    fn vring_config(&self, addr: impl Fn(u64) -> u64) -> VringConfigData {
         VringConfigData {
-            queue_max_size: self.size,
-            queue_size: self.size,
+            queue_max_size: self.ring.size,
+            queue_size: self.ring.size,
             flags: 0,
-            desc_table_addr: mem.uaddr(self.desc),
-            used_ring_addr: mem.uaddr(self.used),
-            avail_ring_addr: mem.uaddr(self.avail),
+            desc_table_addr: addr(self.ring.desc),
+            used_ring_addr: addr(self.ring.used),
+            avail_ring_addr: addr(self.ring.avail),
             log_addr: None,
         }
+    }
+
+    /// The vring addresses as the frontend's user addresses.
+    pub fn config(&self, mem: &GuestMem) -> VringConfigData {
+        self.vring_config(|gpa| mem.uaddr(gpa))
     }
 
     /// The vring addresses as IOVAs (under ACCESS_PLATFORM).
     pub fn config_iova(&self) -> VringConfigData {
-        VringConfigData {
-            queue_max_size: self.size,
-            queue_size: self.size,
-            flags: 0,
-            desc_table_addr: iova_of(self.desc),
-            used_ring_addr: iova_of(self.used),
-            avail_ring_addr: iova_of(self.avail),
-            log_addr: None,
-        }
+        self.vring_config(iova_of)
     }
 
     /// Puts `chain` (descriptors 0..n) on the avail ring and kicks.
     pub fn submit(&mut self, mem: &GuestMem, chain: &[Desc]) -> u16 {
-        assert!(!chain.is_empty() && chain.len() <= usize::from(self.size));
-        for (i, &(addr, len, write)) in chain.iter().enumerate() {
-            let mut flags = 0u16;
-            if write {
-                flags |= VRING_DESC_F_WRITE as u16;
-            }
-            let next = if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-                (i + 1) as u16
-            } else {
-                0
-            };
-            self.write_desc(mem, i as u16, addr, len, flags, next);
-        }
+        let chain: Vec<_> = chain
+            .iter()
+            .map(|&(addr, len, write)| (addr, len, if write { W } else { R }))
+            .collect();
+        self.submit_flags(mem, &chain)
+    }
+
+    /// As [`DriverQueue::submit`], with descriptor flags.
+    pub fn submit_flags(&mut self, mem: &GuestMem, chain: &[RingDesc]) -> u16 {
+        assert!(!chain.is_empty());
+        self.ring.write_chain(mem, 0, chain);
         self.publish(mem, 0)
     }
 
     /// Writes descriptor `i` raw.
     pub fn write_desc(&self, mem: &GuestMem, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write(self.desc + u64::from(i) * 16, &d);
+        self.ring
+            .write_desc(mem, i, Descriptor::new(addr, len, flags, next));
     }
 
     /// Offers head `head` on the avail ring and kicks; returns the head.
@@ -419,37 +294,28 @@ impl DriverQueue {
     /// Offers head `head` on the avail ring without kicking (several
     /// offers, then one kick on [`DriverQueue::kick`]).
     pub fn offer(&mut self, mem: &GuestMem, head: u16) {
-        let slot = self.avail_idx % self.size;
-        mem.write_u16(self.avail + 4 + u64::from(slot) * 2, head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_u16(self.avail + 2, self.avail_idx);
+        self.ring.offer(mem, head);
     }
 
     /// Under VIRTIO_RING_F_EVENT_IDX: asks for a call at the next used
-    /// element (writes `used_event` = the used index consumed so far, as
-    /// Linux's `virtqueue_enable_cb` does). Without it `used_event` stays
+    /// element ([`SplitRing::enable_calls`]). Without it `used_event` stays
     /// 0 and the device calls only when its used index goes from 0 to 1
     /// (again after wrapping): later completions are only seen by polling.
     pub fn enable_calls(&self, mem: &GuestMem) {
-        mem.write_u16(self.avail + 4 + u64::from(self.size) * 2, self.used_idx);
+        self.ring.enable_calls(mem);
     }
 
     /// The used ring's index as the device left it.
     pub fn device_used_idx(&self, mem: &GuestMem) -> u16 {
-        mem.read_u16(self.used + 2)
+        self.ring.device_used_idx(mem)
     }
 
     /// Waits for the next used element: (id, len), or None after `timeout`.
     pub fn wait_used(&mut self, mem: &GuestMem, timeout: Duration) -> Option<(u32, u32)> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.device_used_idx(mem) != self.used_idx {
-                let slot = self.used_idx % self.size;
-                let e = mem.read(self.used + 4 + u64::from(slot) * 8, 8);
-                self.used_idx = self.used_idx.wrapping_add(1);
-                let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-                let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-                return Some((id, len));
+            if let Some(u) = self.ring.pop_used(mem) {
+                return Some((u.id, u.len));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -469,15 +335,12 @@ impl DriverQueue {
 
     /// The avail index the driver has published.
     pub fn avail_idx(&self) -> u16 {
-        self.avail_idx
+        self.ring.avail_idx()
     }
 
     /// Forgets ring progress (after the device was reset or restarted).
     pub fn reset_indices(&mut self, mem: &GuestMem) {
-        self.avail_idx = 0;
-        self.used_idx = 0;
-        mem.write(self.avail, &[0u8; 4]);
-        mem.write(self.used, &[0u8; 4]);
+        self.ring.reset(mem);
     }
 }
 
@@ -662,7 +525,7 @@ impl Harness {
         } else {
             q.config(&self.mem)
         };
-        self.fe.set_vring_num(i, q.size).expect("SET_VRING_NUM");
+        self.fe.set_vring_num(i, q.size()).expect("SET_VRING_NUM");
         self.fe.set_vring_addr(i, &cfg).expect("SET_VRING_ADDR");
         self.fe
             .set_vring_base(i, q.avail_idx())
@@ -684,19 +547,22 @@ impl Harness {
     /// device addresses (IOVAs under ACCESS_PLATFORM) as (address, length,
     /// device-writable). Returns the status byte and used length.
     pub fn blk_raw(&mut self, q: usize, kind: u32, sector: u64, bufs: &[Desc]) -> (u8, u32) {
-        let hdr_gpa = self.queues[q].header_gpa();
-        let status_gpa = hdr_gpa + 16;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write(hdr_gpa, &h);
-        self.mem.write(status_gpa, &[0xff]);
-        let mut chain: Vec<Desc> = vec![(self.dma_addr(hdr_gpa), 16, false)];
-        chain.extend_from_slice(bufs);
-        chain.push((self.dma_addr(status_gpa), 1, true));
+        let chain = self.blk_chain(q, kind, sector, bufs);
         let (id, used_len) = self.run_chain(q, &chain).expect("request completes");
         assert_eq!(id, 0, "used id is the head");
-        (self.mem.read(status_gpa, 1)[0], used_len)
+        (self.mem.read(self.queues[q].status_gpa(), 1)[0], used_len)
+    }
+
+    /// Writes a virtio-blk header and an unset status byte in queue `q`'s
+    /// slots and returns the request's chain around `bufs` (device
+    /// addresses), ready to submit.
+    pub fn blk_chain(&self, q: usize, kind: u32, sector: u64, bufs: &[Desc]) -> Vec<Desc> {
+        let (hdr_gpa, status_gpa) = (self.queues[q].header_gpa(), self.queues[q].status_gpa());
+        BlkRequest::new(kind, sector).write(&self.mem, hdr_gpa, status_gpa);
+        let mut chain: Vec<Desc> = vec![(self.dma_addr(hdr_gpa), BlkRequest::HEADER_LEN, false)];
+        chain.extend_from_slice(bufs);
+        chain.push((self.dma_addr(status_gpa), 1, true));
+        chain
     }
 
     /// One virtio-blk request on queue `q`: header, `out` data (device
@@ -750,10 +616,7 @@ impl Harness {
         sectors: u32,
         flags: u32,
     ) -> u8 {
-        let mut seg = [0u8; 16];
-        seg[0..8].copy_from_slice(&sector.to_le_bytes());
-        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
-        seg[12..16].copy_from_slice(&flags.to_le_bytes());
+        let seg = blk_segments(&[(sector, sectors, flags)]);
         let kind = if zeroes {
             VIRTIO_BLK_T_WRITE_ZEROES
         } else {

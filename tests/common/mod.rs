@@ -4,6 +4,8 @@
 //! - [`process`]: child processes that are killed on drop and whose output is
 //!   captured, plus [`process::Daemon`] (spawn, then poll until its unix
 //!   socket exists).
+//! - [`vcdev`]: the one way to start `vcdev serve` ([`vcdev::Vcdev::builder`]).
+//! - [`frontend`], [`cdev`]: the two doors' client harnesses.
 //! - [`qemu`]: QEMU guest tests: [`qemu::require`] (skip or fail when QEMU 10
 //!   or the guest image is missing), loading `qemu-configs/<name>`, booting
 //!   with a hard deadline, and parsing the guest's `VCDEV-*` marker lines.
@@ -18,11 +20,15 @@ pub mod cdev;
 pub mod frontend;
 pub mod process;
 pub mod qemu;
+pub mod vcdev;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+/// How long any single wait on the daemon may take.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Interval between two checks of a polled condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);

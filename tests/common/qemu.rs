@@ -462,6 +462,12 @@ impl Boot<'_> {
         self.param("test", name)
     }
 
+    /// The guest's `dd` test: `mib` MiB of the pattern of `seed` written
+    /// and read back (see [`dd_pattern`]).
+    pub fn dd(self, mib: u32, seed: &str) -> Self {
+        self.test("dd").param("mb", mib).param("seed", seed)
+    }
+
     /// Adds one raw QEMU argument after the topology's (e.g. `-trace`).
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.extra.push(a.into());

@@ -45,7 +45,7 @@ const KERNEL_ERRNOS: &[i32] = &[
     libc::EPERM,
 ];
 
-use crate::test_util::ram_blk as blk;
+use vcdev_device_model::testing::blk;
 
 /// A server over `vfio0` (full aperture), `vfio1` (a narrow aperture with
 /// a reserved hole) and `vfio2` (for the group path), each in its own group.

@@ -952,8 +952,8 @@ impl AsRawFd for Conn {
 mod tests {
     use super::*;
     use crate::registry::Registry;
-    use crate::test_util::ram_blk;
     use crate::wire::FLAG_NEED_REPLY;
+    use vcdev_device_model::testing::blk as ram_blk;
 
     /// A connection to a fresh RAM device, and the frontend's end.
     fn conn() -> (Conn, UnixStream) {

@@ -30,7 +30,7 @@ const MEMFD_LEN: u64 = 0x10000;
 /// The user address of the valid memory region of the setup.
 const UADDR: u64 = 0x7f00_0000_0000;
 
-use crate::test_util::ram_blk as blk;
+use vcdev_device_model::testing::blk;
 
 /// A descriptor to send.
 #[derive(Clone, Copy, Debug)]

@@ -16,6 +16,7 @@ use super::file::tests::TempImage;
 use super::inflight::OpEvent;
 use super::test_util::*;
 use super::*;
+use crate::testing::{blk_segments, ram_blk};
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
@@ -201,7 +202,7 @@ fn every_request_type_matches_the_model_on_both_engines() {
         let model_mem = plain_mem();
         let dev = file_device(&img);
         let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-        let mut m = Driver::new(&model_mem, ram_device(DISK, cfg()), QSIZE);
+        let mut m = Driver::new(&model_mem, ram_blk(DISK, cfg()), QSIZE);
         let mut q = AsyncQueue::new(dev.clone(), engine(&dev, aio));
         let mut seed = 0x1234_5678u64;
         let mut next = |n: u64| {
@@ -228,7 +229,7 @@ fn every_request_type_matches_the_model_on_both_engines() {
                     } else {
                         VIRTIO_BLK_T_WRITE_ZEROES
                     };
-                    (kind, vec![Buf::Out(segments(&[(sector, nsec, 0)]))])
+                    (kind, vec![Buf::Out(blk_segments(&[(sector, nsec, 0)]))])
                 }
             };
             let sub = d.request(kind, sector, &bufs);

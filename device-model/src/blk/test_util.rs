@@ -1,26 +1,27 @@
-//! Shared builders for the virtio-blk tests: guest memory, a driver-side queue, requests.
+//! Shared builders for the virtio-blk tests: guest memory, and a driver-side queue over
+//! [`crate::testing`]'s split ring and request encoder, with the device's queue worker.
 
-use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::iommu::{Error as IommuError, IovaRange};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
-    GuestMemoryMmap, Permissions,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    Permissions,
 };
 
-use super::{BlkConfig, BlkDevice, BlkQueue, BlockBackend, FaultPolicy, QueueOutcome, RamBackend};
+use super::{BlkDevice, BlkQueue, FaultPolicy, QueueOutcome};
+pub use crate::testing::{blk_segments, ram_blk, NEXT, R, W};
+use crate::testing::{BlkRequest, SplitRing, DESC_LEN, STATUS_UNSET};
 
 /// Guest memory size used by the tests.
 pub const MEM_SIZE: usize = 16 << 20;
@@ -31,9 +32,6 @@ pub const USED_RING: u64 = 0x8_0000;
 /// Where indirect tables go.
 pub const INDIRECT_START: u64 = 12 << 20;
 
-pub const R: u16 = 0;
-pub const W: u16 = VRING_DESC_F_WRITE as u16;
-pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 pub const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// Plain guest memory.
@@ -103,12 +101,6 @@ impl GuestMemory for FaultyMem {
     }
 }
 
-/// A device over a RAM disk of `len` bytes.
-pub fn ram_device(len: u64, cfg: BlkConfig) -> Arc<BlkDevice> {
-    let backend: Arc<dyn BlockBackend> = Arc::new(RamBackend::new(len).unwrap());
-    Arc::new(BlkDevice::new(backend, cfg).unwrap())
-}
-
 /// One buffer of a request, from the driver's side.
 #[derive(Clone, Debug)]
 pub enum Buf {
@@ -122,14 +114,13 @@ pub enum Buf {
 pub struct Driver<'m, M: GuestMemory> {
     pub mem: &'m M,
     pub vq: MockSplitQueue<'m, M>,
+    pub ring: SplitRing,
     pub queue: Queue,
     pub blk: BlkQueue,
     pub size: u16,
     next_desc: u16,
     next_buf: u64,
     next_indirect: u64,
-    avail_idx: u16,
-    used_seen: u16,
 }
 
 /// A completed request, as the driver sees it.
@@ -160,17 +151,17 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
         queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
         queue.set_ready(true);
         assert_eq!(queue.used_ring(), USED_RING);
+        let ring = SplitRing::new(size, vq.desc_table_addr().0, vq.avail_addr().0, USED_RING);
         Self {
             mem,
             vq,
+            ring,
             queue,
             blk: BlkQueue::new(device),
             size,
             next_desc: 0,
             next_buf: BUF_START,
             next_indirect: INDIRECT_START,
-            avail_idx: 0,
-            used_seen: 0,
         }
     }
 
@@ -195,40 +186,22 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
     /// Write raw descriptors at table indices, and offer `head`.
     pub fn offer_raw(&mut self, entries: &[(u16, Descriptor)], head: u16) {
         for (idx, desc) in entries {
-            self.vq
-                .desc_table()
-                .store(*idx, RawDescriptor::from(*desc))
-                .unwrap();
+            self.ring.write_desc(self.mem, *idx, *desc);
         }
         self.offer(head);
     }
 
     /// Put `head` on the avail ring.
     pub fn offer(&mut self, head: u16) {
-        let slot = self
-            .vq
-            .avail_addr()
-            .unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
-        self.mem.write_obj(head, slot).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, self.vq.avail_addr().unchecked_add(2))
-            .unwrap();
+        self.ring.offer(self.mem, head);
     }
 
     /// Lay out `descs` (addr, len, flags) as a direct chain and offer it.
     pub fn submit_descs(&mut self, descs: &[(u64, u32, u16)]) -> Submitted {
         let head = self.next_desc;
-        let mut entries = Vec::new();
-        for (i, (addr, len, flags)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
-            let last = i + 1 == descs.len();
-            let next = (idx + 1) % self.size;
-            let flags = if last { *flags } else { *flags | NEXT };
-            entries.push((idx, Descriptor::new(*addr, *len, flags, next)));
-        }
+        self.ring.write_chain(self.mem, head, descs);
         self.next_desc = (head + descs.len().max(1) as u16) % self.size;
-        self.offer_raw(&entries, head);
+        self.offer(head);
         Submitted {
             head,
             descs: descs.to_vec(),
@@ -238,31 +211,29 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
     /// Lay out `descs` as an indirect table and offer a chain of one indirect descriptor.
     pub fn submit_indirect(&mut self, descs: &[Descriptor]) -> Submitted {
         let table = self.next_indirect;
+        let indirect = SplitRing::new(descs.len().max(1) as u16, table, 0, 0);
         for (i, d) in descs.iter().enumerate() {
-            self.mem
-                .write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64))
-                .unwrap();
+            indirect.write_desc(self.mem, i as u16, *d);
         }
-        self.next_indirect += (16 * descs.len() as u64).next_multiple_of(64);
-        let len = (descs.len() * size_of::<RawDescriptor>()) as u32;
+        self.next_indirect += (DESC_LEN * descs.len() as u64).next_multiple_of(64);
+        let len = (DESC_LEN * descs.len() as u64) as u32;
         self.submit_descs(&[(table, len, INDIRECT)])
     }
 
     /// Build a request: header, then `bufs`, then a status byte (prefilled with 0xff).
     pub fn request(&mut self, kind: u32, sector: u64, bufs: &[Buf]) -> Submitted {
-        let mut header = Vec::new();
-        header.extend_from_slice(&kind.to_le_bytes());
-        header.extend_from_slice(&0u32.to_le_bytes());
-        header.extend_from_slice(&sector.to_le_bytes());
-        let mut descs = vec![(self.alloc_bytes(&header), 16, R)];
-        for b in bufs {
-            descs.push(match b {
+        let req = BlkRequest::new(kind, sector);
+        let header = self.alloc(BlkRequest::HEADER_LEN, 0);
+        let data: Vec<_> = bufs
+            .iter()
+            .map(|b| match b {
                 Buf::Out(bytes) => (self.alloc_bytes(bytes), bytes.len() as u32, R),
                 Buf::In(len) => (self.alloc(*len, 0xee), *len, W),
-            });
-        }
-        descs.push((self.alloc(1, 0xff), 1, W));
-        self.submit_descs(&descs)
+            })
+            .collect();
+        let status = self.alloc(1, STATUS_UNSET);
+        req.write(self.mem, header, status);
+        self.submit_descs(&BlkRequest::chain(header, &data, status))
     }
 
     pub fn alloc_bytes(&mut self, bytes: &[u8]) -> u64 {
@@ -278,24 +249,17 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(USED_RING).unchecked_add(2))
-            .unwrap()
+        self.ring.device_used_idx(self.mem)
     }
 
     /// Take the next used element, reading back the buffers of `sub`.
     pub fn take_used(&mut self, sub: &Submitted) -> Done {
-        assert_ne!(self.used_seen, self.used_idx(), "no used element");
-        let elem =
-            GuestAddress(USED_RING).unchecked_add(4 + 8 * u64::from(self.used_seen % self.size));
-        let head: u32 = self.mem.read_obj(elem).unwrap();
-        let used_len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
-        self.used_seen = self.used_seen.wrapping_add(1);
+        let used = self.ring.pop_used(self.mem).expect("no used element");
         let (status_addr, status_len, _) = *sub.descs.last().unwrap();
         let status = self
             .mem
             .read_obj(GuestAddress(status_addr + u64::from(status_len.max(1)) - 1))
-            .unwrap_or(0xff);
+            .unwrap_or(STATUS_UNSET);
         let mut data = Vec::new();
         let n = sub.descs.len();
         for (i, (addr, len, flags)) in sub.descs.iter().enumerate() {
@@ -312,8 +276,8 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
             }
         }
         Done {
-            head: head as u16,
-            used_len,
+            head: used.id as u16,
+            used_len: used.len,
             status,
             data,
         }
@@ -346,23 +310,16 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
     }
 
     pub fn discard(&mut self, segs: &[(u64, u32, u32)]) -> Done {
-        self.exec(VIRTIO_BLK_T_DISCARD, 0, &[Buf::Out(segments(segs))])
+        self.exec(VIRTIO_BLK_T_DISCARD, 0, &[Buf::Out(blk_segments(segs))])
     }
 
     pub fn write_zeroes(&mut self, segs: &[(u64, u32, u32)]) -> Done {
-        self.exec(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Buf::Out(segments(segs))])
+        self.exec(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &[Buf::Out(blk_segments(segs))],
+        )
     }
-}
-
-/// Encode `(sector, num_sectors, flags)` segments.
-pub fn segments(segs: &[(u64, u32, u32)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (sector, num, flags) in segs {
-        out.extend_from_slice(&sector.to_le_bytes());
-        out.extend_from_slice(&num.to_le_bytes());
-        out.extend_from_slice(&flags.to_le_bytes());
-    }
-    out
 }
 
 /// A recognisable pattern of `len` bytes.

@@ -80,7 +80,7 @@ fn round_trips(dev: Arc<BlkDevice>) {
 
 #[test]
 fn ram_round_trips() {
-    round_trips(ram_device(DISK, cfg()));
+    round_trips(ram_blk(DISK, cfg()));
 }
 
 #[test]
@@ -97,7 +97,7 @@ fn file_round_trips() {
 #[test]
 fn segment_validation() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     let data = pattern(4096, 3);
     assert_eq!(d.write(0, &data).status, OK);
     // Discard with unmap, reserved flags: UNSUPP; nothing done even for the valid first segment.
@@ -116,7 +116,7 @@ fn segment_validation() {
     assert_eq!(d.discard(&[(0, u32::MAX, 0)]).status, IOERR);
     assert_eq!(d.read(0, 4096).data, data);
     // A table that is not a whole number of segments, or empty.
-    let mut odd = segments(&[(0, 1, 0)]);
+    let mut odd = blk_segments(&[(0, 1, 0)]);
     odd.push(0);
     assert_eq!(
         d.exec(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Buf::Out(odd)])
@@ -126,7 +126,7 @@ fn segment_validation() {
     assert_eq!(d.exec(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[]).status, IOERR);
     assert_eq!(d.read(0, 4096).data, data);
     // Segments split across descriptors are fine.
-    let segs = segments(&[(1, 1, 0), (3, 1, UNMAP)]);
+    let segs = blk_segments(&[(1, 1, 0), (3, 1, UNMAP)]);
     let done = d.exec(
         VIRTIO_BLK_T_WRITE_ZEROES,
         0,
@@ -158,7 +158,7 @@ fn read_only_refusals() {
 #[test]
 fn range_and_length_errors() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     let last = DISK / 512 - 1;
     assert_eq!(d.read(last, 1024).status, IOERR);
     assert_eq!(d.write(last + 1, &[0; 512]).status, IOERR);
@@ -184,7 +184,7 @@ fn range_and_length_errors() {
 #[test]
 fn unsupported_types() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     for t in [VIRTIO_BLK_T_SCSI_CMD, 99, u32::MAX] {
         let done = d.exec(t, 0, &[Buf::In(512)]);
         assert_eq!((done.status, done.used_len), (UNSUPP, 1));
@@ -195,7 +195,7 @@ fn unsupported_types() {
 #[test]
 fn any_layout() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     let data = pattern(2048, 4);
     assert_eq!(d.write(10, &data).status, OK);
     // Header split in two, data in three pieces, the last one sharing the status descriptor.
@@ -234,7 +234,7 @@ fn any_layout() {
 #[test]
 fn indirect_requests() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     let data = pattern(1024, 6);
     assert_eq!(d.write(2, &data).status, OK);
     let mut hdr = VIRTIO_BLK_T_IN.to_le_bytes().to_vec();
@@ -287,7 +287,7 @@ fn header(d: &mut Driver<'_, impl vm_memory::GuestMemory>, kind: u32, sector: u6
 #[test]
 fn malformed_chains() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
 
     // No header: only a status byte.
     let s = d.alloc(1, 0xff);
@@ -384,7 +384,7 @@ fn indirect_chain_up_to_seg_max_works_on_a_smaller_queue() {
         ..cfg()
     };
     let seg_max = big.seg_max() as usize;
-    let mut d = Driver::new(&mem, ram_device(DISK, big), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, big), QSIZE);
     let data = pattern(512 * seg_max, 9);
     assert_eq!(d.write(0, &data).status, OK);
     let h = header(&mut d, VIRTIO_BLK_T_IN, 0);
@@ -413,7 +413,7 @@ const VIRTIO_BLK_T_FLUSH_: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH
 #[test]
 fn chain_too_long_and_loops() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
 
     // An indirect table longer than the queue size.
     let h = header(&mut d, VIRTIO_BLK_T_IN, 0);
@@ -483,7 +483,7 @@ fn chain_too_long_and_loops() {
 #[test]
 fn fault_retry_leaves_chain() {
     let mem = FaultyMem::new();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     let data = pattern(4096, 8);
     assert_eq!(d.write(0, &data).status, OK);
 
@@ -524,7 +524,7 @@ fn fault_retry_leaves_chain() {
 #[test]
 fn fault_retry_then_resolve() {
     let mem = FaultyMem::new();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     let new = pattern(4096, 9);
     let sub = d.request(VIRTIO_BLK_T_OUT, 0, &[Buf::Out(new.clone())]);
     mem.poison(sub.descs[1].0, 1, Permissions::Read);
@@ -539,7 +539,7 @@ fn fault_retry_then_resolve() {
 #[test]
 fn fault_kinds() {
     let mem = FaultyMem::new();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
 
     // A write-permission fault on a read's buffer (a read-only mapping).
     let sub = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512)]);
@@ -614,7 +614,7 @@ fn fault_kinds() {
 #[test]
 fn event_idx_notifications() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     d.queue.set_event_idx(true);
     let used_event = d.vq.avail_addr().unchecked_add(4 + 2 * u64::from(QSIZE));
     let avail_event = GuestAddress(USED_RING).unchecked_add(4 + 8 * u64::from(QSIZE));
@@ -646,7 +646,7 @@ fn event_idx_notifications() {
 #[test]
 fn notifications_without_event_idx() {
     let mem = plain_mem();
-    let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+    let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
     assert!(ready(&d.queue));
     for _ in 0..3 {
         let sub = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512)]);
@@ -676,7 +676,7 @@ fn notifications_without_event_idx() {
 
 #[test]
 fn config_space_and_accessors() {
-    let dev = ram_device(
+    let dev = ram_blk(
         DISK,
         BlkConfig {
             num_queues: 4,
@@ -717,7 +717,7 @@ fn config_space_and_accessors() {
 #[test]
 fn process_queue_convenience() {
     let mem = plain_mem();
-    let dev = ram_device(DISK, cfg());
+    let dev = ram_blk(DISK, cfg());
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
     let sub = d.request(VIRTIO_BLK_T_OUT, 1, &[Buf::Out(pattern(512, 2))]);
     let out = dev
@@ -730,7 +730,7 @@ fn process_queue_convenience() {
 
 #[test]
 fn queues_on_threads_share_one_disk() {
-    let dev = ram_device(
+    let dev = ram_blk(
         DISK,
         BlkConfig {
             num_queues: 2,
@@ -767,7 +767,7 @@ proptest! {
     ) {
         const SECTORS: u64 = 64;
         let mem = plain_mem();
-        let mut d = Driver::new(&mem, ram_device(SECTORS * 512, cfg()), QSIZE);
+        let mut d = Driver::new(&mem, ram_blk(SECTORS * 512, cfg()), QSIZE);
         let mut model = vec![0u8; (SECTORS * 512) as usize];
         for (write, sector, n, seed, pieces) in ops {
             let len = n * 512;
@@ -807,7 +807,7 @@ proptest! {
         head in 0u16..QSIZE,
     ) {
         let mem = plain_mem();
-        let mut d = Driver::new(&mem, ram_device(DISK, cfg()), QSIZE);
+        let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
         let hdr = d.alloc_bytes(&header);
         let entries: Vec<_> = descs
             .iter()

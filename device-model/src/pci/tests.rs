@@ -11,12 +11,13 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::regs::*;
 use super::*;
-use crate::blk::{BlkConfig, BlkDevice, BlkQueue, BlockBackend, FaultPolicy, RamBackend};
+use crate::blk::{BlkConfig, BlkDevice, BlkQueue, FaultPolicy};
+use crate::testing::{ram_blk, BlkRequest, SplitRing};
 use crate::virtio::features::{feature_mask, features_mask, has_feature};
 
 const DISK: u64 = 1 << 20;
@@ -28,13 +29,12 @@ fn status(bits: &[u32]) -> u8 {
 }
 
 fn device(num_queues: u16) -> Arc<BlkDevice> {
-    let backend: Arc<dyn BlockBackend> = Arc::new(RamBackend::new(DISK).unwrap());
     let cfg = BlkConfig {
         num_queues,
         queue_size: QSIZE,
         ..BlkConfig::default()
     };
-    Arc::new(BlkDevice::new(backend, cfg).unwrap())
+    ram_blk(DISK, cfg)
 }
 
 fn function() -> VirtioPciFunction {
@@ -858,39 +858,24 @@ const HDR: u64 = 0x10000;
 const DATA: u64 = 0x11000;
 const STATUS: u64 = 0x12000;
 
-/// Write descriptor `i` of the table.
-fn put_desc(mem: &GuestMemoryMmap<()>, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let at = GuestAddress(DESC + 16 * u64::from(i));
-    let mut raw = [0u8; 16];
-    raw[..8].copy_from_slice(&addr.to_le_bytes());
-    raw[8..12].copy_from_slice(&len.to_le_bytes());
-    raw[12..14].copy_from_slice(&flags.to_le_bytes());
-    raw[14..].copy_from_slice(&next.to_le_bytes());
-    mem.write_slice(&raw, at).unwrap();
-}
-
-/// Post one three-descriptor request (header, data, status) as avail entry `n`.
+/// Post one three-descriptor request (header, data, status) at table entry 0, as the next
+/// avail entry.
 fn post_request(
     mem: &GuestMemoryMmap<()>,
-    n: u16,
+    ring: &mut SplitRing,
     kind: u32,
     sector: u64,
     len: u32,
     data_flags: u16,
 ) {
-    let next = u16::try_from(VRING_DESC_F_NEXT).unwrap();
-    let write = u16::try_from(VRING_DESC_F_WRITE).unwrap();
-    let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&kind.to_le_bytes());
-    hdr[8..].copy_from_slice(&sector.to_le_bytes());
-    mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
-    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    put_desc(mem, 0, HDR, 16, next, 1);
-    put_desc(mem, 1, DATA, len, next | data_flags, 2);
-    put_desc(mem, 2, STATUS, 1, write, 0);
-    mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(n % QSIZE)))
-        .unwrap();
-    mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+    let req = BlkRequest::new(kind, sector);
+    req.write(mem, HDR, STATUS);
+    ring.write_chain(
+        mem,
+        0,
+        &BlkRequest::chain(HDR, &[(DATA, len, data_flags)], STATUS),
+    );
+    ring.offer(mem, 0);
 }
 
 #[test]
@@ -915,10 +900,11 @@ fn blk_queue_served_through_pci() {
     let mut queue = cfg.to_queue(max, false).unwrap();
     let mut worker = BlkQueue::new(d.f.device().clone());
     let (_, bell) = d.f.layout().doorbell(0).unwrap();
+    let mut ring = SplitRing::new(QSIZE, DESC, AVAIL, USED);
 
     let pattern: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
     mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
-    post_request(&mem, 0, VIRTIO_BLK_T_OUT, 5, 512, 0);
+    post_request(&mem, &mut ring, VIRTIO_BLK_T_OUT, 5, 512, 0);
     assert_eq!(
         d.bar_write(bell, &0u16.to_le_bytes()),
         [Event::QueueNotify(0)]
@@ -933,7 +919,7 @@ fn blk_queue_served_through_pci() {
 
     mem.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
     let write = u16::try_from(VRING_DESC_F_WRITE).unwrap();
-    post_request(&mem, 1, VIRTIO_BLK_T_IN, 5, 512, write);
+    post_request(&mem, &mut ring, VIRTIO_BLK_T_IN, 5, 512, write);
     assert_eq!(
         d.bar_write(bell, &0u16.to_le_bytes()),
         [Event::QueueNotify(0)]
@@ -956,7 +942,7 @@ fn blk_queue_served_through_pci() {
 
     // The driver masks the vector: the next completion pends, then arrives on unmask.
     d.f.host_msix_mask(1, true);
-    post_request(&mem, 2, VIRTIO_BLK_T_IN, 5, 512, write);
+    post_request(&mem, &mut ring, VIRTIO_BLK_T_IN, 5, 512, write);
     let out = worker.process(&mut queue, &mem, FaultPolicy::Fail).unwrap();
     assert!(out.notify);
     assert_eq!(d.f.queue_interrupt(0), None);
