@@ -38,10 +38,6 @@ use super::exec::{self, answer, check_range, start_chain, used_len, Completion, 
 use super::request::{ParseError, RequestType, Segment};
 use super::{BlkDevice, Error, FaultPolicy, QueueOutcome};
 
-/// A hold on translated ranges, given back to [`InflightMemory::release`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HoldToken(pub u64);
-
 /// Guest memory whose translations a request can hold while its I/O is in flight.
 ///
 /// # Safety
@@ -49,25 +45,27 @@ pub struct HoldToken(pub u64);
 /// An implementation promises that the host memory of every translation made through this
 /// view before [`InflightMemory::hold`] returned, and that lies in the held ranges, stays mapped
 /// (and keeps meaning the same guest memory) until [`InflightMemory::release`] is called with
-/// the token, even if the view itself is dropped meanwhile: the kernel reads and writes it
+/// the hold, even if the view itself is dropped meanwhile: the kernel reads and writes it
 /// asynchronously.
 pub unsafe trait InflightMemory: GuestMemory {
+    /// What a hold is, given back to [`InflightMemory::release`].
+    type Hold: std::fmt::Debug + Send;
     /// Hold `ranges` (`(first, last)` addresses, inclusive, in this view's address space).
-    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken;
+    fn hold(&self, ranges: &[(u64, u64)]) -> Self::Hold;
     /// Release a hold.
-    fn release(&self, token: HoldToken);
+    fn release(&self, hold: Self::Hold);
 }
 
 /// A request whose I/O is in flight (or waits for a slot or a flush barrier).
 #[derive(Debug)]
-struct Inflight {
+struct Inflight<H> {
     head: u16,
     status: IoVec,
     /// Bytes the operation must move.
     expect: u64,
     /// Bytes written into the driver's buffers on success.
     written: u64,
-    hold: HoldToken,
+    hold: H,
     /// For writes: the sequence number in [`AsyncQueue::writes`].
     write_seq: Option<u64>,
 }
@@ -91,12 +89,14 @@ pub(crate) enum OpEvent {
 }
 
 /// One queue's asynchronous worker state: the engine, the requests in flight, the parked ones.
+///
+/// `H` is the hold type of the memory views it is polled with ([`InflightMemory::Hold`]).
 #[derive(Debug)]
-pub struct AsyncQueue {
+pub struct AsyncQueue<H> {
     device: Arc<BlkDevice>,
     engine: Engine,
     /// Indexed by tag.
-    slots: Vec<Option<Inflight>>,
+    slots: Vec<Option<Inflight<H>>>,
     free: Vec<u64>,
     pending: VecDeque<Pending>,
     /// Heads of chains parked on an IOMMU fault, oldest first.
@@ -116,7 +116,7 @@ pub struct AsyncQueue {
     pub(crate) log: Vec<OpEvent>,
 }
 
-impl AsyncQueue {
+impl<H: std::fmt::Debug + Send> AsyncQueue<H> {
     /// A worker for one queue of `device`, doing its I/O on `engine`, with at most as many
     /// requests in flight as the device's queue size.
     #[must_use]
@@ -168,7 +168,7 @@ impl AsyncQueue {
     /// Under [`FaultPolicy::Retry`] a request that faults is parked and its fault reported in
     /// the outcome (the first one of this call); under [`FaultPolicy::Fail`] it completes with
     /// IOERR. An error means the queue itself (used ring, event fields) could not be updated.
-    pub fn poll<M: InflightMemory>(
+    pub fn poll<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -204,7 +204,7 @@ impl AsyncQueue {
 
     /// Fail every parked request with IOERR (a miss refused or timed out), or drop it when its
     /// status byte cannot be reached. Returns how many were parked.
-    pub fn fail_parked<M: InflightMemory>(
+    pub fn fail_parked<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -226,7 +226,7 @@ impl AsyncQueue {
 
     /// Wait for every request in flight and complete it (a queue stop, a disconnect, SIGTERM:
     /// before any memory goes away). Parked requests stay parked.
-    pub fn drain<M: InflightMemory>(
+    pub fn drain<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -251,7 +251,7 @@ impl AsyncQueue {
         Ok(outcome)
     }
 
-    fn take_new<M: InflightMemory>(
+    fn take_new<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -297,7 +297,7 @@ impl AsyncQueue {
 
     /// A chain virtio-queue could not walk: IOERR through its real status byte if it has one.
     #[allow(clippy::too_many_arguments)]
-    fn unwalkable<M: InflightMemory>(
+    fn unwalkable<M: InflightMemory<Hold = H>>(
         &mut self,
         mem: &M,
         policy: FaultPolicy,
@@ -320,7 +320,7 @@ impl AsyncQueue {
         }
     }
 
-    fn retry_parked<M: InflightMemory>(
+    fn retry_parked<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -350,7 +350,7 @@ impl AsyncQueue {
     }
 
     /// Phase one of a walked chain, then its submission or its answer.
-    fn begin<M: InflightMemory>(
+    fn begin<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -481,7 +481,7 @@ impl AsyncQueue {
         }
     }
 
-    fn reap<M: InflightMemory>(
+    fn reap<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -512,7 +512,7 @@ impl AsyncQueue {
         r
     }
 
-    fn complete<M: InflightMemory>(
+    fn complete<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -605,15 +605,13 @@ impl AsyncQueue {
     }
 }
 
-impl Drop for AsyncQueue {
+impl<H> Drop for AsyncQueue<H> {
     fn drop(&mut self) {
-        if self.in_flight() > 0 {
+        let in_flight = self.slots.len().saturating_sub(self.free.len());
+        if in_flight > 0 {
             // The engine waits for its operations when dropped; the holds are the
             // transport's, released with its reader.
-            warn!(
-                "virtio-blk: queue dropped with {} requests in flight",
-                self.in_flight()
-            );
+            warn!("virtio-blk: queue dropped with {in_flight} requests in flight");
         }
     }
 }

@@ -29,6 +29,10 @@ thread_local! {
     static NEXT: RefCell<u64> = const { RefCell::new(1) };
 }
 
+/// A hold of the test memories: its number.
+#[derive(Debug)]
+pub struct HoldToken(u64);
+
 fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
     let id = NEXT.with(|n| {
         let mut n = n.borrow_mut();
@@ -51,6 +55,7 @@ fn holds() -> Vec<Vec<(u64, u64)>> {
 // SAFETY: test memory outlives every queue of the test that uses it (each test drains its queue
 // before the memory is dropped).
 unsafe impl InflightMemory for GuestMemoryMmap<()> {
+    type Hold = HoldToken;
     fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
         take_hold(ranges)
     }
@@ -61,6 +66,7 @@ unsafe impl InflightMemory for GuestMemoryMmap<()> {
 
 // SAFETY: as above.
 unsafe impl InflightMemory for FaultyMem {
+    type Hold = HoldToken;
     fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
         take_hold(ranges)
     }
@@ -112,9 +118,9 @@ fn data_of(d: &Driver<'_, impl GuestMemory>, sub: &Submitted) -> Vec<u8> {
 }
 
 /// Poll until `n` chains are on the used ring (or fail after 20 s).
-fn poll_until<M: InflightMemory>(
+fn poll_until<M: InflightMemory<Hold = HoldToken>>(
     d: &mut Driver<'_, M>,
-    q: &mut AsyncQueue,
+    q: &mut AsyncQueue<HoldToken>,
     policy: FaultPolicy,
     n: u16,
 ) {
@@ -138,7 +144,7 @@ fn completions_out_of_order() {
     let mem = plain_mem();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     for i in 0..4u8 {
         let w = d.request(
             VIRTIO_BLK_T_OUT,
@@ -175,7 +181,7 @@ fn a_request_holds_its_buffers() {
     let mem = plain_mem();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512), Buf::In(1024)]);
     q.set_gate(r.head);
     q.poll(&mut d.queue, d.mem, FaultPolicy::Fail).unwrap();
@@ -203,7 +209,7 @@ fn every_request_type_matches_the_model_on_both_engines() {
         let dev = file_device(&img);
         let mut d = Driver::new(&mem, dev.clone(), QSIZE);
         let mut m = Driver::new(&model_mem, ram_blk(DISK, cfg()), QSIZE);
-        let mut q = AsyncQueue::new(dev.clone(), engine(&dev, aio));
+        let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, aio));
         let mut seed = 0x1234_5678u64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
@@ -269,7 +275,7 @@ fn flush_waits_for_the_writes_before_it() {
     let mem = plain_mem();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let w: Vec<Submitted> = (0..3u8)
         .map(|i| {
             d.request(
@@ -317,7 +323,7 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     let mem = FaultyMem::new();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let a = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
     let b = d.request(VIRTIO_BLK_T_IN, 8, &[Buf::In(4096)]);
     let (abuf, alen, _) = a.descs[1];
