@@ -38,22 +38,25 @@ use super::exec::{self, answer, check_range, start_chain, used_len, Completion, 
 use super::request::{ParseError, RequestType, Segment};
 use super::{BlkDevice, Error, FaultPolicy, QueueOutcome};
 
+/// A hold on translated ranges; releasing it (once) lets invalidations that overlap it finish.
+pub trait Release: std::fmt::Debug + Send {
+    /// Release the hold. Must not block on an invalidation.
+    fn release(self);
+}
+
 /// Guest memory whose translations a request can hold while its I/O is in flight.
 ///
 /// # Safety
 ///
 /// An implementation promises that the host memory of every translation made through this
 /// view before [`InflightMemory::hold`] returned, and that lies in the held ranges, stays mapped
-/// (and keeps meaning the same guest memory) until [`InflightMemory::release`] is called with
-/// the hold, even if the view itself is dropped meanwhile: the kernel reads and writes it
-/// asynchronously.
+/// (and keeps meaning the same guest memory) until the hold is released, even if the view itself
+/// is dropped meanwhile: the kernel reads and writes it asynchronously.
 pub unsafe trait InflightMemory: GuestMemory {
-    /// What a hold is, given back to [`InflightMemory::release`].
-    type Hold: std::fmt::Debug + Send;
+    /// What a hold is.
+    type Hold: Release;
     /// Hold `ranges` (`(first, last)` addresses, inclusive, in this view's address space).
     fn hold(&self, ranges: &[(u64, u64)]) -> Self::Hold;
-    /// Release a hold.
-    fn release(&self, hold: Self::Hold);
 }
 
 /// A request whose I/O is in flight (or waits for a slot or a flush barrier).
@@ -116,7 +119,7 @@ pub struct AsyncQueue<H> {
     pub(crate) log: Vec<OpEvent>,
 }
 
-impl<H: std::fmt::Debug + Send> AsyncQueue<H> {
+impl<H: Release> AsyncQueue<H> {
     /// A worker for one queue of `device`, doing its I/O on `engine`, with at most as many
     /// requests in flight as the device's queue size.
     #[must_use]
@@ -249,6 +252,56 @@ impl<H: std::fmt::Debug + Send> AsyncQueue<H> {
             outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
         }
         Ok(outcome)
+    }
+
+    /// Wait for every request in flight and release its hold without answering it: the
+    /// driver's memory is out of reach (a device detached from its address space while it had
+    /// I/O in flight, or a queue whose rings faulted for good). The requests are lost to the
+    /// driver, as on a device reset; their I/O is finished, so nothing writes into memory that
+    /// an invalidation may take away. Returns how many were abandoned.
+    pub fn abandon(&mut self) -> usize {
+        #[cfg(test)]
+        self.open_gate();
+        let mut n = 0;
+        // Not submitted: never run them.
+        while let Some(p) = self.pending.pop_front() {
+            n += usize::from(self.forget(p.tag));
+            self.spare_iov.push(p.iov);
+        }
+        let mut reaped = std::mem::take(&mut self.reaped);
+        loop {
+            self.engine.reap(&mut reaped);
+            for (tag, _) in reaped.drain(..) {
+                n += usize::from(self.forget(tag));
+            }
+            if self.engine.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = self.engine.wait() {
+                warn!("virtio-blk: waiting for the I/O engine failed: {e}");
+                break;
+            }
+        }
+        self.reaped = reaped;
+        self.parked.clear();
+        n
+    }
+
+    /// Drop the request of `tag` unanswered, releasing its hold.
+    fn forget(&mut self, tag: u64) -> bool {
+        let Some(f) = usize::try_from(tag)
+            .ok()
+            .and_then(|t| self.slots.get_mut(t))
+            .and_then(Option::take)
+        else {
+            return false;
+        };
+        self.free.push(tag);
+        if let Some(seq) = f.write_seq {
+            self.writes.remove(&seq);
+        }
+        f.hold.release();
+        true
     }
 
     fn take_new<M: InflightMemory<Hold = H>>(
@@ -412,7 +465,7 @@ impl<H: std::fmt::Debug + Send> AsyncQueue<H> {
         let hold = mem.hold(&ranges);
         let Some(tag) = self.free.pop() else {
             // Unreachable: the caller checked for a free slot. Answer rather than lose it.
-            mem.release(hold);
+            hold.release();
             let c = answer(&status, Err(exec::RequestError::Unsupported(0)));
             return self.finish(queue, mem, head, c, outcome);
         };
@@ -551,7 +604,7 @@ impl<H: std::fmt::Debug + Send> AsyncQueue<H> {
         // SAFETY: the status byte was translated for writing and is held by `f.hold` until the
         // release below.
         unsafe { f.status.write_byte(status) };
-        mem.release(f.hold);
+        f.hold.release();
         self.finish(
             queue,
             mem,

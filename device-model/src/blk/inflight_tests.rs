@@ -43,6 +43,12 @@ fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
     HoldToken(id)
 }
 
+impl Release for HoldToken {
+    fn release(self) {
+        drop_hold(self);
+    }
+}
+
 fn drop_hold(t: HoldToken) {
     let had = HOLDS.with(|h| h.borrow_mut().remove(&t.0));
     assert!(had.is_some(), "release of a hold never taken: {t:?}");
@@ -59,9 +65,6 @@ unsafe impl InflightMemory for GuestMemoryMmap<()> {
     fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
         take_hold(ranges)
     }
-    fn release(&self, token: HoldToken) {
-        drop_hold(token)
-    }
 }
 
 // SAFETY: as above.
@@ -69,9 +72,6 @@ unsafe impl InflightMemory for FaultyMem {
     type Hold = HoldToken;
     fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
         take_hold(ranges)
-    }
-    fn release(&self, token: HoldToken) {
-        drop_hold(token)
     }
 }
 
@@ -347,4 +347,24 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     assert_eq!(used(&d)[2], (c.head, 1));
     assert_eq!(status_of(&d, &c), IOERR);
     assert!(holds().is_empty());
+}
+
+/// Abandoning a queue (its memory is out of reach) waits for the I/O in flight, releases every
+/// hold, never runs what was not submitted, and answers nothing.
+#[test]
+fn abandon_releases_holds_and_answers_nothing() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    q.set_gate(r.head);
+    q.poll(&mut d.queue, d.mem, FaultPolicy::Fail).unwrap();
+    assert_eq!(holds().len(), 1);
+    assert_eq!(q.abandon(), 1);
+    assert!(holds().is_empty());
+    assert_eq!(q.in_flight(), 0);
+    assert_eq!(d.used_idx(), 0);
+    assert_eq!(status_of(&d, &r), 0xff);
 }
