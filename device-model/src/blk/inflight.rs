@@ -36,7 +36,7 @@ use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
 use super::chain::{self, Rewalk};
 use super::exec::{self, answer, check_range, start_chain, used_len, Completion, Started};
 use super::request::{ParseError, RequestType, Segment};
-use super::{BlkDevice, Error, FaultPolicy, QueueOutcome};
+use super::{BlkDevice, Error, Fault, FaultPolicy, QueueOutcome};
 
 /// A hold on translated ranges; releasing it (once) lets invalidations that overlap it finish.
 pub trait Release: std::fmt::Debug + Send {
@@ -82,6 +82,10 @@ struct Pending {
     /// For flushes: wait until no write with a smaller sequence number is in flight.
     barrier: Option<u64>,
 }
+
+/// One try at a request under a fault policy: `Some(fault)` when it faulted under Retry.
+type Attempt<'a, Q> =
+    dyn FnMut(&mut Q, FaultPolicy, &mut QueueOutcome) -> Result<Option<Fault>, Error> + 'a;
 
 /// What the engine did, in order, for tests of ordering rules.
 #[cfg(test)]
@@ -168,14 +172,15 @@ impl<H: Release> AsyncQueue<H> {
     /// Complete what the engine finished, retry the parked requests, then take new chains
     /// from the avail ring while there is room, and submit.
     ///
-    /// Under [`FaultPolicy::Retry`] a request that faults is parked and its fault reported in
-    /// the outcome (the first one of this call); under [`FaultPolicy::Fail`] it completes with
-    /// IOERR. An error means the queue itself (used ring, event fields) could not be updated.
+    /// A request that faults is shown to `decide`: under [`FaultPolicy::Retry`] it is parked
+    /// and its fault reported in the outcome (the first one of this call); under
+    /// [`FaultPolicy::Fail`] it completes with IOERR. An error means the queue itself (used
+    /// ring, event fields) could not be updated.
     pub fn poll<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        policy: FaultPolicy,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
     ) -> Result<QueueOutcome, Error> {
         let mut outcome = QueueOutcome::default();
         if !queue.ready() {
@@ -190,9 +195,9 @@ impl<H: Release> AsyncQueue<H> {
                 self.parked.push_front(head);
                 break;
             }
-            self.retry_parked(queue, mem, policy, head, &mut outcome)?;
+            self.retry_parked(queue, mem, decide, head, &mut outcome)?;
         }
-        self.take_new(queue, mem, policy, &mut outcome)?;
+        self.take_new(queue, mem, decide, &mut outcome)?;
         self.submit_pending();
         if let Err(e) = self.engine.commit() {
             warn!("virtio-blk: submitting to the I/O engine failed: {e}");
@@ -214,7 +219,7 @@ impl<H: Release> AsyncQueue<H> {
     ) -> Result<QueueOutcome, Error> {
         let mut outcome = QueueOutcome::default();
         while let Some(head) = self.parked.pop_front() {
-            self.retry_parked(queue, mem, FaultPolicy::Fail, head, &mut outcome)?;
+            self.retry_parked(queue, mem, &mut |_| FaultPolicy::Fail, head, &mut outcome)?;
         }
         self.submit_pending();
         if let Err(e) = self.engine.commit() {
@@ -308,7 +313,7 @@ impl<H: Release> AsyncQueue<H> {
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        policy: FaultPolicy,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
         let seg_max = usize::try_from(self.device.config().seg_max()).unwrap_or(usize::MAX);
@@ -328,12 +333,14 @@ impl<H: Release> AsyncQueue<H> {
                 let mut descs = std::mem::take(&mut self.descs);
                 let r = chain::collect(chain, max_chain, &mut descs);
                 let res = match r {
-                    Ok(()) => self.begin(queue, mem, policy, head, &descs, outcome),
-                    Err(err) => {
+                    Ok(()) => self.decided(head, decide, outcome, &mut |s, policy, out| {
+                        s.begin(queue, mem, policy, head, &descs, out)
+                    }),
+                    Err(err) => self.decided(head, decide, outcome, &mut |s, policy, out| {
                         let c =
-                            self.unwalkable(mem, policy, desc_table, queue_size, head, &descs, err);
-                        self.finish(queue, mem, head, c, outcome)
-                    }
+                            s.unwalkable(mem, policy, desc_table, queue_size, head, &descs, &err);
+                        s.finish(queue, mem, head, c, out)
+                    }),
                 };
                 self.descs = descs;
                 res?;
@@ -358,13 +365,21 @@ impl<H: Release> AsyncQueue<H> {
         queue_size: u16,
         head: u16,
         descs: &[Descriptor],
-        err: ParseError,
+        err: &ParseError,
     ) -> Completion {
         let mut slices = Vec::new();
-        if let ParseError::TooLong { .. } = err {
-            let last = descs.last().copied();
-            return exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err);
-        }
+        let err = match err {
+            ParseError::TooLong { len, max } => {
+                let last = descs.last().copied();
+                let err = ParseError::TooLong {
+                    len: *len,
+                    max: *max,
+                };
+                return exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err);
+            }
+            ParseError::EmptyChain => ParseError::EmptyChain,
+            _ => ParseError::Truncated,
+        };
         let mut walk = Vec::new();
         match chain::rewalk(mem, desc_table, queue_size, head, &mut walk) {
             Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
@@ -373,31 +388,59 @@ impl<H: Release> AsyncQueue<H> {
         }
     }
 
+    /// Run `attempt` under Retry; if it faults, ask `decide`: park the request (Retry) or run
+    /// it again under Fail, which answers it with IOERR.
+    fn decided(
+        &mut self,
+        head: u16,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
+        outcome: &mut QueueOutcome,
+        attempt: &mut Attempt<'_, Self>,
+    ) -> Result<(), Error> {
+        let Some(fault) = attempt(self, FaultPolicy::Retry, outcome)? else {
+            return Ok(());
+        };
+        match decide(&fault) {
+            FaultPolicy::Retry => {
+                self.parked.push_back(head);
+                outcome.fault.get_or_insert(fault);
+            }
+            FaultPolicy::Fail => {
+                // Under Fail nothing comes back as a fault.
+                let _ = attempt(self, FaultPolicy::Fail, outcome)?;
+            }
+        }
+        Ok(())
+    }
+
     fn retry_parked<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        policy: FaultPolicy,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         head: u16,
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
         let mut descs = std::mem::take(&mut self.descs);
-        let walked = chain::rewalk(
-            mem,
-            GuestAddress(queue.desc_table()),
-            queue.size(),
+        let table = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let r = self.decided(
             head,
-            &mut descs,
+            decide,
+            outcome,
+            &mut |s, policy, out| match chain::rewalk(mem, table, size, head, &mut descs) {
+                Rewalk::End(_) => {
+                    let walked = std::mem::take(&mut descs);
+                    let r = s.begin(queue, mem, policy, head, &walked, out);
+                    descs = walked;
+                    r
+                }
+                Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Ok(Some(fault)),
+                Rewalk::Fault(_) | Rewalk::Broken => {
+                    s.finish(queue, mem, head, Completion::Dropped, out)
+                }
+            },
         );
-        let r = match walked {
-            Rewalk::End(_) => self.begin(queue, mem, policy, head, &descs, outcome),
-            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
-                self.finish(queue, mem, head, Completion::Retry(fault), outcome)
-            }
-            Rewalk::Fault(_) | Rewalk::Broken => {
-                self.finish(queue, mem, head, Completion::Dropped, outcome)
-            }
-        };
         self.descs = descs;
         r
     }
@@ -411,7 +454,7 @@ impl<H: Release> AsyncQueue<H> {
         head: u16,
         descs: &[Descriptor],
         outcome: &mut QueueOutcome,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Fault>, Error> {
         let device = self.device.clone();
         let target = device.target();
         let mut slices: Vec<VolatileSlice<'_, _>> = Vec::new();
@@ -499,7 +542,7 @@ impl<H: Release> AsyncQueue<H> {
             barrier,
         });
         self.submit_pending();
-        Ok(())
+        Ok(None)
     }
 
     /// Submit pending operations in order while the engine takes them. A flush whose earlier
@@ -612,9 +655,10 @@ impl<H: Release> AsyncQueue<H> {
             Completion::Used(used_len(written)),
             outcome,
         )
+        .map(drop)
     }
 
-    /// Put a finished chain on the used ring, or park it.
+    /// Put a finished chain on the used ring, or give back its fault (under Retry).
     fn finish<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
@@ -622,13 +666,9 @@ impl<H: Release> AsyncQueue<H> {
         head: u16,
         completion: Completion,
         outcome: &mut QueueOutcome,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Fault>, Error> {
         let len = match completion {
-            Completion::Retry(fault) => {
-                self.parked.push_back(head);
-                outcome.fault.get_or_insert(fault);
-                return Ok(());
-            }
+            Completion::Retry(fault) => return Ok(Some(fault)),
             Completion::Used(len) => len,
             Completion::Dropped => 0,
         };
@@ -639,7 +679,7 @@ impl<H: Release> AsyncQueue<H> {
             }
             Err(err) => return Err(Error::Queue(err)),
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Test-only: hold back the completion of the request with this head until

@@ -127,7 +127,7 @@ fn poll_until<M: InflightMemory<Hold = HoldToken>>(
     // A deadline, not a count: the machine may be busy (io_uring work runs in kernel workers).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
-        q.poll(&mut d.queue, d.mem, policy).unwrap();
+        q.poll(&mut d.queue, d.mem, &mut |_| policy).unwrap();
         if d.used_idx() >= n {
             return;
         }
@@ -184,7 +184,8 @@ fn a_request_holds_its_buffers() {
     let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512), Buf::In(1024)]);
     q.set_gate(r.head);
-    q.poll(&mut d.queue, d.mem, FaultPolicy::Fail).unwrap();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
     let mut want: Vec<(u64, u64)> = r.descs[1..]
         .iter()
         .map(|&(a, l, _)| (a, a + u64::from(l) - 1))
@@ -328,7 +329,9 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     let b = d.request(VIRTIO_BLK_T_IN, 8, &[Buf::In(4096)]);
     let (abuf, alen, _) = a.descs[1];
     mem.poison(abuf, u64::from(alen), Permissions::Write);
-    let out = q.poll(&mut d.queue, d.mem, FaultPolicy::Retry).unwrap();
+    let out = q
+        .poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Retry)
+        .unwrap();
     assert_eq!(out.fault.unwrap().addr, GuestAddress(abuf));
     poll_until(&mut d, &mut q, FaultPolicy::Retry, 1);
     assert_eq!(used(&d)[0].0, b.head);
@@ -341,7 +344,8 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     let c = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
     let (cbuf, clen, _) = c.descs[1];
     mem.poison(cbuf, u64::from(clen), Permissions::Write);
-    q.poll(&mut d.queue, d.mem, FaultPolicy::Retry).unwrap();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Retry)
+        .unwrap();
     assert_eq!(q.parked(), 1);
     q.fail_parked(&mut d.queue, d.mem).unwrap();
     assert_eq!(used(&d)[2], (c.head, 1));
@@ -360,11 +364,38 @@ fn abandon_releases_holds_and_answers_nothing() {
     let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
     q.set_gate(r.head);
-    q.poll(&mut d.queue, d.mem, FaultPolicy::Fail).unwrap();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
     assert_eq!(holds().len(), 1);
     assert_eq!(q.abandon(), 1);
     assert!(holds().is_empty());
     assert_eq!(q.in_flight(), 0);
     assert_eq!(d.used_idx(), 0);
     assert_eq!(status_of(&d, &r), 0xff);
+}
+
+/// The transport decides per fault: a fault it will not resolve (a refused miss) fails that
+/// request with IOERR at once, while another request's fault parks it.
+#[test]
+fn the_transport_decides_per_fault() {
+    let img = TempImage::new(DISK);
+    let mem = FaultyMem::new();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let a = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    let (abuf, alen, _) = a.descs[1];
+    mem.poison(abuf, u64::from(alen), Permissions::Write);
+    let mut asked = Vec::new();
+    let out = q
+        .poll(&mut d.queue, d.mem, &mut |f| {
+            asked.push(f.addr);
+            FaultPolicy::Fail
+        })
+        .unwrap();
+    assert_eq!(asked, [GuestAddress(abuf)]);
+    assert!(out.fault.is_none());
+    assert_eq!(q.parked(), 0);
+    assert_eq!(used(&d)[0], (a.head, 1));
+    assert_eq!(status_of(&d, &a), IOERR);
 }
