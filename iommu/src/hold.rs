@@ -320,3 +320,391 @@ impl HoldReleaser {
         self.slot.holds()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::thread::{self, JoinHandle};
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+    use vm_memory::Permissions;
+
+    use super::*;
+    use crate::mem::MemObject;
+    use crate::space::HoldWaits;
+
+    const PAGE: u64 = 4096;
+    const BASE: u64 = 0x10_0000;
+    const SENTINEL: u64 = 0x5e47_1e15_dead_beef;
+    /// Long enough for an edit that does not wait to have returned.
+    const SETTLE: Duration = Duration::from_millis(30);
+    /// An edit that must return does so well within this.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn map_pages(s: &AddressSpace, m: &Arc<MemObject>, pages: u64) {
+        s.edit(|t| {
+            for i in 0..pages {
+                let iova = BASE + i * PAGE;
+                t.insert(Extent::new(
+                    iova,
+                    iova + PAGE - 1,
+                    Permissions::ReadWrite,
+                    m.clone(),
+                    i * PAGE,
+                ));
+            }
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+    }
+
+    fn page(i: u64) -> HoldRange {
+        hold_range(BASE + i * PAGE, PAGE).unwrap()
+    }
+
+    /// Removes the mappings of `pages` in one edit on another thread; the
+    /// receiver gets a message when the edit returned.
+    fn spawn_unmap(s: &Arc<AddressSpace>, pages: Vec<u64>) -> (mpsc::Receiver<()>, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        let s = s.clone();
+        let h = thread::spawn(move || {
+            s.edit(|t| {
+                for &i in &pages {
+                    t.remove(BASE + i * PAGE);
+                }
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            tx.send(()).unwrap();
+        });
+        (rx, h)
+    }
+
+    /// Translates `pages` (for real, as a queue would) and holds them.
+    fn translate_and_hold(r: &mut crate::Reader, pages: &[u64]) -> HoldId {
+        let sess = r.enter();
+        let ranges: Vec<HoldRange> = pages.iter().map(|&i| page(i)).collect();
+        for &(first, _) in &ranges {
+            sess.translate(first, PAGE, Permissions::Write).unwrap();
+        }
+        sess.hold(&ranges)
+    }
+
+    fn wait_for_generation_above(s: &AddressSpace, g: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        while s.generation() <= g {
+            assert!(Instant::now() < deadline, "the edit never published");
+            thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn hold_range_is_inclusive_and_never_wraps() {
+        assert_eq!(hold_range(0x1000, 0x1000), Some((0x1000, 0x1fff)));
+        assert_eq!(hold_range(0x1000, 0), None);
+        assert_eq!(hold_range(u64::MAX, 1), Some((u64::MAX, u64::MAX)));
+        assert_eq!(hold_range(u64::MAX, 2), None);
+        assert_eq!(hold_range(0, u64::MAX), Some((0, u64::MAX - 1)));
+    }
+
+    #[test]
+    fn removed_set_is_exact_not_the_hull() {
+        let m = Arc::new(MemObject::anonymous(PAGE as usize).unwrap());
+        let e = |f: u64, l: u64| Extent::new(f, l, Permissions::Read, m.clone(), 0);
+        // Unsorted, one pair overlapping (removed, re-inserted, removed).
+        let ext = [e(0x5000, 0x5fff), e(0x1000, 0x1fff), e(0x5800, 0x6fff), e(0x9000, 0x9fff)];
+        let r = Removed::new(&ext).unwrap();
+        assert_eq!(r.hull(), (0x1000, 0x9fff));
+        assert!(r.overlaps(0x1fff, 0x2000));
+        assert!(!r.overlaps(0x2000, 0x4fff));
+        assert!(r.overlaps(0x4fff, 0x5000));
+        assert!(r.overlaps(0x6fff, 0x6fff));
+        assert!(!r.overlaps(0x7000, 0x8fff));
+        assert!(r.overlaps(0, u64::MAX));
+        assert!(!r.overlaps(0xa000, u64::MAX));
+        assert!(!r.overlaps(0, 0xfff));
+        assert!(Removed::new(&[]).is_none());
+    }
+
+    /// An edit removing a mapping that a request in flight holds returns
+    /// only after the request released it.
+    #[test]
+    fn edit_overlapping_a_hold_waits_for_its_release() {
+        let m = Arc::new(MemObject::anonymous(4 * PAGE as usize).unwrap());
+        let s = AddressSpace::new();
+        map_pages(&s, &m, 4);
+        let mut r = s.reader();
+        let id = translate_and_hold(&mut r, &[1]);
+        assert_eq!(r.holds(), 1);
+        let t0 = Instant::now();
+        let (rx, h) = spawn_unmap(&s, vec![0, 1]);
+        assert_eq!(
+            rx.recv_timeout(SETTLE),
+            Err(RecvTimeoutError::Timeout),
+            "the edit returned under a hold"
+        );
+        assert_eq!(s.hold_waits().edits, 0);
+        r.release(id);
+        assert_eq!(r.holds(), 0);
+        rx.recv_timeout(PATIENCE)
+            .expect("the edit did not return after the release");
+        h.join().unwrap();
+        let w = s.hold_waits();
+        assert_eq!(w.edits, 1);
+        assert!(w.total > Duration::ZERO && w.total <= t0.elapsed(), "{w:?}");
+    }
+
+    /// Holds elsewhere do not slow an edit down: not one between two removed
+    /// mappings (the hull overlaps it, the extents don't), not ones touching
+    /// a removed mapping's neighbours byte for byte, not ones of other
+    /// readers.
+    #[test]
+    fn edit_overlapping_no_hold_does_not_wait() {
+        let m = Arc::new(MemObject::anonymous(8 * PAGE as usize).unwrap());
+        let s = AddressSpace::new();
+        map_pages(&s, &m, 8);
+        let (mut r1, mut r2) = (s.reader(), s.reader());
+        let between = translate_and_hold(&mut r1, &[3]);
+        let neighbours = translate_and_hold(&mut r2, &[0, 2, 6]);
+        let empty = r2.enter().hold(&[]);
+        let (rx, h) = spawn_unmap(&s, vec![1, 5]);
+        rx.recv_timeout(PATIENCE)
+            .expect("the edit waited for holds it does not overlap");
+        h.join().unwrap();
+        assert_eq!(s.hold_waits(), HoldWaits::default());
+        assert_eq!((r1.holds(), r2.holds()), (1, 2));
+        // The removal really happened; the holds stay until released.
+        assert_eq!(s.len(), 6);
+        r1.release(between);
+        r2.release(neighbours);
+        r2.release(empty);
+        assert_eq!((r1.holds(), r2.holds()), (0, 0));
+    }
+
+    /// A hold registered in a session that went online after the edit's
+    /// publish cannot reference what it removed, so the edit does not wait
+    /// for it, even when the edit first looks at the holds after it was
+    /// registered (the edit's grace period is kept open by a parked reader).
+    #[test]
+    fn hold_taken_after_the_publish_does_not_block() {
+        let m = Arc::new(MemObject::anonymous(4 * PAGE as usize).unwrap());
+        let s = AddressSpace::new();
+        map_pages(&s, &m, 4);
+        let mut early = s.reader();
+        let early_id = translate_and_hold(&mut early, &[1]);
+        // A reader online across the publish: the grace period waits for it.
+        let mut parked = s.reader();
+        let (online_tx, online_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let p = thread::spawn(move || {
+            let sess = parked.enter();
+            online_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            drop(sess);
+        });
+        online_rx.recv().unwrap();
+        let g0 = s.generation();
+        let (rx, h) = spawn_unmap(&s, vec![1]);
+        wait_for_generation_above(&s, g0);
+        let mut late = s.reader();
+        let late_id = late.enter().hold(&[page(1)]);
+        // Now the grace period may end and the edit look at the holds.
+        go_tx.send(()).unwrap();
+        p.join().unwrap();
+        assert_eq!(rx.recv_timeout(SETTLE), Err(RecvTimeoutError::Timeout));
+        early.release(early_id);
+        rx.recv_timeout(PATIENCE)
+            .expect("the edit waited for a hold taken after its publish");
+        h.join().unwrap();
+        assert_eq!(late.holds(), 1);
+        late.release(late_id);
+    }
+
+    /// A hold released from another thread through a `HoldReleaser`, after
+    /// its reader was dropped: the edit still waits for it, and the release
+    /// wakes it.
+    #[test]
+    fn releaser_on_another_thread_after_the_reader_is_gone() {
+        let m = Arc::new(MemObject::anonymous(2 * PAGE as usize).unwrap());
+        let s = AddressSpace::new();
+        map_pages(&s, &m, 2);
+        let mut r = s.reader();
+        let id = translate_and_hold(&mut r, &[0]);
+        let releaser = r.hold_releaser();
+        drop(r);
+        assert_eq!(s.reader_count(), 1);
+        let (rx, h) = spawn_unmap(&s, vec![0]);
+        assert_eq!(rx.recv_timeout(SETTLE), Err(RecvTimeoutError::Timeout));
+        thread::spawn(move || releaser.release(id)).join().unwrap();
+        rx.recv_timeout(PATIENCE).unwrap();
+        h.join().unwrap();
+        assert_eq!(s.reader_count(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "did not take it")]
+    fn releasing_on_the_wrong_reader_panics() {
+        let s = AddressSpace::new();
+        let (mut a, b) = (s.reader(), s.reader());
+        let id = a.enter().hold(&[(0, 0)]);
+        b.release(id);
+    }
+
+    /// A request translates a page, holds it and ends its session; its
+    /// "DMA" lands after the unmap returned (or could have). Returns whether
+    /// the sentinel written after the unmap returned survived.
+    fn in_flight_dma_scenario(skip_hold_wait: bool) -> bool {
+        let m = Arc::new(MemObject::anonymous(2 * PAGE as usize).unwrap());
+        let s = AddressSpace::new();
+        s.set_skip_hold_wait_for_test(skip_hold_wait);
+        map_pages(&s, &m, 1);
+        let mut r = s.reader();
+        let (p, id) = {
+            let sess = r.enter();
+            let p = sess.translate(BASE + 64, 8, Permissions::Write).unwrap()[0].ptr as usize;
+            (p, sess.hold(&[hold_range(BASE + 64, 8).unwrap()]))
+        };
+        // The session is over: only the hold protects the I/O now.
+        let unmapped = Arc::new(AtomicBool::new(false));
+        let mut unmapper = Some({
+            let (s, unmapped) = (s.clone(), unmapped.clone());
+            thread::spawn(move || {
+                s.edit(|t| {
+                    t.remove(BASE);
+                    Ok::<_, ()>(())
+                })
+                .unwrap();
+                unmapped.store(true, Ordering::SeqCst);
+            })
+        });
+        if skip_hold_wait {
+            unmapper.take().unwrap().join().unwrap();
+        } else {
+            thread::sleep(SETTLE);
+            assert!(
+                !unmapped.load(Ordering::SeqCst),
+                "unmap returned under a hold"
+            );
+        }
+        let sentinel_at = m.host_base().wrapping_add(64).cast::<u64>();
+        if unmapped.load(Ordering::SeqCst) {
+            // SAFETY: offset 64 of a page of `m`, which the test keeps alive.
+            unsafe { std::ptr::write_volatile(sentinel_at, SENTINEL) };
+        }
+        // The I/O completes: the device writes through its held pointer...
+        // SAFETY: `p` is 8 translated bytes of `m`, still alive.
+        unsafe { std::ptr::write_volatile(p as *mut u64, 1) };
+        // ...and then the request releases its hold.
+        r.release(id);
+        if let Some(u) = unmapper {
+            u.join().unwrap();
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(sentinel_at, SENTINEL) };
+        }
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(sentinel_at) == SENTINEL }
+    }
+
+    #[test]
+    fn promise_holds_for_a_request_in_flight() {
+        assert!(in_flight_dma_scenario(false));
+    }
+
+    /// The negative twin: without the wait for holds the grace period alone
+    /// lets the unmap return while the I/O is in flight, and the I/O writes
+    /// into memory already unmapped from the space.
+    #[test]
+    fn skipping_the_hold_wait_breaks_the_promise() {
+        assert!(!in_flight_dma_scenario(true));
+    }
+
+    const PAGES: u64 = 16;
+
+    fn ranges_strategy() -> impl Strategy<Value = Vec<(u64, u64)>> {
+        // (first page, pages) ranges; may run past the mapped pages.
+        proptest::collection::vec((0..PAGES, 1..3u64), 0..3)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Random holds on three readers, one random unmap, releases in a
+        /// random order: the edit is blocked exactly while some hold taken
+        /// before it overlaps a removed page (holds taken after its publish
+        /// never count), and returns once none does.
+        #[test]
+        fn edit_returns_exactly_when_no_overlapping_earlier_hold_remains(
+            holds in proptest::collection::vec((0..3usize, ranges_strategy()), 0..8),
+            late in proptest::collection::vec(ranges_strategy(), 0..3),
+            removed in proptest::collection::vec(any::<bool>(), PAGES as usize),
+            order in proptest::collection::vec(any::<u32>(), 8),
+        ) {
+            let m = Arc::new(MemObject::anonymous((PAGES * PAGE) as usize).unwrap());
+            let s = AddressSpace::new();
+            map_pages(&s, &m, PAGES);
+            let mut readers: Vec<_> = (0..3).map(|_| s.reader()).collect();
+            let to_ranges = |rs: &[(u64, u64)]| -> Vec<HoldRange> {
+                rs.iter()
+                    .map(|&(p, n)| hold_range(BASE + p * PAGE, n * PAGE).unwrap())
+                    .collect()
+            };
+            let overlaps = |rs: &[(u64, u64)]| {
+                rs.iter().any(|&(p, n)| (p..p + n).any(|q| q < PAGES && removed[q as usize]))
+            };
+            let mut taken: Vec<(usize, bool, Option<HoldId>)> = holds
+                .iter()
+                .map(|(ri, rs)| {
+                    let id = readers[*ri].enter().hold(&to_ranges(rs));
+                    (*ri, overlaps(rs), Some(id))
+                })
+                .collect();
+            let pages: Vec<u64> = (0..PAGES).filter(|&q| removed[q as usize]).collect();
+            let g0 = s.generation();
+            let removes = !pages.is_empty();
+            let (rx, h) = spawn_unmap(&s, pages);
+            let mut late_ids = Vec::new();
+            if removes {
+                wait_for_generation_above(&s, g0);
+                let mut lr = s.reader();
+                for rs in &late {
+                    late_ids.push(lr.enter().hold(&to_ranges(rs)));
+                }
+                late_ids.push(lr.enter().hold(&[(0, u64::MAX)]));
+                readers.push(lr);
+            }
+            let blocking = |t: &[(usize, bool, Option<HoldId>)]| {
+                t.iter().filter(|(_, o, id)| *o && id.is_some()).count()
+            };
+            let must_wait = blocking(&taken) > 0;
+            let mut idx: Vec<usize> = (0..taken.len()).collect();
+            idx.sort_by_key(|&i| order[i]);
+            let mut returned = false;
+            for i in idx {
+                if blocking(&taken) > 0 {
+                    prop_assert_eq!(
+                        rx.recv_timeout(Duration::from_millis(2)),
+                        Err(RecvTimeoutError::Timeout),
+                        "returned with an overlapping hold outstanding"
+                    );
+                } else if !returned {
+                    prop_assert!(rx.recv_timeout(PATIENCE).is_ok(), "did not return");
+                    returned = true;
+                }
+                let (ri, _, id) = &mut taken[i];
+                readers[*ri].release(id.take().unwrap());
+            }
+            if !returned {
+                prop_assert!(rx.recv_timeout(PATIENCE).is_ok(), "did not return");
+            }
+            h.join().unwrap();
+            prop_assert_eq!(s.hold_waits().edits, u64::from(must_wait));
+            let lr = readers.last().unwrap();
+            prop_assert_eq!(lr.holds(), late_ids.len());
+            for id in late_ids {
+                lr.release(id);
+            }
+        }
+    }
+}

@@ -477,6 +477,12 @@ impl AddressSpace {
         lock(&self.readers).retain(|s| !Arc::ptr_eq(s, slot));
     }
 
+    /// Registered reader slots (test-only).
+    #[cfg(test)]
+    pub(crate) fn reader_count(&self) -> usize {
+        lock(&self.readers).len()
+    }
+
     /// The published root. Only for online readers: valid until they go
     /// offline.
     #[inline]
