@@ -414,7 +414,12 @@ mod tests {
         let m = Arc::new(MemObject::anonymous(PAGE as usize).unwrap());
         let e = |f: u64, l: u64| Extent::new(f, l, Permissions::Read, m.clone(), 0);
         // Unsorted, one pair overlapping (removed, re-inserted, removed).
-        let ext = [e(0x5000, 0x5fff), e(0x1000, 0x1fff), e(0x5800, 0x6fff), e(0x9000, 0x9fff)];
+        let ext = [
+            e(0x5000, 0x5fff),
+            e(0x1000, 0x1fff),
+            e(0x5800, 0x6fff),
+            e(0x9000, 0x9fff),
+        ];
         let r = Removed::new(&ext).unwrap();
         assert_eq!(r.hull(), (0x1000, 0x9fff));
         assert!(r.overlaps(0x1fff, 0x2000));

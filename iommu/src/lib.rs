@@ -49,12 +49,12 @@ pub mod uapi;
 
 pub use device::{AttachHook, DeviceError, DeviceHandle};
 pub use errno::Errno;
+pub use hold::{hold_range, HoldId, HoldRange, HoldReleaser};
 pub use hwpt::{Hwpt, HwptError};
 pub use io_pagetable::{IoPageTable, IoptError, IovaRange, PAGE_SIZE};
 pub use ioas::{Ioas, IoasError};
 pub use mem::{MemObject, SealPolicy};
 pub use object::{Iommufd, ObjectError, ObjectId, ObjectKind};
-pub use hold::{hold_range, HoldId, HoldRange, HoldReleaser};
 pub use space::{AddressSpace, HoldWaits};
 pub use translate::{Fault, HostSlice, Reader, Session, Slices};
 pub use tree::{Extent, Tree};

@@ -416,6 +416,13 @@ impl Session<'_> {
         r.slot.hold(gen, ranges)
     }
 
+    /// Releases a hold of this reader while online (a worker reaping
+    /// completions inside a session); as [`Reader::release`].
+    #[inline]
+    pub fn release(&self, id: HoldId) {
+        self.reader.release(id);
+    }
+
     /// The address space's generation seen by this session (changes when
     /// translations were removed; pinned translations must be redone).
     pub fn generation(&self) -> u64 {
