@@ -303,13 +303,14 @@ impl AddressSpace {
         if self.skip_hold_wait.load(Ordering::Relaxed) {
             return;
         }
-        let readers = lock(&self.readers).clone();
         let mut waiting: Vec<(Arc<ReaderSlot>, SmallVec<[HoldKey; 4]>)> = Vec::new();
-        for slot in readers {
+        // Lock order: readers, then a reader's holds (a release never
+        // holds its table lock while it takes another lock).
+        for slot in lock(&self.readers).iter() {
             let mut keys = SmallVec::new();
             lock(&slot.holds.0).overlapping(target, removed, &mut keys);
             if !keys.is_empty() {
-                waiting.push((slot, keys));
+                waiting.push((slot.clone(), keys));
             }
         }
         if waiting.is_empty() {

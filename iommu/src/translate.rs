@@ -187,9 +187,10 @@ impl Reader {
     }
 
     /// Releases a hold taken by [`Session::hold`] on this reader: the
-    /// request's I/O completed. Callable online or offline (it is usually
-    /// called offline); it never waits for an edit and never takes the
-    /// writer lock. From another thread, use a [`Reader::hold_releaser`].
+    /// request's I/O completed. Callable while offline, from the thread
+    /// that owns the reader; it never waits for an edit and never takes the
+    /// writer lock. Online, use [`Session::release`]; from another thread,
+    /// a [`Reader::hold_releaser`].
     ///
     /// # Panics
     ///
@@ -405,7 +406,8 @@ impl Session<'_> {
     /// returns. Take the hold in the session that made the translations,
     /// before it ends: the hold is registered with the generation the
     /// session went online in, and edits published after that generation
-    /// do not wait for it.
+    /// do not wait for it. A range with `first > last` is ignored (a debug
+    /// build panics).
     ///
     /// Costs one uncontended lock of the reader's own hold table.
     #[inline]
