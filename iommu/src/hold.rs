@@ -625,6 +625,125 @@ mod tests {
         assert!(!in_flight_dma_scenario(true));
     }
 
+    /// Queues translate and hold in sessions and hand their requests to
+    /// completion threads, which "DMA" into the held pages after the
+    /// session ended and release through a `HoldReleaser`; the main thread
+    /// maps and unmaps pages, and after each unmap returns its page gets a
+    /// sentinel that no completion may overwrite.
+    fn stress_in_flight(skip_hold_wait: bool) -> u64 {
+        const POOL: u64 = 64;
+        const ROUNDS: u64 = 300;
+        let m = Arc::new(MemObject::anonymous((POOL * PAGE) as usize).unwrap());
+        let s = AddressSpace::new();
+        s.set_skip_hold_wait_for_test(skip_hold_wait);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for t in 0..2u64 {
+            let mut r = s.reader();
+            let releaser = r.hold_releaser();
+            // A bounded queue: a few requests in flight at a time.
+            let (tx, rx) = mpsc::sync_channel::<(usize, HoldId)>(4);
+            threads.push(thread::spawn(move || {
+                let mut done = 0u64;
+                for (p, id) in rx {
+                    // The I/O takes a while.
+                    thread::sleep(Duration::from_micros(20));
+                    // SAFETY: 8 translated bytes of `m`, held until the
+                    // release below.
+                    unsafe { std::ptr::write_volatile(p as *mut u64, done) };
+                    releaser.release(id);
+                    done += 1;
+                }
+                done
+            }));
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || {
+                let mut n = 0u64;
+                let mut batch = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sess = r.enter();
+                    for k in 0..2u64 {
+                        let iova = BASE + ((n + k + t) % 4) * PAGE + 64;
+                        if let Ok(v) = sess.translate(iova, 8, Permissions::Write) {
+                            let id = sess.hold(&[hold_range(iova, 8).unwrap()]);
+                            batch.push((v[0].ptr as usize, id));
+                        }
+                    }
+                    // Submitted after the session: only the holds protect
+                    // the requests now.
+                    drop(sess);
+                    for req in batch.drain(..) {
+                        tx.send(req).unwrap();
+                    }
+                    n += 1;
+                    if n % 16 == 0 {
+                        thread::yield_now();
+                    }
+                }
+                0
+            }));
+        }
+        let sentinel = |page: u64| m.host_base().wrapping_add((page * PAGE + 64) as usize);
+        let mut broken = 0;
+        for round in 0..ROUNDS {
+            let iova = BASE + (round % 4) * PAGE;
+            let page = round % POOL;
+            s.edit(|t| {
+                t.insert(Extent::new(
+                    iova,
+                    iova + PAGE - 1,
+                    Permissions::ReadWrite,
+                    m.clone(),
+                    page * PAGE,
+                ));
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            thread::sleep(Duration::from_micros(50));
+            s.edit(|t| {
+                t.remove(iova);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            // SAFETY: offset 64 of a page of `m`, alive.
+            unsafe { std::ptr::write_volatile(sentinel(page).cast::<u64>(), SENTINEL) };
+            if round >= POOL {
+                // Pages are reused after POOL rounds: check them before.
+                let prev = (round + 1) % POOL;
+                // SAFETY: as above.
+                if unsafe { std::ptr::read_volatile(sentinel(prev).cast::<u64>()) } != SENTINEL {
+                    broken += 1;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let done: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(done > 0, "no request completed");
+        for p in 0..POOL {
+            // SAFETY: as above.
+            if unsafe { std::ptr::read_volatile(sentinel(p).cast::<u64>()) } != SENTINEL {
+                broken += 1;
+            }
+        }
+        broken
+    }
+
+    #[test]
+    fn stress_no_dma_after_unmap_returns() {
+        assert_eq!(
+            stress_in_flight(false),
+            0,
+            "pages written after their unmap returned"
+        );
+    }
+
+    /// Its negative twin: without the wait for holds, completions land in
+    /// pages whose unmap returned.
+    #[test]
+    fn skipping_the_hold_wait_fails_the_stress_test() {
+        assert!(stress_in_flight(true) > 0);
+    }
+
     const PAGES: u64 = 16;
 
     fn ranges_strategy() -> impl Strategy<Value = Vec<(u64, u64)>> {
