@@ -676,7 +676,7 @@ mod tests {
                         tx.send(req).unwrap();
                     }
                     n += 1;
-                    if n % 16 == 0 {
+                    if n.is_multiple_of(16) {
                         thread::yield_now();
                     }
                 }
