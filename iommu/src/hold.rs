@@ -113,40 +113,39 @@ pub(crate) type HoldKey = (u32, u64);
 
 impl HoldTable {
     fn insert(&mut self, gen: u64, ranges: &[HoldRange]) -> (u32, u64) {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 holds");
+                self.entries.push(Entry {
+                    seq: 0,
+                    gen: 0,
+                    first: 1,
+                    last: 0,
+                    ranges: SmallVec::new(),
+                });
+                i
+            }
+        };
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        // Filled in place: a reused entry keeps its range buffer.
+        let e = &mut self.entries[index as usize];
+        e.ranges.clear();
         let (mut first, mut last) = (u64::MAX, 0u64);
-        let mut kept: SmallVec<[HoldRange; 4]> = SmallVec::new();
         for &(f, l) in ranges {
             debug_assert!(f <= l, "hold range {f:#x}..={l:#x} is empty");
             if f <= l {
                 first = first.min(f);
                 last = last.max(l);
-                kept.push((f, l));
+                e.ranges.push((f, l));
             }
         }
-        if kept.is_empty() {
+        if e.ranges.is_empty() {
             (first, last) = (1, 0);
         }
-        self.next_seq += 1;
-        let seq = self.next_seq;
-        let e = Entry {
-            seq,
-            gen,
-            first,
-            last,
-            ranges: kept,
-        };
+        (e.seq, e.gen, e.first, e.last) = (seq, gen, first, last);
         self.live += 1;
-        let index = match self.free.pop() {
-            Some(i) => {
-                self.entries[i as usize] = e;
-                i
-            }
-            None => {
-                let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 holds");
-                self.entries.push(e);
-                i
-            }
-        };
         (index, seq)
     }
 
