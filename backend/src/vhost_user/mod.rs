@@ -14,7 +14,6 @@ pub mod conn;
 pub mod dispatch;
 pub mod iotlb;
 pub mod memory;
-pub mod ring;
 pub mod vring;
 
 #[cfg(test)]

@@ -115,6 +115,8 @@ pub struct AsyncQueue<H> {
     segments: Vec<Segment>,
     reaped: Vec<IoCompletion>,
     spare_iov: Vec<Vec<IoVec>>,
+    /// Whether the queue's next used index was read from the used ring.
+    used_synced: bool,
     #[cfg(test)]
     gate: Option<u16>,
     #[cfg(test)]
@@ -142,6 +144,7 @@ impl<H: Release> AsyncQueue<H> {
             segments: Vec::new(),
             reaped: Vec::new(),
             spare_iov: Vec::new(),
+            used_synced: false,
             #[cfg(test)]
             gate: None,
             #[cfg(test)]
@@ -169,6 +172,19 @@ impl<H: Release> AsyncQueue<H> {
         self.parked.len()
     }
 
+    /// The heads of the parked requests, oldest first, taken out of this queue: a transport
+    /// that stops the queue keeps them (they were taken from the avail ring and not answered)
+    /// and gives them to the queue that resumes it ([`AsyncQueue::park`]).
+    pub fn take_parked(&mut self) -> Vec<u16> {
+        self.parked.drain(..).collect()
+    }
+
+    /// Parks `heads` (from [`AsyncQueue::take_parked`]): they are walked again at the next poll,
+    /// before new chains.
+    pub fn park(&mut self, heads: impl IntoIterator<Item = u16>) {
+        self.parked.extend(heads);
+    }
+
     /// Complete what the engine finished, retry the parked requests, then take new chains
     /// from the avail ring while there is room, and submit.
     ///
@@ -185,6 +201,17 @@ impl<H: Release> AsyncQueue<H> {
         let mut outcome = QueueOutcome::default();
         if !queue.ready() {
             return Ok(outcome);
+        }
+        if !self.used_synced {
+            // The device is the used ring's only writer, but a queue that
+            // resumes after requests were parked (taken, not answered) has
+            // used fewer chains than it took: its next used index is the
+            // ring's, not its next avail index.
+            let idx = queue
+                .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(Error::Queue)?;
+            queue.set_next_used(idx.0);
+            self.used_synced = true;
         }
         self.reap(queue, mem, &mut outcome)?;
         for _ in 0..self.parked.len() {
@@ -436,7 +463,10 @@ impl<H: Release> AsyncQueue<H> {
                     r
                 }
                 Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Ok(Some(fault)),
-                Rewalk::Fault(_) | Rewalk::Broken => {
+                other => {
+                    log::debug!(
+                        "virtio-blk: parked chain {head} cannot be walked again: {other:?}"
+                    );
                     s.finish(queue, mem, head, Completion::Dropped, out)
                 }
             },
