@@ -53,7 +53,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use log::{error, info};
-use vcdev_device_model::blk::{self, BlkConfig, BlkDevice, BlockBackend, FileBackend, RamBackend};
+use vcdev_device_model::blk::aio::{self, Aio, AioMode};
+use vcdev_device_model::blk::file::AlignSource;
+use vcdev_device_model::blk::{
+    self, BlkConfig, BlkDevice, BlockBackend, FileBackend, FileOptions, RamBackend,
+};
 use vcdev_iommu::SealPolicy;
 
 pub use config::{Backing, Config, ConfigError, DeviceSpec};
@@ -86,6 +90,15 @@ pub enum Error {
         /// The cause.
         #[source]
         source: blk::file::Error,
+    },
+    /// The I/O engine asked for (`aio=io_uring`) cannot be set up.
+    #[error("Device {name}: cannot set up its I/O engine")]
+    Aio {
+        /// The device.
+        name: String,
+        /// The cause.
+        #[source]
+        source: aio::AioError,
     },
     /// A RAM disk could not be allocated.
     #[error("Device {name}: cannot allocate its RAM disk")]
@@ -125,25 +138,53 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Builds the device model of one `--device`.
 pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
     let name = spec.name.clone();
-    let backend: Arc<dyn BlockBackend> = match &spec.backing {
+    let (backend, aio): (Arc<dyn BlockBackend>, Aio) = match &spec.backing {
         Backing::File(p) => {
-            Arc::new(
-                FileBackend::open(p, spec.read_only).map_err(|source| Error::File {
-                    name: name.clone(),
-                    source,
-                })?,
-            )
+            let options = FileOptions {
+                read_only: spec.read_only,
+                direct: spec.direct,
+            };
+            let file = FileBackend::open_with(p, options).map_err(|source| Error::File {
+                name: name.clone(),
+                source,
+            })?;
+            if let Some(a) = file.direct() {
+                let source = match a.source {
+                    AlignSource::Statx => "statx STATX_DIOALIGN",
+                    AlignSource::BlockDevice => "the block device's logical block size",
+                    AlignSource::Default => "defaults, the file system did not say",
+                };
+                info!(
+                    "{name}: direct=on: O_DIRECT alignment {} bytes in memory, {} on disk \
+                     (from {source}); blk_size {}",
+                    a.mem,
+                    a.offset,
+                    file.block_size()
+                );
+            }
+            let aio = aio::resolve(spec.aio, &name).map_err(|source| Error::Aio {
+                name: name.clone(),
+                source,
+            })?;
+            (Arc::new(file), aio)
         }
-        Backing::Ram(size) => Arc::new(RamBackend::new(*size).map_err(|source| Error::Ram {
-            name: name.clone(),
-            source,
-        })?),
+        Backing::Ram(size) => {
+            let ram = RamBackend::new(*size).map_err(|source| Error::Ram {
+                name: name.clone(),
+                source,
+            })?;
+            if spec.aio == AioMode::IoUring {
+                info!("{name}: aio=io_uring ignored: a RAM disk copies with memcpy");
+            }
+            (Arc::new(ram), Aio::Sync)
+        }
     };
     let cfg = BlkConfig {
         read_only: spec.read_only,
         serial: spec.serial.as_bytes().to_vec(),
         num_queues: spec.queues,
         queue_size: spec.queue_size,
+        aio,
     };
     BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })
 }
@@ -184,6 +225,7 @@ pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
 
 fn describe(spec: &DeviceSpec) -> String {
     match &spec.backing {
+        Backing::File(p) if spec.direct => format!("file {} (O_DIRECT)", p.display()),
         Backing::File(p) => format!("file {}", p.display()),
         Backing::Ram(s) => format!("{} MiB RAM disk", s >> 20),
     }
@@ -249,11 +291,12 @@ pub fn run(config: Config) -> Result<()> {
         };
         sockets.push(path.clone());
         info!(
-            "{}: virtio-blk, {}, {} queue(s) of {}{}, listening on {}",
+            "{}: virtio-blk, {}, {} queue(s) of {}, aio={}{}, listening on {}",
             spec.name,
             describe(spec),
             spec.queues,
             spec.queue_size,
+            dev.blk().aio(),
             if spec.read_only { ", read-only" } else { "" },
             path.display()
         );

@@ -33,6 +33,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
 
 use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
+use super::bounce::{self, EngineBounce};
 use super::chain::{self, Rewalk};
 use super::exec::{self, answer, check_range, start_chain, used_len, Completion, Started};
 use super::request::{ParseError, RequestType, Segment};
@@ -70,6 +71,9 @@ struct Inflight {
     hold: HoldToken,
     /// For writes: the sequence number in [`AsyncQueue::writes`].
     write_seq: Option<u64>,
+    /// The aligned buffer the operation moves data through, when the guest's buffers do not
+    /// suit an `O_DIRECT` backing (see [`super::bounce`]).
+    bounce: Option<EngineBounce>,
 }
 
 /// An operation prepared but not yet submitted.
@@ -366,6 +370,7 @@ impl AsyncQueue {
             Started::Finished(c) => return self.finish(queue, mem, head, c, outcome),
             Started::Ready(req, status) => (req, status),
         };
+        let mut bounce = None;
         let (op, expect, written) = match req.kind {
             RequestType::In | RequestType::Out => {
                 let reading = req.kind == RequestType::In;
@@ -381,6 +386,17 @@ impl AsyncQueue {
                         return self.finish(queue, mem, head, c, outcome);
                     }
                 };
+                if bounce::needs_bounce(target.backend, &slices) {
+                    bounce = EngineBounce::new(target.backend, &slices, len, reading);
+                    if bounce.is_none() {
+                        // Too large to bounce whole while in flight: bounce it in chunks now.
+                        let c = answer(
+                            &status,
+                            exec::execute(&target, &req, &slices, &mut self.segments),
+                        );
+                        return self.finish(queue, mem, head, c, outcome);
+                    }
+                }
                 if reading {
                     for s in &slices {
                         s.bitmap().mark_dirty(0, s.len());
@@ -418,7 +434,10 @@ impl AsyncQueue {
         };
         let mut iov = self.spare_iov.pop().unwrap_or_default();
         iov.clear();
-        iov.extend(slices.iter().map(IoVec::of));
+        match &bounce {
+            Some(b) => iov.push(b.iovec()),
+            None => iov.extend(slices.iter().map(IoVec::of)),
+        }
         let write_seq = matches!(op, IoOp::Write { .. }).then(|| {
             let seq = self.next_write_seq;
             self.next_write_seq = self.next_write_seq.wrapping_add(1);
@@ -437,6 +456,7 @@ impl AsyncQueue {
                 written,
                 hold,
                 write_seq,
+                bounce,
             });
         }
         self.pending.push_back(Pending {
@@ -548,6 +568,11 @@ impl AsyncQueue {
                 (ioerr(), 0)
             }
         };
+        if let (Some(b), true) = (&f.bounce, status == exec::status_ok()) {
+            // SAFETY: the guest's data buffers were translated for this request and are held
+            // by `f.hold` until the release below.
+            unsafe { b.finish() };
+        }
         // SAFETY: the status byte was translated for writing and is held by `f.hold` until the
         // release below.
         unsafe { f.status.write_byte(status) };
