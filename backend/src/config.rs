@@ -411,7 +411,11 @@ mod tests {
             assert!(DeviceSpec::parse(bad, 0).is_err(), "{bad}");
         }
         // direct=on needs a file, whether ram= is given or the default RAM disk is used.
-        for ram in ["blk,direct=on,ram=1M", "blk,ram=1M,direct=on", "blk,direct=on"] {
+        for ram in [
+            "blk,direct=on,ram=1M",
+            "blk,ram=1M,direct=on",
+            "blk,direct=on",
+        ] {
             assert!(
                 matches!(
                     DeviceSpec::parse(ram, 0),

@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn cursor_scatters_and_gathers() {
         let mut a = vec![0u8; 3];
-        let mut b = vec![0u8; 0];
+        let mut b = [0u8; 0];
         let mut c = vec![0u8; 6];
         let slices = [
             VolatileSlice::from(&mut a[..]),
@@ -309,7 +309,6 @@ mod tests {
         assert_eq!(r.read(&mut out[..2]), 2);
         assert_eq!(r.read(&mut out[2..]), 7);
         assert_eq!(out.to_vec(), data);
-        drop(slices);
         assert_eq!((a, c), (vec![1, 2, 3], vec![4, 5, 6, 7, 8, 9]));
     }
 }

@@ -97,7 +97,9 @@ pub fn dio_alignment(file: &File) -> DioAlign {
             source: AlignSource::Statx,
         };
     }
-    let is_block_device = file.metadata().is_ok_and(|m| m.file_type().is_block_device());
+    let is_block_device = file
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device());
     if let Some(lbs) = is_block_device.then(|| logical_block_size(file)).flatten() {
         return DioAlign {
             mem: lbs,

@@ -31,6 +31,8 @@ pub mod request;
 mod volatile;
 
 #[cfg(test)]
+mod direct_tests;
+#[cfg(test)]
 mod inflight_tests;
 #[cfg(test)]
 mod test_util;
