@@ -14,10 +14,14 @@ pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 
 /// A disk image that several queues, on several threads, read and write at once.
 ///
-/// Offsets and lengths are in bytes and already checked by the caller against [`len`]. Buffers
-/// are guest memory ([`VolatileSlice`]s straight from the translated descriptors), so data moves
-/// between the guest and the backing without a bounce buffer. Implementations must not take a
-/// lock shared by all queues on the data path.
+/// Offsets and lengths are in bytes and already checked by the caller against [`len`] and
+/// [`block_size`]. Buffers are guest memory ([`VolatileSlice`]s straight from the translated
+/// descriptors), so data moves between the guest and the backing without a bounce buffer,
+/// unless the backing asks for an alignment ([`mem_align`], `direct=on`) that the guest's
+/// buffers lack. Implementations must not take a lock shared by all queues on the data path.
+///
+/// [`block_size`]: BlockBackend::block_size
+/// [`mem_align`]: BlockBackend::mem_align
 ///
 /// [`len`]: BlockBackend::len
 pub trait BlockBackend: Send + Sync + Debug {

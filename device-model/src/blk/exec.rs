@@ -4,7 +4,8 @@
 //! then data) is translated through the [`GuestMemory`] with the access the device will make, so
 //! an IOMMU miss or permission fault surfaces before anything is read from or written to the
 //! disk or the guest. Then the request runs against the [`BlockBackend`], moving data directly
-//! between the translated guest slices and the backing.
+//! between the translated guest slices and the backing (through an aligned bounce buffer when
+//! an `O_DIRECT` backing cannot take the guest's buffers: [`super::bounce`]).
 //!
 //! [`RequestError::status`] is the one place where an error becomes a status byte.
 

@@ -72,7 +72,8 @@ struct Inflight {
     /// For writes: the sequence number in [`AsyncQueue::writes`].
     write_seq: Option<u64>,
     /// The aligned buffer the operation moves data through, when the guest's buffers do not
-    /// suit an `O_DIRECT` backing (see [`super::bounce`]).
+    /// suit an `O_DIRECT` backing (see [`super::bounce`]). It is freed with the slot; when the
+    /// queue is dropped, after `engine` (declared before `slots`) waited for the operation.
     bounce: Option<EngineBounce>,
 }
 
