@@ -332,3 +332,44 @@ pub fn run(config: Config) -> Result<()> {
     socket::remove_all(&sockets);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(s: &str) -> DeviceSpec {
+        DeviceSpec::parse(s, 0).unwrap()
+    }
+
+    /// RAM disks keep their memcpy path whatever `aio=` says; a file gets the engine asked for;
+    /// `direct=on` advertises the file's block size.
+    #[test]
+    fn devices_carry_their_engine_and_block_size() {
+        let ram = build_device(&spec("blk,ram=1M,aio=io_uring")).unwrap();
+        assert_eq!((ram.aio(), ram.block_size()), (Aio::Sync, 512));
+        let dir = std::env::temp_dir().join(format!("vcdev-lib-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(1 << 20))
+            .unwrap();
+        let file = build_device(&spec(&format!("blk,path={},aio=sync", img.display()))).unwrap();
+        assert_eq!((file.aio(), file.block_size()), (Aio::Sync, 512));
+        let uring = build_device(&spec(&format!("blk,path={},aio=io_uring", img.display())));
+        assert_eq!(uring.unwrap().aio(), Aio::IoUring);
+        let direct = format!("blk,path={},direct=on", img.display());
+        match build_device(&spec(&direct)) {
+            Ok(d) => {
+                let bs = d.block_size();
+                assert!(bs.is_power_of_two() && bs >= 512, "{bs}");
+                let mut cfg = [0u8; 4];
+                let at =
+                    std::mem::offset_of!(virtio_bindings::virtio_blk::virtio_blk_config, blk_size);
+                d.read_config(u32::try_from(at).unwrap(), &mut cfg);
+                assert_eq!(u32::from_le_bytes(cfg), bs);
+            }
+            Err(e) => eprintln!("SKIP direct=on: {}", error_chain(&e)),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
