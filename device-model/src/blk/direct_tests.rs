@@ -145,7 +145,7 @@ enum Via {
 /// A queue of `dev` driven by `path`.
 struct Runner<'m> {
     d: Driver<'m, GuestMemoryMmap<()>>,
-    q: Option<AsyncQueue>,
+    q: Option<AsyncQueue<<GuestMemoryMmap<()> as InflightMemory>::Hold>>,
 }
 
 impl<'m> Runner<'m> {
@@ -186,7 +186,7 @@ impl<'m> Runner<'m> {
                         std::time::Instant::now() < deadline,
                         "request never completed"
                     );
-                    q.poll(&mut self.d.queue, self.d.mem, FaultPolicy::Fail)
+                    q.poll(&mut self.d.queue, self.d.mem, &mut |_| FaultPolicy::Fail)
                         .unwrap();
                 }
             }
