@@ -4,14 +4,18 @@
 
 mod common;
 
+use std::mem::offset_of;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use common::frontend::{pattern, Desc, Harness, SECTOR, S_IOERR, S_OK, S_UNSUPP};
 use common::vcdev::Vcdev;
 use common::TIMEOUT;
 use vcdev_device_model::testing::{BlkRequest, STATUS_UNSET};
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    virtio_blk_config, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
@@ -335,6 +339,10 @@ fn invalid_options_exit_2_with_one_line() {
         &["--device", "blk,queues=0"],
         &["--device", "nvme"],
         &["--iotlb-miss-timeout-ms", "0"],
+        &["--device", "blk,direct=on,ram=1M"],
+        &["--device", "blk,direct=on"],
+        &["--device", "blk,ram=1M,aio=bogus"],
+        &["--device", "blk,ram=1M,direct=yes-please"],
     ] {
         let out = common::vcdev::serve_once(&dir.join("run"), bad);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -343,4 +351,140 @@ fn invalid_options_exit_2_with_one_line() {
         assert!(!err.trim().is_empty(), "{bad:?}: no message");
         assert!(!dir.join("run").join("vhost-user").exists(), "{bad:?}");
     }
+}
+
+/// The environment variable that makes every io_uring setup fail
+/// (device-model's `aio.rs` honours it).
+const INJECT_IO_URING_FAILURE: (&str, &str) = ("VCDEV_INJECT_IO_URING_FAILURE", "1");
+
+/// A scratch disk image of `len` bytes in `dir`.
+fn image(dir: &common::TempDir, len: u64) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(len))
+        .expect("disk image");
+    path
+}
+
+/// `aio=io_uring` that cannot be set up: exit 1, the log naming the device
+/// and the reason; nothing is left listening.
+#[test]
+fn aio_io_uring_unavailable_exits_1_with_the_reason() {
+    let dir = common::TempDir::new("blk-aio-fail").unwrap();
+    let img = image(&dir, 1 << 20);
+    let spec = format!("blk,name=d0,path={},aio=io_uring", img.display());
+    let out = common::vcdev::serve_once_env(
+        &dir.join("run"),
+        &["--device", &spec],
+        &[INJECT_IO_URING_FAILURE],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("d0") && err.contains("io_uring setup failure injected"),
+        "the reason is not logged:\n{err}"
+    );
+    assert!(!dir.join("run").join("vhost-user").join("d0").exists());
+}
+
+/// `aio=auto` where io_uring cannot be set up: the sync engine, said once,
+/// and I/O works.
+#[test]
+fn aio_auto_falls_back_to_sync_and_serves() {
+    let dir = common::TempDir::new("blk-aio-auto").unwrap();
+    let img = image(&dir, 1 << 20);
+    let mut d = Vcdev::builder("blk-aio-auto")
+        .device(&format!("blk,path={},aio=auto", img.display()))
+        .env(INJECT_IO_URING_FAILURE.0, INJECT_IO_URING_FAILURE.1)
+        .wait_for_vhost_user("vfio0")
+        .spawn();
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 256);
+    let data = pattern(3, 16 * 1024);
+    assert_eq!(h.write(0, 16, &data), S_OK);
+    assert_eq!(h.flush(0), S_OK);
+    assert!(h.read(0, 16, data.len() as u32).data == data);
+    let log = d.log();
+    assert_eq!(
+        log.matches("aio=auto chose sync").count(),
+        1,
+        "choice not logged once:\n{log}"
+    );
+    assert!(log.contains("aio=sync"), "{log}");
+    let on_disk = std::fs::read(&img).unwrap();
+    assert!(on_disk[16 * SECTOR..16 * SECTOR + data.len()] == data[..]);
+}
+
+/// `direct=on`: an O_DIRECT file device serves reads and writes through
+/// vhost-user, from guest buffers at aligned and unaligned addresses, and
+/// advertises the file's block size as `blk_size`. Skipped where the
+/// scratch directory's file system has no O_DIRECT.
+#[test]
+fn direct_file_device_serves_aligned_and_unaligned_buffers() {
+    let dir = common::TempDir::new("blk-direct").unwrap();
+    let img = image(&dir, 4 << 20);
+    let probe = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&img);
+    if let Err(e) = probe {
+        eprintln!(
+            "SKIP: O_DIRECT unsupported in {}: {e}",
+            dir.path().display()
+        );
+        return;
+    }
+    let mut d = Vcdev::builder("blk-direct")
+        .device(&format!("blk,path={},direct=on", img.display()))
+        .wait_for_vhost_user("vfio0")
+        .spawn();
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 256);
+    let blk_size = offset_of!(virtio_blk_config, blk_size) as u32;
+    let (_, cfg) =
+        h.fe.get_config(blk_size, 4, VhostUserConfigFlags::WRITABLE, &[0u8; 4])
+            .expect("GET_CONFIG");
+    let blk_size = u32::from_le_bytes(cfg[..4].try_into().unwrap());
+    assert!(blk_size.is_power_of_two() && blk_size >= 512, "{blk_size}");
+    assert!(d.log().contains("O_DIRECT alignment"), "{}", d.log());
+    let step = blk_size as usize / SECTOR;
+
+    // Aligned: the queue's data slot.
+    let data = pattern(11, 64 * 1024);
+    assert_eq!(h.write(0, step as u64, &data), S_OK);
+    let r = h.read(0, step as u64, data.len() as u32);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data, "aligned read back differs");
+
+    // Unaligned: a write from +1 split 1000 + rest, a read into +3 and +512.
+    let gpa = h.queues[0].data_gpa();
+    let len = 8 * blk_size as usize;
+    let more = pattern(12, len);
+    h.mem.write(gpa + 1, &more);
+    let bufs = [
+        (h.dma_addr(gpa + 1), 1000, false),
+        (h.dma_addr(gpa + 1001), len as u32 - 1000, false),
+    ];
+    let sector = (256 * step) as u64;
+    assert_eq!(h.blk_raw(0, VIRTIO_BLK_T_OUT, sector, &bufs).0, S_OK);
+    let half = len as u32 / 2;
+    let into = [
+        (h.dma_addr(gpa + 3), half, true),
+        (h.dma_addr(gpa + 3 + u64::from(half) + 512), half, true),
+    ];
+    h.mem.write(gpa, &vec![0xa5; 2 * len]);
+    let (status, used) = h.blk_raw(0, VIRTIO_BLK_T_IN, sector, &into);
+    assert_eq!((status, used), (S_OK, len as u32 + 1));
+    let mut got = h.mem.read(gpa + 3, half as usize);
+    got.extend(h.mem.read(gpa + 3 + u64::from(half) + 512, half as usize));
+    assert!(got == more, "unaligned read back differs");
+
+    // A request off the block size is refused when blocks are larger
+    // than a sector.
+    if step > 1 {
+        assert_eq!(h.read(0, 1, blk_size).status, S_IOERR);
+    }
+    assert_eq!(h.flush(0), S_OK);
+    let on_disk = std::fs::read(&img).unwrap();
+    assert!(on_disk[blk_size as usize..blk_size as usize + data.len()] == data[..]);
+    let at = sector as usize * SECTOR;
+    assert!(on_disk[at..at + len] == more[..]);
 }

@@ -2,12 +2,14 @@
 //! syntax:
 //!
 //! `blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N][,queue-size=N][,serial=S]`
+//! `[,direct=on|off][,aio=auto|io_uring|sync]`
 //! `[,iova-aperture=START-LAST][,iova-reserved=START-LAST]...[,group=N]`
 //!
 //! Addresses take decimal or `0x` hex; `iova-reserved` may be repeated.
 
 use std::path::PathBuf;
 
+use vcdev_device_model::blk::aio::AioMode;
 use vcdev_device_model::blk::config::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, SERIAL_LEN};
 use vcdev_device_model::blk::SECTOR_SIZE;
 use vcdev_iommu::IovaRange;
@@ -54,6 +56,12 @@ pub enum ConfigError {
         /// The spec.
         spec: String,
     },
+    /// `direct=on` on a RAM disk, which has no page cache to bypass.
+    #[error("--device {spec:?}: direct=on needs path=, a RAM disk has no page cache to bypass")]
+    DirectRam {
+        /// The spec.
+        spec: String,
+    },
     /// Two devices with one name.
     #[error("device name {0:?} is used twice")]
     DuplicateName(String),
@@ -86,6 +94,10 @@ pub struct DeviceSpec {
     pub queue_size: u16,
     /// The GET_ID answer (at most 20 bytes).
     pub serial: String,
+    /// Open the file with `O_DIRECT`, bypassing the host page cache.
+    pub direct: bool,
+    /// The I/O engine asked for.
+    pub aio: AioMode,
     /// The DMA aperture the software IOMMU gives the device (default: the
     /// whole 64-bit space).
     pub iova_aperture: IovaRange,
@@ -155,6 +167,15 @@ pub fn parse_range(s: &str) -> Option<IovaRange> {
     (start <= last).then_some(IovaRange::new(start, last))
 }
 
+/// Parses a boolean option: `on`/`off` (or `true`/`false`, `yes`/`no`).
+fn parse_on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
@@ -181,6 +202,8 @@ impl DeviceSpec {
         let mut path = None;
         let mut ram = None;
         let mut read_only = false;
+        let mut direct = false;
+        let mut aio = AioMode::default();
         let mut queues = 1u16;
         let mut queue_size = DEFAULT_QUEUE_SIZE;
         let mut serial = None;
@@ -220,11 +243,15 @@ impl DeviceSpec {
                     ram = Some(size);
                 }
                 "readonly" => {
-                    read_only = match v {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        _ => return Err(bad("readonly", v, "on or off")),
-                    }
+                    read_only = parse_on_off(v).ok_or_else(|| bad("readonly", v, "on or off"))?;
+                }
+                "direct" => {
+                    direct = parse_on_off(v).ok_or_else(|| bad("direct", v, "on or off"))?;
+                }
+                "aio" => {
+                    aio = v
+                        .parse()
+                        .map_err(|()| bad("aio", v, "auto, io_uring or sync"))?;
                 }
                 "queues" => {
                     queues = v
@@ -281,6 +308,9 @@ impl DeviceSpec {
             (None, Some(r)) => Backing::Ram(r),
             (None, None) => Backing::Ram(DEFAULT_RAM_SIZE),
         };
+        if direct && matches!(backing, Backing::Ram(_)) {
+            return Err(ConfigError::DirectRam { spec: spec.into() });
+        }
         let name = name.unwrap_or_else(|| format!("vfio{index}"));
         let serial = match serial {
             Some(s) => s,
@@ -293,6 +323,8 @@ impl DeviceSpec {
             queues,
             queue_size,
             serial,
+            direct,
+            aio,
             iova_aperture,
             iova_reserved,
             group,
@@ -372,11 +404,40 @@ mod tests {
             "blk,name=a/b",
             "blk,serial=123456789012345678901",
             "blk,readonly",
+            "blk,path=/a,direct=maybe",
+            "blk,path=/a,aio=bogus",
+            "blk,path=/a,aio=",
         ] {
             assert!(DeviceSpec::parse(bad, 0).is_err(), "{bad}");
         }
+        // direct=on needs a file, whether ram= is given or the default RAM disk is used.
+        for ram in [
+            "blk,direct=on,ram=1M",
+            "blk,ram=1M,direct=on",
+            "blk,direct=on",
+        ] {
+            assert!(
+                matches!(
+                    DeviceSpec::parse(ram, 0),
+                    Err(ConfigError::DirectRam { .. })
+                ),
+                "{ram}"
+            );
+        }
         let e = Config::new(None, &["blk,name=a".into(), "blk,name=a".into()], false);
         assert_eq!(e.unwrap_err(), ConfigError::DuplicateName("a".into()));
+    }
+
+    #[test]
+    fn direct_and_aio() {
+        let d = DeviceSpec::parse("blk,path=/a", 0).unwrap();
+        assert_eq!((d.direct, d.aio), (false, AioMode::Auto));
+        let d = DeviceSpec::parse("blk,path=/a,direct=on,aio=io_uring", 0).unwrap();
+        assert_eq!((d.direct, d.aio), (true, AioMode::IoUring));
+        let d = DeviceSpec::parse("blk,path=/a,direct=off,aio=sync", 0).unwrap();
+        assert_eq!((d.direct, d.aio), (false, AioMode::Sync));
+        let d = DeviceSpec::parse("blk,ram=1M,aio=auto,direct=off", 0).unwrap();
+        assert_eq!((d.direct, d.aio), (false, AioMode::Auto));
     }
 
     #[test]

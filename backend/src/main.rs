@@ -62,9 +62,12 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// A device: blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N]
-    /// [,queue-size=N][,serial=S][,iova-aperture=START-LAST]
-    /// [,iova-reserved=START-LAST]...[,group=N]. Default: one 64 MiB RAM
-    /// disk named vfio0.
+    /// [,queue-size=N][,serial=S][,direct=on|off][,aio=auto|io_uring|sync]
+    /// [,iova-aperture=START-LAST][,iova-reserved=START-LAST]...[,group=N].
+    /// direct=on opens the file with O_DIRECT (not with ram=) and advertises
+    /// its logical block size as blk_size; aio= picks the I/O engine: auto
+    /// (io_uring if it can be set up, else sync), io_uring (or exit 1), sync.
+    /// Default: one 64 MiB RAM disk named vfio0.
     #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<String>,
     /// Accept guest memory that is not a memfd sealed against shrinking

@@ -110,6 +110,7 @@ pub struct VcdevBuilder {
     ready: Ready,
     log: String,
     subdir: Option<String>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl VcdevBuilder {
@@ -141,6 +142,13 @@ impl VcdevBuilder {
         self
     }
 
+    /// Sets the environment variable `key` of the daemon (e.g.
+    /// `VCDEV_INJECT_IO_URING_FAILURE`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
     /// Serves `--dir` in a subdirectory `name` of the scratch directory
     /// (created here), for names with characters worth testing.
     pub fn subdir(mut self, name: &str) -> Self {
@@ -162,6 +170,7 @@ impl VcdevBuilder {
         let mut cmd = Command::new(vcdev_bin());
         cmd.arg("serve").arg("--dir").arg(&dir).args(&self.args);
         cmd.env("RUST_LOG", &self.log);
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         let node = match &self.ready {
             Ready::Control => dir.join(CONTROL_SOCKET),
             Ready::VhostUser(name) => dir.join(VHOST_USER_DIR).join(name),
@@ -195,6 +204,7 @@ impl Vcdev {
             ready: Ready::Control,
             log: "debug".to_owned(),
             subdir: None,
+            envs: Vec::new(),
         }
     }
 
@@ -260,11 +270,18 @@ impl Vcdev {
 /// Runs `vcdev serve --dir DIR <args>` to its end (for invalid options,
 /// which exit at once) and returns its output.
 pub fn serve_once(dir: &Path, args: &[&str]) -> Output {
+    serve_once_env(dir, args, &[])
+}
+
+/// [`serve_once`] with environment variables `envs` set (for failures a
+/// test injects, which make the daemon exit at start).
+pub fn serve_once_env(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     Command::new(vcdev_bin())
         .arg("serve")
         .arg("--dir")
         .arg(dir)
         .args(args)
+        .envs(envs.iter().copied())
         .output()
         .expect("vcdev serve")
 }

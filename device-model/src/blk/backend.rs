@@ -14,10 +14,14 @@ pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 
 /// A disk image that several queues, on several threads, read and write at once.
 ///
-/// Offsets and lengths are in bytes and already checked by the caller against [`len`]. Buffers
-/// are guest memory ([`VolatileSlice`]s straight from the translated descriptors), so data moves
-/// between the guest and the backing without a bounce buffer. Implementations must not take a
-/// lock shared by all queues on the data path.
+/// Offsets and lengths are in bytes and already checked by the caller against [`len`] and
+/// [`block_size`]. Buffers are guest memory ([`VolatileSlice`]s straight from the translated
+/// descriptors), so data moves between the guest and the backing without a bounce buffer,
+/// unless the backing asks for an alignment ([`mem_align`], `direct=on`) that the guest's
+/// buffers lack. Implementations must not take a lock shared by all queues on the data path.
+///
+/// [`block_size`]: BlockBackend::block_size
+/// [`mem_align`]: BlockBackend::mem_align
 ///
 /// [`len`]: BlockBackend::len
 pub trait BlockBackend: Send + Sync + Debug {
@@ -51,7 +55,33 @@ pub trait BlockBackend: Send + Sync + Debug {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// The memory alignment, in bytes, of the buffers [`read_at`], [`write_at`] and an engine
+    /// take: their addresses must be multiples of it, their lengths multiples of it and of
+    /// [`block_size`]. 1 (any buffer) unless the backing bypasses the page cache (O_DIRECT);
+    /// otherwise a power of two.
+    ///
+    /// [`read_at`]: BlockBackend::read_at
+    /// [`write_at`]: BlockBackend::write_at
+    /// [`block_size`]: BlockBackend::block_size
+    fn mem_align(&self) -> usize {
+        1
+    }
+
+    /// The logical block size in bytes: a power of two, at least [`SECTOR_SIZE`]. Reads and
+    /// writes start and end on its multiples; the device advertises it as `blk_size`.
+    fn block_size(&self) -> u32 {
+        SECTOR_BYTES
+    }
 }
 
-/// A page of zeros, for backends that write zeros by hand.
-pub(crate) static ZEROES: [u8; 4096] = [0; 4096];
+/// [`SECTOR_SIZE`] as the `u32` of `blk_size`.
+pub(crate) const SECTOR_BYTES: u32 = 1 << SECTOR_SHIFT;
+
+/// A page of zeros, for backends that write zeros by hand. Page-aligned, so an O_DIRECT backing
+/// can write it as it is.
+#[repr(C, align(4096))]
+pub(crate) struct Zeroes(pub(crate) [u8; 4096]);
+
+/// See [`Zeroes`].
+pub(crate) static ZEROES: Zeroes = Zeroes([0; 4096]);

@@ -11,7 +11,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::backend::{SECTOR_SHIFT, SECTOR_SIZE};
+use super::aio::Aio;
+use super::backend::{SECTOR_BYTES, SECTOR_SHIFT};
 use crate::virtio::config::put_bytes;
 use crate::virtio::features::{feature_mask, features_mask};
 
@@ -58,6 +59,8 @@ pub struct BlkConfig {
     pub num_queues: u16,
     /// Maximum size of each queue; `seg_max` is derived from it.
     pub queue_size: u16,
+    /// The engine the queues use (`aio=`, resolved with `aio::resolve`; default sync).
+    pub aio: Aio,
 }
 
 impl Default for BlkConfig {
@@ -67,6 +70,7 @@ impl Default for BlkConfig {
             serial: Vec::new(),
             num_queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
+            aio: Aio::Sync,
         }
     }
 }
@@ -125,12 +129,13 @@ impl BlkConfig {
         id
     }
 
-    /// The whole `struct virtio_blk_config` for a disk of `capacity_bytes`, little-endian.
+    /// The whole `struct virtio_blk_config` for a disk of `capacity_bytes` whose logical block
+    /// size is `block_size` (`blk_size`, at least 512), little-endian.
     #[must_use]
-    pub fn config_space(&self, capacity_bytes: u64) -> Vec<u8> {
+    pub fn config_space(&self, capacity_bytes: u64, block_size: u32) -> Vec<u8> {
         let mut cfg = vec![0u8; size_of::<virtio_blk_config>()];
         let geometry = offset_of!(virtio_blk_config, geometry);
-        let sector = u32::try_from(SECTOR_SIZE).unwrap_or(u32::MAX);
+        let block_size = block_size.max(SECTOR_BYTES);
         let fields: [(usize, &[u8]); 17] = [
             (
                 offset_of!(virtio_blk_config, capacity),
@@ -151,7 +156,7 @@ impl BlkConfig {
             ),
             (
                 offset_of!(virtio_blk_config, blk_size),
-                &sector.to_le_bytes(),
+                &block_size.to_le_bytes(),
             ),
             // Topology: one logical block per physical block, no offset, no preferred sizes.
             (offset_of!(virtio_blk_config, physical_block_exp), &[0]),
@@ -244,7 +249,7 @@ mod tests {
             queue_size: 128,
             ..BlkConfig::default()
         }
-        .config_space(1 << 30);
+        .config_space(1 << 30, 512);
         // The offsets QEMU and Linux use (include/uapi/linux/virtio_blk.h).
         assert_eq!(cfg.len(), 96);
         assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 1 << 21);
@@ -258,6 +263,11 @@ mod tests {
         assert_eq!(le32(&cfg, 48), MAX_DISCARD_SECTORS);
         assert_eq!(le32(&cfg, 52), MAX_DISCARD_SEG);
         assert_eq!(cfg[56], 1);
+        // direct=on on a 4K-sector disk: blk_size is the disk's; never below 512.
+        let cfg = BlkConfig::default().config_space(1 << 30, 4096);
+        assert_eq!(le32(&cfg, 20), 4096);
+        let cfg = BlkConfig::default().config_space(1 << 30, 1);
+        assert_eq!(le32(&cfg, 20), 512);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! then data) is translated through the [`GuestMemory`] with the access the device will make, so
 //! an IOMMU miss or permission fault surfaces before anything is read from or written to the
 //! disk or the guest. Then the request runs against the [`BlockBackend`], moving data directly
-//! between the translated guest slices and the backing.
+//! between the translated guest slices and the backing (through an aligned bounce buffer when
+//! an `O_DIRECT` backing cannot take the guest's buffers: [`super::bounce`]).
 //!
 //! [`RequestError::status`] is the one place where an error becomes a status byte.
 
@@ -19,6 +20,7 @@ use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
 
 use super::backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
+use super::bounce;
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SERIAL_LEN};
 use super::request::{
     parse, status_address, DataRange, ParseError, Request, RequestType, Segment, SEGMENT_LEN,
@@ -93,6 +95,17 @@ pub enum RequestError {
     /// A read or write of a length that is not a whole number of sectors.
     #[error("Data length {0} is not a multiple of 512")]
     UnalignedLength(u64),
+    /// A read or write whose offset or length is not a multiple of the advertised `blk_size`
+    /// (`direct=on` on a disk with blocks larger than 512 bytes).
+    #[error("Request for {len} bytes at sector {sector} is not aligned to blocks of {block_size}")]
+    UnalignedBlock {
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The block size in bytes.
+        block_size: u32,
+    },
     /// Data buffers in the direction the request type does not use.
     #[error("Request carries {0} bytes of data in the wrong direction")]
     UnexpectedData(u64),
@@ -143,6 +156,7 @@ impl RequestError {
             | Self::ReadOnly
             | Self::OutOfRange { .. }
             | Self::UnalignedLength(_)
+            | Self::UnalignedBlock { .. }
             | Self::UnexpectedData(_)
             | Self::SegmentTableLength(_)
             | Self::SegmentTooLong(_)
@@ -248,6 +262,7 @@ fn validate(req: &Request, target: &Target<'_>) -> Result<(), RequestError> {
         if len % SECTOR_SIZE != 0 {
             return Err(RequestError::UnalignedLength(len));
         }
+        check_block_alignment(req.sector, len, target.backend.block_size())?;
         check_range(req.sector, len, target.capacity).map(|_| ())
     };
     match req.kind {
@@ -272,6 +287,21 @@ fn validate(req: &Request, target: &Target<'_>) -> Result<(), RequestError> {
             Ok(())
         }
     }
+}
+
+/// Check that a read or write of `len` bytes (a multiple of 512) from `sector` starts and ends
+/// on a block of `block_size` bytes (the device's `blk_size`, a power of two).
+fn check_block_alignment(sector: u64, len: u64, block_size: u32) -> Result<(), RequestError> {
+    let block = u64::from(block_size);
+    let sectors_per_block = (block >> SECTOR_SHIFT).max(1);
+    if sector % sectors_per_block != 0 || len % block.max(SECTOR_SIZE) != 0 {
+        return Err(RequestError::UnalignedBlock {
+            sector,
+            len,
+            block_size,
+        });
+    }
+    Ok(())
 }
 
 /// Check that `len` bytes from `sector` lie within a disk of `capacity` bytes; give the offset.
@@ -453,6 +483,11 @@ pub(crate) fn execute<B: BitmapSlice>(
                 (req.readable.len, false)
             };
             let mut offset = check_range(req.sector, len, target.capacity)?;
+            if bounce::needs_bounce(target.backend, slices) {
+                bounce::transfer(target.backend, reading, offset, slices, len)
+                    .map_err(RequestError::Backend)?;
+                return Ok(if reading { len } else { 0 });
+            }
             for slice in slices {
                 let plain = erase_bitmap(slice);
                 if reading {
@@ -576,6 +611,18 @@ mod tests {
             ioerr
         );
         assert_eq!(status_ok(), 0);
+    }
+
+    #[test]
+    fn block_alignment() {
+        assert!(check_block_alignment(3, 512, 512).is_ok());
+        assert!(check_block_alignment(8, 8192, 4096).is_ok());
+        assert!(check_block_alignment(1, 4096, 4096).is_err());
+        assert!(check_block_alignment(8, 512, 4096).is_err());
+        assert!(check_block_alignment(u64::MAX, 4096, 4096).is_err());
+        let ioerr = u8::try_from(VIRTIO_BLK_S_IOERR).unwrap();
+        let e = check_block_alignment(1, 4096, 4096).unwrap_err();
+        assert_eq!(e.status(), ioerr);
     }
 
     #[test]

@@ -3,16 +3,22 @@
 //! Data moves with `pread`/`pwrite` straight between the file and guest memory. Flush is
 //! `fdatasync`, discard punches a hole, write-zeroes asks `fallocate` for a zeroed range and falls
 //! back to writing zeros. Positioned I/O needs no lock, so every queue may use the file at once.
+//!
+//! With [`FileOptions::direct`] the file is opened with `O_DIRECT`, bypassing the host page
+//! cache. Its buffers and offsets must then be aligned: [`dio_alignment`] finds how, and the
+//! backend reports it as [`BlockBackend::mem_align`] and [`BlockBackend::block_size`]; the
+//! device bounces unaligned guest buffers (`super::bounce`).
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
-use super::backend::{BlockBackend, SECTOR_SIZE, ZEROES};
+use super::backend::{BlockBackend, SECTOR_BYTES, SECTOR_SIZE, ZEROES};
 
 /// Errors opening a [`FileBackend`].
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +26,15 @@ pub enum Error {
     /// The image could not be opened.
     #[error("Failed to open disk image {path}")]
     Open {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image could not be opened with `O_DIRECT` (the file system may not support it).
+    #[error("Failed to open disk image {path} with O_DIRECT")]
+    OpenDirect {
         /// The image.
         path: PathBuf,
         /// The cause.
@@ -34,35 +49,167 @@ pub enum Error {
     InvalidSize(u64),
 }
 
+/// How to open a [`FileBackend`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Open with `O_DIRECT` (the `direct=on` device option).
+    pub direct: bool,
+}
+
+/// Where an `O_DIRECT` alignment came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlignSource {
+    /// `statx(STATX_DIOALIGN)`: `stx_dio_mem_align` and `stx_dio_offset_align`.
+    Statx,
+    /// A block device's logical block size (`BLKSSZGET`), for memory and offsets.
+    BlockDevice,
+    /// Neither answered: [`DEFAULT_DIO_MEM_ALIGN`] and [`DEFAULT_DIO_OFFSET_ALIGN`].
+    Default,
+}
+
+/// The alignment an `O_DIRECT` transfer needs, in bytes (powers of two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DioAlign {
+    /// Of buffer addresses in memory.
+    pub mem: u32,
+    /// Of file offsets and transfer lengths.
+    pub offset: u32,
+    /// How it was found.
+    pub source: AlignSource,
+}
+
+/// The memory alignment assumed when the file does not say: a page, safe everywhere.
+pub const DEFAULT_DIO_MEM_ALIGN: u32 = 4096;
+/// The offset alignment assumed when the file does not say: a sector, what every disk takes
+/// since 512-byte-sector disks exist (a 4K-native disk says so through `BLKSSZGET`).
+pub const DEFAULT_DIO_OFFSET_ALIGN: u32 = SECTOR_BYTES;
+
+/// The `O_DIRECT` alignment of `file`: `statx(STATX_DIOALIGN)` when the kernel and file system
+/// report it (Linux 6.1+), else a block device's logical block size, else the defaults.
+#[must_use]
+pub fn dio_alignment(file: &File) -> DioAlign {
+    if let Some((mem, offset)) = statx_dio_align(file) {
+        return DioAlign {
+            mem,
+            offset,
+            source: AlignSource::Statx,
+        };
+    }
+    let is_block_device = file
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device());
+    if let Some(lbs) = is_block_device.then(|| logical_block_size(file)).flatten() {
+        return DioAlign {
+            mem: lbs,
+            offset: lbs,
+            source: AlignSource::BlockDevice,
+        };
+    }
+    DioAlign {
+        mem: DEFAULT_DIO_MEM_ALIGN,
+        offset: DEFAULT_DIO_OFFSET_ALIGN,
+        source: AlignSource::Default,
+    }
+}
+
+/// `(stx_dio_mem_align, stx_dio_offset_align)`, if the kernel filled them in with powers of two.
+fn statx_dio_align(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: `struct statx` is plain integers, for which all-zero bytes are a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call, the empty path is a NUL-terminated string
+    // (AT_EMPTY_PATH makes it name the descriptor itself), and `stx` is a writable `statx`.
+    let ret = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let (mem, offset) = (stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+    (ret == 0
+        && stx.stx_mask & libc::STATX_DIOALIGN != 0
+        && mem.is_power_of_two()
+        && offset.is_power_of_two())
+    .then_some((mem, offset))
+}
+
+/// A block device's logical block size, if `BLKSSZGET` gives a power of two.
+fn logical_block_size(file: &File) -> Option<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one `int` through the pointer, which points at `size`; the
+    // descriptor is open for the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) };
+    let size = u32::try_from(size).ok()?;
+    (ret == 0 && size.is_power_of_two()).then_some(size)
+}
+
 /// A disk image in a file (or a block device) accessed with positioned I/O.
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
     len: u64,
+    /// With `O_DIRECT`: the alignment transfers need.
+    direct: Option<DioAlign>,
 }
 
 impl FileBackend {
-    /// Open the image at `path`, read-write unless `read_only`.
+    /// Open the image at `path`, read-write unless `read_only`, through the page cache.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        Self::from_file(file)
+        Self::open_with(
+            path,
+            FileOptions {
+                read_only,
+                direct: false,
+            },
+        )
     }
 
-    /// Use an already open image. Its size is taken now and must not change while in use.
+    /// Open the image at `path` with `options`.
+    pub fn open_with(path: &Path, options: FileOptions) -> Result<Self, Error> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(path).map_err(|source| {
+            let path = path.to_owned();
+            // EINVAL from open(2) with O_DIRECT: "The filesystem does not support O_DIRECT".
+            if options.direct && source.raw_os_error() == Some(libc::EINVAL) {
+                Error::OpenDirect { path, source }
+            } else {
+                Error::Open { path, source }
+            }
+        })?;
+        let mut backend = Self::from_file(file)?;
+        if options.direct {
+            backend.direct = Some(dio_alignment(&backend.file));
+        }
+        Ok(backend)
+    }
+
+    /// Use an already open image (through the page cache). Its size is taken now and must not
+    /// change while in use.
     pub fn from_file(mut file: File) -> Result<Self, Error> {
         // Seeking to the end also sizes block devices, whose metadata length is 0.
         let len = file.seek(SeekFrom::End(0)).map_err(Error::Size)?;
         if len == 0 || len % SECTOR_SIZE != 0 {
             return Err(Error::InvalidSize(len));
         }
-        Ok(Self { file, len })
+        Ok(Self {
+            file,
+            len,
+            direct: None,
+        })
+    }
+
+    /// With `O_DIRECT`, the alignment it needs.
+    #[must_use]
+    pub fn direct(&self) -> Option<DioAlign> {
+        self.direct
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -87,8 +234,8 @@ impl FileBackend {
         while done < len {
             let chunk = usize::try_from(len.saturating_sub(done))
                 .unwrap_or(usize::MAX)
-                .min(ZEROES.len());
-            let zeroes = ZEROES.get(..chunk).ok_or_else(einval)?;
+                .min(ZEROES.0.len());
+            let zeroes = ZEROES.0.get(..chunk).ok_or_else(einval)?;
             let pos = offset.checked_add(done).ok_or_else(einval)?;
             std::os::unix::fs::FileExt::write_all_at(&self.file, zeroes, pos)?;
             done = done.saturating_add(u64::try_from(chunk).map_err(|_| einval())?);
@@ -170,6 +317,16 @@ impl BlockBackend for FileBackend {
 
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn mem_align(&self) -> usize {
+        self.direct
+            .map_or(1, |a| usize::try_from(a.mem).unwrap_or(usize::MAX))
+    }
+
+    fn block_size(&self) -> u32 {
+        self.direct
+            .map_or(SECTOR_BYTES, |a| a.offset.max(SECTOR_BYTES))
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -33,6 +33,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
 
 use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
+use super::bounce::{self, EngineBounce};
 use super::chain::{self, Rewalk};
 use super::exec::{self, answer, check_range, start_chain, used_len, Completion, Started};
 use super::request::{ParseError, RequestType, Segment};
@@ -71,6 +72,10 @@ struct Inflight<H> {
     hold: H,
     /// For writes: the sequence number in [`AsyncQueue::writes`].
     write_seq: Option<u64>,
+    /// The aligned buffer the operation moves data through, when the guest's buffers do not
+    /// suit an `O_DIRECT` backing (see [`super::bounce`]). It is freed with the slot; when the
+    /// queue is dropped, after `engine` (declared before `slots`) waited for the operation.
+    bounce: Option<EngineBounce>,
 }
 
 /// An operation prepared but not yet submitted.
@@ -492,6 +497,7 @@ impl<H: Release> AsyncQueue<H> {
             Started::Finished(c) => return self.finish(queue, mem, head, c, outcome),
             Started::Ready(req, status) => (req, status),
         };
+        let mut bounce = None;
         let (op, expect, written) = match req.kind {
             RequestType::In | RequestType::Out => {
                 let reading = req.kind == RequestType::In;
@@ -507,6 +513,17 @@ impl<H: Release> AsyncQueue<H> {
                         return self.finish(queue, mem, head, c, outcome);
                     }
                 };
+                if bounce::needs_bounce(target.backend, &slices) {
+                    bounce = EngineBounce::new(target.backend, &slices, len, reading);
+                    if bounce.is_none() {
+                        // Too large to bounce whole while in flight: bounce it in chunks now.
+                        let c = answer(
+                            &status,
+                            exec::execute(&target, &req, &slices, &mut self.segments),
+                        );
+                        return self.finish(queue, mem, head, c, outcome);
+                    }
+                }
                 if reading {
                     for s in &slices {
                         s.bitmap().mark_dirty(0, s.len());
@@ -544,7 +561,10 @@ impl<H: Release> AsyncQueue<H> {
         };
         let mut iov = self.spare_iov.pop().unwrap_or_default();
         iov.clear();
-        iov.extend(slices.iter().map(IoVec::of));
+        match &bounce {
+            Some(b) => iov.push(b.iovec()),
+            None => iov.extend(slices.iter().map(IoVec::of)),
+        }
         let write_seq = matches!(op, IoOp::Write { .. }).then(|| {
             let seq = self.next_write_seq;
             self.next_write_seq = self.next_write_seq.wrapping_add(1);
@@ -563,6 +583,7 @@ impl<H: Release> AsyncQueue<H> {
                 written,
                 hold,
                 write_seq,
+                bounce,
             });
         }
         self.pending.push_back(Pending {
@@ -674,6 +695,11 @@ impl<H: Release> AsyncQueue<H> {
                 (ioerr(), 0)
             }
         };
+        if let (Some(b), true) = (&f.bounce, status == exec::status_ok()) {
+            // SAFETY: the guest's data buffers were translated for this request and are held
+            // by `f.hold` until the release below.
+            unsafe { b.finish() };
+        }
         // SAFETY: the status byte was translated for writing and is held by `f.hold` until the
         // release below.
         unsafe { f.status.write_byte(status) };

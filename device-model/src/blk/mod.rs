@@ -20,6 +20,7 @@
 
 pub mod aio;
 mod backend;
+mod bounce;
 mod chain;
 pub mod config;
 mod exec;
@@ -29,6 +30,8 @@ pub mod ram;
 pub mod request;
 mod volatile;
 
+#[cfg(test)]
+mod direct_tests;
 #[cfg(test)]
 mod inflight_tests;
 #[cfg(test)]
@@ -47,7 +50,7 @@ use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
 pub use backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
 pub use config::BlkConfig;
 pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
-pub use file::FileBackend;
+pub use file::{FileBackend, FileOptions};
 pub use inflight::{AsyncQueue, InflightMemory, Release};
 pub use ram::RamBackend;
 
@@ -99,7 +102,7 @@ impl BlkDevice {
         }
         Ok(Self {
             serial: cfg.serial_bytes(),
-            config_space: cfg.config_space(len),
+            config_space: cfg.config_space(len, backend.block_size()),
             features: cfg.device_features(),
             backend,
             cfg,
@@ -156,6 +159,19 @@ impl BlkDevice {
     #[must_use]
     pub fn backend(&self) -> &Arc<dyn BlockBackend> {
         &self.backend
+    }
+
+    /// The engine each queue does its I/O on (the resolved `aio=` option): build it with
+    /// `aio::Engine::new(device.aio(), device.backend().clone(), depth)`.
+    #[must_use]
+    pub fn aio(&self) -> aio::Aio {
+        self.cfg.aio
+    }
+
+    /// The logical block size advertised in `blk_size`: the backing's, at least 512.
+    #[must_use]
+    pub fn block_size(&self) -> u32 {
+        self.backend.block_size()
     }
 
     /// Drain `queue` with temporary scratch space; see [`BlkQueue::process`], which keeps its

@@ -85,8 +85,8 @@ impl BlockBackend for RamBackend {
         let len = usize::try_from(len).map_err(|_| invalid_range())?;
         let mut dst = self.slice(offset, len)?;
         while !dst.is_empty() {
-            let n = dst.len().min(ZEROES.len());
-            let zeroes = ZEROES.get(..n).ok_or_else(invalid_range)?;
+            let n = dst.len().min(ZEROES.0.len());
+            let zeroes = ZEROES.0.get(..n).ok_or_else(invalid_range)?;
             dst.copy_from(zeroes);
             dst = dst.offset(n).map_err(|_| invalid_range())?;
         }
