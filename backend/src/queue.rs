@@ -33,11 +33,11 @@
 use std::fmt::Display;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{error, warn};
-use vcdev_device_model::blk::aio::{self, Aio, AioMode, Engine};
+use vcdev_device_model::blk::aio::Engine;
 use vcdev_device_model::blk::{AsyncQueue, BlkDevice, Fault, FaultPolicy, QueueOutcome};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -124,15 +124,9 @@ pub trait Door: Send + 'static {
     }
 }
 
-/// The `aio=` choice of devices that do not make their own (resolved once).
-pub fn default_aio() -> Aio {
-    static AIO: OnceLock<Aio> = OnceLock::new();
-    *AIO.get_or_init(|| aio::resolve(AioMode::Auto, "vcdev").unwrap_or(Aio::Sync))
-}
-
-/// A new I/O engine for one queue of `device`.
+/// A new I/O engine for one queue of `device`, of the kind its `aio=` chose.
 pub fn engine_for(device: &Arc<BlkDevice>) -> Engine {
-    Engine::new(default_aio(), device.backend().clone(), device.queue_size())
+    Engine::new(device.aio(), device.backend().clone(), device.queue_size())
 }
 
 /// A worker's stop word and the eventfd that wakes it to read it.

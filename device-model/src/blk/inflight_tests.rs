@@ -399,3 +399,33 @@ fn the_transport_decides_per_fault() {
     assert_eq!(used(&d)[0], (a.head, 1));
     assert_eq!(status_of(&d, &a), IOERR);
 }
+
+/// A queue resumed with the parked requests of the queue it replaces (a vhost-user stop and
+/// restart at the same base) takes its next used index from the used ring, not from the avail
+/// position: the parked request was taken but never used.
+#[test]
+fn a_resumed_queue_walks_its_parked_requests_and_uses_each_once() {
+    let img = TempImage::new(DISK);
+    let mem = FaultyMem::new();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let a = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512)]);
+    let b = d.request(VIRTIO_BLK_T_IN, 1, &[Buf::In(512)]);
+    let (abuf, alen, _) = a.descs[1];
+    mem.poison(abuf, u64::from(alen), Permissions::Write);
+    poll_until(&mut d, &mut q, FaultPolicy::Retry, 1);
+    assert_eq!(used(&d), [(b.head, 513)]);
+    let parked = q.take_parked();
+    assert_eq!(parked, [a.head]);
+    // The transport restarts the queue where it stopped: avail and used both at the base.
+    let base = d.queue.next_avail();
+    d.queue.set_next_used(base);
+    let mut q2: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    q2.park(parked);
+    mem.heal();
+    poll_until(&mut d, &mut q2, FaultPolicy::Retry, 2);
+    assert_eq!(used(&d), [(b.head, 513), (a.head, 513)]);
+    assert_eq!(status_of(&d, &a), OK);
+    assert!(holds().is_empty());
+}
