@@ -54,7 +54,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 use vcdev_device_model::blk::aio::{self, Aio, AioMode};
 use vcdev_device_model::blk::file::AlignSource;
 use vcdev_device_model::blk::{
@@ -233,6 +233,9 @@ fn describe(spec: &DeviceSpec) -> String {
     }
 }
 
+/// How long a shutdown waits for the queues to drain their I/O.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the daemon until SIGINT or SIGTERM; then flushes every file-backed
 /// disk, removes the sockets and returns `Ok`.
 pub fn run(config: Config) -> Result<()> {
@@ -320,8 +323,14 @@ pub fn run(config: Config) -> Result<()> {
     drop(stdout);
 
     let sig = sys::wait_signal(&signals).map_err(Error::Signal)?;
-    info!("signal {sig}: flushing disks and exiting");
+    info!("signal {sig}: draining the queues, flushing disks and exiting");
     for dev in registry.devices() {
+        // Every queue completes its I/O in flight before the flush, so the
+        // flush covers every write a guest was told is done.
+        let left = dev.workers().stop_all(SHUTDOWN_DRAIN);
+        if left > 0 {
+            warn!("{}: {left} queues did not drain in time", dev.name());
+        }
         if let Err(e) = dev.blk().flush() {
             error!("{}: flush failed: {e}", dev.name());
         }

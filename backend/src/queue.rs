@@ -33,8 +33,8 @@
 use std::fmt::Display;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use vcdev_device_model::blk::aio::Engine;
@@ -43,7 +43,9 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
+use crate::registry::Device;
 use crate::ring::{Held, RingView};
+use vcdev_iommu::sync::lock;
 
 /// The I/O engine's completion eventfd in a worker's loop.
 const EVENT_ENGINE: u64 = EVENT_FIRST_DEVICE;
@@ -129,6 +131,58 @@ pub fn engine_for(device: &Arc<BlkDevice>) -> Engine {
     Engine::new(device.aio(), device.backend().clone(), device.queue_size())
 }
 
+/// The queue workers of one device, so that a daemon shutting down can stop
+/// them all (each drains its I/O) before it flushes the disk.
+#[derive(Debug, Default)]
+pub struct WorkerSet {
+    running: Mutex<Vec<Weak<Control>>>,
+    gone: Condvar,
+}
+
+impl WorkerSet {
+    fn enter(&self, c: &Arc<Control>) {
+        lock(&self.running).push(Arc::downgrade(c));
+    }
+
+    fn leave(&self, c: &Arc<Control>) {
+        let p = Arc::as_ptr(c);
+        lock(&self.running).retain(|w| w.as_ptr() != p);
+        self.gone.notify_all();
+    }
+
+    /// Workers running now.
+    pub fn len(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    /// Whether none runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops every worker and waits, at most `timeout`, until each has
+    /// drained its I/O and exited. Returns how many are still running.
+    pub fn stop_all(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.running);
+        for c in g.iter().filter_map(Weak::upgrade) {
+            c.stop();
+        }
+        while !g.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self
+                .gone
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        g.len()
+    }
+}
+
 /// A worker's stop word and the eventfd that wakes it to read it.
 #[derive(Debug)]
 pub struct Control {
@@ -170,14 +224,15 @@ pub struct QueueWorker<D: Door> {
     wakes: Vec<EventFd>,
     engine_watched: bool,
     broken: bool,
+    workers: Arc<Device>,
 }
 
 impl<D: Door> QueueWorker<D> {
-    /// A worker for `queue` of `device`, named `name` in logs, waking on
-    /// `wakes` (each read at every wake-up) and `control`.
+    /// A worker for `queue` of registry device `reg`, named `name` in logs,
+    /// waking on `wakes` (each read at every wake-up) and `control`.
     pub fn new(
         name: String,
-        device: &Arc<BlkDevice>,
+        reg: &Arc<Device>,
         queue: Queue,
         door: D,
         wakes: Vec<EventFd>,
@@ -189,6 +244,7 @@ impl<D: Door> QueueWorker<D> {
             let id = EVENT_DOOR.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
             el.add(fd.as_raw_fd(), id)?;
         }
+        let device = reg.blk();
         Ok(QueueWorker {
             name,
             queue,
@@ -199,6 +255,7 @@ impl<D: Door> QueueWorker<D> {
             wakes,
             engine_watched: false,
             broken: false,
+            workers: reg.clone(),
         })
     }
 
@@ -211,6 +268,7 @@ impl<D: Door> QueueWorker<D> {
     /// Runs until stopped; returns the queue, its position kept, with
     /// nothing in flight, and the heads of the requests still parked.
     pub fn run(mut self) -> (Queue, Vec<u16>) {
+        self.workers.workers().enter(&self.control);
         // A kick may have come before the queue started: look now.
         self.poll();
         loop {
@@ -235,6 +293,7 @@ impl<D: Door> QueueWorker<D> {
             self.poll();
         }
         self.stop();
+        self.workers.workers().leave(&self.control);
         let parked = self.aq.take_parked();
         (self.queue, parked)
     }

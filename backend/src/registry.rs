@@ -178,9 +178,15 @@ pub struct Device {
     view: IommuView,
     table: Arc<Mutex<OwnerTable>>,
     counters: DeviceCounters,
+    workers: crate::queue::WorkerSet,
 }
 
 impl Device {
+    /// The queue workers running on this device, whatever the door.
+    pub fn workers(&self) -> &crate::queue::WorkerSet {
+        &self.workers
+    }
+
     /// The device's name (`vfio0`, ...).
     pub fn name(&self) -> &str {
         &self.name
@@ -335,6 +341,7 @@ impl Registry {
             view,
             table: self.table.clone(),
             counters: DeviceCounters::default(),
+            workers: crate::queue::WorkerSet::default(),
         });
         self.devices.push(d.clone());
         d

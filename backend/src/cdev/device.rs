@@ -422,7 +422,7 @@ impl CdevDevice {
         };
         let worker = match QueueWorker::new(
             format!("{}: queue {q}", self.name()),
-            self.blk(),
+            &self.reg,
             queue,
             door,
             wakes,

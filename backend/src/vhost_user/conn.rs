@@ -391,11 +391,11 @@ impl Conn {
 
     /// Enables or disables queue `index` and starts or stops it.
     fn enable_vring(&mut self, req: FrontendReq, index: u32, on: bool) -> Result<(), ConnError> {
-        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
+        let (dma, peer) = (self.dma(), self.peer.clone());
         let v = self.vring_mut(req, index)?;
         v.set_enabled(on);
         if on {
-            v.maybe_start(&dev, &dma, &peer)?;
+            v.maybe_start(&dma, &peer)?;
         } else {
             v.stop();
         }
@@ -565,13 +565,13 @@ impl Conn {
                 self.mem.uaddr_to_gpa(a.used, used_len)?,
             )
         };
-        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
+        let (dma, peer) = (self.dma(), self.peer.clone());
         let v = self.vring_mut(req, index)?;
         let was_running = v.running();
         v.stop();
         v.set_addr(desc, avail, used);
         if was_running {
-            v.maybe_start(&dev, &dma, &peer)?;
+            v.maybe_start(&dma, &peer)?;
         }
         Ok(Reply::Ack)
     }
@@ -621,7 +621,7 @@ impl Conn {
         let index = u32::try_from(v & VRING_IDX_MASK).unwrap_or(u32::MAX);
         let fd: Option<EventFd> = m.take_fd().map(crate::sys::eventfd_from);
         let features = self.features;
-        let (dev, dma, peer) = (self.dev().clone(), self.dma(), self.peer.clone());
+        let (dma, peer) = (self.dma(), self.peer.clone());
         let vr = self.vring_mut(req, index)?;
         match req {
             FrontendReq::SET_VRING_KICK => {
@@ -635,7 +635,7 @@ impl Conn {
                 if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     vr.set_enabled(true);
                 }
-                vr.maybe_start(&dev, &dma, &peer)?;
+                vr.maybe_start(&dma, &peer)?;
                 debug!("{peer}: queue {index} kick fd set");
             }
             FrontendReq::SET_VRING_CALL => vr.set_call(fd.map(nonblocking).transpose()?),

@@ -35,7 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
-use vcdev_device_model::blk::{BlkDevice, Fault as BlkFault, FaultPolicy};
+use vcdev_device_model::blk::{Fault as BlkFault, FaultPolicy};
 use vcdev_iommu::translate::ReaderStats;
 use vcdev_iommu::{AddressSpace, Fault, HoldReleaser, Permissions, Reader, Session};
 use virtio_queue::{Queue, QueueT};
@@ -271,12 +271,7 @@ impl Vring {
 
     /// Starts the worker if the queue is started and enabled and not yet
     /// running. Reads and writes go through a new reader of `dma.space`.
-    pub fn maybe_start(
-        &mut self,
-        device: &Arc<BlkDevice>,
-        dma: &DmaCtx,
-        owner: &str,
-    ) -> Result<(), VringError> {
+    pub fn maybe_start(&mut self, dma: &DmaCtx, owner: &str) -> Result<(), VringError> {
         if self.worker.is_some() || !self.enabled {
             return Ok(());
         }
@@ -327,7 +322,7 @@ impl Vring {
         };
         let mut worker = QueueWorker::new(
             format!("{owner}: queue {index}"),
-            device,
+            &dma.device,
             queue,
             door,
             wakes,
