@@ -44,6 +44,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::BackendChannel;
+use super::inflight::InflightRegion;
 use super::iotlb::{record_wait, MissTable, IOTLB_PAGE_SIZE};
 use super::ring::{RingPins, RingView};
 use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
@@ -80,6 +81,10 @@ pub struct DmaCtx {
     pub iotlb: Option<Arc<Iotlb>>,
     /// The registry's entry of the device (its counters).
     pub device: Arc<Device>,
+    /// The connection's inflight region (INFLIGHT_SHMFD), if the frontend
+    /// asked for one: each queue takes its part with
+    /// [`InflightRegion::queue`] when it starts.
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 /// Errors of starting a queue.
@@ -322,6 +327,15 @@ impl Vring {
             .and_then(|()| el.add(control.wake.as_raw_fd(), EVENT_CONTROL))
             .and_then(|()| el.add(miss_wake.as_raw_fd(), EVENT_MISS))
             .map_err(|source| VringError::EventLoop { index, source })?;
+        // TODO(issue 8 wiring): `let inflight = dma.inflight.as_ref().map(|r|
+        // r.queue(index, self.size)).transpose()?;` (an InflightError is a
+        // start failure), handed to the worker. Before its first avail
+        // fetch the worker reads the used ring's idx `u`, resubmits
+        // `inflight.resubmit_list(u)` in that order, and sets next_avail to
+        // `QueueInflight::next_avail(u, &list)`, next_used to `u`; then
+        // `begin(head)` per head popped before submitting it, and
+        // `complete(head)` / add_used / `commit(next_used)` per completion
+        // (see super::inflight's module doc).
         let reader = dma.space.reader();
         let ctx = WorkerCtx {
             index,
