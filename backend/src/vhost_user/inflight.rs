@@ -227,7 +227,7 @@ impl InflightRegion {
                 value: size,
             });
         }
-        if offset % (align_of::<u64>() as u64) != 0 {
+        if !offset.is_multiple_of(align_of::<u64>() as u64) {
             return Err(InflightError::Geometry {
                 what: "mmap_offset",
                 value: offset,
@@ -241,7 +241,7 @@ impl InflightRegion {
         // Every field lies at a multiple of its size from the base: the
         // base's alignment is the fields' (mmap_offset was checked; this
         // keeps the accessors sound whatever the mapping did).
-        if mem.host_base() as usize % align_of::<u64>() != 0 {
+        if !(mem.host_base() as usize).is_multiple_of(align_of::<u64>()) {
             return Err(InflightError::Geometry {
                 what: "mapping alignment",
                 value: mem.host_base() as u64,
@@ -360,7 +360,7 @@ impl InflightRegion {
     fn ptr<T>(&self, off: u64) -> Option<*mut T> {
         let off = usize::try_from(off).ok()?;
         let end = off.checked_add(size_of::<T>())?;
-        if end > self.mem.len() || off % align_of::<T>() != 0 {
+        if end > self.mem.len() || !off.is_multiple_of(align_of::<T>()) {
             return None;
         }
         // SAFETY: off + size_of::<T>() <= len: inside the mapping.
@@ -549,5 +549,365 @@ impl QueueInflight {
 
     fn set_header_u16(&self, field: usize, v: u16) {
         self.region.write(self.base + field as u64, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    const QUEUES: u16 = 2;
+    const SIZE: u16 = 16;
+
+    fn desc(num_queues: u16, queue_size: u16) -> VhostUserInflight {
+        VhostUserInflight::new(0, 0, num_queues, queue_size)
+    }
+
+    /// A fresh region (GET_INFLIGHT_FD), its fd and the reply.
+    fn fresh() -> (Arc<InflightRegion>, OwnedFd, VhostUserInflight) {
+        InflightRegion::create(&desc(QUEUES, SIZE), QUEUES, SIZE).unwrap()
+    }
+
+    /// The same file mapped again, as a restarted daemon does with the fd
+    /// SET_INFLIGHT_FD hands it.
+    fn reopen(fd: &OwnedFd, reply: &VhostUserInflight) -> Arc<InflightRegion> {
+        let fd = fd.try_clone().unwrap();
+        InflightRegion::open(fd, reply, QUEUES, SIZE, SealPolicy::RequireShrinkSeal).unwrap()
+    }
+
+    fn file_len(fd: &OwnedFd) -> u64 {
+        File::from(fd.try_clone().unwrap())
+            .metadata()
+            .unwrap()
+            .len()
+    }
+
+    use std::fs::File;
+
+    /// The spec's structs, field by field, and libvhost-user's queue
+    /// region size (`ALIGN_UP(sizeof(VuDescStateSplit) * queue_size +
+    /// sizeof(uint16_t), 64)`) for every queue size.
+    #[test]
+    fn layout() {
+        assert_eq!(size_of::<QueueHeader>(), 16);
+        assert_eq!(offset_of!(QueueHeader, features), 0);
+        assert_eq!(offset_of!(QueueHeader, version), 8);
+        assert_eq!(offset_of!(QueueHeader, desc_num), 10);
+        assert_eq!(offset_of!(QueueHeader, last_batch_head), 12);
+        assert_eq!(offset_of!(QueueHeader, used_idx), 14);
+        assert_eq!(size_of::<DescState>(), 16);
+        assert_eq!(offset_of!(DescState, inflight), 0);
+        assert_eq!(offset_of!(DescState, padding), 1);
+        assert_eq!(offset_of!(DescState, next), 6);
+        assert_eq!(offset_of!(DescState, counter), 8);
+        // QEMU sends and expects sizeof(VhostUserInflight), padding included.
+        assert_eq!(size_of::<VhostUserInflight>(), 24);
+        assert_eq!(queue_region_size(1), 64);
+        assert_eq!(queue_region_size(128), 2112);
+        assert_eq!(queue_region_size(256), 4160);
+        for qs in 1..=u16::MAX {
+            let libvhost = (16 * u64::from(qs) + 2).next_multiple_of(64);
+            assert_eq!(queue_region_size(qs), libvhost, "{qs}");
+        }
+        assert_eq!(region_size(4, 256), 4 * 4160);
+    }
+
+    /// GET_INFLIGHT_FD's region: a shrink-sealed memfd of exactly the size
+    /// the reply gives, every queue header initialised, nothing in flight.
+    #[test]
+    fn create_gives_a_sealed_memfd_of_the_size_it_says() {
+        let (r, fd, reply) = fresh();
+        assert_eq!({ reply.mmap_size }, region_size(QUEUES, SIZE));
+        assert_eq!(
+            ({ reply.mmap_offset }, { reply.num_queues }, {
+                reply.queue_size
+            }),
+            (0, QUEUES, SIZE)
+        );
+        assert_eq!(file_len(&fd), region_size(QUEUES, SIZE));
+        // SAFETY: fcntl on a descriptor we own, no argument.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        assert!(seals & libc::F_SEAL_SHRINK != 0, "{seals:#x}");
+        for q in 0..QUEUES {
+            let base = u64::from(q) * queue_region_size(SIZE);
+            assert_eq!(r.read::<u16>(base + 8), INFLIGHT_VERSION);
+            assert_eq!(r.read::<u16>(base + 10), SIZE);
+            assert_eq!(r.queue(q, SIZE).unwrap().in_flight(), 0);
+        }
+    }
+
+    /// Heads in flight come back oldest first (by counter, not by index),
+    /// completed ones do not, and the counter goes on after the newest.
+    #[test]
+    fn resubmit_in_counter_order() {
+        let (r, fd, reply) = fresh();
+        let mut q = r.queue(1, SIZE).unwrap();
+        for h in [5, 2, 7, 1, 3] {
+            q.begin(h).unwrap();
+        }
+        // 2 and 3 complete, one batch each.
+        q.complete(2).unwrap();
+        q.commit(1);
+        q.complete(3).unwrap();
+        q.commit(2);
+        assert_eq!(q.in_flight(), 3);
+        // Queue 0 is its own region.
+        assert_eq!(r.queue(0, SIZE).unwrap().in_flight(), 0);
+        // "Restart": the same file, mapped again.
+        let r2 = reopen(&fd, &reply);
+        let mut q2 = r2.queue(1, SIZE).unwrap();
+        let list = q2.resubmit_list(2);
+        assert_eq!(list, [5, 7, 1]);
+        assert_eq!(QueueInflight::next_avail(2, &list), 5);
+        // A new head is newer than every resubmitted one.
+        q2.begin(0).unwrap();
+        let mut q3 = r2.queue(1, SIZE).unwrap();
+        assert_eq!(q3.resubmit_list(2), [5, 7, 1, 0]);
+        // Used ring idx wraps: next_avail too.
+        assert_eq!(QueueInflight::next_avail(u16::MAX, &[1, 2]), 1);
+    }
+
+    /// A crash after the used ring's idx was written but before the batch
+    /// was cleared here: the restart clears that batch (and only it). A
+    /// crash before the used ring update resubmits it.
+    #[test]
+    fn crash_between_used_update_and_clear() {
+        let (r, fd, reply) = fresh();
+        let mut q = r.queue(0, SIZE).unwrap();
+        for h in [4, 9, 6] {
+            q.begin(h).unwrap();
+        }
+        q.complete(6).unwrap();
+        q.commit(1);
+        // 9 is linked and its used entry published (idx 2), then the crash.
+        q.complete(9).unwrap();
+        drop(q);
+        let mut after_used = reopen(&fd, &reply).queue(0, SIZE).unwrap();
+        // Before the repair, the header still says 1.
+        assert_eq!(after_used.in_flight(), 2);
+        assert_eq!(after_used.resubmit_list(2), [4]);
+        // The repair is recorded: a second look agrees.
+        assert_eq!(after_used.resubmit_list(2), [4]);
+
+        // The same crash, but before the used ring's idx moved: 9 is
+        // still owed to the guest.
+        let (r, fd, reply) = fresh();
+        let mut q = r.queue(0, SIZE).unwrap();
+        for h in [4, 9] {
+            q.begin(h).unwrap();
+        }
+        q.complete(9).unwrap();
+        drop(q);
+        let mut before_used = reopen(&fd, &reply).queue(0, SIZE).unwrap();
+        assert_eq!(before_used.resubmit_list(0), [4, 9]);
+    }
+
+    /// A batch of several heads under one used idx store is cleared as a
+    /// whole, by commit and by the restart's repair alike.
+    #[test]
+    fn batches() {
+        let (r, fd, reply) = fresh();
+        let mut q = r.queue(0, SIZE).unwrap();
+        for h in 0..6 {
+            q.begin(h).unwrap();
+        }
+        for h in [1, 3] {
+            q.complete(h).unwrap();
+        }
+        q.commit(2);
+        for h in [0, 5, 4] {
+            q.complete(h).unwrap();
+        }
+        // Crash after idx 5 was published.
+        let mut q2 = reopen(&fd, &reply).queue(0, SIZE).unwrap();
+        assert_eq!(q2.resubmit_list(5), [2]);
+    }
+
+    /// begin/complete of a head beyond the running queue: refused, nothing
+    /// written.
+    #[test]
+    fn heads_beyond_the_queue_are_refused() {
+        let (r, _fd, _) = fresh();
+        let mut q = r.queue(0, 8).unwrap();
+        assert!(matches!(
+            q.begin(8),
+            Err(InflightError::Head { head: 8, size: 8 })
+        ));
+        assert!(matches!(
+            q.complete(u16::MAX),
+            Err(InflightError::Head { .. })
+        ));
+        assert_eq!(q.in_flight(), 0);
+        assert!(matches!(
+            r.queue(QUEUES, SIZE),
+            Err(InflightError::Queue { .. })
+        ));
+        assert!(matches!(
+            r.queue(0, SIZE * 2),
+            Err(InflightError::QueueSize { .. })
+        ));
+    }
+
+    fn plain_file(len: u64) -> OwnedFd {
+        let p = std::env::temp_dir().join(format!("vcdev-inflight-{}", std::process::id()));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        f.set_len(len).unwrap();
+        f.into()
+    }
+
+    /// SET_INFLIGHT_FD's refusals: sizes that do not match the geometry or
+    /// the file, geometry beyond the device, a misaligned offset, a file
+    /// that is not a sealed memfd.
+    #[test]
+    fn hostile_descriptions_are_refused() {
+        let size = region_size(QUEUES, SIZE);
+        let open = |fd: OwnedFd, d: VhostUserInflight| {
+            InflightRegion::open(fd, &d, QUEUES, SIZE, SealPolicy::RequireShrinkSeal)
+        };
+        let memfd = |len| sealed_memfd("t", len).unwrap();
+        let d = |size, offset, n, qs| VhostUserInflight::new(size, offset, n, qs);
+        // A short fd: the size says more than the file has.
+        let e = open(memfd(size - 1), d(size, 0, QUEUES, SIZE)).unwrap_err();
+        assert!(
+            matches!(e, InflightError::Map(MemError::OutOfRange { .. })),
+            "{e:?}"
+        );
+        assert_eq!(e.errno(), Errno::EFAULT);
+        // The file is large enough but the offset pushes the end beyond it.
+        let e = open(memfd(size), d(size, 64, QUEUES, SIZE)).unwrap_err();
+        assert!(
+            matches!(e, InflightError::Map(MemError::OutOfRange { .. })),
+            "{e:?}"
+        );
+        // mmap_size not the geometry's (either way).
+        for bad in [0, size - 1, size + 64, u64::MAX] {
+            let e = open(memfd(size), d(bad, 0, QUEUES, SIZE)).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    InflightError::Geometry {
+                        what: "mmap_size",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+            assert_eq!(e.errno(), Errno::EINVAL);
+        }
+        // Geometry beyond the device, or empty; a huge queue size.
+        for (n, qs) in [
+            (0, SIZE),
+            (QUEUES + 1, SIZE),
+            (QUEUES, 0),
+            (QUEUES, SIZE + 1),
+            (1, u16::MAX),
+        ] {
+            let e = open(memfd(size), d(region_size(n, qs), 0, n, qs)).unwrap_err();
+            assert!(
+                matches!(e, InflightError::Geometry { .. }),
+                "{n} {qs}: {e:?}"
+            );
+            let e = InflightRegion::create(&d(0, 0, n, qs), QUEUES, SIZE)
+                .err()
+                .unwrap();
+            assert!(
+                matches!(e, InflightError::Geometry { .. }),
+                "{n} {qs}: {e:?}"
+            );
+        }
+        let e = open(memfd(size + 8), d(size, 4, QUEUES, SIZE)).unwrap_err();
+        assert!(matches!(
+            e,
+            InflightError::Geometry {
+                what: "mmap_offset",
+                ..
+            }
+        ));
+        // Not a sealed memfd.
+        let e = open(plain_file(size), d(size, 0, QUEUES, SIZE)).unwrap_err();
+        assert!(
+            matches!(e, InflightError::Map(MemError::NotSealed { .. })),
+            "{e:?}"
+        );
+        // ... unless the operator allowed unsealed memory.
+        InflightRegion::open(
+            plain_file(size),
+            &d(size, 0, QUEUES, SIZE),
+            QUEUES,
+            SIZE,
+            SealPolicy::AllowUnsealed,
+        )
+        .unwrap();
+        // A region further into its file is fine.
+        let r = open(memfd(size + 4096), d(size, 4096, QUEUES, SIZE)).unwrap();
+        assert_eq!(r.queue(1, SIZE).unwrap().in_flight(), 0);
+    }
+
+    /// Garbage content: a header that is not ours is refused at queue start;
+    /// garbage entries under a valid header give only heads below the
+    /// running queue's size, each once, and never a read outside.
+    #[test]
+    fn garbage_content() {
+        let (r, fd, reply) = fresh();
+        let len = usize::try_from(region_size(QUEUES, SIZE)).unwrap();
+        // Every byte 0xff: version 0xffff, desc_num 0xffff ("huge").
+        for off in (0..len).step_by(8) {
+            r.write(off as u64, u64::MAX);
+        }
+        let e = r.queue(0, SIZE).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                InflightError::Header {
+                    version: u16::MAX,
+                    desc_num: u16::MAX,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // A valid header over garbage: last_batch_head and every `next`
+        // out of range, used_idx far from the ring's.
+        let base = queue_region_size(SIZE);
+        r.write(base + 8, INFLIGHT_VERSION);
+        r.write(base + 10, SIZE);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..SIZE {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            r.write(base + 16 + u64::from(i) * 16 + 8, seed);
+        }
+        let r2 = reopen(&fd, &reply);
+        // A queue running with fewer entries than the region has.
+        let mut q = r2.queue(1, 8).unwrap();
+        let list = q.resubmit_list(0x1234);
+        assert_eq!(list.len(), 8);
+        let mut sorted = list.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..8).collect::<Vec<u16>>());
+        let counters: Vec<u64> = list
+            .iter()
+            .map(|&h| q.desc_u64(h, offset_of!(DescState, counter)))
+            .collect();
+        assert!(counters.windows(2).all(|w| w[0] <= w[1]), "{counters:x?}");
+        // The entries beyond the running queue were cleared.
+        assert_eq!(q.in_flight(), 8);
+        // Garbage with a batch list: last_batch_head in range, `next`
+        // making a cycle; used_idx far ahead. Bounded, no panic.
+        r.write(base + 12, 3u16);
+        for i in 0..SIZE {
+            r.write(base + 16 + u64::from(i) * 16 + 6, 3u16);
+        }
+        let mut q = r2.queue(1, SIZE).unwrap();
+        let list = q.resubmit_list(0x8000);
+        assert!(!list.contains(&3) && list.len() < usize::from(SIZE));
     }
 }
