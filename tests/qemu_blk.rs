@@ -54,6 +54,14 @@ fn no_viommu_guest_dd_md5_matches_backing_file() {
         out.stderr
     );
     assert!(out.stderr.contains("frontend connected"), "{}", out.stderr);
+    // QEMU's vhost-user-blk takes the offered INFLIGHT_SHMFD: it asks for
+    // the region at start and hands it back at once.
+    for line in [
+        "inflight region of 2 queues x 128 entries",
+        "inflight region set (2 queues x 128 entries)",
+    ] {
+        assert!(out.stderr.contains(line), "no {line:?} in\n{}", out.stderr);
+    }
     qemu::assert_dd_on_disk(&image, mib, &expected, what);
 }
 
