@@ -660,3 +660,112 @@ fn released(d: &mut Vcdev, n: usize) {
     });
     assert!(done.is_some(), "{}", d.log());
 }
+
+/// The restart the issue is about, at the protocol level: a daemon died
+/// with request A (head 0) in flight after request B (head 3, taken later)
+/// completed. QEMU then starts the queue at the used ring's idx (1), as it
+/// does when GET_VRING_BASE fails. The restarted daemon must resubmit A
+/// from the inflight region and continue the avail ring after it: A is
+/// written and completed, B is not executed again (its buffer was changed
+/// after it completed; a second run would write that to the disk).
+#[test]
+#[ignore = "needs the queue worker to call QueueInflight (issue #8 wiring)"]
+fn restarted_daemon_resubmits_what_was_in_flight() {
+    use std::os::unix::fs::FileExt;
+    use vcdev_device_model::testing::{BlkRequest, R};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+    const QS: u16 = 64;
+    let tmp = common::TempDir::new("vu-inflight-resubmit").expect("tmpdir");
+    let image = tmp.join("disk.img");
+    let disk = std::fs::File::create(&image).expect("image");
+    disk.set_len(1 << 20).expect("image size");
+    let spec = format!("blk,path={},queue-size=64", image.display());
+    let mut d = Vcdev::start("vu-inflight-resubmit", &["--device", &spec], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    let (reply, region) =
+        h.fe.get_inflight_fd(&inflight_req(1, QS))
+            .expect("GET_INFLIGHT_FD");
+    drop(h);
+    d.kill_and_restart();
+
+    // What the first daemon left: A in flight (counter 0), B completed
+    // (counter 1, the last batch, used idx 1), B's data on the disk.
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+    h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+    h.queues.push(DriverQueue::new_for_tests(0, QS));
+    let (a_data, b_data) = (pattern(31, 4096), pattern(32, 4096));
+    let (a_sector, b_sector) = (0u64, 16u64);
+    let hdr = h.queues[0].header_gpa();
+    let request = |h: &Harness, at: u64, sector: u64, data: u64| {
+        BlkRequest::new(VIRTIO_BLK_T_OUT, sector).write(&h.mem, at, at + 16);
+        BlkRequest::chain(at, &[(data, 4096, R)], at + 16)
+    };
+    let a = request(&h, hdr, a_sector, DATA_GPA);
+    let b = request(&h, hdr + 0x100, b_sector, DATA_GPA + 0x10000);
+    h.mem.write(DATA_GPA, &a_data);
+    disk.write_all_at(&b_data, b_sector * 512)
+        .expect("B on disk");
+    h.mem.write(DATA_GPA + 0x10000, &pattern(33, 4096));
+    let q = &mut h.queues[0];
+    q.ring.write_chain(&h.mem, 0, &a);
+    q.ring.write_chain(&h.mem, 3, &b);
+    q.offer(&h.mem, 0);
+    q.offer(&h.mem, 3);
+    let used = q.ring.used;
+    h.mem
+        .write(used + 4, &[3u32.to_le_bytes(), 1u32.to_le_bytes()].concat());
+    h.mem.write(used + 2, &1u16.to_le_bytes());
+    assert_eq!(q.ring.pop_used(&h.mem).map(|u| u.id), Some(3));
+    mark_inflight(&region, QS, 0, 0, 0);
+    region
+        .write_all_at(&1u64.to_le_bytes(), 16 + 16 * 3 + 8)
+        .expect("B's counter");
+    region
+        .write_all_at(&3u16.to_le_bytes(), 12)
+        .expect("last_batch_head");
+    region
+        .write_all_at(&1u16.to_le_bytes(), 14)
+        .expect("used_idx");
+
+    h.fe.set_inflight_fd(&reply, region.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+    h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+    let q = &h.queues[0];
+    let cfg = q.config(&h.mem);
+    h.fe.set_vring_num(0, QS).expect("SET_VRING_NUM");
+    h.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
+    h.fe.set_vring_base(0, 1)
+        .expect("SET_VRING_BASE at the used idx");
+    h.fe.set_vring_call(0, &q.call).expect("SET_VRING_CALL");
+    h.fe.set_vring_kick(0, &q.kick).expect("SET_VRING_KICK");
+    h.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+
+    let (id, _) = h.queues[0]
+        .wait_used(&h.mem, TIMEOUT)
+        .expect("a request completes after the restart");
+    assert_eq!(id, 0, "the first completion after the restart is not A's");
+    assert_eq!(
+        h.mem.read(hdr + u64::from(BlkRequest::HEADER_LEN), 1)[0],
+        S_OK
+    );
+    assert!(
+        h.queues[0]
+            .wait_used(&h.mem, std::time::Duration::from_millis(300))
+            .is_none(),
+        "B was executed again"
+    );
+    let mut on_disk = vec![0u8; 4096];
+    disk.read_exact_at(&mut on_disk, a_sector * 512)
+        .expect("read A");
+    assert!(on_disk == a_data, "A's write is lost");
+    disk.read_exact_at(&mut on_disk, b_sector * 512)
+        .expect("read B");
+    assert!(
+        on_disk == b_data,
+        "B was written again with its changed buffer"
+    );
+    // The queue goes on from there.
+    assert_eq!(h.write(0, 32, &pattern(34, 512)), S_OK);
+}
