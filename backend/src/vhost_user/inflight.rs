@@ -39,7 +39,13 @@
 //! A batch is what lies between two `commit`s. Its used ring entries must
 //! become visible with one `idx` store: virtio-queue's `add_used` writes
 //! `idx` at every call, so with it a batch is one head
-//! (`complete`, `add_used`, `commit`).
+//! (`complete`, `add_used`, `commit`). Every head put on the used ring goes
+//! through `complete`, even one that failed before `begin`: the repair at
+//! restart counts the used ring's entries, and an entry missing from the
+//! list would make it clear the wrong head.
+//!
+//! The header's `features` stays 0: no backend features are recorded
+//! (libvhost-user records none either).
 //!
 //! # A region from the frontend is not trusted
 //!
@@ -294,6 +300,7 @@ impl InflightRegion {
             base,
             size,
             counter: 0,
+            batch: 0,
         };
         let version = q.header_u16(offset_of!(QueueHeader, version));
         let desc_num = q.header_u16(offset_of!(QueueHeader, desc_num));
@@ -402,6 +409,8 @@ pub struct QueueInflight {
     size: u16,
     /// The counter the next `begin` records.
     counter: u64,
+    /// Heads given to `complete` since the last `commit`.
+    batch: u16,
 }
 
 impl QueueInflight {
@@ -426,16 +435,18 @@ impl QueueInflight {
         self.set_desc_u16(head, offset_of!(DescState, next), last);
         self.set_header_u16(offset_of!(QueueHeader, last_batch_head), head);
         fence(Ordering::SeqCst);
+        self.batch = self.batch.saturating_add(1);
         Ok(())
     }
 
     /// Ends the batch once the used ring's `idx` that publishes it is
-    /// written as `used_idx`: its heads are no longer in flight (steps 6 and
-    /// 7). A crash before this is repaired by the next `resubmit_list`.
+    /// written as `used_idx`: the heads given to `complete` since the last
+    /// commit are no longer in flight (steps 6 and 7). A crash before this
+    /// is repaired by the next `resubmit_list`.
     pub fn commit(&mut self, used_idx: u16) {
         fence(Ordering::SeqCst);
-        let n = used_idx.wrapping_sub(self.header_u16(offset_of!(QueueHeader, used_idx)));
-        self.clear_batch(n);
+        self.clear_batch(self.batch);
+        self.batch = 0;
         fence(Ordering::SeqCst);
         self.set_header_u16(offset_of!(QueueHeader, used_idx), used_idx);
     }
@@ -447,9 +458,15 @@ impl QueueInflight {
     /// beyond the running queue's size are garbage: they are cleared and
     /// not returned.
     pub fn resubmit_list(&mut self, used_idx: u16) -> Vec<u16> {
-        if self.header_u16(offset_of!(QueueHeader, used_idx)) != used_idx {
-            self.commit(used_idx);
+        let recorded = self.header_u16(offset_of!(QueueHeader, used_idx));
+        if recorded != used_idx {
+            // The batch published up to `used_idx` is the used ring's
+            // difference: that many entries of the list (step 1a-c).
+            self.clear_batch(used_idx.wrapping_sub(recorded));
+            fence(Ordering::SeqCst);
+            self.set_header_u16(offset_of!(QueueHeader, used_idx), used_idx);
         }
+        self.batch = 0;
         let mut heads: Vec<(u64, u16)> = Vec::new();
         for i in 0..self.region.queue_size {
             if !self.inflight(i) {
@@ -723,6 +740,24 @@ mod tests {
         // Crash after idx 5 was published.
         let mut q2 = reopen(&fd, &reply).queue(0, SIZE).unwrap();
         assert_eq!(q2.resubmit_list(5), [2]);
+    }
+
+    /// `commit` clears what `complete` linked, however far the used idx
+    /// moved: a used entry the worker did not track (here one more) does
+    /// not clear a head that is in flight again.
+    #[test]
+    fn commit_clears_only_the_batch() {
+        let (r, _fd, _) = fresh();
+        let mut q = r.queue(0, SIZE).unwrap();
+        q.begin(5).unwrap();
+        q.complete(5).unwrap();
+        q.commit(1);
+        // The guest reuses head 5.
+        q.begin(5).unwrap();
+        q.begin(6).unwrap();
+        q.complete(6).unwrap();
+        q.commit(3);
+        assert_eq!(q.resubmit_list(3), [5]);
     }
 
     /// begin/complete of a head beyond the running queue: refused, nothing
