@@ -1087,6 +1087,56 @@ mod tests {
         assert!(matches!(e, Err(ConnError::NoAccessPlatform)));
     }
 
+    /// GET_INFLIGHT_FD replies with its struct and one descriptor, of the
+    /// size the struct says, and the region is the connection's until a
+    /// device reset; SET_INFLIGHT_FD without its descriptor ends the
+    /// connection.
+    #[test]
+    fn inflight_fd_reply_carries_the_memfd() {
+        let (mut c, peer) = conn();
+        let p = (P::REPLY_ACK | P::INFLIGHT_SHMFD).bits().to_le_bytes();
+        c.handle(frame(R::SET_PROTOCOL_FEATURES, 0, &p)).unwrap();
+        let n = c.dev().num_queues();
+        let req = VhostUserInflight::new(0, 0, n, 8);
+        c.handle(frame(R::GET_INFLIGHT_FD, 0, req.as_slice()))
+            .unwrap();
+        let reply = wire::read_frame(&peer, FlagPolicy::VHOST_USER)
+            .unwrap()
+            .unwrap();
+        assert!(reply.header.is_reply());
+        assert_eq!(reply.fds.len(), 1);
+        let got = pod_from::<VhostUserInflight>(&reply.payload);
+        assert_eq!(reply.payload.len(), size_of::<VhostUserInflight>());
+        let size = super::super::inflight::region_size(n, 8);
+        assert_eq!(
+            ({ got.mmap_size }, { got.num_queues }, { got.queue_size }),
+            (size, n, 8)
+        );
+        let file = std::fs::File::from(reply.fds.into_iter().next().unwrap());
+        assert_eq!(file.metadata().unwrap().len(), size);
+        assert!(c.inflight.is_some());
+        // Back again, as QEMU does at every start.
+        let mut set = frame(R::SET_INFLIGHT_FD, 0, got.as_slice());
+        set.fds.push(file.into());
+        c.handle(set).unwrap();
+        assert!(c.inflight.is_some());
+        c.reset_device(msg(R::RESET_DEVICE, &[])).unwrap();
+        assert!(c.inflight.is_none());
+        let e = c
+            .handle(frame(R::SET_INFLIGHT_FD, 0, got.as_slice()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConnError::Fds {
+                    got: 0,
+                    want: 1,
+                    ..
+                }
+            ) && e.fatal()
+        );
+    }
+
     /// A wrong-size payload is refused by the table and ends the
     /// connection, before the handler runs.
     #[test]
