@@ -211,5 +211,118 @@ fn front_cache_probe(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, front_cache_probe, lookups);
+/// What holds cost. Reader side, per request: `hold_release` alone (one
+/// range, and three), and a whole request (session, translate hit, hold,
+/// session end, release offline) next to the same request without a hold.
+/// Writer side: an unmap (update + invalidate of one page) with N holds
+/// outstanding that overlap nothing, and an edit removing two far-apart
+/// pages with N holds between them (the hull overlaps them, the extents
+/// don't: the exact check runs).
+fn holds(c: &mut Criterion) {
+    let mem = Arc::new(MemObject::anonymous(64 << 20).unwrap());
+    let n = 4096u64;
+    let s = setup(n, &mem);
+    let addrs = addresses(n, "seq", true);
+    let mut g = c.benchmark_group("hold");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut reader = s.space.reader();
+    {
+        let sess = reader.enter();
+        let one = [(BASE, BASE + PAGE - 1)];
+        let three = [
+            (BASE, BASE + 511),
+            (BASE + 8 * PAGE, BASE + 9 * PAGE - 1),
+            (BASE + 20 * PAGE, BASE + 20 * PAGE),
+        ];
+        g.bench_function("hold_release_1_range", |b| {
+            b.iter(|| {
+                for _ in 0..BATCH {
+                    sess.release(sess.hold(black_box(&one)));
+                }
+            })
+        });
+        g.bench_function("hold_release_3_ranges", |b| {
+            b.iter(|| {
+                for _ in 0..BATCH {
+                    sess.release(sess.hold(black_box(&three)));
+                }
+            })
+        });
+    }
+    g.bench_function("request_without_hold", |b| {
+        b.iter(|| {
+            for &a in &addrs {
+                let sess = reader.enter();
+                black_box(sess.translate(a, PAGE, Permissions::Write).unwrap()[0].ptr);
+            }
+        })
+    });
+    g.bench_function("request_with_hold", |b| {
+        b.iter(|| {
+            for &a in &addrs {
+                let id = {
+                    let sess = reader.enter();
+                    black_box(sess.translate(a, PAGE, Permissions::Write).unwrap()[0].ptr);
+                    sess.hold(&[(a, a + PAGE - 1)])
+                };
+                reader.release(id);
+            }
+        })
+    });
+    g.finish();
+
+    let last = BASE + (n - 1) * PAGE;
+    // The benches map these two pages and unmap them again.
+    s.space.iotlb_invalidate(BASE, PAGE);
+    s.space.iotlb_invalidate(last, PAGE);
+    let mut g = c.benchmark_group("unmap_overlapping_no_hold");
+    g.measurement_time(std::time::Duration::from_secs(3));
+    for holds in [0u64, 64, 1024] {
+        // Holds on four readers, one page each, on pages 2..; the unmaps
+        // below touch page 0 (and the last page), never a held one.
+        let mut readers: Vec<_> = (0..4).map(|_| s.space.reader()).collect();
+        let mut ids = Vec::new();
+        for k in 0..holds {
+            let r = &mut readers[(k % 4) as usize];
+            let iova = BASE + (2 + k % (n - 4)) * PAGE;
+            ids.push((k % 4, r.enter().hold(&[(iova, iova + PAGE - 1)])));
+        }
+        g.bench_with_input(BenchmarkId::new("update_invalidate", holds), &(), |b, _| {
+            b.iter(|| {
+                s.space
+                    .iotlb_update(BASE, PAGE, &mem, 0, Permissions::ReadWrite)
+                    .unwrap();
+                s.space.iotlb_invalidate(BASE, PAGE);
+            })
+        });
+        g.bench_with_input(
+            BenchmarkId::new("two_far_pages_holds_between", holds),
+            &(),
+            |b, _| {
+                b.iter(|| {
+                    s.space
+                        .iotlb_update(BASE, PAGE, &mem, 0, Permissions::ReadWrite)
+                        .unwrap();
+                    s.space
+                        .iotlb_update(last, PAGE, &mem, 0, Permissions::ReadWrite)
+                        .unwrap();
+                    s.space
+                        .edit(|t| {
+                            t.remove(BASE);
+                            t.remove(last);
+                            Ok::<_, ()>(())
+                        })
+                        .unwrap();
+                })
+            },
+        );
+        assert_eq!(s.space.hold_waits().edits, 0);
+        for (r, id) in ids {
+            readers[r as usize].release(id);
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, front_cache_probe, lookups, holds);
 criterion_main!(benches);

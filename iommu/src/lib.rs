@@ -23,12 +23,15 @@
 //! resulting [`Session`], which also implements vm-memory's permission-aware
 //! `GuestMemory` so that virtio-queue walks descriptor chains through it
 //! ([`translate`]). A hit costs one atomic load (the generation) and one
-//! cache probe; no lock is taken on the read side.
+//! cache probe; no lock is taken on the read side. A request whose I/O
+//! outlives its session holds its translated ranges ([`hold`]) until it
+//! completes, and edits that remove what it holds wait for it.
 //!
 //! Every error enum has `fn errno(&self) -> Errno`: the one mapping from a
 //! failure to a Linux errno ([`errno`]).
 pub mod device;
 pub mod errno;
+pub mod hold;
 #[cfg(test)]
 mod hostile_tests;
 pub mod hwpt;
@@ -47,12 +50,13 @@ pub mod uapi;
 
 pub use device::{AttachHook, DeviceError, DeviceHandle};
 pub use errno::Errno;
+pub use hold::{hold_range, HoldId, HoldRange, HoldReleaser};
 pub use hwpt::{Hwpt, HwptError};
 pub use io_pagetable::{IoPageTable, IoptError, IovaRange, PAGE_SIZE};
 pub use ioas::{Ioas, IoasError};
 pub use mem::{MemObject, SealPolicy};
 pub use object::{Iommufd, ObjectError, ObjectId, ObjectKind};
-pub use space::AddressSpace;
+pub use space::{AddressSpace, HoldWaits};
 pub use translate::{Fault, HostSlice, Reader, Session, Slices};
 pub use tree::{Extent, Tree};
 pub use vm_memory::Permissions;

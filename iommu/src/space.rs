@@ -26,6 +26,16 @@
 //! - A reader that waits for anything slow (an IOTLB miss answer) must end
 //!   its session first, or the invalidator waits for it: QEMU blocks on the
 //!   invalidate's ack before it answers the miss.
+//! - **Holds** ([`crate::hold`]) extend the promise past a session: a request
+//!   whose I/O outlives the session that translated it registers its ranges
+//!   in that session ([`Session::hold`](crate::Session::hold)). After its
+//!   grace period for generation `T`, an edit that removed anything drops
+//!   the writer lock and waits until no hold taken before `T` overlaps a
+//!   removed extent; only then does it return and drop the removed
+//!   extents. Holds are stored under a per-reader lock before the session
+//!   ends, and the writer reads them after the grace period, so it sees
+//!   every hold that can reference a removed translation. Releases never
+//!   take the writer lock.
 //!
 //! The memory ordering is the classic QSBR pairing: the reader stores its
 //! slot, then a SeqCst fence, then loads the generation and the root; the
@@ -39,6 +49,9 @@ use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
+use crate::hold::{HoldCell, HoldKey, Removed};
 use crate::sync::lock;
 use crate::tree::{Extent, Node, Tree};
 
@@ -63,11 +76,22 @@ struct LogSlot {
 /// How long a grace period spins on a reader before it blocks.
 const SPIN_BEFORE_BLOCKING: Duration = Duration::from_micros(20);
 
-/// One reader's announcement slot, alone on its cache line.
+/// One reader's announcement slot, alone on its cache line, and its holds
+/// (on the next line).
 #[repr(align(64))]
 #[derive(Debug, Default)]
 pub(crate) struct ReaderSlot {
     pub(crate) epoch: AtomicU64,
+    pub(crate) holds: HoldCell,
+}
+
+/// Edits that had to wait for holds ([`AddressSpace::hold_waits`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldWaits {
+    /// Edits that found an overlapping hold and waited for its release.
+    pub edits: u64,
+    /// Their total time waiting for holds.
+    pub total: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +114,13 @@ pub struct AddressSpace {
     wake_lock: Mutex<()>,
     wake: Condvar,
     grace_periods: AtomicU64,
+    /// Edits blocked on holds; a release wakes them through `hold_wake`
+    /// when this is non-zero.
+    hold_waiters: AtomicU32,
+    hold_wake_lock: Mutex<()>,
+    hold_wake: Condvar,
+    hold_wait_edits: AtomicU64,
+    hold_wait_ns: AtomicU64,
     /// The ranges the last [`LOG_LEN`] generations removed, so that readers
     /// drop only the cache entries they cover.
     log: [LogSlot; LOG_LEN],
@@ -97,6 +128,9 @@ pub struct AddressSpace {
     /// promise).
     #[cfg(test)]
     skip_quiescence: AtomicBool,
+    /// Test-only: skip the wait for holds (the negative test of holds).
+    #[cfg(test)]
+    skip_hold_wait: AtomicBool,
 }
 
 impl Default for AddressSpace {
@@ -116,8 +150,15 @@ impl Default for AddressSpace {
             waiters: AtomicU32::new(0),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
+            hold_waiters: AtomicU32::new(0),
+            hold_wake_lock: Mutex::new(()),
+            hold_wake: Condvar::new(),
+            hold_wait_edits: AtomicU64::new(0),
+            hold_wait_ns: AtomicU64::new(0),
             #[cfg(test)]
             skip_quiescence: AtomicBool::new(false),
+            #[cfg(test)]
+            skip_hold_wait: AtomicBool::new(false),
         }
     }
 }
@@ -176,9 +217,13 @@ impl AddressSpace {
     }
 
     /// Runs `f` on the writer's tree. On `Ok` the result is published, and
-    /// if anything was removed the call returns only after a grace period:
-    /// no reader uses a removed translation any more. On `Err` every change
-    /// `f` made is rolled back.
+    /// if anything was removed the call returns only after a grace period
+    /// and after every hold taken before it that overlaps a removed extent
+    /// was released: no reader and no request in flight uses a removed
+    /// translation any more. On `Err` every change `f` made is rolled back.
+    ///
+    /// Don't call it from a thread that has holds of this space still to
+    /// release: it could wait for itself.
     pub fn edit<R, E>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<R, E>) -> Result<R, E> {
         let mut w = lock(&self.writer);
         let saved = w.tree.clone();
@@ -196,11 +241,15 @@ impl AddressSpace {
             }
             Ok(r) => {
                 drop(saved);
-                if !removed.is_empty() || added {
-                    let hull = removed.iter().fold(None, |h: Option<(u64, u64)>, e| {
-                        Some(h.map_or((e.start, e.last), |(f, l)| (f.min(e.start), l.max(e.last))))
-                    });
-                    self.publish(&mut w, hull);
+                let gone = Removed::new(&removed);
+                let mut target = None;
+                if gone.is_some() || added {
+                    target = self.publish(&mut w, gone.as_ref().map(Removed::hull));
+                }
+                // Other edits need not wait for our requests in flight.
+                drop(w);
+                if let (Some(target), Some(gone)) = (target, gone) {
+                    self.wait_for_holds(target, &gone);
                 }
                 drop(removed);
                 Ok(r)
@@ -224,24 +273,106 @@ impl AddressSpace {
     }
 
     /// Publishes the writer's tree; `removed` is the hull of what the edit
-    /// removed, if anything.
-    fn publish(&self, w: &mut Writer, removed: Option<(u64, u64)>) {
+    /// removed, if anything. Returns the generation of the grace period it
+    /// ran, if any.
+    fn publish(&self, w: &mut Writer, removed: Option<(u64, u64)>) -> Option<u64> {
         let new = Arc::into_raw(w.tree.root.clone()).cast_mut();
         let old = self.root.swap(new, Ordering::AcqRel);
         // SAFETY: `old` came from Arc::into_raw in a previous publish (or
         // Default) and was owned by `root`, which no longer holds it.
         w.retired.push(unsafe { Arc::from_raw(old) });
         if removed.is_some() || w.retired.len() >= MAX_RETIRED {
-            self.synchronize(removed.unwrap_or((1, 0)));
+            let target = self.synchronize(removed.unwrap_or((1, 0)));
             w.retired.clear();
+            return Some(target);
+        }
+        None
+    }
+
+    /// Waits until no hold taken before generation `target` overlaps what
+    /// the edit removed. Called after the grace period for `target`, without
+    /// the writer lock. Holds registered after the first look are not
+    /// waited for (they cannot reference a removed translation).
+    fn wait_for_holds(&self, target: u64, removed: &Removed<'_>) {
+        #[cfg(test)]
+        if self.skip_hold_wait.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut waiting: Vec<(Arc<ReaderSlot>, SmallVec<[HoldKey; 4]>)> = Vec::new();
+        // Lock order: readers, then a reader's holds (a release never
+        // holds its table lock while it takes another lock).
+        for slot in lock(&self.readers).iter() {
+            let mut keys = SmallVec::new();
+            lock(&slot.holds.0).overlapping(target, removed, &mut keys);
+            if !keys.is_empty() {
+                waiting.push((slot.clone(), keys));
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let mut warned = 0;
+        self.hold_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = lock(&self.hold_wake_lock);
+        loop {
+            waiting.retain_mut(|(slot, keys)| {
+                let t = lock(&slot.holds.0);
+                keys.retain(|k| t.is_live(*k));
+                !keys.is_empty()
+            });
+            if waiting.is_empty() {
+                break;
+            }
+            let secs = start.elapsed().as_secs();
+            if secs > warned {
+                warned = secs;
+                let n: usize = waiting.iter().map(|(_, k)| k.len()).sum();
+                log::warn!(
+                    "invalidation of {:#x}..={:#x} waits for {n} request(s) in flight for {secs} s",
+                    removed.hull().0,
+                    removed.hull().1
+                );
+            }
+            g = self
+                .hold_wake
+                .wait_timeout(g, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(g);
+        self.hold_waiters.fetch_sub(1, Ordering::SeqCst);
+        self.hold_wait_edits.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.hold_wait_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Called after a hold was released (its table lock dropped): wakes
+    /// edits waiting for holds. The SeqCst pair (`hold_waiters` increment
+    /// before the edit's look at the tables; table change before the load
+    /// here) and the wake lock, which the edit holds from its look until it
+    /// sleeps, mean a release is either seen by the look or wakes it.
+    #[inline]
+    pub(crate) fn hold_released(&self) {
+        if self.hold_waiters.load(Ordering::SeqCst) != 0 {
+            let _g = lock(&self.hold_wake_lock);
+            self.hold_wake.notify_all();
+        }
+    }
+
+    /// Edits that had to wait for holds, and for how long in all.
+    pub fn hold_waits(&self) -> HoldWaits {
+        HoldWaits {
+            edits: self.hold_wait_edits.load(Ordering::Relaxed),
+            total: Duration::from_nanos(self.hold_wait_ns.load(Ordering::Relaxed)),
         }
     }
 
     /// Starts a grace period for the removal of `first..=last` and waits
     /// for its end: every reader online now has gone offline or re-entered.
     /// Called with the writer lock held (the only place the generation
-    /// moves).
-    fn synchronize(&self, (first, last): (u64, u64)) {
+    /// moves). Returns the new generation.
+    fn synchronize(&self, (first, last): (u64, u64)) -> u64 {
         let target = self.generation.load(Ordering::Relaxed) + 1;
         let slot = &self.log[target as usize % LOG_LEN];
         slot.gen.store(0, Ordering::Relaxed);
@@ -254,7 +385,7 @@ impl AddressSpace {
         self.grace_periods.fetch_add(1, Ordering::Relaxed);
         #[cfg(test)]
         if self.skip_quiescence.load(Ordering::Relaxed) {
-            return;
+            return target;
         }
         let readers = lock(&self.readers).clone();
         let ready = |slot: &ReaderSlot| {
@@ -288,6 +419,7 @@ impl AddressSpace {
             self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
         fence(Ordering::SeqCst);
+        target
     }
 
     /// The current generation (changes with every grace period).
@@ -341,6 +473,12 @@ impl AddressSpace {
         lock(&self.readers).retain(|s| !Arc::ptr_eq(s, slot));
     }
 
+    /// Registered reader slots (test-only).
+    #[cfg(test)]
+    pub(crate) fn reader_count(&self) -> usize {
+        lock(&self.readers).len()
+    }
+
     /// The published root. Only for online readers: valid until they go
     /// offline.
     #[inline]
@@ -356,6 +494,13 @@ impl AddressSpace {
     #[inline]
     pub(crate) fn generation_relaxed(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Test-only: make edits return without waiting for holds, breaking
+    /// the promise for requests in flight on purpose.
+    #[cfg(test)]
+    pub(crate) fn set_skip_hold_wait_for_test(&self, skip: bool) {
+        self.skip_hold_wait.store(skip, Ordering::Relaxed);
     }
 
     /// Test-only: make grace periods return at once, breaking the promise

@@ -9,7 +9,9 @@
 //!
 //! Translations and the host slices they yield are valid only inside the
 //! [`Session`] they came from: while it is open the reader is online, and no
-//! invalidation of what it uses can complete.
+//! invalidation of what it uses can complete. A request whose I/O outlives
+//! the session holds its ranges ([`Session::hold`], [`crate::hold`]) until
+//! it completes ([`Reader::release`]).
 
 use std::cell::Cell;
 use std::iter::FusedIterator;
@@ -26,6 +28,7 @@ use vm_memory::{
     VolatileSlice,
 };
 
+use crate::hold::{HoldId, HoldRange, HoldReleaser};
 use crate::space::{AddressSpace, ReaderSlot};
 use crate::tree::Node;
 
@@ -137,7 +140,16 @@ impl std::fmt::Debug for Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.space.unregister(&self.slot);
+        // With holds outstanding the slot stays registered (offline) so
+        // that edits still see them; the last release unregisters it.
+        if self.slot.orphan() {
+            self.space.unregister(&self.slot);
+        } else {
+            log::warn!(
+                "reader dropped with {} hold(s) outstanding",
+                self.slot.holds()
+            );
+        }
     }
 }
 
@@ -171,6 +183,36 @@ impl Reader {
             generation: self.space.generation_ref(),
             cache: &self.cache,
             _not_send: PhantomData,
+        }
+    }
+
+    /// Releases a hold taken by [`Session::hold`] on this reader: the
+    /// request's I/O completed. Callable while offline, from the thread
+    /// that owns the reader; it never waits for an edit and never takes the
+    /// writer lock. Online, use [`Session::release`]; from another thread,
+    /// a [`Reader::hold_releaser`].
+    ///
+    /// # Panics
+    ///
+    /// If `id` was taken on another reader.
+    #[inline]
+    pub fn release(&self, id: HoldId) {
+        self.slot.release(&self.space, id);
+    }
+
+    /// Holds of this reader not yet released.
+    pub fn holds(&self) -> usize {
+        self.slot.holds()
+    }
+
+    /// A handle that releases this reader's holds from any thread (an I/O
+    /// engine that reaps completions away from the queue's thread). It
+    /// keeps the reader's holds visible to edits even after the reader is
+    /// dropped.
+    pub fn hold_releaser(&self) -> HoldReleaser {
+        HoldReleaser {
+            space: self.space.clone(),
+            slot: self.slot.clone(),
         }
     }
 
@@ -355,6 +397,32 @@ impl Session<'_> {
             }
             at += n;
         }
+    }
+
+    /// Holds `ranges` (inclusive, in the space's key domain: see
+    /// [`crate::hold::hold_range`]) past the end of this session, for a
+    /// request whose I/O outlives it: until [`Reader::release`], every edit
+    /// that removes a translation overlapping one of them waits before it
+    /// returns. Take the hold in the session that made the translations,
+    /// before it ends: the hold is registered with the generation the
+    /// session went online in, and edits published after that generation
+    /// do not wait for it. A range with `first > last` is ignored (a debug
+    /// build panics).
+    ///
+    /// Costs one uncontended lock of the reader's own hold table.
+    #[inline]
+    pub fn hold(&self, ranges: &[HoldRange]) -> HoldId {
+        let r = self.reader;
+        // Our own store (at enter): the session's generation.
+        let gen = r.slot.epoch.load(Ordering::Relaxed);
+        r.slot.hold(gen, ranges)
+    }
+
+    /// Releases a hold of this reader while online (a worker reaping
+    /// completions inside a session); as [`Reader::release`].
+    #[inline]
+    pub fn release(&self, id: HoldId) {
+        self.reader.release(id);
     }
 
     /// The address space's generation seen by this session (changes when

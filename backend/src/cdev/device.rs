@@ -11,8 +11,9 @@
 //! (called by the iommu crate whenever the device's address space changes:
 //! attach, replace, detach, unbind) takes every slot in turn and puts a
 //! reader of the new space in it, or `None` (DMA blocked). Taking a slot
-//! waits for the batch in progress: when the hook returns, no queue uses
-//! the old space any more.
+//! waits for the batch in progress; the hook then waits until the requests
+//! still in flight through the old space completed (their holds are
+//! released): when it returns, no queue uses the old space any more.
 //!
 //! # Locks
 //!
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, error, info, warn};
-use vcdev_device_model::blk::{BlkDevice, BlkQueue, FaultPolicy};
+use vcdev_device_model::blk::{BlkDevice, FaultPolicy};
 use vcdev_device_model::pci::{Event, IrqIndex, RegionIndex, VirtioPciFunction};
 use vcdev_iommu::{AddressSpace, DeviceHandle, Errno, Reader};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -36,14 +37,11 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vfio_uapi::*;
-use crate::event_loop::{EventLoop, EVENT_CONTROL, EVENT_FIRST_DEVICE};
+use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings};
 use crate::registry::{Device, DeviceCounters};
+use crate::ring::RingView;
 use vcdev_iommu::sync::lock;
 
-/// The internal kick (REGION_WRITE doorbells) in a worker's loop.
-const EVENT_KICK: u64 = EVENT_FIRST_DEVICE;
-/// The first ioeventfd in a worker's loop.
-const EVENT_IOEVENTFD: u64 = EVENT_FIRST_DEVICE + 1;
 /// The most ioeventfds a device takes (the kernel's `VFIO_PCI_IOEVENTFD_MAX`).
 pub const IOEVENTFD_MAX: usize = 1000;
 
@@ -61,8 +59,9 @@ pub enum DeviceError {
 /// A queue's reader: `None` while the device's DMA is blocked.
 type Slot = Arc<Mutex<Option<Reader>>>;
 
-/// What a worker's setup makes: control word, kick, loop, ioeventfds.
-type WorkerSetup = (Arc<Control>, Arc<EventFd>, EventLoop, Vec<EventFd>);
+/// What a worker's setup makes: control word, kick, the descriptors it
+/// wakes on (the kick and the ioeventfds).
+type WorkerSetup = (Arc<Control>, Arc<EventFd>, Vec<EventFd>);
 
 /// The reader slots of the running queues (see the module doc).
 #[derive(Default)]
@@ -72,10 +71,33 @@ struct Slots {
 
 impl Slots {
     /// The attach hook: every queue reads through `space` from now on.
+    /// Returns once no request that translated through the old space is in
+    /// flight any more (its I/O completed): a detach or replace is then
+    /// complete for DMA, as the kernel's is.
     fn switch(&self, space: Option<Arc<AddressSpace>>) {
-        let list = lock(&self.list);
-        for slot in list.iter() {
-            *lock(slot) = space.as_ref().map(AddressSpace::reader);
+        let mut old = Vec::new();
+        {
+            let list = lock(&self.list);
+            for slot in list.iter() {
+                let mut g = lock(slot);
+                if let Some(r) = g.as_ref() {
+                    old.push(r.hold_releaser());
+                }
+                *g = space.as_ref().map(AddressSpace::reader);
+            }
+        }
+        let start = std::time::Instant::now();
+        let mut warned = false;
+        for r in old {
+            // The workers complete (or, detached, abandon) these requests as
+            // their I/O finishes; nothing here blocks them.
+            while r.holds() > 0 {
+                if !warned && start.elapsed() > std::time::Duration::from_secs(1) {
+                    warn!("IOMMU switch waits for I/O in flight for more than 1 s");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
         }
     }
 }
@@ -116,16 +138,11 @@ impl Core {
     }
 }
 
-struct Control {
-    wake: EventFd,
-    stop: AtomicBool,
-}
-
 struct Worker {
     control: Arc<Control>,
     kick: Arc<EventFd>,
     slot: Slot,
-    join: JoinHandle<Queue>,
+    join: JoinHandle<(Queue, Vec<u16>)>,
 }
 
 /// A registered ioeventfd: a write of `data` (`size` bytes) at BAR0
@@ -371,25 +388,15 @@ impl CdevDevice {
 
     fn spawn_worker(&self, qs: &mut Queues, q: u16, queue: Queue) {
         let setup = || -> std::io::Result<WorkerSetup> {
-            let control = Arc::new(Control {
-                wake: EventFd::new(libc::EFD_NONBLOCK)?,
-                stop: AtomicBool::new(false),
-            });
+            let control = Control::new()?;
             let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            let el = EventLoop::new().map_err(std::io::Error::other)?;
-            el.add(control.wake.as_raw_fd(), EVENT_CONTROL)
-                .and_then(|()| el.add(kick.as_raw_fd(), EVENT_KICK))
-                .map_err(std::io::Error::other)?;
-            let mut iofds = Vec::new();
-            for (i, io) in qs.ioeventfds.iter().filter(|io| io.queue == q).enumerate() {
-                let fd = io.fd.try_clone()?;
-                let id = EVENT_IOEVENTFD + u64::try_from(i).unwrap_or(u64::MAX - EVENT_IOEVENTFD);
-                el.add(fd.as_raw_fd(), id).map_err(std::io::Error::other)?;
-                iofds.push(fd);
+            let mut wakes = vec![kick.try_clone()?];
+            for io in qs.ioeventfds.iter().filter(|io| io.queue == q) {
+                wakes.push(io.fd.try_clone()?);
             }
-            Ok((control, kick, el, iofds))
+            Ok((control, kick, wakes))
         };
-        let (control, kick, el, iofds) = match setup() {
+        let (control, kick, wakes) = match setup() {
             Ok(s) => s,
             Err(e) => {
                 error!("{}: queue {q}: cannot set up its worker: {e}", self.name());
@@ -408,21 +415,30 @@ impl CdevDevice {
             list.push(slot.clone());
             slot
         };
-        let ctx = WorkerCtx {
+        let door = CdevDoor {
             q,
-            queue,
-            blk: BlkQueue::new(self.blk().clone()),
             slot: slot.clone(),
-            kick: kick.clone(),
-            iofds,
-            el,
-            control: control.clone(),
             core: self.core.clone(),
-            name: self.name().to_owned(),
+        };
+        let worker = match QueueWorker::new(
+            format!("{}: queue {q}", self.name()),
+            self.blk(),
+            queue,
+            door,
+            wakes,
+            control.clone(),
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                error!("{}: queue {q}: cannot set up its worker: {e}", self.name());
+                lock(&self.slots.list).retain(|s| !Arc::ptr_eq(s, &slot));
+                self.core.needs_reset();
+                return;
+            }
         };
         match std::thread::Builder::new()
             .name(format!("{}-cq{q}", self.name()))
-            .spawn(move || ctx.run())
+            .spawn(move || worker.run())
         {
             Ok(join) => {
                 debug!("{}: queue {q} started", self.name());
@@ -444,11 +460,11 @@ impl CdevDevice {
         }
     }
 
-    /// Stops a worker and returns its queue (position kept).
+    /// Stops a worker (after its I/O in flight completed) and returns its
+    /// queue (position kept). This door never parks a request.
     fn stop_worker(&self, w: Worker) -> Option<Queue> {
-        w.control.stop.store(true, Ordering::SeqCst);
-        let _ = w.control.wake.write(1);
-        let q = w.join.join().ok();
+        w.control.stop();
+        let q = w.join.join().ok().map(|(q, _)| q);
         lock(&self.slots.list).retain(|s| !Arc::ptr_eq(s, &w.slot));
         q
     }
@@ -704,62 +720,35 @@ pub fn into_eventfd(fd: OwnedFd) -> Result<EventFd, Errno> {
 }
 
 /// Everything a worker thread owns.
-struct WorkerCtx {
+/// The cdev door of a queue worker: the reader of the device's IOAS (none
+/// while DMA is blocked; the attach hook switches it between batches), and
+/// MSI-X. A fault is a plain DMA error: the request fails with IOERR.
+struct CdevDoor {
     q: u16,
-    queue: Queue,
-    blk: BlkQueue,
     slot: Slot,
-    kick: Arc<EventFd>,
-    iofds: Vec<EventFd>,
-    el: EventLoop,
-    control: Arc<Control>,
     core: Arc<Core>,
-    name: String,
 }
 
-impl WorkerCtx {
-    fn run(mut self) -> Queue {
-        let mut broken = !self.process();
-        loop {
-            let mut work = false;
-            if let Err(e) = self.el.wait(|id| work |= id != EVENT_CONTROL) {
-                error!("{}: queue {}: {e}", self.name, self.q);
-                break;
-            }
-            let _ = self.control.wake.read();
-            if self.control.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if work {
-                // The counts only say "look"; EAGAIN too.
-                let _ = self.kick.read();
-                for fd in &self.iofds {
-                    let _ = fd.read();
-                }
-                if !broken {
-                    broken = !self.process();
-                }
-            }
-        }
-        self.queue
-    }
-
-    /// Drains the queue through the current reader; false if the queue
-    /// itself is broken (the device then needs a reset).
-    fn process(&mut self) -> bool {
+impl Door for CdevDoor {
+    fn batch<R>(
+        &mut self,
+        _rings: Rings,
+        f: impl FnOnce(&RingView<'_, '_>, &mut Decide<'_>) -> R,
+    ) -> Batch<R> {
         let mut guard = lock(&self.slot);
         let Some(reader) = guard.as_mut() else {
             debug!(
                 "{}: queue {}: DMA blocked (not attached)",
-                self.name, self.q
+                self.core.reg.name(),
+                self.q
             );
-            return true;
+            return Batch::Lost;
         };
         let before = reader.stats();
+        let releaser = reader.hold_releaser();
         let session = reader.enter();
-        let r = self
-            .blk
-            .process(&mut self.queue, &session, FaultPolicy::Fail);
+        let view = RingView::new(&session, None, &releaser);
+        let r = f(&view, &mut |_| FaultPolicy::Fail);
         drop(session);
         let after = reader.stats();
         drop(guard);
@@ -770,18 +759,14 @@ impl WorkerCtx {
             after.translations.saturating_sub(before.translations),
         );
         DeviceCounters::add(&c.cache_hits, after.hits.saturating_sub(before.hits));
-        match r {
-            Ok(outcome) => {
-                if outcome.notify {
-                    self.core.queue_interrupt(self.q);
-                }
-                true
-            }
-            Err(e) => {
-                error!("{}: queue {}: {e}; device needs a reset", self.name, self.q);
-                self.core.needs_reset();
-                false
-            }
-        }
+        Batch::Ran(r)
+    }
+
+    fn notify(&self) {
+        self.core.queue_interrupt(self.q);
+    }
+
+    fn broken(&self, _err: &dyn std::fmt::Display) {
+        self.core.needs_reset();
     }
 }

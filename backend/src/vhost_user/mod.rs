@@ -15,7 +15,6 @@ pub mod dispatch;
 pub mod inflight;
 pub mod iotlb;
 pub mod memory;
-pub mod ring;
 pub mod vring;
 
 #[cfg(test)]

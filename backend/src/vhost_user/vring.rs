@@ -3,58 +3,53 @@
 //!
 //! # Who owns what
 //!
-//! - The connection thread owns [`Vring`]: size, ring GPAs, base, kick fd,
-//!   enable bit. Only it starts and stops the worker.
-//! - A running worker owns the `virtio_queue::Queue`, the device's per-queue
-//!   state and a [`Reader`] of the connection's DMA address space. It is
-//!   online in that space only while it processes the queue (one
-//!   [`vcdev_iommu::Session`] per wake-up), so memory-table edits wait for
-//!   at most one batch of requests.
-//! - The call and err eventfds are shared ([`Notifiers`]): the frontend may
-//!   change them while the queue runs (QEMU masks guest notifiers so).
+//! - The connection thread owns [`Vring`]: size, ring addresses, base, kick
+//!   fd, enable bit. Only it starts and stops the worker.
+//! - A running worker is the shared queue engine ([`crate::queue`]) with
+//!   this door's part, [`VhostDoor`]: a [`Reader`] of the connection's DMA
+//!   address space (online only for one batch), the ring pins, the call and
+//!   err eventfds ([`Notifiers`], which the frontend may change while the
+//!   queue runs), and the IOTLB misses its parked requests wait for.
 //!
-//! A worker waits only on its own epoll (kick + control + miss wake-up):
-//! stopping it (GET_VRING_BASE, SET_VRING_ENABLE 0, RESET_DEVICE,
-//! disconnect) never waits on the frontend.
+//! A worker waits only on its own epoll (kick, completions, control, miss
+//! answers): stopping it (GET_VRING_BASE, SET_VRING_ENABLE 0, RESET_DEVICE,
+//! disconnect) never waits on the frontend, only for the I/O in flight.
 //!
 //! # Under a vIOMMU (ACCESS_PLATFORM)
 //!
-//! The worker pins the rings ([`super::ring`]) and processes the queue with
-//! [`FaultPolicy::Retry`]. A fault ends the session first (the worker is
-//! then quiescent, so an INVALIDATE never waits for it: QEMU acks our miss
-//! only after we acked its invalidations), then joins or sends the miss
-//! ([`super::iotlb`]) and waits on its epoll for the answer, the timeout or
-//! a stop, whichever comes first. An answered miss retries the request; a
-//! refused or timed-out one fails exactly that request with IOERR (the
-//! avail index is clamped to it) and the queue goes on. A write into a
-//! read-only mapping fails at once, without a miss, as in Linux vhost.
+//! The worker pins the rings ([`crate::ring`]). A request whose buffer
+//! faults is parked: the door sends the miss (or joins the same pending
+//! one) on the backend channel, and the requests behind it go on. The
+//! answer (an UPDATE, then the ack) wakes the worker, which walks the parked
+//! request again. A miss acked without an UPDATE, or unanswered after the
+//! timeout, fails exactly its request with IOERR; a write into a read-only
+//! mapping fails at once, without a miss, as in Linux vhost. A worker that
+//! waits for a miss holds no session, so an INVALIDATE never waits for it
+//! (QEMU acks our miss only after we acked its invalidations); it waits only
+//! for the requests in flight that overlap it, which complete on their own.
+//! A ring that faults is asked for the same way; the queue waits for it
+//! (nothing can be processed without its rings).
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
-use vcdev_device_model::blk::{BlkDevice, BlkQueue, FaultPolicy};
+use vcdev_device_model::blk::{BlkDevice, Fault as BlkFault, FaultPolicy};
 use vcdev_iommu::translate::ReaderStats;
-use vcdev_iommu::{AddressSpace, Fault, Permissions, Reader};
+use vcdev_iommu::{AddressSpace, Fault, HoldReleaser, Permissions, Reader, Session};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::BackendChannel;
 use super::inflight::InflightRegion;
-use super::iotlb::{record_wait, MissTable, IOTLB_PAGE_SIZE};
-use super::ring::{RingPins, RingView};
-use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
+use super::iotlb::{record_wait, Miss, MissTable, IOTLB_PAGE_SIZE};
+use crate::event_loop::EventLoopError;
+use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings};
 use crate::registry::{Device, DeviceCounters};
+use crate::ring::{RingPins, RingView};
 use vcdev_iommu::sync::lock;
-
-/// The kick eventfd's event id in a worker's loop.
-const EVENT_KICK: u64 = EVENT_FIRST_DEVICE;
-/// The worker's miss wake-up eventfd (an answer to a miss it waits for).
-const EVENT_MISS: u64 = EVENT_FIRST_DEVICE + 1;
 
 /// How many times in a row one page may fault again right after its miss
 /// was answered (updated, then invalidated at once) before the request
@@ -148,18 +143,11 @@ impl Notifiers {
     }
 }
 
-/// A worker's control word and the eventfd that wakes it to read it.
-#[derive(Debug)]
-struct Control {
-    wake: EventFd,
-    stop: AtomicBool,
-}
-
 /// A running queue.
 #[derive(Debug)]
 struct Worker {
     control: Arc<Control>,
-    join: JoinHandle<Queue>,
+    join: JoinHandle<(Queue, Vec<u16>)>,
 }
 
 /// The state of one virtqueue.
@@ -176,6 +164,9 @@ pub struct Vring {
     kick: Option<EventFd>,
     enabled: bool,
     warned_small: bool,
+    /// Requests taken from the avail ring and parked on a miss when the
+    /// queue stopped: walked again first when it resumes where it stopped.
+    parked: Vec<u16>,
     notifiers: Arc<Notifiers>,
     worker: Option<Worker>,
 }
@@ -194,6 +185,7 @@ impl Vring {
             kick: None,
             enabled: false,
             warned_small: false,
+            parked: Vec::new(),
             notifiers: Arc::default(),
             worker: None,
         }
@@ -226,11 +218,18 @@ impl Vring {
 
     /// SET_VRING_ADDR, addresses already in the DMA space.
     pub fn set_addr(&mut self, desc: u64, avail: u64, used: u64) {
+        if self.addr != Some((desc, avail, used)) {
+            self.parked.clear();
+        }
         self.addr = Some((desc, avail, used));
     }
 
-    /// SET_VRING_BASE.
+    /// SET_VRING_BASE. The requests parked when the queue stopped are kept
+    /// when it resumes where it stopped, and dropped otherwise (a reset).
     pub fn set_base(&mut self, base: u16) {
+        if base != self.next_avail {
+            self.parked.clear();
+        }
         self.next_avail = base;
         self.next_used = base;
     }
@@ -310,52 +309,50 @@ impl Vring {
         queue.set_event_idx(self.event_idx);
         queue.set_ready(true);
 
-        let kick = kick
-            .try_clone()
-            .map_err(|source| VringError::EventFd { index, source })?;
-        let control = Arc::new(Control {
-            wake: EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|source| VringError::EventFd { index, source })?,
-            stop: AtomicBool::new(false),
-        });
-        let miss_wake = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|source| VringError::EventFd { index, source })?,
-        );
-        let el = EventLoop::new().map_err(|source| VringError::EventLoop { index, source })?;
-        el.add(kick.as_raw_fd(), EVENT_KICK)
-            .and_then(|()| el.add(control.wake.as_raw_fd(), EVENT_CONTROL))
-            .and_then(|()| el.add(miss_wake.as_raw_fd(), EVENT_MISS))
-            .map_err(|source| VringError::EventLoop { index, source })?;
+        let fd_err = |source| VringError::EventFd { index, source };
+        let kick = kick.try_clone().map_err(fd_err)?;
+        let control = Control::new().map_err(fd_err)?;
+        let miss_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(fd_err)?);
+        let wakes = vec![kick, miss_wake.try_clone().map_err(fd_err)?];
         // TODO(issue 8 wiring): `let inflight = dma.inflight.as_ref().map(|r|
-        // r.queue(index, self.size)).transpose()?;` (an InflightError is a
-        // start failure), handed to the worker. Before its first avail
-        // fetch the worker reads the used ring's idx `u`, resubmits
-        // `inflight.resubmit_list(u)` in that order, and sets next_avail to
-        // `QueueInflight::next_avail(u, &list)`, next_used to `u`; then
-        // `begin(head)` per head popped before submitting it, and
-        // `complete(head)` / add_used / `commit(next_used)` per completion
-        // (see super::inflight's module doc).
+        // r.queue(index, self.size)).transpose()?` (an InflightError fails
+        // the start). Before the first poll, with `u` the used ring's idx:
+        // `let list = inflight.resubmit_list(u)`, next_avail =
+        // `QueueInflight::next_avail(u, &list)`, next_used = `u`, and the
+        // list goes to `worker.resume_parked` (parked heads are walked
+        // again, oldest first, before the avail ring). In the AsyncQueue:
+        // `begin(head)` per chain popped, before it is submitted;
+        // `complete(head)` before its used entry, `commit(next_used)` once
+        // the used idx is written (see super::inflight's module doc).
         let reader = dma.space.reader();
-        let ctx = WorkerCtx {
-            index,
-            queue,
-            blk: BlkQueue::new(device.clone()),
+        let door = VhostDoor {
+            who: format!("{owner}: queue {index}"),
             last_stats: reader.stats(),
+            releaser: reader.hold_releaser(),
             reader,
-            kick,
-            el,
-            control: control.clone(),
-            notifiers: self.notifiers.clone(),
+            pins: RingPins::default(),
             iotlb: dma.iotlb.clone(),
             device: dma.device.clone(),
-            pins: RingPins::default(),
-            miss_wake,
-            owner: owner.to_owned(),
+            notifiers: self.notifiers.clone(),
+            misses: MissWaits {
+                waiting: Vec::new(),
+                wake: miss_wake,
+                repoll: false,
+            },
         };
+        let mut worker = QueueWorker::new(
+            format!("{owner}: queue {index}"),
+            device,
+            queue,
+            door,
+            wakes,
+            control.clone(),
+        )
+        .map_err(|source| VringError::EventLoop { index, source })?;
+        worker.resume_parked(std::mem::take(&mut self.parked));
         let join = std::thread::Builder::new()
             .name(format!("{owner}-q{index}"))
-            .spawn(move || ctx.run())
+            .spawn(move || worker.run())
             .map_err(|source| VringError::Spawn { index, source })?;
         debug!("{owner}: queue {index} started");
         self.worker = Some(Worker { control, join });
@@ -363,19 +360,18 @@ impl Vring {
     }
 
     /// Stops the worker (if any) and keeps the queue's position. Returns
-    /// promptly: a worker never waits on the frontend.
+    /// once the I/O in flight completed: a worker never waits on the
+    /// frontend.
     pub fn stop(&mut self) {
         let Some(w) = self.worker.take() else {
             return;
         };
-        w.control.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = w.control.wake.write(1) {
-            error!("queue {}: cannot wake its worker: {e}", self.index);
-        }
+        w.control.stop();
         match w.join.join() {
-            Ok(q) => {
+            Ok((q, parked)) => {
                 self.next_avail = q.next_avail();
                 self.next_used = q.next_used();
+                self.parked = parked;
             }
             Err(_) => error!("queue {}: worker panicked", self.index),
         }
@@ -391,6 +387,7 @@ impl Vring {
         if all {
             self.size = self.max_size;
             self.addr = None;
+            self.parked.clear();
             self.next_avail = 0;
             self.next_used = 0;
             self.event_idx = false;
@@ -406,89 +403,171 @@ impl Drop for Vring {
     }
 }
 
-/// Everything a worker thread owns.
-struct WorkerCtx {
-    index: u16,
-    queue: Queue,
-    blk: BlkQueue,
-    reader: Reader,
-    last_stats: ReaderStats,
-    kick: EventFd,
-    el: EventLoop,
-    control: Arc<Control>,
-    notifiers: Arc<Notifiers>,
-    iotlb: Option<Arc<Iotlb>>,
-    device: Arc<Device>,
-    pins: RingPins,
-    miss_wake: Arc<EventFd>,
-    owner: String,
+/// A miss a parked request of this queue waits for.
+#[derive(Debug)]
+struct Waiting {
+    miss: Arc<Miss>,
+    start: Instant,
+    /// Times the page faulted again right after its UPDATE.
+    refaults: u32,
 }
 
-/// How a drain of the queue ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Drained {
-    /// Nothing left to do until the next kick.
-    Idle,
-    /// The queue is broken until restarted.
-    Broken,
-    /// A stop request came.
-    Stopped,
+/// The misses of one queue's parked requests.
+#[derive(Debug)]
+struct MissWaits {
+    waiting: Vec<Waiting>,
+    /// Woken by an answer to any of them.
+    wake: Arc<EventFd>,
+    /// A fault's translation was there by the time it was decided on.
+    repoll: bool,
 }
 
-/// Why a fault could not be resolved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Unresolved {
-    /// The mapping exists but forbids the access.
-    Denied,
-    /// The frontend acked the miss without an UPDATE.
-    Refused,
-    /// No answer before the timeout.
-    TimedOut,
-    /// No backend channel to ask on, or not under a vIOMMU.
-    NoChannel,
-    /// The same page keeps faulting right after its UPDATE.
-    Refaults,
-}
-
-/// The outcome of resolving one fault.
-enum Resolution {
-    /// The translation is there now: process again.
-    Retry,
-    /// It will not come: fail the request.
-    Fail(Unresolved),
-    /// A stop request came while waiting.
-    Stopped,
-}
-
-impl WorkerCtx {
-    fn run(mut self) -> Queue {
-        // A kick may have come before the queue was enabled: look now.
-        let mut state = self.process();
-        while state != Drained::Stopped {
-            let mut kicked = false;
-            if let Err(e) = self.el.wait(|id| kicked |= id == EVENT_KICK) {
-                error!("queue {}: {e}", self.index);
-                break;
+impl MissWaits {
+    /// Decides about a fault of a request (or ring) under ACCESS_PLATFORM:
+    /// park it while its miss is pending (sending the miss, or joining the
+    /// same one), fail it when the mapping forbids the access, the miss was
+    /// refused or timed out, or the page keeps faulting right after its
+    /// UPDATE.
+    fn decide(
+        &mut self,
+        session: &Session<'_>,
+        io: Option<&Iotlb>,
+        counters: &DeviceCounters,
+        who: &str,
+        fault: &BlkFault,
+    ) -> FaultPolicy {
+        let Some(io) = io else {
+            return FaultPolicy::Fail;
+        };
+        let (iova, access) = (fault.addr.0, fault.access);
+        match session.translate(iova, 1, access) {
+            // An UPDATE raced in: look again at once.
+            Ok(_) => {
+                self.repoll = true;
+                return FaultPolicy::Retry;
             }
-            // Consume the wake-ups first, then look at the word: a stop set
-            // after this look leaves the eventfd readable for the next wait.
-            let _ = self.control.wake.read();
-            let _ = self.miss_wake.read();
-            if self.control.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if kicked {
-                // The count only says "look"; a failed read (EAGAIN) too.
-                let _ = self.kick.read();
-                if state != Drained::Broken {
-                    state = self.process();
-                }
+            Err(Fault::Unmapped { .. }) => {}
+            Err(_) => {
+                debug!("{who}: IOVA {iova:#x} {access:?} denied by its mapping");
+                return FaultPolicy::Fail;
             }
         }
-        self.account();
-        self.queue
+        let page = iova & !(IOTLB_PAGE_SIZE - 1);
+        let Some(i) = self
+            .waiting
+            .iter()
+            .position(|w| w.miss.page == page && w.miss.access == access)
+        else {
+            let miss = self.ask(io, counters, who, iova, access);
+            self.waiting.push(Waiting {
+                miss,
+                start: Instant::now(),
+                refaults: 0,
+            });
+            return FaultPolicy::Retry;
+        };
+        let st = self
+            .waiting
+            .get(i)
+            .map(|w| w.miss.state())
+            .unwrap_or_default();
+        let fail = if st.updated {
+            // Answered, and faulting again already (invalidated at once).
+            let refaults = self.waiting.get(i).map_or(0, |w| w.refaults + 1);
+            if refaults <= MAX_REFAULTS {
+                let old = self.waiting.swap_remove(i);
+                io.misses.leave(&old.miss, &self.wake);
+                let miss = self.ask(io, counters, who, iova, access);
+                self.waiting.push(Waiting {
+                    miss,
+                    start: old.start,
+                    refaults,
+                });
+                return FaultPolicy::Retry;
+            }
+            debug!("{who}: IOVA {iova:#x} {access:?} keeps faulting after its UPDATE");
+            true
+        } else if st.done() {
+            DeviceCounters::add(&counters.iotlb_misses_refused, 1);
+            debug!("{who}: miss for IOVA {iova:#x} {access:?} refused");
+            true
+        } else if self
+            .waiting
+            .get(i)
+            .is_some_and(|w| w.start.elapsed() >= io.timeout)
+        {
+            DeviceCounters::add(&counters.iotlb_misses_timed_out, 1);
+            warn!(
+                "{who}: IOTLB miss for IOVA {iova:#x} {access:?} unanswered after {:?}",
+                io.timeout
+            );
+            true
+        } else {
+            false
+        };
+        if !fail {
+            return FaultPolicy::Retry;
+        }
+        let w = self.waiting.swap_remove(i);
+        self.forget(io, counters, w);
+        FaultPolicy::Fail
     }
 
+    /// Sends the miss for `iova`, or joins the same pending one.
+    fn ask(
+        &self,
+        io: &Iotlb,
+        counters: &DeviceCounters,
+        who: &str,
+        iova: u64,
+        access: Permissions,
+    ) -> Arc<Miss> {
+        let (miss, send) = io.misses.join(iova, access, &self.wake);
+        if send {
+            if let Err(e) = io.channel.send_miss(&miss, counters) {
+                debug!("{who}: {e}");
+                miss.unsent();
+            }
+        } else {
+            DeviceCounters::add(&counters.iotlb_misses_joined, 1);
+            debug!(
+                "{who}: joins the pending miss for IOVA {:#x} {access:?}",
+                miss.page
+            );
+        }
+        miss
+    }
+
+    fn forget(&self, io: &Iotlb, counters: &DeviceCounters, w: Waiting) {
+        io.misses.leave(&w.miss, &self.wake);
+        record_wait(counters, w.start.elapsed());
+    }
+
+    /// The earliest time a pending miss times out.
+    fn deadline(&self, io: Option<&Iotlb>) -> Option<Instant> {
+        let io = io?;
+        self.waiting
+            .iter()
+            .filter(|w| !w.miss.state().done())
+            .map(|w| w.start + io.timeout)
+            .min()
+    }
+}
+
+/// The vhost-user door of a queue worker: see the module doc.
+struct VhostDoor {
+    who: String,
+    reader: Reader,
+    releaser: HoldReleaser,
+    last_stats: ReaderStats,
+    pins: RingPins,
+    iotlb: Option<Arc<Iotlb>>,
+    device: Arc<Device>,
+    notifiers: Arc<Notifiers>,
+    misses: MissWaits,
+}
+
+impl VhostDoor {
     /// Adds the reader's counts since the last call to the device's.
     fn account(&mut self) {
         let now = self.reader.stats();
@@ -500,203 +579,109 @@ impl WorkerCtx {
         DeviceCounters::add(&c.cache_hits, now.hits - self.last_stats.hits);
         self.last_stats = now;
     }
+}
 
-    /// Drains the queue, resolving IOTLB misses on the way.
-    fn process(&mut self) -> Drained {
-        // Process only the next chain, failing it if it faults.
-        let mut fail_one = false;
-        let mut last_fault: Option<(u64, Permissions)> = None;
-        let mut refaults = 0u32;
-        loop {
-            if self.control.stop.load(Ordering::SeqCst) {
-                return Drained::Stopped;
-            }
-            let session = self.reader.enter();
-            let pins = if self.iotlb.is_some() {
-                let rings = (
-                    self.queue.desc_table(),
-                    self.queue.avail_ring(),
-                    self.queue.used_ring(),
-                );
-                match self.pins.refresh(&session, rings, self.queue.size()) {
-                    Ok(redone) => {
-                        if redone {
-                            DeviceCounters::add(&self.device.counters().ring_pins, 1);
-                        }
-                        Some(&self.pins)
+impl VhostDoor {
+    fn forget_misses(&mut self, which: impl Fn(&Waiting) -> bool) {
+        let Some(io) = self.iotlb.as_deref() else {
+            return;
+        };
+        let (gone, keep) = std::mem::take(&mut self.misses.waiting)
+            .into_iter()
+            .partition(which);
+        self.misses.waiting = keep;
+        for w in gone {
+            self.misses.forget(io, self.device.counters(), w);
+        }
+    }
+}
+
+impl Drop for VhostDoor {
+    fn drop(&mut self) {
+        self.forget_misses(|_| true);
+    }
+}
+
+impl Door for VhostDoor {
+    fn batch<R>(
+        &mut self,
+        rings: Rings,
+        f: impl FnOnce(&RingView<'_, '_>, &mut Decide<'_>) -> R,
+    ) -> Batch<R> {
+        let VhostDoor {
+            who,
+            reader,
+            releaser,
+            pins,
+            iotlb,
+            device,
+            misses,
+            ..
+        } = self;
+        let counters = device.counters();
+        let session = reader.enter();
+        let pinned = if iotlb.is_some() {
+            match pins.refresh(&session, (rings.desc, rings.avail, rings.used), rings.size) {
+                Ok(redone) => {
+                    if redone {
+                        DeviceCounters::add(&counters.ring_pins, 1);
                     }
-                    Err((fault, access)) => {
-                        drop(session);
-                        self.account();
-                        match self.resolve(&fault, access, &mut last_fault, &mut refaults) {
-                            Resolution::Retry => continue,
-                            Resolution::Stopped => return Drained::Stopped,
-                            Resolution::Fail(why) => {
-                                // Nothing to fail: the queue itself is out
-                                // of reach. Try again at the next kick.
-                                warn!(
-                                    "{}: queue {}: ring at IOVA {:#x} not translatable ({why:?})",
-                                    self.owner,
-                                    self.index,
-                                    fault.iova()
-                                );
-                                return Drained::Idle;
-                            }
+                    Some(&*pins)
+                }
+                Err((fault, access)) => {
+                    let fault = BlkFault {
+                        addr: GuestAddress(fault.iova()),
+                        len: 1,
+                        access,
+                    };
+                    let policy = misses.decide(&session, iotlb.as_deref(), counters, who, &fault);
+                    drop(session);
+                    self.account();
+                    return match policy {
+                        FaultPolicy::Retry => Batch::Blocked,
+                        FaultPolicy::Fail => {
+                            warn!(
+                                "{}: ring at IOVA {:#x} not translatable",
+                                self.who, fault.addr.0
+                            );
+                            Batch::Lost
                         }
-                    }
-                }
-            } else {
-                None
-            };
-            let mut view = RingView::new(&session, pins);
-            let policy = if fail_one {
-                let at = self.queue.avail_ring().wrapping_add(2);
-                view = view.clamp_avail_idx(at, self.queue.next_avail().wrapping_add(1));
-                FaultPolicy::Fail
-            } else if self.iotlb.is_some() {
-                FaultPolicy::Retry
-            } else {
-                FaultPolicy::Fail
-            };
-            let r = self.blk.process(&mut self.queue, &view, policy);
-            // The view borrows the session: it ends here with it.
-            drop(session);
-            self.account();
-            let outcome = match r {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(
-                        "{}: queue {}: {e}; queue stopped until restarted",
-                        self.owner, self.index
-                    );
-                    Notifiers::signal(&self.notifiers.err, "err");
-                    return Drained::Broken;
-                }
-            };
-            if outcome.notify {
-                Notifiers::signal(&self.notifiers.call, "call");
-            }
-            if fail_one {
-                fail_one = false;
-                last_fault = None;
-                continue;
-            }
-            let Some(f) = outcome.fault else {
-                return Drained::Idle;
-            };
-            let fault = Fault::Unmapped { iova: f.addr.0 };
-            match self.resolve(&fault, f.access, &mut last_fault, &mut refaults) {
-                Resolution::Retry => {}
-                Resolution::Stopped => return Drained::Stopped,
-                Resolution::Fail(why) => {
-                    debug!(
-                        "{}: queue {}: request at avail {} fails: IOVA {:#x} {:?} ({why:?})",
-                        self.owner,
-                        self.index,
-                        self.queue.next_avail(),
-                        f.addr.0,
-                        f.access
-                    );
-                    fail_one = true;
+                    };
                 }
             }
+        } else {
+            None
+        };
+        let view = RingView::new(&session, pinned, releaser);
+        let io = iotlb.as_deref();
+        let mut decide = |fault: &BlkFault| misses.decide(&session, io, counters, who, fault);
+        let r = f(&view, &mut decide);
+        drop(session);
+        self.account();
+        Batch::Ran(r)
+    }
+
+    fn notify(&self) {
+        Notifiers::signal(&self.notifiers.call, "call");
+    }
+
+    fn broken(&self, _err: &dyn std::fmt::Display) {
+        Notifiers::signal(&self.notifiers.err, "err");
+    }
+
+    fn after_batch(&mut self, parked: usize) {
+        // Answered misses are done with once no request waits any more;
+        // pending ones stay (a ring may wait for one with nothing parked).
+        if parked == 0 {
+            self.forget_misses(|w| w.miss.state().done());
         }
     }
 
-    /// Resolves a fault at `fault.iova()` for `access`: offline, asks the
-    /// frontend (or joins the same pending question) and waits for the
-    /// answer, the timeout or a stop.
-    fn resolve(
-        &mut self,
-        fault: &Fault,
-        access: Permissions,
-        last: &mut Option<(u64, Permissions)>,
-        refaults: &mut u32,
-    ) -> Resolution {
-        let iova = fault.iova();
-        let Some(io) = self.iotlb.clone() else {
-            return Resolution::Fail(Unresolved::NoChannel);
-        };
-        // Already there (an UPDATE raced in), or there but not allowed?
-        match self.reader.enter().translate(iova, 1, access) {
-            Ok(_) => return Resolution::Retry,
-            Err(Fault::Unmapped { .. }) => {}
-            Err(_) => return Resolution::Fail(Unresolved::Denied),
-        }
-        let page = (iova & !(IOTLB_PAGE_SIZE - 1), access);
-        if *last == Some(page) {
-            *refaults += 1;
-            if *refaults > MAX_REFAULTS {
-                *refaults = 0;
-                *last = None;
-                return Resolution::Fail(Unresolved::Refaults);
-            }
-        } else {
-            *last = Some(page);
-            *refaults = 0;
-        }
-        let start = Instant::now();
-        let (miss, send) = io.misses.join(iova, access, &self.miss_wake);
-        if send {
-            if let Err(e) = io.channel.send_miss(&miss, self.device.counters()) {
-                debug!("{}: queue {}: {e}", self.owner, self.index);
-                miss.unsent();
-            }
-        } else {
-            DeviceCounters::add(&self.device.counters().iotlb_misses_joined, 1);
-            debug!(
-                "{}: queue {}: joins the pending miss for IOVA {:#x} {access:?}",
-                self.owner, self.index, miss.page
-            );
-        }
-        let deadline = start + io.timeout;
-        let r = loop {
-            let st = miss.state();
-            if st.updated {
-                break Resolution::Retry;
-            }
-            if st.done() {
-                // Acked (or unsendable) without an UPDATE for this page
-                // and access: unless another UPDATE brought it meanwhile,
-                // the request fails now.
-                if self.reader.enter().translate(iova, 1, access).is_ok() {
-                    break Resolution::Retry;
-                }
-                DeviceCounters::add(&self.device.counters().iotlb_misses_refused, 1);
-                break Resolution::Fail(if st.unsent {
-                    Unresolved::NoChannel
-                } else {
-                    Unresolved::Refused
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                DeviceCounters::add(&self.device.counters().iotlb_misses_timed_out, 1);
-                warn!(
-                    "{}: queue {}: IOTLB miss for IOVA {iova:#x} {access:?} unanswered after {:?}",
-                    self.owner, self.index, io.timeout
-                );
-                break Resolution::Fail(Unresolved::TimedOut);
-            }
-            let mut kicked = false;
-            if let Err(e) = self
-                .el
-                .wait_timeout(Some(deadline - now), |id| kicked |= id == EVENT_KICK)
-            {
-                error!("queue {}: {e}", self.index);
-                break Resolution::Stopped;
-            }
-            let _ = self.miss_wake.read();
-            if kicked {
-                // The drain that follows the answer sees the new chains.
-                let _ = self.kick.read();
-            }
-            if self.control.stop.load(Ordering::SeqCst) {
-                break Resolution::Stopped;
-            }
-        };
-        io.misses.leave(&miss, &self.miss_wake);
-        record_wait(self.device.counters(), start.elapsed());
-        r
+    fn deadline(&self) -> Option<Instant> {
+        self.misses.deadline(self.iotlb.as_deref())
+    }
+
+    fn take_repoll(&mut self) -> bool {
+        std::mem::take(&mut self.misses.repoll)
     }
 }

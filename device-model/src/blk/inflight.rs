@@ -36,11 +36,13 @@ use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
 use super::chain::{self, Rewalk};
 use super::exec::{self, answer, check_range, start_chain, used_len, Completion, Started};
 use super::request::{ParseError, RequestType, Segment};
-use super::{BlkDevice, Error, FaultPolicy, QueueOutcome};
+use super::{BlkDevice, Error, Fault, FaultPolicy, QueueOutcome};
 
-/// A hold on translated ranges, given back to [`InflightMemory::release`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HoldToken(pub u64);
+/// A hold on translated ranges; releasing it (once) lets invalidations that overlap it finish.
+pub trait Release: std::fmt::Debug + Send {
+    /// Release the hold. Must not block on an invalidation.
+    fn release(self);
+}
 
 /// Guest memory whose translations a request can hold while its I/O is in flight.
 ///
@@ -48,26 +50,25 @@ pub struct HoldToken(pub u64);
 ///
 /// An implementation promises that the host memory of every translation made through this
 /// view before [`InflightMemory::hold`] returned, and that lies in the held ranges, stays mapped
-/// (and keeps meaning the same guest memory) until [`InflightMemory::release`] is called with
-/// the token, even if the view itself is dropped meanwhile: the kernel reads and writes it
-/// asynchronously.
+/// (and keeps meaning the same guest memory) until the hold is released, even if the view itself
+/// is dropped meanwhile: the kernel reads and writes it asynchronously.
 pub unsafe trait InflightMemory: GuestMemory {
+    /// What a hold is.
+    type Hold: Release;
     /// Hold `ranges` (`(first, last)` addresses, inclusive, in this view's address space).
-    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken;
-    /// Release a hold.
-    fn release(&self, token: HoldToken);
+    fn hold(&self, ranges: &[(u64, u64)]) -> Self::Hold;
 }
 
 /// A request whose I/O is in flight (or waits for a slot or a flush barrier).
 #[derive(Debug)]
-struct Inflight {
+struct Inflight<H> {
     head: u16,
     status: IoVec,
     /// Bytes the operation must move.
     expect: u64,
     /// Bytes written into the driver's buffers on success.
     written: u64,
-    hold: HoldToken,
+    hold: H,
     /// For writes: the sequence number in [`AsyncQueue::writes`].
     write_seq: Option<u64>,
 }
@@ -82,6 +83,10 @@ struct Pending {
     barrier: Option<u64>,
 }
 
+/// One try at a request under a fault policy: `Some(fault)` when it faulted under Retry.
+type Attempt<'a, Q> =
+    dyn FnMut(&mut Q, FaultPolicy, &mut QueueOutcome) -> Result<Option<Fault>, Error> + 'a;
+
 /// What the engine did, in order, for tests of ordering rules.
 #[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +96,14 @@ pub(crate) enum OpEvent {
 }
 
 /// One queue's asynchronous worker state: the engine, the requests in flight, the parked ones.
+///
+/// `H` is the hold type of the memory views it is polled with ([`InflightMemory::Hold`]).
 #[derive(Debug)]
-pub struct AsyncQueue {
+pub struct AsyncQueue<H> {
     device: Arc<BlkDevice>,
     engine: Engine,
     /// Indexed by tag.
-    slots: Vec<Option<Inflight>>,
+    slots: Vec<Option<Inflight<H>>>,
     free: Vec<u64>,
     pending: VecDeque<Pending>,
     /// Heads of chains parked on an IOMMU fault, oldest first.
@@ -108,6 +115,8 @@ pub struct AsyncQueue {
     segments: Vec<Segment>,
     reaped: Vec<IoCompletion>,
     spare_iov: Vec<Vec<IoVec>>,
+    /// Whether the queue's next used index was read from the used ring.
+    used_synced: bool,
     #[cfg(test)]
     gate: Option<u16>,
     #[cfg(test)]
@@ -116,7 +125,7 @@ pub struct AsyncQueue {
     pub(crate) log: Vec<OpEvent>,
 }
 
-impl AsyncQueue {
+impl<H: Release> AsyncQueue<H> {
     /// A worker for one queue of `device`, doing its I/O on `engine`, with at most as many
     /// requests in flight as the device's queue size.
     #[must_use]
@@ -135,6 +144,7 @@ impl AsyncQueue {
             segments: Vec::new(),
             reaped: Vec::new(),
             spare_iov: Vec::new(),
+            used_synced: false,
             #[cfg(test)]
             gate: None,
             #[cfg(test)]
@@ -162,21 +172,46 @@ impl AsyncQueue {
         self.parked.len()
     }
 
+    /// The heads of the parked requests, oldest first, taken out of this queue: a transport
+    /// that stops the queue keeps them (they were taken from the avail ring and not answered)
+    /// and gives them to the queue that resumes it ([`AsyncQueue::park`]).
+    pub fn take_parked(&mut self) -> Vec<u16> {
+        self.parked.drain(..).collect()
+    }
+
+    /// Parks `heads` (from [`AsyncQueue::take_parked`]): they are walked again at the next poll,
+    /// before new chains.
+    pub fn park(&mut self, heads: impl IntoIterator<Item = u16>) {
+        self.parked.extend(heads);
+    }
+
     /// Complete what the engine finished, retry the parked requests, then take new chains
     /// from the avail ring while there is room, and submit.
     ///
-    /// Under [`FaultPolicy::Retry`] a request that faults is parked and its fault reported in
-    /// the outcome (the first one of this call); under [`FaultPolicy::Fail`] it completes with
-    /// IOERR. An error means the queue itself (used ring, event fields) could not be updated.
-    pub fn poll<M: InflightMemory>(
+    /// A request that faults is shown to `decide`: under [`FaultPolicy::Retry`] it is parked
+    /// and its fault reported in the outcome (the first one of this call); under
+    /// [`FaultPolicy::Fail`] it completes with IOERR. An error means the queue itself (used
+    /// ring, event fields) could not be updated.
+    pub fn poll<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        policy: FaultPolicy,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
     ) -> Result<QueueOutcome, Error> {
         let mut outcome = QueueOutcome::default();
         if !queue.ready() {
             return Ok(outcome);
+        }
+        if !self.used_synced {
+            // The device is the used ring's only writer, but a queue that
+            // resumes after requests were parked (taken, not answered) has
+            // used fewer chains than it took: its next used index is the
+            // ring's, not its next avail index.
+            let idx = queue
+                .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(Error::Queue)?;
+            queue.set_next_used(idx.0);
+            self.used_synced = true;
         }
         self.reap(queue, mem, &mut outcome)?;
         for _ in 0..self.parked.len() {
@@ -187,9 +222,9 @@ impl AsyncQueue {
                 self.parked.push_front(head);
                 break;
             }
-            self.retry_parked(queue, mem, policy, head, &mut outcome)?;
+            self.retry_parked(queue, mem, decide, head, &mut outcome)?;
         }
-        self.take_new(queue, mem, policy, &mut outcome)?;
+        self.take_new(queue, mem, decide, &mut outcome)?;
         self.submit_pending();
         if let Err(e) = self.engine.commit() {
             warn!("virtio-blk: submitting to the I/O engine failed: {e}");
@@ -204,14 +239,14 @@ impl AsyncQueue {
 
     /// Fail every parked request with IOERR (a miss refused or timed out), or drop it when its
     /// status byte cannot be reached. Returns how many were parked.
-    pub fn fail_parked<M: InflightMemory>(
+    pub fn fail_parked<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
     ) -> Result<QueueOutcome, Error> {
         let mut outcome = QueueOutcome::default();
         while let Some(head) = self.parked.pop_front() {
-            self.retry_parked(queue, mem, FaultPolicy::Fail, head, &mut outcome)?;
+            self.retry_parked(queue, mem, &mut |_| FaultPolicy::Fail, head, &mut outcome)?;
         }
         self.submit_pending();
         if let Err(e) = self.engine.commit() {
@@ -226,7 +261,7 @@ impl AsyncQueue {
 
     /// Wait for every request in flight and complete it (a queue stop, a disconnect, SIGTERM:
     /// before any memory goes away). Parked requests stay parked.
-    pub fn drain<M: InflightMemory>(
+    pub fn drain<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -251,11 +286,61 @@ impl AsyncQueue {
         Ok(outcome)
     }
 
-    fn take_new<M: InflightMemory>(
+    /// Wait for every request in flight and release its hold without answering it: the
+    /// driver's memory is out of reach (a device detached from its address space while it had
+    /// I/O in flight, or a queue whose rings faulted for good). The requests are lost to the
+    /// driver, as on a device reset; their I/O is finished, so nothing writes into memory that
+    /// an invalidation may take away. Returns how many were abandoned.
+    pub fn abandon(&mut self) -> usize {
+        #[cfg(test)]
+        self.open_gate();
+        let mut n = 0;
+        // Not submitted: never run them.
+        while let Some(p) = self.pending.pop_front() {
+            n += usize::from(self.forget(p.tag));
+            self.spare_iov.push(p.iov);
+        }
+        let mut reaped = std::mem::take(&mut self.reaped);
+        loop {
+            self.engine.reap(&mut reaped);
+            for (tag, _) in reaped.drain(..) {
+                n += usize::from(self.forget(tag));
+            }
+            if self.engine.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = self.engine.wait() {
+                warn!("virtio-blk: waiting for the I/O engine failed: {e}");
+                break;
+            }
+        }
+        self.reaped = reaped;
+        self.parked.clear();
+        n
+    }
+
+    /// Drop the request of `tag` unanswered, releasing its hold.
+    fn forget(&mut self, tag: u64) -> bool {
+        let Some(f) = usize::try_from(tag)
+            .ok()
+            .and_then(|t| self.slots.get_mut(t))
+            .and_then(Option::take)
+        else {
+            return false;
+        };
+        self.free.push(tag);
+        if let Some(seq) = f.write_seq {
+            self.writes.remove(&seq);
+        }
+        f.hold.release();
+        true
+    }
+
+    fn take_new<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        policy: FaultPolicy,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
         let seg_max = usize::try_from(self.device.config().seg_max()).unwrap_or(usize::MAX);
@@ -275,12 +360,14 @@ impl AsyncQueue {
                 let mut descs = std::mem::take(&mut self.descs);
                 let r = chain::collect(chain, max_chain, &mut descs);
                 let res = match r {
-                    Ok(()) => self.begin(queue, mem, policy, head, &descs, outcome),
-                    Err(err) => {
+                    Ok(()) => self.decided(head, decide, outcome, &mut |s, policy, out| {
+                        s.begin(queue, mem, policy, head, &descs, out)
+                    }),
+                    Err(err) => self.decided(head, decide, outcome, &mut |s, policy, out| {
                         let c =
-                            self.unwalkable(mem, policy, desc_table, queue_size, head, &descs, err);
-                        self.finish(queue, mem, head, c, outcome)
-                    }
+                            s.unwalkable(mem, policy, desc_table, queue_size, head, &descs, &err);
+                        s.finish(queue, mem, head, c, out)
+                    }),
                 };
                 self.descs = descs;
                 res?;
@@ -297,7 +384,7 @@ impl AsyncQueue {
 
     /// A chain virtio-queue could not walk: IOERR through its real status byte if it has one.
     #[allow(clippy::too_many_arguments)]
-    fn unwalkable<M: InflightMemory>(
+    fn unwalkable<M: InflightMemory<Hold = H>>(
         &mut self,
         mem: &M,
         policy: FaultPolicy,
@@ -305,13 +392,21 @@ impl AsyncQueue {
         queue_size: u16,
         head: u16,
         descs: &[Descriptor],
-        err: ParseError,
+        err: &ParseError,
     ) -> Completion {
         let mut slices = Vec::new();
-        if let ParseError::TooLong { .. } = err {
-            let last = descs.last().copied();
-            return exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err);
-        }
+        let err = match err {
+            ParseError::TooLong { len, max } => {
+                let last = descs.last().copied();
+                let err = ParseError::TooLong {
+                    len: *len,
+                    max: *max,
+                };
+                return exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err);
+            }
+            ParseError::EmptyChain => ParseError::EmptyChain,
+            _ => ParseError::Truncated,
+        };
         let mut walk = Vec::new();
         match chain::rewalk(mem, desc_table, queue_size, head, &mut walk) {
             Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
@@ -320,37 +415,68 @@ impl AsyncQueue {
         }
     }
 
-    fn retry_parked<M: InflightMemory>(
+    /// Run `attempt` under Retry; if it faults, ask `decide`: park the request (Retry) or run
+    /// it again under Fail, which answers it with IOERR.
+    fn decided(
+        &mut self,
+        head: u16,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
+        outcome: &mut QueueOutcome,
+        attempt: &mut Attempt<'_, Self>,
+    ) -> Result<(), Error> {
+        let Some(fault) = attempt(self, FaultPolicy::Retry, outcome)? else {
+            return Ok(());
+        };
+        match decide(&fault) {
+            FaultPolicy::Retry => {
+                self.parked.push_back(head);
+                outcome.fault.get_or_insert(fault);
+            }
+            FaultPolicy::Fail => {
+                // Under Fail nothing comes back as a fault.
+                let _ = attempt(self, FaultPolicy::Fail, outcome)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn retry_parked<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        policy: FaultPolicy,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         head: u16,
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
         let mut descs = std::mem::take(&mut self.descs);
-        let walked = chain::rewalk(
-            mem,
-            GuestAddress(queue.desc_table()),
-            queue.size(),
+        let table = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let r = self.decided(
             head,
-            &mut descs,
+            decide,
+            outcome,
+            &mut |s, policy, out| match chain::rewalk(mem, table, size, head, &mut descs) {
+                Rewalk::End(_) => {
+                    let walked = std::mem::take(&mut descs);
+                    let r = s.begin(queue, mem, policy, head, &walked, out);
+                    descs = walked;
+                    r
+                }
+                Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Ok(Some(fault)),
+                other => {
+                    log::debug!(
+                        "virtio-blk: parked chain {head} cannot be walked again: {other:?}"
+                    );
+                    s.finish(queue, mem, head, Completion::Dropped, out)
+                }
+            },
         );
-        let r = match walked {
-            Rewalk::End(_) => self.begin(queue, mem, policy, head, &descs, outcome),
-            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
-                self.finish(queue, mem, head, Completion::Retry(fault), outcome)
-            }
-            Rewalk::Fault(_) | Rewalk::Broken => {
-                self.finish(queue, mem, head, Completion::Dropped, outcome)
-            }
-        };
         self.descs = descs;
         r
     }
 
     /// Phase one of a walked chain, then its submission or its answer.
-    fn begin<M: InflightMemory>(
+    fn begin<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -358,7 +484,7 @@ impl AsyncQueue {
         head: u16,
         descs: &[Descriptor],
         outcome: &mut QueueOutcome,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Fault>, Error> {
         let device = self.device.clone();
         let target = device.target();
         let mut slices: Vec<VolatileSlice<'_, _>> = Vec::new();
@@ -412,7 +538,7 @@ impl AsyncQueue {
         let hold = mem.hold(&ranges);
         let Some(tag) = self.free.pop() else {
             // Unreachable: the caller checked for a free slot. Answer rather than lose it.
-            mem.release(hold);
+            hold.release();
             let c = answer(&status, Err(exec::RequestError::Unsupported(0)));
             return self.finish(queue, mem, head, c, outcome);
         };
@@ -446,7 +572,7 @@ impl AsyncQueue {
             barrier,
         });
         self.submit_pending();
-        Ok(())
+        Ok(None)
     }
 
     /// Submit pending operations in order while the engine takes them. A flush whose earlier
@@ -481,7 +607,7 @@ impl AsyncQueue {
         }
     }
 
-    fn reap<M: InflightMemory>(
+    fn reap<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -512,7 +638,7 @@ impl AsyncQueue {
         r
     }
 
-    fn complete<M: InflightMemory>(
+    fn complete<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -551,7 +677,7 @@ impl AsyncQueue {
         // SAFETY: the status byte was translated for writing and is held by `f.hold` until the
         // release below.
         unsafe { f.status.write_byte(status) };
-        mem.release(f.hold);
+        f.hold.release();
         self.finish(
             queue,
             mem,
@@ -559,9 +685,10 @@ impl AsyncQueue {
             Completion::Used(used_len(written)),
             outcome,
         )
+        .map(drop)
     }
 
-    /// Put a finished chain on the used ring, or park it.
+    /// Put a finished chain on the used ring, or give back its fault (under Retry).
     fn finish<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
@@ -569,13 +696,9 @@ impl AsyncQueue {
         head: u16,
         completion: Completion,
         outcome: &mut QueueOutcome,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Fault>, Error> {
         let len = match completion {
-            Completion::Retry(fault) => {
-                self.parked.push_back(head);
-                outcome.fault.get_or_insert(fault);
-                return Ok(());
-            }
+            Completion::Retry(fault) => return Ok(Some(fault)),
             Completion::Used(len) => len,
             Completion::Dropped => 0,
         };
@@ -586,7 +709,7 @@ impl AsyncQueue {
             }
             Err(err) => return Err(Error::Queue(err)),
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Test-only: hold back the completion of the request with this head until
@@ -605,15 +728,13 @@ impl AsyncQueue {
     }
 }
 
-impl Drop for AsyncQueue {
+impl<H> Drop for AsyncQueue<H> {
     fn drop(&mut self) {
-        if self.in_flight() > 0 {
+        let in_flight = self.slots.len().saturating_sub(self.free.len());
+        if in_flight > 0 {
             // The engine waits for its operations when dropped; the holds are the
             // transport's, released with its reader.
-            warn!(
-                "virtio-blk: queue dropped with {} requests in flight",
-                self.in_flight()
-            );
+            warn!("virtio-blk: queue dropped with {in_flight} requests in flight");
         }
     }
 }

@@ -29,6 +29,10 @@ thread_local! {
     static NEXT: RefCell<u64> = const { RefCell::new(1) };
 }
 
+/// A hold of the test memories: its number.
+#[derive(Debug)]
+pub struct HoldToken(u64);
+
 fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
     let id = NEXT.with(|n| {
         let mut n = n.borrow_mut();
@@ -37,6 +41,12 @@ fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
     });
     HOLDS.with(|h| h.borrow_mut().insert(id, ranges.to_vec()));
     HoldToken(id)
+}
+
+impl Release for HoldToken {
+    fn release(self) {
+        drop_hold(self);
+    }
 }
 
 fn drop_hold(t: HoldToken) {
@@ -51,21 +61,17 @@ fn holds() -> Vec<Vec<(u64, u64)>> {
 // SAFETY: test memory outlives every queue of the test that uses it (each test drains its queue
 // before the memory is dropped).
 unsafe impl InflightMemory for GuestMemoryMmap<()> {
+    type Hold = HoldToken;
     fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
         take_hold(ranges)
-    }
-    fn release(&self, token: HoldToken) {
-        drop_hold(token)
     }
 }
 
 // SAFETY: as above.
 unsafe impl InflightMemory for FaultyMem {
+    type Hold = HoldToken;
     fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
         take_hold(ranges)
-    }
-    fn release(&self, token: HoldToken) {
-        drop_hold(token)
     }
 }
 
@@ -112,16 +118,16 @@ fn data_of(d: &Driver<'_, impl GuestMemory>, sub: &Submitted) -> Vec<u8> {
 }
 
 /// Poll until `n` chains are on the used ring (or fail after 20 s).
-fn poll_until<M: InflightMemory>(
+fn poll_until<M: InflightMemory<Hold = HoldToken>>(
     d: &mut Driver<'_, M>,
-    q: &mut AsyncQueue,
+    q: &mut AsyncQueue<HoldToken>,
     policy: FaultPolicy,
     n: u16,
 ) {
     // A deadline, not a count: the machine may be busy (io_uring work runs in kernel workers).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
-        q.poll(&mut d.queue, d.mem, policy).unwrap();
+        q.poll(&mut d.queue, d.mem, &mut |_| policy).unwrap();
         if d.used_idx() >= n {
             return;
         }
@@ -138,7 +144,7 @@ fn completions_out_of_order() {
     let mem = plain_mem();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     for i in 0..4u8 {
         let w = d.request(
             VIRTIO_BLK_T_OUT,
@@ -175,10 +181,11 @@ fn a_request_holds_its_buffers() {
     let mem = plain_mem();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(512), Buf::In(1024)]);
     q.set_gate(r.head);
-    q.poll(&mut d.queue, d.mem, FaultPolicy::Fail).unwrap();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
     let mut want: Vec<(u64, u64)> = r.descs[1..]
         .iter()
         .map(|&(a, l, _)| (a, a + u64::from(l) - 1))
@@ -203,7 +210,7 @@ fn every_request_type_matches_the_model_on_both_engines() {
         let dev = file_device(&img);
         let mut d = Driver::new(&mem, dev.clone(), QSIZE);
         let mut m = Driver::new(&model_mem, ram_blk(DISK, cfg()), QSIZE);
-        let mut q = AsyncQueue::new(dev.clone(), engine(&dev, aio));
+        let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, aio));
         let mut seed = 0x1234_5678u64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
@@ -269,7 +276,7 @@ fn flush_waits_for_the_writes_before_it() {
     let mem = plain_mem();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let w: Vec<Submitted> = (0..3u8)
         .map(|i| {
             d.request(
@@ -317,12 +324,14 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     let mem = FaultyMem::new();
     let dev = file_device(&img);
     let mut d = Driver::new(&mem, dev.clone(), QSIZE);
-    let mut q = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
     let a = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
     let b = d.request(VIRTIO_BLK_T_IN, 8, &[Buf::In(4096)]);
     let (abuf, alen, _) = a.descs[1];
     mem.poison(abuf, u64::from(alen), Permissions::Write);
-    let out = q.poll(&mut d.queue, d.mem, FaultPolicy::Retry).unwrap();
+    let out = q
+        .poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Retry)
+        .unwrap();
     assert_eq!(out.fault.unwrap().addr, GuestAddress(abuf));
     poll_until(&mut d, &mut q, FaultPolicy::Retry, 1);
     assert_eq!(used(&d)[0].0, b.head);
@@ -335,10 +344,58 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     let c = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
     let (cbuf, clen, _) = c.descs[1];
     mem.poison(cbuf, u64::from(clen), Permissions::Write);
-    q.poll(&mut d.queue, d.mem, FaultPolicy::Retry).unwrap();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Retry)
+        .unwrap();
     assert_eq!(q.parked(), 1);
     q.fail_parked(&mut d.queue, d.mem).unwrap();
     assert_eq!(used(&d)[2], (c.head, 1));
     assert_eq!(status_of(&d, &c), IOERR);
     assert!(holds().is_empty());
+}
+
+/// Abandoning a queue (its memory is out of reach) waits for the I/O in flight, releases every
+/// hold, never runs what was not submitted, and answers nothing.
+#[test]
+fn abandon_releases_holds_and_answers_nothing() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::IoUring));
+    let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    q.set_gate(r.head);
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
+    assert_eq!(holds().len(), 1);
+    assert_eq!(q.abandon(), 1);
+    assert!(holds().is_empty());
+    assert_eq!(q.in_flight(), 0);
+    assert_eq!(d.used_idx(), 0);
+    assert_eq!(status_of(&d, &r), 0xff);
+}
+
+/// The transport decides per fault: a fault it will not resolve (a refused miss) fails that
+/// request with IOERR at once, while another request's fault parks it.
+#[test]
+fn the_transport_decides_per_fault() {
+    let img = TempImage::new(DISK);
+    let mem = FaultyMem::new();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let a = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    let (abuf, alen, _) = a.descs[1];
+    mem.poison(abuf, u64::from(alen), Permissions::Write);
+    let mut asked = Vec::new();
+    let out = q
+        .poll(&mut d.queue, d.mem, &mut |f| {
+            asked.push(f.addr);
+            FaultPolicy::Fail
+        })
+        .unwrap();
+    assert_eq!(asked, [GuestAddress(abuf)]);
+    assert!(out.fault.is_none());
+    assert_eq!(q.parked(), 0);
+    assert_eq!(used(&d)[0], (a.head, 1));
+    assert_eq!(status_of(&d, &a), IOERR);
 }

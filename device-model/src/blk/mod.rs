@@ -48,7 +48,7 @@ pub use backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
 pub use config::BlkConfig;
 pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
 pub use file::FileBackend;
-pub use inflight::{AsyncQueue, HoldToken, InflightMemory};
+pub use inflight::{AsyncQueue, InflightMemory, Release};
 pub use ram::RamBackend;
 
 use chain::Rewalk;

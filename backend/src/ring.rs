@@ -12,20 +12,22 @@
 //! one session they stay valid even if an invalidation runs meanwhile: its
 //! ack waits for the session to end, which is the promise.
 //!
-//! [`RingView`] is the `GuestMemory` the device model walks: ring accesses
-//! come from the pins, everything else from the session. It can also clamp
-//! the avail index the device sees, so that exactly one chain is processed
-//! (used to fail the one request whose miss was refused).
+//! [`RingView`] is the `GuestMemory` the device model walks, for both doors:
+//! ring accesses come from the pins (vhost-user under a vIOMMU), everything
+//! else from the session. It is also where a request in flight holds its
+//! translated ranges ([`InflightMemory`]): the hold lives in the reader's
+//! address space, so an invalidation, unmap or memory-table change that
+//! overlaps it waits for the request to complete.
 
-use std::cell::Cell;
 use std::iter::FusedIterator;
 
-use vcdev_iommu::{Fault, HostSlice, Session};
+use vcdev_device_model::blk::{InflightMemory, Release};
+use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions, VolatileSlice};
 
-use super::iotlb::allows;
+use crate::vhost_user::iotlb::allows;
 
 /// The byte sizes of the split rings (virtio 1.2 section 2.7): descriptor
 /// table, avail ring (with used_event) and used ring (with avail_event).
@@ -157,24 +159,27 @@ impl RingPins {
 pub struct RingView<'a, 's> {
     session: &'a Session<'s>,
     pins: Option<&'a RingPins>,
-    /// (address of the avail ring's idx, the value to show).
-    clamp: Option<(u64, Cell<u16>)>,
+    releaser: &'a HoldReleaser,
 }
 
 impl<'a, 's> RingView<'a, 's> {
-    /// A view of `session`, serving rings from `pins` (if any).
-    pub fn new(session: &'a Session<'s>, pins: Option<&'a RingPins>) -> Self {
+    /// A view of `session`, serving rings from `pins` (if any); holds are
+    /// released through `releaser`, the session's reader's.
+    pub fn new(
+        session: &'a Session<'s>,
+        pins: Option<&'a RingPins>,
+        releaser: &'a HoldReleaser,
+    ) -> Self {
         RingView {
             session,
             pins,
-            clamp: None,
+            releaser,
         }
     }
 
-    /// Shows `idx` as the avail ring's index at `avail_idx_addr`.
-    pub fn clamp_avail_idx(mut self, avail_idx_addr: u64, idx: u16) -> Self {
-        self.clamp = Some((avail_idx_addr, Cell::new(idx.to_le())));
-        self
+    /// The session (to check a translation while deciding about a fault).
+    pub fn session(&self) -> &Session<'s> {
+        self.session
     }
 
     fn pinned(&self, addr: u64, count: usize, access: Permissions) -> Option<PinIter> {
@@ -212,7 +217,7 @@ impl Default for PinIter {
 
 /// The slices of one access through a [`RingView`].
 pub enum ViewIter<'a, I> {
-    /// From the pins (or the clamp cell).
+    /// From the pins.
     Pinned(PinIter, std::marker::PhantomData<&'a ()>),
     /// From the session.
     Session(I),
@@ -231,8 +236,7 @@ where
                 p.i += 1;
                 // SAFETY: the slice comes from a translation made in the
                 // session this view borrows for 'a (pins are redone for each
-                // generation and used only while that session is online), or
-                // from the view's clamp cell, which lives for 'a; both lie
+                // generation and used only while that session is online),
                 // inside memory that stays mapped for 'a.
                 Some(Ok(unsafe { VolatileSlice::new(h.ptr, h.len) }))
             }
@@ -266,23 +270,44 @@ impl GuestMemory for RingView<'_, '_> {
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
-        if let Some((at, cell)) = &self.clamp {
-            if addr.0 == *at && count == 2 && access == Permissions::Read {
-                let mut it = PinIter::default();
-                it.items[0] = HostSlice {
-                    ptr: cell.as_ptr().cast::<u8>(),
-                    len: 2,
-                };
-                it.n = 1;
-                return Ok(ViewIter::Pinned(it, std::marker::PhantomData));
-            }
-        }
         if let Some(it) = self.pinned(addr.0, count, access) {
             return Ok(ViewIter::Pinned(it, std::marker::PhantomData));
         }
         Ok(ViewIter::Session(
             self.session.get_slices(addr, count, access)?,
         ))
+    }
+}
+
+/// A request's hold on its translated ranges, released (once) when it
+/// completes, from whatever session or thread.
+#[derive(Debug)]
+pub struct Held {
+    id: HoldId,
+    releaser: HoldReleaser,
+}
+
+impl Release for Held {
+    fn release(self) {
+        self.releaser.release(self.id);
+    }
+}
+
+// SAFETY: a hold is registered in the session's reader, in the address space
+// the session translates through; every edit of that space that removes a
+// translation overlapping it (IOTLB invalidate, unmap, memory-table change,
+// disconnect) waits after its grace period until the hold is released
+// (vcdev_iommu's hold invariants), and memory is unmapped only after such an
+// edit returned. A reader dropped with holds outstanding stays registered
+// until they are released through the releaser.
+unsafe impl InflightMemory for RingView<'_, '_> {
+    type Hold = Held;
+
+    fn hold(&self, ranges: &[(u64, u64)]) -> Held {
+        Held {
+            id: self.session.hold(ranges),
+            releaser: self.releaser.clone(),
+        }
     }
 }
 
@@ -311,10 +336,11 @@ mod tests {
         let used = 0u64.wrapping_sub(ul);
         let rings = (top, top + dl, used);
         let mut reader = space.reader();
+        let releaser = reader.hold_releaser();
         let s = reader.enter();
         let mut pins = RingPins::default();
         assert_eq!(pins.refresh(&s, rings, size), Ok(true));
-        let view = RingView::new(&s, Some(&pins));
+        let view = RingView::new(&s, Some(&pins), &releaser);
         // The used ring's flags, its last bytes, and the avail ring.
         assert!(view.check_range(GuestAddress(used), 2, Permissions::Write));
         assert!(view.check_range(GuestAddress(u64::MAX - 1), 2, Permissions::Write));

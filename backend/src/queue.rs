@@ -1,0 +1,332 @@
+//! One queue engine for both doors.
+//!
+//! A running virtqueue is a [`QueueWorker`] on its own thread: it owns the
+//! `virtio_queue::Queue`, the device model's [`AsyncQueue`] (requests parsed,
+//! translated, held, submitted to the queue's I/O engine, completed in any
+//! order) and an event loop that waits for a kick, the engine's completions,
+//! a stop, or whatever the door adds. What is the door's own plugs in through
+//! [`Door`]:
+//!
+//! - the memory view of a batch ([`Door::batch`]): the cdev door's reader of
+//!   the device's IOAS (none while DMA is blocked), or the vhost-user door's
+//!   reader of its memory table or IOTLB with the rings pinned;
+//! - what to do with an IOMMU fault: fail the request (cdev), or ask the
+//!   frontend for the mapping and park the request meanwhile (vhost-user
+//!   under a vIOMMU), so that the requests behind it go on;
+//! - how the driver is told (MSI-X vector, call eventfd) and what a broken
+//!   queue means (NEEDS_RESET, err eventfd).
+//!
+//! # Stopping
+//!
+//! A stop (queue disabled, device reset, disconnect, SIGTERM) waits for
+//! every request in flight and completes it, so no I/O is left in flight
+//! when the worker returns its queue: nothing writes into memory that is
+//! unmapped afterwards, and the final flush covers every completed write.
+//! Parked requests were taken from the avail ring but never started: the
+//! worker hands their heads back with the queue, so that the door can give
+//! them to the worker that resumes the queue (a paused guest that resumes
+//! sees no error), or drop them with the queue (a reset).
+//! If the memory is out of reach by then (the rings cannot be translated,
+//! the device was detached), the I/O in flight is waited for and its holds
+//! released without an answer ([`AsyncQueue::abandon`]).
+
+use std::fmt::Display;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use log::{error, warn};
+use vcdev_device_model::blk::aio::{self, Aio, AioMode, Engine};
+use vcdev_device_model::blk::{AsyncQueue, BlkDevice, Fault, FaultPolicy, QueueOutcome};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
+use crate::ring::{Held, RingView};
+
+/// The I/O engine's completion eventfd in a worker's loop.
+const EVENT_ENGINE: u64 = EVENT_FIRST_DEVICE;
+/// The door's wake-ups (kicks, ioeventfds, miss answers): from here on.
+pub const EVENT_DOOR: u64 = EVENT_FIRST_DEVICE + 1;
+
+/// A fault decision: park the request (Retry) or fail it (Fail).
+pub type Decide<'d> = dyn FnMut(&Fault) -> FaultPolicy + 'd;
+
+/// What a door could do for one batch.
+pub enum Batch<R> {
+    /// The batch ran.
+    Ran(R),
+    /// The memory is not reachable now, but may be later (a ring waits for
+    /// an IOTLB miss answer): wait for the next wake-up.
+    Blocked,
+    /// The memory is out of reach for good (DMA blocked, a ring that will
+    /// not translate): abandon what is in flight.
+    Lost,
+}
+
+/// A queue's ring addresses (in its DMA space) and size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rings {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Avail ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+    /// Entries.
+    pub size: u16,
+}
+
+impl Rings {
+    fn of(q: &Queue) -> Rings {
+        use virtio_queue::QueueT;
+        Rings {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+        }
+    }
+}
+
+/// What a door plugs into a [`QueueWorker`].
+pub trait Door: Send + 'static {
+    /// Runs `f` on the queue's memory view for one batch, with the door's
+    /// fault decision. The view is online (a session) only for the call.
+    fn batch<R>(
+        &mut self,
+        rings: Rings,
+        f: impl FnOnce(&RingView<'_, '_>, &mut Decide<'_>) -> R,
+    ) -> Batch<R>;
+
+    /// The driver must be notified (a used buffer).
+    fn notify(&self);
+
+    /// The queue itself broke (used ring or event fields unwritable).
+    fn broken(&self, err: &dyn Display);
+
+    /// Called after each batch with the requests still parked; the door
+    /// forgets what they no longer wait for.
+    fn after_batch(&mut self, parked: usize) {
+        let _ = parked;
+    }
+
+    /// When the worker must look again without a wake-up (a miss times out).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// A fault decided Retry found its translation already there: poll
+    /// again at once rather than wait for a wake-up.
+    fn take_repoll(&mut self) -> bool {
+        false
+    }
+}
+
+/// The `aio=` choice of devices that do not make their own (resolved once).
+pub fn default_aio() -> Aio {
+    static AIO: OnceLock<Aio> = OnceLock::new();
+    *AIO.get_or_init(|| aio::resolve(AioMode::Auto, "vcdev").unwrap_or(Aio::Sync))
+}
+
+/// A new I/O engine for one queue of `device`.
+pub fn engine_for(device: &Arc<BlkDevice>) -> Engine {
+    Engine::new(default_aio(), device.backend().clone(), device.queue_size())
+}
+
+/// A worker's stop word and the eventfd that wakes it to read it.
+#[derive(Debug)]
+pub struct Control {
+    wake: EventFd,
+    stop: AtomicBool,
+}
+
+impl Control {
+    /// A control block.
+    pub fn new() -> std::io::Result<Arc<Control>> {
+        Ok(Arc::new(Control {
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    /// Asks the worker to stop (it drains first) and wakes it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.wake.write(1) {
+            error!("cannot wake a queue worker: {e}");
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// One running queue: see the module doc.
+pub struct QueueWorker<D: Door> {
+    name: String,
+    queue: Queue,
+    aq: AsyncQueue<Held>,
+    door: D,
+    el: EventLoop,
+    control: Arc<Control>,
+    /// Descriptors read (and so rearmed) at every wake-up: kicks, miss wake-ups.
+    wakes: Vec<EventFd>,
+    engine_watched: bool,
+    broken: bool,
+}
+
+impl<D: Door> QueueWorker<D> {
+    /// A worker for `queue` of `device`, named `name` in logs, waking on
+    /// `wakes` (each read at every wake-up) and `control`.
+    pub fn new(
+        name: String,
+        device: &Arc<BlkDevice>,
+        queue: Queue,
+        door: D,
+        wakes: Vec<EventFd>,
+        control: Arc<Control>,
+    ) -> Result<Self, EventLoopError> {
+        let el = EventLoop::new()?;
+        el.add(control.wake.as_raw_fd(), EVENT_CONTROL)?;
+        for (i, fd) in wakes.iter().enumerate() {
+            let id = EVENT_DOOR.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
+            el.add(fd.as_raw_fd(), id)?;
+        }
+        Ok(QueueWorker {
+            name,
+            queue,
+            aq: AsyncQueue::new(device.clone(), engine_for(device)),
+            door,
+            el,
+            control,
+            wakes,
+            engine_watched: false,
+            broken: false,
+        })
+    }
+
+    /// Parks `heads` (a previous worker's parked requests) before the first
+    /// poll.
+    pub fn resume_parked(&mut self, heads: Vec<u16>) {
+        self.aq.park(heads);
+    }
+
+    /// Runs until stopped; returns the queue, its position kept, with
+    /// nothing in flight, and the heads of the requests still parked.
+    pub fn run(mut self) -> (Queue, Vec<u16>) {
+        // A kick may have come before the queue started: look now.
+        self.poll();
+        loop {
+            let timeout = self
+                .door
+                .deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.el.wait_timeout(timeout, |_| {}) {
+                error!("{}: {e}", self.name);
+                break;
+            }
+            // Consume the wake-ups first, then look at the stop word: a stop
+            // set after this look leaves the eventfd readable for the next wait.
+            let _ = self.control.wake.read();
+            for fd in &self.wakes {
+                // The counts only say "look"; EAGAIN too.
+                let _ = fd.read();
+            }
+            if self.control.stopping() {
+                break;
+            }
+            self.poll();
+        }
+        self.stop();
+        let parked = self.aq.take_parked();
+        (self.queue, parked)
+    }
+
+    /// One or more batches, until nothing asks for another at once.
+    fn poll(&mut self) {
+        if self.broken {
+            return;
+        }
+        loop {
+            let rings = Rings::of(&self.queue);
+            let (queue, aq) = (&mut self.queue, &mut self.aq);
+            let r = self
+                .door
+                .batch(rings, |view, decide| aq.poll(queue, view, decide));
+            self.after(r);
+            self.watch_engine();
+            if self.broken || !self.door.take_repoll() {
+                return;
+            }
+        }
+    }
+
+    fn after(&mut self, r: Batch<Result<QueueOutcome, vcdev_device_model::blk::Error>>) {
+        match r {
+            Batch::Ran(Ok(outcome)) => {
+                if outcome.notify {
+                    self.door.notify();
+                }
+            }
+            Batch::Ran(Err(e)) => {
+                error!("{}: {e}; queue stopped until restarted", self.name);
+                self.door.broken(&e);
+                self.broken = true;
+                self.aq.abandon();
+            }
+            Batch::Blocked => {}
+            Batch::Lost => {
+                let n = self.aq.abandon();
+                if n > 0 {
+                    warn!(
+                        "{}: memory out of reach: {n} requests in flight dropped",
+                        self.name
+                    );
+                }
+            }
+        }
+        self.door.after_batch(self.aq.parked());
+    }
+
+    /// The engine's ring (and its eventfd) exists after its first
+    /// submission: watch it from then on.
+    fn watch_engine(&mut self) {
+        if self.engine_watched {
+            return;
+        }
+        let fd: Option<RawFd> = self.aq.engine().notifier().map(|fd| fd.as_raw_fd());
+        if let Some(fd) = fd {
+            match self.el.add(fd, EVENT_ENGINE) {
+                Ok(()) => self.engine_watched = true,
+                Err(e) => error!("{}: cannot watch I/O completions: {e}", self.name),
+            }
+        }
+    }
+
+    /// Completes everything in flight (parked requests stay parked).
+    fn stop(&mut self) {
+        let rings = Rings::of(&self.queue);
+        let (queue, aq) = (&mut self.queue, &mut self.aq);
+        let r = self.door.batch(rings, |view, _| aq.drain(queue, view));
+        if !matches!(r, Batch::Ran(_)) {
+            // The memory is out of reach: finish the I/O, answer nothing.
+            let n = self.aq.abandon();
+            if n > 0 {
+                warn!(
+                    "{}: stopped with its memory out of reach: {n} requests dropped",
+                    self.name
+                );
+            }
+            return;
+        }
+        let parked = self.aq.take_parked();
+        self.after(r);
+        if self.aq.in_flight() > 0 {
+            self.aq.abandon();
+        }
+        self.aq.park(parked);
+    }
+}
