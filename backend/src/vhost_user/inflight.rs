@@ -760,6 +760,96 @@ mod tests {
         assert_eq!(q.resubmit_list(3), [5]);
     }
 
+    /// One step of the simulated guest and worker.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// The guest offers one of its free heads (the n-th, modulo).
+        Offer(u8),
+        /// The worker takes the next avail entry: `begin`.
+        Pop,
+        /// The n-th request in flight (modulo) completes: `complete`, the
+        /// used ring entry and idx, `commit` (three points to crash at).
+        Finish(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            any::<u8>().prop_map(Step::Offer),
+            Just(Step::Pop),
+            any::<u8>().prop_map(Step::Finish),
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A crash at any point of any interleaving of offers, pops and
+        /// completions in any order (heads reused once returned): the
+        /// restart answers every offered request exactly once. The used
+        /// ring, the resubmit list (the heads in flight, in the order they
+        /// were taken) and what the avail ring gives from `next_avail` on
+        /// add up to what the guest offered.
+        #[test]
+        fn a_crash_anywhere_loses_and_repeats_nothing(
+            steps in proptest::collection::vec(step(), 0..80),
+            crash_at in 0usize..240,
+        ) {
+            let (r, fd, reply) = fresh();
+            let mut q = r.queue(0, SIZE).unwrap();
+            let mut free: Vec<u16> = (0..SIZE).collect();
+            let (mut avail, mut used) = (Vec::<u16>::new(), Vec::<u16>::new());
+            let mut popped = 0usize;
+            // Taken and not yet on the used ring, in the order taken.
+            let mut inflight: Vec<u16> = Vec::new();
+            let mut at = 0usize;
+            let mut go = || {
+                at += 1;
+                at <= crash_at
+            };
+            'run: for s in &steps {
+                match *s {
+                    Step::Offer(n) if !free.is_empty() => {
+                        if !go() { break 'run; }
+                        let h = free.remove(usize::from(n) % free.len());
+                        avail.push(h);
+                    }
+                    Step::Pop if popped < avail.len() => {
+                        if !go() { break 'run; }
+                        q.begin(avail[popped]).unwrap();
+                        inflight.push(avail[popped]);
+                        popped += 1;
+                    }
+                    Step::Finish(n) if !inflight.is_empty() => {
+                        let h = inflight[usize::from(n) % inflight.len()];
+                        if !go() { break 'run; }
+                        q.complete(h).unwrap();
+                        if !go() { break 'run; }
+                        inflight.retain(|&x| x != h);
+                        used.push(h);
+                        free.push(h);
+                        if !go() { break 'run; }
+                        q.commit(u16::try_from(used.len()).unwrap());
+                    }
+                    _ => {}
+                }
+            }
+            drop(q);
+            let mut q2 = reopen(&fd, &reply).queue(0, SIZE).unwrap();
+            let u = u16::try_from(used.len()).unwrap();
+            let list = q2.resubmit_list(u);
+            prop_assert_eq!(&list, &inflight);
+            let next = usize::from(QueueInflight::next_avail(u, &list));
+            prop_assert_eq!(next, popped);
+            let mut answered: Vec<u16> = used.clone();
+            answered.extend(&list);
+            answered.extend(&avail[next..]);
+            answered.sort_unstable();
+            let mut offered = avail.clone();
+            offered.sort_unstable();
+            prop_assert_eq!(answered, offered);
+        }
+    }
+
     /// begin/complete of a head beyond the running queue: refused, nothing
     /// written.
     #[test]
