@@ -50,7 +50,8 @@
 //! # A region from the frontend is not trusted
 //!
 //! SET_INFLIGHT_FD maps a descriptor the frontend chose: its size is checked
-//! against the file (a shrink-sealed memfd, so it cannot shrink under us),
+//! against the file (a shrink-sealed memfd, so it cannot shrink under us;
+//! `--allow-unsealed-memory` lifts that, as for the memory table),
 //! every access is bounds-checked and volatile, and the content is only
 //! data: a garbage region can at worst resubmit heads below the running
 //! queue's size, which the guest's avail ring could name as well.
