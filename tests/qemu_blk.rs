@@ -54,6 +54,14 @@ fn no_viommu_guest_dd_md5_matches_backing_file() {
         out.stderr
     );
     assert!(out.stderr.contains("frontend connected"), "{}", out.stderr);
+    // QEMU's vhost-user-blk takes the offered INFLIGHT_SHMFD: it asks for
+    // the region at start and hands it back at once.
+    for line in [
+        "inflight region of 2 queues x 128 entries",
+        "inflight region set (2 queues x 128 entries)",
+    ] {
+        assert!(out.stderr.contains(line), "no {line:?} in\n{}", out.stderr);
+    }
     qemu::assert_dd_on_disk(&image, mib, &expected, what);
 }
 
@@ -87,4 +95,56 @@ fn next_guest_reads_what_the_previous_one_wrote() {
     let log = d.log();
     assert_eq!(log.matches("frontend connected").count(), 2, "{log}");
     assert!(log.contains("frontend disconnected"), "{log}");
+}
+
+/// Issue #8: `kill -9` of vcdev while the guest writes, then a new daemon
+/// on the same DIR. QEMU (chardev reconnect-ms) reconnects and hands back
+/// the inflight region it kept (SET_INFLIGHT_FD); the guest's writes end
+/// without an I/O error and every sector reaches the disk.
+#[test]
+fn daemon_killed_mid_write_and_restarted() {
+    let Some(guest) = qemu::require() else { return };
+    let tmp = TempDir::new("qb-kill").expect("tmpdir");
+    let image = tmp.join("disk.img");
+    let mib = 64;
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(u64::from(mib + 16) << 20))
+        .expect("image");
+    let spec = format!("blk,path={},queues=2,queue-size=128", image.display());
+    let mut d = Vcdev::start("qemu-blk-kill", &["--device", &spec], "vfio0");
+    let seed = format!("k{}", std::process::id());
+    let expected = qemu::dd_pattern(&seed, mib);
+    let run = guest
+        .boot("no-viommu-reconnect")
+        .socket(&d.socket("vfio0"))
+        .queues(2)
+        .dd(mib, &seed)
+        .spawn()
+        .expect("spawn qemu");
+    // Mid-write: the guest's first MiB is on the disk (it writes in order),
+    // the rest is not yet.
+    let probe = 1usize << 20;
+    let mid = common::poll_until(Duration::from_secs(120), || {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; 512];
+        let f = std::fs::File::open(&image).ok()?;
+        f.read_exact_at(&mut b, probe as u64).ok()?;
+        (b == expected[probe..probe + 512]).then_some(())
+    });
+    assert!(mid.is_some(), "the guest never wrote:\n{}", run.console());
+    d.kill_and_restart();
+    let reconnected = common::poll_until(Duration::from_secs(30), || {
+        d.log().contains("inflight region set").then_some(())
+    });
+    let run = run.wait().expect("qemu");
+    assert!(
+        reconnected.is_some() && run.report.ok(),
+        "{}\n--- restarted vcdev log\n{}",
+        run.diagnostics(),
+        d.log()
+    );
+    let what = "vcdev killed and restarted";
+    let (_, md5) = qemu::expect_dd_readback(&run, what, &seed, mib);
+    eprintln!("{}", qemu::dd_summary(what, mib, &run, &guest));
+    qemu::assert_dd_on_disk(&image, mib, &md5, what);
 }

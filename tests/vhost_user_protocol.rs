@@ -10,11 +10,12 @@ use common::frontend::{pattern, DriverQueue, Harness, S_OK};
 use common::frontend::{u64_of, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_IOERR};
 use common::vcdev::Vcdev;
 use common::TIMEOUT;
+use vcdev::vhost_user::inflight::queue_region_size;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserSingleMemoryRegion,
-    VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserSingleMemoryRegion, VhostUserVringState,
 };
-use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::VhostBackend;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -423,4 +424,348 @@ fn a_call_fd_that_would_block_never_hangs_the_queue() {
     h.set_reply_timeout(Some(TIMEOUT));
     assert_eq!(raw_vring_base(&h), 1, "GET_VRING_BASE");
     drop(rd);
+}
+
+/// The inflight description of `n` queues of `size` entries, as QEMU asks.
+fn inflight_req(n: u16, size: u16) -> VhostUserInflight {
+    VhostUserInflight::new(0, 0, n, size)
+}
+
+/// The bytes of an inflight memfd.
+fn file_bytes(f: &std::fs::File) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(f.metadata().expect("fstat").len()).expect("len");
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, 0).expect("read the inflight memfd");
+    b
+}
+
+/// Marks head `head` of queue `q` in flight with `counter`, as a worker
+/// does (the vhost-user spec's DescStateSplit: inflight at 0, counter at 8).
+fn mark_inflight(f: &std::fs::File, queue_size: u16, q: u16, head: u16, counter: u64) {
+    use std::os::unix::fs::FileExt;
+    let at = u64::from(q) * queue_region_size(queue_size) + 16 + 16 * u64::from(head);
+    f.write_all_at(&[1], at).expect("inflight flag");
+    f.write_all_at(&counter.to_le_bytes(), at + 8)
+        .expect("counter");
+}
+
+/// GET_INFLIGHT_FD (offered in GET_PROTOCOL_FEATURES) answers a shrink-sealed
+/// memfd of exactly the size its reply gives, zeroed but for each queue's
+/// header (version 1, desc_num); SET_INFLIGHT_FD takes it back, and I/O
+/// goes on.
+#[test]
+fn get_inflight_fd_gives_a_sealed_memfd_and_set_takes_it_back() {
+    const N: u16 = 2;
+    const QS: u16 = 64;
+    let d = Vcdev::start(
+        "vu-inflight",
+        &["--device", "blk,ram=1M,queues=2,queue-size=64"],
+        "vfio0",
+    );
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    assert!(h
+        .protocol
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    let (reply, file) =
+        h.fe.get_inflight_fd(&inflight_req(N, QS))
+            .expect("GET_INFLIGHT_FD");
+    let size = { reply.mmap_size };
+    assert_eq!(size, 2 * queue_region_size(QS));
+    assert_eq!(
+        (({ reply.mmap_offset }), { reply.num_queues }, {
+            reply.queue_size
+        }),
+        (0, N, QS)
+    );
+    assert_eq!(file.metadata().expect("fstat").len(), size);
+    // SAFETY: fcntl on a descriptor we own, no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(
+        seals >= 0 && seals & libc::F_SEAL_SHRINK != 0,
+        "seals {seals:#x}"
+    );
+    let bytes = file_bytes(&file);
+    for q in 0..N {
+        let base = usize::try_from(u64::from(q) * queue_region_size(QS)).expect("offset");
+        assert_eq!(bytes[base + 8..base + 10], 1u16.to_le_bytes(), "version");
+        assert_eq!(bytes[base + 10..base + 12], QS.to_le_bytes(), "desc_num");
+        let rest = &bytes[base + 16..base + usize::try_from(queue_region_size(QS)).expect("len")];
+        assert!(rest.iter().all(|&b| b == 0), "queue {q} not zeroed");
+    }
+    h.fe.set_inflight_fd(&reply, file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    // The table acks it like any request (REPLY_ACK 0).
+    assert_eq!(
+        h.raw_ack(
+            FrontendReq::SET_INFLIGHT_FD,
+            reply.as_slice(),
+            &[file.as_raw_fd()]
+        ),
+        0
+    );
+    h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+    h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+    let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+    h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+    h.queues.push(DriverQueue::new_for_tests(0, QS));
+    h.start_queue(0);
+    let data = pattern(21, 4096);
+    assert_eq!(h.write(0, 8, &data), S_OK);
+    assert!(h.read(0, 8, 4096).data == data);
+}
+
+/// The fd survives a crash of the daemon: after `kill -9` and a new daemon
+/// on the same DIR, a new connection hands back the first daemon's memfd
+/// with SET_INFLIGHT_FD; it is accepted with its content untouched (what
+/// was in flight is the restarted queue's to resubmit).
+#[test]
+fn set_inflight_fd_after_a_restart_keeps_the_old_content() {
+    const QS: u16 = 64;
+    let mut d = Vcdev::start(
+        "vu-inflight-restart",
+        &["--device", "blk,ram=1M,queues=2,queue-size=64"],
+        "vfio0",
+    );
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    let (reply, file) =
+        h.fe.get_inflight_fd(&inflight_req(2, QS))
+            .expect("GET_INFLIGHT_FD");
+    // What a worker would have left in flight when it died.
+    mark_inflight(&file, QS, 0, 5, 9);
+    mark_inflight(&file, QS, 1, 63, 2);
+    let before = file_bytes(&file);
+    d.kill_and_restart();
+    drop(h);
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    h.fe.set_inflight_fd(&reply, file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD of the old memfd");
+    assert!(
+        file_bytes(&file) == before,
+        "the restarted daemon changed the region"
+    );
+    let logged = common::poll_until(TIMEOUT, || {
+        d.log()
+            .contains("inflight region set (2 queues x 64 entries)")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", d.log());
+    // A fresh GET_INFLIGHT_FD is a new, zeroed region; the old one is
+    // left alone.
+    let (_, fresh) =
+        h.fe.get_inflight_fd(&inflight_req(2, QS))
+            .expect("GET_INFLIGHT_FD");
+    let fresh = file_bytes(&fresh);
+    assert_eq!(fresh.len(), before.len());
+    assert!(fresh[16..].iter().take(16 * 64).all(|&b| b == 0));
+    assert!(file_bytes(&file) == before);
+}
+
+/// SET_INFLIGHT_FD refusals are acked with the errno, the connection goes
+/// on (sizes that do not fit the device or the file, an unsealed file);
+/// one without its fd ends the connection, as every request missing a
+/// descriptor does. GET_INFLIGHT_FD has its own reply: a refusal ends the
+/// connection.
+#[test]
+fn inflight_fd_refusals() {
+    const QS: u16 = 64;
+    let args = ["--device", "blk,ram=1M,queues=2,queue-size=64"];
+    let mut d = Vcdev::start("vu-inflight-refuse", &args, "vfio0");
+    let h = Harness::connect(&d.socket("vfio0"));
+    let size = 2 * queue_region_size(QS);
+    let good = VhostUserInflight::new(size, 0, 2, QS);
+    let sealed =
+        |len| std::fs::File::from(vcdev_iommu::mem::sealed_memfd("t", len).expect("memfd"));
+    let set = |h: &Harness, desc: &VhostUserInflight, f: &std::fs::File| {
+        h.raw_ack(
+            FrontendReq::SET_INFLIGHT_FD,
+            desc.as_slice(),
+            &[f.as_raw_fd()],
+        )
+    };
+    let einval = u64::try_from(libc::EINVAL).expect("errno");
+    let efault = u64::try_from(libc::EFAULT).expect("errno");
+    // mmap_size not what 2 x 64 entries take.
+    let bad_size = VhostUserInflight::new(size + 4096, 0, 2, QS);
+    assert_eq!(set(&h, &bad_size, &sealed(size + 4096)), einval);
+    // More queues or longer queues than the device has.
+    let too_many = VhostUserInflight::new(3 * queue_region_size(QS), 0, 3, QS);
+    assert_eq!(
+        set(&h, &too_many, &sealed(3 * queue_region_size(QS))),
+        einval
+    );
+    let too_long = VhostUserInflight::new(2 * queue_region_size(128), 0, 2, 128);
+    assert_eq!(
+        set(&h, &too_long, &sealed(2 * queue_region_size(128))),
+        einval
+    );
+    // A file shorter than the region.
+    assert_eq!(set(&h, &good, &sealed(size - 64)), efault);
+    // Not a sealed memfd.
+    assert_eq!(
+        set(&h, &good, &common::frontend::unsealed_memfd(size)),
+        einval
+    );
+    // The right one is accepted.
+    assert_eq!(set(&h, &good, &sealed(size)), 0);
+    // Without its fd: the connection ends.
+    assert!(h
+        .raw_flags(
+            FrontendReq::SET_INFLIGHT_FD,
+            wire_need_reply(),
+            good.as_slice(),
+            &[]
+        )
+        .is_none());
+
+    // Not negotiated: SET refused (EOPNOTSUPP), the connection goes on.
+    released(&mut d, 1);
+    let h = Harness::connect(&d.socket("vfio0"));
+    let without = h.protocol - VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    assert_eq!(
+        h.raw_ack(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            &without.bits().to_le_bytes(),
+            &[]
+        ),
+        0
+    );
+    let eopnotsupp = u64::try_from(libc::EOPNOTSUPP).expect("errno");
+    assert_eq!(set(&h, &good, &sealed(size)), eopnotsupp);
+    assert_eq!(
+        u64_of(&h.raw(FrontendReq::GET_QUEUE_NUM, &[], &[]).payload),
+        2
+    );
+    drop(h);
+
+    // GET of no queues, or of more than the device has: the connection ends.
+    for (i, (n, qs)) in [(0, QS), (3, QS), (2, 0), (2, 128)].into_iter().enumerate() {
+        released(&mut d, i + 2);
+        let h = Harness::connect(&d.socket("vfio0"));
+        let r = h.raw_flags(
+            FrontendReq::GET_INFLIGHT_FD,
+            wire_need_reply(),
+            inflight_req(n, qs).as_slice(),
+            &[],
+        );
+        assert!(r.is_none(), "GET_INFLIGHT_FD of {n} x {qs} answered");
+    }
+}
+
+/// Waits until the daemon logged `n` releases of its device (that many
+/// frontends were torn down: the next one is not refused as concurrent).
+fn released(d: &mut Vcdev, n: usize) {
+    let done = common::poll_until(TIMEOUT, || {
+        (d.log().matches("device released").count() >= n).then_some(())
+    });
+    assert!(done.is_some(), "{}", d.log());
+}
+
+/// The restart the issue is about, at the protocol level: a daemon died
+/// with request A (head 0) in flight after request B (head 3, taken later)
+/// completed. QEMU then starts the queue at the used ring's idx (1), as it
+/// does when GET_VRING_BASE fails. The restarted daemon must resubmit A
+/// from the inflight region and continue the avail ring after it: A is
+/// written and completed, B is not executed again (its buffer was changed
+/// after it completed; a second run would write that to the disk).
+#[test]
+#[ignore = "needs the queue worker to call QueueInflight (issue #8 wiring)"]
+fn restarted_daemon_resubmits_what_was_in_flight() {
+    use std::os::unix::fs::FileExt;
+    use vcdev_device_model::testing::{BlkRequest, R};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+    const QS: u16 = 64;
+    let tmp = common::TempDir::new("vu-inflight-resubmit").expect("tmpdir");
+    let image = tmp.join("disk.img");
+    let disk = std::fs::File::create(&image).expect("image");
+    disk.set_len(1 << 20).expect("image size");
+    let spec = format!("blk,path={},queue-size=64", image.display());
+    let mut d = Vcdev::start("vu-inflight-resubmit", &["--device", &spec], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    let (reply, region) =
+        h.fe.get_inflight_fd(&inflight_req(1, QS))
+            .expect("GET_INFLIGHT_FD");
+    drop(h);
+    d.kill_and_restart();
+
+    // What the first daemon left: A in flight (counter 0), B completed
+    // (counter 1, the last batch, used idx 1), B's data on the disk.
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    h.mem.regions.push(Region::new(META_GPA, META_SIZE));
+    h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
+    h.queues.push(DriverQueue::new_for_tests(0, QS));
+    let (a_data, b_data) = (pattern(31, 4096), pattern(32, 4096));
+    let (a_sector, b_sector) = (0u64, 16u64);
+    let hdr = h.queues[0].header_gpa();
+    let request = |h: &Harness, at: u64, sector: u64, data: u64| {
+        BlkRequest::new(VIRTIO_BLK_T_OUT, sector).write(&h.mem, at, at + 16);
+        BlkRequest::chain(at, &[(data, 4096, R)], at + 16)
+    };
+    let a = request(&h, hdr, a_sector, DATA_GPA);
+    let b = request(&h, hdr + 0x100, b_sector, DATA_GPA + 0x10000);
+    h.mem.write(DATA_GPA, &a_data);
+    disk.write_all_at(&b_data, b_sector * 512)
+        .expect("B on disk");
+    h.mem.write(DATA_GPA + 0x10000, &pattern(33, 4096));
+    let q = &mut h.queues[0];
+    q.ring.write_chain(&h.mem, 0, &a);
+    q.ring.write_chain(&h.mem, 3, &b);
+    q.offer(&h.mem, 0);
+    q.offer(&h.mem, 3);
+    let used = q.ring.used;
+    h.mem
+        .write(used + 4, &[3u32.to_le_bytes(), 1u32.to_le_bytes()].concat());
+    h.mem.write(used + 2, &1u16.to_le_bytes());
+    assert_eq!(q.ring.pop_used(&h.mem).map(|u| u.id), Some(3));
+    mark_inflight(&region, QS, 0, 0, 0);
+    region
+        .write_all_at(&1u64.to_le_bytes(), 16 + 16 * 3 + 8)
+        .expect("B's counter");
+    region
+        .write_all_at(&3u16.to_le_bytes(), 12)
+        .expect("last_batch_head");
+    region
+        .write_all_at(&1u16.to_le_bytes(), 14)
+        .expect("used_idx");
+
+    h.fe.set_inflight_fd(&reply, region.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    let infos: Vec<_> = h.mem.regions.iter().map(Region::info).collect();
+    h.fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
+    let q = &h.queues[0];
+    let cfg = q.config(&h.mem);
+    h.fe.set_vring_num(0, QS).expect("SET_VRING_NUM");
+    h.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
+    h.fe.set_vring_base(0, 1)
+        .expect("SET_VRING_BASE at the used idx");
+    h.fe.set_vring_call(0, &q.call).expect("SET_VRING_CALL");
+    h.fe.set_vring_kick(0, &q.kick).expect("SET_VRING_KICK");
+    h.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+
+    let (id, _) = h.queues[0]
+        .wait_used(&h.mem, TIMEOUT)
+        .expect("a request completes after the restart");
+    assert_eq!(id, 0, "the first completion after the restart is not A's");
+    assert_eq!(
+        h.mem.read(hdr + u64::from(BlkRequest::HEADER_LEN), 1)[0],
+        S_OK
+    );
+    assert!(
+        h.queues[0]
+            .wait_used(&h.mem, std::time::Duration::from_millis(300))
+            .is_none(),
+        "B was executed again"
+    );
+    let mut on_disk = vec![0u8; 4096];
+    disk.read_exact_at(&mut on_disk, a_sector * 512)
+        .expect("read A");
+    assert!(on_disk == a_data, "A's write is lost");
+    disk.read_exact_at(&mut on_disk, b_sector * 512)
+        .expect("read B");
+    assert!(
+        on_disk == b_data,
+        "B was written again with its changed buffer"
+    );
+    // The queue goes on from there.
+    assert_eq!(h.write(0, 32, &pattern(34, 512)), S_OK);
 }

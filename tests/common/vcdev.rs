@@ -167,20 +167,29 @@ impl VcdevBuilder {
             }
             None => tmp.path().to_path_buf(),
         };
+        let daemon = self.serve(&dir);
+        Vcdev {
+            daemon,
+            _tmp: tmp,
+            dir,
+            how: self,
+        }
+    }
+
+    /// Starts `vcdev serve --dir dir` with these arguments and waits for
+    /// its ready node (a stale one, left by a killed daemon, is removed
+    /// first so that the wait sees the new daemon's).
+    fn serve(&self, dir: &Path) -> Daemon {
         let mut cmd = Command::new(vcdev_bin());
-        cmd.arg("serve").arg("--dir").arg(&dir).args(&self.args);
+        cmd.arg("serve").arg("--dir").arg(dir).args(&self.args);
         cmd.env("RUST_LOG", &self.log);
         cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         let node = match &self.ready {
             Ready::Control => dir.join(CONTROL_SOCKET),
             Ready::VhostUser(name) => dir.join(VHOST_USER_DIR).join(name),
         };
-        let daemon = Daemon::spawn("vcdev", &mut cmd, &node, TIMEOUT).expect("vcdev serve");
-        Vcdev {
-            daemon,
-            _tmp: tmp,
-            dir,
-        }
+        let _ = std::fs::remove_file(&node);
+        Daemon::spawn("vcdev", &mut cmd, &node, TIMEOUT).expect("vcdev serve")
     }
 }
 
@@ -192,6 +201,8 @@ pub struct Vcdev {
     _tmp: TempDir,
     /// Its `--dir` (the scratch directory or a subdirectory of it).
     dir: PathBuf,
+    /// How it was started (for [`Vcdev::kill_and_restart`]).
+    how: VcdevBuilder,
 }
 
 impl Vcdev {
@@ -249,6 +260,17 @@ impl Vcdev {
             self.log().contains("device released").then_some(())
         });
         assert!(released.is_some(), "no release logged:\n{}", self.log());
+    }
+
+    /// `kill -9` of the daemon, then a new one with the same arguments on
+    /// the same `--dir` (a crash and a restart, as a supervisor does it).
+    /// The old daemon's log is gone with it.
+    pub fn kill_and_restart(&mut self) {
+        let p = self.daemon.proc();
+        p.signal(libc::SIGKILL).expect("SIGKILL");
+        let dead = super::poll_until(TIMEOUT, || p.try_wait().ok().flatten());
+        assert!(dead.is_some(), "vcdev did not die of SIGKILL");
+        self.daemon = self.how.serve(&self.dir);
     }
 
     /// `vcdev ctl --dir DIR <args>`: (success, stdout).

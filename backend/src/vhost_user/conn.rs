@@ -16,7 +16,7 @@
 //! logged either way.
 
 use std::mem::size_of;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use log::{debug, info, warn};
 use vcdev_iommu::iotlb::IotlbError;
 use vcdev_iommu::{AddressSpace, Errno, SealPolicy};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags,
     VhostUserVringState, VHOST_USER_CONFIG_SIZE,
 };
@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::BackendChannel;
 use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
+use super::inflight::{InflightError, InflightRegion};
 use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
 use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
@@ -57,6 +58,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Bits 0-7 of a SET_VRING_KICK/CALL/ERR payload: the queue index.
@@ -134,6 +136,9 @@ pub enum ConnError {
     /// The backend channel could not be set up.
     #[error("Backend channel setup failed")]
     BackendChannel(#[source] std::io::Error),
+    /// GET/SET_INFLIGHT_FD refused.
+    #[error("Inflight region refused")]
+    Inflight(#[from] InflightError),
 }
 
 impl ConnError {
@@ -159,6 +164,7 @@ impl ConnError {
             ConnError::Iotlb(e) => e.errno(),
             ConnError::NoAccessPlatform => Errno(libc::EOPNOTSUPP),
             ConnError::BackendChannel(e) | ConnError::EventFd(e) => Errno::from_io(e),
+            ConnError::Inflight(e) => e.errno(),
             _ => Errno::EINVAL,
         }
     }
@@ -193,6 +199,13 @@ pub struct Conn {
     /// Past this many IOTLB entries an UPDATE drops them all first: a
     /// frontend cannot make the daemon's memory grow without bound.
     iotlb_max_entries: usize,
+    /// What memory-table and inflight fds must be.
+    seal_policy: SealPolicy,
+    /// The inflight region (INFLIGHT_SHMFD): made by GET_INFLIGHT_FD or
+    /// handed back by SET_INFLIGHT_FD. It lives as long as the connection
+    /// (or until a device reset); across a restart only the frontend's
+    /// descriptor keeps it.
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn u64_payload(v: u64) -> Vec<u8> {
@@ -222,6 +235,8 @@ impl Conn {
                 timeout: cfg.iotlb_miss_timeout,
             }),
             iotlb_max_entries: cfg.iotlb_max_entries,
+            seal_policy: cfg.seal_policy,
+            inflight: None,
         }
     }
 
@@ -260,6 +275,7 @@ impl Conn {
         self.iotlb.channel.close();
         self.flush_iotlb();
         self.mem.clear();
+        self.inflight = None;
         if self.access_platform() {
             info!(
                 "{}: counters (device total): {}",
@@ -330,6 +346,7 @@ impl Conn {
         };
         match result {
             Ok(Reply::Payload(p)) => self.send(&hdr, &p),
+            Ok(Reply::PayloadFd(p, fd)) => self.send_fd(&hdr, &p, &fd),
             Ok(Reply::Ack) => {
                 if hdr.need_reply() && self.reply_ack_on() {
                     self.send(&hdr, &u64_payload(0))?;
@@ -354,6 +371,12 @@ impl Conn {
         Ok(())
     }
 
+    fn send_fd(&self, req: &FrameHeader, payload: &[u8], fd: &OwnedFd) -> Result<(), ConnError> {
+        let len = u32::try_from(payload.len()).map_err(|_| WireError::Oversized(u32::MAX))?;
+        wire::write_frame(&self.sock, &req.reply(len), payload, &[fd.as_raw_fd()])?;
+        Ok(())
+    }
+
     /// What queues translate descriptor and ring addresses through: guest
     /// physical addresses, or IOVAs when ACCESS_PLATFORM is negotiated (the
     /// single switch point).
@@ -367,6 +390,7 @@ impl Conn {
             space,
             iotlb,
             device: self.own.device().clone(),
+            inflight: self.inflight.clone(),
         }
     }
 
@@ -738,11 +762,49 @@ impl Conn {
             v.reset(true);
         }
         self.flush_iotlb();
+        // What was in flight before a reset is never resubmitted: QEMU asks
+        // for a fresh region (GET_INFLIGHT_FD) at the next start.
+        self.inflight = None;
         // Protocol features and ownership survive a reset (the frontend
         // does not negotiate them again); virtio features do not.
         self.features = 0;
         self.status = 0;
         info!("{}: device reset", self.peer);
+        Ok(Reply::Ack)
+    }
+
+    /// GET_INFLIGHT_FD: a fresh zeroed region for the queues the frontend
+    /// names, in use from now on; the reply carries its memfd.
+    fn get_inflight_fd(&mut self, m: Msg) -> Result<Reply, ConnError> {
+        let d = m.get::<VhostUserInflight>();
+        let dev = self.dev();
+        let (region, fd, reply) = InflightRegion::create(&d, dev.num_queues(), dev.queue_size())?;
+        info!(
+            "{}: inflight region of {} queues x {} entries ({} bytes)",
+            self.peer,
+            region.num_queues(),
+            region.queue_size(),
+            { reply.mmap_size }
+        );
+        self.inflight = Some(region);
+        Ok(Reply::PayloadFd(reply.as_slice().to_vec(), fd))
+    }
+
+    /// SET_INFLIGHT_FD: the region the frontend kept (from us or from the
+    /// daemon before a restart), used by the queues from their next start.
+    fn set_inflight_fd(&mut self, mut m: Msg) -> Result<Reply, ConnError> {
+        let d = m.get::<VhostUserInflight>();
+        let fd = m.one_fd()?;
+        let dev = self.dev();
+        let region =
+            InflightRegion::open(fd, &d, dev.num_queues(), dev.queue_size(), self.seal_policy)?;
+        info!(
+            "{}: inflight region set ({} queues x {} entries)",
+            self.peer,
+            region.num_queues(),
+            region.queue_size()
+        );
+        self.inflight = Some(region);
         Ok(Reply::Ack)
     }
 
@@ -848,6 +910,7 @@ const REGION: Payload = Payload::of::<VhostUserSingleMemoryRegion>();
 const MEM_TABLE: Payload = Payload::head::<VhostUserMemory>(mem_table_tail);
 const CONFIG: Payload = Payload::head::<VhostUserConfig>(config_tail);
 const IOTLB: Payload = Payload::Exact(IOTLB_MSG_LEN);
+const INFLIGHT: Payload = Payload::of::<VhostUserInflight>();
 
 /// The requests served, one entry each: code, payload, descriptors,
 /// handler, and the protocol feature needed (see [`super::dispatch`] for
@@ -881,6 +944,8 @@ const OPS: &[Op<Conn>] = &[
     Op::new(R::SET_STATUS,             U64,       Fds::None, Conn::set_status).needs(P::STATUS),
     Op::get(R::GET_STATUS,             EMPTY,                Conn::get_status).needs(P::STATUS),
     Op::new(R::RESET_DEVICE,           EMPTY,     Fds::None, Conn::reset_device).needs(P::RESET_DEVICE),
+    Op::get(R::GET_INFLIGHT_FD,        INFLIGHT,             Conn::get_inflight_fd).needs(P::INFLIGHT_SHMFD),
+    Op::new(R::SET_INFLIGHT_FD,        INFLIGHT,  Fds::One,  Conn::set_inflight_fd).needs(P::INFLIGHT_SHMFD),
 ];
 
 /// SET_MEM_TABLE: `num_regions` regions follow the head, 1 to
@@ -1020,6 +1085,56 @@ mod tests {
         assert!(matches!(e, Err(ConnError::Features(_))));
         let e = c.iotlb_msg(msg(R::IOTLB_MSG, &[0; IOTLB_MSG_LEN]));
         assert!(matches!(e, Err(ConnError::NoAccessPlatform)));
+    }
+
+    /// GET_INFLIGHT_FD replies with its struct and one descriptor, of the
+    /// size the struct says, and the region is the connection's until a
+    /// device reset; SET_INFLIGHT_FD without its descriptor ends the
+    /// connection.
+    #[test]
+    fn inflight_fd_reply_carries_the_memfd() {
+        let (mut c, peer) = conn();
+        let p = (P::REPLY_ACK | P::INFLIGHT_SHMFD).bits().to_le_bytes();
+        c.handle(frame(R::SET_PROTOCOL_FEATURES, 0, &p)).unwrap();
+        let n = c.dev().num_queues();
+        let req = VhostUserInflight::new(0, 0, n, 8);
+        c.handle(frame(R::GET_INFLIGHT_FD, 0, req.as_slice()))
+            .unwrap();
+        let reply = wire::read_frame(&peer, FlagPolicy::VHOST_USER)
+            .unwrap()
+            .unwrap();
+        assert!(reply.header.is_reply());
+        assert_eq!(reply.fds.len(), 1);
+        let got = pod_from::<VhostUserInflight>(&reply.payload);
+        assert_eq!(reply.payload.len(), size_of::<VhostUserInflight>());
+        let size = super::super::inflight::region_size(n, 8);
+        assert_eq!(
+            ({ got.mmap_size }, { got.num_queues }, { got.queue_size }),
+            (size, n, 8)
+        );
+        let file = std::fs::File::from(reply.fds.into_iter().next().unwrap());
+        assert_eq!(file.metadata().unwrap().len(), size);
+        assert!(c.inflight.is_some());
+        // Back again, as QEMU does at every start.
+        let mut set = frame(R::SET_INFLIGHT_FD, 0, got.as_slice());
+        set.fds.push(file.into());
+        c.handle(set).unwrap();
+        assert!(c.inflight.is_some());
+        c.reset_device(msg(R::RESET_DEVICE, &[])).unwrap();
+        assert!(c.inflight.is_none());
+        let e = c
+            .handle(frame(R::SET_INFLIGHT_FD, 0, got.as_slice()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConnError::Fds {
+                    got: 0,
+                    want: 1,
+                    ..
+                }
+            ) && e.fatal()
+        );
     }
 
     /// A wrong-size payload is refused by the table and ends the

@@ -180,13 +180,33 @@ impl Msg {
 }
 
 /// How to answer a request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Reply {
     /// No reply of its own: an ack if the frontend asked for one.
     Ack,
     /// A reply with this payload.
     Payload(Vec<u8>),
+    /// A reply with this payload and this descriptor (GET_INFLIGHT_FD).
+    PayloadFd(Vec<u8>, OwnedFd),
 }
+
+/// Replies are equal when their payloads are and their descriptors are the
+/// same descriptor numbers (for tests).
+impl PartialEq for Reply {
+    fn eq(&self, other: &Reply) -> bool {
+        use std::os::fd::AsRawFd;
+        match (self, other) {
+            (Reply::Ack, Reply::Ack) => true,
+            (Reply::Payload(a), Reply::Payload(b)) => a == b,
+            (Reply::PayloadFd(a, f), Reply::PayloadFd(b, g)) => {
+                a == b && f.as_raw_fd() == g.as_raw_fd()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Reply {}
 
 /// Finds the entry of `req`.
 pub fn find<C>(ops: &[Op<C>], req: FrontendReq) -> Option<&Op<C>> {

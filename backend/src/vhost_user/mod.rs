@@ -12,6 +12,7 @@
 pub mod backend_channel;
 pub mod conn;
 pub mod dispatch;
+pub mod inflight;
 pub mod iotlb;
 pub mod memory;
 pub mod vring;

@@ -43,6 +43,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::BackendChannel;
+use super::inflight::InflightRegion;
 use super::iotlb::{record_wait, Miss, MissTable, IOTLB_PAGE_SIZE};
 use crate::event_loop::EventLoopError;
 use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings};
@@ -75,6 +76,10 @@ pub struct DmaCtx {
     pub iotlb: Option<Arc<Iotlb>>,
     /// The registry's entry of the device (its counters).
     pub device: Arc<Device>,
+    /// The connection's inflight region (INFLIGHT_SHMFD), if the frontend
+    /// asked for one: each queue takes its part with
+    /// [`InflightRegion::queue`] when it starts.
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 /// Errors of starting a queue.
@@ -304,6 +309,16 @@ impl Vring {
         let control = Control::new().map_err(fd_err)?;
         let miss_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(fd_err)?);
         let wakes = vec![kick, miss_wake.try_clone().map_err(fd_err)?];
+        // TODO(issue 8 wiring): `let inflight = dma.inflight.as_ref().map(|r|
+        // r.queue(index, self.size)).transpose()?` (an InflightError fails
+        // the start). Before the first poll, with `u` the used ring's idx:
+        // `let list = inflight.resubmit_list(u)`, next_avail =
+        // `QueueInflight::next_avail(u, &list)`, next_used = `u`, and the
+        // list goes to `worker.resume_parked` (parked heads are walked
+        // again, oldest first, before the avail ring). In the AsyncQueue:
+        // `begin(head)` per chain popped, before it is submitted;
+        // `complete(head)` before its used entry, `commit(next_used)` once
+        // the used idx is written (see super::inflight's module doc).
         let reader = dma.space.reader();
         let door = VhostDoor {
             who: format!("{owner}: queue {index}"),
