@@ -669,7 +669,6 @@ fn released(d: &mut Vcdev, n: usize) {
 /// written and completed, B is not executed again (its buffer was changed
 /// after it completed; a second run would write that to the disk).
 #[test]
-#[ignore = "needs the queue worker to call QueueInflight (issue #8 wiring)"]
 fn restarted_daemon_resubmits_what_was_in_flight() {
     use std::os::unix::fs::FileExt;
     use vcdev_device_model::testing::{BlkRequest, R};
@@ -677,7 +676,13 @@ fn restarted_daemon_resubmits_what_was_in_flight() {
     const QS: u16 = 64;
     let tmp = common::TempDir::new("vu-inflight-resubmit").expect("tmpdir");
     let image = tmp.join("disk.img");
-    let disk = std::fs::File::create(&image).expect("image");
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&image)
+        .expect("image");
     disk.set_len(1 << 20).expect("image size");
     let spec = format!("blk,path={},queue-size=64", image.display());
     let mut d = Vcdev::start("vu-inflight-resubmit", &["--device", &spec], "vfio0");

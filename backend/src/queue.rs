@@ -259,6 +259,12 @@ impl<D: Door> QueueWorker<D> {
         })
     }
 
+    /// Records every request in `tracker` (vhost-user's inflight region);
+    /// what it says was in flight is walked again at the first poll.
+    pub fn track(&mut self, tracker: Box<dyn vcdev_device_model::blk::Tracker>) {
+        self.aq.track(tracker);
+    }
+
     /// Parks `heads` (a previous worker's parked requests) before the first
     /// poll.
     pub fn resume_parked(&mut self, heads: Vec<u16>) {

@@ -1037,3 +1037,27 @@ mod tests {
         assert!(!list.contains(&3) && list.len() < usize::from(SIZE));
     }
 }
+
+impl vcdev_device_model::blk::Tracker for QueueInflight {
+    fn taken(&mut self, head: u16) {
+        if let Err(e) = self.begin(head) {
+            log::warn!("inflight region: {e}");
+        }
+    }
+
+    fn used(&mut self, head: u16) {
+        if let Err(e) = self.complete(head) {
+            log::warn!("inflight region: {e}");
+        }
+    }
+
+    fn committed(&mut self, next_used: u16) {
+        self.commit(next_used);
+    }
+
+    fn restart(&mut self, used_idx: u16) -> (Vec<u16>, u16) {
+        let heads = self.resubmit_list(used_idx);
+        let next_avail = QueueInflight::next_avail(used_idx, &heads);
+        (heads, next_avail)
+    }
+}

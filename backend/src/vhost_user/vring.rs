@@ -111,6 +111,15 @@ pub enum VringError {
         #[source]
         source: std::io::Error,
     },
+    /// The queue's part of the inflight region is unusable.
+    #[error("Queue {index}: inflight region")]
+    Inflight {
+        /// Queue index.
+        index: u16,
+        /// The cause.
+        #[source]
+        source: super::inflight::InflightError,
+    },
     /// The worker thread could not be spawned.
     #[error("Queue {index}: cannot spawn its worker")]
     Spawn {
@@ -309,16 +318,12 @@ impl Vring {
         let control = Control::new().map_err(fd_err)?;
         let miss_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(fd_err)?);
         let wakes = vec![kick, miss_wake.try_clone().map_err(fd_err)?];
-        // TODO(issue 8 wiring): `let inflight = dma.inflight.as_ref().map(|r|
-        // r.queue(index, self.size)).transpose()?` (an InflightError fails
-        // the start). Before the first poll, with `u` the used ring's idx:
-        // `let list = inflight.resubmit_list(u)`, next_avail =
-        // `QueueInflight::next_avail(u, &list)`, next_used = `u`, and the
-        // list goes to `worker.resume_parked` (parked heads are walked
-        // again, oldest first, before the avail ring). In the AsyncQueue:
-        // `begin(head)` per chain popped, before it is submitted;
-        // `complete(head)` before its used entry, `commit(next_used)` once
-        // the used idx is written (see super::inflight's module doc).
+        let inflight = dma
+            .inflight
+            .as_ref()
+            .map(|r| r.queue(index, self.size))
+            .transpose()
+            .map_err(|source| VringError::Inflight { index, source })?;
         let reader = dma.space.reader();
         let door = VhostDoor {
             who: format!("{owner}: queue {index}"),
@@ -344,7 +349,13 @@ impl Vring {
             control.clone(),
         )
         .map_err(|source| VringError::EventLoop { index, source })?;
-        worker.resume_parked(std::mem::take(&mut self.parked));
+        let parked = std::mem::take(&mut self.parked);
+        match inflight {
+            // The region records what was taken and not used: it resumes
+            // the parked requests, and those of a previous daemon.
+            Some(q) => worker.track(Box::new(q)),
+            None => worker.resume_parked(parked),
+        }
         let join = std::thread::Builder::new()
             .name(format!("{owner}-q{index}"))
             .spawn(move || worker.run())

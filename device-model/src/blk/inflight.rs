@@ -60,6 +60,20 @@ pub unsafe trait InflightMemory: GuestMemory {
     fn hold(&self, ranges: &[(u64, u64)]) -> Self::Hold;
 }
 
+/// What a transport records of each request's life, so that a restarted backend can find the
+/// requests that were in flight (vhost-user's inflight region, `INFLIGHT_SHMFD`).
+pub trait Tracker: std::fmt::Debug + Send {
+    /// A chain was taken from the avail ring (before anything of it is submitted).
+    fn taken(&mut self, head: u16);
+    /// A chain is about to be put on the used ring.
+    fn used(&mut self, head: u16);
+    /// The used ring's index was written: it is now `next_used`.
+    fn committed(&mut self, next_used: u16);
+    /// At the queue's first poll, with the used ring's index: the chains that were taken and
+    /// never used when the queue last ran (oldest first), and the avail position after them.
+    fn restart(&mut self, used_idx: u16) -> (Vec<u16>, u16);
+}
+
 /// A request whose I/O is in flight (or waits for a slot or a flush barrier).
 #[derive(Debug)]
 struct Inflight<H> {
@@ -122,6 +136,7 @@ pub struct AsyncQueue<H> {
     spare_iov: Vec<Vec<IoVec>>,
     /// Whether the queue's next used index was read from the used ring.
     used_synced: bool,
+    tracker: Option<Box<dyn Tracker>>,
     #[cfg(test)]
     gate: Option<u16>,
     #[cfg(test)]
@@ -150,6 +165,7 @@ impl<H: Release> AsyncQueue<H> {
             reaped: Vec::new(),
             spare_iov: Vec::new(),
             used_synced: false,
+            tracker: None,
             #[cfg(test)]
             gate: None,
             #[cfg(test)]
@@ -157,6 +173,12 @@ impl<H: Release> AsyncQueue<H> {
             #[cfg(test)]
             log: Vec::new(),
         }
+    }
+
+    /// Record every request's life in `tracker` from now on; at the first poll, the requests it
+    /// says were in flight are walked again, oldest first, before new chains.
+    pub fn track(&mut self, tracker: Box<dyn Tracker>) {
+        self.tracker = Some(tracker);
     }
 
     /// The engine (its notifier goes in the worker's event loop).
@@ -216,6 +238,18 @@ impl<H: Release> AsyncQueue<H> {
                 .used_idx(mem, std::sync::atomic::Ordering::Acquire)
                 .map_err(Error::Queue)?;
             queue.set_next_used(idx.0);
+            if let Some(t) = self.tracker.as_mut() {
+                let (heads, next_avail) = t.restart(idx.0);
+                if !heads.is_empty() {
+                    log::info!(
+                        "virtio-blk: {} requests in flight before the restart are submitted again",
+                        heads.len()
+                    );
+                }
+                // The tracker's record is the truth: it replaces the parked list.
+                self.parked = heads.into();
+                queue.set_next_avail(next_avail);
+            }
             self.used_synced = true;
         }
         self.reap(queue, mem, &mut outcome)?;
@@ -362,6 +396,9 @@ impl<H: Release> AsyncQueue<H> {
                     break;
                 };
                 let head = chain.head_index();
+                if let Some(t) = self.tracker.as_mut() {
+                    t.taken(head);
+                }
                 let mut descs = std::mem::take(&mut self.descs);
                 let r = chain::collect(chain, max_chain, &mut descs);
                 let res = match r {
@@ -728,8 +765,16 @@ impl<H: Release> AsyncQueue<H> {
             Completion::Used(len) => len,
             Completion::Dropped => 0,
         };
+        if let Some(t) = self.tracker.as_mut() {
+            t.used(head);
+        }
         match queue.add_used(mem, head, len) {
-            Ok(()) => outcome.completed = outcome.completed.saturating_add(1),
+            Ok(()) => {
+                outcome.completed = outcome.completed.saturating_add(1);
+                if let Some(t) = self.tracker.as_mut() {
+                    t.committed(queue.next_used());
+                }
+            }
             Err(virtio_queue::Error::InvalidDescriptorIndex) => {
                 warn!("virtio-blk: driver offered out-of-range head {head}; ignored");
             }

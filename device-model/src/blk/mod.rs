@@ -51,7 +51,7 @@ pub use backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
 pub use config::BlkConfig;
 pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
 pub use file::{FileBackend, FileOptions};
-pub use inflight::{AsyncQueue, InflightMemory, Release};
+pub use inflight::{AsyncQueue, InflightMemory, Release, Tracker};
 pub use ram::RamBackend;
 
 use chain::Rewalk;
