@@ -729,7 +729,7 @@ fn plot_iops(
             .margin(5)
             .x_label_area_size(25)
             .y_label_area_size(170)
-            .build_cartesian_2d(0.0..max, (0u32..n).into_segmented())?;
+            .build_cartesian_2d(0.0..max, (0u32..n.saturating_sub(1)).into_segmented())?;
         chart
             .configure_mesh()
             .disable_y_mesh()
