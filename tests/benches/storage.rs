@@ -114,10 +114,30 @@ fn configs() -> Vec<Config> {
             false,
             &format!("blk,name={DEVICE},path=@DISK@,queue-size=256"),
         ),
-        config("vcdev io_uring direct", Engine::Vcdev, true, &vcdev("io_uring", "on")),
-        config("vcdev io_uring buffered", Engine::Vcdev, false, &vcdev("io_uring", "off")),
-        config("vcdev sync direct", Engine::Vcdev, true, &vcdev("sync", "on")),
-        config("vcdev sync buffered", Engine::Vcdev, false, &vcdev("sync", "off")),
+        config(
+            "vcdev io_uring direct",
+            Engine::Vcdev,
+            true,
+            &vcdev("io_uring", "on"),
+        ),
+        config(
+            "vcdev io_uring buffered",
+            Engine::Vcdev,
+            false,
+            &vcdev("io_uring", "off"),
+        ),
+        config(
+            "vcdev sync direct",
+            Engine::Vcdev,
+            true,
+            &vcdev("sync", "on"),
+        ),
+        config(
+            "vcdev sync buffered",
+            Engine::Vcdev,
+            false,
+            &vcdev("sync", "off"),
+        ),
         config(
             "qsd direct",
             Engine::Qsd,
@@ -141,7 +161,12 @@ fn configs() -> Vec<Config> {
             let name = name.trim();
             match all.iter_mut().find(|c| c.name == name) {
                 Some(c) => c.spec = spec.to_owned(),
-                None => all.push(config(name, Engine::Vcdev, spec.contains("direct=on"), spec)),
+                None => all.push(config(
+                    name,
+                    Engine::Vcdev,
+                    spec.contains("direct=on"),
+                    spec,
+                )),
             }
         }
     }
@@ -279,11 +304,41 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 5] = [
-    Workload { name: "randread 4K QD1", write: false, seq: false, block: 4096, qd: 1 },
-    Workload { name: "randread 4K QD32", write: false, seq: false, block: 4096, qd: 32 },
-    Workload { name: "randwrite 4K QD1", write: true, seq: false, block: 4096, qd: 1 },
-    Workload { name: "randwrite 4K QD32", write: true, seq: false, block: 4096, qd: 32 },
-    Workload { name: "seqread 128K QD8", write: false, seq: true, block: 128 << 10, qd: 8 },
+    Workload {
+        name: "randread 4K QD1",
+        write: false,
+        seq: false,
+        block: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "randread 4K QD32",
+        write: false,
+        seq: false,
+        block: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "randwrite 4K QD1",
+        write: true,
+        seq: false,
+        block: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "randwrite 4K QD32",
+        write: true,
+        seq: false,
+        block: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "seqread 128K QD8",
+        write: false,
+        seq: true,
+        block: 128 << 10,
+        qd: 8,
+    },
 ];
 
 /// Index of the workload whose latency distribution is plotted.
@@ -384,7 +439,11 @@ impl Driver {
     fn offer(&mut self, slot: usize, wl: Workload, offset: u64) {
         let data = Self::data_gpa(slot, wl.block);
         let hdr = Self::hdr_gpa(slot);
-        let kind = if wl.write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+        let kind = if wl.write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
         let status = hdr + u64::from(BlkRequest::HEADER_LEN);
         BlkRequest::new(kind, offset / SECTOR).write(&self.h.mem, hdr, status);
         let flags = if wl.write { R } else { W };
@@ -397,7 +456,13 @@ impl Driver {
     }
 
     /// Runs `wl` for `secs`; returns the latencies (ns) and the elapsed time.
-    fn run(&mut self, wl: Workload, secs: f64, rng: &mut Rng, seq: &mut u64) -> (Vec<u64>, Duration) {
+    fn run(
+        &mut self,
+        wl: Workload,
+        secs: f64,
+        rng: &mut Rng,
+        seq: &mut u64,
+    ) -> (Vec<u64>, Duration) {
         let blocks = self.disk_len / wl.block;
         let mut pick = || {
             let b = if wl.seq {
@@ -425,7 +490,10 @@ impl Driver {
             {
                 let q = &mut self.h.queues[0];
                 q.enable_calls(&self.h.mem);
-                ready.push(q.wait_used(&self.h.mem, TIMEOUT).expect("request completes"));
+                ready.push(
+                    q.wait_used(&self.h.mem, TIMEOUT)
+                        .expect("request completes"),
+                );
                 while let Some(e) = q.wait_used(&self.h.mem, Duration::ZERO) {
                     ready.push(e);
                 }
@@ -621,9 +689,14 @@ fn summarise(samples: &[Sample]) -> Option<Row> {
     }
     let m = |f: fn(&Sample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
     let iops: Vec<f64> = samples.iter().map(|s| s.iops).collect();
-    let cpu = samples[0].cpu_us.map(|_| m(|s| s.cpu_us.unwrap_or(f64::NAN)));
+    let cpu = samples[0]
+        .cpu_us
+        .map(|_| m(|s| s.cpu_us.unwrap_or(f64::NAN)));
     // Thread counts: the largest seen (io_uring workers come and go).
-    let threads = samples.iter().filter_map(|s| s.threads).max_by_key(|t| (t.0, t.1));
+    let threads = samples
+        .iter()
+        .filter_map(|s| s.threads)
+        .max_by_key(|t| (t.0, t.1));
     Some(Row {
         iops: m(|s| s.iops),
         lo: iops.iter().copied().fold(f64::INFINITY, f64::min),
@@ -649,15 +722,10 @@ fn fmt_int(v: f64) -> String {
     out
 }
 
-fn table(
-    disks: &[Disk],
-    cfgs: &[Config],
-    rows: &BTreeMap<Key, Row>,
-    runs: usize,
-) -> String {
+fn table(disks: &[Disk], cfgs: &[Config], rows: &BTreeMap<Key, Row>, runs: usize) -> String {
     let mut t = String::new();
     t.push_str(&format!(
-        "Medians over {runs} run(s); IOPS range = min-max over runs; x qsd = IOPS / qemu-storage-daemon's with the same cache mode (direct or buffered; vcdev's default is buffered) on the same disk and workload; CPU = backend utime+stime per request; threads = most seen at the end of a phase (io_uring workers among them).\n\n"
+        "Medians over {runs} run(s); IOPS range = min-max over runs; x qsd = IOPS / qemu-storage-daemon's with the same cache mode (direct or buffered; vcdev's default is buffered) on the same disk and workload; CPU = backend utime+stime per request; threads = most seen at the end of a phase (io_uring workers among them).\n\n",
     ));
     t.push_str("| disk | workload | configuration | IOPS | IOPS range | x qsd | p50 us | p99 us | CPU us/req | threads (iou) |\n");
     t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
@@ -675,10 +743,13 @@ fn table(
                 };
                 let x = match cfg.engine {
                     Engine::Raw => "-".to_owned(),
-                    _ => reference(cfg.direct).map_or("-".to_owned(), |q| format!("{:.2}", r.iops / q)),
+                    _ => reference(cfg.direct)
+                        .map_or("-".to_owned(), |q| format!("{:.2}", r.iops / q)),
                 };
                 let cpu = r.cpu.map_or("-".to_owned(), |c| format!("{c:.1}"));
-                let th = r.threads.map_or("-".to_owned(), |(n, i)| format!("{n} ({i})"));
+                let th = r
+                    .threads
+                    .map_or("-".to_owned(), |(n, i)| format!("{n} ({i})"));
                 t.push_str(&format!(
                     "| {} | {} | {} | {} | {}-{} | {x} | {:.1} | {:.1} | {cpu} | {th} |\n",
                     disk.name,
@@ -707,7 +778,10 @@ fn plot_iops(
     let root = SVGBackend::new(&path, (900, 1200)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
-        &format!("IOPS per configuration, {} disk (median over runs)", disk.name),
+        &format!(
+            "IOPS per configuration, {} disk (median over runs)",
+            disk.name
+        ),
         ("sans-serif", 20),
     )?;
     let panels = root.split_evenly((WORKLOADS.len(), 1));
@@ -734,10 +808,9 @@ fn plot_iops(
             .configure_mesh()
             .disable_y_mesh()
             .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => names
-                    .get(*i as usize)
-                    .cloned()
-                    .unwrap_or_default(),
+                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                    names.get(*i as usize).cloned().unwrap_or_default()
+                }
                 SegmentValue::Last => String::new(),
             })
             .x_label_formatter(&|v| format!("{:.0}k", v / 1e3))
@@ -746,7 +819,10 @@ fn plot_iops(
             let i = u32::try_from(i).unwrap_or(0);
             let color = Palette99::pick(*ci).filled();
             let mut r = Rectangle::new(
-                [(0.0, SegmentValue::Exact(i)), (*iops, SegmentValue::Exact(i + 1))],
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (*iops, SegmentValue::Exact(i + 1)),
+                ],
                 color,
             );
             r.set_margin(3, 3, 0, 0);
@@ -808,7 +884,10 @@ fn plot_cdf(
             .max(lo * 2.0);
         let mut chart = ChartBuilder::on(area)
             .caption(
-                format!("4 KiB randread QD1 latency CDF, {} disk (all runs)", disk.name),
+                format!(
+                    "4 KiB randread QD1 latency CDF, {} disk (all runs)",
+                    disk.name
+                ),
                 ("sans-serif", 16),
             )
             .margin(10)
@@ -896,13 +975,15 @@ fn main() {
                     continue;
                 }
                 let t = Instant::now();
-                let seed = 0x9e37_79b9_7f4a_7c15 ^ (run as u64) << 8 ^ di as u64;
+                let seed = 0x9e37_79b9_7f4a_7c15 ^ ((run as u64) << 8) ^ di as u64;
                 match run_config(cfg, disk, secs, warmup, seed) {
                     Ok(v) => {
                         let line: Vec<String> = v
                             .iter()
                             .zip(WORKLOADS.iter())
-                            .filter_map(|(s, wl)| s.as_ref().map(|s| format!("{} {:.0}", wl.name, s.iops)))
+                            .filter_map(|(s, wl)| {
+                                s.as_ref().map(|s| format!("{} {:.0}", wl.name, s.iops))
+                            })
                             .collect();
                         eprintln!(
                             "run {}/{runs} {} {:<24} {:.1} s: {}",
@@ -951,7 +1032,10 @@ fn main() {
             report.push_str(&format!("- {n}\n"));
         }
         for ((di, ci), why) in &skipped {
-            report.push_str(&format!("- {} on {}: {why}\n", cfgs[*ci].name, disks[*di].name));
+            report.push_str(&format!(
+                "- {} on {}: {why}\n",
+                cfgs[*ci].name, disks[*di].name
+            ));
         }
     }
     report.push_str(&format!(
