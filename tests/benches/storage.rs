@@ -841,6 +841,9 @@ fn plot_iops(
     Ok(())
 }
 
+/// (latency us, percent of requests at or under it) points of a CDF.
+type Curve = Vec<(f64, f64)>;
+
 fn plot_cdf(
     out: &Path,
     disks: &[Disk],
@@ -852,7 +855,7 @@ fn plot_cdf(
     root.fill(&WHITE)?;
     let panels = root.split_evenly((disks.len(), 1));
     for (di, (disk, area)) in disks.iter().zip(panels.iter()).enumerate() {
-        let lines: Vec<(usize, &Config, Vec<(f64, f64)>)> = cfgs
+        let lines: Vec<(usize, &Config, Curve)> = cfgs
             .iter()
             .enumerate()
             .filter_map(|(ci, c)| {

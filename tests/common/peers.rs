@@ -69,8 +69,7 @@ impl Peer {
                 if text.contains(&format!("exit status: {EXIT_USAGE} ")) {
                     let why = text
                         .lines()
-                        .filter(|l| !l.is_empty() && !l.starts_with("---"))
-                        .last()
+                        .rfind(|l| !l.is_empty() && !l.starts_with("---"))
                         .unwrap_or("")
                         .to_owned();
                     Ok(Spawn::Refused(why))
