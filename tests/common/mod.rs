@@ -6,6 +6,8 @@
 //!   socket exists).
 //! - [`vcdev`]: the one way to start `vcdev serve` ([`vcdev::Vcdev::builder`]).
 //! - [`frontend`], [`cdev`]: the two doors' client harnesses.
+//! - [`peers`]: the backends the storage benchmark compares with (`vub_blk`,
+//!   qemu-storage-daemon), and `vcdev serve` with a SPEC it may refuse.
 //! - [`qemu`]: QEMU guest tests: [`qemu::require`] (skip or fail when QEMU 10
 //!   or the guest image is missing), loading `qemu-configs/<name>`, booting
 //!   with a hard deadline, and parsing the guest's `VCDEV-*` marker lines.
@@ -18,6 +20,7 @@
 
 pub mod cdev;
 pub mod frontend;
+pub mod peers;
 pub mod process;
 pub mod qemu;
 pub mod vcdev;

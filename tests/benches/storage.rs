@@ -1,0 +1,1060 @@
+//! The storage benchmark (issue #8): vcdev beside the other vhost-user-blk backends, through
+//! the same Rust frontend (`tests/common/frontend.rs`, one queue, no IOMMU) on the same disks,
+//! in one run.
+//!
+//! Backends ([`configs`]; each has a SPEC of its own):
+//!
+//! - `vcdev serve` with today's default SPEC, and with `aio=io_uring|sync` x `direct=on|off`.
+//!   A SPEC that `vcdev serve` refuses (exit code 2: an option it does not know yet) is skipped
+//!   with a message, so those configurations start running by themselves once the options land;
+//! - qemu-storage-daemon 10.0's vhost-user-blk export (`aio=io_uring`, `cache.direct=on|off`),
+//!   the export in an iothread of its own;
+//! - `vub_blk`: vcdev's device model on rust-vmm's `vhost-user-backend` (`tests/src/bin`).
+//!
+//! Disks: a file on tmpfs (`/dev/shm`: the CPU path), and, when run as root, a loop device with
+//! direct I/O over a file on the root disk (a real latency), written fully once with non-zero
+//! data. Each run also measures the raw device floor: an `O_DIRECT` `pread` loop of 4 KiB random
+//! reads at QD1 from this process (`raw pread`).
+//!
+//! Workloads: 4 KiB randread and randwrite at QD1 and QD32, 128 KiB sequential read at QD8.
+//! Per phase: IOPS, p50/p99 latency (request built to used seen), the backend's CPU time per
+//! request (utime+stime of `/proc/PID/stat` around the phase), its threads (`Threads:` of
+//! `/proc/PID/status` at the end of the phase) and how many of them are io_uring workers
+//! (`iou-*` in `/proc/PID/task/*/comm`). Runs go round-robin over the configurations (a fresh
+//! backend each time, the disk's page cache dropped before it starts); the table gives medians
+//! over the runs and ratios to qemu-storage-daemon with the same cache mode on the same disk and
+//! workload. Plots (SVG) and the table go to `tests/benches/results/` (`VCDEV_BENCH_OUT`).
+//!
+//! Run with `cargo bench -p vcdev-tests --bench storage`. Environment:
+//!
+//! - `VCDEV_BENCH_SECS` (2): measured seconds per phase, after `VCDEV_BENCH_WARMUP_SECS` (0.25);
+//! - `VCDEV_BENCH_RUNS` (5);
+//! - `VCDEV_BENCH_QUICK=1`: 0.5 s phases, 0.1 s warm-up (runs stay 5 unless set);
+//! - `VCDEV_BENCH_CONFIGS`: comma-separated configuration names to keep;
+//! - `VCDEV_BENCH_SPECS`: `NAME=SPEC;NAME=SPEC`, replacing the SPEC of configuration NAME, or
+//!   adding a vcdev configuration NAME; `@DISK@` stands for the disk's path (and, for
+//!   qemu-storage-daemon, `@DRIVER@` for `file` or `host_device`);
+//! - `VCDEV_BENCH_DISK_MIB` (256 on tmpfs, 1024 on the loop device's file);
+//! - `VCDEV_BENCH_LOOP_DIR` (`/var/tmp`): where the loop device's backing file lives.
+//!
+//! Without `--bench` in its arguments (`cargo test --benches`) it exits at once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::frontend::{Harness, DATA_GPA, META_GPA, S_OK};
+use common::peers::{qsd_available, Peer, Spawn};
+use common::TIMEOUT;
+use plotters::prelude::*;
+use vcdev_device_model::testing::{BlkRequest, R, W};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
+/// Queue entries (three descriptors per request).
+const QUEUE_SIZE: u16 = 256;
+/// Request headers of the slots, 64 bytes apart (status byte at +16), in one metadata page.
+const HDR_BASE: u64 = META_GPA + 0x30_0000 + 63 * 0x1000;
+/// The data buffer of slot 0; slot `k`'s is `k` blocks further (32 x 128 KiB fit).
+const DATA_BASE: u64 = DATA_GPA + 16 * 0x1000;
+/// The vcdev device name in the SPECs.
+const DEVICE: &str = "d0";
+/// Sector size of the virtio-blk header.
+const SECTOR: u64 = 512;
+
+// ---------------------------------------------------------------------------
+// Configurations, disks, workloads
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Vcdev,
+    Qsd,
+    Vub,
+    /// `O_DIRECT` pread from this process: the device's own latency.
+    Raw,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    name: String,
+    engine: Engine,
+    /// Whether the backend bypasses the page cache (`O_DIRECT`); picks the reference.
+    direct: bool,
+    /// vcdev: the `--device` SPEC; qsd: the `--blockdev` options (node-name added); vub: its
+    /// arguments, space-separated. `@DISK@` and `@DRIVER@` are filled per disk.
+    spec: String,
+}
+
+fn config(name: &str, engine: Engine, direct: bool, spec: &str) -> Config {
+    Config {
+        name: name.to_owned(),
+        engine,
+        direct,
+        spec: spec.to_owned(),
+    }
+}
+
+/// Every configuration, in table order.
+fn configs() -> Vec<Config> {
+    let vcdev = |aio: &str, direct: &str| {
+        format!("blk,name={DEVICE},path=@DISK@,queue-size=256,aio={aio},direct={direct}")
+    };
+    let mut all = vec![
+        config("raw pread", Engine::Raw, true, ""),
+        config(
+            "vcdev (default)",
+            Engine::Vcdev,
+            false,
+            &format!("blk,name={DEVICE},path=@DISK@,queue-size=256"),
+        ),
+        config(
+            "vcdev io_uring direct",
+            Engine::Vcdev,
+            true,
+            &vcdev("io_uring", "on"),
+        ),
+        config(
+            "vcdev io_uring buffered",
+            Engine::Vcdev,
+            false,
+            &vcdev("io_uring", "off"),
+        ),
+        config(
+            "vcdev sync direct",
+            Engine::Vcdev,
+            true,
+            &vcdev("sync", "on"),
+        ),
+        config(
+            "vcdev sync buffered",
+            Engine::Vcdev,
+            false,
+            &vcdev("sync", "off"),
+        ),
+        config(
+            "qsd direct",
+            Engine::Qsd,
+            true,
+            "driver=@DRIVER@,filename=@DISK@,cache.direct=on,aio=io_uring",
+        ),
+        config(
+            "qsd buffered",
+            Engine::Qsd,
+            false,
+            "driver=@DRIVER@,filename=@DISK@,cache.direct=off,aio=io_uring",
+        ),
+        config("vub buffered", Engine::Vub, false, "path=@DISK@ direct=off"),
+        config("vub direct", Engine::Vub, true, "path=@DISK@ direct=on"),
+    ];
+    if let Ok(specs) = std::env::var("VCDEV_BENCH_SPECS") {
+        for item in specs.split(';').filter(|s| !s.trim().is_empty()) {
+            let (name, spec) = item
+                .split_once('=')
+                .unwrap_or_else(|| panic!("VCDEV_BENCH_SPECS: {item}: expected NAME=SPEC"));
+            let name = name.trim();
+            match all.iter_mut().find(|c| c.name == name) {
+                Some(c) => c.spec = spec.to_owned(),
+                None => all.push(config(
+                    name,
+                    Engine::Vcdev,
+                    spec.contains("direct=on"),
+                    spec,
+                )),
+            }
+        }
+    }
+    if let Ok(keep) = std::env::var("VCDEV_BENCH_CONFIGS") {
+        all.retain(|c| keep.split(',').any(|k| k.trim() == c.name));
+    }
+    all
+}
+
+/// A disk the backends share, removed (and detached) on drop.
+struct Disk {
+    name: &'static str,
+    /// What the backends open: the tmpfs file, or `/dev/loopN`.
+    path: PathBuf,
+    /// qemu-storage-daemon's driver for `path`.
+    driver: &'static str,
+    len: u64,
+    /// Dropped first: the loop device, then its file.
+    _loop: Option<LoopDev>,
+    _file: RemoveOnDrop,
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A loop device attached by the bench; detached on drop, panics included.
+struct LoopDev(PathBuf);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        match Command::new("losetup").arg("-d").arg(&self.0).status() {
+            Ok(st) if st.success() => {}
+            other => eprintln!("storage: losetup -d {} failed: {other:?}", self.0.display()),
+        }
+    }
+}
+
+/// Writes `len` bytes of non-zero data to a new file at `path` (holes would read with no I/O).
+fn fill_file(path: &Path, len: u64) -> RemoveOnDrop {
+    let guard = RemoveOnDrop(path.to_path_buf());
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect();
+    let mut done = 0;
+    while done < len {
+        f.write_all(&chunk).expect("fill the disk file");
+        done += chunk.len() as u64;
+    }
+    f.sync_all().expect("fsync the disk file");
+    guard
+}
+
+fn env_mib(default: u64) -> u64 {
+    std::env::var("VCDEV_BENCH_DISK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        << 20
+}
+
+fn tmpfs_disk() -> Disk {
+    let path = PathBuf::from(format!("/dev/shm/vcdev-bench-{}.img", std::process::id()));
+    let len = env_mib(256);
+    let file = fill_file(&path, len);
+    Disk {
+        name: "tmpfs",
+        path,
+        driver: "file",
+        len,
+        _loop: None,
+        _file: file,
+    }
+}
+
+/// The loop disk, or why it is skipped.
+fn loop_disk() -> Result<Disk, String> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root: losetup needs root".to_owned());
+    }
+    let dir = PathBuf::from(std::env::var("VCDEV_BENCH_LOOP_DIR").unwrap_or("/var/tmp".into()));
+    let backing = dir.join(format!("vcdev-bench-{}.img", std::process::id()));
+    let len = env_mib(1024);
+    let file = fill_file(&backing, len);
+    let out = Command::new("losetup")
+        .args(["-f", "--show", "--direct-io=on"])
+        .arg(&backing)
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    Ok(Disk {
+        name: "loop",
+        path: dev.clone(),
+        driver: "host_device",
+        len,
+        _loop: Some(LoopDev(dev)),
+        _file: file,
+    })
+}
+
+impl Disk {
+    /// Drops the disk's cached pages (a fresh start for buffered backends).
+    fn drop_cache(&self) {
+        if let Ok(f) = File::open(&self.path) {
+            // SAFETY: fadvise only reads its scalar arguments; `f` is open for the call.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+
+    fn fill(&self, spec: &str) -> String {
+        spec.replace("@DISK@", &self.path.display().to_string())
+            .replace("@DRIVER@", self.driver)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    seq: bool,
+    block: u64,
+    qd: usize,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        name: "randread 4K QD1",
+        write: false,
+        seq: false,
+        block: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "randread 4K QD32",
+        write: false,
+        seq: false,
+        block: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "randwrite 4K QD1",
+        write: true,
+        seq: false,
+        block: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "randwrite 4K QD32",
+        write: true,
+        seq: false,
+        block: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "seqread 128K QD8",
+        write: false,
+        seq: true,
+        block: 128 << 10,
+        qd: 8,
+    },
+];
+
+/// Index of the workload whose latency distribution is plotted.
+const QD1_READ: usize = 0;
+
+// ---------------------------------------------------------------------------
+// Measuring
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// One phase of one run.
+#[derive(Clone, Debug)]
+struct Sample {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Backend CPU time per request (None for the raw floor).
+    cpu_us: Option<f64>,
+    threads: Option<(u32, u32)>,
+    /// Latencies (ns), kept for the QD1 randread plot.
+    lat: Vec<u64>,
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).map_or(0.0, |&v| v as f64 / 1e3)
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); `after` starts at field 3.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// (`Threads:` of /proc/PID/status, threads named `iou-*`).
+fn threads(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let n = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let iou = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("iou-"))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    (n, u32::try_from(iou).unwrap_or(u32::MAX))
+}
+
+/// The frontend driving one backend: `qd` request slots on queue 0.
+struct Driver {
+    h: Harness,
+    disk_len: u64,
+}
+
+impl Driver {
+    fn data_gpa(slot: usize, block: u64) -> u64 {
+        DATA_BASE + slot as u64 * block
+    }
+
+    fn hdr_gpa(slot: usize) -> u64 {
+        HDR_BASE + slot as u64 * 64
+    }
+
+    fn new(h: Harness, disk_len: u64) -> Driver {
+        for slot in 0..32 {
+            let data = vec![slot as u8 ^ 0x5a; 4096];
+            h.mem.write(Self::data_gpa(slot, 4096), &data);
+        }
+        Driver { h, disk_len }
+    }
+
+    fn offer(&mut self, slot: usize, wl: Workload, offset: u64) {
+        let data = Self::data_gpa(slot, wl.block);
+        let hdr = Self::hdr_gpa(slot);
+        let kind = if wl.write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
+        let status = hdr + u64::from(BlkRequest::HEADER_LEN);
+        BlkRequest::new(kind, offset / SECTOR).write(&self.h.mem, hdr, status);
+        let flags = if wl.write { R } else { W };
+        let len = u32::try_from(wl.block).expect("block fits u32");
+        let chain = BlkRequest::chain(hdr, &[(data, len, flags)], status);
+        let head = u16::try_from(slot * 3).expect("slot fits the ring");
+        let q = &mut self.h.queues[0];
+        q.ring.write_chain(&self.h.mem, head, &chain);
+        q.offer(&self.h.mem, head);
+    }
+
+    /// Runs `wl` for `secs`; returns the latencies (ns) and the elapsed time.
+    fn run(
+        &mut self,
+        wl: Workload,
+        secs: f64,
+        rng: &mut Rng,
+        seq: &mut u64,
+    ) -> (Vec<u64>, Duration) {
+        let blocks = self.disk_len / wl.block;
+        let mut pick = || {
+            let b = if wl.seq {
+                *seq = (*seq + 1) % blocks;
+                *seq
+            } else {
+                rng.next() % blocks
+            };
+            b * wl.block
+        };
+        let mut started = vec![Instant::now(); wl.qd];
+        let mut lat = Vec::new();
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs_f64(secs);
+        for (slot, s) in started.iter_mut().enumerate() {
+            *s = Instant::now();
+            let off = pick();
+            self.offer(slot, wl, off);
+        }
+        self.h.queues[0].kick.write(1).expect("kick");
+        let mut in_flight = wl.qd;
+        let mut ready = Vec::with_capacity(wl.qd);
+        while in_flight > 0 {
+            ready.clear();
+            {
+                let q = &mut self.h.queues[0];
+                q.enable_calls(&self.h.mem);
+                ready.push(
+                    q.wait_used(&self.h.mem, TIMEOUT)
+                        .expect("request completes"),
+                );
+                while let Some(e) = q.wait_used(&self.h.mem, Duration::ZERO) {
+                    ready.push(e);
+                }
+            }
+            let now = Instant::now();
+            let more = now < deadline;
+            for &(id, used) in &ready {
+                let slot = id as usize / 3;
+                let st = self.h.mem.read(Self::hdr_gpa(slot) + 16, 1)[0];
+                assert_eq!(st, S_OK, "request status");
+                let want = if wl.write { 1 } else { wl.block + 1 };
+                assert_eq!(u64::from(used), want, "used length");
+                lat.push(now.duration_since(started[slot]).as_nanos() as u64);
+                if more {
+                    started[slot] = Instant::now();
+                    let off = pick();
+                    self.offer(slot, wl, off);
+                } else {
+                    in_flight -= 1;
+                }
+            }
+            if more {
+                self.h.queues[0].kick.write(1).expect("kick");
+            }
+        }
+        (lat, t0.elapsed())
+    }
+
+    fn phase(&mut self, wl: Workload, pid: u32, secs: f64, warmup: f64, seed: u64) -> Sample {
+        let mut rng = Rng(seed | 1);
+        let mut seq = 0;
+        self.run(wl, warmup, &mut rng, &mut seq);
+        let cpu0 = cpu_secs(pid);
+        let (mut lat, took) = self.run(wl, secs, &mut rng, &mut seq);
+        let cpu = cpu_secs(pid) - cpu0;
+        let th = threads(pid);
+        lat.sort_unstable();
+        Sample {
+            iops: lat.len() as f64 / took.as_secs_f64(),
+            p50_us: pct(&lat, 0.50),
+            p99_us: pct(&lat, 0.99),
+            cpu_us: Some(cpu * 1e6 / lat.len().max(1) as f64),
+            threads: Some(th),
+            lat,
+        }
+    }
+}
+
+/// A page-aligned buffer for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation");
+        Aligned { ptr, layout }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// The device floor: 4 KiB O_DIRECT preads at random aligned offsets, one at a time.
+fn raw_floor(disk: &Disk, secs: f64, warmup: f64, seed: u64) -> Result<Sample, String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&disk.path)
+        .map_err(|e| format!("O_DIRECT open of {}: {e}", disk.path.display()))?;
+    let mut buf = Aligned::new(4096);
+    let mut rng = Rng(seed | 1);
+    let blocks = disk.len / 4096;
+    let mut go = |secs: f64| {
+        let mut lat = Vec::new();
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs_f64(secs);
+        while Instant::now() < deadline {
+            let off = rng.next() % blocks * 4096;
+            let t = Instant::now();
+            f.read_exact_at(buf.as_mut(), off).expect("pread");
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        (lat, t0.elapsed())
+    };
+    go(warmup);
+    let (mut lat, took) = go(secs);
+    lat.sort_unstable();
+    Ok(Sample {
+        iops: lat.len() as f64 / took.as_secs_f64(),
+        p50_us: pct(&lat, 0.50),
+        p99_us: pct(&lat, 0.99),
+        cpu_us: None,
+        threads: None,
+        lat,
+    })
+}
+
+/// Starts `cfg`'s backend on `disk`.
+fn start(cfg: &Config, disk: &Disk) -> Result<Spawn, String> {
+    let spec = disk.fill(&cfg.spec);
+    let tag = "bench";
+    let r = match cfg.engine {
+        Engine::Vcdev => Peer::vcdev(tag, &spec, DEVICE),
+        Engine::Qsd => Peer::qsd(tag, &spec, true),
+        Engine::Vub => {
+            let args: Vec<&str> = spec.split_whitespace().collect();
+            Peer::vub_blk(tag, &args)
+        }
+        Engine::Raw => unreachable!("the raw floor has no backend"),
+    };
+    r.map_err(|e| e.to_string())
+}
+
+/// All phases of one configuration on one disk: Ok(samples per workload) or why it was skipped.
+fn run_config(
+    cfg: &Config,
+    disk: &Disk,
+    secs: f64,
+    warmup: f64,
+    seed: u64,
+) -> Result<Vec<Option<Sample>>, String> {
+    disk.drop_cache();
+    if cfg.engine == Engine::Raw {
+        let s = raw_floor(disk, secs, warmup, seed)?;
+        let mut v = vec![None; WORKLOADS.len()];
+        v[QD1_READ] = Some(s);
+        return Ok(v);
+    }
+    if cfg.engine == Engine::Qsd && !qsd_available() {
+        return Err(format!("{} is not installed", common::peers::QSD_BIN));
+    }
+    let mut peer = match start(cfg, disk)? {
+        Spawn::Up(p) => p,
+        Spawn::Refused(why) => return Err(format!("SPEC refused (exit 2): {why}")),
+    };
+    let pid = peer.pid();
+    let h = Harness::start(peer.socket(), 1, QUEUE_SIZE);
+    let mut d = Driver::new(h, disk.len);
+    let out = WORKLOADS
+        .iter()
+        .enumerate()
+        .map(|(i, &wl)| Some(d.phase(wl, pid, secs, warmup, seed ^ i as u64)))
+        .collect();
+    drop(d);
+    drop(peer);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Reporting
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Medians of one (disk, config, workload) over the runs.
+struct Row {
+    iops: f64,
+    lo: f64,
+    hi: f64,
+    p50: f64,
+    p99: f64,
+    cpu: Option<f64>,
+    threads: Option<(u32, u32)>,
+}
+
+fn summarise(samples: &[Sample]) -> Option<Row> {
+    if samples.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&Sample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
+    let iops: Vec<f64> = samples.iter().map(|s| s.iops).collect();
+    let cpu = samples[0]
+        .cpu_us
+        .map(|_| m(|s| s.cpu_us.unwrap_or(f64::NAN)));
+    // Thread counts: the largest seen (io_uring workers come and go).
+    let threads = samples
+        .iter()
+        .filter_map(|s| s.threads)
+        .max_by_key(|t| (t.0, t.1));
+    Some(Row {
+        iops: m(|s| s.iops),
+        lo: iops.iter().copied().fold(f64::INFINITY, f64::min),
+        hi: iops.iter().copied().fold(0.0, f64::max),
+        p50: m(|s| s.p50_us),
+        p99: m(|s| s.p99_us),
+        cpu,
+        threads,
+    })
+}
+
+type Key = (usize, usize, usize); // (disk, config, workload)
+
+fn fmt_int(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn table(disks: &[Disk], cfgs: &[Config], rows: &BTreeMap<Key, Row>, runs: usize) -> String {
+    let mut t = String::new();
+    t.push_str(&format!(
+        "Medians over {runs} run(s); IOPS range = min-max over runs; x qsd = IOPS / qemu-storage-daemon's with the same cache mode (direct or buffered; vcdev's default is buffered) on the same disk and workload; CPU = backend utime+stime per request; threads = most seen at the end of a phase (io_uring workers among them).\n\n",
+    ));
+    t.push_str("| disk | workload | configuration | IOPS | IOPS range | x qsd | p50 us | p99 us | CPU us/req | threads (iou) |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (di, disk) in disks.iter().enumerate() {
+        for (wi, wl) in WORKLOADS.iter().enumerate() {
+            let reference = |direct: bool| {
+                cfgs.iter()
+                    .position(|c| c.engine == Engine::Qsd && c.direct == direct)
+                    .and_then(|ci| rows.get(&(di, ci, wi)))
+                    .map(|r| r.iops)
+            };
+            for (ci, cfg) in cfgs.iter().enumerate() {
+                let Some(r) = rows.get(&(di, ci, wi)) else {
+                    continue;
+                };
+                let x = match cfg.engine {
+                    Engine::Raw => "-".to_owned(),
+                    _ => reference(cfg.direct)
+                        .map_or("-".to_owned(), |q| format!("{:.2}", r.iops / q)),
+                };
+                let cpu = r.cpu.map_or("-".to_owned(), |c| format!("{c:.1}"));
+                let th = r
+                    .threads
+                    .map_or("-".to_owned(), |(n, i)| format!("{n} ({i})"));
+                t.push_str(&format!(
+                    "| {} | {} | {} | {} | {}-{} | {x} | {:.1} | {:.1} | {cpu} | {th} |\n",
+                    disk.name,
+                    wl.name,
+                    cfg.name,
+                    fmt_int(r.iops),
+                    fmt_int(r.lo),
+                    fmt_int(r.hi),
+                    r.p50,
+                    r.p99,
+                ));
+            }
+        }
+    }
+    t
+}
+
+fn plot_iops(
+    out: &Path,
+    disk: &Disk,
+    di: usize,
+    cfgs: &[Config],
+    rows: &BTreeMap<Key, Row>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let path = out.join(format!("iops-{}.svg", disk.name));
+    let root = SVGBackend::new(&path, (900, 1200)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "IOPS per configuration, {} disk (median over runs)",
+            disk.name
+        ),
+        ("sans-serif", 20),
+    )?;
+    let panels = root.split_evenly((WORKLOADS.len(), 1));
+    for (wi, (wl, area)) in WORKLOADS.iter().zip(panels.iter()).enumerate() {
+        let bars: Vec<(usize, &Config, f64)> = cfgs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.engine != Engine::Raw)
+            .filter_map(|(ci, c)| rows.get(&(di, ci, wi)).map(|r| (ci, c, r.iops)))
+            .collect();
+        if bars.is_empty() {
+            continue;
+        }
+        let max = bars.iter().map(|b| b.2).fold(1.0, f64::max) * 1.15;
+        let n = u32::try_from(bars.len()).unwrap_or(u32::MAX);
+        let names: Vec<String> = bars.iter().map(|b| b.1.name.clone()).collect();
+        let mut chart = ChartBuilder::on(area)
+            .caption(wl.name, ("sans-serif", 15))
+            .margin(5)
+            .x_label_area_size(25)
+            .y_label_area_size(170)
+            .build_cartesian_2d(0.0..max, (0u32..n.saturating_sub(1)).into_segmented())?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                    names.get(*i as usize).cloned().unwrap_or_default()
+                }
+                SegmentValue::Last => String::new(),
+            })
+            .x_label_formatter(&|v| format!("{:.0}k", v / 1e3))
+            .draw()?;
+        chart.draw_series(bars.iter().enumerate().map(|(i, (ci, _, iops))| {
+            let i = u32::try_from(i).unwrap_or(0);
+            let color = Palette99::pick(*ci).filled();
+            let mut r = Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (*iops, SegmentValue::Exact(i + 1)),
+                ],
+                color,
+            );
+            r.set_margin(3, 3, 0, 0);
+            r
+        }))?;
+        chart.draw_series(bars.iter().enumerate().map(|(i, (_, _, iops))| {
+            let i = u32::try_from(i).unwrap_or(0);
+            Text::new(
+                fmt_int(*iops),
+                (*iops, SegmentValue::CenterOf(i)),
+                ("sans-serif", 11),
+            )
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// (latency us, percent of requests at or under it) points of a CDF.
+type Curve = Vec<(f64, f64)>;
+
+fn plot_cdf(
+    out: &Path,
+    disks: &[Disk],
+    cfgs: &[Config],
+    lats: &BTreeMap<(usize, usize), Vec<u64>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let path = out.join("qd1-randread-cdf.svg");
+    let root = SVGBackend::new(&path, (900, 400 * disks.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((disks.len(), 1));
+    for (di, (disk, area)) in disks.iter().zip(panels.iter()).enumerate() {
+        let lines: Vec<(usize, &Config, Curve)> = cfgs
+            .iter()
+            .enumerate()
+            .filter_map(|(ci, c)| {
+                let l = lats.get(&(di, ci))?;
+                if l.is_empty() {
+                    return None;
+                }
+                let pts = (0..=400)
+                    .map(|k| {
+                        let p = f64::from(k) / 400.0;
+                        (pct(l, p.min(0.9999)), p * 100.0)
+                    })
+                    .collect();
+                Some((ci, c, pts))
+            })
+            .collect();
+        if lines.is_empty() {
+            continue;
+        }
+        let lo = lines
+            .iter()
+            .flat_map(|l| l.2.iter().map(|p| p.0))
+            .fold(f64::INFINITY, f64::min)
+            .max(0.1);
+        let hi = lines
+            .iter()
+            .flat_map(|l| l.2.iter().map(|p| p.0))
+            .fold(0.0, f64::max)
+            .max(lo * 2.0);
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!(
+                    "4 KiB randread QD1 latency CDF, {} disk (all runs)",
+                    disk.name
+                ),
+                ("sans-serif", 16),
+            )
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(45)
+            .build_cartesian_2d((lo..hi).log_scale(), 0.0..100.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("latency (us, log scale)")
+            .y_desc("% of requests")
+            .draw()?;
+        for (ci, c, pts) in lines {
+            let color = Palette99::pick(ci);
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(c.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("storage: a benchmark; run it with `cargo bench -p vcdev-tests --bench storage`");
+        return;
+    }
+    let quick = std::env::var_os("VCDEV_BENCH_QUICK").is_some_and(|v| v == "1");
+    let secs = env_f64("VCDEV_BENCH_SECS", if quick { 0.5 } else { 2.0 });
+    let warmup = env_f64("VCDEV_BENCH_WARMUP_SECS", if quick { 0.1 } else { 0.25 });
+    let runs = env_f64("VCDEV_BENCH_RUNS", 5.0).max(1.0) as usize;
+    let out = std::env::var_os("VCDEV_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::repo_root().join("tests/benches/results"));
+    std::fs::create_dir_all(&out).expect("create the results directory");
+    let cfgs = configs();
+    assert!(!cfgs.is_empty(), "VCDEV_BENCH_CONFIGS selects nothing");
+
+    let mut notes = Vec::new();
+    let mut disks = vec![tmpfs_disk()];
+    match loop_disk() {
+        Ok(d) => disks.push(d),
+        Err(why) => notes.push(format!("loop disk skipped: {why}")),
+    }
+    for n in &notes {
+        eprintln!("storage: {n}");
+    }
+    println!(
+        "storage: {} configuration(s) x {} disk(s), {runs} run(s), {secs} s per phase after {warmup} s warm-up; disks: {}",
+        cfgs.len(),
+        disks.len(),
+        disks
+            .iter()
+            .map(|d| format!("{} {} ({} MiB)", d.name, d.path.display(), d.len >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("storage: qemu-storage-daemon's export runs in an iothread of its own (--object iothread,id=io0, iothread=io0 on the export).");
+
+    let mut samples: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
+    let mut skipped: BTreeMap<(usize, usize), String> = BTreeMap::new();
+    let t_all = Instant::now();
+    for run in 0..runs {
+        for (di, disk) in disks.iter().enumerate() {
+            for (ci, cfg) in cfgs.iter().enumerate() {
+                if skipped.contains_key(&(di, ci)) {
+                    continue;
+                }
+                let t = Instant::now();
+                let seed = 0x9e37_79b9_7f4a_7c15 ^ ((run as u64) << 8) ^ di as u64;
+                match run_config(cfg, disk, secs, warmup, seed) {
+                    Ok(v) => {
+                        let line: Vec<String> = v
+                            .iter()
+                            .zip(WORKLOADS.iter())
+                            .filter_map(|(s, wl)| {
+                                s.as_ref().map(|s| format!("{} {:.0}", wl.name, s.iops))
+                            })
+                            .collect();
+                        eprintln!(
+                            "run {}/{runs} {} {:<24} {:.1} s: {}",
+                            run + 1,
+                            disk.name,
+                            cfg.name,
+                            t.elapsed().as_secs_f64(),
+                            line.join(", ")
+                        );
+                        for (wi, s) in v.into_iter().enumerate() {
+                            if let Some(s) = s {
+                                samples.entry((di, ci, wi)).or_default().push(s);
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        eprintln!("storage: skipping {} on {}: {why}", cfg.name, disk.name);
+                        skipped.insert((di, ci), why);
+                    }
+                }
+            }
+        }
+    }
+    let rows: BTreeMap<Key, Row> = samples
+        .iter()
+        .filter_map(|(k, v)| summarise(v).map(|r| (*k, r)))
+        .collect();
+    let mut lats: BTreeMap<(usize, usize), Vec<u64>> = BTreeMap::new();
+    for ((di, ci, wi), v) in &samples {
+        if *wi == QD1_READ {
+            let l = lats.entry((*di, *ci)).or_default();
+            for s in v {
+                l.extend_from_slice(&s.lat);
+            }
+            l.sort_unstable();
+        }
+    }
+
+    let mut report = table(&disks, &cfgs, &rows, runs);
+    report.push('\n');
+    if skipped.is_empty() && notes.is_empty() {
+        report.push_str("Nothing skipped.\n");
+    } else {
+        report.push_str("Skipped:\n\n");
+        for n in &notes {
+            report.push_str(&format!("- {n}\n"));
+        }
+        for ((di, ci), why) in &skipped {
+            report.push_str(&format!(
+                "- {} on {}: {why}\n",
+                cfgs[*ci].name, disks[*di].name
+            ));
+        }
+    }
+    report.push_str(&format!(
+        "\nWall time: {:.0} s ({runs} run(s), {secs} s phases, {warmup} s warm-up).\n",
+        t_all.elapsed().as_secs_f64()
+    ));
+    println!();
+    print!("{report}");
+    std::fs::write(out.join("storage.md"), &report).expect("write storage.md");
+    for (di, disk) in disks.iter().enumerate() {
+        if let Err(e) = plot_iops(&out, disk, di, &cfgs, &rows) {
+            eprintln!("storage: IOPS plot of {}: {e}", disk.name);
+        }
+    }
+    if let Err(e) = plot_cdf(&out, &disks, &cfgs, &lats) {
+        eprintln!("storage: CDF plot: {e}");
+    }
+    println!("storage: table and plots in {}", out.display());
+}
