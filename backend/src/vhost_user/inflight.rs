@@ -570,6 +570,30 @@ impl QueueInflight {
     }
 }
 
+impl vcdev_device_model::blk::Tracker for QueueInflight {
+    fn taken(&mut self, head: u16) {
+        if let Err(e) = self.begin(head) {
+            log::warn!("inflight region: {e}");
+        }
+    }
+
+    fn used(&mut self, head: u16) {
+        if let Err(e) = self.complete(head) {
+            log::warn!("inflight region: {e}");
+        }
+    }
+
+    fn committed(&mut self, next_used: u16) {
+        self.commit(next_used);
+    }
+
+    fn restart(&mut self, used_idx: u16) -> (Vec<u16>, u16) {
+        let heads = self.resubmit_list(used_idx);
+        let next_avail = QueueInflight::next_avail(used_idx, &heads);
+        (heads, next_avail)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;
@@ -1035,29 +1059,5 @@ mod tests {
         let mut q = r2.queue(1, SIZE).unwrap();
         let list = q.resubmit_list(0x8000);
         assert!(!list.contains(&3) && list.len() < usize::from(SIZE));
-    }
-}
-
-impl vcdev_device_model::blk::Tracker for QueueInflight {
-    fn taken(&mut self, head: u16) {
-        if let Err(e) = self.begin(head) {
-            log::warn!("inflight region: {e}");
-        }
-    }
-
-    fn used(&mut self, head: u16) {
-        if let Err(e) = self.complete(head) {
-            log::warn!("inflight region: {e}");
-        }
-    }
-
-    fn committed(&mut self, next_used: u16) {
-        self.commit(next_used);
-    }
-
-    fn restart(&mut self, used_idx: u16) -> (Vec<u16>, u16) {
-        let heads = self.resubmit_list(used_idx);
-        let next_avail = QueueInflight::next_avail(used_idx, &heads);
-        (heads, next_avail)
     }
 }
