@@ -97,10 +97,43 @@ fn next_guest_reads_what_the_previous_one_wrote() {
     assert!(log.contains("frontend disconnected"), "{log}");
 }
 
-/// Issue #8: `kill -9` of vcdev while the guest writes, then a new daemon
-/// on the same DIR. QEMU (chardev reconnect-ms) reconnects and hands back
-/// the inflight region it kept (SET_INFLIGHT_FD); the guest's writes end
-/// without an I/O error and every sector reaches the disk.
+/// Issue #8: several writers at once, each with O_DIRECT (many requests in
+/// flight on each queue), on a `direct=on` device: the guest reads back
+/// the pattern and the host file holds it.
+#[test]
+fn parallel_direct_writers_on_a_direct_device() {
+    let Some(guest) = qemu::require() else { return };
+    let tmp = TempDir::new("qb-pdd").expect("tmpdir");
+    let image = tmp.join("disk.img");
+    let mib = 32;
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(u64::from(mib + 16) << 20))
+        .expect("image");
+    let spec = format!(
+        "blk,path={},direct=on,queues=2,queue-size=128",
+        image.display()
+    );
+    let d = Vcdev::start("qemu-blk-pdd", &["--device", &spec], "vfio0");
+    let seed = format!("p{}", std::process::id());
+    let run = guest
+        .boot("no-viommu")
+        .socket(&d.socket("vfio0"))
+        .queues(2)
+        .pdd(mib, &seed, 4)
+        .run()
+        .expect("qemu");
+    let what = "4 parallel O_DIRECT writers, direct=on";
+    let (_, md5) = qemu::expect_dd_readback(&run, what, &seed, mib);
+    eprintln!("{}", qemu::dd_summary(what, mib, &run, &guest));
+    qemu::assert_dd_on_disk(&image, mib, &md5, what);
+}
+
+/// Issue #8: `kill -9` of vcdev while parallel guest writers have requests
+/// in flight on a `direct=on` device, then a new daemon on the same DIR.
+/// QEMU (chardev reconnect-ms) reconnects and hands back the inflight
+/// region it kept (SET_INFLIGHT_FD); the new daemon submits again what was
+/// in flight; the guest's writes end without an I/O error and every sector
+/// reaches the disk.
 #[test]
 fn daemon_killed_mid_write_and_restarted() {
     let Some(guest) = qemu::require() else { return };
@@ -110,7 +143,10 @@ fn daemon_killed_mid_write_and_restarted() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(u64::from(mib + 16) << 20))
         .expect("image");
-    let spec = format!("blk,path={},queues=2,queue-size=128", image.display());
+    let spec = format!(
+        "blk,path={},direct=on,queues=2,queue-size=128",
+        image.display()
+    );
     let mut d = Vcdev::start("qemu-blk-kill", &["--device", &spec], "vfio0");
     let seed = format!("k{}", std::process::id());
     let expected = qemu::dd_pattern(&seed, mib);
@@ -118,11 +154,11 @@ fn daemon_killed_mid_write_and_restarted() {
         .boot("no-viommu-reconnect")
         .socket(&d.socket("vfio0"))
         .queues(2)
-        .dd(mib, &seed)
+        .pdd(mib, &seed, 4)
         .spawn()
         .expect("spawn qemu");
-    // Mid-write: the guest's first MiB is on the disk (it writes in order),
-    // the rest is not yet.
+    // Mid-write: writer 0's second MiB is on the disk (each writer writes
+    // its part in order), most of the rest is not yet.
     let probe = 1usize << 20;
     let mid = common::poll_until(Duration::from_secs(120), || {
         use std::os::unix::fs::FileExt;
@@ -143,8 +179,16 @@ fn daemon_killed_mid_write_and_restarted() {
         run.diagnostics(),
         d.log()
     );
-    let what = "vcdev killed and restarted";
+    let what = "vcdev killed and restarted under 4 parallel writers";
     let (_, md5) = qemu::expect_dd_readback(&run, what, &seed, mib);
     eprintln!("{}", qemu::dd_summary(what, mib, &run, &guest));
+    eprintln!(
+        "restarted daemon: {}",
+        d.log()
+            .lines()
+            .filter(|l| l.contains("submitted again") || l.contains("inflight region"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     qemu::assert_dd_on_disk(&image, mib, &md5, what);
 }

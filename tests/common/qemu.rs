@@ -468,6 +468,16 @@ impl Boot<'_> {
         self.test("dd").param("mb", mib).param("seed", seed)
     }
 
+    /// The guest's `pdd` test: the `dd` test's pattern written by `jobs`
+    /// writers at once (each its own `mib / jobs` MiB, O_DIRECT), then
+    /// read back in one stream: the same md5 as [`Boot::dd`].
+    pub fn pdd(self, mib: u32, seed: &str, jobs: u32) -> Self {
+        self.test("pdd")
+            .param("mb", mib)
+            .param("seed", seed)
+            .param("jobs", jobs)
+    }
+
     /// Adds one raw QEMU argument after the topology's (e.g. `-trace`).
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.extra.push(a.into());
