@@ -240,12 +240,12 @@ impl<H: Release> AsyncQueue<H> {
             queue.set_next_used(idx.0);
             if let Some(t) = self.tracker.as_mut() {
                 let (heads, next_avail) = t.restart(idx.0);
-                if !heads.is_empty() {
-                    log::info!(
-                        "virtio-blk: {} requests in flight before the restart are submitted again",
-                        heads.len()
-                    );
-                }
+                log::info!(
+                    "virtio-blk: {} requests in flight before the restart are submitted again \
+                     (used index {}, avail resumes at {next_avail})",
+                    heads.len(),
+                    idx.0
+                );
                 // The tracker's record is the truth: it replaces the parked list.
                 self.parked = heads.into();
                 queue.set_next_avail(next_avail);
