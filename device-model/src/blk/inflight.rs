@@ -16,7 +16,7 @@
 //! A request can wait without holding up the requests behind it (it is *parked*):
 //! - on an IOMMU fault under [`FaultPolicy::Retry`]: it is set aside by head index, the fault
 //!   is reported in [`QueueOutcome::fault`], and later chains go on; the next poll walks it
-//!   again (retry), or [`AsyncQueue::fail_parked`] fails it with IOERR;
+//!   again and asks the transport once more (a refused miss fails it with IOERR);
 //! - for a free submission slot, when the engine is full: it is submitted after reaping;
 //! - a FLUSH waits until every write in flight when it arrived has completed, then is
 //!   submitted, and completes after its `fdatasync`.
@@ -270,28 +270,16 @@ impl<H: Release> AsyncQueue<H> {
         }
         // The sync engine's completions are ready now.
         self.reap(queue, mem, &mut outcome)?;
-        if outcome.completed > 0 {
-            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
-        }
-        Ok(outcome)
+        self.settle(queue, mem, outcome)
     }
 
-    /// Fail every parked request with IOERR (a miss refused or timed out), or drop it when its
-    /// status byte cannot be reached. Returns how many were parked.
-    pub fn fail_parked<M: InflightMemory<Hold = H>>(
-        &mut self,
+    /// Whether the batch that gave `outcome` must notify the driver.
+    fn settle<M: GuestMemory>(
+        &self,
         queue: &mut Queue,
         mem: &M,
+        mut outcome: QueueOutcome,
     ) -> Result<QueueOutcome, Error> {
-        let mut outcome = QueueOutcome::default();
-        while let Some(head) = self.parked.pop_front() {
-            self.retry_parked(queue, mem, &mut |_| FaultPolicy::Fail, head, &mut outcome)?;
-        }
-        self.submit_pending();
-        if let Err(e) = self.engine.commit() {
-            warn!("virtio-blk: submitting to the I/O engine failed: {e}");
-        }
-        self.reap(queue, mem, &mut outcome)?;
         if outcome.completed > 0 {
             outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
         }
@@ -319,10 +307,7 @@ impl<H: Release> AsyncQueue<H> {
             }
             self.reap(queue, mem, &mut outcome)?;
         }
-        if outcome.completed > 0 {
-            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
-        }
-        Ok(outcome)
+        self.settle(queue, mem, outcome)
     }
 
     /// Wait for every request in flight and release its hold without answering it: the

@@ -317,7 +317,7 @@ fn flush_waits_for_the_writes_before_it() {
 }
 
 /// Under Retry a request that faults is parked; the requests behind it complete; once the
-/// translation is there it completes too. fail_parked fails a parked request with IOERR.
+/// translation is there it completes too. A parked request the transport then fails gets IOERR.
 #[test]
 fn a_parked_request_does_not_hold_up_the_queue() {
     let img = TempImage::new(DISK);
@@ -347,7 +347,8 @@ fn a_parked_request_does_not_hold_up_the_queue() {
     q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Retry)
         .unwrap();
     assert_eq!(q.parked(), 1);
-    q.fail_parked(&mut d.queue, d.mem).unwrap();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
     assert_eq!(used(&d)[2], (c.head, 1));
     assert_eq!(status_of(&d, &c), IOERR);
     assert!(holds().is_empty());
