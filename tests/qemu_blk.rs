@@ -97,15 +97,11 @@ fn next_guest_reads_what_the_previous_one_wrote() {
     assert!(log.contains("frontend disconnected"), "{log}");
 }
 
-/// Issue #8: several writers at once, each with O_DIRECT (many requests in
-/// flight on each queue), on a `direct=on` device: the guest reads back
-/// the pattern and the host file holds it.
-#[test]
-fn parallel_direct_writers_on_a_direct_device() {
-    let Some(guest) = qemu::require() else { return };
-    let tmp = TempDir::new("qb-pdd").expect("tmpdir");
+/// A daemon serving `vfio0`, a `direct=on` device with 2 queues of 128
+/// over a fresh image of `mib` + 16 MiB (in the returned TempDir).
+fn direct_device(tag: &str, mib: u32) -> (TempDir, std::path::PathBuf, Vcdev) {
+    let tmp = TempDir::new(tag).expect("tmpdir");
     let image = tmp.join("disk.img");
-    let mib = 32;
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(u64::from(mib + 16) << 20))
         .expect("image");
@@ -113,7 +109,18 @@ fn parallel_direct_writers_on_a_direct_device() {
         "blk,path={},direct=on,queues=2,queue-size=128",
         image.display()
     );
-    let d = Vcdev::start("qemu-blk-pdd", &["--device", &spec], "vfio0");
+    let d = Vcdev::start(tag, &["--device", &spec], "vfio0");
+    (tmp, image, d)
+}
+
+/// Issue #8: several writers at once, each with O_DIRECT (many requests in
+/// flight on each queue), on a `direct=on` device: the guest reads back
+/// the pattern and the host file holds it.
+#[test]
+fn parallel_direct_writers_on_a_direct_device() {
+    let Some(guest) = qemu::require() else { return };
+    let mib = 32;
+    let (_tmp, image, d) = direct_device("qemu-blk-pdd", mib);
     let seed = format!("p{}", std::process::id());
     let run = guest
         .boot("no-viommu")
@@ -137,17 +144,8 @@ fn parallel_direct_writers_on_a_direct_device() {
 #[test]
 fn daemon_killed_mid_write_and_restarted() {
     let Some(guest) = qemu::require() else { return };
-    let tmp = TempDir::new("qb-kill").expect("tmpdir");
-    let image = tmp.join("disk.img");
     let mib = 64;
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(u64::from(mib + 16) << 20))
-        .expect("image");
-    let spec = format!(
-        "blk,path={},direct=on,queues=2,queue-size=128",
-        image.display()
-    );
-    let mut d = Vcdev::start("qemu-blk-kill", &["--device", &spec], "vfio0");
+    let (_tmp, image, mut d) = direct_device("qemu-blk-kill", mib);
     let seed = format!("k{}", std::process::id());
     let expected = qemu::dd_pattern(&seed, mib);
     let run = guest
