@@ -212,6 +212,20 @@ impl FileBackend {
         self.direct
     }
 
+    /// Whether the file lives in memory (tmpfs or ramfs): its reads and writes never wait for
+    /// a device, so an asynchronous engine can only add system calls to them.
+    #[must_use]
+    pub fn in_memory(&self) -> bool {
+        // RAMFS_MAGIC from linux/magic.h (libc has TMPFS_MAGIC only).
+        const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+        // SAFETY: all-zero is a valid `statfs` (integers only).
+        let mut st: libc::statfs64 = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptor is owned by `self.file`; fstatfs writes one `statfs64` into
+        // `st`, which lives for the call.
+        let ret = unsafe { libc::fstatfs64(self.file.as_raw_fd(), &mut st) };
+        ret == 0 && (st.f_type == libc::TMPFS_MAGIC || st.f_type == RAMFS_MAGIC)
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let offset = libc::off64_t::try_from(offset).map_err(|_| einval())?;
         let len = libc::off64_t::try_from(len).map_err(|_| einval())?;
