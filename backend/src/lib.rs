@@ -385,6 +385,37 @@ mod tests {
         );
     }
 
+    /// A block device's node lives on devtmpfs, yet its data is on a disk:
+    /// `aio=auto` takes io_uring for it (the storage bench's loop disk ran
+    /// on the sync engine before this).
+    #[test]
+    fn auto_takes_io_uring_for_a_block_device() {
+        let img = std::env::current_dir()
+            .unwrap()
+            .join(format!("vcdev-loop-{}.img", std::process::id()));
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(1 << 20))
+            .unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            _ => {
+                std::fs::remove_file(&img).unwrap();
+                eprintln!("SKIP auto_takes_io_uring_for_a_block_device: no losetup (root needed)");
+                return;
+            }
+        };
+        let built = build_device(&spec(&format!("blk,path={dev}")));
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
+        std::fs::remove_file(&img).unwrap();
+        assert_eq!(built.unwrap().aio(), Aio::IoUring);
+    }
+
     /// RAM disks keep their memcpy path whatever `aio=` says; a file gets the engine asked for;
     /// `direct=on` advertises the file's block size.
     #[test]

@@ -152,7 +152,9 @@ impl WorkerSet {
 
     /// Workers running now.
     pub fn len(&self) -> usize {
-        lock(&self.running).len()
+        let mut g = lock(&self.running);
+        g.retain(|w| w.strong_count() > 0);
+        g.len()
     }
 
     /// Whether none runs.
@@ -165,6 +167,8 @@ impl WorkerSet {
     pub fn stop_all(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
         let mut g = lock(&self.running);
+        // A worker whose thread never started leaves a dead entry.
+        g.retain(|w| w.strong_count() > 0);
         for c in g.iter().filter_map(Weak::upgrade) {
             c.stop();
         }
@@ -224,7 +228,8 @@ pub struct QueueWorker<D: Door> {
     wakes: Vec<EventFd>,
     engine_watched: bool,
     broken: bool,
-    workers: Arc<Device>,
+    /// The registry's device, whose [`WorkerSet`] lists this worker.
+    reg: Arc<Device>,
 }
 
 impl<D: Door> QueueWorker<D> {
@@ -245,6 +250,8 @@ impl<D: Door> QueueWorker<D> {
             el.add(fd.as_raw_fd(), id)?;
         }
         let device = reg.blk();
+        // Listed before its thread starts, so a shutdown never misses it.
+        reg.workers().enter(&control);
         Ok(QueueWorker {
             name,
             queue,
@@ -255,7 +262,7 @@ impl<D: Door> QueueWorker<D> {
             wakes,
             engine_watched: false,
             broken: false,
-            workers: reg.clone(),
+            reg: reg.clone(),
         })
     }
 
@@ -274,7 +281,6 @@ impl<D: Door> QueueWorker<D> {
     /// Runs until stopped; returns the queue, its position kept, with
     /// nothing in flight, and the heads of the requests still parked.
     pub fn run(mut self) -> (Queue, Vec<u16>) {
-        self.workers.workers().enter(&self.control);
         // A kick may have come before the queue started: look now.
         self.poll();
         loop {
@@ -299,7 +305,7 @@ impl<D: Door> QueueWorker<D> {
             self.poll();
         }
         self.stop();
-        self.workers.workers().leave(&self.control);
+        self.reg.workers().leave(&self.control);
         let parked = self.aq.take_parked();
         (self.queue, parked)
     }

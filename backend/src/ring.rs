@@ -280,16 +280,23 @@ impl GuestMemory for RingView<'_, '_> {
 }
 
 /// A request's hold on its translated ranges, released (once) when it
-/// completes, from whatever session or thread.
+/// completes, from whatever session or thread; also when dropped unreleased
+/// (a worker that panicked), so that no invalidation waits for it forever.
 #[derive(Debug)]
 pub struct Held {
-    id: HoldId,
+    id: Option<HoldId>,
     releaser: HoldReleaser,
 }
 
 impl Release for Held {
-    fn release(self) {
-        self.releaser.release(self.id);
+    fn release(self) {}
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.releaser.release(id);
+        }
     }
 }
 
@@ -305,7 +312,7 @@ unsafe impl InflightMemory for RingView<'_, '_> {
 
     fn hold(&self, ranges: &[(u64, u64)]) -> Held {
         Held {
-            id: self.session.hold(ranges),
+            id: Some(self.session.hold(ranges)),
             releaser: self.releaser.clone(),
         }
     }

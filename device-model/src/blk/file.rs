@@ -212,10 +212,16 @@ impl FileBackend {
         self.direct
     }
 
-    /// Whether the file lives in memory (tmpfs or ramfs): its reads and writes never wait for
-    /// a device, so an asynchronous engine can only add system calls to them.
+    /// Whether the image is a regular file that lives in memory (tmpfs or ramfs): its reads and
+    /// writes never wait for a device, so an asynchronous engine can only add system calls to
+    /// them. A block device is never "in memory", whatever file system holds its node.
     #[must_use]
     pub fn in_memory(&self) -> bool {
+        // A block device's node lives on devtmpfs: only a regular file's
+        // file system says where its data is.
+        if !self.file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+            return false;
+        }
         // RAMFS_MAGIC from linux/magic.h (libc has TMPFS_MAGIC only).
         const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
         // SAFETY: all-zero is a valid `statfs` (integers only).
