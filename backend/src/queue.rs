@@ -52,6 +52,9 @@ const EVENT_ENGINE: u64 = EVENT_FIRST_DEVICE;
 /// The door's wake-ups (kicks, ioeventfds, miss answers): from here on.
 pub const EVENT_DOOR: u64 = EVENT_FIRST_DEVICE + 1;
 
+/// Batches run again at once when the door asks ([`Door::take_repoll`]).
+const MAX_REPOLLS: usize = 8;
+
 /// A fault decision: park the request (Retry) or fail it (Fail).
 pub type Decide<'d> = dyn FnMut(&Fault) -> FaultPolicy + 'd;
 
@@ -310,12 +313,13 @@ impl<D: Door> QueueWorker<D> {
         (self.queue, parked)
     }
 
-    /// One or more batches, until nothing asks for another at once.
+    /// One or more batches, until nothing asks for another at once (at most
+    /// [`MAX_REPOLLS`] more: a door that keeps asking waits for a wake-up).
     fn poll(&mut self) {
         if self.broken {
             return;
         }
-        loop {
+        for _ in 0..=MAX_REPOLLS {
             let rings = Rings::of(&self.queue);
             let (queue, aq) = (&mut self.queue, &mut self.aq);
             let r = self

@@ -6,7 +6,7 @@
 //! - The connection thread owns [`Vring`]: size, ring addresses, base, kick
 //!   fd, enable bit. Only it starts and stops the worker.
 //! - A running worker is the shared queue engine ([`crate::queue`]) with
-//!   this door's part, [`VhostDoor`]: a [`Reader`] of the connection's DMA
+//!   this door's part, `VhostDoor`: a [`Reader`] of the connection's DMA
 //!   address space (online only for one batch), the ring pins, the call and
 //!   err eventfds ([`Notifiers`], which the frontend may change while the
 //!   queue runs), and the IOTLB misses its parked requests wait for.
