@@ -47,11 +47,13 @@ fn file_round_trip_buffered_and_direct() {
         .and_then(|f| f.set_len(8 << 20))
         .unwrap();
     let path = format!("path={}", img.display());
-    for direct in ["direct=off", "direct=on"] {
-        let peer = Peer::vub_blk("vub-file", &[&path, direct])
-            .unwrap()
-            .expect_up();
-        round_trip(&peer, 8 << 20);
+    for aio in ["aio=io_uring", "aio=sync"] {
+        for direct in ["direct=off", "direct=on"] {
+            let peer = Peer::vub_blk("vub-file", &[&path, direct, aio])
+                .unwrap()
+                .expect_up();
+            round_trip(&peer, 8 << 20);
+        }
     }
     // The data written through the daemon is in the file.
     let on_disk = std::fs::read(&img).unwrap();
@@ -60,7 +62,7 @@ fn file_round_trip_buffered_and_direct() {
 
 #[test]
 fn refused_options_exit_with_2() {
-    for args in [&["ram=4M", "aio=io_uring"][..], &["ram=4M", "bogus=1"], &[]] {
+    for args in [&["ram=4M", "aio=bogus"][..], &["ram=4M", "bogus=1"], &[]] {
         match Peer::vub_blk("vub-bad", args).unwrap() {
             Spawn::Refused(_) => {}
             Spawn::Up(_) => panic!("{args:?} accepted"),

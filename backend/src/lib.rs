@@ -164,18 +164,11 @@ pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
                     file.block_size()
                 );
             }
-            let aio = if spec.aio == AioMode::Auto && file.in_memory() {
-                // Measured (BENCHMARKS.md, storage engine): on tmpfs the sync
-                // engine serves 4 KiB random I/O faster than io_uring, whose
-                // requests complete inline anyway.
-                info!("{name}: aio=auto chose sync: the file is in memory (tmpfs)");
-                Aio::Sync
-            } else {
-                aio::resolve(spec.aio, &name).map_err(|source| Error::Aio {
+            let aio =
+                aio::resolve_for_file(spec.aio, &name, &file).map_err(|source| Error::Aio {
                     name: name.clone(),
                     source,
-                })?
-            };
+                })?;
             (Arc::new(file), aio)
         }
         Backing::Ram(size) => {

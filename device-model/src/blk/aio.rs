@@ -118,6 +118,21 @@ pub fn resolve(mode: AioMode, name: &str) -> Result<Aio, AioError> {
     resolve_with(mode, name, || new_ring(1).map(drop))
 }
 
+/// Resolve `mode` for a device over `file`: as [`resolve`], except that `auto` takes the sync
+/// engine for a file in memory (tmpfs, ramfs), where io_uring's requests complete inline and it
+/// only adds system calls (measured: BENCHMARKS.md, storage engine).
+pub fn resolve_for_file(
+    mode: AioMode,
+    name: &str,
+    file: &super::FileBackend,
+) -> Result<Aio, AioError> {
+    if mode == AioMode::Auto && file.in_memory() {
+        info!("{name}: aio=auto chose sync: the file is in memory (tmpfs)");
+        return Ok(Aio::Sync);
+    }
+    resolve(mode, name)
+}
+
 fn resolve_with(
     mode: AioMode,
     name: &str,
@@ -291,6 +306,15 @@ impl Engine {
             Self::Sync(e) => unsafe { e.submit(tag, op, iov) },
             // SAFETY: same contract.
             Self::IoUring(e) => unsafe { e.submit(tag, op, iov) },
+        }
+    }
+
+    /// Set the engine up now rather than at its first submission (a transport
+    /// that must register the completion descriptor before any I/O).
+    pub fn start(&mut self) -> io::Result<()> {
+        match self {
+            Self::Sync(_) => Ok(()),
+            Self::IoUring(e) => e.ring().map(drop),
         }
     }
 

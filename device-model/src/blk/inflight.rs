@@ -181,6 +181,11 @@ impl<H: Release> AsyncQueue<H> {
         self.tracker = Some(tracker);
     }
 
+    /// Set the engine up now (see [`Engine::start`]).
+    pub fn start_engine(&mut self) -> std::io::Result<()> {
+        self.engine.start()
+    }
+
     /// The engine (its notifier goes in the worker's event loop).
     #[must_use]
     pub fn engine(&self) -> &Engine {

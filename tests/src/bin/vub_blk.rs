@@ -3,35 +3,44 @@
 //! IOMMU, no control socket, no cdev door; `vcdev serve` neither installs nor uses it.
 //!
 //! It shows that the device logic does not depend on vcdev's vhost-user engine: features and
-//! config space come from [`BlkDevice`], and each kick drains the queue with
-//! [`BlkQueue::process`] over vm-memory's `GuestMemoryAtomic<GuestMemoryMmap>`, the memory the
-//! crate maps from the frontend's table.
+//! config space come from [`BlkDevice`], and each queue is the device model's [`AsyncQueue`]
+//! (the same request lifecycle and I/O engine choice as `vcdev serve`) over vm-memory's
+//! `GuestMemoryAtomic<GuestMemoryMmap>`, the memory the crate maps from the frontend's table.
+//! A request in flight holds the memory snapshot it was translated in (an `Arc`), so a new
+//! memory table never unmaps what the kernel still reads or writes. Kicks and the engine's
+//! completions are events of the crate's per-queue epoll thread.
 //!
 //! ```text
-//! vub_blk SOCKET (path=FILE | ram=SIZE) [queues=N] [queue-size=N] [direct=on|off] [aio=sync]
+//! vub_blk SOCKET (path=FILE | ram=SIZE) [queues=N] [queue-size=N] [direct=on|off]
+//!         [aio=auto|io_uring|sync]
 //! ```
 //!
-//! `SIZE` takes a `K`, `M` or `G` suffix. `direct=on` opens the file with `O_DIRECT` (the
-//! driver's buffers must then be aligned, as a guest's page cache and fio's are). `aio=` names
-//! the engine: the device model's synchronous queue path is the only one `BlkQueue` drives
-//! today, so `aio=io_uring` is refused until it drives the asynchronous one. An invalid
+//! `SIZE` takes a `K`, `M` or `G` suffix. `direct=on` opens the file with `O_DIRECT` (as
+//! `vcdev serve` does: alignment from the file, unaligned buffers bounced). `aio=` picks the
+//! engine as `vcdev serve` does (`auto`: io_uring, or sync for a file on tmpfs). An invalid
 //! argument exits with 2 (the convention of `vcdev serve`), a failure while serving with 1.
 //! The daemon serves one frontend after another until it is killed.
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vcdev_device_model::blk::BlockBackend;
+use vcdev_device_model::blk::aio::{self, Aio, AioMode, Engine};
+use vcdev_device_model::blk::file::FileOptions;
 use vcdev_device_model::blk::{
-    BlkConfig, BlkDevice, BlkQueue, FaultPolicy, FileBackend, RamBackend,
+    AsyncQueue, BlkConfig, BlkDevice, BlockBackend, FaultPolicy, FileBackend, InflightMemory,
+    RamBackend, Release,
 };
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryError, GuestMemoryMmap, Permissions,
+};
 use vmm_sys_util::epoll::EventSet;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`, the vhost-user bit in the virtio feature word.
@@ -57,6 +66,7 @@ struct Config {
     queues: u16,
     queue_size: u16,
     direct: bool,
+    aio: AioMode,
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -89,6 +99,7 @@ impl Config {
             queues: 1,
             queue_size: 256,
             direct: false,
+            aio: AioMode::Auto,
         };
         for opt in opts {
             let (key, v) = opt
@@ -101,15 +112,11 @@ impl Config {
                 "queues" => cfg.queues = v.parse().map_err(|_| bad())?,
                 "queue-size" => cfg.queue_size = v.parse().map_err(|_| bad())?,
                 "direct" => cfg.direct = parse_on_off(key, v)?,
-                "aio" => match v {
-                    "sync" => {}
-                    "io_uring" => {
-                        return Err(
-                            "aio=io_uring: BlkQueue drives the synchronous path only".to_owned()
-                        )
-                    }
-                    _ => return Err(format!("{opt}: expected sync or io_uring")),
-                },
+                "aio" => {
+                    cfg.aio = v
+                        .parse()
+                        .map_err(|()| format!("{opt}: expected auto, io_uring or sync"))?;
+                }
                 _ => return Err(format!("{opt}: unknown option")),
             }
         }
@@ -121,34 +128,77 @@ impl Config {
     }
 
     fn device(&self) -> Result<BlkDevice, String> {
-        let backend: Arc<dyn BlockBackend> = match &self.disk {
-            Disk::Ram(len) => Arc::new(RamBackend::new(*len).map_err(|e| format!("ram: {e}"))?),
+        let (backend, aio): (Arc<dyn BlockBackend>, Aio) = match &self.disk {
+            Disk::Ram(len) => (
+                Arc::new(RamBackend::new(*len).map_err(|e| format!("ram: {e}"))?),
+                Aio::Sync,
+            ),
             Disk::File(path) => {
-                let mut oo = OpenOptions::new();
-                oo.read(true).write(true);
-                if self.direct {
-                    oo.custom_flags(libc::O_DIRECT);
-                }
-                let file = oo
-                    .open(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                Arc::new(FileBackend::from_file(file).map_err(|e| format!("{e}"))?)
+                let options = FileOptions {
+                    read_only: false,
+                    direct: self.direct,
+                };
+                let file = FileBackend::open_with(path, options).map_err(|e| format!("{e}"))?;
+                let aio = aio::resolve_for_file(self.aio, "vub_blk", &file)
+                    .map_err(|e| format!("{e}"))?;
+                (Arc::new(file), aio)
             }
         };
         let cfg = BlkConfig {
             num_queues: self.queues,
             queue_size: self.queue_size,
+            aio,
             ..BlkConfig::default()
         };
         BlkDevice::new(backend, cfg).map_err(|e| format!("{e}"))
     }
 }
 
-/// The vhost-user glue: one [`BlkQueue`] per queue, each served by its own thread of the
-/// crate's event loop.
+/// The memory snapshot of one batch; a request in flight holds it.
+struct Snapshot(Arc<GuestMemoryMmap>);
+
+/// A request's hold on the snapshot it was translated in.
+#[derive(Debug)]
+struct Pin(#[allow(dead_code)] Arc<GuestMemoryMmap>);
+
+impl Release for Pin {
+    fn release(self) {}
+}
+
+impl GuestMemory for Snapshot {
+    type PhysicalMemory = GuestMemoryMmap;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
+        GuestMemoryBackend::check_range(&*self.0, addr, count)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        _access: Permissions,
+    ) -> Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>, GuestMemoryError> {
+        Ok(GuestMemoryBackend::get_slices(&*self.0, addr, count))
+    }
+}
+
+// SAFETY: every translation through a snapshot points into the mappings of
+// its `GuestMemoryMmap`, which are unmapped only when the last `Arc` of it is
+// dropped; a hold is such an `Arc`, dropped when the request completed.
+unsafe impl InflightMemory for Snapshot {
+    type Hold = Pin;
+
+    fn hold(&self, _ranges: &[(u64, u64)]) -> Pin {
+        Pin(self.0.clone())
+    }
+}
+
+/// The vhost-user glue: one [`AsyncQueue`] per queue, each served by its own thread of the
+/// crate's event loop (its kick and, from `num_queues + 1` on, its engine's completions).
 struct VubBlk {
     device: Arc<BlkDevice>,
-    queues: Vec<Mutex<BlkQueue>>,
+    queues: Vec<Mutex<AsyncQueue<Pin>>>,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
 }
 
@@ -156,13 +206,22 @@ impl VubBlk {
     fn new(device: BlkDevice) -> Self {
         let device = Arc::new(device);
         let queues = (0..device.num_queues())
-            .map(|_| Mutex::new(BlkQueue::new(device.clone())))
+            .map(|_| {
+                let engine =
+                    Engine::new(device.aio(), device.backend().clone(), device.queue_size());
+                Mutex::new(AsyncQueue::new(device.clone(), engine))
+            })
             .collect();
         Self {
             device,
             queues,
             mem: Mutex::new(None),
         }
+    }
+
+    /// The event id of queue `q`'s completions.
+    fn completion_event(&self, q: usize) -> u64 {
+        u64::from(self.device.num_queues()) + 1 + q as u64
     }
 }
 
@@ -217,7 +276,14 @@ impl VhostUserBackend for VubBlk {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let idx = usize::from(device_event);
+        let nq = usize::from(self.device.num_queues());
+        let event = usize::from(device_event);
+        // Kicks are 0..nq, completions nq+1..; both drain the queue.
+        let idx = if event < nq {
+            event
+        } else {
+            event.saturating_sub(nq + 1)
+        };
         let (Some(vring), Some(worker)) = (vrings.get(idx), self.queues.get(idx)) else {
             return Err(io::Error::other(format!("unknown event {device_event}")));
         };
@@ -229,13 +295,13 @@ impl VhostUserBackend for VubBlk {
         else {
             return Err(io::Error::other("kick before the memory table"));
         };
-        let guard = mem.memory();
+        let snapshot = Snapshot(mem.memory().into_inner());
         let outcome = {
             let mut state = vring.get_mut();
             worker
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .process(state.get_queue_mut(), &*guard, FaultPolicy::Fail)
+                .poll(state.get_queue_mut(), &snapshot, &mut |_| FaultPolicy::Fail)
                 .map_err(io::Error::other)?
         };
         // The vring's lock is released: signalling takes it again.
@@ -248,6 +314,17 @@ impl VhostUserBackend for VubBlk {
 
 fn serve(cfg: &Config, device: BlkDevice) -> Result<(), String> {
     let backend = Arc::new(VubBlk::new(device));
+    // Each queue's engine is set up now, so its completions can be events
+    // of the queue's epoll thread.
+    let mut completions = Vec::new();
+    for (q, worker) in backend.queues.iter().enumerate() {
+        let mut aq = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        aq.start_engine()
+            .map_err(|e| format!("queue {q}: I/O engine: {e}"))?;
+        if let Some(fd) = aq.engine().notifier() {
+            completions.push((q, fd.as_raw_fd()));
+        }
+    }
     loop {
         let mut daemon = VhostUserDaemon::new(
             "vub_blk".to_owned(),
@@ -255,6 +332,15 @@ fn serve(cfg: &Config, device: BlkDevice) -> Result<(), String> {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| format!("creating the daemon: {e}"))?;
+        let handlers = daemon.get_epoll_handlers();
+        for &(q, fd) in &completions {
+            let handler = handlers
+                .get(q)
+                .ok_or_else(|| format!("no epoll thread for queue {q}"))?;
+            handler
+                .register_listener(fd, EventSet::IN, backend.completion_event(q))
+                .map_err(|e| format!("queue {q}: watching completions: {e}"))?;
+        }
         daemon
             .serve(&cfg.socket)
             .map_err(|e| format!("serving {}: {e}", cfg.socket.display()))?;
