@@ -11,10 +11,14 @@
 //!
 //! [`virtio`] holds the device-independent pieces (feature bits, bounds-checked config-space
 //! access). [`blk`] is the virtio-blk device (virtio 1.2 section 5.2): [`blk::BlkDevice`] is the
-//! shared, thread-safe device (configuration, config space, backing), [`blk::BlkQueue`] is the
-//! per-queue worker state that drains a queue. Each request goes through two phases: it is
-//! parsed and all its buffers are translated through the `GuestMemory` first (so an IOMMU miss or
-//! permission fault is found before any side effect), and only then executed against a
+//! shared, thread-safe device (configuration, config space, backing), [`blk::AsyncQueue`] is the
+//! per-queue worker state that both doors (and `vub_blk`) drive: requests submitted to the
+//! queue's I/O engine ([`blk::aio`]: io_uring or sync) and completed in any order, holding their
+//! translations meanwhile ([`blk::InflightMemory`]). [`blk::BlkQueue`] drains a queue
+//! synchronously over the same per-request code; the unit tests drive it as the reference.
+//! Each request goes through two phases: it is parsed and all its buffers are translated
+//! through the `GuestMemory` first (so an IOMMU miss or permission fault is found before any
+//! side effect), and only then executed against a
 //! [`blk::BlockBackend`] (a raw file or RAM). An IOMMU fault is either failed with
 //! `VIRTIO_BLK_S_IOERR` or handed back to the transport for resolution, as the transport's
 //! [`blk::FaultPolicy`] says.

@@ -2,7 +2,7 @@
 //!
 //! A request is parsed, translated, submitted, completed, then returned to the used ring:
 //!
-//! 1. **Parse and translate** ([`super::exec::start_chain`]): as in the synchronous path, every
+//! 1. **Parse and translate** (`exec::start_chain`): as in the synchronous path, every
 //!    buffer is translated before anything happens, so an IOMMU fault has no side effect.
 //! 2. **Hold and submit**: reads, writes and flushes become one [`IoOp`] each on the queue's
 //!    [`Engine`]. Before the operation is submitted, the request *holds* the ranges it

@@ -12,11 +12,10 @@
 //! (with `EVENT_IDX`: notifications off while draining, back on, and a re-check for chains that
 //! raced in) and reports in [`QueueOutcome::notify`] whether the driver must be interrupted.
 //!
-//! With [`FaultPolicy::Retry`], a request whose buffers miss in the IOMMU is left on the avail
-//! ring untouched and the call returns early with [`QueueOutcome::fault`]. The transport
-//! resolves the fault (asks the frontend for the mapping) and calls `process` again; if the
-//! fault cannot be resolved, it calls with [`FaultPolicy::Fail`], which completes that request
-//! with `VIRTIO_BLK_S_IOERR`.
+//! This is the synchronous reference path: with [`FaultPolicy::Retry`], a request whose buffers
+//! miss in the IOMMU is left on the avail ring and the call returns early with
+//! [`QueueOutcome::fault`]. The transports drive [`AsyncQueue`] instead (see [`inflight`]),
+//! where such a request is parked and the requests behind it go on.
 
 pub mod aio;
 mod backend;
