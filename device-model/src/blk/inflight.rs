@@ -125,8 +125,10 @@ pub struct AsyncQueue<H> {
     slots: Vec<Option<Inflight<H>>>,
     free: Vec<u64>,
     pending: VecDeque<Pending>,
-    /// Heads of chains parked on an IOMMU fault, oldest first.
-    parked: VecDeque<u16>,
+    /// Chains parked on an IOMMU fault, oldest first: the head and, when the chain was walked,
+    /// its descriptors (the driver may not change them while the device owns the chain; walking
+    /// it again through the IOMMU could fail on a translation that is gone for now).
+    parked: VecDeque<(u16, Option<Vec<Descriptor>>)>,
     /// Sequence numbers of the writes in flight.
     writes: BTreeSet<u64>,
     next_write_seq: u64,
@@ -208,13 +210,14 @@ impl<H: Release> AsyncQueue<H> {
     /// that stops the queue keeps them (they were taken from the avail ring and not answered)
     /// and gives them to the queue that resumes it ([`AsyncQueue::park`]).
     pub fn take_parked(&mut self) -> Vec<u16> {
-        self.parked.drain(..).collect()
+        self.parked.drain(..).map(|(head, _)| head).collect()
     }
 
     /// Parks `heads` (from [`AsyncQueue::take_parked`]): they are walked again at the next poll,
     /// before new chains.
     pub fn park(&mut self, heads: impl IntoIterator<Item = u16>) {
-        self.parked.extend(heads);
+        self.parked
+            .extend(heads.into_iter().map(|head| (head, None)));
     }
 
     /// Complete what the engine finished, retry the parked requests, then take new chains
@@ -252,21 +255,21 @@ impl<H: Release> AsyncQueue<H> {
                     idx.0
                 );
                 // The tracker's record is the truth: it replaces the parked list.
-                self.parked = heads.into();
+                self.parked = heads.into_iter().map(|head| (head, None)).collect();
                 queue.set_next_avail(next_avail);
             }
             self.used_synced = true;
         }
         self.reap(queue, mem, &mut outcome)?;
         for _ in 0..self.parked.len() {
-            let Some(head) = self.parked.pop_front() else {
+            let Some((head, walked)) = self.parked.pop_front() else {
                 break;
             };
             if self.free.is_empty() {
-                self.parked.push_front(head);
+                self.parked.push_front((head, walked));
                 break;
             }
-            self.retry_parked(queue, mem, decide, head, &mut outcome)?;
+            self.retry_parked(queue, mem, decide, head, walked, &mut outcome)?;
         }
         self.take_new(queue, mem, decide, &mut outcome)?;
         self.submit_pending();
@@ -392,10 +395,14 @@ impl<H: Release> AsyncQueue<H> {
                 let mut descs = std::mem::take(&mut self.descs);
                 let r = chain::collect(chain, max_chain, &mut descs);
                 let res = match r {
-                    Ok(()) => self.decided(head, decide, outcome, &mut |s, policy, out| {
-                        s.begin(queue, mem, policy, head, &descs, out)
-                    }),
-                    Err(err) => self.decided(head, decide, outcome, &mut |s, policy, out| {
+                    Ok(()) => self.decided(
+                        head,
+                        Some(&descs),
+                        decide,
+                        outcome,
+                        &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, out),
+                    ),
+                    Err(err) => self.decided(head, None, decide, outcome, &mut |s, policy, out| {
                         let c =
                             s.unwalkable(mem, policy, desc_table, queue_size, head, &descs, &err);
                         s.finish(queue, mem, head, c, out)
@@ -447,11 +454,12 @@ impl<H: Release> AsyncQueue<H> {
         }
     }
 
-    /// Run `attempt` under Retry; if it faults, ask `decide`: park the request (Retry) or run
-    /// it again under Fail, which answers it with IOERR.
+    /// Run `attempt` under Retry; if it faults, ask `decide`: park the request (Retry), with its
+    /// descriptors if it was `walked`, or run it again under Fail, which answers it with IOERR.
     fn decided(
         &mut self,
         head: u16,
+        walked: Option<&[Descriptor]>,
         decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         outcome: &mut QueueOutcome,
         attempt: &mut Attempt<'_, Self>,
@@ -461,7 +469,8 @@ impl<H: Release> AsyncQueue<H> {
         };
         match decide(&fault) {
             FaultPolicy::Retry => {
-                self.parked.push_back(head);
+                self.parked
+                    .push_back((head, walked.map(<[Descriptor]>::to_vec)));
                 outcome.fault.get_or_insert(fault);
             }
             FaultPolicy::Fail => {
@@ -478,13 +487,26 @@ impl<H: Release> AsyncQueue<H> {
         mem: &M,
         decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         head: u16,
+        walked: Option<Vec<Descriptor>>,
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
+        if let Some(descs) = walked {
+            return self.decided(
+                head,
+                Some(&descs),
+                decide,
+                outcome,
+                &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, out),
+            );
+        }
+        // Parked before it could be walked (a fault on its descriptors), or handed over
+        // by a previous worker: walk it now.
         let mut descs = std::mem::take(&mut self.descs);
         let table = GuestAddress(queue.desc_table());
         let size = queue.size();
         let r = self.decided(
             head,
+            None,
             decide,
             outcome,
             &mut |s, policy, out| match chain::rewalk(mem, table, size, head, &mut descs) {
@@ -495,6 +517,15 @@ impl<H: Release> AsyncQueue<H> {
                     r
                 }
                 Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Ok(Some(fault)),
+                Rewalk::Broken if policy == FaultPolicy::Retry => {
+                    // It faulted on its descriptors when it was taken: do not
+                    // return it unanswered (its status byte untouched would
+                    // read as success, and a write would be lost); look
+                    // again at the next wake-up.
+                    log::debug!("virtio-blk: parked chain {head} cannot be walked yet");
+                    s.parked.push_back((head, None));
+                    Ok(None)
+                }
                 other => {
                     log::debug!(
                         "virtio-blk: parked chain {head} cannot be walked again: {other:?}"
