@@ -488,6 +488,59 @@ mod tests {
         assert_eq!((r1.holds(), r2.holds()), (0, 0));
     }
 
+    /// A clear of many extents (every other page) checks holds against the
+    /// exact extents: a hold in a gap does not make it wait, one on an
+    /// extent does.
+    #[test]
+    fn large_clear_waits_only_for_holds_on_its_extents() {
+        const N: u64 = 1 << 15;
+        let m = Arc::new(MemObject::anonymous(PAGE as usize).unwrap());
+        let s = AddressSpace::new();
+        let fill = |s: &AddressSpace| {
+            s.edit(|t| {
+                for i in 0..N {
+                    let iova = BASE + 2 * i * PAGE;
+                    t.insert(Extent::new(
+                        iova,
+                        iova + PAGE - 1,
+                        Permissions::ReadWrite,
+                        m.clone(),
+                        0,
+                    ));
+                }
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        };
+        let clear = |s: &Arc<AddressSpace>| {
+            let (tx, rx) = mpsc::channel();
+            let s = s.clone();
+            let h = thread::spawn(move || {
+                s.edit(|t| Ok::<_, ()>(t.clear())).unwrap();
+                tx.send(()).unwrap();
+            });
+            (rx, h)
+        };
+        fill(&s);
+        let mut r = s.reader();
+        // Gaps (odd pages), spread over the hull.
+        let gaps = r.enter().hold(&[page(1), page(N + 1), page(2 * N - 1)]);
+        let (rx, h) = clear(&s);
+        rx.recv_timeout(PATIENCE).expect("waited for holds in gaps");
+        h.join().unwrap();
+        assert_eq!(s.hold_waits().edits, 0);
+        fill(&s);
+        // The last byte of a gap and the first of the next extent.
+        let on = r.enter().hold(&[(BASE + 2 * PAGE - 1, BASE + 2 * PAGE)]);
+        let (rx, h) = clear(&s);
+        assert_eq!(rx.recv_timeout(SETTLE), Err(RecvTimeoutError::Timeout));
+        r.release(on);
+        rx.recv_timeout(PATIENCE).unwrap();
+        h.join().unwrap();
+        assert_eq!(s.hold_waits().edits, 1);
+        r.release(gaps);
+    }
+
     /// A hold registered in a session that went online after the edit's
     /// publish cannot reference what it removed, so the edit does not wait
     /// for it, even when the edit first looks at the holds after it was
