@@ -153,18 +153,6 @@ impl WorkerSet {
         self.gone.notify_all();
     }
 
-    /// Workers running now.
-    pub fn len(&self) -> usize {
-        let mut g = lock(&self.running);
-        g.retain(|w| w.strong_count() > 0);
-        g.len()
-    }
-
-    /// Whether none runs.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Stops every worker and waits, at most `timeout`, until each has
     /// drained its I/O and exited. Returns how many are still running.
     pub fn stop_all(&self, timeout: Duration) -> usize {

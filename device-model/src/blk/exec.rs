@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions,
 
 use super::backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
 use super::bounce;
+use super::chain::{self, Rewalk};
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SERIAL_LEN};
 use super::request::{
     parse, status_address, DataRange, ParseError, Request, RequestType, Segment, SEGMENT_LEN,
@@ -435,6 +436,34 @@ pub(crate) fn fail_chain<'m, M: GuestMemory>(
     match slices.pop().map(|s| s.write_obj(status, 0)) {
         Some(Ok(())) => Completion::Used(1),
         _ => Completion::Dropped,
+    }
+}
+
+/// Answer a chain virtio-queue could not walk (`err`, with the `descs` it kept): IOERR through
+/// the real last descriptor of a chain that is too long, or of one whose hand-made walk
+/// ([`chain::rewalk`], into `walk`) ends; under Retry the IOMMU fault that stopped it; else
+/// nothing can be answered and it is dropped.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn answer_unwalkable<'m, M: GuestMemory>(
+    mem: &'m M,
+    policy: FaultPolicy,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    descs: &[Descriptor],
+    err: ParseError,
+    slices: &mut Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
+    walk: &mut Vec<Descriptor>,
+) -> Completion {
+    if let ParseError::TooLong { .. } = err {
+        // Answer with IOERR through the chain's real last descriptor.
+        let last = descs.last().copied();
+        return fail_chain(last.as_slice(), mem, policy, slices, err);
+    }
+    match chain::rewalk(mem, desc_table, queue_size, head, walk) {
+        Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
+        Rewalk::End(last) => fail_chain(&[last], mem, policy, slices, err),
+        Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
     }
 }
 

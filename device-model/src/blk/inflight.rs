@@ -433,25 +433,26 @@ impl<H: Release> AsyncQueue<H> {
         descs: &[Descriptor],
         err: &ParseError,
     ) -> Completion {
-        let mut slices = Vec::new();
+        // `err` is not Clone and an attempt may run twice (Retry, then Fail): rebuild it.
         let err = match err {
-            ParseError::TooLong { len, max } => {
-                let last = descs.last().copied();
-                let err = ParseError::TooLong {
-                    len: *len,
-                    max: *max,
-                };
-                return exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err);
-            }
+            ParseError::TooLong { len, max } => ParseError::TooLong {
+                len: *len,
+                max: *max,
+            },
             ParseError::EmptyChain => ParseError::EmptyChain,
             _ => ParseError::Truncated,
         };
-        let mut walk = Vec::new();
-        match chain::rewalk(mem, desc_table, queue_size, head, &mut walk) {
-            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Completion::Retry(fault),
-            Rewalk::End(last) => exec::fail_chain(&[last], mem, policy, &mut slices, err),
-            Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
-        }
+        exec::answer_unwalkable(
+            mem,
+            policy,
+            desc_table,
+            queue_size,
+            head,
+            descs,
+            err,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
     }
 
     /// Run `attempt` under Retry; if it faults, ask `decide`: park the request (Retry), with its

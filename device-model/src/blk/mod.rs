@@ -53,10 +53,9 @@ pub use file::{FileBackend, FileOptions};
 pub use inflight::{AsyncQueue, InflightMemory, Release, Tracker};
 pub use ram::RamBackend;
 
-use chain::Rewalk;
 use config::SERIAL_LEN;
 use exec::{handle_chain, Completion, Target};
-use request::{ParseError, Segment};
+use request::Segment;
 
 /// Errors of the device as a whole (not of one request: those go to the status byte).
 #[derive(Debug, thiserror::Error)]
@@ -231,22 +230,17 @@ impl BlkDevice {
                         &mut slices,
                         &mut scratch.segments,
                     ),
-                    Err(err @ ParseError::TooLong { .. }) => {
-                        // Answer with IOERR through the chain's real last descriptor.
-                        let last = scratch.descs.last().copied();
-                        exec::fail_chain(last.as_slice(), mem, policy, &mut slices, err)
-                    }
-                    Err(err) => {
-                        match chain::rewalk(mem, desc_table, queue_size, head, &mut scratch.walk) {
-                            Rewalk::Fault(fault) if policy == FaultPolicy::Retry => {
-                                Completion::Retry(fault)
-                            }
-                            Rewalk::End(last) => {
-                                exec::fail_chain(&[last], mem, policy, &mut slices, err)
-                            }
-                            Rewalk::Fault(_) | Rewalk::Broken => Completion::Dropped,
-                        }
-                    }
+                    Err(err) => exec::answer_unwalkable(
+                        mem,
+                        policy,
+                        desc_table,
+                        queue_size,
+                        head,
+                        &scratch.descs,
+                        err,
+                        &mut slices,
+                        &mut scratch.walk,
+                    ),
                 };
                 let len = match completion {
                     Completion::Retry(fault) => {
