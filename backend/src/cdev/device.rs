@@ -168,6 +168,9 @@ pub struct CdevDevice {
     core: Arc<Core>,
     slots: Arc<Slots>,
     queues: Mutex<Queues>,
+    /// Removed by the operator (`vcdev ctl remove --force`): every request
+    /// on its files is ENODEV from then on.
+    revoked: AtomicBool,
 }
 
 impl std::fmt::Debug for CdevDevice {
@@ -211,6 +214,7 @@ impl CdevDevice {
             core,
             slots,
             queues: Mutex::new(Queues::default()),
+            revoked: AtomicBool::new(false),
         }))
     }
 
@@ -634,6 +638,27 @@ impl CdevDevice {
                 Ok(())
             }
         }
+    }
+
+    /// The operator removes the device while a file holds it (PROTOCOL.md,
+    /// `vcdev ctl remove --force`): the REQ irq is signalled, as vfio-pci
+    /// asks a user to release a device, the DMA is quiesced, and from then
+    /// on every request on its files is ENODEV.
+    pub fn revoke(&self) {
+        if let Some(req) = &lock(&self.core.err_req)[1] {
+            let _ = req.write(1);
+        }
+        self.revoked.store(true, Ordering::SeqCst);
+        self.stop_queues();
+        info!(
+            "{}: removed by the operator, its files answer ENODEV",
+            self.name()
+        );
+    }
+
+    /// True once [`CdevDevice::revoke`] ran.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
     }
 
     /// The device file was released: queues stop, vectors and ioeventfds

@@ -1022,9 +1022,9 @@ mod tests {
 
     /// A connection to a fresh RAM device, and the frontend's end.
     fn conn() -> (Conn, UnixStream) {
-        let mut r = Registry::default();
+        let r = Registry::default();
         let dev = r.add("t".into(), ram_blk());
-        let own = Registry::claim_vhost_user(&dev, "t").unwrap();
+        let own = Registry::claim_vhost_user(&dev, "t", None).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
             seal_policy: SealPolicy::RequireShrinkSeal,
