@@ -410,12 +410,22 @@ impl Daemon {
         )
     }
 
-    /// Creates the nodes every daemon has: `DIR/iommu`, `DIR/vfio/vfio`
-    /// (feature `group`) and the control socket.
-    pub fn open_fixed_nodes(self: &Arc<Self>) -> Result<(), OpError> {
-        let mut made = vec![self.cdev_node(self.dir.join("iommu"), Node::Iommu)?];
+    /// Creates the cdev nodes every daemon has: `DIR/iommu` and
+    /// `DIR/vfio/vfio` (feature `group`).
+    pub fn open_fixed_nodes(&self) -> Result<(), OpError> {
+        let iommu = self.cdev_node(self.dir.join("iommu"), Node::Iommu)?;
+        lock(&self.nodes).fixed.push(iommu);
         #[cfg(feature = "group")]
-        made.push(self.cdev_node(self.dir.join("vfio").join("vfio"), Node::Container)?);
+        {
+            let container = self.cdev_node(self.dir.join("vfio").join("vfio"), Node::Container)?;
+            lock(&self.nodes).fixed.push(container);
+        }
+        Ok(())
+    }
+
+    /// Creates the control socket, `DIR/control`: last, so that a client
+    /// that waits for it finds every other node made.
+    pub fn open_control(self: &Arc<Self>) -> Result<(), OpError> {
         let daemon = Arc::downgrade(self);
         let ctl = self.listen(
             self.dir.join(crate::ctl::CONTROL_SOCKET),
@@ -433,14 +443,7 @@ impl Daemon {
                 }
             }),
         );
-        match ctl {
-            Ok(n) => made.push(n),
-            Err(e) => {
-                made.iter().for_each(|n| self.unsubscribe(n));
-                return Err(e);
-            }
-        }
-        lock(&self.nodes).fixed = made;
+        lock(&self.nodes).fixed.push(ctl?);
         Ok(())
     }
 

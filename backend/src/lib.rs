@@ -367,6 +367,7 @@ fn start(daemon: &Arc<Daemon>, planned: Vec<state::Planned>) -> Result<()> {
             added.name, added.qemu
         ));
     }
+    daemon.open_control()?;
     out.push_str(QEMU_GUEST_OPTIONS);
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());

@@ -202,7 +202,9 @@ fn main() -> ExitCode {
             e.exit()
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
     let serve = match args.command {
         Command::Serve(s) => s,
         Command::Ctl(c) => return ctl(c),

@@ -535,9 +535,11 @@ impl Harness {
         self.fe.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
     }
 
-    /// Submits `chain` on queue `q` and waits for its completion.
+    /// Submits `chain` on queue `q` and waits for its completion (asking
+    /// for a call at it, as a driver waiting for it does).
     pub fn run_chain(&mut self, q: usize, chain: &[Desc]) -> Option<(u32, u32)> {
         let dq = &mut self.queues[q];
+        dq.enable_calls(&self.mem);
         dq.submit(&self.mem, chain);
         dq.wait_used(&self.mem, TIMEOUT)
     }
