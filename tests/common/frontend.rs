@@ -680,6 +680,35 @@ impl Harness {
         let f = self.raw(req, payload, fds);
         u64_of(&f.payload)
     }
+
+    /// ADD_MEM_REG of `r` with its memfd, as a raw frame; returns the ack
+    /// (0 or an errno). An accepted region joins the guest memory.
+    pub fn add_mem_reg(&mut self, r: Region) -> u64 {
+        let ack = self.raw_ack(
+            FrontendReq::ADD_MEM_REG,
+            &single_region_payload(&r),
+            &[r.file.as_raw_fd()],
+        );
+        if ack == 0 {
+            self.mem.regions.push(r);
+        }
+        ack
+    }
+
+    /// REM_MEM_REG of `r` (no descriptor, as the spec says a frontend
+    /// should send it); returns the ack. The region stays in our guest
+    /// memory.
+    pub fn rem_mem_reg(&self, r: &Region) -> u64 {
+        self.raw_ack(FrontendReq::REM_MEM_REG, &single_region_payload(r), &[])
+    }
+}
+
+/// The ADD_MEM_REG / REM_MEM_REG payload of `r`.
+pub fn single_region_payload(r: &Region) -> Vec<u8> {
+    use vm_memory::ByteValued;
+    vhost::vhost_user::message::VhostUserSingleMemoryRegion::new(r.gpa, r.size, r.uaddr(), r.offset)
+        .as_slice()
+        .to_vec()
 }
 
 /// The u64 of an 8-byte payload.

@@ -40,7 +40,7 @@ use super::backend_channel::BackendChannel;
 use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
 use super::inflight::{InflightError, InflightRegion};
 use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
-use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
+use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
 use crate::error_chain;
 use crate::pod::pod_from;
@@ -509,9 +509,10 @@ impl Conn {
         self.flush_iotlb();
         self.mem.add(single_desc(&r), fd)?;
         info!(
-            "{}: memory region added at GPA {:#x} ({} regions)",
+            "{}: memory region added at GPA {:#x}, {:#x} bytes ({} of {MAX_MEM_SLOTS} slots used)",
             self.peer,
             { r.guest_phys_addr },
+            { r.memory_size },
             self.mem.len()
         );
         Ok(Reply::Ack)
@@ -522,9 +523,10 @@ impl Conn {
         self.flush_iotlb();
         self.mem.remove(&single_desc(&r))?;
         info!(
-            "{}: memory region removed at GPA {:#x} ({} regions)",
+            "{}: memory region removed at GPA {:#x}, {:#x} bytes ({} of {MAX_MEM_SLOTS} slots used)",
             self.peer,
             { r.guest_phys_addr },
+            { r.memory_size },
             self.mem.len()
         );
         Ok(Reply::Ack)
@@ -949,11 +951,12 @@ const OPS: &[Op<Conn>] = &[
 ];
 
 /// SET_MEM_TABLE: `num_regions` regions follow the head, 1 to
-/// [`MAX_MEM_SLOTS`] of them.
+/// [`MAX_TABLE_REGIONS`] of them (one descriptor each, in this frame; more
+/// regions than that come one per ADD_MEM_REG).
 fn mem_table_tail(head: &[u8]) -> Result<usize, ConnError> {
     let m = pod_from::<VhostUserMemory>(head);
     let n = usize::try_from(m.num_regions).unwrap_or(usize::MAX);
-    if n == 0 || n > MAX_MEM_SLOTS {
+    if n == 0 || n > MAX_TABLE_REGIONS {
         return Err(ConnError::Invalid {
             req: FrontendReq::SET_MEM_TABLE,
             what: "region count",
