@@ -1,5 +1,6 @@
 //! `vcdev ctl`: a control socket (`DIR/control`, mode 0600) answering
-//! `list`, `show NAME` and `stats NAME` with text.
+//! `list`, `show NAME`, `stats NAME` and `resize NAME [SIZE] [--shrink]`
+//! with text.
 //!
 //! It speaks the cdev framing ([`crate::wire`], the one codec): one
 //! request `VCDEV_CTL` whose payload is the command line, one reply whose
@@ -188,12 +189,52 @@ fn answer(server: &Server, cmd: &str) -> Result<String, (Errno, String)> {
                 let _ = writeln!(out, "{k} {v}");
             }
         }
+        "resize" => return resize(device(arg)?, words.collect()),
         _ => {
             return Err((
                 Errno::EINVAL,
-                format!("unknown command {verb:?}: list, show NAME, stats NAME\n"),
+                format!(
+                    "unknown command {verb:?}: list, show NAME, stats NAME, \
+                     resize NAME [SIZE] [--shrink]\n"
+                ),
             ))
         }
     }
     Ok(out)
+}
+
+/// `resize NAME [SIZE] [--shrink]`: SIZE in bytes with an optional K, M or
+/// G suffix; without it, the size the backing has now (a block device the
+/// operator grew). Errnos: [`ResizeError::errno`](vcdev_device_model::blk::ResizeError::errno)
+/// (EPERM for a shrink without `--shrink`, EROFS, EINVAL, EOPNOTSUPP,
+/// EFBIG), EINVAL for bad arguments.
+fn resize(d: &CdevDevice, args: Vec<&str>) -> Result<String, (Errno, String)> {
+    let usage = |why: String| {
+        (
+            Errno::EINVAL,
+            format!("{why}: resize NAME [SIZE] [--shrink]\n"),
+        )
+    };
+    let (flags, sizes): (Vec<&str>, Vec<&str>) = args.into_iter().partition(|a| a.starts_with('-'));
+    let shrink = match flags.as_slice() {
+        [] => false,
+        ["--shrink"] => true,
+        _ => return Err(usage(format!("unknown options {flags:?}"))),
+    };
+    let size = match sizes.as_slice() {
+        [] => None,
+        [s] => Some(crate::config::parse_size(s).ok_or_else(|| usage(format!("bad SIZE {s:?}")))?),
+        _ => return Err(usage("too many arguments".to_owned())),
+    };
+    let bytes = d.reg().resize(size, shrink).map_err(|e| {
+        (
+            Errno(e.errno()),
+            format!("{}: {}\n", d.name(), crate::error_chain(&e)),
+        )
+    })?;
+    Ok(format!(
+        "{}: capacity {bytes} bytes ({} sectors)\n",
+        d.name(),
+        bytes >> vcdev_device_model::blk::SECTOR_SHIFT
+    ))
 }

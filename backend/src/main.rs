@@ -23,7 +23,8 @@ struct Args {
 enum Command {
     /// Serve devices until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Ask a running daemon: list | show NAME | stats NAME.
+    /// Ask a running daemon: list | show NAME | stats NAME |
+    /// resize NAME [SIZE] [--shrink].
     Ctl(CtlArgs),
 }
 
@@ -32,16 +33,27 @@ struct CtlArgs {
     /// The daemon's runtime directory [default: as for serve].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// list | show NAME | stats NAME
-    #[arg(required = true, num_args = 1..=2)]
+    /// list | show NAME | stats NAME | resize NAME [SIZE]. resize gives a
+    /// file-backed or RAM disk SIZE bytes (K, M, G suffixes, a multiple of
+    /// 512), or without SIZE takes the size its block device or image has
+    /// now; refused for readonly=on devices; the guest is told.
+    #[arg(required = true, num_args = 1..=3)]
     command: Vec<String>,
+    /// With resize: allow a smaller SIZE (destroys the data past the new
+    /// end; requests beyond it then fail with IOERR).
+    #[arg(long)]
+    shrink: bool,
 }
 
 /// `vcdev ctl`: prints the daemon's answer; exit 1 on failure.
 fn ctl(a: CtlArgs) -> ExitCode {
     let dir = a.dir.unwrap_or_else(vcdev::config::default_dir);
     let path = dir.join(vcdev::ctl::CONTROL_SOCKET);
-    match vcdev::ctl::ctl(&path, &a.command.join(" ")) {
+    let mut command = a.command.join(" ");
+    if a.shrink {
+        command.push_str(" --shrink");
+    }
+    match vcdev::ctl::ctl(&path, &command) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
