@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::info;
 use vcdev_device_model::blk::{BlkDevice, ResizeError};
 use vcdev_iommu::sync::lock;
 use vcdev_iommu::IovaRange;
@@ -272,10 +272,9 @@ impl Device {
         };
         let told = notify();
         if !told {
-            warn!(
-                "{}: the config change could not be signalled to its driver",
-                self.name
-            );
+            // Not abnormal: a driver without a config vector, a frontend
+            // without a backend channel; it reads the new size when it looks.
+            info!("{}: the config change was not signalled", self.name);
         }
         told
     }

@@ -91,7 +91,8 @@ const CAPACITY_OFFSET: usize = offset_of!(virtio_blk_config, capacity);
 /// A virtio-blk device, shared by all its queues.
 ///
 /// Its size can change at run time ([`BlkDevice::resize`]): the bounds check of every request
-/// and the config space's `capacity` field read it from [`Capacity`].
+/// and the config space's `capacity` field read it, an atomic under a sequence count (see
+/// [`BlkDevice::config_generation`]).
 #[derive(Debug)]
 pub struct BlkDevice {
     backend: Arc<dyn BlockBackend>,

@@ -284,6 +284,33 @@ mod tests {
     }
 
     #[test]
+    fn grows_within_its_reserve_only() {
+        let ram = RamBackend::new(8192).unwrap();
+        let max = ram.max_len();
+        // RAM_RESERVE, unless the address space could not be reserved (ulimit -v).
+        assert!(max == RAM_RESERVE || max == 8192, "{max}");
+        let e = ram.resize(max + 512).unwrap_err();
+        assert!(
+            matches!(e, ResizeError::TooLarge { size, max: m } if size == max + 512 && m == max)
+        );
+        assert_eq!(e.errno(), libc::EFBIG);
+        assert_eq!(ram.len(), 8192);
+        ram.resize(1 << 20).unwrap();
+        let mut src = [9u8; 512];
+        ram.write_at((1 << 20) - 512, &VolatileSlice::from(&mut src[..]))
+            .unwrap();
+        ram.resize(4096).unwrap();
+        assert!(ram
+            .write_at(4096, &VolatileSlice::from(&mut src[..]))
+            .is_err());
+        ram.resize(1 << 20).unwrap();
+        let mut dst = [1u8; 512];
+        ram.read_at((1 << 20) - 512, &VolatileSlice::from(&mut dst[..]))
+            .unwrap();
+        assert_eq!(dst, [0u8; 512]);
+    }
+
+    #[test]
     fn round_trip_and_zeroes() {
         let ram = RamBackend::new(16384).unwrap();
         let mut src = [7u8; 1024];
