@@ -304,3 +304,46 @@ fn pc_dimm_hotplugged_into_a_running_guest_takes_io() {
         run.diagnostics()
     );
 }
+
+/// Issue 11: `vcdev ctl resize` of a running guest's disk. QEMU gets
+/// CONFIG_CHANGE_MSG on the backend channel, reads the config again and
+/// interrupts the guest, whose `/sys/block/vda/size` changes (the guest
+/// polls it); the guest then writes the dd pattern's first MiB into the
+/// last MiB of the grown disk and reads it back; the image file grew and
+/// holds it.
+#[test]
+fn running_guest_sees_its_disk_grow() {
+    let Some(guest) = qemu::require() else { return };
+    const MIB: u64 = 1 << 20;
+    let tmp = TempDir::new("qb-resize").expect("tmpdir");
+    let image = tmp.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(32 * MIB))
+        .expect("image");
+    let spec = format!("blk,path={},queues=2,queue-size=128", image.display());
+    let mut d = Vcdev::start("qemu-blk-resize", &["--device", &spec], "vfio0");
+    let mut run = guest
+        .boot("no-viommu")
+        .socket(&d.socket("vfio0"))
+        .queues(2)
+        .test("resize")
+        .param("wait", 600)
+        .spawn()
+        .expect("spawn qemu");
+    let waiting = run.wait_for_console("VCDEV-RESULT resize_from=", Duration::from_secs(120));
+    assert!(waiting, "the guest never came up:\n{}", run.console());
+    let (ok, text) = d.ctl(&["resize", "vfio0", "48M"]);
+    assert!(ok, "ctl resize failed: {text}\n{}", d.log());
+    let run = run.wait().expect("qemu");
+    let diag = format!("{}\n--- vcdev log\n{}", run.diagnostics(), d.log());
+    assert!(run.report.ok(), "{}", diag);
+    let bytes = |k: &str| run.report.get(k).and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(bytes("resize_from"), Some(32 * MIB), "{}", diag);
+    assert_eq!(bytes("resize_to"), Some(48 * MIB), "{}", diag);
+    let want = run.report.get("want_md5").expect("want_md5").to_owned();
+    assert_eq!(run.report.get("tail_md5"), Some(want.as_str()), "{}", diag);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 48 * MIB);
+    let on_disk = qemu::file_region_md5(&image, 47 * MIB, MIB).expect("md5 of the tail");
+    assert_eq!(on_disk, want, "the last MiB of the image");
+    assert!(d.log().contains("CONFIG_CHANGE_MSG"), "{}", d.log());
+}

@@ -21,7 +21,7 @@ use vcdev_iommu::Errno;
 
 use crate::cdev::device::CdevDevice;
 use crate::cdev::vfio_uapi::VCDEV_CTL;
-use crate::config::{Backing, DeviceSpec};
+use crate::config::{parse_size, Backing, DeviceSpec};
 use crate::daemon::{Daemon, OpError};
 use crate::registry::OwnerKind;
 use crate::state::{Origin, Planned};
@@ -57,6 +57,16 @@ pub enum Request {
         name: String,
         /// Disconnect its holder first.
         force: bool,
+    },
+    /// Resizes a device: to `size` (K, M, G suffixes), or without one to
+    /// the size its backing has now.
+    Resize {
+        /// The device.
+        name: String,
+        /// The new size.
+        size: Option<String>,
+        /// Allow a smaller size.
+        shrink: bool,
     },
 }
 
@@ -296,6 +306,32 @@ fn answer(daemon: &Daemon, req: &Request) -> Result<Value, CtlError> {
             let who = daemon.remove(name, *force)?;
             Ok(json!({ "name": name, "removed": true, "disconnected": who }))
         }
+        Request::Resize { name, size, shrink } => {
+            let size = match size {
+                Some(s) => Some(parse_size(s).ok_or_else(|| {
+                    CtlError::usage(format!(
+                        "bad SIZE {s:?}: bytes with an optional K, M or G suffix"
+                    ))
+                })?),
+                None => None,
+            };
+            let d = lookup(daemon, name)?;
+            let from = d.blk().capacity_bytes();
+            let bytes = d
+                .reg()
+                .resize(size, *shrink)
+                .map_err(|e| CtlError::new(Errno(e.errno()), crate::error_chain(&e)))?;
+            // A RAM disk's size lives in the daemon alone: keep it.
+            let ram = daemon
+                .planned(name)
+                .is_some_and(|p| matches!(p.spec.backing, Backing::Ram(_)));
+            if ram && bytes != from {
+                daemon
+                    .record_change(name, "ram", &bytes.to_string())
+                    .map_err(CtlError::from)?;
+            }
+            Ok(json!({ "name": name, "capacity_bytes": bytes, "previous_bytes": from }))
+        }
     }
 }
 
@@ -400,6 +436,14 @@ pub fn render(req: &Request, v: &Value) -> String {
                 "# {}: added; attach it with\n{}",
                 v["name"].as_str().unwrap_or("?"),
                 v["qemu"].as_str().unwrap_or("")
+            );
+        }
+        Request::Resize { name, .. } => {
+            let _ = writeln!(
+                out,
+                "{name}: capacity {} bytes ({} sectors)",
+                v["capacity_bytes"],
+                v["capacity_bytes"].as_u64().unwrap_or(0) >> vcdev_device_model::blk::SECTOR_SHIFT
             );
         }
         Request::Remove { name, .. } => match v["disconnected"].as_str() {

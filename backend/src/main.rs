@@ -70,6 +70,19 @@ enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Resize a file-backed or RAM disk to SIZE (K, M, G suffixes, a
+    /// multiple of 512), or without SIZE take the size its block device or
+    /// image has now; refused for readonly=on devices. The guest is told.
+    Resize {
+        /// The device.
+        name: String,
+        /// The new size.
+        size: Option<String>,
+        /// Allow a smaller SIZE (destroys the data past the new end;
+        /// requests beyond it then fail with IOERR).
+        #[arg(long)]
+        shrink: bool,
+    },
 }
 
 /// `vcdev ctl`: prints the daemon's answer; exit 1 when it refuses or
@@ -89,6 +102,7 @@ fn ctl(a: CtlArgs) -> ExitCode {
             }
         }
         CtlCommand::Remove { name, force } => Request::Remove { name, force },
+        CtlCommand::Resize { name, size, shrink } => Request::Resize { name, size, shrink },
     };
     match vcdev::ctl::request(&path, &req) {
         Ok(v) => {

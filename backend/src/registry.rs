@@ -11,13 +11,24 @@
 //! All ownership state of a registry sits behind one lock
 //! ([`OwnerTable`]), so that a rule spanning a whole group (opening a group
 //! file) is atomic against claims on its devices.
+//!
+//! # Resize and the config notifier
+//!
+//! [`Device::resize`] (`vcdev ctl resize`) changes the device model's size,
+//! then tells the driver through the door that drives the device now: its
+//! [`ConfigNotifier`], registered with [`Ownership::set_config_notifier`]
+//! (a vhost-user connection, a bound device file) or
+//! [`Device::watch_config`] (a device file got through a group) and
+//! unregistered when that owner goes. A notifier holds weak references
+//! only: one taken just before its owner went finds nothing to tell.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use vcdev_device_model::blk::BlkDevice;
+use log::info;
+use vcdev_device_model::blk::{BlkDevice, ResizeError};
 use vcdev_iommu::sync::lock;
 use vcdev_iommu::IovaRange;
 
@@ -66,6 +77,43 @@ impl RegistryError {
             }
             RegistryError::AlreadyBound { .. } => vcdev_iommu::Errno::EINVAL,
             RegistryError::Removed { .. } => vcdev_iommu::Errno::ENODEV,
+        }
+    }
+}
+
+/// Tells the driver of a device that its configuration changed (a
+/// resize), through the door that drives it: a vhost-user
+/// `CONFIG_CHANGE_MSG`, a config-change MSI-X. Returns whether a message
+/// went out (false: nothing to tell it on, such as a frontend without the
+/// backend channel, or a driver without a config vector). Runs on the
+/// caller's thread (the control socket's) and must not block for long.
+pub type ConfigNotifier = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The notifier slot of a device: the registration's number, and the
+/// notifier.
+type NotifierSlot = Mutex<Option<(u64, ConfigNotifier)>>;
+
+/// A registered [`ConfigNotifier`]; dropping it unregisters it, unless a
+/// newer registration replaced it already.
+pub struct ConfigWatch {
+    device: Arc<Device>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for ConfigWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigWatch")
+            .field("device", &self.device.name)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.device.notifier);
+        if slot.as_ref().is_some_and(|(seq, _)| *seq == self.seq) {
+            *slot = None;
         }
     }
 }
@@ -207,7 +255,6 @@ impl Default for IommuView {
 }
 
 /// One device.
-#[derive(Debug)]
 pub struct Device {
     name: String,
     blk: Arc<BlkDevice>,
@@ -217,9 +264,72 @@ pub struct Device {
     table: Arc<Table>,
     counters: DeviceCounters,
     workers: crate::queue::WorkerSet,
+    /// Who to tell of a config change (see the module doc).
+    notifier: NotifierSlot,
+    /// Numbers the notifier registrations.
+    notifier_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("name", &self.name)
+            .field("index", &self.index)
+            .field("group", &self.group)
+            .field("view", &self.view)
+            .field("notifier", &lock(&self.notifier).as_ref().map(|(s, _)| *s))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Device {
+    /// `vcdev ctl resize NAME [SIZE] [--shrink]`: gives the disk `size`
+    /// bytes, or without one the size its backing has now (a block device
+    /// the operator grew); a smaller size only with `shrink`. Returns the
+    /// new size in bytes. The rules and errnos are
+    /// [`BlkDevice::resize`]'s ([`ResizeError::errno`]). When the size
+    /// changed, the door driving the device tells its driver (see
+    /// [`ConfigNotifier`]); a driver that comes later reads the new size.
+    pub fn resize(&self, size: Option<u64>, shrink: bool) -> Result<u64, ResizeError> {
+        let r = self.blk.resize(size, shrink)?;
+        if r.changed() {
+            info!("{}: resized from {} to {} bytes", self.name, r.from, r.to);
+            self.notify_config_change();
+        }
+        Ok(r.to)
+    }
+
+    /// Tells the device's driver, through its current owner's notifier,
+    /// that the configuration changed. Returns whether a message went out.
+    pub fn notify_config_change(&self) -> bool {
+        // Called outside the lock: the notifier takes its door's locks.
+        let notifier = lock(&self.notifier).as_ref().map(|(_, n)| n.clone());
+        let Some(notify) = notifier else {
+            info!("{}: no driver to tell of the config change", self.name);
+            return false;
+        };
+        let told = notify();
+        if !told {
+            // Not abnormal: a driver without a config vector, a frontend
+            // without a backend channel; it reads the new size when it looks.
+            info!("{}: the config change was not signalled", self.name);
+        }
+        told
+    }
+
+    /// Registers `notify` as the device's [`ConfigNotifier`], replacing
+    /// any other, until the returned watch drops. For a door that drives
+    /// the device without an [`Ownership`] of its own (a device file got
+    /// through its group); owners use [`Ownership::set_config_notifier`].
+    pub fn watch_config(self: &Arc<Self>, notify: ConfigNotifier) -> ConfigWatch {
+        let seq = self.notifier_seq.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.notifier) = Some((seq, notify));
+        ConfigWatch {
+            device: self.clone(),
+            seq,
+        }
+    }
+
     /// The queue workers running on this device, whatever the door.
     pub fn workers(&self) -> &crate::queue::WorkerSet {
         &self.workers
@@ -330,6 +440,8 @@ impl Device {
 #[derive(Debug)]
 pub struct Ownership {
     device: Arc<Device>,
+    /// The owner's config notifier, unregistered with the ownership.
+    watch: Option<ConfigWatch>,
 }
 
 /// Proof that a group file is open; the group is released when it is
@@ -359,6 +471,13 @@ impl Ownership {
     /// The owned device.
     pub fn device(&self) -> &Arc<Device> {
         &self.device
+    }
+
+    /// Registers the owner's [`ConfigNotifier`] for as long as it owns
+    /// the device (replacing one set before).
+    pub fn set_config_notifier(&mut self, notify: ConfigNotifier) {
+        self.watch = None;
+        self.watch = Some(self.device.watch_config(notify));
     }
 }
 
@@ -441,6 +560,8 @@ impl Registry {
             table: self.table.clone(),
             counters: DeviceCounters::default(),
             workers: crate::queue::WorkerSet::default(),
+            notifier: Mutex::new(None),
+            notifier_seq: AtomicU64::new(0),
         });
         devices.push(d.clone());
         d
@@ -526,6 +647,7 @@ impl Registry {
         });
         Ok(Ownership {
             device: device.clone(),
+            watch: None,
         })
     }
 
@@ -566,6 +688,7 @@ impl Registry {
                 });
                 Ok(Ownership {
                     device: device.clone(),
+                    watch: None,
                 })
             }
         }
@@ -624,6 +747,51 @@ mod tests {
         assert_eq!(d.owner().as_deref(), Some("a"));
         drop(first);
         assert!(Registry::claim_vhost_user(&d, "b", None).is_ok());
+    }
+
+    /// `resize` tells the owner's notifier, only while it owns the device;
+    /// an older registration going away leaves a newer one in place.
+    #[test]
+    fn resize_tells_the_current_owner() {
+        use std::sync::atomic::AtomicU32;
+        let r = Registry::default();
+        let d = r.add("vfio0".into(), blk());
+        let told = Arc::new(AtomicU32::new(0));
+        let counter = |c: &Arc<AtomicU32>| -> ConfigNotifier {
+            let c = c.clone();
+            Arc::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+                true
+            })
+        };
+        // Nobody to tell: the size still changes.
+        assert_eq!(d.resize(Some(2 << 20), false).unwrap(), 2 << 20);
+        assert!(!d.notify_config_change());
+
+        let mut own = Registry::claim_vhost_user(&d, "a", None).unwrap();
+        own.set_config_notifier(counter(&told));
+        assert_eq!(d.resize(Some(4 << 20), false).unwrap(), 4 << 20);
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+        // Unchanged or refused: nothing is sent.
+        d.resize(Some(4 << 20), false).unwrap();
+        let e = d.resize(Some(1 << 20), false).unwrap_err();
+        assert_eq!(e.errno(), libc::EPERM);
+        assert_eq!(d.blk().capacity_bytes(), 4 << 20);
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+        assert_eq!(d.resize(Some(1 << 20), true).unwrap(), 1 << 20);
+        assert_eq!(told.load(Ordering::SeqCst), 2);
+        drop(own);
+        assert!(!d.notify_config_change());
+
+        let second = Arc::new(AtomicU32::new(0));
+        let old = d.watch_config(counter(&told));
+        let new = d.watch_config(counter(&second));
+        drop(old);
+        assert!(d.notify_config_change());
+        assert_eq!(second.load(Ordering::SeqCst), 1);
+        assert_eq!(told.load(Ordering::SeqCst), 2);
+        drop(new);
+        assert!(!d.notify_config_change());
     }
 
     /// PROTOCOL.md exclusivity, both ways: cdev bind vs group open vs

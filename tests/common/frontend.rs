@@ -516,6 +516,40 @@ impl Harness {
         h
     }
 
+    /// SET_BACKEND_REQ_FD without a vIOMMU: returns the frontend's end of
+    /// the backend channel, for the test to read what the daemon sends on
+    /// it (CONFIG_CHANGE_MSG), with reads bounded by [`TIMEOUT`].
+    pub fn backend_channel(&mut self) -> UnixStream {
+        assert!(
+            self.iommu.is_none(),
+            "start_iotlb serves the channel itself"
+        );
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        {
+            let _g = lock(&self.main_lock);
+            self.fe
+                .set_backend_request_fd(&theirs)
+                .expect("SET_BACKEND_REQ_FD");
+        }
+        ours.set_read_timeout(Some(TIMEOUT)).expect("SO_RCVTIMEO");
+        ours
+    }
+
+    /// GET_CONFIG of virtio-blk's `capacity` (in 512-byte sectors).
+    pub fn config_capacity(&mut self) -> u64 {
+        let _g = lock(&self.main_lock);
+        let (_, cfg) = self
+            .fe
+            .get_config(
+                0,
+                8,
+                vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                &[0u8; 8],
+            )
+            .expect("GET_CONFIG");
+        u64_of(&cfg)
+    }
+
     /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `i`.
     pub fn start_queue(&mut self, i: usize) {
         let _g = lock(&self.main_lock);

@@ -275,17 +275,23 @@ impl Vcdev {
 
     /// `vcdev ctl --dir DIR <args>`: (success, stdout).
     pub fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(vcdev_bin())
+        let out = self.ctl_output(args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// `vcdev ctl --dir DIR <args>`: its whole output (exit status,
+    /// stdout, stderr with the error text).
+    pub fn ctl_output(&self, args: &[&str]) -> Output {
+        Command::new(vcdev_bin())
             .arg("ctl")
             .arg("--dir")
             .arg(&self.dir)
             .args(args)
             .output()
-            .expect("vcdev ctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+            .expect("vcdev ctl")
     }
 }
 

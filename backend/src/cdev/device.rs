@@ -115,12 +115,17 @@ struct Core {
 }
 
 impl Core {
-    fn signal(&self, v: u16) {
+    /// Signals vector `v`'s eventfd; returns whether it has one that took
+    /// the signal.
+    fn signal(&self, v: u16) -> bool {
         if let Some(Some(fd)) = lock(&self.msix).get(usize::from(v)) {
             if let Err(e) = fd.write(1) {
                 warn!("{}: MSI-X vector {v}: {e}", self.reg.name());
+                return false;
             }
+            return true;
         }
+        false
     }
 
     fn queue_interrupt(&self, q: u16) {
@@ -341,6 +346,26 @@ impl CdevDevice {
         Ok(n)
     }
 
+    /// The device's configuration changed (a resize): `config_generation`
+    /// moves and the config-change vector (`msix_config`) fires, or the
+    /// ISR config bit is set with MSI-X off. Returns whether an eventfd was
+    /// signalled.
+    pub fn config_changed(&self) -> bool {
+        let v = lock(&self.core.pci).config_interrupt();
+        match v {
+            Some(v) => self.core.signal(v),
+            None => false,
+        }
+    }
+
+    /// The [`ConfigNotifier`](crate::registry::ConfigNotifier) of whoever
+    /// drives this device through the cdev door ([`Self::config_changed`]).
+    /// It holds the device weakly.
+    pub fn config_notifier(self: &Arc<Self>) -> crate::registry::ConfigNotifier {
+        let dev = Arc::downgrade(self);
+        Arc::new(move || dev.upgrade().is_some_and(|d| d.config_changed()))
+    }
+
     /// VFIO_DEVICE_RESET.
     pub fn reset(&self) {
         let events = lock(&self.core.pci).reset();
@@ -363,7 +388,9 @@ impl CdevDevice {
                     }
                 }
                 Event::Reset => self.stop_queues(),
-                Event::Interrupt(v) => self.core.signal(v),
+                Event::Interrupt(v) => {
+                    self.core.signal(v);
+                }
             }
         }
     }

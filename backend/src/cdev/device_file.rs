@@ -227,8 +227,9 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     let fd = req.take_fd().ok_or(Errno::EBADF)?;
     let ictx = f.files.lookup::<IommufdFile>(&fd)?.ictx().clone();
     drop(fd);
-    let own = claim.map_err(|e| e.errno())?;
+    let mut own = claim.map_err(|e| e.errno())?;
     let devid = f.dev.handle().bind(&ictx).map_err(|e| e.errno())?;
+    own.set_config_notifier(f.dev.config_notifier());
     info!("{}: bound as device {}", f.name, devid.0);
     *st = State::Bound {
         ictx,

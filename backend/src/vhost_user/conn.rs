@@ -208,17 +208,46 @@ pub struct Conn {
     inflight: Option<Arc<InflightRegion>>,
 }
 
+/// The connection's [`ConfigNotifier`](crate::registry::ConfigNotifier):
+/// CONFIG_CHANGE_MSG on its backend channel. It holds the channel weakly:
+/// once the connection is gone there is nothing to tell.
+fn config_notifier(iotlb: &Arc<Iotlb>, peer: &str) -> crate::registry::ConfigNotifier {
+    let iotlb = Arc::downgrade(iotlb);
+    let peer = peer.to_owned();
+    Arc::new(move || {
+        let Some(iotlb) = iotlb.upgrade() else {
+            return false;
+        };
+        match iotlb.channel.send_config_change() {
+            Ok(()) => {
+                info!("{peer}: told of the config change (CONFIG_CHANGE_MSG)");
+                true
+            }
+            Err(e) => {
+                warn!("{peer}: cannot tell of the config change: {e}");
+                false
+            }
+        }
+    })
+}
+
 fn u64_payload(v: u64) -> Vec<u8> {
     VhostUserU64::new(v).as_slice().to_vec()
 }
 
 impl Conn {
     /// A connection on `sock` owning the device of `own`.
-    pub fn new(sock: UnixStream, own: Ownership, peer: String, cfg: ConnConfig) -> Conn {
+    pub fn new(sock: UnixStream, mut own: Ownership, peer: String, cfg: ConnConfig) -> Conn {
         let blk = own.device().blk().clone();
         let vrings = (0..blk.num_queues())
             .map(|i| Vring::new(i, blk.queue_size()))
             .collect();
+        let iotlb = Arc::new(Iotlb {
+            misses: MissTable::default(),
+            channel: BackendChannel::default(),
+            timeout: cfg.iotlb_miss_timeout,
+        });
+        own.set_config_notifier(config_notifier(&iotlb, &peer));
         Conn {
             sock,
             own,
@@ -229,11 +258,7 @@ impl Conn {
             mem: MemoryTable::new(AddressSpace::new(), cfg.seal_policy),
             vrings,
             iova_space: AddressSpace::new(),
-            iotlb: Arc::new(Iotlb {
-                misses: MissTable::default(),
-                channel: BackendChannel::default(),
-                timeout: cfg.iotlb_miss_timeout,
-            }),
+            iotlb,
             iotlb_max_entries: cfg.iotlb_max_entries,
             seal_policy: cfg.seal_policy,
             inflight: None,
@@ -728,9 +753,15 @@ impl Conn {
 
     fn set_backend_req_fd(&mut self, mut m: Msg) -> Result<Reply, ConnError> {
         let fd = m.one_fd()?;
+        let config = self.protocol.contains(VhostUserProtocolFeatures::CONFIG);
         self.iotlb
             .channel
-            .set(UnixStream::from(fd), self.reply_ack_on(), &self.peer)
+            .set(
+                UnixStream::from(fd),
+                self.reply_ack_on(),
+                config,
+                &self.peer,
+            )
             .map_err(ConnError::BackendChannel)?;
         Ok(Reply::Ack)
     }
