@@ -245,7 +245,10 @@ fn thousand_back_to_back_reconnects_are_all_served() {
     let sock = d.socket("d0");
     let start = Instant::now();
     for i in 0..1000u32 {
-        let mut h = Harness::start(&sock, 1, 16);
+        let started = std::panic::catch_unwind(|| Harness::start(&sock, 1, 16));
+        let Ok(mut h) = started else {
+            panic!("cycle {i}: not served; daemon log:\n{}", d.log());
+        };
         let data = pattern((i % 251) as u8, 512);
         assert_eq!(h.write(0, u64::from(i % 64), &data), S_OK, "cycle {i}");
         let r = h.read(0, u64::from(i % 64), 512);

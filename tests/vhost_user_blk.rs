@@ -528,19 +528,33 @@ fn resize_over_the_control_socket_tells_the_frontend() {
 
     // Refused, nothing changes: a shrink not asked for, a size that is not
     // a multiple of 512, a read-only device.
-    for (args, why) in [
-        (&["resize", "vfio0", "2M"][..], "EPERM: vfio0: Shrinking"),
-        (&["resize", "vfio0", "1000"][..], "EINVAL: vfio0: Size 1000"),
-        (&["resize", "vfio0", "5X"][..], "EINVAL: bad SIZE"),
+    for (args, why, code, errno) in [
+        (
+            &["resize", "vfio0", "2M"][..],
+            "vfio0: Shrinking",
+            1,
+            libc::EPERM,
+        ),
+        (
+            &["resize", "vfio0", "1000"][..],
+            "vfio0: Size 1000",
+            1,
+            libc::EINVAL,
+        ),
+        (&["resize", "vfio0", "5X"][..], "bad SIZE", 2, libc::EINVAL),
         (
             &["resize", "ro", "2M"][..],
-            "EROFS: ro: The device is read-only",
+            "ro: The device is read-only",
+            1,
+            libc::EROFS,
         ),
     ] {
         let out = d.ctl_output(args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
         assert!(err.contains(why), "{args:?}: {err}");
+        let (c, e) = d.ctl_json(args);
+        assert_eq!((c, e["errno"].as_i64()), (code, Some(errno.into())), "{e}");
     }
     assert_eq!(h.config_capacity(), sectors(4 * MIB));
     assert_eq!(std::fs::metadata(&image).unwrap().len(), MIB);

@@ -317,10 +317,12 @@ fn answer(daemon: &Daemon, req: &Request) -> Result<Value, CtlError> {
             };
             let d = lookup(daemon, name)?;
             let from = d.blk().capacity_bytes();
-            let bytes = d
-                .reg()
-                .resize(size, *shrink)
-                .map_err(|e| CtlError::new(Errno(e.errno()), crate::error_chain(&e)))?;
+            let bytes = d.reg().resize(size, *shrink).map_err(|e| {
+                CtlError::new(
+                    Errno(e.errno()),
+                    format!("{name}: {}", crate::error_chain(&e)),
+                )
+            })?;
             // A RAM disk's size lives in the daemon alone: keep it.
             let ram = daemon
                 .planned(name)

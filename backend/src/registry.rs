@@ -132,8 +132,8 @@ pub enum OwnerKind {
 pub trait Holder: Send + Sync + std::fmt::Debug {
     /// True once the holder's peer has hung up: its teardown is under way
     /// and it will release the device soon, so a newcomer may wait for it
-    /// instead of being refused.
-    fn hung_up(&self) -> bool;
+    /// instead of being refused. Waits at most `wait` for it.
+    fn hung_up(&self, wait: Duration) -> bool;
     /// Asks the holder to let go (`vcdev ctl remove --force`). It returns
     /// once the device's queues are quiesced; the ownership itself ends
     /// when the holder's teardown drops it.
@@ -385,6 +385,11 @@ impl Device {
     /// being torn down, and a newcomer should wait for it
     /// ([`Device::wait_unowned`]) rather than be refused.
     pub fn owner_leaving(&self) -> bool {
+        self.owner_hangs_up(Duration::ZERO)
+    }
+
+    /// True when the owner's peer has hung up, or does within `wait`.
+    pub fn owner_hangs_up(&self, wait: Duration) -> bool {
         let holder = lock(&self.table.state)
             .owners
             .get(self.index)
@@ -392,7 +397,7 @@ impl Device {
             .flatten()
             .and_then(|o| o.holder);
         // Asked outside the lock: a holder's probe is a syscall.
-        holder.is_some_and(|h| h.hung_up())
+        holder.is_some_and(|h| h.hung_up(wait))
     }
 
     /// Waits until the device has no owner, at most `timeout`; true when

@@ -105,15 +105,16 @@ pub fn wait_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
 }
 
 /// True when the peer of a connected stream socket has closed or shut
-/// down its end (POLLRDHUP or POLLHUP), without waiting.
-pub fn peer_hung_up(fd: BorrowedFd<'_>) -> bool {
+/// down its end (POLLRDHUP or POLLHUP), waiting at most `timeout` for it.
+pub fn peer_hung_up(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLRDHUP,
         revents: 0,
     };
-    // SAFETY: one pollfd, valid for the call, and a zero timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, valid for the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 

@@ -70,10 +70,10 @@ struct FileHolder {
 }
 
 impl Holder for FileHolder {
-    fn hung_up(&self) -> bool {
+    fn hung_up(&self, wait: std::time::Duration) -> bool {
         self.link
             .as_ref()
-            .is_some_and(|l| crate::sys::peer_hung_up(l.as_fd()))
+            .is_some_and(|l| crate::sys::peer_hung_up(l.as_fd(), wait))
     }
 
     fn revoke(&self) {

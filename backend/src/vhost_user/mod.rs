@@ -26,6 +26,7 @@ mod prop_tests;
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,18 @@ fn peer_name(device: &str, n: u64, peer: Option<&crate::access::Peer>) -> String
 /// How long a frontend waits for its predecessor's teardown.
 pub const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a frontend that finds the owner connected waits for it to hang
+/// up before it is refused: a client that closes and reconnects at once
+/// may arrive before its old socket is released (another process may hold
+/// a copy of it for a moment, between a fork and an exec).
+pub const HANG_UP_GRACE: Duration = Duration::from_millis(50);
+
+/// The most frontends waiting at once on [`HANG_UP_GRACE`]; beyond it a
+/// newcomer to a busy device is refused at once.
+const MAX_GRACE_WAITERS: usize = 8;
+
+static GRACE_WAITERS: AtomicUsize = AtomicUsize::new(0);
+
 /// A connection as the registry's [`Holder`]: hung up once the frontend
 /// closed its end; revoked by shutting the socket down, which ends the
 /// connection's read loop and runs its teardown (queues quiesced, memory
@@ -53,8 +66,8 @@ pub const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 struct ConnHolder(UnixStream);
 
 impl Holder for ConnHolder {
-    fn hung_up(&self) -> bool {
-        crate::sys::peer_hung_up(self.0.as_fd())
+    fn hung_up(&self, wait: Duration) -> bool {
+        crate::sys::peer_hung_up(self.0.as_fd(), wait)
     }
 
     fn revoke(&self) {
@@ -94,13 +107,22 @@ pub fn accept(
         }
     };
     let claim = Registry::claim_vhost_user(device, &peer, Some(holder.clone()));
-    let waiting = match claim {
+    let (waiting, grace) = match claim {
         Ok(own) => return spawn_conn(sock, own, peer, cfg),
         // The owner has hung up (or just left): wait for its teardown.
         Err(RegistryError::Busy { .. }) if device.owner_leaving() || device.owner().is_none() => {
-            holder
+            (holder, false)
+        }
+        // The owner looks connected: give it a moment to hang up.
+        Err(RegistryError::Busy { .. })
+            if GRACE_WAITERS.fetch_add(1, Ordering::SeqCst) < MAX_GRACE_WAITERS =>
+        {
+            (holder, true)
         }
         Err(e) => {
+            if matches!(e, RegistryError::Busy { .. }) {
+                GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
+            }
             warn!("{peer}: frontend refused: {e}");
             return;
         }
@@ -109,6 +131,18 @@ pub fn accept(
     let spawned = std::thread::Builder::new()
         .name(format!("{}-wait", device.name()))
         .spawn(move || {
+            if grace {
+                let hung_up = device.owner_hangs_up(HANG_UP_GRACE) || device.owner().is_none();
+                GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
+                if !hung_up {
+                    let owner = device.owner().unwrap_or_default();
+                    warn!(
+                        "{peer}: frontend refused: Device {} is busy: owned by {owner}",
+                        device.name()
+                    );
+                    return;
+                }
+            }
             info!("{peer}: waiting for the previous frontend's teardown");
             device.wait_unowned(PREDECESSOR_WAIT);
             match Registry::claim_vhost_user(&device, &peer, Some(waiting)) {
