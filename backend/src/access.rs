@@ -13,6 +13,7 @@
 //! daemon's own uid, whatever the options: it can add devices over any
 //! file the daemon may open.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -62,6 +63,35 @@ fn own_or_root(uid: libc::uid_t) -> bool {
 }
 
 impl Access {
+    /// Creates directory `path` (mode 0700) for nodes, and opens it to
+    /// whoever the node mode lets in: search permission is added (never
+    /// taken away) for the group or others when the mode gives them access.
+    /// A directory of the daemon's own (`own`: `DIR/vhost-user`, ...) also
+    /// gets the node group; `DIR` itself, which may be shared, does not.
+    pub fn node_dir(&self, path: &Path, own: bool) -> Result<(), SocketError> {
+        socket::create_dir(path)?;
+        let err = |source| SocketError::Dir {
+            path: path.to_owned(),
+            source,
+        };
+        let mut add = 0;
+        if self.mode & 0o070 != 0 {
+            add |= 0o010;
+        }
+        if self.mode & 0o007 != 0 {
+            add |= 0o001;
+        }
+        let cur = std::fs::metadata(path).map_err(err)?.permissions().mode() & 0o7777;
+        if cur | add != cur {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(cur | add))
+                .map_err(err)?;
+        }
+        if let Some(gid) = self.group.filter(|_| own) {
+            crate::sys::chown_group(path, gid).map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Binds node `path` with the mode and group of the rules.
     pub fn listen(&self, path: &Path) -> Result<UnixListener, SocketError> {
         let l = socket::listen(path, Some(self.mode))?;

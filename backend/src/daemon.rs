@@ -280,10 +280,11 @@ impl Daemon {
         seal_policy: vcdev_iommu::SealPolicy,
         state: State,
     ) -> Result<(Arc<Daemon>, EventManager<Subscriber>), OpError> {
-        socket::create_dir(&dir.join("vhost-user"))?;
-        socket::create_dir(&dir.join("devices"))?;
+        access.node_dir(dir, false)?;
+        access.node_dir(&dir.join("vhost-user"), true)?;
+        access.node_dir(&dir.join("devices"), true)?;
         #[cfg(feature = "group")]
-        socket::create_dir(&dir.join("vfio"))?;
+        access.node_dir(&dir.join("vfio"), true)?;
         let em = EventManager::<Subscriber>::new().map_err(|e| OpError::Loop(e.to_string()))?;
         let registry = Arc::new(Registry::default());
         let cdev = crate::cdev::Server::new(registry.clone(), seal_policy)?;
