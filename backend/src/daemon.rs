@@ -288,6 +288,7 @@ impl Daemon {
         let em = EventManager::<Subscriber>::new().map_err(|e| OpError::Loop(e.to_string()))?;
         let registry = Arc::new(Registry::default());
         let cdev = crate::cdev::Server::new(registry.clone(), seal_policy)?;
+        cdev.set_event_loop(em.remote_endpoint());
         let daemon = Arc::new(Daemon {
             dir: dir.to_owned(),
             registry,
@@ -406,7 +407,7 @@ impl Daemon {
             None,
             Box::new(move |sock| {
                 let refused = access.admit(&sock, &what).is_err();
-                server.handshake(&sock, &node, &p, refused);
+                server.handshake(sock, &node, &p, refused);
             }),
         )
     }

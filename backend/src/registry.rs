@@ -12,6 +12,17 @@
 //! ([`OwnerTable`]), so that a rule spanning a whole group (opening a group
 //! file) is atomic against claims on its devices.
 //!
+//! # Waiting for an owner that is leaving
+//!
+//! An owner's teardown takes a moment after its client hung up (queues
+//! drain, memory goes, the disk is flushed); the kernel's release, by
+//! contrast, is done when `close` returns. So a claimant refused by an
+//! owner whose peer has hung up ([`Holder::hung_up`]) waits for it, up to
+//! [`PREDECESSOR_WAIT`], and one refused by an owner that looks connected
+//! waits [`HANG_UP_GRACE`] for it to hang up
+//! ([`Device::claim_waiting`], [`Registry::open_group_waiting`]). Only a
+//! claimant that arrives while the owner really stays is refused.
+//!
 //! # Resize and the config notifier
 //!
 //! [`Device::resize`] (`vcdev ctl resize`) changes the device model's size,
@@ -168,6 +179,55 @@ struct Table {
     state: Mutex<OwnerTable>,
     released: Condvar,
 }
+
+impl Table {
+    /// Sleeps until something is released, at most `d`.
+    fn wait_release(&self, d: Duration) {
+        let t = lock(&self.state);
+        let _ = self.released.wait_timeout(t, d);
+    }
+
+    /// Retries `attempt` while what refuses it is going away: for up to
+    /// [`PREDECESSOR_WAIT`] while `leaving()` (an owner whose peer hung up
+    /// is being torn down), else for [`HANG_UP_GRACE`] (an owner that
+    /// looks connected may be about to hang up: a client that closes and
+    /// reconnects at once can arrive before its old socket is released,
+    /// for example while another process holds a copy of it for a moment,
+    /// between a fork and an exec). Other refusals return at once.
+    fn retry<T>(
+        &self,
+        mut attempt: impl FnMut() -> Result<T, RegistryError>,
+        leaving: impl Fn() -> bool,
+    ) -> Result<T, RegistryError> {
+        let start = Instant::now();
+        loop {
+            let e = match attempt() {
+                Ok(v) => return Ok(v),
+                Err(e @ RegistryError::Removed { .. }) => return Err(e),
+                Err(e) => e,
+            };
+            let limit = if leaving() {
+                PREDECESSOR_WAIT
+            } else {
+                HANG_UP_GRACE
+            };
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(e);
+            }
+            // A hang-up wakes nobody: look again every few milliseconds.
+            self.wait_release(left.min(Duration::from_millis(5)));
+        }
+    }
+}
+
+/// How long a claimant waits for an owner that has hung up to be torn
+/// down.
+pub const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a claimant waits for an owner that looks connected to hang up
+/// before it is refused.
+pub const HANG_UP_GRACE: Duration = Duration::from_millis(50);
 
 /// Live counters of a device, shown by `vcdev ctl stats` (issue #4's
 /// vhost-user IOTLB traffic and the cdev door's requests). Plain relaxed
@@ -420,6 +480,15 @@ impl Device {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Claims the device with `attempt` (one of [`Registry`]'s claims),
+    /// waiting while its owner is going away (see the module doc).
+    pub fn claim_waiting(
+        &self,
+        attempt: impl FnMut() -> Result<Ownership, RegistryError>,
+    ) -> Result<Ownership, RegistryError> {
+        self.table.retry(attempt, || self.owner_leaving())
     }
 
     /// Asks the owner to let go (see [`Holder::revoke`]); false when the
@@ -726,6 +795,16 @@ impl Registry {
             group,
             table: self.table.clone(),
         })
+    }
+
+    /// Opens group `group` ([`Registry::open_group`]), waiting while an
+    /// owner of one of its devices is going away.
+    pub fn open_group_waiting(&self, group: u32) -> Result<GroupOwnership, RegistryError> {
+        let devices = self.group_devices(group);
+        self.table.retry(
+            || self.open_group(group),
+            || devices.iter().any(|d| d.owner_leaving()),
+        )
     }
 
     /// The devices of IOMMU group `group`.

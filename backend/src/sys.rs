@@ -118,6 +118,25 @@ pub fn peer_hung_up(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
+/// Waits at most `timeout` for `fd` to be readable (or at its end);
+/// false when the time ran out.
+pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: one pollfd, valid for the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n != 0;
+    }
+}
+
 /// A signalfd for the signals of `set` (blocked by [`block_signals`]),
 /// non-blocking and close-on-exec.
 pub fn signal_fd(set: &libc::sigset_t) -> io::Result<OwnedFd> {

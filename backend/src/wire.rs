@@ -275,6 +275,11 @@ pub fn write_frame(
         .map_err(WireError::Write)
 }
 
+/// How long a reply may wait for its peer to make room: a peer that stops
+/// reading its replies for this long has its connection (or file) closed,
+/// so it ties up nothing but its own connection, and not for ever.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The raw descriptor of a socket, for logs.
 pub fn fd_of(sock: &UnixStream) -> RawFd {
     sock.as_raw_fd()

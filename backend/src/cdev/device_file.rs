@@ -214,10 +214,10 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     // A file of the device being released (its client gone) is waited
     // for, as a vhost-user frontend waits for its predecessor.
     if claim.is_err() && f.dev.reg().owner_leaving() {
-        f.dev
+        claim = f
+            .dev
             .reg()
-            .wait_unowned(crate::vhost_user::PREDECESSOR_WAIT);
-        claim = Registry::claim_cdev_bind(f.dev.reg(), &f.name, Some(holder()));
+            .claim_waiting(|| Registry::claim_cdev_bind(f.dev.reg(), &f.name, Some(holder())));
     }
     if let Err(e) = &claim {
         if !matches!(e, RegistryError::AlreadyBound { .. }) {

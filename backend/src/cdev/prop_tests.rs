@@ -344,7 +344,7 @@ proptest! {
         let c = super::container::open(server.files(), server.seal_policy());
         let fds = Fds { ictx: server.files().hand_out(c.clone()).unwrap() };
         let group = server.devices()[2].reg().group();
-        let g = server.open_group(group).unwrap();
+        let g = server.open_group(group, false).unwrap();
         if set {
             let fdnum = fds.ictx.as_raw_fd().to_le_bytes().to_vec();
             let out = dispatch(g.ops(), g.as_ref(), VFIO_GROUP_SET_CONTAINER, fdnum,

@@ -55,6 +55,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// Serves the door's files through the daemon's event loop
+    /// ([`Files::set_event_loop`]).
+    pub fn set_event_loop(
+        &self,
+        endpoint: event_manager::RemoteEndpoint<crate::daemon::Subscriber>,
+    ) {
+        self.files.set_event_loop(endpoint);
+    }
+
     /// A door over the devices of `registry`.
     pub fn new(
         registry: Arc<Registry>,
@@ -128,7 +137,9 @@ impl Server {
 
     /// Opens node `node` for a client (the file to hand out), or the errno
     /// of the refusal.
-    fn open(self: &Arc<Self>, node: &Node) -> Result<OwnedFd, Errno> {
+    fn open(self: &Arc<Self>, node: &Node, wait: bool) -> Result<OwnedFd, Errno> {
+        #[cfg(not(feature = "group"))]
+        let _ = wait;
         let io = |e: io::Error| {
             error!("cannot hand out a file: {e}");
             Errno::from_io(&e)
@@ -154,17 +165,23 @@ impl Server {
             }
             #[cfg(feature = "group")]
             Node::Group(g) => {
-                let f = self.open_group(*g)?;
+                let f = self.open_group(*g, wait)?;
                 files.hand_out(f).map_err(io)
             }
         }
     }
 
     /// Opens group `group` ([`Registry::open_group`]: EBUSY while it is
-    /// open or one of its devices has another owner), with its devices.
+    /// open or one of its devices has another owner), with its devices;
+    /// `wait`: while an owner is leaving ([`Registry::open_group_waiting`]).
     #[cfg(feature = "group")]
-    pub fn open_group(&self, group: u32) -> Result<Arc<GroupFile>, Errno> {
-        let own = self.registry.open_group(group).map_err(|e| e.errno())?;
+    pub fn open_group(&self, group: u32, wait: bool) -> Result<Arc<GroupFile>, Errno> {
+        let own = if wait {
+            self.registry.open_group_waiting(group)
+        } else {
+            self.registry.open_group(group)
+        }
+        .map_err(|e| e.errno())?;
         let devices = self
             .devices()
             .into_iter()
@@ -176,30 +193,51 @@ impl Server {
     /// The `VCDEV_OPEN` handshake with a client that connected to `node`
     /// (`path` names it in logs): the file, or `refused` (the access
     /// rules), or the errno of the open. Never blocks: the socket is
-    /// fresh, its buffer empty, and it is made non-blocking.
-    pub fn handshake(self: &Arc<Self>, conn: &UnixStream, node: &Node, path: &Path, refused: bool) {
+    /// fresh, its buffer empty, and it is made non-blocking; a group open
+    /// refused with EBUSY is tried again on a thread of its own while what
+    /// holds the group may be going away ([`Registry::open_group_waiting`]).
+    pub fn handshake(self: &Arc<Self>, conn: UnixStream, node: &Node, path: &Path, refused: bool) {
         let _ = conn.set_nonblocking(true);
         let opened = if refused {
             Err(Errno(libc::EACCES))
         } else {
-            self.open(node)
+            self.open(node, false)
         };
-        let (result, fd) = match opened {
-            Ok(fd) => (0i32, Some(fd)),
-            Err(e) => {
-                info!("{}: open refused: {e}", path.display());
-                (e.to_result(), None)
+        #[cfg(feature = "group")]
+        if matches!((&opened, node), (Err(Errno::EBUSY), Node::Group(_))) {
+            let (server, node, owned) = (self.clone(), node.clone(), path.to_owned());
+            let spawned = std::thread::Builder::new()
+                .name("cdev-open".into())
+                .spawn(move || {
+                    let opened = server.open(&node, true);
+                    reply_open(&conn, opened, &owned);
+                });
+            if let Err(e) = spawned {
+                error!("{}: cannot spawn a thread: {e}", path.display());
             }
-        };
-        let raw: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
-        let hdr = FrameHeader::request(VCDEV_OPEN, FLAG_REPLY, 4);
-        if let Err(e) = wire::write_frame(conn, &hdr, &result.to_le_bytes(), &raw) {
-            debug!("{}: handshake failed: {e}", path.display());
+            return;
         }
-        // Our copy of the client's end goes now: the file lives in the
-        // client's copies only.
-        drop(fd);
+        reply_open(&conn, opened, path);
     }
+}
+
+/// Answers VCDEV_OPEN with the file `opened`, or its errno.
+fn reply_open(conn: &UnixStream, opened: Result<OwnedFd, Errno>, path: &Path) {
+    let (result, fd) = match opened {
+        Ok(fd) => (0i32, Some(fd)),
+        Err(e) => {
+            info!("{}: open refused: {e}", path.display());
+            (e.to_result(), None)
+        }
+    };
+    let raw: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
+    let hdr = FrameHeader::request(VCDEV_OPEN, FLAG_REPLY, 4);
+    if let Err(e) = wire::write_frame(conn, &hdr, &result.to_le_bytes(), &raw) {
+        debug!("{}: handshake failed: {e}", path.display());
+    }
+    // Our copy of the client's end goes now: the file lives in the
+    // client's copies only.
+    drop(fd);
 }
 
 /// A node and what opening it gives.

@@ -238,6 +238,9 @@ fn u64_payload(v: u64) -> Vec<u8> {
 impl Conn {
     /// A connection on `sock` owning the device of `own`.
     pub fn new(sock: UnixStream, mut own: Ownership, peer: String, cfg: ConnConfig) -> Conn {
+        if let Err(e) = sock.set_write_timeout(Some(crate::wire::WRITE_TIMEOUT)) {
+            warn!("{peer}: cannot bound its replies' wait: {e}");
+        }
         let blk = own.device().blk().clone();
         let vrings = (0..blk.num_queues())
             .map(|i| Vring::new(i, blk.queue_size()))

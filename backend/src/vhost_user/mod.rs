@@ -6,8 +6,8 @@
 //!   `DIR/vhost-user/NAME` and asks the registry for ownership. A frontend
 //!   that arrives while another is really connected is refused and closed,
 //!   the first undisturbed. One whose predecessor has hung up but is still
-//!   being torn down waits for it (at most [`PREDECESSOR_WAIT`]) on a
-//!   thread of its own, then is served. Each served frontend gets a
+//!   being torn down waits for it on a thread of its own, then is served
+//!   (see the registry's "Waiting for an owner that is leaving"). Each served frontend gets a
 //!   [`conn::Conn`] on a new thread.
 //! - When a frontend leaves, its connection stops the queues, removes its
 //!   memory (after a grace period) and flushes the disk; the device then
@@ -43,17 +43,10 @@ fn peer_name(device: &str, n: u64, peer: Option<&crate::access::Peer>) -> String
     }
 }
 
-/// How long a frontend waits for its predecessor's teardown.
-pub const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
-
-/// How long a frontend that finds the owner connected waits for it to hang
-/// up before it is refused: a client that closes and reconnects at once
-/// may arrive before its old socket is released (another process may hold
-/// a copy of it for a moment, between a fork and an exec).
-pub const HANG_UP_GRACE: Duration = Duration::from_millis(50);
-
-/// The most frontends waiting at once on [`HANG_UP_GRACE`]; beyond it a
-/// newcomer to a busy device is refused at once.
+/// The most frontends waiting at once for an owner that looks connected
+/// ([`crate::registry::HANG_UP_GRACE`]); beyond it, a newcomer to a busy
+/// device is refused at once. Frontends whose predecessor has hung up are
+/// not counted: they are served once it is torn down.
 const MAX_GRACE_WAITERS: usize = 8;
 
 static GRACE_WAITERS: AtomicUsize = AtomicUsize::new(0);
@@ -107,17 +100,13 @@ pub fn accept(
         }
     };
     let claim = Registry::claim_vhost_user(device, &peer, Some(holder.clone()));
-    let (waiting, grace) = match claim {
+    let grace = match claim {
         Ok(own) => return spawn_conn(sock, own, peer, cfg),
-        // The owner has hung up (or just left): wait for its teardown.
-        Err(RegistryError::Busy { .. }) if device.owner_leaving() || device.owner().is_none() => {
-            (holder, false)
-        }
-        // The owner looks connected: give it a moment to hang up.
+        Err(RegistryError::Busy { .. }) if device.owner_leaving() => false,
         Err(RegistryError::Busy { .. })
             if GRACE_WAITERS.fetch_add(1, Ordering::SeqCst) < MAX_GRACE_WAITERS =>
         {
-            (holder, true)
+            true
         }
         Err(e) => {
             if matches!(e, RegistryError::Busy { .. }) {
@@ -131,29 +120,23 @@ pub fn accept(
     let spawned = std::thread::Builder::new()
         .name(format!("{}-wait", device.name()))
         .spawn(move || {
+            let claim = device
+                .claim_waiting(|| Registry::claim_vhost_user(&device, &peer, Some(holder.clone())));
             if grace {
-                let hung_up = device.owner_hangs_up(HANG_UP_GRACE) || device.owner().is_none();
                 GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
-                if !hung_up {
-                    let owner = device.owner().unwrap_or_default();
-                    warn!(
-                        "{peer}: frontend refused: Device {} is busy: owned by {owner}",
-                        device.name()
-                    );
-                    return;
-                }
             }
-            info!("{peer}: waiting for the previous frontend's teardown");
-            device.wait_unowned(PREDECESSOR_WAIT);
-            match Registry::claim_vhost_user(&device, &peer, Some(waiting)) {
+            match claim {
                 Ok(own) => {
-                    info!("{peer}: frontend connected");
+                    info!("{peer}: frontend connected (after its predecessor's teardown)");
                     Conn::new(sock, own, peer, cfg).serve();
                 }
                 Err(e) => warn!("{peer}: frontend refused: {e}"),
             }
         });
     if let Err(e) = spawned {
+        if grace {
+            GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
+        }
         error!("cannot spawn a connection thread: {e}");
     }
 }
