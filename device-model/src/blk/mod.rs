@@ -25,6 +25,7 @@ pub mod config;
 mod exec;
 pub mod file;
 pub mod inflight;
+pub mod lock;
 pub mod ram;
 pub mod request;
 mod volatile;
