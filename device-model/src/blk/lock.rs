@@ -24,11 +24,11 @@
 //! | `readonly`  | 100 consistent read                           | 201 write, 203 resize    |
 //!
 //! So a writable open is *exclusive*: any other opener that writes (it needs byte 201 free) or
-//! that reads without sharing writes (it needs byte 101 free: `qemu-img info`, a read-only QEMU
+//! that reads without sharing writes (it needs byte 101 free: `qemu-img convert`, a read-only QEMU
 //! disk, a read-only vcdev device) is refused, and it is refused when anyone else writes or
 //! refuses to share writes. `readonly=on` opens are *shared*: any number of them coexist (a
 //! golden image), with each other and with QEMU's read-only users, but not with a writer.
-//! Readers that force sharing (`qemu-img info -U`) hold only byte 100, which nobody refuses to
+//! Readers that force sharing (`qemu-img convert -U`) hold only byte 100, which nobody refuses to
 //! share, and keep working, as they do against QEMU.
 //!
 //! The locks go with the open file description: [`ImageLock::release`] drops them at once (the
