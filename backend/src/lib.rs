@@ -189,7 +189,9 @@ pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
         queue_size: spec.queue_size,
         aio,
     };
-    BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })
+    let device = BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })?;
+    device.set_limits(spec.limits);
+    Ok(device)
 }
 
 /// What every guest needs once, printed after the per-device options.
@@ -296,8 +298,12 @@ pub fn run(config: Config) -> Result<()> {
             }
         };
         sockets.push(path.clone());
+        let limits = match spec.limits {
+            l if l.is_unlimited() => String::new(),
+            l => format!(", limits iops={} bw={}", l.iops, l.bw),
+        };
         info!(
-            "{}: virtio-blk, {}, {} queue(s) of {}, aio={}{}, listening on {}",
+            "{}: virtio-blk, {}, {} queue(s) of {}, aio={}{}{limits}, listening on {}",
             spec.name,
             describe(spec),
             spec.queues,

@@ -28,6 +28,7 @@ pub mod inflight;
 pub mod lock;
 pub mod ram;
 pub mod request;
+pub mod throttle;
 mod volatile;
 
 #[cfg(test)]
@@ -53,6 +54,7 @@ pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
 pub use file::{FileBackend, FileOptions};
 pub use inflight::{AsyncQueue, InflightMemory, Release, Tracker};
 pub use ram::RamBackend;
+pub use throttle::{Limits, Throttle};
 
 use config::SERIAL_LEN;
 use exec::{handle_chain, Completion, Target};
@@ -89,6 +91,8 @@ pub struct BlkDevice {
     serial: [u8; SERIAL_LEN],
     config_space: Vec<u8>,
     features: u64,
+    /// The `iops=` / `bw=` limits, shared by every queue ([`throttle`]).
+    throttle: Throttle,
 }
 
 impl BlkDevice {
@@ -105,6 +109,7 @@ impl BlkDevice {
             features: cfg.device_features(),
             backend,
             cfg,
+            throttle: Throttle::default(),
         })
     }
 
@@ -147,6 +152,33 @@ impl BlkDevice {
     /// Read config space at `offset`; bytes past its end read as zero.
     pub fn read_config(&self, offset: u32, data: &mut [u8]) {
         crate::virtio::config::read_config(&self.config_space, offset, data);
+    }
+
+    /// The I/O limits in force (unlimited unless set).
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        self.throttle.limits()
+    }
+
+    /// Changes the I/O limits, live: requests parked by the old limits are looked at again
+    /// under the new ones (their queues' workers are woken). Zero means unlimited.
+    pub fn set_limits(&self, limits: Limits) {
+        let old = self.throttle.limits();
+        self.throttle.set_limits(limits, std::time::Instant::now());
+        if old != limits {
+            log::info!(
+                "virtio-blk: limits changed from {} to {}",
+                throttle::describe(old),
+                throttle::describe(limits)
+            );
+        }
+    }
+
+    /// The device's token buckets: the queues draw from them, a queue's worker registers to be
+    /// woken when the limits change ([`Throttle::add_waker`]).
+    #[must_use]
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Make every completed write durable (at shutdown, for example).
