@@ -368,11 +368,15 @@ mod tests {
             std::fs::File::create(&img)
                 .and_then(|f| f.set_len(1 << 20))
                 .unwrap();
-            let auto = build_device(&spec(&format!("blk,path={}", img.display()))).unwrap();
-            let uring =
-                build_device(&spec(&format!("blk,path={},aio=io_uring", img.display()))).unwrap();
+            // One device at a time: each locks the image writable.
+            let auto = build_device(&spec(&format!("blk,path={}", img.display())))
+                .unwrap()
+                .aio();
+            let uring = build_device(&spec(&format!("blk,path={},aio=io_uring", img.display())))
+                .unwrap()
+                .aio();
             std::fs::remove_file(&img).unwrap();
-            (auto.aio(), uring.aio())
+            (auto, uring)
         };
         let shm = std::path::Path::new("/dev/shm");
         if shm.is_dir() {
@@ -429,6 +433,19 @@ mod tests {
             .unwrap();
         let file = build_device(&spec(&format!("blk,path={},aio=sync", img.display()))).unwrap();
         assert_eq!((file.aio(), file.block_size()), (Aio::Sync, 512));
+        // The image is locked while a device has it open.
+        let locked = build_device(&spec(&format!("blk,path={}", img.display())));
+        assert!(
+            matches!(
+                &locked,
+                Err(Error::File {
+                    source: blk::file::Error::Locked { .. },
+                    ..
+                })
+            ),
+            "{locked:?}"
+        );
+        drop(file);
         let uring = build_device(&spec(&format!("blk,path={},aio=io_uring", img.display())));
         assert_eq!(uring.unwrap().aio(), Aio::IoUring);
         let direct = format!("blk,path={},direct=on", img.display());
