@@ -16,6 +16,11 @@
 //! miss in the IOMMU is left on the avail ring and the call returns early with
 //! [`QueueOutcome::fault`]. The transports drive [`AsyncQueue`] instead (see [`inflight`]),
 //! where such a request is parked and the requests behind it go on.
+//!
+//! The device's I/O limits (`iops=`, `bw=`: [`throttle`], changed live with
+//! [`BlkDevice::set_limits`]) are applied by [`AsyncQueue`]; the synchronous reference path does
+//! not throttle. A file image is locked as QEMU locks it while its [`FileBackend`] lives
+//! ([`lock`]).
 
 pub mod aio;
 mod backend;
