@@ -571,6 +571,39 @@ pub(crate) mod tests {
         FileBackend::open(&img.path, false).unwrap();
     }
 
+    /// A block device is locked too, as QEMU's `host_device` locks it (needs `losetup`, so
+    /// root; skipped otherwise).
+    #[test]
+    fn block_devices_are_locked() {
+        let img = TempImage::new(1 << 20);
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img.path)
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            _ => {
+                eprintln!("SKIP block_devices_are_locked: no losetup (root needed)");
+                return;
+            }
+        };
+        let first = FileBackend::open(Path::new(&dev), false);
+        let locked = first
+            .as_ref()
+            .map(FileBackend::locked)
+            .map_err(ToString::to_string);
+        let second = match FileBackend::open(Path::new(&dev), true) {
+            Err(e @ Error::Locked { .. }) => Ok(e.to_string()),
+            other => Err(format!("{other:?}")),
+        };
+        drop(first);
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
+        assert_eq!(locked, Ok(true), "{dev}");
+        assert!(second.is_ok(), "{dev}: {second:?}");
+    }
+
     /// An unlocked backend (from an open file) neither takes nor checks locks.
     #[test]
     fn from_file_does_not_lock() {
