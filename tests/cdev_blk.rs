@@ -116,3 +116,41 @@ fn detach_blocks_dma_until_attached_again() {
     assert_eq!(st, S_OK);
     assert!(back == pattern(1, 4096));
 }
+
+/// Issue 11, `vcdev ctl resize` through the cdev door: the driver's
+/// config-change vector (`msix_config`) fires, `config_generation` moves,
+/// the device configuration shows the new capacity and the new area takes
+/// I/O; the data before it stays.
+#[test]
+fn resize_fires_the_config_vector_and_moves_the_generation() {
+    const MIB: u64 = 1 << 20;
+    let d = Vcdev::builder("cdev-resize").device("blk,ram=4M").spawn();
+    let mut drv = BlkDriver::start(&d, "vfio0", 64);
+    let data = pattern(4, 4096);
+    assert_eq!(drv.write(4 * MIB / 512 - 8, &data), S_OK);
+    assert_eq!(drv.read(4 * MIB / 512, 512).0, S_IOERR);
+    assert_eq!(drv.capacity(), 4 * MIB / 512);
+    let generation = drv.config_generation();
+    assert!(drv.config_irq.read().is_err(), "no config interrupt yet");
+
+    let (ok, text) = d.ctl(&["resize", "vfio0", "8M"]);
+    assert!(ok, "{text}");
+    // Signalled before the control socket answered.
+    assert_eq!(drv.config_irq.read().expect("config interrupt"), 1);
+    assert_ne!(drv.config_generation(), generation);
+    assert_eq!(drv.capacity(), 8 * MIB / 512);
+
+    let (st, back) = drv.read(4 * MIB / 512 - 8, 4096);
+    assert!(st == S_OK && back == data);
+    let tail = pattern(8, 4096);
+    assert_eq!(drv.write(8 * MIB / 512 - 8, &tail), S_OK);
+    assert_eq!(drv.read(8 * MIB / 512 - 8, 4096), (S_OK, tail));
+    assert_eq!(drv.read(8 * MIB / 512, 512).0, S_IOERR);
+
+    // Refused (a shrink not asked for): no interrupt, no change.
+    let generation = drv.config_generation();
+    assert!(!d.ctl(&["resize", "vfio0", "4M"]).0);
+    assert!(drv.config_irq.read().is_err());
+    assert_eq!(drv.config_generation(), generation);
+    assert_eq!(drv.capacity(), 8 * MIB / 512);
+}

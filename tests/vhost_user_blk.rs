@@ -488,3 +488,129 @@ fn direct_file_device_serves_aligned_and_unaligned_buffers() {
     let at = sector as usize * SECTOR;
     assert!(on_disk[at..at + len] == more[..]);
 }
+
+/// The next message the daemon sends on the backend channel.
+fn backend_message(channel: &std::os::unix::net::UnixStream) -> vcdev::wire::Frame {
+    vcdev::wire::read_frame(channel, vcdev::wire::FlagPolicy::VHOST_USER)
+        .expect("a backend-channel frame")
+        .expect("the backend channel is open")
+}
+
+/// Issue 11, `vcdev ctl resize NAME [SIZE] [--shrink]`: over the control
+/// socket, a running frontend's device grows (GET_CONFIG shows the new
+/// capacity, the backend channel carries CONFIG_CHANGE_MSG, the old data
+/// stays and the new area takes I/O); a shrink without `--shrink`, a bad
+/// size and a `readonly=on` device are refused with nothing changed or
+/// sent; a shrink with `--shrink` makes requests past the new end fail.
+#[test]
+fn resize_over_the_control_socket_tells_the_frontend() {
+    const MIB: u64 = 1 << 20;
+    let tmp = common::TempDir::new("blk-resize-img").expect("temp dir");
+    let image = tmp.join("ro.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(MIB))
+        .expect("image");
+    let ro = format!("blk,name=ro,path={},readonly=on", image.display());
+    let mut d = Vcdev::start(
+        "blk-resize",
+        &["--device", "blk,ram=4M", "--device", &ro],
+        "vfio0",
+    );
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 256);
+    let channel = h.backend_channel();
+    let sectors = |bytes: u64| bytes / SECTOR as u64;
+
+    let data = pattern(5, 8192);
+    let near_end = sectors(4 * MIB) - 16;
+    assert_eq!(h.write(0, near_end, &data), S_OK);
+    assert_eq!(h.read(0, sectors(4 * MIB), 512).status, S_IOERR);
+    assert_eq!(h.config_capacity(), sectors(4 * MIB));
+
+    // Refused, nothing changes: a shrink not asked for, a size that is not
+    // a multiple of 512, a read-only device.
+    for (args, why, code, errno) in [
+        (
+            &["resize", "vfio0", "2M"][..],
+            "vfio0: Shrinking",
+            1,
+            libc::EPERM,
+        ),
+        (
+            &["resize", "vfio0", "1000"][..],
+            "vfio0: Size 1000",
+            1,
+            libc::EINVAL,
+        ),
+        (&["resize", "vfio0", "5X"][..], "bad SIZE", 2, libc::EINVAL),
+        (
+            &["resize", "ro", "2M"][..],
+            "ro: The device is read-only",
+            1,
+            libc::EROFS,
+        ),
+    ] {
+        let out = d.ctl_output(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+        let (c, e) = d.ctl_json(args);
+        assert_eq!((c, e["errno"].as_i64()), (code, Some(errno.into())), "{e}");
+    }
+    assert_eq!(h.config_capacity(), sectors(4 * MIB));
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), MIB);
+
+    let (ok, text) = d.ctl(&["resize", "vfio0", "8M"]);
+    assert!(ok, "{}", d.log());
+    assert_eq!(
+        text,
+        format!(
+            "vfio0: capacity {} bytes ({} sectors)\n",
+            8 * MIB,
+            sectors(8 * MIB)
+        )
+    );
+    let f = backend_message(&channel);
+    assert_eq!(
+        f.header.request,
+        u32::from(vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG)
+    );
+    assert!(!f.header.need_reply() && f.payload.is_empty() && f.fds.is_empty());
+    // Exactly one message: the refusals above sent none (the daemon wrote
+    // the message before answering the control socket).
+    channel.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let more = std::io::Read::read(&mut &channel, &mut byte);
+    assert!(
+        matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{more:?}"
+    );
+    channel.set_nonblocking(false).unwrap();
+    assert_eq!(h.config_capacity(), sectors(8 * MIB));
+
+    assert!(h.read(0, near_end, data.len() as u32).data == data);
+    let fresh = h.read(0, sectors(4 * MIB), 4096);
+    assert_eq!(fresh.status, S_OK);
+    assert!(fresh.data.iter().all(|&b| b == 0));
+    let tail = pattern(6, 4096);
+    let last = sectors(8 * MIB) - 8;
+    assert_eq!(h.write(0, last, &tail), S_OK);
+    assert!(h.read(0, last, 4096).data == tail);
+    assert_eq!(h.read(0, sectors(8 * MIB), 512).status, S_IOERR);
+
+    // A shrink asked for: told too, and the dropped area is gone.
+    let (ok, _) = d.ctl(&["resize", "vfio0", "--shrink", "4M"]);
+    assert!(ok, "{}", d.log());
+    let f = backend_message(&channel);
+    assert_eq!(
+        f.header.request,
+        u32::from(vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG)
+    );
+    assert_eq!(h.config_capacity(), sectors(4 * MIB));
+    assert_eq!(h.read(0, last, 512).status, S_IOERR);
+    assert!(h.read(0, near_end, data.len() as u32).data == data);
+    let (_, show) = d.ctl(&["show", "vfio0"]);
+    assert!(
+        show.contains(&format!("capacity {} bytes", 4 * MIB)),
+        "{show}"
+    );
+}

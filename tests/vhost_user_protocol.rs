@@ -11,6 +11,7 @@ use common::frontend::{u64_of, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE,
 use common::vcdev::Vcdev;
 use common::TIMEOUT;
 use vcdev::vhost_user::inflight::queue_region_size;
+use vcdev::vhost_user::memory::MAX_MEM_SLOTS;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserInflight,
     VhostUserSingleMemoryRegion, VhostUserVringState,
@@ -75,7 +76,7 @@ fn add_and_remove_memory_regions_with_io() {
     let mut h = Harness::connect(&d.socket("vfio0"));
     assert_eq!(
         u64_of(&h.raw(FrontendReq::GET_MAX_MEM_SLOTS, &[], &[]).payload),
-        32
+        MAX_MEM_SLOTS as u64
     );
     h.mem.regions.push(Region::new(META_GPA, META_SIZE));
     h.mem.regions.push(Region::new(DATA_GPA, DATA_SIZE));
@@ -112,6 +113,66 @@ fn add_and_remove_memory_regions_with_io() {
     let r = h.read(0, 8, 4096);
     assert_eq!(r.status, S_OK);
     assert!(r.data == data);
+}
+
+/// A full memory table over the socket, as memory hotplug builds it with
+/// CONFIGURE_MEM_SLOTS: GET_MAX_MEM_SLOTS says 509; the ring region, 507
+/// small regions (pages of one memfd, as QEMU gives one RAM block's fd for
+/// several regions) and the data region added last, one ADD_MEM_REG each;
+/// the 510th refused with ENOSPC; I/O whose data lives in the region added
+/// last; a region in the middle removed and the data region removed and
+/// added again, with I/O after each.
+#[test]
+fn full_memory_table_with_io_through_the_region_added_last() {
+    const PAGE: u64 = 0x1000;
+    const FILLER_GPA: u64 = 0x1_0000_0000;
+    let mut d = Vcdev::start("vu-509slots", &["--device", "blk,ram=1M"], "vfio0");
+    let mut h = Harness::connect(&d.socket("vfio0"));
+    assert_eq!(h.fe.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS"), 509);
+    assert_eq!(h.add_mem_reg(Region::new(META_GPA, META_SIZE)), 0);
+    let fillers = MAX_MEM_SLOTS as u64 - 2;
+    let fd = vcdev_iommu::mem::sealed_memfd("fillers", (fillers + 1) * PAGE).expect("memfd");
+    let file = std::fs::File::from(fd);
+    let filler = |i: u64| Region::in_file(FILLER_GPA + i * 0x10000, PAGE, &file, i * PAGE);
+    for i in 0..fillers {
+        assert_eq!(h.add_mem_reg(filler(i)), 0, "ADD_MEM_REG of filler {i}");
+    }
+    assert_eq!(h.add_mem_reg(Region::new(DATA_GPA, DATA_SIZE)), 0);
+    assert_eq!(h.mem.regions.len(), MAX_MEM_SLOTS);
+    // The 510th: no slot left.
+    let extra = filler(fillers);
+    assert_eq!(h.add_mem_reg(extra), libc::ENOSPC as u64);
+    // I/O: request header and status in the first region, data in the last.
+    h.queues.push(DriverQueue::new_for_tests(0, 64));
+    h.start_queue(0);
+    assert!(h.queues[0].data_gpa() >= DATA_GPA);
+    let data = pattern(9, 64 << 10);
+    assert_eq!(h.write(0, 64, &data), S_OK);
+    let r = h.read(0, 64, 64 << 10);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data, "read back differs");
+    // One region in the middle goes; the data region is untouched.
+    let mid = fillers as usize / 2 + 1;
+    assert_eq!(h.rem_mem_reg(&h.mem.regions[mid]), 0);
+    assert_eq!(h.rem_mem_reg(&h.mem.regions[mid]), libc::ENOENT as u64);
+    let r = h.read(0, 64, 64 << 10);
+    assert!(r.status == S_OK && r.data == data);
+    // The data region goes: its I/O fails; back again: it works.
+    let last = h.mem.regions.len() - 1;
+    assert_eq!(h.rem_mem_reg(&h.mem.regions[last]), 0);
+    assert_eq!(h.read(0, 64, 4096).status, S_IOERR);
+    let back = h.mem.regions.pop().expect("data region");
+    assert_eq!(h.add_mem_reg(back), 0);
+    let r = h.read(0, 64, 64 << 10);
+    assert!(r.status == S_OK && r.data == data);
+    // Two slots were freed and one taken again: one more fits, then none.
+    assert_eq!(h.add_mem_reg(filler(fillers)), 0);
+    assert_eq!(
+        h.add_mem_reg(Region::new(DATA_GPA + DATA_SIZE, PAGE)),
+        libc::ENOSPC as u64
+    );
+    let log = d.log();
+    assert!(log.contains("(509 of 509 slots used)"), "{log}");
 }
 
 /// RESET_DEVICE stops the queues and forgets their state: a kick after it

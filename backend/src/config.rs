@@ -72,6 +72,12 @@ pub enum ConfigError {
     /// Two devices with one name.
     #[error("device name {0:?} is used twice")]
     DuplicateName(String),
+    /// A `--device` has the name of a device of the state file.
+    #[error("device {0:?} is both a --device and a device added at run time (in DIR/state.json); drop the --device, or `vcdev ctl remove` it first")]
+    StateClash(String),
+    /// `--socket-group` names no group.
+    #[error("--socket-group {0:?}: no such group")]
+    UnknownGroup(String),
     /// No usable default directory.
     #[error("no --dir given and neither XDG_RUNTIME_DIR nor /tmp usable")]
     NoDir,
@@ -123,6 +129,12 @@ pub struct Config {
     pub dir: PathBuf,
     /// The devices, in order.
     pub devices: Vec<DeviceSpec>,
+    /// The SPEC each device was parsed from.
+    pub sources: Vec<String>,
+    /// No `--device` was given: `devices` is the default device alone.
+    pub default_device: bool,
+    /// Who may use the nodes.
+    pub access: crate::access::Access,
     /// Accept memory fds that are not memfds sealed against shrinking.
     pub allow_unsealed_memory: bool,
     /// How long a vhost-user queue waits for the answer to an IOTLB miss
@@ -451,8 +463,10 @@ impl Config {
         allow_unsealed_memory: bool,
     ) -> Result<Config, ConfigError> {
         let mut specs = Vec::with_capacity(devices.len().max(1));
+        let mut sources: Vec<String> = devices.to_vec();
         if devices.is_empty() {
             specs.push(DeviceSpec::parse("blk", 0)?);
+            sources.push("blk".into());
         }
         for (i, d) in devices.iter().enumerate() {
             let s = DeviceSpec::parse(d, i)?;
@@ -464,6 +478,9 @@ impl Config {
         Ok(Config {
             dir: dir.unwrap_or_else(default_dir),
             devices: specs,
+            sources,
+            default_device: devices.is_empty(),
+            access: crate::access::Access::default(),
             allow_unsealed_memory,
             iotlb_miss_timeout: DEFAULT_IOTLB_MISS_TIMEOUT,
             iotlb_max_entries: DEFAULT_IOTLB_MAX_ENTRIES,

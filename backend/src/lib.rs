@@ -37,15 +37,18 @@
 //! that failed, causes as `#[source]`; the ones that cross a protocol
 //! boundary have `fn errno()`. [`Error`] is what ends the daemon.
 
+pub mod access;
 pub mod cdev;
 pub mod config;
 pub mod ctl;
+pub mod daemon;
 pub mod event_loop;
 pub mod pod;
 pub mod queue;
 pub mod registry;
 pub mod ring;
 pub mod socket;
+pub mod state;
 pub mod sys;
 pub mod vhost_user;
 pub mod wire;
@@ -63,7 +66,8 @@ use vcdev_device_model::blk::{
 use vcdev_iommu::SealPolicy;
 
 pub use config::{Backing, Config, ConfigError, DeviceSpec};
-use registry::{IommuView, Registry};
+use daemon::{Daemon, OpError};
+use state::State;
 use vhost_user::conn::ConnConfig;
 
 /// An error and its causes, `: `-separated, for one log line.
@@ -123,15 +127,47 @@ pub enum Error {
     /// A thread could not be started.
     #[error("Cannot start a thread")]
     Spawn(#[source] std::io::Error),
-    /// The device-cdev door could not be set up.
-    #[error("Cannot set up the device-cdev door")]
-    Cdev(#[source] cdev::server::ServerError),
-    /// The control socket could not be set up.
-    #[error("Cannot set up the control socket")]
-    Control(#[source] std::io::Error),
     /// Signal setup or wait failed.
     #[error("Signal handling failed")]
     Signal(#[source] std::io::Error),
+    /// The options clash with the state file (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state file cannot be read.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// A device or node could not be set up.
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// A device of the state file could not be set up again.
+    #[error("Device {name} (added at run time, in DIR/state.json) cannot be set up again; remove it from the state file or fix its image")]
+    StateDevice {
+        /// The device.
+        name: String,
+        /// The cause.
+        #[source]
+        source: Box<OpError>,
+    },
+}
+
+impl Error {
+    /// The errno `vcdev ctl` reports for this error when adding a device.
+    pub fn errno(&self) -> vcdev_iommu::Errno {
+        match self {
+            Error::Config(_) => vcdev_iommu::Errno::EINVAL,
+            Error::Op(e) => e.errno(),
+            _ => vcdev_iommu::Errno::EIO,
+        }
+    }
+
+    /// Options that are wrong (exit code 2) rather than a failure (1).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::Config(_) => true,
+            Error::Op(e) => e.is_usage(),
+            _ => false,
+        }
+    }
 }
 
 /// `Result` with [`Error`].
@@ -228,110 +264,74 @@ pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
     )
 }
 
-fn describe(spec: &DeviceSpec) -> String {
-    match &spec.backing {
+pub(crate) fn describe(spec: &DeviceSpec) -> String {
+    let backing = match &spec.backing {
         Backing::File(p) if spec.direct => format!("file {} (O_DIRECT)", p.display()),
         Backing::File(p) => format!("file {}", p.display()),
         Backing::Ram(s) => format!("{} MiB RAM disk", s >> 20),
+    };
+    match spec.limits {
+        l if l.is_unlimited() => backing,
+        l => format!("{backing}, limits iops={} bw={}", l.iops, l.bw),
     }
 }
 
 /// How long a shutdown waits for the queues to drain their I/O.
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs the daemon until SIGINT or SIGTERM; then flushes every file-backed
-/// disk, removes the sockets and returns `Ok`.
+/// Runs the daemon until SIGINT or SIGTERM; then drains every queue,
+/// flushes every disk, removes the nodes and returns `Ok`.
 pub fn run(config: Config) -> Result<()> {
     let signals = sys::block_signals().map_err(Error::Signal)?;
-    let vu_dir = config.dir.join("vhost-user");
-    socket::create_dir(&vu_dir)?;
-    let mut registry = Registry::default();
-    for spec in &config.devices {
-        let view = IommuView {
-            aperture: spec.iova_aperture,
-            reserved: spec.iova_reserved.clone(),
-            group: spec.group,
-        };
-        registry.add_with_view(spec.name.clone(), Arc::new(build_device(spec)?), view);
+    match sys::raise_nofile_limit() {
+        Ok(n) => info!("descriptor limit {n}"),
+        Err(e) => warn!("cannot raise the descriptor limit: {e}"),
     }
-    let registry = Arc::new(registry);
-    let conn_cfg = ConnConfig {
-        seal_policy: if config.allow_unsealed_memory {
-            SealPolicy::AllowUnsealed
-        } else {
-            SealPolicy::RequireShrinkSeal
-        },
-        iotlb_miss_timeout: config.iotlb_miss_timeout,
-        iotlb_max_entries: config.iotlb_max_entries,
-    };
-    if config.allow_unsealed_memory {
+    socket::create_dir(&config.dir)?;
+    let state = State::load(&config.dir)?;
+    let command_line: Vec<(String, DeviceSpec)> = config
+        .sources
+        .iter()
+        .cloned()
+        .zip(config.devices.iter().cloned())
+        .collect();
+    let planned = state::merge(&command_line, config.default_device, &state)?;
+    let seal_policy = if config.allow_unsealed_memory {
         log::warn!(
             "--allow-unsealed-memory: a frontend that shrinks its memory file can crash the daemon"
         );
-    }
-    let cdev_server = cdev::Server::new(
-        registry.clone(),
-        if config.allow_unsealed_memory {
-            SealPolicy::AllowUnsealed
-        } else {
-            SealPolicy::RequireShrinkSeal
-        },
-    )
-    .map_err(Error::Cdev)?;
-    let mut sockets = cdev_server.serve(&config.dir).map_err(Error::Cdev)?;
-    match ctl::serve(&config.dir, cdev_server.clone()) {
-        Ok(p) => sockets.push(p),
-        Err(e) => {
-            socket::remove_all(&sockets);
-            return Err(Error::Control(e));
+        SealPolicy::AllowUnsealed
+    } else {
+        SealPolicy::RequireShrinkSeal
+    };
+    let conn_cfg = ConnConfig {
+        seal_policy,
+        iotlb_miss_timeout: config.iotlb_miss_timeout,
+        iotlb_max_entries: config.iotlb_max_entries,
+    };
+    let (daemon, em) = Daemon::new(
+        &config.dir,
+        conn_cfg,
+        config.access.clone(),
+        seal_policy,
+        state,
+    )?;
+    let stop = daemon.stop_flag();
+    let event_loop = std::thread::Builder::new()
+        .name("vcdev-loop".into())
+        .spawn(move || Daemon::run_loop(stop, em))
+        .map_err(Error::Spawn)?;
+    let result = start(&daemon, planned);
+    if result.is_ok() {
+        let sig = sys::wait_signal(&signals).map_err(Error::Signal);
+        match sig {
+            Ok(sig) => info!("signal {sig}: draining the queues, flushing disks and exiting"),
+            Err(e) => error!("{}", error_chain(&e)),
         }
     }
-    let mut out = String::new();
-    for (spec, dev) in config.devices.iter().zip(registry.devices()) {
-        let path = vu_dir.join(&spec.name);
-        // PROTOCOL.md "Nodes": mode 0600, like every node.
-        let listener = match socket::listen(&path, Some(0o600)) {
-            Ok(l) => l,
-            Err(e) => {
-                socket::remove_all(&sockets);
-                return Err(e.into());
-            }
-        };
-        sockets.push(path.clone());
-        let limits = match spec.limits {
-            l if l.is_unlimited() => String::new(),
-            l => format!(", limits iops={} bw={}", l.iops, l.bw),
-        };
-        info!(
-            "{}: virtio-blk, {}, {} queue(s) of {}, aio={}{}{limits}, listening on {}",
-            spec.name,
-            describe(spec),
-            spec.queues,
-            spec.queue_size,
-            dev.blk().aio(),
-            if spec.read_only { ", read-only" } else { "" },
-            path.display()
-        );
-        out.push_str(&format!(
-            "# {}: attach it with\n{}\n",
-            spec.name,
-            qemu_options(spec, &path)
-        ));
-        let dev = dev.clone();
-        std::thread::Builder::new()
-            .name(format!("{}-accept", spec.name))
-            .spawn(move || vhost_user::serve_device(listener, dev, conn_cfg))
-            .map_err(Error::Spawn)?;
-    }
-    out.push_str(QEMU_GUEST_OPTIONS);
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
-    drop(stdout);
-
-    let sig = sys::wait_signal(&signals).map_err(Error::Signal)?;
-    info!("signal {sig}: draining the queues, flushing disks and exiting");
-    for dev in registry.devices() {
+    daemon.stop_loop();
+    let _ = event_loop.join();
+    for dev in daemon.registry().devices() {
         // Every queue completes its I/O in flight before the flush, so the
         // flush covers every write a guest was told is done.
         let left = dev.workers().stop_all(SHUTDOWN_DRAIN);
@@ -341,13 +341,43 @@ pub fn run(config: Config) -> Result<()> {
         if let Err(e) = dev.blk().flush() {
             error!("{}: flush failed: {e}", dev.name());
         }
-        info!(
-            "{}: counters: {}",
-            dev.name(),
-            vhost_user::counters_line(dev)
-        );
+        if result.is_ok() {
+            info!(
+                "{}: counters: {}",
+                dev.name(),
+                vhost_user::counters_line(&dev)
+            );
+        }
     }
-    socket::remove_all(&sockets);
+    daemon.close_nodes();
+    result
+}
+
+/// Opens the fixed nodes and adds the planned devices; prints how to
+/// attach QEMU.
+fn start(daemon: &Arc<Daemon>, planned: Vec<state::Planned>) -> Result<()> {
+    daemon.open_fixed_nodes()?;
+    let mut out = String::new();
+    for p in planned {
+        let name = p.spec.name.clone();
+        let origin = p.origin;
+        let added = daemon.add(p).map_err(|e| match (origin, e) {
+            (state::Origin::Added, e) => Error::StateDevice {
+                name,
+                source: Box::new(e),
+            },
+            (_, e) => Error::Op(e),
+        })?;
+        out.push_str(&format!(
+            "# {}: attach it with\n{}\n",
+            added.name, added.qemu
+        ));
+    }
+    daemon.open_control()?;
+    out.push_str(QEMU_GUEST_OPTIONS);
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
     Ok(())
 }
 

@@ -23,37 +23,110 @@ struct Args {
 enum Command {
     /// Serve devices until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Ask a running daemon: list | show NAME | stats NAME.
+    /// Ask or change a running daemon (exit 0 done, 1 refused or failed,
+    /// 2 usage).
     Ctl(CtlArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct CtlArgs {
     /// The daemon's runtime directory [default: as for serve].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     dir: Option<PathBuf>,
-    /// list | show NAME | stats NAME
-    #[arg(required = true, num_args = 1..=2)]
-    command: Vec<String>,
+    /// Print JSON, errors included: {"error": "...", "errno": N}.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
 }
 
-/// `vcdev ctl`: prints the daemon's answer; exit 1 on failure.
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Every device: name, group, capacity, owner, cdev state.
+    List,
+    /// One device in detail (IOMMU view and mappings).
+    Show {
+        /// The device.
+        name: String,
+    },
+    /// A device's counters.
+    Stats {
+        /// The device.
+        name: String,
+    },
+    /// Add a device (SPEC as for serve --device); prints its QEMU options.
+    /// It is kept in DIR/state.json and comes back when the daemon restarts.
+    Add {
+        /// blk[,name=NAME][,path=FILE|ram=SIZE]... (a relative path is taken
+        /// from the current directory).
+        spec: String,
+    },
+    /// Remove a device. Refused while a frontend or a cdev file holds it.
+    Remove {
+        /// The device.
+        name: String,
+        /// Disconnect a vhost-user holder (after quiescing its queues and
+        /// flushing); a cdev holder gets its REQ irq, then ENODEV.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Resize a file-backed or RAM disk to SIZE (K, M, G suffixes, a
+    /// multiple of 512), or without SIZE take the size its block device or
+    /// image has now; refused for readonly=on devices. The guest is told.
+    Resize {
+        /// The device.
+        name: String,
+        /// The new size.
+        size: Option<String>,
+        /// Allow a smaller SIZE (destroys the data past the new end;
+        /// requests beyond it then fail with IOERR).
+        #[arg(long)]
+        shrink: bool,
+    },
+}
+
+/// `vcdev ctl`: prints the daemon's answer; exit 1 when it refuses or
+/// fails, 2 on a usage error.
 fn ctl(a: CtlArgs) -> ExitCode {
+    use vcdev::ctl::Request;
     let dir = a.dir.unwrap_or_else(vcdev::config::default_dir);
-    let path = dir.join(vcdev::ctl::CONTROL_SOCKET);
-    match vcdev::ctl::ctl(&path, &a.command.join(" ")) {
-        Ok(text) => {
-            print!("{text}");
+    let path = vcdev::ctl::socket_path(&dir);
+    let req = match a.command {
+        CtlCommand::List => Request::List,
+        CtlCommand::Show { name } => Request::Show { name },
+        CtlCommand::Stats { name } => Request::Stats { name },
+        CtlCommand::Add { spec } => {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            Request::Add {
+                spec: vcdev::ctl::absolute_paths(&spec, &cwd),
+            }
+        }
+        CtlCommand::Remove { name, force } => Request::Remove { name, force },
+        CtlCommand::Resize { name, size, shrink } => Request::Resize { name, size, shrink },
+    };
+    match vcdev::ctl::request(&path, &req) {
+        Ok(v) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", vcdev::ctl::render(&req, &v));
+            }
             ExitCode::SUCCESS
         }
-        Err((e, text)) => {
-            eprint!("vcdev ctl: {e}: {text}");
-            if text.is_empty() {
-                eprintln!("({})", path.display());
+        Err(e) => {
+            if a.json {
+                println!("{}", json_error(&e.error, e.errno));
+            } else {
+                eprintln!("vcdev ctl: {}", e.error);
             }
-            ExitCode::from(1)
+            ExitCode::from(if e.usage { 2 } else { 1 })
         }
     }
+}
+
+/// `{"error": ..., "errno": N}`.
+fn json_error(error: &str, errno: i32) -> String {
+    serde_json::json!({ "error": error, "errno": errno }).to_string()
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +153,17 @@ struct ServeArgs {
     /// file crashes the daemon with SIGBUS.
     #[arg(long)]
     allow_unsealed_memory: bool,
+    /// The file mode of the device nodes (vhost-user sockets, cdev nodes),
+    /// in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// The group of the device nodes (a name or a gid).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Serve only these uids on the device nodes (besides root and the
+    /// daemon's own uid), checked with SO_PEERCRED at accept.
+    #[arg(long, value_name = "UID", value_delimiter = ',')]
+    allow_uid: Vec<u32>,
     /// Under a guest vIOMMU: how long a queue waits for the frontend's
     /// answer to an IOTLB miss before the request fails with IOERR.
     #[arg(long, value_name = "MS", default_value_t = 5000,
@@ -99,15 +183,47 @@ impl TryFrom<ServeArgs> for Config {
 
     fn try_from(a: ServeArgs) -> Result<Config, ConfigError> {
         let mut c = Config::new(a.dir, &a.devices, a.allow_unsealed_memory)?;
+        c.access.mode = a.socket_mode;
+        if let Some(g) = a.socket_group {
+            c.access.group =
+                Some(vcdev::sys::group_id(&g).ok_or(ConfigError::UnknownGroup(g.clone()))?);
+        }
+        if !a.allow_uid.is_empty() {
+            c.access.allow_uids = Some(a.allow_uid);
+        }
         c.iotlb_miss_timeout = std::time::Duration::from_millis(a.iotlb_miss_timeout_ms);
         c.iotlb_max_entries = usize::try_from(a.iotlb_max_entries).unwrap_or(usize::MAX);
         Ok(c)
     }
 }
 
+/// Parses an octal file mode.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode (e.g. 0660)"))
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // `vcdev ctl --json` prints even its usage errors as JSON.
+            let argv: Vec<String> = std::env::args().collect();
+            let is_json_ctl = argv.get(1).is_some_and(|a| a == "ctl")
+                && argv.iter().any(|a| a == "--json")
+                && e.use_stderr();
+            if is_json_ctl {
+                println!("{}", json_error(e.to_string().trim(), libc::EINVAL));
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
     let serve = match args.command {
         Command::Serve(s) => s,
         Command::Ctl(c) => return ctl(c),
@@ -123,7 +239,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{}", vcdev::error_chain(&e));
-            ExitCode::from(1)
+            if e.is_usage() {
+                eprintln!("vcdev: {}", vcdev::error_chain(&e));
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -11,12 +11,24 @@
 //! All ownership state of a registry sits behind one lock
 //! ([`OwnerTable`]), so that a rule spanning a whole group (opening a group
 //! file) is atomic against claims on its devices.
+//!
+//! # Resize and the config notifier
+//!
+//! [`Device::resize`] (`vcdev ctl resize`) changes the device model's size,
+//! then tells the driver through the door that drives the device now: its
+//! [`ConfigNotifier`], registered with [`Ownership::set_config_notifier`]
+//! (a vhost-user connection, a bound device file) or
+//! [`Device::watch_config`] (a device file got through a group) and
+//! unregistered when that owner goes. A notifier holds weak references
+//! only: one taken just before its owner went finds nothing to tell.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
-use vcdev_device_model::blk::BlkDevice;
+use log::info;
+use vcdev_device_model::blk::{BlkDevice, ResizeError};
 use vcdev_iommu::sync::lock;
 use vcdev_iommu::IovaRange;
 
@@ -40,6 +52,12 @@ pub enum RegistryError {
         /// Who bound it.
         owner: String,
     },
+    /// The device has been removed (`vcdev ctl remove`), or never was.
+    #[error("Device {name} does not exist (removed)")]
+    Removed {
+        /// The device.
+        name: String,
+    },
     /// The group file is open already, or one of its devices has an owner.
     #[error("IOMMU group {group} is busy: {why}")]
     GroupBusy {
@@ -58,6 +76,44 @@ impl RegistryError {
                 vcdev_iommu::Errno::EBUSY
             }
             RegistryError::AlreadyBound { .. } => vcdev_iommu::Errno::EINVAL,
+            RegistryError::Removed { .. } => vcdev_iommu::Errno::ENODEV,
+        }
+    }
+}
+
+/// Tells the driver of a device that its configuration changed (a
+/// resize), through the door that drives it: a vhost-user
+/// `CONFIG_CHANGE_MSG`, a config-change MSI-X. Returns whether a message
+/// went out (false: nothing to tell it on, such as a frontend without the
+/// backend channel, or a driver without a config vector). Runs on the
+/// caller's thread (the control socket's) and must not block for long.
+pub type ConfigNotifier = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The notifier slot of a device: the registration's number, and the
+/// notifier.
+type NotifierSlot = Mutex<Option<(u64, ConfigNotifier)>>;
+
+/// A registered [`ConfigNotifier`]; dropping it unregisters it, unless a
+/// newer registration replaced it already.
+pub struct ConfigWatch {
+    device: Arc<Device>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for ConfigWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigWatch")
+            .field("device", &self.device.name)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.device.notifier);
+        if slot.as_ref().is_some_and(|(seq, _)| *seq == self.seq) {
+            *slot = None;
         }
     }
 }
@@ -71,16 +127,46 @@ pub enum OwnerKind {
     Cdev,
 }
 
+/// The connection or file that owns a device, as the registry sees it:
+/// whether its peer has gone, and how to make it let go.
+pub trait Holder: Send + Sync + std::fmt::Debug {
+    /// True once the holder's peer has hung up: its teardown is under way
+    /// and it will release the device soon, so a newcomer may wait for it
+    /// instead of being refused. Waits at most `wait` for it.
+    fn hung_up(&self, wait: Duration) -> bool;
+    /// Asks the holder to let go (`vcdev ctl remove --force`). It returns
+    /// once the device's queues are quiesced; the ownership itself ends
+    /// when the holder's teardown drops it.
+    fn revoke(&self);
+}
+
+/// A device's owner.
+#[derive(Clone, Debug)]
+struct Owner {
+    kind: OwnerKind,
+    who: String,
+    holder: Option<Arc<dyn Holder>>,
+}
+
 /// The ownership state of every device of a registry, behind one lock.
 #[derive(Debug, Default)]
 pub struct OwnerTable {
     /// Per device index: its owner.
-    owners: Vec<Option<(OwnerKind, String)>>,
+    owners: Vec<Option<Owner>>,
     /// Per device index: its IOMMU group.
     groups: Vec<u32>,
+    /// Per device index: removed from the registry (claims are ENODEV).
+    removed: Vec<bool>,
     /// Groups whose group file is open (with the claims of the device
     /// files got through it).
     open_groups: BTreeSet<u32>,
+}
+
+/// The table and the condition its waiters sleep on (an owner leaving).
+#[derive(Debug, Default)]
+struct Table {
+    state: Mutex<OwnerTable>,
+    released: Condvar,
 }
 
 /// Live counters of a device, shown by `vcdev ctl stats` (issue #4's
@@ -169,19 +255,81 @@ impl Default for IommuView {
 }
 
 /// One device.
-#[derive(Debug)]
 pub struct Device {
     name: String,
     blk: Arc<BlkDevice>,
     index: usize,
     group: u32,
     view: IommuView,
-    table: Arc<Mutex<OwnerTable>>,
+    table: Arc<Table>,
     counters: DeviceCounters,
     workers: crate::queue::WorkerSet,
+    /// Who to tell of a config change (see the module doc).
+    notifier: NotifierSlot,
+    /// Numbers the notifier registrations.
+    notifier_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("name", &self.name)
+            .field("index", &self.index)
+            .field("group", &self.group)
+            .field("view", &self.view)
+            .field("notifier", &lock(&self.notifier).as_ref().map(|(s, _)| *s))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Device {
+    /// `vcdev ctl resize NAME [SIZE] [--shrink]`: gives the disk `size`
+    /// bytes, or without one the size its backing has now (a block device
+    /// the operator grew); a smaller size only with `shrink`. Returns the
+    /// new size in bytes. The rules and errnos are
+    /// [`BlkDevice::resize`]'s ([`ResizeError::errno`]). When the size
+    /// changed, the door driving the device tells its driver (see
+    /// [`ConfigNotifier`]); a driver that comes later reads the new size.
+    pub fn resize(&self, size: Option<u64>, shrink: bool) -> Result<u64, ResizeError> {
+        let r = self.blk.resize(size, shrink)?;
+        if r.changed() {
+            info!("{}: resized from {} to {} bytes", self.name, r.from, r.to);
+            self.notify_config_change();
+        }
+        Ok(r.to)
+    }
+
+    /// Tells the device's driver, through its current owner's notifier,
+    /// that the configuration changed. Returns whether a message went out.
+    pub fn notify_config_change(&self) -> bool {
+        // Called outside the lock: the notifier takes its door's locks.
+        let notifier = lock(&self.notifier).as_ref().map(|(_, n)| n.clone());
+        let Some(notify) = notifier else {
+            info!("{}: no driver to tell of the config change", self.name);
+            return false;
+        };
+        let told = notify();
+        if !told {
+            // Not abnormal: a driver without a config vector, a frontend
+            // without a backend channel; it reads the new size when it looks.
+            info!("{}: the config change was not signalled", self.name);
+        }
+        told
+    }
+
+    /// Registers `notify` as the device's [`ConfigNotifier`], replacing
+    /// any other, until the returned watch drops. For a door that drives
+    /// the device without an [`Ownership`] of its own (a device file got
+    /// through its group); owners use [`Ownership::set_config_notifier`].
+    pub fn watch_config(self: &Arc<Self>, notify: ConfigNotifier) -> ConfigWatch {
+        let seq = self.notifier_seq.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.notifier) = Some((seq, notify));
+        ConfigWatch {
+            device: self.clone(),
+            seq,
+        }
+    }
+
     /// The queue workers running on this device, whatever the door.
     pub fn workers(&self) -> &crate::queue::WorkerSet {
         &self.workers
@@ -199,19 +347,19 @@ impl Device {
 
     /// Who owns the device now, if anyone.
     pub fn owner(&self) -> Option<String> {
-        let t = lock(&self.table);
-        t.owners
-            .get(self.index)
-            .cloned()
-            .flatten()
-            .map(|(_, who)| who)
+        self.owner_state().0.map(|(_, who)| who)
     }
 
     /// The door that owns the device now, and who; or, when its group
     /// file is open, `None` and `Some(group)` in the second slot.
     pub fn owner_state(&self) -> (Option<(OwnerKind, String)>, Option<u32>) {
-        let t = lock(&self.table);
-        let own = t.owners.get(self.index).cloned().flatten();
+        let t = lock(&self.table.state);
+        let own = t
+            .owners
+            .get(self.index)
+            .cloned()
+            .flatten()
+            .map(|o| (o.kind, o.who));
         (
             own,
             t.open_groups.contains(&self.group).then_some(self.group),
@@ -232,12 +380,73 @@ impl Device {
     pub fn counters(&self) -> &DeviceCounters {
         &self.counters
     }
+
+    /// True while the device has an owner whose peer has hung up: it is
+    /// being torn down, and a newcomer should wait for it
+    /// ([`Device::wait_unowned`]) rather than be refused.
+    pub fn owner_leaving(&self) -> bool {
+        self.owner_hangs_up(Duration::ZERO)
+    }
+
+    /// True when the owner's peer has hung up, or does within `wait`.
+    pub fn owner_hangs_up(&self, wait: Duration) -> bool {
+        let holder = lock(&self.table.state)
+            .owners
+            .get(self.index)
+            .cloned()
+            .flatten()
+            .and_then(|o| o.holder);
+        // Asked outside the lock: a holder's probe is a syscall.
+        holder.is_some_and(|h| h.hung_up(wait))
+    }
+
+    /// Waits until the device has no owner, at most `timeout`; true when
+    /// it has none.
+    pub fn wait_unowned(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut t = lock(&self.table.state);
+        loop {
+            if t.owners.get(self.index).is_none_or(Option::is_none) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            t = self
+                .table
+                .released
+                .wait_timeout(t, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Asks the owner to let go (see [`Holder::revoke`]); false when the
+    /// owner has no way to be asked (or there is none).
+    pub fn revoke_owner(&self) -> bool {
+        let holder = lock(&self.table.state)
+            .owners
+            .get(self.index)
+            .cloned()
+            .flatten()
+            .and_then(|o| o.holder);
+        match holder {
+            Some(h) => {
+                h.revoke();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Proof of ownership of a device; ownership ends when it is dropped.
 #[derive(Debug)]
 pub struct Ownership {
     device: Arc<Device>,
+    /// The owner's config notifier, unregistered with the ownership.
+    watch: Option<ConfigWatch>,
 }
 
 /// Proof that a group file is open; the group is released when it is
@@ -246,7 +455,7 @@ pub struct Ownership {
 #[derive(Debug)]
 pub struct GroupOwnership {
     group: u32,
-    table: Arc<Mutex<OwnerTable>>,
+    table: Arc<Table>,
 }
 
 impl GroupOwnership {
@@ -258,7 +467,8 @@ impl GroupOwnership {
 
 impl Drop for GroupOwnership {
     fn drop(&mut self) {
-        lock(&self.table).open_groups.remove(&self.group);
+        lock(&self.table.state).open_groups.remove(&self.group);
+        self.table.released.notify_all();
     }
 }
 
@@ -267,22 +477,33 @@ impl Ownership {
     pub fn device(&self) -> &Arc<Device> {
         &self.device
     }
+
+    /// Registers the owner's [`ConfigNotifier`] for as long as it owns
+    /// the device (replacing one set before).
+    pub fn set_config_notifier(&mut self, notify: ConfigNotifier) {
+        self.watch = None;
+        self.watch = Some(self.device.watch_config(notify));
+    }
 }
 
 impl Drop for Ownership {
     fn drop(&mut self) {
-        let mut t = lock(&self.device.table);
+        let mut t = lock(&self.device.table.state);
         if let Some(o) = t.owners.get_mut(self.device.index) {
             *o = None;
         }
+        drop(t);
+        self.device.table.released.notify_all();
     }
 }
 
-/// All devices of the daemon.
+/// All devices of the daemon. Devices come and go at run time
+/// (`vcdev ctl add` / `remove`); a removed device stays valid for whoever
+/// still holds it, but can no longer be claimed.
 #[derive(Debug, Default)]
 pub struct Registry {
-    devices: Vec<Arc<Device>>,
-    table: Arc<Mutex<OwnerTable>>,
+    devices: RwLock<Vec<Arc<Device>>>,
+    table: Arc<Table>,
 }
 
 /// The owner slot of `device` for a claim through its cdev or by a
@@ -291,47 +512,49 @@ pub struct Registry {
 fn claimable_slot<'t>(
     t: &'t mut OwnerTable,
     device: &Device,
-) -> Result<&'t mut Option<(OwnerKind, String)>, RegistryError> {
+) -> Result<&'t mut Option<Owner>, RegistryError> {
+    if t.removed.get(device.index).copied().unwrap_or(true) {
+        return Err(RegistryError::Removed {
+            name: device.name.clone(),
+        });
+    }
     if t.open_groups.contains(&device.group) {
         return Err(RegistryError::Busy {
             name: device.name.clone(),
             owner: format!("the open group file of group {}", device.group),
         });
     }
-    t.owners.get_mut(device.index).ok_or(RegistryError::Busy {
-        name: device.name.clone(),
-        owner: "nobody (unregistered device)".into(),
-    })
+    t.owners
+        .get_mut(device.index)
+        .ok_or(RegistryError::Removed {
+            name: device.name.clone(),
+        })
 }
 
 impl Registry {
     /// Adds a device (names are checked unique by the configuration) with
     /// the default IOMMU view.
-    pub fn add(&mut self, name: String, blk: Arc<BlkDevice>) -> Arc<Device> {
+    pub fn add(&self, name: String, blk: Arc<BlkDevice>) -> Arc<Device> {
         self.add_with_view(name, blk, IommuView::default())
     }
 
     /// Adds a device with its IOMMU view. A device without a `group` gets
     /// the lowest group number no other device has.
-    pub fn add_with_view(
-        &mut self,
-        name: String,
-        blk: Arc<BlkDevice>,
-        view: IommuView,
-    ) -> Arc<Device> {
-        let mut t = lock(&self.table);
+    pub fn add_with_view(&self, name: String, blk: Arc<BlkDevice>, view: IommuView) -> Arc<Device> {
+        let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        let mut t = lock(&self.table.state);
         let group = view.group.unwrap_or_else(|| {
-            let taken: BTreeSet<u32> = t
-                .groups
+            let taken: BTreeSet<u32> = devices
                 .iter()
-                .copied()
-                .chain(self.devices.iter().filter_map(|d| d.view.group))
+                .flat_map(|d| [Some(d.group), d.view.group])
+                .flatten()
                 .collect();
             (0..).find(|g| !taken.contains(g)).unwrap_or(u32::MAX)
         });
         let index = t.owners.len();
         t.owners.push(None);
         t.groups.push(group);
+        t.removed.push(false);
         drop(t);
         let d = Arc::new(Device {
             name,
@@ -342,45 +565,94 @@ impl Registry {
             table: self.table.clone(),
             counters: DeviceCounters::default(),
             workers: crate::queue::WorkerSet::default(),
+            notifier: Mutex::new(None),
+            notifier_seq: AtomicU64::new(0),
         });
-        self.devices.push(d.clone());
+        devices.push(d.clone());
         d
     }
 
+    /// Removes device `name`: refused (EBUSY, naming the holder) while it
+    /// has an owner or its group file is open, unless `force` (its owner
+    /// was revoked and lets go in its own time); from then on it cannot be
+    /// claimed (ENODEV).
+    pub fn remove(&self, name: &str, force: bool) -> Result<Arc<Device>, RegistryError> {
+        let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        let i = devices
+            .iter()
+            .position(|d| d.name == name)
+            .ok_or_else(|| RegistryError::Removed { name: name.into() })?;
+        let d = devices[i].clone();
+        let mut t = lock(&self.table.state);
+        if !force {
+            claimable_slot(&mut t, &d)?;
+        }
+        if let Some(Some(o)) = t.owners.get(d.index).filter(|_| !force) {
+            return Err(RegistryError::Busy {
+                name: name.into(),
+                owner: o.who.clone(),
+            });
+        }
+        if let Some(r) = t.removed.get_mut(d.index) {
+            *r = true;
+        }
+        drop(t);
+        devices.remove(i);
+        Ok(d)
+    }
+
     /// The device named `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<Device>> {
-        self.devices.iter().find(|d| d.name == name)
+    pub fn get(&self, name: &str) -> Option<Arc<Device>> {
+        self.devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|d| d.name == name)
+            .cloned()
     }
 
     /// Every IOMMU group number, ascending, without duplicates.
     pub fn groups(&self) -> Vec<u32> {
-        let set: BTreeSet<u32> = self.devices.iter().map(|d| d.group).collect();
+        let set: BTreeSet<u32> = self.devices().iter().map(|d| d.group).collect();
         set.into_iter().collect()
     }
 
-    /// Every device, in configuration order.
-    pub fn devices(&self) -> &[Arc<Device>] {
-        &self.devices
+    /// Every device, in the order they were added.
+    pub fn devices(&self) -> Vec<Arc<Device>> {
+        self.devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The rule of the vhost-user door: a frontend may attach only to a
-    /// device nobody owns; `who` names it in logs and errors.
+    /// device nobody owns; `who` names it in logs and errors, `holder`
+    /// lets the registry probe and revoke it.
     ///
     /// PROTOCOL.md: a vhost-user connection counts as an open of the
     /// device's group file, so it is refused while the device is bound
     /// through its cdev or its group file is open.
-    pub fn claim_vhost_user(device: &Arc<Device>, who: &str) -> Result<Ownership, RegistryError> {
-        let mut t = lock(&device.table);
+    pub fn claim_vhost_user(
+        device: &Arc<Device>,
+        who: &str,
+        holder: Option<Arc<dyn Holder>>,
+    ) -> Result<Ownership, RegistryError> {
+        let mut t = lock(&device.table.state);
         let slot = claimable_slot(&mut t, device)?;
-        if let Some((_, o)) = slot.as_ref() {
+        if let Some(o) = slot.as_ref() {
             return Err(RegistryError::Busy {
                 name: device.name.clone(),
-                owner: o.clone(),
+                owner: o.who.clone(),
             });
         }
-        *slot = Some((OwnerKind::VhostUser, who.to_owned()));
+        *slot = Some(Owner {
+            kind: OwnerKind::VhostUser,
+            who: who.to_owned(),
+            holder,
+        });
         Ok(Ownership {
             device: device.clone(),
+            watch: None,
         })
     }
 
@@ -389,22 +661,39 @@ impl Registry {
     /// device's group file is open or a vhost-user frontend owns it
     /// (it counts as a group open); EINVAL while another device file of the
     /// device is bound.
-    pub fn claim_cdev_bind(device: &Arc<Device>, who: &str) -> Result<Ownership, RegistryError> {
-        let mut t = lock(&device.table);
+    pub fn claim_cdev_bind(
+        device: &Arc<Device>,
+        who: &str,
+        holder: Option<Arc<dyn Holder>>,
+    ) -> Result<Ownership, RegistryError> {
+        let mut t = lock(&device.table.state);
         let slot = claimable_slot(&mut t, device)?;
         match slot.as_ref() {
-            Some((OwnerKind::Cdev, o)) => Err(RegistryError::AlreadyBound {
+            Some(Owner {
+                kind: OwnerKind::Cdev,
+                who: o,
+                ..
+            }) => Err(RegistryError::AlreadyBound {
                 name: device.name.clone(),
                 owner: o.clone(),
             }),
-            Some((OwnerKind::VhostUser, o)) => Err(RegistryError::Busy {
+            Some(Owner {
+                kind: OwnerKind::VhostUser,
+                who: o,
+                ..
+            }) => Err(RegistryError::Busy {
                 name: device.name.clone(),
                 owner: o.clone(),
             }),
             None => {
-                *slot = Some((OwnerKind::Cdev, who.to_owned()));
+                *slot = Some(Owner {
+                    kind: OwnerKind::Cdev,
+                    who: who.to_owned(),
+                    holder,
+                });
                 Ok(Ownership {
                     device: device.clone(),
+                    watch: None,
                 })
             }
         }
@@ -414,7 +703,7 @@ impl Registry {
     /// when the group file is open already, or when any of its devices is
     /// bound through its cdev or owned by a vhost-user frontend.
     pub fn open_group(&self, group: u32) -> Result<GroupOwnership, RegistryError> {
-        let mut t = lock(&self.table);
+        let mut t = lock(&self.table.state);
         if t.open_groups.contains(&group) {
             return Err(RegistryError::GroupBusy {
                 group,
@@ -426,10 +715,10 @@ impl Registry {
             .iter()
             .zip(&t.owners)
             .find_map(|(g, o)| o.as_ref().filter(|_| *g == group).cloned());
-        if let Some((_, who)) = busy {
+        if let Some(o) = busy {
             return Err(RegistryError::GroupBusy {
                 group,
-                why: format!("a device is owned by {who}"),
+                why: format!("a device is owned by {}", o.who),
             });
         }
         t.open_groups.insert(group);
@@ -441,10 +730,9 @@ impl Registry {
 
     /// The devices of IOMMU group `group`.
     pub fn group_devices(&self, group: u32) -> Vec<Arc<Device>> {
-        self.devices
-            .iter()
+        self.devices()
+            .into_iter()
             .filter(|d| d.group == group)
-            .cloned()
             .collect()
     }
 }
@@ -456,21 +744,66 @@ mod tests {
 
     #[test]
     fn second_owner_is_refused_until_the_first_leaves() {
-        let mut r = Registry::default();
+        let r = Registry::default();
         let d = r.add("vfio0".into(), blk());
-        let first = Registry::claim_vhost_user(&d, "a").unwrap();
-        let e = Registry::claim_vhost_user(&d, "b").unwrap_err();
+        let first = Registry::claim_vhost_user(&d, "a", None).unwrap();
+        let e = Registry::claim_vhost_user(&d, "b", None).unwrap_err();
         assert_eq!(e.errno(), vcdev_iommu::Errno(libc::EBUSY));
         assert_eq!(d.owner().as_deref(), Some("a"));
         drop(first);
-        assert!(Registry::claim_vhost_user(&d, "b").is_ok());
+        assert!(Registry::claim_vhost_user(&d, "b", None).is_ok());
+    }
+
+    /// `resize` tells the owner's notifier, only while it owns the device;
+    /// an older registration going away leaves a newer one in place.
+    #[test]
+    fn resize_tells_the_current_owner() {
+        use std::sync::atomic::AtomicU32;
+        let r = Registry::default();
+        let d = r.add("vfio0".into(), blk());
+        let told = Arc::new(AtomicU32::new(0));
+        let counter = |c: &Arc<AtomicU32>| -> ConfigNotifier {
+            let c = c.clone();
+            Arc::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+                true
+            })
+        };
+        // Nobody to tell: the size still changes.
+        assert_eq!(d.resize(Some(2 << 20), false).unwrap(), 2 << 20);
+        assert!(!d.notify_config_change());
+
+        let mut own = Registry::claim_vhost_user(&d, "a", None).unwrap();
+        own.set_config_notifier(counter(&told));
+        assert_eq!(d.resize(Some(4 << 20), false).unwrap(), 4 << 20);
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+        // Unchanged or refused: nothing is sent.
+        d.resize(Some(4 << 20), false).unwrap();
+        let e = d.resize(Some(1 << 20), false).unwrap_err();
+        assert_eq!(e.errno(), libc::EPERM);
+        assert_eq!(d.blk().capacity_bytes(), 4 << 20);
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+        assert_eq!(d.resize(Some(1 << 20), true).unwrap(), 1 << 20);
+        assert_eq!(told.load(Ordering::SeqCst), 2);
+        drop(own);
+        assert!(!d.notify_config_change());
+
+        let second = Arc::new(AtomicU32::new(0));
+        let old = d.watch_config(counter(&told));
+        let new = d.watch_config(counter(&second));
+        drop(old);
+        assert!(d.notify_config_change());
+        assert_eq!(second.load(Ordering::SeqCst), 1);
+        assert_eq!(told.load(Ordering::SeqCst), 2);
+        drop(new);
+        assert!(!d.notify_config_change());
     }
 
     /// PROTOCOL.md exclusivity, both ways: cdev bind vs group open vs
     /// vhost-user.
     #[test]
     fn cdev_group_and_vhost_user_exclude_each_other() {
-        let mut r = Registry::default();
+        let r = Registry::default();
         let a = r.add("a".into(), blk());
         let b = r.add_with_view(
             "b".into(),
@@ -491,15 +824,17 @@ mod tests {
         assert_eq!((a.group(), b.group(), c.group()), (0, 7, 7));
         assert_eq!(r.groups(), vec![0, 7]);
 
-        let bound = Registry::claim_cdev_bind(&a, "file1").unwrap();
-        let e = Registry::claim_cdev_bind(&a, "file2").unwrap_err();
+        let bound = Registry::claim_cdev_bind(&a, "file1", None).unwrap();
+        let e = Registry::claim_cdev_bind(&a, "file2", None).unwrap_err();
         assert_eq!(e.errno(), vcdev_iommu::Errno::EINVAL);
         assert_eq!(
             r.open_group(0).unwrap_err().errno(),
             vcdev_iommu::Errno::EBUSY
         );
         assert_eq!(
-            Registry::claim_vhost_user(&a, "qemu").unwrap_err().errno(),
+            Registry::claim_vhost_user(&a, "qemu", None)
+                .unwrap_err()
+                .errno(),
             vcdev_iommu::Errno::EBUSY
         );
         drop(bound);
@@ -511,19 +846,21 @@ mod tests {
         );
         for d in [&b, &c] {
             assert_eq!(
-                Registry::claim_cdev_bind(d, "f").unwrap_err().errno(),
+                Registry::claim_cdev_bind(d, "f", None).unwrap_err().errno(),
                 vcdev_iommu::Errno::EBUSY
             );
-            assert!(Registry::claim_vhost_user(d, "qemu").is_err());
+            assert!(Registry::claim_vhost_user(d, "qemu", None).is_err());
         }
         drop(g);
-        let vu = Registry::claim_vhost_user(&c, "qemu").unwrap();
+        let vu = Registry::claim_vhost_user(&c, "qemu", None).unwrap();
         assert_eq!(
             r.open_group(7).unwrap_err().errno(),
             vcdev_iommu::Errno::EBUSY
         );
         assert_eq!(
-            Registry::claim_cdev_bind(&c, "f").unwrap_err().errno(),
+            Registry::claim_cdev_bind(&c, "f", None)
+                .unwrap_err()
+                .errno(),
             vcdev_iommu::Errno::EBUSY
         );
         drop(vu);

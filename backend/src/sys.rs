@@ -103,3 +103,79 @@ pub fn wait_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
     }
     Ok(sig)
 }
+
+/// True when the peer of a connected stream socket has closed or shut
+/// down its end (POLLRDHUP or POLLHUP), waiting at most `timeout` for it.
+pub fn peer_hung_up(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, valid for the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// A signalfd for the signals of `set` (blocked by [`block_signals`]),
+/// non-blocking and close-on-exec.
+pub fn signal_fd(set: &libc::sigset_t) -> io::Result<OwnedFd> {
+    // SAFETY: `set` is an initialised sigset_t; -1 asks for a new fd.
+    let fd = unsafe { libc::signalfd(-1, set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one signal from a signalfd: its number, or `None` when none is
+/// pending.
+pub fn read_signal(fd: BorrowedFd<'_>) -> Option<u32> {
+    // SAFETY: signalfd_siginfo is plain data, all zeroes valid.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`, which is that big.
+    let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
+    (usize::try_from(n).ok() == Some(size)).then_some(info.ssi_signo)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: an out pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: a pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r.rlim_cur)
+}
+
+/// Gives `path` to group `gid` (its owner unchanged).
+pub fn chown_group(path: &std::path::Path, gid: libc::gid_t) -> io::Result<()> {
+    std::os::unix::fs::chown(path, None, Some(gid))
+}
+
+/// The gid of group `name` (or a number), from the group database.
+pub fn group_id(name: &str) -> Option<libc::gid_t> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `group` is plain data; getgrnam_r fills it, with strings in `buf`.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, `buf.len()` is its size.
+    let r =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    (r == 0 && !out.is_null()).then_some(grp.gr_gid)
+}

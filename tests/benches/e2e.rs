@@ -216,9 +216,12 @@ impl Driver {
     }
 
     fn stats(&self) -> Counters {
-        let text = vcdev::ctl::ctl(&self.dir.join("control"), "stats vfio0")
-            .unwrap_or_else(|(e, t)| panic!("ctl stats: {e:?} {t}"));
-        Counters::parse(&text)
+        let req = vcdev::ctl::Request::Stats {
+            name: "vfio0".into(),
+        };
+        let v = vcdev::ctl::request(&vcdev::ctl::socket_path(&self.dir), &req)
+            .unwrap_or_else(|e| panic!("ctl stats: {e}"));
+        Counters::parse(&vcdev::ctl::render(&req, &v))
     }
 
     /// Maps `gpa..+len` page by page at its IOVA, as QEMU's UPDATEs.

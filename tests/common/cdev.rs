@@ -13,12 +13,13 @@ use vcdev::cdev::vfio_uapi::VfioDeviceBindIommufd;
 use vcdev_device_model::pci::regs::{
     PCI_CAPABILITY_LIST, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT,
     PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_VENDOR_ID,
-    VIRTIO_PCI_CAP_CFG_TYPE, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG,
-    VIRTIO_PCI_CAP_OFFSET, VIRTIO_PCI_COMMON_GF, VIRTIO_PCI_COMMON_GFSELECT,
-    VIRTIO_PCI_COMMON_MSIX, VIRTIO_PCI_COMMON_Q_AVAILLO, VIRTIO_PCI_COMMON_Q_DESCLO,
-    VIRTIO_PCI_COMMON_Q_ENABLE, VIRTIO_PCI_COMMON_Q_MSIX, VIRTIO_PCI_COMMON_Q_NOFF,
-    VIRTIO_PCI_COMMON_Q_SELECT, VIRTIO_PCI_COMMON_Q_SIZE, VIRTIO_PCI_COMMON_Q_USEDLO,
-    VIRTIO_PCI_COMMON_STATUS, VIRTIO_PCI_NOTIFY_CAP_MULT,
+    VIRTIO_PCI_CAP_CFG_TYPE, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_DEVICE_CFG,
+    VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_OFFSET, VIRTIO_PCI_COMMON_CFGGENERATION,
+    VIRTIO_PCI_COMMON_GF, VIRTIO_PCI_COMMON_GFSELECT, VIRTIO_PCI_COMMON_MSIX,
+    VIRTIO_PCI_COMMON_Q_AVAILLO, VIRTIO_PCI_COMMON_Q_DESCLO, VIRTIO_PCI_COMMON_Q_ENABLE,
+    VIRTIO_PCI_COMMON_Q_MSIX, VIRTIO_PCI_COMMON_Q_NOFF, VIRTIO_PCI_COMMON_Q_SELECT,
+    VIRTIO_PCI_COMMON_Q_SIZE, VIRTIO_PCI_COMMON_Q_USEDLO, VIRTIO_PCI_COMMON_STATUS,
+    VIRTIO_PCI_NOTIFY_CAP_MULT,
 };
 use vcdev_device_model::pci::RegionIndex;
 use vcdev_device_model::testing::{BlkRequest, R, W};
@@ -298,6 +299,8 @@ pub struct Caps {
     pub common: u64,
     /// BAR0 offset of the doorbells and their multiplier.
     pub notify: (u64, u32),
+    /// BAR0 offset of the device configuration (`struct virtio_blk_config`).
+    pub device: u64,
     /// Whether an MSI-X capability is present.
     pub msix: bool,
     /// Vendor and device id.
@@ -345,6 +348,7 @@ pub fn walk_caps(dev: &File) -> Caps {
                 let off = u64::from(u32_at(&cfg, ptr + VIRTIO_PCI_CAP_OFFSET));
                 match cfg[ptr + VIRTIO_PCI_CAP_CFG_TYPE] {
                     VIRTIO_PCI_CAP_COMMON_CFG => caps.common = off,
+                    VIRTIO_PCI_CAP_DEVICE_CFG => caps.device = off,
                     VIRTIO_PCI_CAP_NOTIFY_CFG => {
                         caps.notify = (off, u32_at(&cfg, ptr + VIRTIO_PCI_NOTIFY_CAP_MULT));
                     }
@@ -469,6 +473,34 @@ impl BlkDriver {
             .submit_flags(&self.mem, &BlkRequest::chain(hdr, &bufs, status));
         let (_, used) = self.q.wait_used(&self.mem, TIMEOUT)?;
         Some((self.mem.read(status, 1)[0], used))
+    }
+
+    /// `config_generation` of the common configuration.
+    pub fn config_generation(&self) -> u8 {
+        let at = self.caps.common + common(VIRTIO_PCI_COMMON_CFGGENERATION);
+        self.b.dev.region_read(at, 1).expect("generation read")[0]
+    }
+
+    /// virtio-blk's `capacity` (512-byte sectors), read as a driver does:
+    /// two 4-byte halves, again while `config_generation` moves.
+    pub fn capacity(&self) -> u64 {
+        let half = |off: u64| {
+            u32_at(
+                &self
+                    .b
+                    .dev
+                    .region_read(self.caps.device + off, 4)
+                    .expect("config read"),
+                0,
+            )
+        };
+        loop {
+            let before = self.config_generation();
+            let (lo, hi) = (half(0), half(4));
+            if self.config_generation() == before {
+                return u64::from(lo) | (u64::from(hi) << 32);
+            }
+        }
     }
 
     /// Writes `data` at `sector` from the data area.

@@ -516,6 +516,40 @@ impl Harness {
         h
     }
 
+    /// SET_BACKEND_REQ_FD without a vIOMMU: returns the frontend's end of
+    /// the backend channel, for the test to read what the daemon sends on
+    /// it (CONFIG_CHANGE_MSG), with reads bounded by [`TIMEOUT`].
+    pub fn backend_channel(&mut self) -> UnixStream {
+        assert!(
+            self.iommu.is_none(),
+            "start_iotlb serves the channel itself"
+        );
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        {
+            let _g = lock(&self.main_lock);
+            self.fe
+                .set_backend_request_fd(&theirs)
+                .expect("SET_BACKEND_REQ_FD");
+        }
+        ours.set_read_timeout(Some(TIMEOUT)).expect("SO_RCVTIMEO");
+        ours
+    }
+
+    /// GET_CONFIG of virtio-blk's `capacity` (in 512-byte sectors).
+    pub fn config_capacity(&mut self) -> u64 {
+        let _g = lock(&self.main_lock);
+        let (_, cfg) = self
+            .fe
+            .get_config(
+                0,
+                8,
+                vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                &[0u8; 8],
+            )
+            .expect("GET_CONFIG");
+        u64_of(&cfg)
+    }
+
     /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `i`.
     pub fn start_queue(&mut self, i: usize) {
         let _g = lock(&self.main_lock);
@@ -535,9 +569,11 @@ impl Harness {
         self.fe.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
     }
 
-    /// Submits `chain` on queue `q` and waits for its completion.
+    /// Submits `chain` on queue `q` and waits for its completion (asking
+    /// for a call at it, as a driver waiting for it does).
     pub fn run_chain(&mut self, q: usize, chain: &[Desc]) -> Option<(u32, u32)> {
         let dq = &mut self.queues[q];
+        dq.enable_calls(&self.mem);
         dq.submit(&self.mem, chain);
         dq.wait_used(&self.mem, TIMEOUT)
     }
@@ -752,6 +788,35 @@ impl Harness {
         let f = self.raw(req, payload, fds);
         u64_of(&f.payload)
     }
+
+    /// ADD_MEM_REG of `r` with its memfd, as a raw frame; returns the ack
+    /// (0 or an errno). An accepted region joins the guest memory.
+    pub fn add_mem_reg(&mut self, r: Region) -> u64 {
+        let ack = self.raw_ack(
+            FrontendReq::ADD_MEM_REG,
+            &single_region_payload(&r),
+            &[r.file.as_raw_fd()],
+        );
+        if ack == 0 {
+            self.mem.regions.push(r);
+        }
+        ack
+    }
+
+    /// REM_MEM_REG of `r` (no descriptor, as the spec says a frontend
+    /// should send it); returns the ack. The region stays in our guest
+    /// memory.
+    pub fn rem_mem_reg(&self, r: &Region) -> u64 {
+        self.raw_ack(FrontendReq::REM_MEM_REG, &single_region_payload(r), &[])
+    }
+}
+
+/// The ADD_MEM_REG / REM_MEM_REG payload of `r`.
+pub fn single_region_payload(r: &Region) -> Vec<u8> {
+    use vm_memory::ByteValued;
+    vhost::vhost_user::message::VhostUserSingleMemoryRegion::new(r.gpa, r.size, r.uaddr(), r.offset)
+        .as_slice()
+        .to_vec()
 }
 
 /// The u64 of an 8-byte payload.

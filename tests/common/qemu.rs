@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -441,6 +442,11 @@ impl Boot<'_> {
         self.var("QUEUES", n.to_string())
     }
 
+    /// `@QMP@`: the QMP socket QEMU listens on (see [`Qmp`]).
+    pub fn qmp(self, path: &Path) -> Self {
+        self.var("QMP", path.display().to_string())
+    }
+
     /// Adds words to the kernel command line (`@APPEND@`), e.g.
     /// `"iommu.strict=1"`.
     pub fn append(mut self, words: &str) -> Self {
@@ -531,6 +537,11 @@ pub struct RunningGuest {
 }
 
 impl RunningGuest {
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Console output so far.
     pub fn console(&self) -> String {
         self.proc.stdout().text()
@@ -705,9 +716,8 @@ fn parse_kv(s: &str) -> BTreeMap<String, String> {
 pub fn dd_pattern(seed: &str, mib: u32) -> Vec<u8> {
     let sectors = mib as usize * (1 << 20) / PATTERN_SECTOR;
     let mut buf = Vec::with_capacity(sectors * PATTERN_SECTOR);
-    for i in 0..sectors {
-        let line = format!("{:<511}\n", format!("vcdev:{seed}:{i:011}"));
-        buf.extend_from_slice(&line.as_bytes()[..PATTERN_SECTOR.min(line.len())]);
+    for i in 0..sectors as u64 {
+        buf.extend_from_slice(&pattern_sector(seed, i));
     }
     buf
 }
@@ -832,4 +842,152 @@ pub fn storage_daemon(qsd: &Path, image: &Path, socket: &Path, queues: u32) -> i
         socket,
         Duration::from_secs(10),
     )
+}
+
+/// A QMP client (`-qmp unix:PATH,server=on,wait=off`): one JSON object per
+/// line each way; events are skipped. Enough JSON for tests, by hand.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: io::BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects (polling until QEMU listens, at most `timeout`), reads the
+    /// greeting and leaves capabilities negotiation mode.
+    pub fn connect(path: &Path, timeout: Duration) -> io::Result<Qmp> {
+        let sock =
+            super::poll_until(timeout, || UnixStream::connect(path).ok()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no QMP socket at {}", path.display()),
+                )
+            })?;
+        sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Qmp {
+            reader: io::BufReader::new(sock.try_clone()?),
+            writer: sock,
+        };
+        let greeting = q.line()?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(io::Error::other(format!("not a QMP greeting: {greeting}")));
+        }
+        q.execute("qmp_capabilities", "")?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> io::Result<String> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        if self.reader.read_line(&mut l)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed"));
+        }
+        Ok(l)
+    }
+
+    /// Runs `command` with `arguments` (a JSON object's text, or "" for
+    /// none) and returns the reply line, `{"return": ...}`; an `{"error":
+    /// ...}` reply is an error carrying that line.
+    pub fn execute(&mut self, command: &str, arguments: &str) -> io::Result<String> {
+        let msg = if arguments.is_empty() {
+            format!("{{\"execute\": \"{command}\"}}\n")
+        } else {
+            format!("{{\"execute\": \"{command}\", \"arguments\": {arguments}}}\n")
+        };
+        self.writer.write_all(msg.as_bytes())?;
+        loop {
+            let l = self.line()?;
+            if l.starts_with("{\"return\"") {
+                return Ok(l);
+            }
+            if l.starts_with("{\"error\"") {
+                return Err(io::Error::other(format!("QMP {command}: {}", l.trim())));
+            }
+            // An event: not our reply.
+        }
+    }
+}
+
+/// The first number after `"key": ` in a line of JSON (QMP replies).
+pub fn json_u64(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("\"{key}\": "))? + key.len() + 4;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The memfd of `len` bytes that process `pid` holds (a QEMU
+/// memory-backend-memfd of that size), opened read-only through
+/// `/proc/<pid>/fd`: the guest memory it backs, as the guest left it.
+pub fn memfd_of(pid: u32, len: u64) -> io::Result<File> {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let path = e?.path();
+        let Ok(target) = std::fs::read_link(&path) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("/memfd:") {
+            continue;
+        }
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            return File::open(&path);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("process {pid} holds no memfd of {len} bytes"),
+    ))
+}
+
+/// The sectors of [`dd_pattern`]`(seed, ..)` found in `mem` (512-byte
+/// aligned in it, as they are in guest pages): `(intact, damaged)` where
+/// intact sectors equal the pattern's sector of the index they name and
+/// damaged ones carry the seed's prefix but differ.
+pub fn find_pattern_sectors(mem: &mut File, seed: &str) -> io::Result<(BTreeSet<u64>, u64)> {
+    let prefix = format!("vcdev:{seed}:");
+    let mut intact = BTreeSet::new();
+    let mut damaged = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    mem.seek(SeekFrom::Start(0))?;
+    loop {
+        let n = read_full(mem, &mut buf)?;
+        for sector in buf[..n].chunks_exact(PATTERN_SECTOR) {
+            if !sector.starts_with(prefix.as_bytes()) {
+                continue;
+            }
+            let digits = &sector[prefix.len()..(prefix.len() + 11).min(PATTERN_SECTOR)];
+            let index = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok());
+            match index {
+                Some(i) if sector == pattern_sector(seed, i).as_slice() => {
+                    intact.insert(i);
+                }
+                _ => damaged += 1,
+            }
+        }
+        if n < buf.len() {
+            return Ok((intact, damaged));
+        }
+    }
+}
+
+/// Sector `i` of [`dd_pattern`]`(seed, ..)`.
+fn pattern_sector(seed: &str, i: u64) -> Vec<u8> {
+    let mut line = format!("{:<511}\n", format!("vcdev:{seed}:{i:011}")).into_bytes();
+    line.truncate(PATTERN_SECTOR);
+    line
+}
+
+/// Reads until `buf` is full or the end; returns the bytes read.
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
 }

@@ -275,18 +275,61 @@ impl Vcdev {
 
     /// `vcdev ctl --dir DIR <args>`: (success, stdout).
     pub fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(vcdev_bin())
-            .arg("ctl")
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .expect("vcdev ctl");
+        let out = self.ctl_output(args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     }
+
+    /// `vcdev ctl --dir DIR <args>`: its whole output (exit status,
+    /// stdout, stderr with the error text).
+    pub fn ctl_output(&self, args: &[&str]) -> Output {
+        Command::new(vcdev_bin())
+            .arg("ctl")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("vcdev ctl")
+    }
+}
+
+impl Vcdev {
+    /// `vcdev ctl --json --dir DIR <args>`: (exit code, its JSON).
+    pub fn ctl_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        ctl_json(&self.dir, args)
+    }
+
+    /// SIGTERM, wait for the exit, then a new daemon with the same
+    /// arguments on the same `--dir` (an orderly restart).
+    pub fn restart(&mut self) {
+        let p = self.daemon.proc();
+        p.signal(libc::SIGTERM).expect("SIGTERM");
+        let done = super::poll_until(TIMEOUT, || p.try_wait().ok().flatten());
+        assert!(done.is_some(), "vcdev did not exit on SIGTERM");
+        self.daemon = self.how.serve(&self.dir);
+    }
+}
+
+/// `vcdev ctl --json --dir dir <args>`: (exit code, its JSON output).
+pub fn ctl_json(dir: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(vcdev_bin())
+        .arg("ctl")
+        .arg("--json")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("vcdev ctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "vcdev ctl --json {args:?} printed no JSON ({e}): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
 }
 
 /// Runs `vcdev serve --dir DIR <args>` to its end (for invalid options,

@@ -115,12 +115,17 @@ struct Core {
 }
 
 impl Core {
-    fn signal(&self, v: u16) {
+    /// Signals vector `v`'s eventfd; returns whether it has one that took
+    /// the signal.
+    fn signal(&self, v: u16) -> bool {
         if let Some(Some(fd)) = lock(&self.msix).get(usize::from(v)) {
             if let Err(e) = fd.write(1) {
                 warn!("{}: MSI-X vector {v}: {e}", self.reg.name());
+                return false;
             }
+            return true;
         }
+        false
     }
 
     fn queue_interrupt(&self, q: u16) {
@@ -168,6 +173,9 @@ pub struct CdevDevice {
     core: Arc<Core>,
     slots: Arc<Slots>,
     queues: Mutex<Queues>,
+    /// Removed by the operator (`vcdev ctl remove --force`): every request
+    /// on its files is ENODEV from then on.
+    revoked: AtomicBool,
 }
 
 impl std::fmt::Debug for CdevDevice {
@@ -211,6 +219,7 @@ impl CdevDevice {
             core,
             slots,
             queues: Mutex::new(Queues::default()),
+            revoked: AtomicBool::new(false),
         }))
     }
 
@@ -337,6 +346,26 @@ impl CdevDevice {
         Ok(n)
     }
 
+    /// The device's configuration changed (a resize): `config_generation`
+    /// moves and the config-change vector (`msix_config`) fires, or the
+    /// ISR config bit is set with MSI-X off. Returns whether an eventfd was
+    /// signalled.
+    pub fn config_changed(&self) -> bool {
+        let v = lock(&self.core.pci).config_interrupt();
+        match v {
+            Some(v) => self.core.signal(v),
+            None => false,
+        }
+    }
+
+    /// The [`ConfigNotifier`](crate::registry::ConfigNotifier) of whoever
+    /// drives this device through the cdev door ([`Self::config_changed`]).
+    /// It holds the device weakly.
+    pub fn config_notifier(self: &Arc<Self>) -> crate::registry::ConfigNotifier {
+        let dev = Arc::downgrade(self);
+        Arc::new(move || dev.upgrade().is_some_and(|d| d.config_changed()))
+    }
+
     /// VFIO_DEVICE_RESET.
     pub fn reset(&self) {
         let events = lock(&self.core.pci).reset();
@@ -359,7 +388,9 @@ impl CdevDevice {
                     }
                 }
                 Event::Reset => self.stop_queues(),
-                Event::Interrupt(v) => self.core.signal(v),
+                Event::Interrupt(v) => {
+                    self.core.signal(v);
+                }
             }
         }
     }
@@ -634,6 +665,27 @@ impl CdevDevice {
                 Ok(())
             }
         }
+    }
+
+    /// The operator removes the device while a file holds it (PROTOCOL.md,
+    /// `vcdev ctl remove --force`): the REQ irq is signalled, as vfio-pci
+    /// asks a user to release a device, the DMA is quiesced, and from then
+    /// on every request on its files is ENODEV.
+    pub fn revoke(&self) {
+        if let Some(req) = &lock(&self.core.err_req)[1] {
+            let _ = req.write(1);
+        }
+        self.revoked.store(true, Ordering::SeqCst);
+        self.stop_queues();
+        info!(
+            "{}: removed by the operator, its files answer ENODEV",
+            self.name()
+        );
+    }
+
+    /// True once [`CdevDevice::revoke`] ran.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
     }
 
     /// The device file was released: queues stop, vectors and ioeventfds

@@ -17,7 +17,9 @@
 //! A file got through a group is open at once; BIND is EINVAL on it and
 //! ATTACH/DETACH are not its requests (ENOTTY, as vfio-pci answers them).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use log::info;
 use vcdev_iommu::sync::lock;
@@ -30,7 +32,7 @@ use super::files::{FileKind, Files};
 use super::group::GroupDeviceBinding;
 use super::iommufd_file::IommufdFile;
 use super::vfio_uapi::*;
-use crate::registry::{DeviceCounters, Ownership, Registry, RegistryError};
+use crate::registry::{DeviceCounters, Holder, Ownership, Registry, RegistryError};
 use crate::wire::MAX_PAYLOAD;
 
 /// The largest REGION_READ: its reply (result, header, data) must fit one
@@ -54,6 +56,29 @@ pub struct DeviceFile {
     dev: Arc<CdevDevice>,
     name: String,
     state: Mutex<State>,
+    /// The server's end of the file, for the registry to probe.
+    link: OnceLock<UnixStream>,
+}
+
+/// A bound device file as the registry's [`Holder`]: hung up once every
+/// client copy is closed (its release is under way); revoked as PROTOCOL.md
+/// says ([`CdevDevice::revoke`]).
+#[derive(Debug)]
+struct FileHolder {
+    link: Option<UnixStream>,
+    dev: Arc<CdevDevice>,
+}
+
+impl Holder for FileHolder {
+    fn hung_up(&self, wait: std::time::Duration) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| crate::sys::peer_hung_up(l.as_fd(), wait))
+    }
+
+    fn revoke(&self) {
+        self.dev.revoke();
+    }
 }
 
 impl DeviceFile {
@@ -65,6 +90,7 @@ impl DeviceFile {
             dev,
             name,
             state: Mutex::new(State::Unbound),
+            link: OnceLock::new(),
         })
     }
 
@@ -78,6 +104,7 @@ impl DeviceFile {
             dev,
             name,
             state: Mutex::new(State::Group(binding)),
+            link: OnceLock::new(),
         })
     }
 
@@ -116,6 +143,9 @@ impl FileKind for DeviceFile {
     /// ENOTTY whatever the payload (`vfio_device_fops_unl_ioctl`).
     fn gate(&self, code: u32) -> Option<Errno> {
         DeviceCounters::add(&self.dev.counters().cdev_requests, 1);
+        if self.dev.revoked() {
+            return Some(Errno::ENODEV);
+        }
         if code != VFIO_DEVICE_BIND_IOMMUFD && !self.granted() {
             return Some(Errno::EINVAL);
         }
@@ -146,6 +176,12 @@ impl FileKind for DeviceFile {
     fn describe(&self) -> String {
         self.name.clone()
     }
+
+    fn opened(&self, ours: &UnixStream) {
+        if let Ok(l) = ours.try_clone() {
+            let _ = self.link.set(l);
+        }
+    }
 }
 
 /// VFIO_DEVICE_BIND_IOMMUFD (the kernel's `vfio_df_ioctl_bind_iommufd`),
@@ -168,7 +204,21 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     // One atomic claim, its refusals reported in the kernel's order:
     // `vfio_device_block_group` (EBUSY) before the iommufd, `vfio_df_open`
     // (another file bound: EINVAL) after it.
-    let claim = Registry::claim_cdev_bind(f.dev.reg(), &f.name);
+    let holder = || -> Arc<dyn Holder> {
+        Arc::new(FileHolder {
+            link: f.link.get().and_then(|l| l.try_clone().ok()),
+            dev: f.dev.clone(),
+        })
+    };
+    let mut claim = Registry::claim_cdev_bind(f.dev.reg(), &f.name, Some(holder()));
+    // A file of the device being released (its client gone) is waited
+    // for, as a vhost-user frontend waits for its predecessor.
+    if claim.is_err() && f.dev.reg().owner_leaving() {
+        f.dev
+            .reg()
+            .wait_unowned(crate::vhost_user::PREDECESSOR_WAIT);
+        claim = Registry::claim_cdev_bind(f.dev.reg(), &f.name, Some(holder()));
+    }
     if let Err(e) = &claim {
         if !matches!(e, RegistryError::AlreadyBound { .. }) {
             return Err(e.errno());
@@ -177,8 +227,9 @@ fn bind(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
     let fd = req.take_fd().ok_or(Errno::EBADF)?;
     let ictx = f.files.lookup::<IommufdFile>(&fd)?.ictx().clone();
     drop(fd);
-    let own = claim.map_err(|e| e.errno())?;
+    let mut own = claim.map_err(|e| e.errno())?;
     let devid = f.dev.handle().bind(&ictx).map_err(|e| e.errno())?;
+    own.set_config_notifier(f.dev.config_notifier());
     info!("{}: bound as device {}", f.name, devid.0);
     *st = State::Bound {
         ictx,

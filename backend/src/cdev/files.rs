@@ -34,6 +34,8 @@ pub trait FileKind: Send + Sync + Sized + 'static {
     fn release(&self);
     /// Names the file in logs.
     fn describe(&self) -> String;
+    /// The file was handed out; `ours` is the server's end.
+    fn opened(&self, _ours: &UnixStream) {}
 }
 
 /// A handed-out file, of whichever kind.
@@ -74,6 +76,7 @@ impl Files {
         let key = crate::sys::inode_key(theirs.as_fd())?;
         let any: Arc<dyn Any + Send + Sync> = file.clone();
         lock(&self.table).insert(key, Arc::downgrade(&any));
+        file.opened(&ours);
         let files = self.clone();
         let name = file.describe();
         let spawned = std::thread::Builder::new()

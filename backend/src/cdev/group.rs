@@ -17,7 +17,7 @@ use super::dispatch::{sized, Arg, Op, Out, Req};
 use super::files::{FileKind, Files};
 use super::iommufd_file::IommufdFile;
 use super::vfio_uapi::*;
-use crate::registry::GroupOwnership;
+use crate::registry::{ConfigWatch, GroupOwnership};
 
 /// A device opened through a group: bound to the container's context and
 /// attached to its compat IOAS while any of its device files is open.
@@ -25,6 +25,8 @@ pub struct GroupDeviceBinding {
     dev: Arc<CdevDevice>,
     _container: Arc<IommufdFile>,
     _group: Arc<GroupOwnership>,
+    /// A resize is signalled to this binding's driver while it lasts.
+    _config: ConfigWatch,
 }
 
 impl GroupDeviceBinding {
@@ -182,10 +184,12 @@ fn group_get_device_fd(g: &GroupFile, req: &mut Req) -> Result<Out, Errno> {
                 let _ = dev.handle().unbind();
                 return Err(e.errno());
             }
+            let config = dev.reg().watch_config(dev.config_notifier());
             let b = Arc::new(GroupDeviceBinding {
                 dev,
                 _container: container,
                 _group: g.own.clone(),
+                _config: config,
             });
             st.devices.insert(name.to_owned(), Arc::downgrade(&b));
             b

@@ -50,7 +50,7 @@ use vcdev_device_model::testing::blk;
 /// A server over `vfio0` (full aperture), `vfio1` (a narrow aperture with
 /// a reserved hole) and `vfio2` (for the group path), each in its own group.
 fn server() -> Arc<Server> {
-    let mut r = Registry::default();
+    let r = Registry::default();
     r.add("vfio0".into(), blk());
     r.add_with_view(
         "vfio1".into(),

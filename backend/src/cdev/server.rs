@@ -4,11 +4,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info};
 use vcdev_iommu::{Errno, SealPolicy};
 
 use super::device::CdevDevice;
@@ -18,8 +18,8 @@ use super::files::Files;
 use super::group::GroupFile;
 use super::iommufd_file::IommufdFile;
 use super::vfio_uapi::VCDEV_OPEN;
-use crate::registry::Registry;
-use crate::socket::{create_dir, listen, remove_all, SocketError};
+use crate::registry::{Device, Registry};
+use crate::socket::SocketError;
 use crate::wire::{self, FrameHeader, FLAG_REPLY};
 
 /// Errors of setting the door up (they end the daemon).
@@ -42,11 +42,14 @@ pub enum ServerError {
     Spawn(#[source] io::Error),
 }
 
-/// The door: devices, the table of handed-out files, options.
+/// The door: devices, the table of handed-out files, options. Devices
+/// come and go with the registry's ([`Server::add_device`],
+/// [`Server::remove_device`]); the daemon ([`crate::daemon`]) owns the
+/// nodes and hands each accepted client to [`Server::handshake`].
 #[derive(Debug)]
 pub struct Server {
     registry: Arc<Registry>,
-    devices: Vec<Arc<CdevDevice>>,
+    devices: RwLock<Vec<Arc<CdevDevice>>>,
     files: Arc<Files>,
     seal_policy: SealPolicy,
 }
@@ -57,22 +60,37 @@ impl Server {
         registry: Arc<Registry>,
         seal_policy: SealPolicy,
     ) -> Result<Arc<Server>, ServerError> {
-        let devices = registry
-            .devices()
-            .iter()
-            .map(|d| {
-                CdevDevice::new(d.clone()).map_err(|source| ServerError::Device {
-                    name: d.name().to_owned(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(Server {
-            registry,
-            devices,
+        let server = Arc::new(Server {
+            registry: registry.clone(),
+            devices: RwLock::new(Vec::new()),
             files: Files::new(),
             seal_policy,
-        }))
+        });
+        for d in registry.devices() {
+            server.add_device(&d)?;
+        }
+        Ok(server)
+    }
+
+    /// Builds the cdev function of registry device `reg`.
+    pub fn add_device(&self, reg: &Arc<Device>) -> Result<Arc<CdevDevice>, ServerError> {
+        let d = CdevDevice::new(reg.clone()).map_err(|source| ServerError::Device {
+            name: reg.name().to_owned(),
+            source,
+        })?;
+        self.devices
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(d.clone());
+        Ok(d)
+    }
+
+    /// Forgets device `name` (its files keep their handle, revoked or
+    /// released by whoever removes it).
+    pub fn remove_device(&self, name: &str) -> Option<Arc<CdevDevice>> {
+        let mut v = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        let i = v.iter().position(|d| d.name() == name)?;
+        Some(v.remove(i))
     }
 
     /// The registry.
@@ -81,13 +99,21 @@ impl Server {
     }
 
     /// The devices as the door drives them.
-    pub fn devices(&self) -> &[Arc<CdevDevice>] {
-        &self.devices
+    pub fn devices(&self) -> Vec<Arc<CdevDevice>> {
+        self.devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The device named `name`.
-    pub fn device(&self, name: &str) -> Option<&Arc<CdevDevice>> {
-        self.devices.iter().find(|d| d.name() == name)
+    pub fn device(&self, name: &str) -> Option<Arc<CdevDevice>> {
+        self.devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|d| d.name() == name)
+            .cloned()
     }
 
     /// What memory mapped for DMA must satisfy.
@@ -113,8 +139,10 @@ impl Server {
                 let f = IommufdFile::new(files, self.seal_policy);
                 files.hand_out(f).map_err(io)
             }
-            Node::Device(i) => {
-                let dev = self.devices.get(*i).ok_or(Errno::ENODEV)?;
+            Node::Device(dev) => {
+                if dev.revoked() {
+                    return Err(Errno::ENODEV);
+                }
                 files
                     .hand_out(DeviceFile::new_cdev(files, dev.clone()))
                     .map_err(io)
@@ -138,91 +166,53 @@ impl Server {
     pub fn open_group(&self, group: u32) -> Result<Arc<GroupFile>, Errno> {
         let own = self.registry.open_group(group).map_err(|e| e.errno())?;
         let devices = self
-            .devices
-            .iter()
+            .devices()
+            .into_iter()
             .filter(|d| d.reg().group() == group)
-            .cloned()
             .collect();
         Ok(GroupFile::new(&self.files, group, own, devices))
     }
 
-    /// Creates every node under `dir` and starts their accept threads.
-    /// Returns the node paths (removed at exit).
-    pub fn serve(self: &Arc<Self>, dir: &Path) -> Result<Vec<PathBuf>, ServerError> {
-        let mut nodes = vec![(dir.join("iommu"), Node::Iommu)];
-        let devdir = dir.join("devices");
-        create_dir(&devdir)?;
-        for (i, d) in self.devices.iter().enumerate() {
-            nodes.push((devdir.join(d.name()), Node::Device(i)));
-        }
-        #[cfg(feature = "group")]
-        {
-            let vfio = dir.join("vfio");
-            create_dir(&vfio)?;
-            nodes.push((vfio.join("vfio"), Node::Container));
-            for g in self.registry.groups() {
-                nodes.push((vfio.join(g.to_string()), Node::Group(g)));
+    /// The `VCDEV_OPEN` handshake with a client that connected to `node`
+    /// (`path` names it in logs): the file, or `refused` (the access
+    /// rules), or the errno of the open. Never blocks: the socket is
+    /// fresh, its buffer empty, and it is made non-blocking.
+    pub fn handshake(self: &Arc<Self>, conn: &UnixStream, node: &Node, path: &Path, refused: bool) {
+        let _ = conn.set_nonblocking(true);
+        let opened = if refused {
+            Err(Errno(libc::EACCES))
+        } else {
+            self.open(node)
+        };
+        let (result, fd) = match opened {
+            Ok(fd) => (0i32, Some(fd)),
+            Err(e) => {
+                info!("{}: open refused: {e}", path.display());
+                (e.to_result(), None)
             }
+        };
+        let raw: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
+        let hdr = FrameHeader::request(VCDEV_OPEN, FLAG_REPLY, 4);
+        if let Err(e) = wire::write_frame(conn, &hdr, &result.to_le_bytes(), &raw) {
+            debug!("{}: handshake failed: {e}", path.display());
         }
-        let mut paths = Vec::new();
-        for (path, node) in nodes {
-            // Mode 0600: only the daemon's user may open a node.
-            let listener = match listen(&path, Some(0o600)) {
-                Ok(l) => l,
-                Err(e) => {
-                    remove_all(&paths);
-                    return Err(e.into());
-                }
-            };
-            paths.push(path.clone());
-            let server = self.clone();
-            std::thread::Builder::new()
-                .name("cdev-accept".into())
-                .spawn(move || server.accept_loop(&listener, &node, &path))
-                .map_err(ServerError::Spawn)?;
-        }
-        info!("cdev door: {} nodes under {}", paths.len(), dir.display());
-        Ok(paths)
-    }
-
-    fn accept_loop(self: &Arc<Self>, listener: &UnixListener, node: &Node, path: &Path) {
-        loop {
-            let conn = match listener.accept() {
-                Ok((c, _)) => c,
-                Err(e) => {
-                    if e.raw_os_error() != Some(libc::EINTR) {
-                        warn!("{}: accept failed: {e}", path.display());
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    continue;
-                }
-            };
-            let (result, fd) = match self.open(node) {
-                Ok(fd) => (0i32, Some(fd)),
-                Err(e) => {
-                    info!("{}: open refused: {e}", path.display());
-                    (e.to_result(), None)
-                }
-            };
-            let raw: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
-            let hdr = FrameHeader::request(VCDEV_OPEN, FLAG_REPLY, 4);
-            if let Err(e) = wire::write_frame(&conn, &hdr, &result.to_le_bytes(), &raw) {
-                debug!("{}: handshake failed: {e}", path.display());
-            }
-            // Our copy of the client's end goes now: the file lives in the
-            // client's copies only.
-            drop(fd);
-        }
+        // Our copy of the client's end goes now: the file lives in the
+        // client's copies only.
+        drop(fd);
     }
 }
 
 /// A node and what opening it gives.
-#[derive(Clone, Copy, Debug)]
-enum Node {
+#[derive(Clone, Debug)]
+pub enum Node {
+    /// `DIR/iommu`.
     Iommu,
-    Device(usize),
+    /// `DIR/devices/NAME`.
+    Device(Arc<CdevDevice>),
+    /// `DIR/vfio/vfio`.
     #[cfg(feature = "group")]
     Container,
+    /// `DIR/vfio/N`.
     #[cfg(feature = "group")]
     Group(u32),
 }

@@ -1,5 +1,13 @@
 //! The backend channel (SET_BACKEND_REQ_FD): IOTLB misses go out on it,
-//! the frontend's acks come back on it.
+//! the frontend's acks come back on it; so does CONFIG_CHANGE_MSG after a
+//! resize (when CONFIG is negotiated).
+//!
+//! CONFIG_CHANGE_MSG goes without NEED_REPLY, as libvhost-user's
+//! `vu_config_change_msg` sends it for qemu-storage-daemon's resize: the
+//! vhost-user spec asks for an ack only when the flag is set, so no reply
+//! comes and the in-order matching of miss acks below is undisturbed.
+//! QEMU answers it with a GET_CONFIG on the main channel (while the device
+//! is started) and a config interrupt to the guest.
 //!
 //! Replies on this channel carry no request id, so misses are matched to
 //! acks in order: a sender appends its miss to `outstanding` and writes it
@@ -33,6 +41,12 @@ pub enum ChannelError {
     /// Writing the miss failed.
     #[error("Sending an IOTLB miss failed")]
     Send(#[source] wire::WireError),
+    /// The frontend did not negotiate VHOST_USER_PROTOCOL_F_CONFIG.
+    #[error("The frontend did not negotiate the CONFIG protocol feature")]
+    NoConfig,
+    /// Writing CONFIG_CHANGE_MSG failed.
+    #[error("Sending CONFIG_CHANGE_MSG failed")]
+    SendConfigChange(#[source] wire::WireError),
 }
 
 type Outstanding = Arc<Mutex<VecDeque<Arc<Miss>>>>;
@@ -42,6 +56,8 @@ struct Open {
     /// Whether the frontend acks (REPLY_ACK negotiated): only then are
     /// misses sent with NEED_REPLY and queued for their ack.
     acks: bool,
+    /// Whether CONFIG is negotiated: only then may CONFIG_CHANGE_MSG go.
+    config: bool,
     outstanding: Outstanding,
     reader: Option<JoinHandle<()>>,
 }
@@ -68,8 +84,15 @@ fn fail_all(outstanding: &Outstanding) {
 
 impl BackendChannel {
     /// Installs the channel (replacing and closing any previous one) and
-    /// starts its ack reader; `acks` says whether REPLY_ACK is negotiated.
-    pub fn set(&self, sock: UnixStream, acks: bool, peer: &str) -> std::io::Result<()> {
+    /// starts its ack reader; `acks` says whether REPLY_ACK is negotiated,
+    /// `config` whether CONFIG is.
+    pub fn set(
+        &self,
+        sock: UnixStream,
+        acks: bool,
+        config: bool,
+        peer: &str,
+    ) -> std::io::Result<()> {
         self.close();
         let outstanding: Outstanding = Arc::default();
         let rsock = sock.try_clone()?;
@@ -81,6 +104,7 @@ impl BackendChannel {
         *lock(&self.open) = Some(Open {
             sock,
             acks,
+            config,
             outstanding,
             reader: Some(reader),
         });
@@ -119,6 +143,20 @@ impl BackendChannel {
         }
         DeviceCounters::add(&counters.iotlb_misses, 1);
         debug!("IOTLB miss sent: iova {:#x} {:?}", miss.iova, miss.access);
+        Ok(())
+    }
+
+    /// Sends CONFIG_CHANGE_MSG (no payload, no NEED_REPLY: see the module
+    /// doc): the device's config space changed.
+    pub fn send_config_change(&self) -> Result<(), ChannelError> {
+        let g = lock(&self.open);
+        let open = g.as_ref().ok_or(ChannelError::NoChannel)?;
+        if !open.config {
+            return Err(ChannelError::NoConfig);
+        }
+        let hdr = FrameHeader::request(u32::from(BackendReq::CONFIG_CHANGE_MSG), 0, 0);
+        wire::write_frame(&open.sock, &hdr, &[], &[]).map_err(ChannelError::SendConfigChange)?;
+        debug!("CONFIG_CHANGE_MSG sent");
         Ok(())
     }
 

@@ -40,7 +40,7 @@ use super::backend_channel::BackendChannel;
 use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
 use super::inflight::{InflightError, InflightRegion};
 use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
-use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
+use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
 use crate::error_chain;
 use crate::pod::pod_from;
@@ -208,17 +208,46 @@ pub struct Conn {
     inflight: Option<Arc<InflightRegion>>,
 }
 
+/// The connection's [`ConfigNotifier`](crate::registry::ConfigNotifier):
+/// CONFIG_CHANGE_MSG on its backend channel. It holds the channel weakly:
+/// once the connection is gone there is nothing to tell.
+fn config_notifier(iotlb: &Arc<Iotlb>, peer: &str) -> crate::registry::ConfigNotifier {
+    let iotlb = Arc::downgrade(iotlb);
+    let peer = peer.to_owned();
+    Arc::new(move || {
+        let Some(iotlb) = iotlb.upgrade() else {
+            return false;
+        };
+        match iotlb.channel.send_config_change() {
+            Ok(()) => {
+                info!("{peer}: told of the config change (CONFIG_CHANGE_MSG)");
+                true
+            }
+            Err(e) => {
+                warn!("{peer}: cannot tell of the config change: {e}");
+                false
+            }
+        }
+    })
+}
+
 fn u64_payload(v: u64) -> Vec<u8> {
     VhostUserU64::new(v).as_slice().to_vec()
 }
 
 impl Conn {
     /// A connection on `sock` owning the device of `own`.
-    pub fn new(sock: UnixStream, own: Ownership, peer: String, cfg: ConnConfig) -> Conn {
+    pub fn new(sock: UnixStream, mut own: Ownership, peer: String, cfg: ConnConfig) -> Conn {
         let blk = own.device().blk().clone();
         let vrings = (0..blk.num_queues())
             .map(|i| Vring::new(i, blk.queue_size()))
             .collect();
+        let iotlb = Arc::new(Iotlb {
+            misses: MissTable::default(),
+            channel: BackendChannel::default(),
+            timeout: cfg.iotlb_miss_timeout,
+        });
+        own.set_config_notifier(config_notifier(&iotlb, &peer));
         Conn {
             sock,
             own,
@@ -229,11 +258,7 @@ impl Conn {
             mem: MemoryTable::new(AddressSpace::new(), cfg.seal_policy),
             vrings,
             iova_space: AddressSpace::new(),
-            iotlb: Arc::new(Iotlb {
-                misses: MissTable::default(),
-                channel: BackendChannel::default(),
-                timeout: cfg.iotlb_miss_timeout,
-            }),
+            iotlb,
             iotlb_max_entries: cfg.iotlb_max_entries,
             seal_policy: cfg.seal_policy,
             inflight: None,
@@ -509,9 +534,10 @@ impl Conn {
         self.flush_iotlb();
         self.mem.add(single_desc(&r), fd)?;
         info!(
-            "{}: memory region added at GPA {:#x} ({} regions)",
+            "{}: memory region added at GPA {:#x}, {:#x} bytes ({} of {MAX_MEM_SLOTS} slots used)",
             self.peer,
             { r.guest_phys_addr },
+            { r.memory_size },
             self.mem.len()
         );
         Ok(Reply::Ack)
@@ -522,9 +548,10 @@ impl Conn {
         self.flush_iotlb();
         self.mem.remove(&single_desc(&r))?;
         info!(
-            "{}: memory region removed at GPA {:#x} ({} regions)",
+            "{}: memory region removed at GPA {:#x}, {:#x} bytes ({} of {MAX_MEM_SLOTS} slots used)",
             self.peer,
             { r.guest_phys_addr },
+            { r.memory_size },
             self.mem.len()
         );
         Ok(Reply::Ack)
@@ -726,9 +753,15 @@ impl Conn {
 
     fn set_backend_req_fd(&mut self, mut m: Msg) -> Result<Reply, ConnError> {
         let fd = m.one_fd()?;
+        let config = self.protocol.contains(VhostUserProtocolFeatures::CONFIG);
         self.iotlb
             .channel
-            .set(UnixStream::from(fd), self.reply_ack_on(), &self.peer)
+            .set(
+                UnixStream::from(fd),
+                self.reply_ack_on(),
+                config,
+                &self.peer,
+            )
             .map_err(ConnError::BackendChannel)?;
         Ok(Reply::Ack)
     }
@@ -949,11 +982,12 @@ const OPS: &[Op<Conn>] = &[
 ];
 
 /// SET_MEM_TABLE: `num_regions` regions follow the head, 1 to
-/// [`MAX_MEM_SLOTS`] of them.
+/// [`MAX_TABLE_REGIONS`] of them (one descriptor each, in this frame; more
+/// regions than that come one per ADD_MEM_REG).
 fn mem_table_tail(head: &[u8]) -> Result<usize, ConnError> {
     let m = pod_from::<VhostUserMemory>(head);
     let n = usize::try_from(m.num_regions).unwrap_or(usize::MAX);
-    if n == 0 || n > MAX_MEM_SLOTS {
+    if n == 0 || n > MAX_TABLE_REGIONS {
         return Err(ConnError::Invalid {
             req: FrontendReq::SET_MEM_TABLE,
             what: "region count",
@@ -1022,9 +1056,9 @@ mod tests {
 
     /// A connection to a fresh RAM device, and the frontend's end.
     fn conn() -> (Conn, UnixStream) {
-        let mut r = Registry::default();
+        let r = Registry::default();
         let dev = r.add("t".into(), ram_blk());
-        let own = Registry::claim_vhost_user(&dev, "t").unwrap();
+        let own = Registry::claim_vhost_user(&dev, "t", None).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
             seal_policy: SealPolicy::RequireShrinkSeal,

@@ -328,7 +328,7 @@ fn setup() -> Vec<Msg> {
 /// A connection to `dev` served on its own thread; the channel says when
 /// `serve` returned.
 fn connect(dev: &Arc<Device>) -> (UnixStream, mpsc::Receiver<()>) {
-    let own = Registry::claim_vhost_user(dev, "prop").expect("device free");
+    let own = Registry::claim_vhost_user(dev, "prop", None).expect("device free");
     let (ours, theirs) = UnixStream::pair().unwrap();
     let cfg = ConnConfig {
         seal_policy: SealPolicy::RequireShrinkSeal,
@@ -367,7 +367,7 @@ proptest! {
         with_setup in any::<bool>(),
         msgs in prop::collection::vec(msg(), 1..40),
     ) {
-        let mut r = Registry::default();
+        let r = Registry::default();
         let d0 = r.add("vu0".into(), blk());
         let d1 = r.add("vu1".into(), blk());
         let (other, other_done) = connect(&d1);

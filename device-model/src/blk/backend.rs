@@ -6,6 +6,8 @@ use std::os::fd::RawFd;
 
 use vm_memory::VolatileSlice;
 
+use super::resize::ResizeError;
+
 /// The size of a virtio-blk sector, in bytes, as a shift (virtio 1.2 section 5.2.6: "sector
 /// number ... in 512-byte units").
 pub const SECTOR_SHIFT: u32 = 9;
@@ -72,6 +74,25 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// writes start and end on its multiples; the device advertises it as `blk_size`.
     fn block_size(&self) -> u32 {
         SECTOR_BYTES
+    }
+
+    /// The size the backing has now, read again from the backing itself, for a resize without a
+    /// size (a block device or image that the operator grew); `None` if the backing has no size
+    /// of its own to re-read (a RAM disk).
+    fn probe_len(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Give the disk `len` bytes (a non-zero multiple of [`block_size`], checked by the caller,
+    /// who also serialises resizes and has already stopped new requests past `len` when it
+    /// shrinks). Growing keeps the data and the new bytes read as zeros; shrinking drops the
+    /// data past `len`. [`len`] says `len` once this returns `Ok`. On error nothing changed.
+    ///
+    /// [`block_size`]: BlockBackend::block_size
+    /// [`len`]: BlockBackend::len
+    fn resize(&self, len: u64) -> Result<(), ResizeError> {
+        let _ = len;
+        Err(ResizeError::Unsupported)
     }
 }
 

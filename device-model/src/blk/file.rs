@@ -20,11 +20,13 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::VolatileSlice;
 
 use super::backend::{BlockBackend, SECTOR_BYTES, SECTOR_SIZE, ZEROES};
 use super::lock::{self, Conflict, Holder, ImageLock, LockError};
+use super::resize::ResizeError;
 
 /// Errors opening a [`FileBackend`].
 #[derive(Debug, thiserror::Error)]
@@ -180,10 +182,14 @@ fn logical_block_size(file: &File) -> Option<u32> {
 }
 
 /// A disk image in a file (or a block device) accessed with positioned I/O.
+///
+/// Resizing ([`BlockBackend::resize`]) extends or truncates a regular file (`ftruncate`); a
+/// block device keeps its size, which [`BlockBackend::probe_len`] reads again after the operator
+/// changed it.
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
-    len: u64,
+    len: AtomicU64,
     /// With `O_DIRECT`: the alignment transfers need.
     direct: Option<DioAlign>,
     /// The image's lock (none from [`FileBackend::from_file`], or where the file system has
@@ -263,17 +269,16 @@ impl FileBackend {
         }
     }
 
-    /// Use an already open image (through the page cache), without locking it. Its size is
-    /// taken now and must not change while in use.
-    pub fn from_file(mut file: File) -> Result<Self, Error> {
-        // Seeking to the end also sizes block devices, whose metadata length is 0.
-        let len = file.seek(SeekFrom::End(0)).map_err(Error::Size)?;
+    /// Use an already open image (through the page cache), without locking it. Its size is taken now; it changes
+    /// only through [`BlockBackend::resize`].
+    pub fn from_file(file: File) -> Result<Self, Error> {
+        let len = size_of_file(&file).map_err(Error::Size)?;
         if len == 0 || len % SECTOR_SIZE != 0 {
             return Err(Error::InvalidSize(len));
         }
         Ok(Self {
             file,
-            len,
+            len: AtomicU64::new(len),
             direct: None,
             lock: None,
         })
@@ -283,6 +288,12 @@ impl FileBackend {
     #[must_use]
     pub fn locked(&self) -> bool {
         self.lock.is_some()
+    }
+
+    fn is_block_device(&self) -> bool {
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device())
     }
 
     /// With `O_DIRECT`, the alignment it needs.
@@ -343,6 +354,13 @@ impl FileBackend {
     }
 }
 
+/// The size of an image: seeking to the end also sizes block devices (the kernel answers with
+/// the device's size, as `BLKGETSIZE64` does), whose metadata length is 0. All I/O is
+/// positioned, so the file offset this moves is never used.
+fn size_of_file(mut file: &File) -> io::Result<u64> {
+    file.seek(SeekFrom::End(0))
+}
+
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
@@ -399,7 +417,29 @@ fn transfer(file: &File, dir: Dir, mut offset: u64, buf: &VolatileSlice<'_>) -> 
 
 impl BlockBackend for FileBackend {
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::SeqCst)
+    }
+
+    fn probe_len(&self) -> io::Result<Option<u64>> {
+        size_of_file(&self.file).map(Some)
+    }
+
+    /// A regular file is extended or truncated (`ftruncate`: the new bytes read as zeros); a
+    /// block device takes only the size it has.
+    fn resize(&self, len: u64) -> Result<(), ResizeError> {
+        if self.is_block_device() {
+            let now = size_of_file(&self.file).map_err(ResizeError::Probe)?;
+            if now != len {
+                return Err(ResizeError::FixedSize {
+                    size: len,
+                    len: now,
+                });
+            }
+        } else {
+            self.file.set_len(len).map_err(ResizeError::Backing)?;
+        }
+        self.len.store(len, Ordering::SeqCst);
+        Ok(())
     }
 
     fn read_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {

@@ -33,6 +33,7 @@ pub mod inflight;
 pub mod lock;
 pub mod ram;
 pub mod request;
+mod resize;
 pub mod throttle;
 mod volatile;
 
@@ -46,7 +47,8 @@ mod test_util;
 mod tests;
 
 use std::io;
-use std::sync::Arc;
+use std::mem::offset_of;
+use std::sync::{Arc, Mutex};
 
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
@@ -59,11 +61,14 @@ pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
 pub use file::{FileBackend, FileOptions};
 pub use inflight::{AsyncQueue, InflightMemory, Release, Tracker};
 pub use ram::RamBackend;
+pub use resize::{ResizeError, Resized};
 pub use throttle::{Limits, Throttle};
 
 use config::SERIAL_LEN;
 use exec::{handle_chain, Completion, Target};
 use request::Segment;
+use resize::Capacity;
+use virtio_bindings::virtio_blk::virtio_blk_config;
 
 /// Errors of the device as a whole (not of one request: those go to the status byte).
 #[derive(Debug, thiserror::Error)]
@@ -88,16 +93,28 @@ pub struct QueueOutcome {
     pub fault: Option<Fault>,
 }
 
+/// Where `capacity` sits in the config space.
+const CAPACITY_OFFSET: usize = offset_of!(virtio_blk_config, capacity);
+
 /// A virtio-blk device, shared by all its queues.
+///
+/// Its size can change at run time ([`BlkDevice::resize`]): the bounds check of every request
+/// and the config space's `capacity` field read it, an atomic under a sequence count (see
+/// [`BlkDevice::config_generation`]).
 #[derive(Debug)]
 pub struct BlkDevice {
     backend: Arc<dyn BlockBackend>,
     cfg: BlkConfig,
     serial: [u8; SERIAL_LEN],
+    /// The config space as made at start-up; `capacity` in it is stale once resized (reads
+    /// overlay [`BlkDevice::capacity`]).
     config_space: Vec<u8>,
     features: u64,
     /// The `iops=` / `bw=` limits, shared by every queue ([`throttle`]).
     throttle: Throttle,
+    capacity: Capacity,
+    /// Serialises resizes.
+    resize_lock: Mutex<()>,
 }
 
 impl BlkDevice {
@@ -112,6 +129,8 @@ impl BlkDevice {
             serial: cfg.serial_bytes(),
             config_space: cfg.config_space(len, backend.block_size()),
             features: cfg.device_features(),
+            capacity: Capacity::new(len),
+            resize_lock: Mutex::new(()),
             backend,
             cfg,
             throttle: Throttle::default(),
@@ -142,21 +161,41 @@ impl BlkDevice {
         &self.cfg
     }
 
-    /// The disk size in bytes.
+    /// The disk size in bytes, as the driver sees it (it changes with [`BlkDevice::resize`]).
     #[must_use]
     pub fn capacity_bytes(&self) -> u64 {
-        self.backend.len()
+        self.capacity.get()
     }
 
-    /// The whole config space (`struct virtio_blk_config`, 96 bytes).
+    /// How many times the device configuration changed (each resize that changed the size): a
+    /// transport adds it to its `config_generation`. Never returns while a change is half done.
+    #[must_use]
+    pub fn config_generation(&self) -> u32 {
+        self.capacity.generation()
+    }
+
+    /// The whole config space (`struct virtio_blk_config`, 96 bytes), with the current
+    /// capacity.
     #[must_use]
     pub fn config_bytes(&self) -> Vec<u8> {
-        self.config_space.clone()
+        let mut out = vec![0u8; self.config_space.len()];
+        self.read_config(0, &mut out);
+        out
     }
 
-    /// Read config space at `offset`; bytes past its end read as zero.
+    /// Read config space at `offset`; bytes past its end read as zero. `capacity` is read once,
+    /// so one read sees one size.
     pub fn read_config(&self, offset: u32, data: &mut [u8]) {
         crate::virtio::config::read_config(&self.config_space, offset, data);
+        let sectors = (self.capacity.get() >> SECTOR_SHIFT).to_le_bytes();
+        // The part of `capacity` that `data` covers.
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, b) in sectors.iter().enumerate() {
+            let at = CAPACITY_OFFSET.saturating_add(i);
+            if let Some(d) = at.checked_sub(start).and_then(|j| data.get_mut(j)) {
+                *d = *b;
+            }
+        }
     }
 
     /// The I/O limits in force (unlimited unless set).
@@ -224,7 +263,7 @@ impl BlkDevice {
     fn target(&self) -> Target<'_> {
         Target {
             backend: self.backend.as_ref(),
-            capacity: self.backend.len(),
+            capacity: self.capacity.get(),
             read_only: self.cfg.read_only,
             serial: &self.serial,
         }

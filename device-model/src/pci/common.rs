@@ -196,8 +196,9 @@ impl CommonCfg {
         self.queues.get(usize::from(self.queue_select))
     }
 
-    /// The whole structure as the driver reads it.
-    pub(crate) fn snapshot(&self) -> [u8; VIRTIO_PCI_COMMON_CFG_LEN] {
+    /// The whole structure as the driver reads it. `device_generation` counts the changes of
+    /// the device's own configuration (a resize): `config_generation` moves with them too.
+    pub(crate) fn snapshot(&self, device_generation: u32) -> [u8; VIRTIO_PCI_COMMON_CFG_LEN] {
         let mut out = [0u8; VIRTIO_PCI_COMMON_CFG_LEN];
         let mut put = |offset: usize, bytes: &[u8]| {
             crate::virtio::config::put_bytes(&mut out, offset, bytes);
@@ -225,7 +226,11 @@ impl CommonCfg {
         put(VIRTIO_PCI_COMMON_MSIX, &self.config_vector.to_le_bytes());
         put(VIRTIO_PCI_COMMON_NUMQ, &self.num_queues().to_le_bytes());
         put(VIRTIO_PCI_COMMON_STATUS, &[self.status]);
-        put(VIRTIO_PCI_COMMON_CFGGENERATION, &[self.config_generation]);
+        // Only the low byte counts: the register is 8 bits wide.
+        let generation = self
+            .config_generation
+            .wrapping_add(device_generation.to_le_bytes()[0]);
+        put(VIRTIO_PCI_COMMON_CFGGENERATION, &[generation]);
         put(VIRTIO_PCI_COMMON_Q_SELECT, &self.queue_select.to_le_bytes());
         if let Some(q) = self.selected() {
             put(VIRTIO_PCI_COMMON_Q_SIZE, &q.size.to_le_bytes());

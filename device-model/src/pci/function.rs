@@ -566,7 +566,7 @@ impl VirtioPciFunction {
         data.fill(0);
         let l = self.layout;
         if let Some(rel) = l.common.relative(offset) {
-            let snapshot = self.common.snapshot();
+            let snapshot = self.common.snapshot(self.device.config_generation());
             if let Ok(rel) = usize::try_from(rel) {
                 crate::virtio::config::read_config(
                     &snapshot,

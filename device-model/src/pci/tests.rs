@@ -573,6 +573,26 @@ fn device_config_reads() {
     assert_eq!(d.bar32(base + 0xffc), 0);
 }
 
+/// A resize shows through the BAR: the capacity halves a driver reads in two 4-byte accesses,
+/// and `config_generation`, which moves with every change (so the driver's re-read loop of
+/// virtio 1.2 section 4.1.4.3.1 catches a change between the halves).
+#[test]
+fn resize_moves_capacity_and_generation() {
+    let mut d = Drv::new();
+    let base = d.f.layout().device.offset;
+    let gen0 = d.c8(VIRTIO_PCI_COMMON_CFGGENERATION);
+    let lo = d.bar32(base);
+    d.f.device().resize(Some(4 * DISK), false).unwrap();
+    let hi = d.bar32(base + 4);
+    let gen1 = d.c8(VIRTIO_PCI_COMMON_CFGGENERATION);
+    assert_eq!((lo, hi), (u32::try_from(DISK / 512).unwrap(), 0));
+    assert_ne!(gen0, gen1, "a torn read must be caught by the generation");
+    assert_eq!(d.bar64(base), 4 * DISK / 512);
+    // The transport's notification moves it again.
+    d.f.config_interrupt();
+    assert_ne!(d.c8(VIRTIO_PCI_COMMON_CFGGENERATION), gen1);
+}
+
 #[test]
 fn isr_read_clears() {
     let mut d = Drv::new();
