@@ -4,14 +4,21 @@
 //! `blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N][,queue-size=N][,serial=S]`
 //! `[,direct=on|off][,aio=auto|io_uring|sync]`
 //! `[,iova-aperture=START-LAST][,iova-reserved=START-LAST]...[,group=N]`
+//! `[,iops=N][,bw=SIZE]`
 //!
-//! Addresses take decimal or `0x` hex; `iova-reserved` may be repeated.
+//! Sizes take a K, M or G suffix (powers of 1024); addresses take decimal or
+//! `0x` hex; `iova-reserved` may be repeated. `iops` and `bw` limit the
+//! device's reads and writes per second and bytes per second (0: no limit),
+//! with a burst of one second. A comma inside a value (a path, a serial) is
+//! written twice, as in QEMU's options. A [`DeviceSpec`] prints back as a
+//! SPEC that parses to the same spec (its `Display`).
 
+use std::fmt;
 use std::path::PathBuf;
 
 use vcdev_device_model::blk::aio::AioMode;
 use vcdev_device_model::blk::config::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, SERIAL_LEN};
-use vcdev_device_model::blk::SECTOR_SIZE;
+use vcdev_device_model::blk::{Limits, SECTOR_SIZE};
 use vcdev_iommu::IovaRange;
 
 /// A RAM disk's size when a device has neither `path` nor `ram`: 64 MiB.
@@ -111,6 +118,8 @@ pub struct DeviceSpec {
     pub iova_reserved: Vec<IovaRange>,
     /// Its IOMMU group (default: alone in a group of its own).
     pub group: Option<u32>,
+    /// `iops=` and `bw=`: its I/O limits (default: none).
+    pub limits: Limits,
 }
 
 /// The validated configuration.
@@ -188,6 +197,46 @@ fn parse_on_off(v: &str) -> Option<bool> {
     }
 }
 
+/// Splits a SPEC at its commas; a doubled comma is a comma of the value.
+fn split_spec(spec: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+            } else {
+                parts.push(String::new());
+                continue;
+            }
+        }
+        if let Some(last) = parts.last_mut() {
+            last.push(c);
+        }
+    }
+    parts
+}
+
+/// A value written into a SPEC: its commas doubled.
+fn escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// `n` with the largest K/M/G suffix that divides it (as [`parse_size`] reads it).
+fn format_size(n: u64) -> String {
+    for (shift, suffix) in [(30, 'G'), (20, 'M'), (10, 'K')] {
+        if n != 0 && n.is_multiple_of(1u64 << shift) {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// The serial of a device named `name` that gives none.
+fn default_serial(name: &str) -> String {
+    name.chars().take(SERIAL_LEN).collect()
+}
+
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
@@ -200,7 +249,8 @@ fn valid_name(n: &str) -> bool {
 impl DeviceSpec {
     /// Parses one `--device` value; `index` gives the default name.
     pub fn parse(spec: &str, index: usize) -> Result<DeviceSpec, ConfigError> {
-        let mut parts = spec.split(',');
+        let parts = split_spec(spec);
+        let mut parts = parts.iter().map(String::as_str);
         if parts.next() != Some("blk") {
             return Err(ConfigError::DeviceType { spec: spec.into() });
         }
@@ -222,6 +272,7 @@ impl DeviceSpec {
         let mut iova_aperture = IovaRange::ALL;
         let mut iova_reserved = Vec::new();
         let mut group = None;
+        let mut limits = Limits::UNLIMITED;
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
                 return Err(ConfigError::UnknownKey {
@@ -300,6 +351,20 @@ impl DeviceSpec {
                             .ok_or_else(|| bad("group", v, "a group number below 2^31"))?,
                     );
                 }
+                "iops" => {
+                    limits.iops = v
+                        .parse()
+                        .map_err(|_| bad("iops", v, "requests per second, 0 for no limit"))?;
+                }
+                "bw" => {
+                    limits.bw = parse_size(v).ok_or_else(|| {
+                        bad(
+                            "bw",
+                            v,
+                            "bytes per second, K/M/G suffixes allowed, 0 for no limit",
+                        )
+                    })?;
+                }
                 "serial" => {
                     if v.len() > SERIAL_LEN {
                         return Err(bad("serial", v, "at most 20 bytes"));
@@ -324,10 +389,7 @@ impl DeviceSpec {
             return Err(ConfigError::DirectRam { spec: spec.into() });
         }
         let name = name.unwrap_or_else(|| format!("vfio{index}"));
-        let serial = match serial {
-            Some(s) => s,
-            None => name.chars().take(SERIAL_LEN).collect(),
-        };
+        let serial = serial.unwrap_or_else(|| default_serial(&name));
         Ok(DeviceSpec {
             name,
             backing,
@@ -340,7 +402,56 @@ impl DeviceSpec {
             iova_aperture,
             iova_reserved,
             group,
+            limits,
         })
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    /// The SPEC of this device: `name` and the backing always, the other
+    /// options where they differ from their defaults. It parses back to an
+    /// equal [`DeviceSpec`] (whatever the index given to the parser).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "blk,name={}", self.name)?;
+        match &self.backing {
+            Backing::File(p) => write!(f, ",path={}", escape(&p.to_string_lossy()))?,
+            Backing::Ram(size) => write!(f, ",ram={}", format_size(*size))?,
+        }
+        if self.read_only {
+            f.write_str(",readonly=on")?;
+        }
+        if self.queues != 1 {
+            write!(f, ",queues={}", self.queues)?;
+        }
+        if self.queue_size != DEFAULT_QUEUE_SIZE {
+            write!(f, ",queue-size={}", self.queue_size)?;
+        }
+        if self.serial != default_serial(&self.name) {
+            write!(f, ",serial={}", escape(&self.serial))?;
+        }
+        if self.direct {
+            f.write_str(",direct=on")?;
+        }
+        if self.aio != AioMode::default() {
+            write!(f, ",aio={}", self.aio)?;
+        }
+        let range = |r: &IovaRange| format!("{:#x}-{:#x}", r.start, r.last);
+        if self.iova_aperture != IovaRange::ALL {
+            write!(f, ",iova-aperture={}", range(&self.iova_aperture))?;
+        }
+        for r in &self.iova_reserved {
+            write!(f, ",iova-reserved={}", range(r))?;
+        }
+        if let Some(g) = self.group {
+            write!(f, ",group={g}")?;
+        }
+        if self.limits.iops != 0 {
+            write!(f, ",iops={}", self.limits.iops)?;
+        }
+        if self.limits.bw != 0 {
+            write!(f, ",bw={}", format_size(self.limits.bw))?;
+        }
+        Ok(())
     }
 }
 
@@ -380,6 +491,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn defaults_and_full_spec() {
@@ -494,5 +606,113 @@ mod tests {
         assert_eq!(parse_size("2G"), Some(2 << 30));
         assert_eq!(parse_size("G"), None);
         assert_eq!(parse_size("99999999999G"), None);
+    }
+
+    #[test]
+    fn limits() {
+        let d = DeviceSpec::parse("blk,iops=2000,bw=10M", 0).unwrap();
+        assert_eq!(
+            d.limits,
+            Limits {
+                iops: 2000,
+                bw: 10 << 20
+            }
+        );
+        assert!(DeviceSpec::parse("blk", 0).unwrap().limits.is_unlimited());
+        let d = DeviceSpec::parse("blk,iops=0,bw=0", 0).unwrap();
+        assert!(d.limits.is_unlimited());
+        for bad in [
+            "blk,iops=-1",
+            "blk,iops=1K",
+            "blk,iops=",
+            "blk,bw=1T",
+            "blk,bw=x",
+        ] {
+            assert!(
+                matches!(DeviceSpec::parse(bad, 0), Err(ConfigError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    /// A doubled comma is a comma of the value, as in QEMU's options.
+    #[test]
+    fn doubled_commas() {
+        let d = DeviceSpec::parse("blk,path=/a,,b,,,serial=x,,y,readonly=on", 0).unwrap();
+        assert_eq!(d.backing, Backing::File("/a,b,".into()));
+        assert_eq!(d.serial, "x,y");
+        assert!(d.read_only);
+        assert_eq!(
+            d.to_string(),
+            "blk,name=vfio0,path=/a,,b,,,readonly=on,serial=x,,y"
+        );
+    }
+
+    #[test]
+    fn display_is_short_and_parses_back() {
+        let d = DeviceSpec::parse("blk", 3).unwrap();
+        assert_eq!(d.to_string(), "blk,name=vfio3,ram=64M");
+        let s = "blk,name=d1,path=/tmp/a.img,readonly=on,queues=4,queue-size=128,serial=S1,\
+                 direct=on,aio=io_uring,iova-aperture=0x1000-0xffffffff,\
+                 iova-reserved=0x8000-0x8fff,group=3,iops=2000,bw=1536K";
+        let d = DeviceSpec::parse(s, 0).unwrap();
+        assert_eq!(d.to_string(), s);
+        assert_eq!(format_size(1536 << 10), "1536K");
+        assert_eq!(format_size(3 << 30), "3G");
+        assert_eq!(format_size(1000), "1000");
+        assert_eq!(format_size(0), "0");
+    }
+
+    fn range() -> impl Strategy<Value = IovaRange> {
+        (any::<u64>(), any::<u64>()).prop_map(|(a, b)| IovaRange::new(a.min(b), a.max(b)))
+    }
+
+    prop_compose! {
+        fn device_spec()(
+            name in "[A-Za-z0-9_.-]{1,24}".prop_filter("not . or ..", |n| n != "." && n != ".."),
+            backing in prop_oneof![
+                "/[a-z0-9,=. ]{1,24}".prop_map(|p| Backing::File(PathBuf::from(p))),
+                (1u64..1 << 24).prop_map(|n| Backing::Ram(n * SECTOR_SIZE)),
+            ],
+            (read_only, direct) in (any::<bool>(), any::<bool>()),
+            queues in 1u16..=MAX_QUEUES,
+            queue_size in (2u32..=15).prop_map(|k| 1u16 << k),
+            serial in proptest::option::of("[ -~]{0,20}"),
+            aio in prop_oneof![Just(AioMode::Auto), Just(AioMode::IoUring), Just(AioMode::Sync)],
+            aperture in proptest::option::of(range()),
+            iova_reserved in proptest::collection::vec(range(), 0..3),
+            group in proptest::option::of(0u32..1 << 31),
+            (iops, bw) in (
+                prop_oneof![Just(0u64), any::<u64>()],
+                prop_oneof![Just(0u64), any::<u64>(), (0u64..1 << 20).prop_map(|n| n << 10)],
+            ),
+        ) -> DeviceSpec {
+            let direct = direct && matches!(backing, Backing::File(_));
+            DeviceSpec {
+                serial: serial.unwrap_or_else(|| default_serial(&name)),
+                name,
+                backing,
+                read_only,
+                queues,
+                queue_size,
+                direct,
+                aio,
+                iova_aperture: aperture.unwrap_or(IovaRange::ALL),
+                iova_reserved,
+                group,
+                limits: Limits { iops, bw },
+            }
+        }
+    }
+
+    proptest! {
+        /// Every field survives `DeviceSpec` -> SPEC -> `DeviceSpec` (the state file of
+        /// runtime-added devices relies on it).
+        #[test]
+        fn spec_round_trips(spec in device_spec(), index in 0usize..100) {
+            let text = spec.to_string();
+            let back = DeviceSpec::parse(&text, index);
+            prop_assert_eq!(back.as_ref(), Ok(&spec), "{}", text);
+        }
     }
 }

@@ -225,7 +225,9 @@ pub fn build_device(spec: &DeviceSpec) -> Result<BlkDevice> {
         queue_size: spec.queue_size,
         aio,
     };
-    BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })
+    let device = BlkDevice::new(backend, cfg).map_err(|source| Error::Device { name, source })?;
+    device.set_limits(spec.limits);
+    Ok(device)
 }
 
 /// What every guest needs once, printed after the per-device options.
@@ -263,10 +265,14 @@ pub fn qemu_options(spec: &DeviceSpec, socket: &Path) -> String {
 }
 
 pub(crate) fn describe(spec: &DeviceSpec) -> String {
-    match &spec.backing {
+    let backing = match &spec.backing {
         Backing::File(p) if spec.direct => format!("file {} (O_DIRECT)", p.display()),
         Backing::File(p) => format!("file {}", p.display()),
         Backing::Ram(s) => format!("{} MiB RAM disk", s >> 20),
+    };
+    match spec.limits {
+        l if l.is_unlimited() => backing,
+        l => format!("{backing}, limits iops={} bw={}", l.iops, l.bw),
     }
 }
 
@@ -392,11 +398,15 @@ mod tests {
             std::fs::File::create(&img)
                 .and_then(|f| f.set_len(1 << 20))
                 .unwrap();
-            let auto = build_device(&spec(&format!("blk,path={}", img.display()))).unwrap();
-            let uring =
-                build_device(&spec(&format!("blk,path={},aio=io_uring", img.display()))).unwrap();
+            // One device at a time: each locks the image writable.
+            let auto = build_device(&spec(&format!("blk,path={}", img.display())))
+                .unwrap()
+                .aio();
+            let uring = build_device(&spec(&format!("blk,path={},aio=io_uring", img.display())))
+                .unwrap()
+                .aio();
             std::fs::remove_file(&img).unwrap();
-            (auto.aio(), uring.aio())
+            (auto, uring)
         };
         let shm = std::path::Path::new("/dev/shm");
         if shm.is_dir() {
@@ -453,6 +463,19 @@ mod tests {
             .unwrap();
         let file = build_device(&spec(&format!("blk,path={},aio=sync", img.display()))).unwrap();
         assert_eq!((file.aio(), file.block_size()), (Aio::Sync, 512));
+        // The image is locked while a device has it open.
+        let locked = build_device(&spec(&format!("blk,path={}", img.display())));
+        assert!(
+            matches!(
+                &locked,
+                Err(Error::File {
+                    source: blk::file::Error::Locked { .. },
+                    ..
+                })
+            ),
+            "{locked:?}"
+        );
+        drop(file);
         let uring = build_device(&spec(&format!("blk,path={},aio=io_uring", img.display())));
         assert_eq!(uring.unwrap().aio(), Aio::IoUring);
         let direct = format!("blk,path={},direct=on", img.display());

@@ -29,6 +29,16 @@
 //! If the memory is out of reach by then (the rings cannot be translated,
 //! the device was detached), the I/O in flight is waited for and its holds
 //! released without an answer ([`AsyncQueue::abandon`]).
+//!
+//! # I/O limits
+//!
+//! A request the device's limits (`iops=`, `bw=`) hold back is parked by
+//! the [`AsyncQueue`]; the worker sleeps until
+//! [`AsyncQueue::throttle_deadline`] (or the door's own deadline, whichever
+//! comes first), and is woken at once when the limits change
+//! ([`BlkDevice::set_limits`] wakes every worker of the device through its
+//! [`Control`]). Requests held back this way are handed back with the
+//! queue like the other parked ones.
 
 use std::fmt::Display;
 use std::os::fd::{AsRawFd, RawFd};
@@ -38,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use vcdev_device_model::blk::aio::Engine;
+use vcdev_device_model::blk::throttle::Wake;
 use vcdev_device_model::blk::{AsyncQueue, BlkDevice, Fault, FaultPolicy, QueueOutcome};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -207,6 +218,15 @@ impl Control {
     }
 }
 
+impl Wake for Control {
+    /// The limits changed: look at the throttled requests again.
+    fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            error!("cannot wake a queue worker: {e}");
+        }
+    }
+}
+
 /// One running queue: see the module doc.
 pub struct QueueWorker<D: Door> {
     name: String,
@@ -219,6 +239,8 @@ pub struct QueueWorker<D: Door> {
     wakes: Vec<EventFd>,
     engine_watched: bool,
     broken: bool,
+    /// The last batch could not run ([`Batch::Blocked`]).
+    blocked: bool,
     /// The registry's device, whose [`WorkerSet`] lists this worker.
     reg: Arc<Device>,
 }
@@ -243,6 +265,8 @@ impl<D: Door> QueueWorker<D> {
         let device = reg.blk();
         // Listed before its thread starts, so a shutdown never misses it.
         reg.workers().enter(&control);
+        let waker: Weak<Control> = Arc::downgrade(&control);
+        device.throttle().add_waker(waker);
         Ok(QueueWorker {
             name,
             queue,
@@ -253,6 +277,7 @@ impl<D: Door> QueueWorker<D> {
             wakes,
             engine_watched: false,
             broken: false,
+            blocked: false,
             reg: reg.clone(),
         })
     }
@@ -275,10 +300,14 @@ impl<D: Door> QueueWorker<D> {
         // A kick may have come before the queue started: look now.
         self.poll();
         loop {
-            let timeout = self
-                .door
-                .deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+            // A batch the door could not run (memory out of reach for now)
+            // waits for the door's wake-up, not for the limits.
+            let throttle = self.aq.throttle_deadline().filter(|_| !self.blocked);
+            let deadline = match (self.door.deadline(), throttle) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.el.wait_timeout(timeout, |_| {}) {
                 error!("{}: {e}", self.name);
                 break;
@@ -322,6 +351,7 @@ impl<D: Door> QueueWorker<D> {
     }
 
     fn after(&mut self, r: Batch<Result<QueueOutcome, vcdev_device_model::blk::Error>>) {
+        self.blocked = matches!(r, Batch::Blocked);
         match r {
             Batch::Ran(Ok(outcome)) => {
                 if outcome.notify {

@@ -623,6 +623,80 @@ impl Harness {
         }
     }
 
+    /// Keeps `depth` reads (`write`: writes) of `len` bytes in flight on
+    /// queue `q` for `run`, each slot re-offered as soon as it completes
+    /// (successfully: asserted), then drains. Returns the instant of every
+    /// completion seen before `run` was over, for rates over any window.
+    /// Slot `i` uses descriptors `3i..3i+3`, its own header (metadata
+    /// region) and data buffer (queue `q`'s data area), and sector `8i`.
+    pub fn pump(
+        &mut self,
+        q: usize,
+        write: bool,
+        len: u32,
+        depth: usize,
+        run: Duration,
+    ) -> Vec<Instant> {
+        assert!(depth >= 1 && 3 * depth <= usize::from(self.queues[q].size()));
+        assert!(depth as u64 * u64::from(len) <= DATA_PER_QUEUE);
+        let kind = if write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
+        let hdr = |slot: usize| META_GPA + 0x30_0000 + q as u64 * 0x1_0000 + slot as u64 * 32;
+        let data_base = self.queues[q].data_gpa();
+        let data = move |slot: usize| data_base + slot as u64 * u64::from(len);
+        let offer = |h: &mut Harness, slot: usize| {
+            let (hdr, data) = (hdr(slot), data(slot));
+            let status = hdr + u64::from(BlkRequest::HEADER_LEN);
+            BlkRequest::new(kind, slot as u64 * 8).write(&h.mem, hdr, status);
+            let chain = BlkRequest::chain(
+                h.dma_addr(hdr),
+                &[(h.dma_addr(data), len, if write { R } else { W })],
+                h.dma_addr(status),
+            );
+            let dq = &mut h.queues[q];
+            dq.ring.write_chain(&h.mem, (slot * 3) as u16, &chain);
+            dq.offer(&h.mem, (slot * 3) as u16);
+        };
+        let end = Instant::now() + run;
+        for slot in 0..depth {
+            offer(self, slot);
+        }
+        self.queues[q].kick.write(1).expect("kick");
+        let mut outstanding = depth;
+        let mut done = Vec::new();
+        let mut ready = Vec::with_capacity(depth);
+        while outstanding > 0 {
+            ready.clear();
+            let dq = &mut self.queues[q];
+            dq.enable_calls(&self.mem);
+            ready.push(dq.wait_used(&self.mem, TIMEOUT).expect("request completes"));
+            while let Some(e) = dq.wait_used(&self.mem, Duration::ZERO) {
+                ready.push(e);
+            }
+            let now = Instant::now();
+            let mut again = false;
+            for &(id, _) in &ready {
+                let slot = id as usize / 3;
+                let status = hdr(slot) + u64::from(BlkRequest::HEADER_LEN);
+                assert_eq!(self.mem.read(status, 1)[0], S_OK, "slot {slot} status");
+                outstanding -= 1;
+                if now < end {
+                    done.push(now);
+                    offer(self, slot);
+                    outstanding += 1;
+                    again = true;
+                }
+            }
+            if again {
+                self.queues[q].kick.write(1).expect("kick");
+            }
+        }
+        done
+    }
+
     /// Reads `len` bytes at `sector`.
     pub fn read(&mut self, q: usize, sector: u64, len: u32) -> BlkResult {
         self.blk(q, VIRTIO_BLK_T_IN, sector, &[], len)

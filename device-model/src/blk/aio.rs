@@ -65,6 +65,17 @@ impl FromStr for AioMode {
     }
 }
 
+impl fmt::Display for AioMode {
+    /// The `aio=` value, as [`AioMode::from_str`] reads it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::IoUring => "io_uring",
+            Self::Sync => "sync",
+        })
+    }
+}
+
 /// The engine a device's queues use, once [`AioMode`] is resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Aio {

@@ -8,6 +8,11 @@
 //! cache. Its buffers and offsets must then be aligned: [`dio_alignment`] finds how, and the
 //! backend reports it as [`BlockBackend::mem_align`] and [`BlockBackend::block_size`]; the
 //! device bounces unaligned guest buffers (`super::bounce`).
+//!
+//! [`FileBackend::open_with`] locks the image as QEMU does ([`super::lock`]): a writable open
+//! exclusively, a read-only one shared with other readers. A second writable open, by vcdev or
+//! QEMU, or by another device of this process, fails with [`Error::Locked`]. The lock is
+//! released when the backend is dropped.
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -20,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::VolatileSlice;
 
 use super::backend::{BlockBackend, SECTOR_BYTES, SECTOR_SIZE, ZEROES};
+use super::lock::{self, Conflict, Holder, ImageLock, LockError};
 use super::resize::ResizeError;
 
 /// Errors opening a [`FileBackend`].
@@ -37,6 +43,32 @@ pub enum Error {
     /// The image could not be opened with `O_DIRECT` (the file system may not support it).
     #[error("Failed to open disk image {path} with O_DIRECT")]
     OpenDirect {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another open of the image holds a lock that conflicts with this open (QEMU's
+    /// "Failed to get \"write\" lock").
+    #[error(
+        "Disk image {path} is locked by another process: {conflict}, in conflict with this \
+         {mode} open (QEMU lock byte {byte}; {holder})",
+        byte = conflict.byte()
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// What the other open holds or refuses to share.
+        conflict: Conflict,
+        /// Who holds it, as far as the kernel says.
+        holder: Holder,
+        /// "writable" or "read-only": this open.
+        mode: &'static str,
+    },
+    /// The image could not be locked (other than for a conflict).
+    #[error("Failed to lock disk image {path}")]
+    Lock {
         /// The image.
         path: PathBuf,
         /// The cause.
@@ -160,6 +192,17 @@ pub struct FileBackend {
     len: AtomicU64,
     /// With `O_DIRECT`: the alignment transfers need.
     direct: Option<DioAlign>,
+    /// The image's lock (none from [`FileBackend::from_file`], or where the file system has
+    /// no OFD locks); released on drop.
+    lock: Option<ImageLock>,
+}
+
+impl Drop for FileBackend {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            lock.release(&self.file);
+        }
+    }
 }
 
 impl FileBackend {
@@ -190,14 +233,43 @@ impl FileBackend {
                 Error::Open { path, source }
             }
         })?;
+        let lock = Self::lock(&file, path, options.read_only)?;
+        // On an error below the file is closed, which drops its locks.
         let mut backend = Self::from_file(file)?;
+        backend.lock = lock;
         if options.direct {
             backend.direct = Some(dio_alignment(&backend.file));
         }
         Ok(backend)
     }
 
-    /// Use an already open image (through the page cache). Its size is taken now; it changes
+    /// Locks the image at `path`, open as `file` (see [`super::lock`]). A file system without
+    /// OFD locks gives no lock and a warning.
+    fn lock(file: &File, path: &Path, read_only: bool) -> Result<Option<ImageLock>, Error> {
+        match lock::lock(file, read_only) {
+            Ok(l) => Ok(Some(l)),
+            Err(LockError::Conflict { conflict, holder }) => Err(Error::Locked {
+                path: path.to_owned(),
+                conflict,
+                holder,
+                mode: if read_only { "read-only" } else { "writable" },
+            }),
+            Err(LockError::Io(e)) if lock::is_unsupported(&e) => {
+                log::warn!(
+                    "disk image {}: not locked, its file system has no OFD locks ({e}): \
+                     nothing keeps another process from writing it",
+                    path.display()
+                );
+                Ok(None)
+            }
+            Err(LockError::Io(source)) => Err(Error::Lock {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Use an already open image (through the page cache), without locking it. Its size is taken now; it changes
     /// only through [`BlockBackend::resize`].
     pub fn from_file(file: File) -> Result<Self, Error> {
         let len = size_of_file(&file).map_err(Error::Size)?;
@@ -208,7 +280,14 @@ impl FileBackend {
             file,
             len: AtomicU64::new(len),
             direct: None,
+            lock: None,
         })
+    }
+
+    /// Whether the image is locked (see [`super::lock`]).
+    #[must_use]
+    pub fn locked(&self) -> bool {
+        self.lock.is_some()
     }
 
     fn is_block_device(&self) -> bool {
@@ -465,6 +544,117 @@ pub(crate) mod tests {
             FileBackend::open(&missing, true),
             Err(Error::Open { .. })
         ));
+    }
+
+    fn locked(r: Result<FileBackend, Error>) -> String {
+        match r {
+            Err(e @ Error::Locked { .. }) => e.to_string(),
+            other => panic!("expected a lock conflict, got {other:?}"),
+        }
+    }
+
+    /// Two writable opens in one process conflict as two processes would (OFD locks belong to
+    /// the open, not the process); the lock goes with the backend.
+    #[test]
+    fn writable_opens_exclude_each_other() {
+        let img = TempImage::new(65536);
+        let first = FileBackend::open(&img.path, false).unwrap();
+        assert!(first.locked());
+        let msg = locked(FileBackend::open(&img.path, false));
+        assert!(msg.contains(&img.path.display().to_string()), "{msg}");
+        assert!(msg.contains("locked by another process"), "{msg}");
+        assert!(msg.contains("l_pid -1"), "{msg}");
+        drop(first);
+        let again = FileBackend::open(&img.path, false).unwrap();
+        assert!(again.locked());
+    }
+
+    /// Read-only opens share the image (a golden image).
+    #[test]
+    fn read_only_opens_share() {
+        let img = TempImage::new(65536);
+        let a = FileBackend::open(&img.path, true).unwrap();
+        let b = FileBackend::open(&img.path, true).unwrap();
+        let c = FileBackend::open_with(
+            &img.path,
+            FileOptions {
+                read_only: true,
+                direct: false,
+            },
+        )
+        .unwrap();
+        assert!(a.locked() && b.locked() && c.locked());
+    }
+
+    /// A writable and a read-only open conflict, whichever comes first; a failed open leaves no
+    /// lock behind.
+    #[test]
+    fn writable_and_read_only_conflict() {
+        let img = TempImage::new(65536);
+        let rw = FileBackend::open(&img.path, false).unwrap();
+        let msg = locked(FileBackend::open(&img.path, true));
+        assert!(msg.contains("holds the \"write\" permission"), "{msg}");
+        assert!(msg.contains("byte 101"), "{msg}");
+        assert!(msg.contains("read-only open"), "{msg}");
+        drop(rw);
+        let ro = FileBackend::open(&img.path, true).unwrap();
+        let msg = locked(FileBackend::open(&img.path, false));
+        assert!(
+            msg.contains("does not share the \"write\" permission"),
+            "{msg}"
+        );
+        assert!(msg.contains("byte 201"), "{msg}");
+        assert!(msg.contains("writable open"), "{msg}");
+        // The refused writable open left nothing: another reader still gets in.
+        let ro2 = FileBackend::open(&img.path, true).unwrap();
+        drop((ro, ro2));
+        FileBackend::open(&img.path, false).unwrap();
+    }
+
+    /// A block device is locked too, as QEMU's `host_device` locks it (needs `losetup`, so
+    /// root; skipped otherwise).
+    #[test]
+    fn block_devices_are_locked() {
+        let img = TempImage::new(1 << 20);
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img.path)
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            _ => {
+                eprintln!("SKIP block_devices_are_locked: no losetup (root needed)");
+                return;
+            }
+        };
+        let first = FileBackend::open(Path::new(&dev), false);
+        let locked = first
+            .as_ref()
+            .map(FileBackend::locked)
+            .map_err(ToString::to_string);
+        let second = match FileBackend::open(Path::new(&dev), true) {
+            Err(e @ Error::Locked { .. }) => Ok(e.to_string()),
+            other => Err(format!("{other:?}")),
+        };
+        drop(first);
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
+        assert_eq!(locked, Ok(true), "{dev}");
+        assert!(second.is_ok(), "{dev}: {second:?}");
+    }
+
+    /// An unlocked backend (from an open file) neither takes nor checks locks.
+    #[test]
+    fn from_file_does_not_lock() {
+        let img = TempImage::new(65536);
+        let _rw = FileBackend::open(&img.path, false).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img.path)
+            .unwrap();
+        assert!(!FileBackend::from_file(f).unwrap().locked());
     }
 
     #[test]

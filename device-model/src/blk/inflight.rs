@@ -19,11 +19,17 @@
 //!   again and asks the transport once more (a refused miss fails it with IOERR);
 //! - for a free submission slot, when the engine is full: it is submitted after reaping;
 //! - a FLUSH waits until every write in flight when it arrived has completed, then is
-//!   submitted, and completes after its `fdatasync`.
+//!   submitted, and completes after its `fdatasync`;
+//! - for the device's I/O limits ([`super::throttle`]): a read or write the buckets cannot
+//!   pay for yet is parked with its descriptors (no translation held), and no new chain is
+//!   taken from the avail ring until it has gone, so the requests behind it keep their order.
+//!   It goes, first, at a poll once the buckets hold its cost
+//!   ([`AsyncQueue::throttle_deadline`] says when); it is never failed.
 #![allow(unsafe_code)]
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::warn;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
@@ -37,6 +43,7 @@ use super::bounce::{self, EngineBounce};
 use super::chain::{self, Rewalk};
 use super::exec::{self, answer, check_range, start_chain, used_len, Completion, Started};
 use super::request::{ParseError, RequestType, Segment};
+use super::throttle::Cost;
 use super::{BlkDevice, Error, Fault, FaultPolicy, QueueOutcome};
 
 /// A hold on translated ranges; releasing it (once) lets invalidations that overlap it finish.
@@ -102,6 +109,14 @@ struct Pending {
     barrier: Option<u64>,
 }
 
+/// A request parked by the I/O limits: walked, translated once, and over budget.
+#[derive(Debug)]
+struct Throttled {
+    head: u16,
+    descs: Vec<Descriptor>,
+    cost: Cost,
+}
+
 /// One try at a request under a fault policy: `Some(fault)` when it faulted under Retry.
 type Attempt<'a, Q> =
     dyn FnMut(&mut Q, FaultPolicy, &mut QueueOutcome) -> Result<Option<Fault>, Error> + 'a;
@@ -129,6 +144,9 @@ pub struct AsyncQueue<H> {
     /// its descriptors (the driver may not change them while the device owns the chain; walking
     /// it again through the IOMMU could fail on a translation that is gone for now).
     parked: VecDeque<(u16, Option<Vec<Descriptor>>)>,
+    /// Requests parked by the device's I/O limits, oldest first; while there is one, no new
+    /// chain is taken from the avail ring.
+    throttled: VecDeque<Throttled>,
     /// Sequence numbers of the writes in flight.
     writes: BTreeSet<u64>,
     next_write_seq: u64,
@@ -160,6 +178,7 @@ impl<H: Release> AsyncQueue<H> {
             free: (0..depth as u64).rev().collect(),
             pending: VecDeque::new(),
             parked: VecDeque::new(),
+            throttled: VecDeque::new(),
             writes: BTreeSet::new(),
             next_write_seq: 0,
             descs: Vec::new(),
@@ -206,11 +225,30 @@ impl<H: Release> AsyncQueue<H> {
         self.parked.len()
     }
 
-    /// The heads of the parked requests, oldest first, taken out of this queue: a transport
-    /// that stops the queue keeps them (they were taken from the avail ring and not answered)
-    /// and gives them to the queue that resumes it ([`AsyncQueue::park`]).
+    /// Requests parked by the device's I/O limits.
+    #[must_use]
+    pub fn throttled(&self) -> usize {
+        self.throttled.len()
+    }
+
+    /// When the oldest request parked by the I/O limits may go (`None`: none waits, or no
+    /// slot is free, and a completion wakes the worker first): the queue's worker polls again
+    /// then, or when the limits change.
+    #[must_use]
+    pub fn throttle_deadline(&self) -> Option<Instant> {
+        let t = self.throttled.front().filter(|_| !self.free.is_empty())?;
+        Some(self.device.throttle().ready_at(t.cost, Instant::now()))
+    }
+
+    /// The heads of the parked requests (on an IOMMU fault, then by the I/O limits), oldest
+    /// first, taken out of this queue: a transport that stops the queue keeps them (they were
+    /// taken from the avail ring and not answered) and gives them to the queue that resumes it
+    /// ([`AsyncQueue::park`]).
     pub fn take_parked(&mut self) -> Vec<u16> {
-        self.parked.drain(..).map(|(head, _)| head).collect()
+        let parked = self.parked.drain(..).map(|(head, _)| head);
+        parked
+            .chain(self.throttled.drain(..).map(|t| t.head))
+            .collect()
     }
 
     /// Parks `heads` (from [`AsyncQueue::take_parked`]): they are walked again at the next poll,
@@ -271,6 +309,7 @@ impl<H: Release> AsyncQueue<H> {
             }
             self.retry_parked(queue, mem, decide, head, walked, &mut outcome)?;
         }
+        self.release_throttled(queue, mem, decide, &mut outcome)?;
         self.take_new(queue, mem, decide, &mut outcome)?;
         self.submit_pending();
         if let Err(e) = self.engine.commit() {
@@ -348,6 +387,7 @@ impl<H: Release> AsyncQueue<H> {
         }
         self.reaped = reaped;
         self.parked.clear();
+        self.throttled.clear();
         n
     }
 
@@ -380,11 +420,12 @@ impl<H: Release> AsyncQueue<H> {
         let desc_table = GuestAddress(queue.desc_table());
         let queue_size = queue.size();
         let event_idx = queue.event_idx_enabled();
-        loop {
+        // Behind a request the limits hold back, the avail ring waits.
+        while self.throttled.is_empty() {
             if event_idx {
                 queue.disable_notification(mem).map_err(Error::Queue)?;
             }
-            while !self.free.is_empty() {
+            while !self.free.is_empty() && self.throttled.is_empty() {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
@@ -400,7 +441,7 @@ impl<H: Release> AsyncQueue<H> {
                         Some(&descs),
                         decide,
                         outcome,
-                        &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, out),
+                        &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, false, out),
                     ),
                     Err(err) => self.decided(head, None, decide, outcome, &mut |s, policy, out| {
                         let c =
@@ -411,14 +452,46 @@ impl<H: Release> AsyncQueue<H> {
                 self.descs = descs;
                 res?;
             }
-            // A full queue of requests in flight: the completions poll again.
+            // A full queue of requests in flight: the completions poll again. A request
+            // held back by the limits: its deadline does (notifications may stay off).
             if self.free.is_empty()
+                || !self.throttled.is_empty()
                 || !event_idx
                 || !queue.enable_notification(mem).map_err(Error::Queue)?
             {
                 return Ok(());
             }
         }
+        Ok(())
+    }
+
+    /// Starts the requests parked by the I/O limits, oldest first, while the buckets pay for
+    /// them and a slot is free.
+    fn release_throttled<M: InflightMemory<Hold = H>>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
+        outcome: &mut QueueOutcome,
+    ) -> Result<(), Error> {
+        let now = Instant::now();
+        while let Some(t) = self.throttled.front() {
+            if self.free.is_empty() || self.device.throttle().try_take(t.cost, now).is_err() {
+                break;
+            }
+            let Some(t) = self.throttled.pop_front() else {
+                break;
+            };
+            let (head, descs) = (t.head, t.descs);
+            self.decided(
+                head,
+                Some(&descs),
+                decide,
+                outcome,
+                &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, true, out),
+            )?;
+        }
+        Ok(())
     }
 
     /// A chain virtio-queue could not walk: IOERR through its real status byte if it has one.
@@ -497,7 +570,7 @@ impl<H: Release> AsyncQueue<H> {
                 Some(&descs),
                 decide,
                 outcome,
-                &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, out),
+                &mut |s, policy, out| s.begin(queue, mem, policy, head, &descs, false, out),
             );
         }
         // Parked before it could be walked (a fault on its descriptors), or handed over
@@ -513,7 +586,7 @@ impl<H: Release> AsyncQueue<H> {
             &mut |s, policy, out| match chain::rewalk(mem, table, size, head, &mut descs) {
                 Rewalk::End(_) => {
                     let walked = std::mem::take(&mut descs);
-                    let r = s.begin(queue, mem, policy, head, &walked, out);
+                    let r = s.begin(queue, mem, policy, head, &walked, false, out);
                     descs = walked;
                     r
                 }
@@ -539,7 +612,9 @@ impl<H: Release> AsyncQueue<H> {
         r
     }
 
-    /// Phase one of a walked chain, then its submission or its answer.
+    /// Phase one of a walked chain, then its submission or its answer; a read or write the
+    /// I/O limits cannot pay for yet (unless already `paid` for) is parked by them.
+    #[allow(clippy::too_many_arguments)]
     fn begin<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
@@ -547,6 +622,7 @@ impl<H: Release> AsyncQueue<H> {
         policy: FaultPolicy,
         head: u16,
         descs: &[Descriptor],
+        paid: bool,
         outcome: &mut QueueOutcome,
     ) -> Result<Option<Fault>, Error> {
         let device = self.device.clone();
@@ -572,6 +648,19 @@ impl<H: Release> AsyncQueue<H> {
                         return self.finish(queue, mem, head, c, outcome);
                     }
                 };
+                let cost = Cost::io(len);
+                if !paid
+                    && (!self.throttled.is_empty()
+                        || device.throttle().try_take(cost, Instant::now()).is_err())
+                {
+                    // Nothing of it happened yet: it starts over when its turn comes.
+                    self.throttled.push_back(Throttled {
+                        head,
+                        descs: descs.to_vec(),
+                        cost,
+                    });
+                    return Ok(None);
+                }
                 if bounce::needs_bounce(target.backend, &slices) {
                     bounce = EngineBounce::new(target.backend, &slices, len, reading);
                     if bounce.is_none() {

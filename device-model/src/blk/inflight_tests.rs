@@ -16,6 +16,7 @@ use super::file::tests::TempImage;
 use super::inflight::OpEvent;
 use super::test_util::*;
 use super::*;
+use crate::blk::throttle::Limits;
 use crate::testing::{blk_segments, ram_blk};
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -429,4 +430,99 @@ fn a_resumed_queue_walks_its_parked_requests_and_uses_each_once() {
     assert_eq!(used(&d), [(b.head, 513), (a.head, 513)]);
     assert_eq!(status_of(&d, &a), OK);
     assert!(holds().is_empty());
+}
+
+/// A device limited to `bw` bytes a second (a burst of one second).
+fn limited_device(img: &TempImage, bw: u64) -> Arc<BlkDevice> {
+    let dev = file_device(img);
+    dev.set_limits(Limits { iops: 0, bw });
+    dev
+}
+
+/// One poll, failing faults (none expected).
+fn poll_once<M: InflightMemory<Hold = HoldToken>>(
+    d: &mut Driver<'_, M>,
+    q: &mut AsyncQueue<HoldToken>,
+) {
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
+}
+
+/// A request over budget is parked, and those behind it wait on the avail ring, even those
+/// that cost nothing (FIFO); the worker is told when to look again; lifting the limits lets
+/// them all through, in order. The waits here are many seconds long (a 64 KiB request at 4 KiB
+/// a second leaves 60 KiB of debt), so no tokens come back while the test runs.
+#[test]
+fn throttled_requests_wait_in_order_until_the_limits_change() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = limited_device(&img, 4096);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let big = d.request(VIRTIO_BLK_T_OUT, 0, &[Buf::Out(pattern(64 << 10, 1))]);
+    let r = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+    let id = d.request(VIRTIO_BLK_T_GET_ID, 0, &[Buf::In(20)]);
+    let f = d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(q.throttle_deadline(), None);
+    for _ in 0..3 {
+        poll_once(&mut d, &mut q);
+    }
+    assert_eq!(used(&d), [(big.head, 1)], "only the burst went");
+    assert_eq!((q.throttled(), q.parked(), q.in_flight()), (1, 0, 0));
+    assert_eq!(status_of(&d, &r), 0xff);
+    assert_eq!(status_of(&d, &id), 0xff, "GET_ID overtook a throttled read");
+    let wait = q
+        .throttle_deadline()
+        .expect("a deadline")
+        .saturating_duration_since(std::time::Instant::now());
+    assert!(wait > std::time::Duration::from_secs(10), "{wait:?}");
+    assert!(
+        holds().is_empty(),
+        "a throttled request holds no translation"
+    );
+    dev.set_limits(Limits::UNLIMITED);
+    poll_until(&mut d, &mut q, FaultPolicy::Fail, 4);
+    // Started in order; GET_ID, which needs no I/O, may complete before the read.
+    let mut heads: Vec<u16> = used(&d).iter().map(|&(h, _)| h).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, [big.head, r.head, id.head, f.head]);
+    assert_eq!(data_of(&d, &r), pattern(64 << 10, 1)[..4096]);
+    assert_eq!((q.throttled(), q.throttle_deadline()), (0, None));
+}
+
+/// The buckets are the device's: two queues share one burst. A stopped queue hands its
+/// throttled requests back with its parked ones, and the queue that resumes it runs them.
+#[test]
+fn queues_share_the_limits_and_hand_throttled_requests_over() {
+    let img = TempImage::new(DISK);
+    let (mem1, mem2) = (plain_mem(), plain_mem());
+    // One 64 KiB request a second, and a burst of one.
+    let dev = limited_device(&img, 64 << 10);
+    let mut d1 = Driver::new(&mem1, dev.clone(), QSIZE);
+    let mut d2 = Driver::new(&mem2, dev.clone(), QSIZE);
+    let mut q1: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let mut q2: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let a = d1.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(64 << 10)]);
+    let b = d2.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(64 << 10)]);
+    poll_until(&mut d1, &mut q1, FaultPolicy::Fail, 1);
+    poll_once(&mut d2, &mut q2);
+    assert_eq!(used(&d1), [(a.head, (64 << 10) + 1)]);
+    assert_eq!((d2.used_idx(), q2.throttled()), (0, 1));
+    // Queue 2 stops (its worker drains and hands its requests back) and resumes elsewhere.
+    q2.drain(&mut d2.queue, d2.mem).unwrap();
+    let parked = q2.take_parked();
+    assert_eq!(parked, [b.head]);
+    let base = d2.queue.next_avail();
+    d2.queue.set_next_used(base);
+    let mut q3: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    q3.park(parked);
+    poll_once(&mut d2, &mut q3);
+    assert_eq!((d2.used_idx(), q3.throttled()), (0, 1), "still over budget");
+    dev.set_limits(Limits {
+        iops: 0,
+        bw: 1 << 30,
+    });
+    poll_until(&mut d2, &mut q3, FaultPolicy::Fail, 1);
+    assert_eq!(used(&d2), [(b.head, (64 << 10) + 1)]);
+    assert_eq!(status_of(&d2, &b), OK);
 }

@@ -16,6 +16,11 @@
 //! miss in the IOMMU is left on the avail ring and the call returns early with
 //! [`QueueOutcome::fault`]. The transports drive [`AsyncQueue`] instead (see [`inflight`]),
 //! where such a request is parked and the requests behind it go on.
+//!
+//! The device's I/O limits (`iops=`, `bw=`: [`throttle`], changed live with
+//! [`BlkDevice::set_limits`]) are applied by [`AsyncQueue`]; the synchronous reference path does
+//! not throttle. A file image is locked as QEMU locks it while its [`FileBackend`] lives
+//! ([`lock`]).
 
 pub mod aio;
 mod backend;
@@ -25,9 +30,11 @@ pub mod config;
 mod exec;
 pub mod file;
 pub mod inflight;
+pub mod lock;
 pub mod ram;
 pub mod request;
 mod resize;
+pub mod throttle;
 mod volatile;
 
 #[cfg(test)]
@@ -55,6 +62,7 @@ pub use file::{FileBackend, FileOptions};
 pub use inflight::{AsyncQueue, InflightMemory, Release, Tracker};
 pub use ram::RamBackend;
 pub use resize::{ResizeError, Resized};
+pub use throttle::{Limits, Throttle};
 
 use config::SERIAL_LEN;
 use exec::{handle_chain, Completion, Target};
@@ -102,6 +110,8 @@ pub struct BlkDevice {
     /// overlay [`BlkDevice::capacity`]).
     config_space: Vec<u8>,
     features: u64,
+    /// The `iops=` / `bw=` limits, shared by every queue ([`throttle`]).
+    throttle: Throttle,
     capacity: Capacity,
     /// Serialises resizes.
     resize_lock: Mutex<()>,
@@ -123,6 +133,7 @@ impl BlkDevice {
             resize_lock: Mutex::new(()),
             backend,
             cfg,
+            throttle: Throttle::default(),
         })
     }
 
@@ -185,6 +196,33 @@ impl BlkDevice {
                 *d = *b;
             }
         }
+    }
+
+    /// The I/O limits in force (unlimited unless set).
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        self.throttle.limits()
+    }
+
+    /// Changes the I/O limits, live: requests parked by the old limits are looked at again
+    /// under the new ones (their queues' workers are woken). Zero means unlimited.
+    pub fn set_limits(&self, limits: Limits) {
+        let old = self.throttle.limits();
+        self.throttle.set_limits(limits, std::time::Instant::now());
+        if old != limits {
+            log::info!(
+                "virtio-blk: limits changed from {} to {}",
+                throttle::describe(old),
+                throttle::describe(limits)
+            );
+        }
+    }
+
+    /// The device's token buckets: the queues draw from them, a queue's worker registers to be
+    /// woken when the limits change ([`Throttle::add_waker`]).
+    #[must_use]
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Make every completed write durable (at shutdown, for example).

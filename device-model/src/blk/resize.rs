@@ -344,6 +344,8 @@ mod tests {
         assert!(matches!(e, ResizeError::ReadOnly));
         assert_eq!(e.errno(), libc::EROFS);
         assert_eq!(ro.capacity_bytes(), MIB);
+        // A writable device cannot open the image while a read-only one holds it.
+        drop(ro);
 
         let dev = file_blk(&img, false);
         for bad in [0, MIB + 100, 2 * MIB + 256] {
