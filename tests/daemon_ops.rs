@@ -65,10 +65,30 @@ fn add_io_then_remove_refused_then_forced() {
     assert!(d.path("devices/d1").exists());
 
     let mut h1 = Harness::start(&sock, 1, 64);
+    let channel = h1.backend_channel();
     let data = pattern(3, 8192);
     assert_eq!(h1.write(0, 8, &data), S_OK);
     let r = h1.read(0, 8, 8192);
     assert_eq!((r.status, r.data == data), (S_OK, true));
+
+    // Resize: GET_CONFIG shows the new capacity, the backend channel
+    // carries CONFIG_CHANGE_MSG, the new area takes I/O.
+    let (code, r) = d.ctl_json(&["resize", "d1", "8M"]);
+    assert_eq!(
+        (code, r["capacity_bytes"].as_u64()),
+        (0, Some(8 << 20)),
+        "{r}"
+    );
+    assert_eq!(h1.config_capacity(), (8 << 20) / 512);
+    let f = vcdev::wire::read_frame(&channel, vcdev::wire::FlagPolicy::VHOST_USER)
+        .expect("a backend-channel frame")
+        .expect("the backend channel is open");
+    assert_eq!(
+        f.header.request,
+        vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG as u32
+    );
+    assert_eq!(h1.write(0, (8 << 20) / 512 - 8, &data[..4096]), S_OK);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 8 << 20);
 
     // Held: refused, exit 1, EBUSY, the holder named.
     let (code, e) = d.ctl_json(&["remove", "d1"]);
@@ -136,6 +156,73 @@ fn bad_spec_duplicate_name_and_missing_image_change_nothing() {
     let gone = TempDir::new("ops-nodaemon").unwrap();
     let (c, e) = common::vcdev::ctl_json(gone.path(), &["list"]);
     assert_eq!(c, 1, "{e}");
+}
+
+/// `ctl set` changes the limits live, refuses what cannot change live,
+/// and the limits come back after a restart.
+#[test]
+fn set_limits_live_and_after_a_restart() {
+    let mut d = Vcdev::builder("ops-set")
+        .device("blk,name=d0,ram=1M")
+        .spawn();
+    assert_eq!(d.ctl_json(&["add", "blk,name=a,ram=1M"]).0, 0);
+    let (c, v) = d.ctl_json(&["set", "a", "iops=500", "bw=2M"]);
+    assert_eq!(
+        (c, v["iops"].as_u64(), v["bw"].as_u64()),
+        (0, Some(500), Some(2 << 20)),
+        "{v}"
+    );
+    let (c, v) = d.ctl_json(&["set", "d0", "iops=300"]);
+    assert_eq!((c, v["bw"].as_u64()), (0, Some(0)), "{v}");
+    for bad in ["ram=2M", "iops=x", "queues=2"] {
+        let (c, e) = d.ctl_json(&["set", "a", bad]);
+        assert_eq!(
+            (c, e["errno"].as_i64()),
+            (2, Some(libc::EINVAL.into())),
+            "{bad}: {e}"
+        );
+    }
+    let (c, _) = d.ctl_json(&["set", "nope", "iops=1"]);
+    assert_eq!(c, 1);
+    d.restart();
+    let (_, list) = d.ctl_json(&["list"]);
+    let by = |n: &str| {
+        list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        (by("a")["iops"].as_u64(), by("a")["bw"].as_u64()),
+        (Some(500), Some(2 << 20))
+    );
+    assert_eq!(by("d0")["iops"].as_u64(), Some(300));
+}
+
+/// An image another process holds writable: `ctl add` is refused with
+/// EBUSY (exit 1), saying it is locked, and nothing changes.
+#[test]
+fn add_of_a_locked_image_is_refused() {
+    let imgs = TempDir::new("ops-locked").unwrap();
+    let img = image(&imgs, "l.img", 1 << 20);
+    let spec = format!("blk,name=l,path={}", img.display());
+    let holder = Vcdev::builder("ops-locked-a").device(&spec).spawn();
+    let d = Vcdev::builder("ops-locked-b")
+        .device("blk,name=d0,ram=1M")
+        .spawn();
+    let (c, e) = d.ctl_json(&["add", &spec]);
+    assert_eq!(
+        (c, e["errno"].as_i64()),
+        (1, Some(libc::EBUSY.into())),
+        "{e}"
+    );
+    assert!(e["error"].as_str().unwrap().contains("locked"), "{e}");
+    let (_, list) = d.ctl_json(&["list"]);
+    assert_eq!(names(&list), ["d0"]);
+    drop(holder);
 }
 
 /// Devices added at run time come back after a restart; removed ones do

@@ -75,6 +75,9 @@ pub enum ConfigError {
     /// A `--device` has the name of a device of the state file.
     #[error("device {0:?} is both a --device and a device added at run time (in DIR/state.json); drop the --device, or `vcdev ctl remove` it first")]
     StateClash(String),
+    /// `vcdev ctl set` with an option that cannot change live.
+    #[error("{0:?}: only iops= and bw= can be set while the daemon runs")]
+    NotLive(String),
     /// `--socket-group` names no group.
     #[error("--socket-group {0:?}: no such group")]
     UnknownGroup(String),

@@ -58,6 +58,13 @@ pub enum Request {
         /// Disconnect its holder first.
         force: bool,
     },
+    /// Sets a device's I/O limits live (`iops=N`, `bw=BYTES`).
+    Set {
+        /// The device.
+        name: String,
+        /// `key=value` options.
+        options: Vec<String>,
+    },
     /// Resizes a device: to `size` (K, M, G suffixes), or without one to
     /// the size its backing has now.
     Resize {
@@ -224,6 +231,8 @@ fn device_json(daemon: &Daemon, d: &CdevDevice) -> Value {
         "queues": spec.map(|s| s.queues),
         "queue_size": spec.map(|s| s.queue_size),
         "group": d.reg().group(),
+        "iops": d.blk().limits().iops,
+        "bw": d.blk().limits().bw,
         "origin": match planned.map(|p| p.origin) {
             Some(Origin::Added) => "added",
             _ => "command-line",
@@ -305,6 +314,10 @@ fn answer(daemon: &Daemon, req: &Request) -> Result<Value, CtlError> {
         Request::Remove { name, force } => {
             let who = daemon.remove(name, *force)?;
             Ok(json!({ "name": name, "removed": true, "disconnected": who }))
+        }
+        Request::Set { name, options } => {
+            let l = daemon.set_limits(name, options)?;
+            Ok(json!({ "name": name, "iops": l.iops, "bw": l.bw }))
         }
         Request::Resize { name, size, shrink } => {
             let size = match size {
@@ -438,6 +451,13 @@ pub fn render(req: &Request, v: &Value) -> String {
                 "# {}: added; attach it with\n{}",
                 v["name"].as_str().unwrap_or("?"),
                 v["qemu"].as_str().unwrap_or("")
+            );
+        }
+        Request::Set { name, .. } => {
+            let _ = writeln!(
+                out,
+                "{name}: iops {} bw {} bytes/s (0: no limit)",
+                v["iops"], v["bw"]
             );
         }
         Request::Resize { name, .. } => {

@@ -49,6 +49,8 @@ use vcdev_iommu::sync::lock;
 use vcdev_iommu::Errno;
 use vmm_sys_util::timerfd::TimerFd;
 
+use vcdev_device_model::blk::throttle::Limits;
+
 use crate::access::Access;
 use crate::cdev::server::Node;
 use crate::config::{ConfigError, DeviceSpec};
@@ -655,6 +657,43 @@ impl Daemon {
         }
         info!("{name}: removed");
         Ok(holder)
+    }
+
+    /// `vcdev ctl set NAME iops=N bw=BYTES`: new I/O limits (0: none),
+    /// live, kept in the state file; the other limit stays as it was.
+    pub fn set_limits(&self, name: &str, options: &[String]) -> Result<Limits, OpError> {
+        let mut nodes = lock(&self.nodes);
+        let entry = nodes
+            .devices
+            .get(name)
+            .ok_or_else(|| OpError::NoDevice(name.into()))?;
+        for o in options {
+            match o.split_once('=') {
+                Some(("iops" | "bw", _)) => {}
+                _ => return Err(ConfigError::NotLive(o.clone()).into()),
+            }
+        }
+        let base = nodes.state.effective(name, &entry.planned.source);
+        let spec = DeviceSpec::parse(&format!("{base},{}", options.join(",")), 0)?;
+        let dev = self
+            .registry
+            .get(name)
+            .ok_or_else(|| OpError::NoDevice(name.into()))?;
+        let mut st = nodes.state.clone();
+        for (k, v) in options.iter().filter_map(|o| o.split_once('=')) {
+            st.record_change(name, k, v);
+        }
+        st.save(&self.dir)?;
+        nodes.state = st;
+        dev.blk().set_limits(spec.limits);
+        if let Some(e) = nodes.devices.get_mut(name) {
+            e.planned.spec.limits = spec.limits;
+        }
+        info!(
+            "{name}: limits now iops={} bw={} (0: none)",
+            spec.limits.iops, spec.limits.bw
+        );
+        Ok(spec.limits)
     }
 
     /// Records a run-time change of device `name` (`key=value` of SPEC) in

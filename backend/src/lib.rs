@@ -156,6 +156,10 @@ impl Error {
         match self {
             Error::Config(_) => vcdev_iommu::Errno::EINVAL,
             Error::Op(e) => e.errno(),
+            Error::File {
+                source: blk::file::Error::Locked { .. },
+                ..
+            } => vcdev_iommu::Errno::EBUSY,
             _ => vcdev_iommu::Errno::EIO,
         }
     }

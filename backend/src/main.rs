@@ -70,6 +70,15 @@ enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Set a device's I/O limits live: iops=N (requests per second), bw=BYTES
+    /// (per second, K/M/G suffixes); 0 removes a limit. Kept across restarts.
+    Set {
+        /// The device.
+        name: String,
+        /// iops=N and/or bw=BYTES.
+        #[arg(required = true)]
+        options: Vec<String>,
+    },
     /// Resize a file-backed or RAM disk to SIZE (K, M, G suffixes, a
     /// multiple of 512), or without SIZE take the size its block device or
     /// image has now; refused for readonly=on devices. The guest is told.
@@ -103,6 +112,7 @@ fn ctl(a: CtlArgs) -> ExitCode {
         }
         CtlCommand::Remove { name, force } => Request::Remove { name, force },
         CtlCommand::Resize { name, size, shrink } => Request::Resize { name, size, shrink },
+        CtlCommand::Set { name, options } => Request::Set { name, options },
     };
     match vcdev::ctl::request(&path, &req) {
         Ok(v) => {

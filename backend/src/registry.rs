@@ -171,6 +171,8 @@ pub struct OwnerTable {
     /// Groups whose group file is open (with the claims of the device
     /// files got through it).
     open_groups: BTreeSet<u32>,
+    /// Releases so far (ownerships and groups), for waiters.
+    releases: u64,
 }
 
 /// The table and the condition its waiters sleep on (an owner leaving).
@@ -181,10 +183,25 @@ struct Table {
 }
 
 impl Table {
-    /// Sleeps until something is released, at most `d`.
-    fn wait_release(&self, d: Duration) {
+    /// How many releases happened so far.
+    fn releases(&self) -> u64 {
+        lock(&self.state).releases
+    }
+
+    /// Notes a release and wakes the waiters.
+    fn release(&self, t: std::sync::MutexGuard<'_, OwnerTable>) {
+        let mut t = t;
+        t.releases = t.releases.wrapping_add(1);
+        drop(t);
+        self.released.notify_all();
+    }
+
+    /// Sleeps until a release after the `seen`-th, at most `d`.
+    fn wait_release(&self, seen: u64, d: Duration) {
         let t = lock(&self.state);
-        let _ = self.released.wait_timeout(t, d);
+        if t.releases == seen {
+            let _ = self.released.wait_timeout(t, d);
+        }
     }
 
     /// Retries `attempt` while what refuses it is going away: for up to
@@ -201,6 +218,7 @@ impl Table {
     ) -> Result<T, RegistryError> {
         let start = Instant::now();
         loop {
+            let seen = self.releases();
             let e = match attempt() {
                 Ok(v) => return Ok(v),
                 Err(e @ RegistryError::Removed { .. }) => return Err(e),
@@ -216,7 +234,7 @@ impl Table {
                 return Err(e);
             }
             // A hang-up wakes nobody: look again every few milliseconds.
-            self.wait_release(left.min(Duration::from_millis(5)));
+            self.wait_release(seen, left.min(Duration::from_millis(5)));
         }
     }
 }
@@ -536,8 +554,9 @@ impl GroupOwnership {
 
 impl Drop for GroupOwnership {
     fn drop(&mut self) {
-        lock(&self.table.state).open_groups.remove(&self.group);
-        self.table.released.notify_all();
+        let mut t = lock(&self.table.state);
+        t.open_groups.remove(&self.group);
+        self.table.release(t);
     }
 }
 
@@ -561,8 +580,7 @@ impl Drop for Ownership {
         if let Some(o) = t.owners.get_mut(self.device.index) {
             *o = None;
         }
-        drop(t);
-        self.device.table.released.notify_all();
+        self.device.table.release(t);
     }
 }
 
