@@ -3,7 +3,7 @@
 //! # The event loop
 //!
 //! One thread runs rust-vmm's `event-manager`. Its subscribers are every
-//! listening node ([`Listener`]): each device's vhost-user socket
+//! listening node (a `Listener`): each device's vhost-user socket
 //! (`DIR/vhost-user/NAME`) and cdev node (`DIR/devices/NAME`), the group
 //! nodes (`DIR/vfio/N`), `DIR/iommu`, `DIR/vfio/vfio` and the control
 //! socket `DIR/control`. An idle device is two listeners on that loop: it
@@ -620,8 +620,9 @@ impl Daemon {
                 dev.revoke_owner();
             }
             if let Some(c) = self.cdev.device(name) {
-                // Files got through an open group file, too.
-                if dev.owner_state().1.is_some() || holder.is_some() {
+                // Files got through an open group file have no owner slot
+                // of their own: revoke the device for them.
+                if holder.is_none() && dev.owner_state().1.is_some() {
                     c.revoke();
                 }
             }

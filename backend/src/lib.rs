@@ -3,18 +3,22 @@
 //!
 //! # Architecture
 //!
-//! [`run`] builds every device (a [`vcdev_device_model::blk::BlkDevice`]
-//! over a file or RAM) and registers it ([`registry`], which also owns the
-//! rule that a device has one owner at a time, whichever door it came
-//! through). Then it opens both doors under the runtime directory:
+//! [`run`] merges the `--device` options with the state file ([`state`]),
+//! starts the daemon's one event loop ([`daemon`], rust-vmm's
+//! `event-manager`) and adds every device: its model (a
+//! [`vcdev_device_model::blk::BlkDevice`] over a file or RAM), its entry
+//! in the [`registry`] (which also owns the rule that a device has one
+//! owner at a time, whichever door it came through), and its nodes on the
+//! loop. `vcdev ctl` adds, changes and removes devices the same way while
+//! the daemon runs ([`ctl`]). Two doors:
 //!
-//! - **vhost-user** ([`vhost_user`]): `DIR/vhost-user/NAME`, one accept
-//!   thread per device ([`vhost_user::serve_device`]). Each frontend gets a
-//!   connection thread ([`vhost_user::conn`], its requests dispatched by
-//!   one table, [`vhost_user::dispatch`]); each running queue a worker
-//!   thread ([`vhost_user::vring`]) driven by its own epoll
-//!   ([`event_loop`]). Under a vIOMMU, addresses are IOVAs translated
-//!   through an IOTLB the frontend fills ([`vhost_user::iotlb`]).
+//! - **vhost-user** ([`vhost_user`]): `DIR/vhost-user/NAME`. The loop
+//!   accepts frontends ([`vhost_user::accept`]); each gets a connection
+//!   thread ([`vhost_user::conn`], its requests dispatched by one table,
+//!   [`vhost_user::dispatch`]); each running queue a worker thread
+//!   ([`queue`]) driven by its own epoll ([`event_loop`]). Under a vIOMMU,
+//!   addresses are IOVAs translated through an IOTLB the frontend fills
+//!   ([`vhost_user::iotlb`]).
 //! - **device cdev** ([`cdev`], PROTOCOL.md): a VFIO-compatible protocol
 //!   over UNIX sockets. `DIR/iommu` gives an iommufd file, `DIR/devices/NAME`
 //!   a vfio device file, and with feature `group` `DIR/vfio/vfio` a type1
@@ -23,9 +27,11 @@
 //!   ([`cdev::dispatch`]); a bound device's queues read guest memory
 //!   through the iommufd IOAS it is attached to ([`cdev::device`]).
 //!
-//! A control socket, `DIR/control` ([`ctl`]), answers `vcdev ctl`. The
-//! main thread waits for SIGINT/SIGTERM, then flushes every disk, removes
-//! the sockets and returns.
+//! Who may connect: [`access`]. The control socket, `DIR/control`
+//! ([`ctl`]), answers `vcdev ctl` in JSON. The main thread waits for
+//! SIGINT/SIGTERM, then drains every queue, flushes every disk, removes
+//! the nodes and returns. What may run on the event loop and what runs on
+//! threads of its own is the rule written in [`daemon`].
 //!
 //! Framing lives in [`wire`], the one codec of the 12-byte header both
 //! doors share, each with its own flag policy. The backend's libc calls
