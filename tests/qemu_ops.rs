@@ -58,8 +58,11 @@ fn lines_of(log: &str, pid: u32) -> Vec<&str> {
 }
 
 /// Issue 11: three guests on one daemon, each writing its own file-backed
-/// device with the `pdd` test (4 O_DIRECT writers). Once all three are
-/// writing, one QEMU is SIGKILLed; the other two finish, and the guest's
+/// device with the `pdd` test (4 O_DIRECT writers). They start writing
+/// together: each first runs the guest's `resize` test, which waits for
+/// its disk to grow, and the host grows the three disks once all three
+/// guests wait (guests boot at different speeds on a loaded host). Once
+/// all three are writing, one QEMU is SIGKILLed; the other two finish, and the guest's
 /// md5 and the host file's match the pattern. A fresh guest is started on
 /// the killed guest's device at once: the daemon makes it wait for the
 /// teardown of the killed frontend (or serves it at once when that was
@@ -98,12 +101,27 @@ fn three_guests_one_killed_mid_write_then_a_fresh_guest_takes_its_device() {
             .queues(2)
             .smp(1)
             .timeout(Duration::from_secs(90))
-            .pdd(mibs[i], &seeds[i], JOBS)
+            .test("resize,pdd")
+            .param("mb", mibs[i])
+            .param("seed", &seeds[i])
+            .param("jobs", JOBS)
+            .param("wait", 600)
             .spawn()
             .expect("spawn qemu")
     };
     let mut guests: Vec<RunningGuest> = (0..names.len()).map(boot).collect();
     let pids: Vec<u32> = guests.iter().map(RunningGuest::pid).collect();
+
+    // The start line: every guest waits for its disk to grow (by 1 MiB,
+    // whose last MiB the resize test writes: beyond the pdd's area).
+    for g in &mut guests {
+        let up = g.wait_for_console("VCDEV-RESULT resize_from=", Duration::from_secs(60));
+        assert!(up, "a guest never came up:\n{}", g.console());
+    }
+    for (n, mib) in names.iter().zip(mibs) {
+        let (code, r) = d.ctl_json(&["resize", n, &format!("{}M", mib + 17)]);
+        assert_eq!(code, 0, "{r}");
+    }
 
     // All three writing: each guest's writer 0 has its second MiB on disk.
     let writing = common::poll_until(Duration::from_secs(60), || {
