@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -175,7 +176,6 @@ fn three_guests_one_killed_mid_write_then_a_fresh_guest_takes_its_device() {
 
     // The victim died of the SIGKILL, before its guest read anything back.
     let victim = &runs[VICTIM];
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         victim.finished.status.signal(),
         Some(libc::SIGKILL),
