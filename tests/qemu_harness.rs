@@ -99,6 +99,37 @@ fn config_parser_rejects_garbage() {
     );
 }
 
+/// `Boot::attach`: the topology's vhost-user disk gives way to the QEMU
+/// options `vcdev ctl add` prints.
+#[test]
+fn config_disk_replaced_by_attach_options() {
+    let cfg = QemuConfig::load("no-viommu").expect("no-viommu");
+    let attach = "-chardev socket,id=d1,path=/tmp/a,,b/d1,reconnect-ms=1000 \
+                  -device vhost-user-blk-pci,chardev=d1,num-queues=2,queue-size=256";
+    let with = cfg.with_disk(attach).expect("with_disk");
+    assert!(!with.placeholders().contains("SOCKET"));
+    assert!(!with.placeholders().contains("QUEUES"));
+    let vars: BTreeMap<String, String> = with
+        .placeholders()
+        .into_iter()
+        .map(|p| (p, "x".to_owned()))
+        .collect();
+    let argv = with.args(&vars).expect("fill");
+    let tail: Vec<&str> = argv[argv.len() - 4..].iter().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        [
+            "-chardev",
+            "socket,id=d1,path=/tmp/a,,b/d1,reconnect-ms=1000",
+            "-device",
+            "vhost-user-blk-pci,chardev=d1,num-queues=2,queue-size=256"
+        ]
+    );
+    assert_eq!(argv.iter().filter(|a| *a == "-chardev").count(), 1);
+    assert!(cfg.with_disk("socket,id=x").is_err());
+    assert!(cfg.with_disk("").is_err());
+}
+
 #[test]
 fn report_parser() {
     let console = "\x1bc\x1b[?7l\x1b[2JVCDEV-BEGIN kernel=6.12.95 test=dd\r\n\

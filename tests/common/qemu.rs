@@ -351,6 +351,50 @@ impl QemuConfig {
     }
 }
 
+impl QemuConfig {
+    /// This topology with its vhost-user disk (the `-chardev` on
+    /// `@SOCKET@` and the `-device vhost-user-*`) replaced by `options`,
+    /// QEMU options as `vcdev ctl add` prints them (`"-chardev VALUE
+    /// -device VALUE"`: words split at whitespace, each option followed by
+    /// its value unless the next word is an option too).
+    pub fn with_disk(&self, options: &str) -> Result<Self, String> {
+        let mut disk = Vec::new();
+        let mut words = options.split_whitespace().peekable();
+        while let Some(opt) = words.next() {
+            if !opt.starts_with('-') {
+                return Err(format!(
+                    "attach options {options:?}: {opt:?} is not an option"
+                ));
+            }
+            let value = words.next_if(|w| !w.starts_with('-'));
+            disk.push((opt.to_owned(), value.map(str::to_owned)));
+        }
+        if disk.is_empty() {
+            return Err("no attach options".to_owned());
+        }
+        let is_disk = |(o, v): &(String, Option<String>)| {
+            let v = v.as_deref().unwrap_or("");
+            (o == "-chardev" && v.contains("@SOCKET@"))
+                || (o == "-device" && v.starts_with("vhost-user-"))
+        };
+        let mut entries: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|e| !is_disk(e))
+            .cloned()
+            .collect();
+        if entries.len() == self.entries.len() {
+            return Err(format!("{}: no vhost-user disk to replace", self.name));
+        }
+        entries.append(&mut disk);
+        Ok(Self {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            entries,
+        })
+    }
+}
+
 /// `@NAME@` tokens (NAME = `[A-Z0-9_]+`) in `s`, returned without the `@`s.
 fn find_placeholders(s: &str) -> Vec<&str> {
     let mut found = Vec::new();
@@ -380,6 +424,7 @@ pub struct Boot<'g> {
     config: String,
     vars: BTreeMap<String, String>,
     extra: Vec<String>,
+    disk: Option<String>,
     timeout: Duration,
 }
 
@@ -410,6 +455,7 @@ impl Guest {
             config: config.to_owned(),
             vars,
             extra: Vec::new(),
+            disk: None,
             timeout,
         }
     }
@@ -484,6 +530,15 @@ impl Boot<'_> {
             .param("jobs", jobs)
     }
 
+    /// Attaches the disk with `options`, the `qemu` attach options that
+    /// `vcdev ctl add` prints, instead of the topology's vhost-user disk
+    /// (see [`QemuConfig::with_disk`]); `@SOCKET@` and `@QUEUES@` are then
+    /// unused.
+    pub fn attach(mut self, options: &str) -> Self {
+        self.disk = Some(options.to_owned());
+        self
+    }
+
     /// Adds one raw QEMU argument after the topology's (e.g. `-trace`).
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.extra.push(a.into());
@@ -498,7 +553,10 @@ impl Boot<'_> {
 
     /// The full QEMU argv (without the program).
     pub fn args(&self) -> io::Result<Vec<String>> {
-        let cfg = QemuConfig::load(&self.config)?;
+        let mut cfg = QemuConfig::load(&self.config)?;
+        if let Some(options) = &self.disk {
+            cfg = cfg.with_disk(options).map_err(io::Error::other)?;
+        }
         let mut argv = cfg.args(&self.vars).map_err(io::Error::other)?;
         argv.extend(self.extra.iter().cloned());
         Ok(argv)
@@ -545,6 +603,22 @@ impl RunningGuest {
     /// Console output so far.
     pub fn console(&self) -> String {
         self.proc.stdout().text()
+    }
+
+    /// QEMU's own messages (stderr) so far.
+    pub fn qemu_stderr(&self) -> String {
+        self.proc.stderr().text()
+    }
+
+    /// Sends `sig` to QEMU (`SIGKILL`: the guest dies wherever it is, and
+    /// the kernel closes its vhost-user sockets).
+    pub fn signal(&mut self, sig: libc::c_int) -> io::Result<()> {
+        self.proc.signal(sig)
+    }
+
+    /// Whether QEMU still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.proc.try_wait(), Ok(None))
     }
 
     /// Polls until the console contains `needle` (true), QEMU exits or
@@ -971,6 +1045,17 @@ pub fn find_pattern_sectors(mem: &mut File, seed: &str) -> io::Result<(BTreeSet<
             return Ok((intact, damaged));
         }
     }
+}
+
+/// Whether sector `i` of [`dd_pattern`]`(seed, ..)` is in `image` at its
+/// place (offset `i * 512`): how a test sees from the host how far a
+/// guest's dd got.
+pub fn pattern_sector_on_disk(image: &Path, seed: &str, i: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; PATTERN_SECTOR];
+    File::open(image)
+        .and_then(|f| f.read_exact_at(&mut b, i * PATTERN_SECTOR as u64))
+        .is_ok_and(|()| b[..] == pattern_sector(seed, i)[..])
 }
 
 /// Sector `i` of [`dd_pattern`]`(seed, ..)`.
