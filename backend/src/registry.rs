@@ -34,7 +34,7 @@
 //! only: one taken just before its owner went finds nothing to tell.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -342,6 +342,8 @@ pub struct Device {
     table: Arc<Table>,
     counters: DeviceCounters,
     workers: crate::queue::WorkerSet,
+    /// Claimants waiting for the device (a door bounds them).
+    waiters: AtomicUsize,
     /// Who to tell of a config change (see the module doc).
     notifier: NotifierSlot,
     /// Numbers the notifier registrations.
@@ -406,6 +408,11 @@ impl Device {
             device: self.clone(),
             seq,
         }
+    }
+
+    /// How many claimants wait for the device (counted by the door).
+    pub fn waiters(&self) -> &AtomicUsize {
+        &self.waiters
     }
 
     /// The queue workers running on this device, whatever the door.
@@ -652,6 +659,7 @@ impl Registry {
             table: self.table.clone(),
             counters: DeviceCounters::default(),
             workers: crate::queue::WorkerSet::default(),
+            waiters: AtomicUsize::new(0),
             notifier: Mutex::new(None),
             notifier_seq: AtomicU64::new(0),
         });

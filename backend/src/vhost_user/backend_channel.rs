@@ -94,6 +94,9 @@ impl BackendChannel {
         peer: &str,
     ) -> std::io::Result<()> {
         self.close();
+        // A frontend that stops reading its backend channel gets its misses
+        // failed after this long, instead of stalling the queue for ever.
+        sock.set_write_timeout(Some(wire::WRITE_TIMEOUT))?;
         let outstanding: Outstanding = Arc::default();
         let rsock = sock.try_clone()?;
         let out = outstanding.clone();

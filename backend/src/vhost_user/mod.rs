@@ -51,6 +51,11 @@ const MAX_GRACE_WAITERS: usize = 8;
 
 static GRACE_WAITERS: AtomicUsize = AtomicUsize::new(0);
 
+/// The most frontends of one device waiting for its predecessor at once: a
+/// frontend comes back alone; a flood of connect-and-close gets no more
+/// threads than this.
+const MAX_WAITERS_PER_DEVICE: usize = 2;
+
 /// A connection as the registry's [`Holder`]: hung up once the frontend
 /// closed its end; revoked by shutting the socket down, which ends the
 /// connection's read loop and runs its teardown (queues quiesced, memory
@@ -100,18 +105,18 @@ pub fn accept(
         }
     };
     let claim = Registry::claim_vhost_user(device, &peer, Some(holder.clone()));
-    let grace = match claim {
+    let slot = match claim {
         Ok(own) => return spawn_conn(sock, own, peer, cfg),
-        Err(RegistryError::Busy { .. }) if device.owner_leaving() => false,
-        Err(RegistryError::Busy { .. })
-            if GRACE_WAITERS.fetch_add(1, Ordering::SeqCst) < MAX_GRACE_WAITERS =>
-        {
-            true
+        Err(e @ RegistryError::Busy { .. }) => {
+            match WaitSlot::take(device, !device.owner_leaving()) {
+                Some(slot) => slot,
+                None => {
+                    warn!("{peer}: frontend refused: {e} (and too many frontends wait)");
+                    return;
+                }
+            }
         }
         Err(e) => {
-            if matches!(e, RegistryError::Busy { .. }) {
-                GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
-            }
             warn!("{peer}: frontend refused: {e}");
             return;
         }
@@ -122,9 +127,7 @@ pub fn accept(
         .spawn(move || {
             let claim = device
                 .claim_waiting(|| Registry::claim_vhost_user(&device, &peer, Some(holder.clone())));
-            if grace {
-                GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
-            }
+            drop(slot);
             match claim {
                 Ok(own) => {
                     info!("{peer}: frontend connected (after its predecessor's teardown)");
@@ -134,10 +137,43 @@ pub fn accept(
             }
         });
     if let Err(e) = spawned {
-        if grace {
+        error!("cannot spawn a connection thread: {e}");
+    }
+}
+
+/// A frontend's place among those waiting to claim a device, given back
+/// when it drops: at most [`MAX_WAITERS_PER_DEVICE`] per device, and at
+/// most [`MAX_GRACE_WAITERS`] in all waiting for an owner that looks
+/// connected.
+struct WaitSlot {
+    device: Arc<Device>,
+    grace: bool,
+}
+
+impl WaitSlot {
+    fn take(device: &Arc<Device>, grace: bool) -> Option<WaitSlot> {
+        if grace && GRACE_WAITERS.fetch_add(1, Ordering::SeqCst) >= MAX_GRACE_WAITERS {
+            GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let slot = WaitSlot {
+            device: device.clone(),
+            grace,
+        };
+        if device.waiters().fetch_add(1, Ordering::SeqCst) >= MAX_WAITERS_PER_DEVICE {
+            // Dropping the slot gives both counts back.
+            return None;
+        }
+        Some(slot)
+    }
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.device.waiters().fetch_sub(1, Ordering::SeqCst);
+        if self.grace {
             GRACE_WAITERS.fetch_sub(1, Ordering::SeqCst);
         }
-        error!("cannot spawn a connection thread: {e}");
     }
 }
 
