@@ -43,6 +43,13 @@ fn peer_name(device: &str, n: u64, peer: Option<&crate::access::Peer>) -> String
     }
 }
 
+/// The short form of peer name `peer` for the names of its threads
+/// (`NAME#N-q0`, `NAME#N-bch`): a thread's name is cut at 15 bytes, so the
+/// pid and uid are left out.
+pub(crate) fn thread_tag(peer: &str) -> &str {
+    peer.split(" (").next().unwrap_or(peer)
+}
+
 /// How long a frontend waits for its predecessor's teardown.
 pub const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 
