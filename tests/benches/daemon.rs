@@ -110,7 +110,10 @@ impl Images {
         if !cfg.files {
             return Images(None);
         }
-        let dir = PathBuf::from(format!("/dev/shm/vcdev-bench-daemon-{}", std::process::id()));
+        let dir = PathBuf::from(format!(
+            "/dev/shm/vcdev-bench-daemon-{}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).expect("image directory on /dev/shm");
         for i in 0..DEVICES {
             std::fs::File::create(dir.join(format!("i{i}.img")))
@@ -149,7 +152,13 @@ fn status_field(pid: u32, key: &str) -> u64 {
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next()?.parse().ok())
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
