@@ -94,14 +94,7 @@ impl Access {
 
     /// Binds node `path` with the mode and group of the rules.
     pub fn listen(&self, path: &Path) -> Result<UnixListener, SocketError> {
-        let l = socket::listen(path, Some(self.mode))?;
-        if let Some(gid) = self.group {
-            crate::sys::chown_group(path, gid).map_err(|source| SocketError::Bind {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        Ok(l)
+        socket::listen(path, Some(self.mode), self.group)
     }
 
     /// The peer of `sock` when the rules admit it to node `what`; `Err`

@@ -382,7 +382,7 @@ impl Daemon {
         on_accept: Box<dyn FnMut(UnixStream) + Send>,
     ) -> Result<NodeEntry, OpError> {
         let l = match mode {
-            Some(m) => socket::listen(&path, Some(m))?,
+            Some(m) => socket::listen(&path, Some(m), None)?,
             None => self.access.listen(&path)?,
         };
         let bind = |source| SocketError::Bind {

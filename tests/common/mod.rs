@@ -39,7 +39,17 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Checks `cond` every [`POLL_INTERVAL`] until it returns `Some`, or gives up
 /// with `None` once `timeout` has passed. `cond` is always tried at least
 /// once, and once more after the deadline.
-pub fn poll_until<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn poll_until<T>(timeout: Duration, cond: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_every(POLL_INTERVAL, timeout, cond)
+}
+
+/// [`poll_until`] checking every `interval` (the benchmarks time
+/// start-ups with a finer grain than [`POLL_INTERVAL`]).
+pub fn poll_every<T>(
+    interval: Duration,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = cond() {
@@ -48,7 +58,7 @@ pub fn poll_until<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> 
         if Instant::now() >= deadline {
             return cond();
         }
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(interval);
     }
 }
 

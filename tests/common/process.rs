@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::poll_until;
+use super::{poll_every, poll_until, POLL_INTERVAL};
 
 /// Bytes read so far from one pipe of a child.
 #[derive(Clone, Debug, Default)]
@@ -188,8 +188,19 @@ impl Daemon {
         socket: &Path,
         timeout: Duration,
     ) -> io::Result<Self> {
+        Daemon::spawn_polling(name, cmd, socket, timeout, POLL_INTERVAL)
+    }
+
+    /// [`Daemon::spawn`], looking for the socket every `interval`.
+    pub fn spawn_polling(
+        name: &str,
+        cmd: &mut Command,
+        socket: &Path,
+        timeout: Duration,
+        interval: Duration,
+    ) -> io::Result<Self> {
         let mut proc = Proc::spawn(name, cmd)?;
-        let ready = poll_until(timeout, || {
+        let ready = poll_every(interval, timeout, || {
             let is_sock = std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket());
             match proc.try_wait() {
                 _ if is_sock => Some(Ok(())),

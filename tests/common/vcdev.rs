@@ -8,11 +8,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use vcdev::ctl::CONTROL_SOCKET;
 
 use super::process::Daemon;
-use super::{TempDir, TIMEOUT};
+use super::{TempDir, POLL_INTERVAL, TIMEOUT};
 
 /// The directory of `--dir` that holds the vhost-user sockets.
 pub const VHOST_USER_DIR: &str = "vhost-user";
@@ -111,6 +112,7 @@ pub struct VcdevBuilder {
     log: String,
     subdir: Option<String>,
     envs: Vec<(OsString, OsString)>,
+    poll: Duration,
 }
 
 impl VcdevBuilder {
@@ -146,6 +148,13 @@ impl VcdevBuilder {
     /// `VCDEV_INJECT_IO_URING_FAILURE`).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Looks for the ready node every `interval` (default
+    /// [`POLL_INTERVAL`]; the daemon benchmark times start-ups finer).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll = interval;
         self
     }
 
@@ -189,7 +198,7 @@ impl VcdevBuilder {
             Ready::VhostUser(name) => dir.join(VHOST_USER_DIR).join(name),
         };
         let _ = std::fs::remove_file(&node);
-        Daemon::spawn("vcdev", &mut cmd, &node, TIMEOUT).expect("vcdev serve")
+        Daemon::spawn_polling("vcdev", &mut cmd, &node, TIMEOUT, self.poll).expect("vcdev serve")
     }
 }
 
@@ -216,6 +225,7 @@ impl Vcdev {
             log: "debug".to_owned(),
             subdir: None,
             envs: Vec::new(),
+            poll: POLL_INTERVAL,
         }
     }
 

@@ -12,7 +12,10 @@
 //! Replies on this channel carry no request id, so misses are matched to
 //! acks in order: a sender appends its miss to `outstanding` and writes it
 //! while holding the channel lock (one sender at a time), and one reader
-//! thread per channel pops the oldest miss for each ack. Nobody ever waits
+//! thread per channel pops the oldest miss for each ack. That reader starts
+//! with the first miss that waits for an ack: a frontend without a vIOMMU
+//! never sends one, so its channel costs no thread (issue #11: a connected
+//! frontend costs its queue workers and one connection thread). Nobody ever waits
 //! on this channel while holding a lock: queue workers wait for the miss's
 //! state on their own epoll (see [`super::iotlb`]), and QEMU never reads
 //! this channel while it waits on the main one, so nothing here may block
@@ -47,6 +50,9 @@ pub enum ChannelError {
     /// Writing CONFIG_CHANGE_MSG failed.
     #[error("Sending CONFIG_CHANGE_MSG failed")]
     SendConfigChange(#[source] wire::WireError),
+    /// The ack reader could not be started.
+    #[error("Cannot start the backend channel's ack reader")]
+    Reader(#[source] std::io::Error),
 }
 
 type Outstanding = Arc<Mutex<VecDeque<Arc<Miss>>>>;
@@ -59,7 +65,36 @@ struct Open {
     /// Whether CONFIG is negotiated: only then may CONFIG_CHANGE_MSG go.
     config: bool,
     outstanding: Outstanding,
+    /// The reading end, cloned for the reader.
+    rsock: UnixStream,
+    /// The ack reader, once a miss waits for an ack.
     reader: Option<JoinHandle<()>>,
+    /// The reader's name in logs.
+    name: String,
+    /// Its thread name.
+    thread: String,
+}
+
+impl Open {
+    /// Starts the ack reader unless it runs already.
+    fn start_reader(&mut self) -> Result<(), ChannelError> {
+        if self.reader.is_some() {
+            return Ok(());
+        }
+        let rsock = self.rsock.try_clone().map_err(ChannelError::Reader)?;
+        let out = self.outstanding.clone();
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(self.thread.clone())
+            .spawn(move || read_acks(&rsock, &out, &name));
+        match spawned {
+            Ok(r) => {
+                self.reader = Some(r);
+                Ok(())
+            }
+            Err(e) => Err(ChannelError::Reader(e)),
+        }
+    }
 }
 
 /// The backend channel of one connection.
@@ -83,9 +118,9 @@ fn fail_all(outstanding: &Outstanding) {
 }
 
 impl BackendChannel {
-    /// Installs the channel (replacing and closing any previous one) and
-    /// starts its ack reader; `acks` says whether REPLY_ACK is negotiated,
-    /// `config` whether CONFIG is.
+    /// Installs the channel (replacing and closing any previous one); its
+    /// ack reader starts with the first miss sent. `acks` says whether
+    /// REPLY_ACK is negotiated, `config` whether CONFIG is.
     pub fn set(
         &self,
         sock: UnixStream,
@@ -97,19 +132,16 @@ impl BackendChannel {
         // A frontend that stops reading its backend channel gets its misses
         // failed after this long, instead of stalling the queue for ever.
         sock.set_write_timeout(Some(wire::WRITE_TIMEOUT))?;
-        let outstanding: Outstanding = Arc::default();
         let rsock = sock.try_clone()?;
-        let out = outstanding.clone();
-        let name = format!("{peer}-backend-channel");
-        let reader = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || read_acks(&rsock, &out, &name))?;
         *lock(&self.open) = Some(Open {
             sock,
             acks,
             config,
-            outstanding,
-            reader: Some(reader),
+            outstanding: Outstanding::default(),
+            rsock,
+            reader: None,
+            name: format!("{peer}-backend-channel"),
+            thread: format!("{}-bch", super::thread_tag(peer)),
         });
         Ok(())
     }
@@ -125,8 +157,11 @@ impl BackendChannel {
         miss: &Arc<Miss>,
         counters: &DeviceCounters,
     ) -> Result<(), ChannelError> {
-        let g = lock(&self.open);
-        let open = g.as_ref().ok_or(ChannelError::NoChannel)?;
+        let mut g = lock(&self.open);
+        let open = g.as_mut().ok_or(ChannelError::NoChannel)?;
+        if open.acks {
+            open.start_reader()?;
+        }
         let msg = IotlbMsg::miss(miss.iova, miss.access).encode();
         let flags = if open.acks { FLAG_NEED_REPLY } else { 0 };
         let hdr = FrameHeader::request(

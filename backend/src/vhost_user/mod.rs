@@ -43,6 +43,13 @@ fn peer_name(device: &str, n: u64, peer: Option<&crate::access::Peer>) -> String
     }
 }
 
+/// The short form of peer name `peer` for the names of its threads
+/// (`NAME#N-q0`, `NAME#N-bch`): a thread's name is cut at 15 bytes, so the
+/// pid and uid are left out.
+pub(crate) fn thread_tag(peer: &str) -> &str {
+    peer.split(" (").next().unwrap_or(peer)
+}
+
 /// The most frontends waiting at once for an owner that looks connected
 /// ([`crate::registry::HANG_UP_GRACE`]); beyond it, a newcomer to a busy
 /// device is refused at once. Frontends whose predecessor has hung up are

@@ -357,7 +357,7 @@ impl Vring {
             None => worker.resume_parked(parked),
         }
         let join = std::thread::Builder::new()
-            .name(format!("{owner}-q{index}"))
+            .name(format!("{}-q{index}", super::thread_tag(owner)))
             .spawn(move || worker.run())
             .map_err(|source| VringError::Spawn { index, source })?;
         debug!("{owner}: queue {index} started");
