@@ -30,13 +30,14 @@ use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_REPLY};
 /// The control socket's name under `DIR`.
 pub const CONTROL_SOCKET: &str = "control";
 
-/// A command.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A command: the `vcdev ctl` subcommands (clap) and the control
+/// socket's requests (serde) are one type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
-    /// Every device, one line each.
+    /// Every device: name, group, capacity, owner, cdev state.
     List,
-    /// One device in detail.
+    /// One device in detail (IOMMU view and mappings).
     Show {
         /// The device.
         name: String,
@@ -46,33 +47,43 @@ pub enum Request {
         /// The device.
         name: String,
     },
-    /// Adds a device (the `--device` grammar).
+    /// Add a device (SPEC as for serve --device); prints its QEMU options.
+    /// It is kept in DIR/state.json and comes back when the daemon restarts.
     Add {
-        /// Its SPEC.
+        /// blk[,name=NAME][,path=FILE|ram=SIZE]... (a relative path is taken
+        /// from the current directory).
         spec: String,
     },
-    /// Removes a device.
+    /// Remove a device. Refused while a frontend or a cdev file holds it.
     Remove {
         /// The device.
         name: String,
-        /// Disconnect its holder first.
+        /// Disconnect a vhost-user holder (after quiescing its queues and
+        /// flushing); a cdev holder gets its REQ irq, then ENODEV.
+        #[arg(long)]
         force: bool,
     },
-    /// Sets a device's I/O limits live (`iops=N`, `bw=BYTES`).
+    /// Set a device's I/O limits live: iops=N (requests per second),
+    /// bw=BYTES (per second, K/M/G suffixes); 0 removes a limit. Kept across
+    /// restarts.
     Set {
         /// The device.
         name: String,
-        /// `key=value` options.
+        /// iops=N and/or bw=BYTES.
+        #[arg(required = true)]
         options: Vec<String>,
     },
-    /// Resizes a device: to `size` (K, M, G suffixes), or without one to
-    /// the size its backing has now.
+    /// Resize a file-backed or RAM disk to SIZE (K, M, G suffixes, a
+    /// multiple of 512), or without SIZE take the size its block device or
+    /// image has now; refused for readonly=on devices. The guest is told.
     Resize {
         /// The device.
         name: String,
         /// The new size.
         size: Option<String>,
-        /// Allow a smaller size.
+        /// Allow a smaller SIZE (destroys the data past the new end;
+        /// requests beyond it then fail with IOERR).
+        #[arg(long)]
         shrink: bool,
     },
 }

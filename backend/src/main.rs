@@ -37,61 +37,7 @@ struct CtlArgs {
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
-    command: CtlCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum CtlCommand {
-    /// Every device: name, group, capacity, owner, cdev state.
-    List,
-    /// One device in detail (IOMMU view and mappings).
-    Show {
-        /// The device.
-        name: String,
-    },
-    /// A device's counters.
-    Stats {
-        /// The device.
-        name: String,
-    },
-    /// Add a device (SPEC as for serve --device); prints its QEMU options.
-    /// It is kept in DIR/state.json and comes back when the daemon restarts.
-    Add {
-        /// blk[,name=NAME][,path=FILE|ram=SIZE]... (a relative path is taken
-        /// from the current directory).
-        spec: String,
-    },
-    /// Remove a device. Refused while a frontend or a cdev file holds it.
-    Remove {
-        /// The device.
-        name: String,
-        /// Disconnect a vhost-user holder (after quiescing its queues and
-        /// flushing); a cdev holder gets its REQ irq, then ENODEV.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Set a device's I/O limits live: iops=N (requests per second), bw=BYTES
-    /// (per second, K/M/G suffixes); 0 removes a limit. Kept across restarts.
-    Set {
-        /// The device.
-        name: String,
-        /// iops=N and/or bw=BYTES.
-        #[arg(required = true)]
-        options: Vec<String>,
-    },
-    /// Resize a file-backed or RAM disk to SIZE (K, M, G suffixes, a
-    /// multiple of 512), or without SIZE take the size its block device or
-    /// image has now; refused for readonly=on devices. The guest is told.
-    Resize {
-        /// The device.
-        name: String,
-        /// The new size.
-        size: Option<String>,
-        /// Allow a smaller SIZE (destroys the data past the new end;
-        /// requests beyond it then fail with IOERR).
-        #[arg(long)]
-        shrink: bool,
-    },
+    command: vcdev::ctl::Request,
 }
 
 /// `vcdev ctl`: prints the daemon's answer; exit 1 when it refuses or
@@ -100,20 +46,11 @@ fn ctl(a: CtlArgs) -> ExitCode {
     use vcdev::ctl::Request;
     let dir = a.dir.unwrap_or_else(vcdev::config::default_dir);
     let path = vcdev::ctl::socket_path(&dir);
-    let req = match a.command {
-        CtlCommand::List => Request::List,
-        CtlCommand::Show { name } => Request::Show { name },
-        CtlCommand::Stats { name } => Request::Stats { name },
-        CtlCommand::Add { spec } => {
-            let cwd = std::env::current_dir().unwrap_or_default();
-            Request::Add {
-                spec: vcdev::ctl::absolute_paths(&spec, &cwd),
-            }
-        }
-        CtlCommand::Remove { name, force } => Request::Remove { name, force },
-        CtlCommand::Resize { name, size, shrink } => Request::Resize { name, size, shrink },
-        CtlCommand::Set { name, options } => Request::Set { name, options },
-    };
+    let mut req = a.command;
+    if let Request::Add { spec } = &mut req {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        *spec = vcdev::ctl::absolute_paths(spec, &cwd);
+    }
     match vcdev::ctl::request(&path, &req) {
         Ok(v) => {
             if a.json {

@@ -470,19 +470,18 @@ impl Device {
     /// being torn down, and a newcomer should wait for it
     /// ([`Device::wait_unowned`]) rather than be refused.
     pub fn owner_leaving(&self) -> bool {
-        self.owner_hangs_up(Duration::ZERO)
+        // Asked outside the lock: a holder's probe is a syscall.
+        self.holder().is_some_and(|h| h.hung_up(Duration::ZERO))
     }
 
-    /// True when the owner's peer has hung up, or does within `wait`.
-    pub fn owner_hangs_up(&self, wait: Duration) -> bool {
-        let holder = lock(&self.table.state)
+    /// The owner's [`Holder`], if it has one.
+    fn holder(&self) -> Option<Arc<dyn Holder>> {
+        lock(&self.table.state)
             .owners
             .get(self.index)
             .cloned()
             .flatten()
-            .and_then(|o| o.holder);
-        // Asked outside the lock: a holder's probe is a syscall.
-        holder.is_some_and(|h| h.hung_up(wait))
+            .and_then(|o| o.holder)
     }
 
     /// Waits until the device has no owner, at most `timeout`; true when
@@ -519,13 +518,7 @@ impl Device {
     /// Asks the owner to let go (see [`Holder::revoke`]); false when the
     /// owner has no way to be asked (or there is none).
     pub fn revoke_owner(&self) -> bool {
-        let holder = lock(&self.table.state)
-            .owners
-            .get(self.index)
-            .cloned()
-            .flatten()
-            .and_then(|o| o.holder);
-        match holder {
+        match self.holder() {
             Some(h) => {
                 h.revoke();
                 true

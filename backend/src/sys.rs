@@ -104,26 +104,16 @@ pub fn wait_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
     Ok(sig)
 }
 
-/// True when the peer of a connected stream socket has closed or shut
-/// down its end (POLLRDHUP or POLLHUP), waiting at most `timeout` for it.
-pub fn peer_hung_up(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+/// Polls `fd` for `events`, at most `timeout`: the events that came, or
+/// `None` when the time ran out (or poll failed).
+fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    timeout: std::time::Duration,
+) -> Option<libc::c_short> {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one pollfd, valid for the call.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
-    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
-}
-
-/// Waits at most `timeout` for `fd` to be readable (or at its end);
-/// false when the time ran out.
-pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
@@ -133,8 +123,21 @@ pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
         if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        return n != 0;
+        return (n > 0).then_some(p.revents);
     }
+}
+
+/// True when the peer of a connected stream socket has closed or shut
+/// down its end (POLLRDHUP or POLLHUP), waiting at most `timeout` for it.
+pub fn peer_hung_up(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    poll_one(fd, libc::POLLRDHUP, timeout)
+        .is_some_and(|r| r & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// Waits at most `timeout` for `fd` to be readable (or at its end);
+/// false when the time ran out.
+pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    poll_one(fd, libc::POLLIN, timeout).is_some()
 }
 
 /// A signalfd for the signals of `set` (blocked by [`block_signals`]),
