@@ -885,6 +885,8 @@ struct Model {
     misses: Vec<MissSeen>,
     /// Round trips of answered misses (receive -> ack sent).
     answer_times: Vec<Duration>,
+    /// CONFIG_CHANGE_MSGs received.
+    config_changes: u64,
     stop: bool,
 }
 
@@ -1025,6 +1027,11 @@ impl IommuFront {
         *lock(&self.backend) = Some(sock.try_clone().expect("dup backend channel"));
         while let Ok(Some(f)) = wire::read_frame(&sock, FlagPolicy::VHOST_USER) {
             let got = Instant::now();
+            // A resize's CONFIG_CHANGE_MSG (no reply asked): counted.
+            if f.header.request == u32::from(BackendReq::CONFIG_CHANGE_MSG) {
+                lock(&self.model).config_changes += 1;
+                continue;
+            }
             assert_eq!(f.header.request, u32::from(BackendReq::IOTLB_MSG));
             let msg = IotlbMsg::decode(&f.payload).expect("32-byte IOTLB message");
             assert_eq!(msg.kind, VhostIotlbType::Miss as u8, "only misses come");
