@@ -62,6 +62,17 @@ use crate::vhost_user::conn::ConnConfig;
 /// What the loop runs.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
 
+/// A handle on the daemon's event loop, for parts that put descriptors on
+/// it from other threads (a backend channel's acks).
+#[derive(Clone)]
+pub struct LoopHandle(pub RemoteEndpoint<Subscriber>);
+
+impl std::fmt::Debug for LoopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoopHandle")
+    }
+}
+
 /// How long a listener that ran out of descriptors waits before it accepts
 /// again.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -277,7 +288,7 @@ impl Daemon {
     /// with [`Daemon::run_loop`] on a thread of its own).
     pub fn new(
         dir: &Path,
-        conn_cfg: ConnConfig,
+        mut conn_cfg: ConnConfig,
         access: Access,
         seal_policy: vcdev_iommu::SealPolicy,
         state: State,
@@ -291,6 +302,7 @@ impl Daemon {
         let registry = Arc::new(Registry::default());
         let cdev = crate::cdev::Server::new(registry.clone(), seal_policy)?;
         cdev.set_event_loop(em.remote_endpoint());
+        conn_cfg.event_loop = Some(LoopHandle(em.remote_endpoint()));
         let daemon = Arc::new(Daemon {
             dir: dir.to_owned(),
             registry,
@@ -532,7 +544,7 @@ impl Daemon {
         let vu_path = self.dir.join("vhost-user").join(&spec.name);
         let vu = {
             let dev = dev.clone();
-            let cfg = self.conn_cfg;
+            let cfg = self.conn_cfg.clone();
             let access = self.access.clone();
             let what = vu_path.display().to_string();
             let mut n = 0u64;
@@ -543,7 +555,7 @@ impl Daemon {
                     let Ok(peer) = access.admit(&sock, &what) else {
                         return;
                     };
-                    crate::vhost_user::accept(sock, &dev, cfg, n, peer);
+                    crate::vhost_user::accept(sock, &dev, cfg.clone(), n, peer);
                     n += 1;
                 }),
             )?

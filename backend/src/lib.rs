@@ -315,6 +315,7 @@ pub fn run(config: Config) -> Result<()> {
         SealPolicy::RequireShrinkSeal
     };
     let conn_cfg = ConnConfig {
+        event_loop: None,
         seal_policy,
         iotlb_miss_timeout: config.iotlb_miss_timeout,
         iotlb_max_entries: config.iotlb_max_entries,

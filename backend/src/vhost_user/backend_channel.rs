@@ -12,25 +12,31 @@
 //! Replies on this channel carry no request id, so misses are matched to
 //! acks in order: a sender appends its miss to `outstanding` and writes it
 //! while holding the channel lock (one sender at a time), and one reader
-//! thread per channel pops the oldest miss for each ack. That reader starts
-//! with the first miss that waits for an ack: a frontend without a vIOMMU
-//! never sends one, so its channel costs no thread (issue #11: a connected
-//! frontend costs its queue workers and one connection thread). Nobody ever waits
+//! per channel pops the oldest miss for each ack. That reader starts with
+//! the first miss that waits for an ack, on the daemon's event loop (an
+//! [`AckReader`] subscriber: it reads what is there, never waits), so a
+//! channel costs no thread (issue #11: a connected frontend costs its
+//! queue workers and one connection thread); without a loop (unit tests)
+//! it is a thread of its own. Nobody ever waits
 //! on this channel while holding a lock: queue workers wait for the miss's
 //! state on their own epoll (see [`super::iotlb`]), and QEMU never reads
 //! this channel while it waits on the main one, so nothing here may block
 //! the connection thread.
 
 use std::collections::VecDeque;
+use std::io::Read;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::BackendReq;
 
 use super::iotlb::{IotlbMsg, Miss, IOTLB_MSG_LEN};
+use crate::daemon::{LoopHandle, Subscriber};
 use crate::registry::DeviceCounters;
 use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_NEED_REPLY};
 use vcdev_iommu::sync::lock;
@@ -67,8 +73,10 @@ struct Open {
     outstanding: Outstanding,
     /// The reading end, cloned for the reader.
     rsock: UnixStream,
-    /// The ack reader, once a miss waits for an ack.
+    /// The ack reader thread, once a miss waits for an ack (no loop).
     reader: Option<JoinHandle<()>>,
+    /// The ack reader on the loop, once a miss waits for an ack.
+    on_loop: Option<Arc<OnceLock<SubscriberId>>>,
     /// The reader's name in logs.
     name: String,
     /// Its thread name.
@@ -76,12 +84,33 @@ struct Open {
 }
 
 impl Open {
-    /// Starts the ack reader unless it runs already.
-    fn start_reader(&mut self) -> Result<(), ChannelError> {
-        if self.reader.is_some() {
+    /// Starts the ack reader unless it runs already: on the loop when
+    /// there is one, else on a thread.
+    fn start_reader(&mut self, event_loop: Option<&LoopHandle>) -> Result<(), ChannelError> {
+        if self.reader.is_some() || self.on_loop.is_some() {
             return Ok(());
         }
         let rsock = self.rsock.try_clone().map_err(ChannelError::Reader)?;
+        if let Some(LoopHandle(endpoint)) = event_loop {
+            rsock.set_nonblocking(true).map_err(ChannelError::Reader)?;
+            let id = Arc::new(OnceLock::new());
+            let reader = AckReader {
+                sock: rsock,
+                outstanding: self.outstanding.clone(),
+                name: self.name.clone(),
+                buf: Vec::new(),
+            };
+            let set = id.clone();
+            endpoint
+                .fire(
+                    move |ops: &mut dyn SubscriberOps<Subscriber = Subscriber>| {
+                        let _ = set.set(ops.add_subscriber(Box::new(reader)));
+                    },
+                )
+                .map_err(|e| ChannelError::Reader(std::io::Error::other(e)))?;
+            self.on_loop = Some(id);
+            return Ok(());
+        }
         let out = self.outstanding.clone();
         let name = self.name.clone();
         let spawned = std::thread::Builder::new()
@@ -101,6 +130,7 @@ impl Open {
 #[derive(Default)]
 pub struct BackendChannel {
     open: Mutex<Option<Open>>,
+    event_loop: Option<LoopHandle>,
 }
 
 impl std::fmt::Debug for BackendChannel {
@@ -118,6 +148,14 @@ fn fail_all(outstanding: &Outstanding) {
 }
 
 impl BackendChannel {
+    /// A channel whose ack reader runs on `event_loop` (None: on a thread).
+    pub fn new(event_loop: Option<LoopHandle>) -> BackendChannel {
+        BackendChannel {
+            open: Mutex::new(None),
+            event_loop,
+        }
+    }
+
     /// Installs the channel (replacing and closing any previous one); its
     /// ack reader starts with the first miss sent. `acks` says whether
     /// REPLY_ACK is negotiated, `config` whether CONFIG is.
@@ -140,6 +178,7 @@ impl BackendChannel {
             outstanding: Outstanding::default(),
             rsock,
             reader: None,
+            on_loop: None,
             name: format!("{peer}-backend-channel"),
             thread: format!("{}-bch", super::thread_tag(peer)),
         });
@@ -160,7 +199,7 @@ impl BackendChannel {
         let mut g = lock(&self.open);
         let open = g.as_mut().ok_or(ChannelError::NoChannel)?;
         if open.acks {
-            open.start_reader()?;
+            open.start_reader(self.event_loop.as_ref())?;
         }
         let msg = IotlbMsg::miss(miss.iova, miss.access).encode();
         let flags = if open.acks { FLAG_NEED_REPLY } else { 0 };
@@ -207,6 +246,15 @@ impl BackendChannel {
             if let Some(r) = o.reader.take() {
                 let _ = r.join();
             }
+            if let (Some(id), Some(LoopHandle(endpoint))) = (o.on_loop.take(), &self.event_loop) {
+                let _ = endpoint.fire(
+                    move |ops: &mut dyn SubscriberOps<Subscriber = Subscriber>| {
+                        if let Some(id) = id.get() {
+                            let _ = ops.remove_subscriber(*id);
+                        }
+                    },
+                );
+            }
             fail_all(&o.outstanding);
         }
     }
@@ -215,6 +263,109 @@ impl BackendChannel {
 impl Drop for BackendChannel {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// One ack, as bytes: a 12-byte reply header and its u64.
+const ACK_LEN: usize = wire::HEADER_LEN + 8;
+
+/// Takes one ack's frame: the miss it answers is the oldest outstanding.
+/// `Err` for anything but an 8-byte IOTLB_MSG reply (a protocol violation
+/// that ends the channel).
+fn take_ack(
+    h: &FrameHeader,
+    payload: &[u8],
+    outstanding: &Outstanding,
+    name: &str,
+) -> Result<(), ()> {
+    if !h.is_reply() || h.request != u32::from(BackendReq::IOTLB_MSG) || payload.len() != 8 {
+        warn!(
+            "{name}: unexpected message {} ({} bytes) on the backend channel; closing it",
+            h.request, h.size
+        );
+        return Err(());
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(payload);
+    let ok = u64::from_le_bytes(v) == 0;
+    let Some(m) = lock(outstanding).pop_front() else {
+        warn!("{name}: an ack for no miss; ignored");
+        return Ok(());
+    };
+    debug!(
+        "{name}: miss {:#x} acked ({})",
+        m.iova,
+        if ok { "ok" } else { "failed" }
+    );
+    m.acked(ok);
+    Ok(())
+}
+
+/// The ack reader on the event loop: reads what the socket has (never
+/// waits), takes every whole ack, keeps a partial one for the next read.
+struct AckReader {
+    sock: UnixStream,
+    outstanding: Outstanding,
+    name: String,
+    buf: Vec<u8>,
+}
+
+impl AckReader {
+    /// Reads and takes acks; false once the channel is over.
+    fn read(&mut self) -> bool {
+        let mut chunk = [0u8; 32 * ACK_LEN];
+        loop {
+            match (&self.sock).read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => self
+                    .buf
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("{}: {e}", self.name);
+                    return false;
+                }
+            }
+            while let Some(hdr) = self.buf.first_chunk::<{ wire::HEADER_LEN }>() {
+                let h = FrameHeader::decode(hdr);
+                if h.size != 8 {
+                    let _ = take_ack(&h, &[], &self.outstanding, &self.name);
+                    return false;
+                }
+                let Some(frame) = self.buf.get(..ACK_LEN) else {
+                    break;
+                };
+                if take_ack(
+                    &h,
+                    &frame[wire::HEADER_LEN..],
+                    &self.outstanding,
+                    &self.name,
+                )
+                .is_err()
+                {
+                    return false;
+                }
+                self.buf.drain(..ACK_LEN);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for AckReader {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.sock, EventSet::IN)) {
+            warn!("{}: cannot watch the backend channel: {e}", self.name);
+        }
+    }
+
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        if !self.read() {
+            let _ = ops.remove(Events::new(&self.sock, EventSet::IN));
+            fail_all(&self.outstanding);
+            // Stop the peer too: later misses then fail at once.
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -230,31 +381,11 @@ fn read_acks(sock: &UnixStream, outstanding: &Outstanding, name: &str) {
                 break;
             }
         };
-        let h = frame.header;
-        if !h.is_reply()
-            || h.request != u32::from(BackendReq::IOTLB_MSG)
-            || frame.payload.len() != 8
-            || !frame.fds.is_empty()
+        if !frame.fds.is_empty()
+            || take_ack(&frame.header, &frame.payload, outstanding, name).is_err()
         {
-            warn!(
-                "{name}: unexpected message {} ({} bytes) on the backend channel; closing it",
-                h.request, h.size
-            );
             break;
         }
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&frame.payload);
-        let ok = u64::from_le_bytes(v) == 0;
-        let Some(m) = lock(outstanding).pop_front() else {
-            warn!("{name}: an ack for no miss; ignored");
-            continue;
-        };
-        debug!(
-            "{name}: miss {:#x} acked ({})",
-            m.iova,
-            if ok { "ok" } else { "failed" }
-        );
-        m.acked(ok);
     }
     fail_all(outstanding);
     // Stop the peer too: later misses then fail at once.

@@ -171,8 +171,11 @@ impl ConnError {
 }
 
 /// Options of a connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnConfig {
+    /// The daemon's event loop (None in unit tests): the backend channel's
+    /// acks are read there.
+    pub event_loop: Option<crate::daemon::LoopHandle>,
     /// What memory-table fds must be.
     pub seal_policy: SealPolicy,
     /// How long a queue waits for the answer to an IOTLB miss before the
@@ -247,7 +250,7 @@ impl Conn {
             .collect();
         let iotlb = Arc::new(Iotlb {
             misses: MissTable::default(),
-            channel: BackendChannel::default(),
+            channel: BackendChannel::new(cfg.event_loop.clone()),
             timeout: cfg.iotlb_miss_timeout,
         });
         own.set_config_notifier(config_notifier(&iotlb, &peer));
@@ -1064,6 +1067,7 @@ mod tests {
         let own = Registry::claim_vhost_user(&dev, "t", None).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let cfg = ConnConfig {
+            event_loop: None,
             seal_policy: SealPolicy::RequireShrinkSeal,
             iotlb_miss_timeout: Duration::from_millis(100),
             iotlb_max_entries: 8,

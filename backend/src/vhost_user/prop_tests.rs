@@ -331,6 +331,7 @@ fn connect(dev: &Arc<Device>) -> (UnixStream, mpsc::Receiver<()>) {
     let own = Registry::claim_vhost_user(dev, "prop", None).expect("device free");
     let (ours, theirs) = UnixStream::pair().unwrap();
     let cfg = ConnConfig {
+        event_loop: None,
         seal_policy: SealPolicy::RequireShrinkSeal,
         iotlb_miss_timeout: Duration::from_millis(100),
         iotlb_max_entries: 64,
