@@ -134,13 +134,24 @@ impl Drop for Daemon {
     }
 }
 
+/// Connects to `d`, retrying for a while as QEMU's `reconnect-ms` does: a
+/// frontend that arrives while its previous connection is still held (here
+/// by the old frontend's miss-server thread, slow to end on a loaded
+/// machine) is refused by design.
 fn connect(dir: &Path, d: &Dev) -> Harness {
     let sock = dir.join("vhost-user").join(&d.name);
-    if d.iommu {
-        Harness::start_iotlb(&sock, 1, 256)
-    } else {
-        Harness::start(&sock, 1, 256)
-    }
+    let iommu = d.iommu;
+    let start = || {
+        if iommu {
+            Harness::start_iotlb(&sock, 1, 256)
+        } else {
+            Harness::start(&sock, 1, 256)
+        }
+    };
+    common::poll_until(Duration::from_secs(20), || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)).ok()
+    })
+    .unwrap_or_else(|| panic!("{}: not served for 20 s", d.name))
 }
 
 /// One request on `d`, checked against its model.
