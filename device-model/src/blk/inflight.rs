@@ -393,7 +393,7 @@ impl<H: Release> AsyncQueue<H> {
                     t.taken(head);
                 }
                 let mut descs = std::mem::take(&mut self.descs);
-                let r = chain::collect(chain, max_chain, &mut descs);
+                let r = chain::gather(chain, mem, desc_table, queue_size, max_chain, &mut descs);
                 let res = match r {
                     Ok(()) => self.decided(
                         head,
@@ -470,6 +470,10 @@ impl<H: Release> AsyncQueue<H> {
         };
         match decide(&fault) {
             FaultPolicy::Retry => {
+                log::trace!(
+                    "virtio-blk: chain {head} parked (walked: {}) on {fault:?}",
+                    walked.is_some()
+                );
                 self.parked
                     .push_back((head, walked.map(<[Descriptor]>::to_vec)));
                 outcome.fault.get_or_insert(fault);
@@ -519,10 +523,14 @@ impl<H: Release> AsyncQueue<H> {
                 }
                 Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Ok(Some(fault)),
                 Rewalk::Broken if policy == FaultPolicy::Retry => {
-                    // It faulted on its descriptors when it was taken: do not
-                    // return it unanswered (its status byte untouched would
-                    // read as success, and a write would be lost); look
-                    // again at the next wake-up.
+                    // A translation gone in the middle of the walk is a
+                    // fault (see chain::rewalk), so this chain is broken
+                    // for good (a loop or a bad index its first walk could
+                    // not reach, or descriptors the driver changed while
+                    // the device owned them). It faulted on its descriptors
+                    // when it was taken: do not return it unanswered (its
+                    // status byte untouched would read as success, and a
+                    // write would be lost); look again at the next poll.
                     log::debug!("virtio-blk: parked chain {head} cannot be walked yet");
                     s.parked.push_back((head, None));
                     Ok(None)
