@@ -547,3 +547,130 @@ fn a_table_that_translates_when_a_new_chain_is_walked_again_runs() {
     assert_eq!(std::fs::read(&img.path).unwrap()[7 * 512..8 * 512], data);
     assert!(holds().is_empty());
 }
+
+/// Counts the allocations of the thread that asks ([`count_allocs`]); every test of this crate
+/// runs with it (it only adds to a thread-local counter).
+struct CountingAlloc;
+
+thread_local! {
+    /// Allocations on this thread while counting, or `None`.
+    static ALLOCS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the counter is a
+// thread-local `Cell` with a const initializer (no allocation, no destructor).
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get().map(|n| n + 1)));
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get().map(|n| n + 1)));
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Runs `f`, returning what it returned and how many allocations it made on this thread.
+fn count_allocs<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    ALLOCS.with(|c| c.set(Some(0)));
+    let r = f();
+    let n = ALLOCS.with(|c| c.replace(None)).unwrap_or(0);
+    (r, n)
+}
+
+/// Guest memory whose holds are free (no bookkeeping that allocates), to count the queue's
+/// own allocations.
+#[derive(Debug)]
+struct FreeHolds(GuestMemoryMmap<()>);
+
+#[derive(Debug)]
+struct FreeHold;
+
+impl Release for FreeHold {
+    fn release(self) {}
+}
+
+impl GuestMemory for FreeHolds {
+    type PhysicalMemory = GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        GuestMemory::check_range(&self.0, addr, count, access)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> Result<
+        impl vm_memory::guest_memory::GuestMemorySliceIterator<'a, vm_memory::bitmap::BS<'a, ()>>,
+        vm_memory::GuestMemoryError,
+    > {
+        GuestMemory::get_slices(&self.0, addr, count, access)
+    }
+}
+
+// SAFETY: the memory outlives the queue (the test drains it first).
+unsafe impl InflightMemory for FreeHolds {
+    type Hold = FreeHold;
+    fn hold(&self, _ranges: &[(u64, u64)]) -> FreeHold {
+        FreeHold
+    }
+}
+
+/// Once warm, the queue allocates nothing per request: reads, writes and flushes taken from
+/// the avail ring, submitted, completed and put on the used ring, on both engines.
+#[test]
+fn a_warm_queue_allocates_nothing_per_request() {
+    for aio in [Aio::Sync, Aio::IoUring] {
+        let img = TempImage::new(DISK);
+        let mem = FreeHolds(plain_mem());
+        let dev = file_device(&img);
+        let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+        let mut q: AsyncQueue<FreeHold> = AsyncQueue::new(dev.clone(), engine(&dev, aio));
+        let mut done = 0u16;
+        let mut round = |d: &mut Driver<'_, FreeHolds>, q: &mut AsyncQueue<FreeHold>| {
+            let subs = [
+                d.request(VIRTIO_BLK_T_OUT, 8, &[Buf::Out(pattern(4096, 1))]),
+                d.request(VIRTIO_BLK_T_IN, 8, &[Buf::In(4096)]),
+                d.request(VIRTIO_BLK_T_FLUSH, 0, &[]),
+            ];
+            done += 3;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut n = 0;
+            while d.used_idx() != done && std::time::Instant::now() < deadline {
+                let (out, allocs) =
+                    count_allocs(|| q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail));
+                out.unwrap();
+                n += allocs;
+            }
+            assert_eq!(d.used_idx(), done);
+            for s in &subs {
+                assert_eq!(status_of(d, s), OK);
+            }
+            n
+        };
+        for _ in 0..4 {
+            round(&mut d, &mut q);
+        }
+        // The test build's record of operations is no allocation of a real queue.
+        q.log.reserve(1024);
+        let allocs: Vec<u64> = (0..8).map(|_| round(&mut d, &mut q)).collect();
+        assert_eq!(
+            allocs, [0; 8],
+            "{aio:?}: allocations per round of 3 requests"
+        );
+    }
+}
