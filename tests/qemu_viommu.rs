@@ -9,7 +9,8 @@
 //!
 //! The six boots run one after the other in one test so that TCG guests do
 //! not fight for the CPUs. `VCDEV_VIOMMU_ONLY=intel-iommu:strict` (a
-//! comma-separated list) runs a subset.
+//! comma-separated list) runs a subset. `VCDEV_VIOMMU_LOGDIR=DIR` keeps
+//! vcdev's debug log of each boot in `DIR/CONFIG-MODE-PID.log`.
 //!
 //! Skips with a message without QEMU 10 and the guest image
 //! (`sudo .ci/install-qemu.sh`); `VCDEV_REQUIRE_QEMU=1` makes it fail.
@@ -67,6 +68,13 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         .run()
         .expect("spawn qemu");
     let what = format!("{config} {mode}");
+    if let Some(dir) = std::env::var_os("VCDEV_VIOMMU_LOGDIR") {
+        let path =
+            std::path::Path::new(&dir).join(format!("{config}-{mode}-{}.log", std::process::id()));
+        if let Err(e) = std::fs::write(&path, d.log()) {
+            eprintln!("cannot keep the vcdev log in {}: {e}", path.display());
+        }
+    }
     assert!(
         run.report.ok(),
         "{what}\n{}\n--- vcdev log\n{}",

@@ -308,16 +308,31 @@ impl<D: Door> QueueWorker<D> {
                 (a, b) => a.or(b),
             };
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.el.wait_timeout(timeout, |_| {}) {
+            // Bit i: the door's descriptor i fired; bit 63: the control.
+            let mut fired = 0u64;
+            let waited = self.el.wait_timeout(timeout, |id| {
+                fired |= match id.checked_sub(EVENT_DOOR) {
+                    Some(i) if i < 63 => 1 << i,
+                    _ if id == EVENT_CONTROL => 1 << 63,
+                    _ => 0,
+                };
+            });
+            if let Err(e) = waited {
                 error!("{}: {e}", self.name);
                 break;
             }
-            // Consume the wake-ups first, then look at the stop word: a stop
-            // set after this look leaves the eventfd readable for the next wait.
-            let _ = self.control.wake.read();
-            for fd in &self.wakes {
-                // The counts only say "look"; EAGAIN too.
-                let _ = fd.read();
+            // Consume the wake-ups that fired (one read each: the counts only
+            // say "look"), then look at the stop word: a stop set after this
+            // look leaves the eventfd readable for the next wait.
+            if fired & (1 << 63) != 0 {
+                let _ = self.control.wake.read();
+            }
+            for (i, fd) in self.wakes.iter().enumerate() {
+                // Past the bitmap (a cdev queue with many ioeventfds), read
+                // them all, as each wake-up did before.
+                if i >= 63 || fired & (1 << i) != 0 {
+                    let _ = fd.read();
+                }
             }
             if self.control.stopping() {
                 break;

@@ -35,7 +35,10 @@
 //!   adding a vcdev configuration NAME; `@DISK@` stands for the disk's path (and, for
 //!   qemu-storage-daemon, `@DRIVER@` for `file` or `host_device`);
 //! - `VCDEV_BENCH_DISK_MIB` (256 on tmpfs, 1024 on the loop device's file);
-//! - `VCDEV_BENCH_LOOP_DIR` (`/var/tmp`): where the loop device's backing file lives.
+//! - `VCDEV_BENCH_LOOP_DIR` (`/var/tmp`): where the loop device's backing file lives;
+//! - `VCDEV_BENCH_DISKS` (`tmpfs,loop`): the disks to run on;
+//! - `VCDEV_BENCH_SPECS` may add a vcdev configuration whose binary `VCDEV_BENCH_BINS`
+//!   (`NAME=PATH;NAME=PATH`) sets: another build of vcdev, interleaved with this one.
 //!
 //! Without `--bench` in its arguments (`cargo test --benches`) it exits at once.
 
@@ -90,6 +93,8 @@ struct Config {
     /// vcdev: the `--device` SPEC; qsd: the `--blockdev` options (node-name added); vub: its
     /// arguments, space-separated. `@DISK@` and `@DRIVER@` are filled per disk.
     spec: String,
+    /// vcdev: the binary, when not this build's (`VCDEV_BENCH_BINS`).
+    bin: Option<PathBuf>,
 }
 
 fn config(name: &str, engine: Engine, direct: bool, spec: &str) -> Config {
@@ -98,6 +103,7 @@ fn config(name: &str, engine: Engine, direct: bool, spec: &str) -> Config {
         engine,
         direct,
         spec: spec.to_owned(),
+        bin: None,
     }
 }
 
@@ -168,6 +174,18 @@ fn configs() -> Vec<Config> {
                     spec,
                 )),
             }
+        }
+    }
+    if let Ok(bins) = std::env::var("VCDEV_BENCH_BINS") {
+        for item in bins.split(';').filter(|s| !s.trim().is_empty()) {
+            let (name, bin) = item
+                .split_once('=')
+                .unwrap_or_else(|| panic!("VCDEV_BENCH_BINS: {item}: expected NAME=PATH"));
+            let c = all
+                .iter_mut()
+                .find(|c| c.name == name.trim() && c.engine == Engine::Vcdev)
+                .unwrap_or_else(|| panic!("VCDEV_BENCH_BINS: {name}: no such vcdev configuration"));
+            c.bin = Some(PathBuf::from(bin.trim()));
         }
     }
     if let Ok(keep) = std::env::var("VCDEV_BENCH_CONFIGS") {
@@ -610,7 +628,10 @@ fn start(cfg: &Config, disk: &Disk) -> Result<Spawn, String> {
     let spec = disk.fill(&cfg.spec);
     let tag = "bench";
     let r = match cfg.engine {
-        Engine::Vcdev => Peer::vcdev(tag, &spec, DEVICE),
+        Engine::Vcdev => match &cfg.bin {
+            Some(bin) => Peer::vcdev_of(bin, tag, &spec, DEVICE),
+            None => Peer::vcdev(tag, &spec, DEVICE),
+        },
         Engine::Qsd => Peer::qsd(tag, &spec, true),
         Engine::Vub => {
             let args: Vec<&str> = spec.split_whitespace().collect();
@@ -948,11 +969,19 @@ fn main() {
     assert!(!cfgs.is_empty(), "VCDEV_BENCH_CONFIGS selects nothing");
 
     let mut notes = Vec::new();
-    let mut disks = vec![tmpfs_disk()];
-    match loop_disk() {
-        Ok(d) => disks.push(d),
-        Err(why) => notes.push(format!("loop disk skipped: {why}")),
+    let want = std::env::var("VCDEV_BENCH_DISKS").unwrap_or_else(|_| "tmpfs,loop".to_owned());
+    let wants = |name: &str| want.split(',').any(|d| d.trim() == name);
+    let mut disks = Vec::new();
+    if wants("tmpfs") {
+        disks.push(tmpfs_disk());
     }
+    if wants("loop") {
+        match loop_disk() {
+            Ok(d) => disks.push(d),
+            Err(why) => notes.push(format!("loop disk skipped: {why}")),
+        }
+    }
+    assert!(!disks.is_empty(), "VCDEV_BENCH_DISKS selects nothing");
     for n in &notes {
         eprintln!("storage: {n}");
     }

@@ -114,9 +114,14 @@ impl Peer {
     /// `vcdev serve --dir <tmp> --device <spec>` at log level info, ready with the socket of
     /// device `name` (which `spec` names).
     pub fn vcdev(tag: &str, spec: &str, name: &str) -> io::Result<Spawn> {
+        Peer::vcdev_of(&vcdev_bin(), tag, spec, name)
+    }
+
+    /// [`Peer::vcdev`] with the `vcdev` binary `bin` (another build, to compare).
+    pub fn vcdev_of(bin: &Path, tag: &str, spec: &str, name: &str) -> io::Result<Spawn> {
         let tmp = TempDir::new(tag)?;
         let socket = tmp.path().join(VHOST_USER_DIR).join(name);
-        let mut cmd = Command::new(vcdev_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--dir")
             .arg(tmp.path())

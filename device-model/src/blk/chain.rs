@@ -50,6 +50,44 @@ where
     }
 }
 
+/// Walk the chain virtio-queue popped into `out`, as [`collect`] does; a chain virtio-queue
+/// could not walk (it yields nothing, or ends in a descriptor with `NEXT`) is walked again by
+/// hand ([`rewalk`]), and if that walk finds the whole chain it is taken as walked.
+///
+/// The two walks may see different translations: a descriptor or an indirect table that missed
+/// in virtio-queue's walk may translate now (an UPDATE answering another request's miss of the
+/// same page came in between). Such a chain is whole and must run, not fail with IOERR. On an
+/// error, `out` holds what [`exec::answer_unwalkable`](super::exec::answer_unwalkable) needs.
+pub(crate) fn gather<M: GuestMemory>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    max: usize,
+    out: &mut Vec<Descriptor>,
+) -> Result<(), ParseError> {
+    let head = chain.head_index();
+    let err = match collect(chain, max, out) {
+        Err(err @ (ParseError::EmptyChain | ParseError::Truncated)) => err,
+        r => return r,
+    };
+    match rewalk(mem, desc_table, queue_size, head, out) {
+        Rewalk::End(_) if whole(out, max) => Ok(()),
+        _ => Err(err),
+    }
+}
+
+/// Whether walked descriptors are a chain virtio-queue would have yielded whole and
+/// [`collect`] kept: at most `max` of them, and no more than 2^32 - 1 bytes in all (virtio 1.2
+/// section 2.7.5.2).
+fn whole(descs: &[Descriptor], max: usize) -> bool {
+    descs.len() <= max
+        && descs
+            .iter()
+            .try_fold(0u32, |total, d| total.checked_add(d.len()))
+            .is_some()
+}
+
 /// Check that `len` bytes at `addr` translate for reading, item by item.
 fn check_readable<M: GuestMemory>(
     mem: &M,
@@ -67,12 +105,31 @@ fn check_readable<M: GuestMemory>(
 pub(crate) enum Rewalk {
     /// An IOMMU fault on a descriptor or an indirect table.
     Fault(Fault),
-    /// The chain does end, in this descriptor: virtio-queue gave up for a reason that leaves the
-    /// request answerable (its lengths add up past 2^32, which virtio 1.2 section 2.7.5.2
-    /// forbids), so the status byte can still carry `VIRTIO_BLK_S_IOERR`.
+    /// The chain does end, in this descriptor (every descriptor seen is in the walk's output).
+    /// Either virtio-queue gave up for a reason that leaves the request answerable (its lengths
+    /// add up past 2^32, which virtio 1.2 section 2.7.5.2 forbids), so the status byte can still
+    /// carry `VIRTIO_BLK_S_IOERR`; or a translation virtio-queue missed is there now.
     End(Descriptor),
-    /// A loop, a bad index or a bad indirect table: no status byte can be trusted.
+    /// A loop, a bad index, a bad indirect table, or a descriptor outside guest memory: no
+    /// status byte can be trusted.
     Broken,
+}
+
+/// Why a walk found the chain [`Rewalk::Broken`] (logged at debug level).
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    #[error("More descriptors than the table holds (a loop)")]
+    Loop,
+    #[error("Next index out of range")]
+    IndexOutOfRange,
+    #[error("Indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("Indirect table length not a multiple of 16 or too large")]
+    IndirectLength,
+    #[error("Descriptor unreadable")]
+    Unreadable(#[source] GuestMemoryError),
+    #[error("Descriptor address overflows")]
+    Overflow,
 }
 
 /// Walk a chain by hand, looking for an IOMMU fault on a descriptor or an indirect table, or
@@ -80,6 +137,11 @@ pub(crate) enum Rewalk {
 ///
 /// Used on the error path of a chain virtio-queue could not walk, and to walk again the chain
 /// of a request parked on a fault (virtio-queue walks only chains it pops).
+///
+/// Each descriptor is read through one translation, and an IOMMU error on that read is a fault
+/// like one found by a check: a translation may go away between two lookups in the same
+/// session (an IOTLB invalidation, such as a lazy guest IOMMU's global flush, lands at any
+/// time and a lookup after it misses), and such a chain is not broken, it waits for its miss.
 pub(crate) fn rewalk<M: GuestMemory>(
     mem: &M,
     desc_table: GuestAddress,
@@ -88,7 +150,23 @@ pub(crate) fn rewalk<M: GuestMemory>(
     out: &mut Vec<Descriptor>,
 ) -> Rewalk {
     out.clear();
-    rewalk_inner(mem, desc_table, queue_size, head, out).unwrap_or(Rewalk::Broken)
+    match rewalk_inner(mem, desc_table, queue_size, head, out) {
+        Ok(r) => r,
+        Err((why, at)) => {
+            log::debug!(
+                "virtio-blk: chain {head} cannot be walked: {why}{} at descriptor address {:#x} \
+                 (last seen {:?})",
+                match &why {
+                    Broken::Unreadable(e) => format!(": {e}"),
+                    _ => String::new(),
+                },
+                at.0,
+                out.last()
+                    .map(|d| (d.addr().0, d.len(), d.flags(), d.next())),
+            );
+            Rewalk::Broken
+        }
+    }
 }
 
 fn rewalk_inner<M: GuestMemory>(
@@ -97,36 +175,52 @@ fn rewalk_inner<M: GuestMemory>(
     queue_size: u16,
     head: u16,
     out: &mut Vec<Descriptor>,
-) -> Option<Rewalk> {
+) -> Result<Rewalk, (Broken, GuestAddress)> {
     let mut table = desc_table;
     let mut size = queue_size;
     let mut idx = head;
     let mut ttl = queue_size;
     let mut indirect = false;
+    let desc_len = usize::try_from(DESC_LEN).map_err(|_| (Broken::Overflow, table))?;
     loop {
-        if idx >= size || ttl == 0 {
-            return None;
+        if ttl == 0 {
+            return Err((Broken::Loop, table));
+        }
+        if idx >= size {
+            return Err((Broken::IndexOutOfRange, table));
         }
         ttl = ttl.saturating_sub(1);
-        let addr = table.checked_add(u64::from(idx).checked_mul(DESC_LEN)?)?;
-        let desc_len = usize::try_from(DESC_LEN).ok()?;
-        if let Err(err) = check_readable(mem, addr, desc_len) {
-            return Fault::from_error(&err, addr, desc_len, Permissions::Read).map(Rewalk::Fault);
-        }
-        let desc = Descriptor::from(mem.read_obj::<RawDescriptor>(addr).ok()?);
+        let addr = u64::from(idx)
+            .checked_mul(DESC_LEN)
+            .and_then(|off| table.checked_add(off))
+            .ok_or((Broken::Overflow, table))?;
+        let desc = match mem.read_obj::<RawDescriptor>(addr) {
+            Ok(raw) => Descriptor::from(raw),
+            Err(err) => {
+                return match Fault::from_error(&err, addr, desc_len, Permissions::Read) {
+                    Some(fault) => Ok(Rewalk::Fault(fault)),
+                    None => Err((Broken::Unreadable(err), addr)),
+                };
+            }
+        };
         if desc.refers_to_indirect_table() {
             if indirect {
-                return None;
+                return Err((Broken::NestedIndirect, addr));
             }
-            let len = usize::try_from(desc.len()).ok()?;
+            let len = usize::try_from(desc.len()).map_err(|_| (Broken::Overflow, addr))?;
+            // The whole table first: one fault (one miss) for all of it. Its entries are read
+            // again one by one below, each of which may fault in turn.
             if let Err(err) = check_readable(mem, desc.addr(), len) {
-                return Fault::from_error(&err, desc.addr(), len, Permissions::Read)
-                    .map(Rewalk::Fault);
+                return match Fault::from_error(&err, desc.addr(), len, Permissions::Read) {
+                    Some(fault) => Ok(Rewalk::Fault(fault)),
+                    None => Err((Broken::Unreadable(err), desc.addr())),
+                };
             }
             if u64::from(desc.len()) % DESC_LEN != 0 {
-                return None;
+                return Err((Broken::IndirectLength, addr));
             }
-            size = u16::try_from(u64::from(desc.len()) / DESC_LEN).ok()?;
+            size = u16::try_from(u64::from(desc.len()) / DESC_LEN)
+                .map_err(|_| (Broken::IndirectLength, addr))?;
             ttl = size;
             table = desc.addr();
             idx = 0;
@@ -135,7 +229,7 @@ fn rewalk_inner<M: GuestMemory>(
         }
         out.push(desc);
         if !desc.has_next() {
-            return Some(Rewalk::End(desc));
+            return Ok(Rewalk::End(desc));
         }
         idx = desc.next();
     }

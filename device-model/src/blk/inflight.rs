@@ -27,7 +27,7 @@
 //!   ([`AsyncQueue::throttle_deadline`] says when); it is never failed.
 #![allow(unsafe_code)]
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,7 +35,7 @@ use log::warn;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::Bitmap;
+use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
 
 use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
@@ -147,13 +147,18 @@ pub struct AsyncQueue<H> {
     /// Requests parked by the device's I/O limits, oldest first; while there is one, no new
     /// chain is taken from the avail ring.
     throttled: VecDeque<Throttled>,
-    /// Sequence numbers of the writes in flight.
-    writes: BTreeSet<u64>,
+    /// Sequence numbers of the writes in flight, in increasing order (they are given out in
+    /// order; the buffer is kept, so a warm queue does not allocate).
+    writes: VecDeque<u64>,
     next_write_seq: u64,
     descs: Vec<Descriptor>,
     segments: Vec<Segment>,
     reaped: Vec<IoCompletion>,
     spare_iov: Vec<Vec<IoVec>>,
+    /// The buffers of [`AsyncQueue::begin`], kept between requests: the ranges a request
+    /// holds, and (empty, see [`recycle`]) the translated slices.
+    ranges: Vec<(u64, u64)>,
+    slices: Vec<SliceStore>,
     /// Whether the queue's next used index was read from the used ring.
     used_synced: bool,
     tracker: Option<Box<dyn Tracker>>,
@@ -179,12 +184,14 @@ impl<H: Release> AsyncQueue<H> {
             pending: VecDeque::new(),
             parked: VecDeque::new(),
             throttled: VecDeque::new(),
-            writes: BTreeSet::new(),
+            writes: VecDeque::new(),
             next_write_seq: 0,
             descs: Vec::new(),
             segments: Vec::new(),
             reaped: Vec::new(),
             spare_iov: Vec::new(),
+            ranges: Vec::new(),
+            slices: Vec::new(),
             used_synced: false,
             tracker: None,
             #[cfg(test)]
@@ -391,6 +398,13 @@ impl<H: Release> AsyncQueue<H> {
         n
     }
 
+    /// The write with sequence number `seq` is no longer in flight.
+    fn write_done(&mut self, seq: u64) {
+        if let Ok(i) = self.writes.binary_search(&seq) {
+            self.writes.remove(i);
+        }
+    }
+
     /// Drop the request of `tag` unanswered, releasing its hold.
     fn forget(&mut self, tag: u64) -> bool {
         let Some(f) = usize::try_from(tag)
@@ -402,7 +416,7 @@ impl<H: Release> AsyncQueue<H> {
         };
         self.free.push(tag);
         if let Some(seq) = f.write_seq {
-            self.writes.remove(&seq);
+            self.write_done(seq);
         }
         f.hold.release();
         true
@@ -434,7 +448,7 @@ impl<H: Release> AsyncQueue<H> {
                     t.taken(head);
                 }
                 let mut descs = std::mem::take(&mut self.descs);
-                let r = chain::collect(chain, max_chain, &mut descs);
+                let r = chain::gather(chain, mem, desc_table, queue_size, max_chain, &mut descs);
                 let res = match r {
                     Ok(()) => self.decided(
                         head,
@@ -543,6 +557,10 @@ impl<H: Release> AsyncQueue<H> {
         };
         match decide(&fault) {
             FaultPolicy::Retry => {
+                log::trace!(
+                    "virtio-blk: chain {head} parked (walked: {}) on {fault:?}",
+                    walked.is_some()
+                );
                 self.parked
                     .push_back((head, walked.map(<[Descriptor]>::to_vec)));
                 outcome.fault.get_or_insert(fault);
@@ -592,10 +610,14 @@ impl<H: Release> AsyncQueue<H> {
                 }
                 Rewalk::Fault(fault) if policy == FaultPolicy::Retry => Ok(Some(fault)),
                 Rewalk::Broken if policy == FaultPolicy::Retry => {
-                    // It faulted on its descriptors when it was taken: do not
-                    // return it unanswered (its status byte untouched would
-                    // read as success, and a write would be lost); look
-                    // again at the next wake-up.
+                    // A translation gone in the middle of the walk is a
+                    // fault (see chain::rewalk), so this chain is broken
+                    // for good (a loop or a bad index its first walk could
+                    // not reach, or descriptors the driver changed while
+                    // the device owned them). It faulted on its descriptors
+                    // when it was taken: do not return it unanswered (its
+                    // status byte untouched would read as success, and a
+                    // write would be lost); look again at the next poll.
                     log::debug!("virtio-blk: parked chain {head} cannot be walked yet");
                     s.parked.push_back((head, None));
                     Ok(None)
@@ -625,10 +647,28 @@ impl<H: Release> AsyncQueue<H> {
         paid: bool,
         outcome: &mut QueueOutcome,
     ) -> Result<Option<Fault>, Error> {
+        let mut slices = recycle(std::mem::take(&mut self.slices));
+        let r = self.begin_with(queue, mem, policy, head, descs, paid, outcome, &mut slices);
+        self.slices = recycle(slices);
+        r
+    }
+
+    /// [`AsyncQueue::begin`] with the vector for the translated slices.
+    #[allow(clippy::too_many_arguments)]
+    fn begin_with<'m, M: InflightMemory<Hold = H>>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'m M,
+        policy: FaultPolicy,
+        head: u16,
+        descs: &[Descriptor],
+        paid: bool,
+        outcome: &mut QueueOutcome,
+        slices: &mut Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
+    ) -> Result<Option<Fault>, Error> {
         let device = self.device.clone();
         let target = device.target();
-        let mut slices: Vec<VolatileSlice<'_, _>> = Vec::new();
-        let (req, status) = match start_chain(&target, descs, mem, policy, &mut slices) {
+        let (req, status) = match start_chain(&target, descs, mem, policy, slices) {
             Started::Finished(c) => return self.finish(queue, mem, head, c, outcome),
             Started::Ready(req, status) => (req, status),
         };
@@ -661,19 +701,19 @@ impl<H: Release> AsyncQueue<H> {
                     });
                     return Ok(None);
                 }
-                if bounce::needs_bounce(target.backend, &slices) {
-                    bounce = EngineBounce::new(target.backend, &slices, len, reading);
+                if bounce::needs_bounce(target.backend, slices) {
+                    bounce = EngineBounce::new(target.backend, slices, len, reading);
                     if bounce.is_none() {
                         // Too large to bounce whole while in flight: bounce it in chunks now.
                         let c = answer(
                             &status,
-                            exec::execute(&target, &req, &slices, &mut self.segments),
+                            exec::execute(&target, &req, slices, &mut self.segments),
                         );
                         return self.finish(queue, mem, head, c, outcome);
                     }
                 }
                 if reading {
-                    for s in &slices {
+                    for s in slices.iter() {
                         s.bitmap().mark_dirty(0, s.len());
                     }
                     (IoOp::Read { offset }, len, len)
@@ -685,13 +725,14 @@ impl<H: Release> AsyncQueue<H> {
             _ => {
                 let c = answer(
                     &status,
-                    exec::execute(&target, &req, &slices, &mut self.segments),
+                    exec::execute(&target, &req, slices, &mut self.segments),
                 );
                 return self.finish(queue, mem, head, c, outcome);
             }
         };
         // Hold every translated range until the operation completes.
-        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(descs.len().saturating_add(1));
+        let mut ranges = std::mem::take(&mut self.ranges);
+        ranges.clear();
         ranges.push((req.status.0, req.status.0));
         let (data, _) = req.data();
         for (addr, len) in data.pieces(descs).flatten() {
@@ -701,6 +742,7 @@ impl<H: Release> AsyncQueue<H> {
             ));
         }
         let hold = mem.hold(&ranges);
+        self.ranges = ranges;
         let Some(tag) = self.free.pop() else {
             // Unreachable: the caller checked for a free slot. Answer rather than lose it.
             hold.release();
@@ -716,7 +758,7 @@ impl<H: Release> AsyncQueue<H> {
         let write_seq = matches!(op, IoOp::Write { .. }).then(|| {
             let seq = self.next_write_seq;
             self.next_write_seq = self.next_write_seq.wrapping_add(1);
-            self.writes.insert(seq);
+            self.writes.push_back(seq);
             seq
         });
         let barrier = matches!(op, IoOp::Flush).then_some(self.next_write_seq);
@@ -747,7 +789,7 @@ impl<H: Release> AsyncQueue<H> {
     /// Submit pending operations in order while the engine takes them. A flush whose earlier
     /// writes are still in flight stays pending; what comes after it does not wait for it.
     fn submit_pending(&mut self) {
-        let oldest_write = self.writes.first().copied();
+        let oldest_write = self.writes.front().copied();
         let mut i = 0;
         while let Some(p) = self.pending.get(i) {
             if p.barrier
@@ -825,7 +867,7 @@ impl<H: Release> AsyncQueue<H> {
         };
         self.free.push(tag);
         if let Some(seq) = f.write_seq {
-            self.writes.remove(&seq);
+            self.write_done(seq);
         }
         #[cfg(test)]
         self.log.push(OpEvent::Completed { head: f.head });
@@ -919,6 +961,25 @@ impl<H> Drop for AsyncQueue<H> {
             warn!("virtio-blk: queue dropped with {in_flight} requests in flight");
         }
     }
+}
+
+/// Room for one `VolatileSlice` of guest memory without a dirty bitmap (the memory views of
+/// both doors), in a type that can move between threads: the element type of the buffer that
+/// the slices of each request reuse (see [`recycle`]).
+type SliceStore =
+    [usize; std::mem::size_of::<VolatileSlice<'static, ()>>() / std::mem::size_of::<usize>()];
+
+const _: () = assert!(
+    std::mem::size_of::<SliceStore>() == std::mem::size_of::<VolatileSlice<'static, ()>>()
+        && std::mem::align_of::<SliceStore>() == std::mem::align_of::<VolatileSlice<'static, ()>>()
+);
+
+/// An empty vector of `U` that keeps the allocation of `v` when `T` and `U` have the same size
+/// and alignment (std's in-place collection; `VolatileSlice`s of different lifetimes), else a
+/// new one. So the slices of a request, which borrow its memory view, reuse one buffer.
+fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
 }
 
 fn ioerr() -> u8 {

@@ -298,7 +298,15 @@ impl BlkDevice {
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                let completion = match chain::collect(chain, max_chain, &mut scratch.descs) {
+                let walked = chain::gather(
+                    chain,
+                    mem,
+                    desc_table,
+                    queue_size,
+                    max_chain,
+                    &mut scratch.descs,
+                );
+                let completion = match walked {
                     Ok(()) => handle_chain(
                         &target,
                         &scratch.descs,

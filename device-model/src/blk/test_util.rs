@@ -46,6 +46,10 @@ pub struct FaultyMem {
     /// `(start, len, access that faults)`: an access overlapping the range and needing any of
     /// the listed permissions fails with an IOMMU error.
     pub poison: Mutex<Option<(u64, u64, Permissions)>>,
+    /// `(start, len, verdicts)`: each lookup overlapping the range, of any access, takes the
+    /// next verdict (`true`: it faults); once they run out the range faults (its translation
+    /// is gone) until [`FaultyMem::heal`]. An IOTLB whose entries come and go between lookups.
+    pub script: Mutex<Option<(u64, u64, std::collections::VecDeque<bool>)>>,
 }
 
 impl FaultyMem {
@@ -53,7 +57,13 @@ impl FaultyMem {
         Self {
             inner: plain_mem(),
             poison: Mutex::new(None),
+            script: Mutex::new(None),
         }
+    }
+
+    /// Script the lookups of `start..start+len` (see [`FaultyMem::script`]).
+    pub fn script(&self, start: u64, len: u64, verdicts: &[bool]) {
+        *self.script.lock().unwrap() = Some((start, len, verdicts.iter().copied().collect()));
     }
 
     pub fn poison(&self, start: u64, len: u64, access: Permissions) {
@@ -62,13 +72,19 @@ impl FaultyMem {
 
     pub fn heal(&self) {
         *self.poison.lock().unwrap() = None;
+        *self.script.lock().unwrap() = None;
     }
 
     fn faults(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        let end = addr.0.saturating_add(count as u64);
+        if let Some((start, len, verdicts)) = self.script.lock().unwrap().as_mut() {
+            if addr.0 < *start + *len && *start < end {
+                return verdicts.pop_front().unwrap_or(true);
+            }
+        }
         let Some((start, len, bad)) = *self.poison.lock().unwrap() else {
             return false;
         };
-        let end = addr.0.saturating_add(count as u64);
         addr.0 < start + len && start < end && (access as u8 & bad as u8) != 0
     }
 }
