@@ -21,13 +21,18 @@
 //! With the device's `poll-us=N` ([`Device::poll`]), a worker that has just
 //! taken a request does not go to sleep at once: for up to N us after its
 //! last request it busy-polls the avail ring's index through the door's
-//! memory view ([`Door::peek`], no request is walked, nothing is counted),
+//! memory view ([`Door::peek`]: no request is walked, nothing is counted),
 //! and looks at its event loop without waiting (kicks, completions, a
-//! stop). A request the driver offers meanwhile is taken without waiting for
-//! the kick's wake-up, and even if the driver never kicks. Between two looks
-//! the worker yields its CPU, so that on a machine with few CPUs a frontend
-//! that shares one with it gets to run. The poll ends early when the door
-//! could not run its batch (a miss waited for, memory out of reach) or the
+//! stop). Meanwhile the driver is told not to notify
+//! ([`AsyncQueue::set_quiet`]: `avail_event` left behind under EVENT_IDX,
+//! else VRING_USED_F_NO_NOTIFY), so a driver that honours it saves its
+//! doorbell writes; a request offered meanwhile is taken without waiting
+//! for a wake-up, kicked or not. Before it sleeps the worker turns the
+//! notifications back on and looks at the ring once more
+//! ([`AsyncQueue::rearm`]). Between two looks it yields its CPU, so that on
+//! a machine with few CPUs a frontend that shares one with it gets to run.
+//! The poll ends early when the door could not run its batch (a miss waited
+//! for, memory out of reach), requests wait for the I/O limits, or the
 //! queue broke; every look is a session of its own, so an invalidation
 //! never waits for more than one look.
 //!
@@ -77,6 +82,10 @@ use vcdev_iommu::sync::lock;
 const EVENT_ENGINE: u64 = EVENT_FIRST_DEVICE;
 /// The door's wake-ups (kicks, ioeventfds, miss answers): from here on.
 pub const EVENT_DOOR: u64 = EVENT_FIRST_DEVICE + 1;
+
+/// How soon a worker that could not turn the driver's notifications back on
+/// after polling looks again (the driver may not kick meanwhile).
+const REARM_RETRY: Duration = Duration::from_millis(10);
 
 /// Batches run again at once when the door asks ([`Door::take_repoll`]).
 const MAX_REPOLLS: usize = 8;
@@ -271,6 +280,9 @@ pub struct QueueWorker<D: Door> {
     poll_for: Duration,
     /// When the worker last took a request from the avail ring.
     last_request: Instant,
+    /// Polling left the driver's notifications off and could not turn them
+    /// back on (rings out of reach): try again within [`REARM_RETRY`].
+    rearm_pending: bool,
 }
 
 impl<D: Door> QueueWorker<D> {
@@ -309,6 +321,7 @@ impl<D: Door> QueueWorker<D> {
             reg: reg.clone(),
             poll_for: reg.poll(),
             last_request: Instant::now(),
+            rearm_pending: false,
         })
     }
 
@@ -334,10 +347,11 @@ impl<D: Door> QueueWorker<D> {
             // A batch the door could not run (memory out of reach for now)
             // waits for the door's wake-up, not for the limits.
             let throttle = self.aq.throttle_deadline().filter(|_| !self.blocked);
-            let deadline = match (self.door.deadline(), throttle) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let rearm = self.rearm_pending.then(|| Instant::now() + REARM_RETRY);
+            let deadline = [self.door.deadline(), throttle, rearm]
+                .into_iter()
+                .flatten()
+                .min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.el.wait_timeout(timeout, |_| {}) {
                 error!("{}: {e}", self.name);
@@ -355,6 +369,10 @@ impl<D: Door> QueueWorker<D> {
             }
             self.poll();
         }
+        if !self.poll_for.is_zero() {
+            // Leave the ring asking for notifications, for whoever resumes it.
+            self.rearm();
+        }
         self.stop();
         self.reg.workers().leave(&self.control);
         let parked = self.aq.take_parked();
@@ -367,6 +385,8 @@ impl<D: Door> QueueWorker<D> {
         if self.broken {
             return;
         }
+        // Polling follows this batch: the driver need not notify.
+        self.aq.set_quiet(!self.poll_for.is_zero());
         let taken_before = self.queue.next_avail();
         for _ in 0..=MAX_REPOLLS {
             let rings = Rings::of(&self.queue);
@@ -386,22 +406,38 @@ impl<D: Door> QueueWorker<D> {
     }
 
     /// `poll-us=`: busy-polls until [`QueueWorker::poll_for`] has passed
-    /// since the last request taken (see "Polling" in the module doc).
-    /// Returns when that time is over, or at once when the event loop has
-    /// something (a kick, a completion, a stop: the caller's wait returns
-    /// at once), a batch could not run or the queue broke.
+    /// since the last request taken (see "Polling" in the module doc), then
+    /// turns the driver's notifications back on before the caller sleeps.
+    /// Returns early, notifications still off, when the event loop has
+    /// something (a kick, a completion, a stop: the caller's wait returns at
+    /// once and polls, and this runs again).
     fn busy_poll(&mut self) {
         if self.poll_for.is_zero() {
             return;
         }
         loop {
+            if self.spin() {
+                return;
+            }
+            if !self.rearm() {
+                return;
+            }
+            // Offered while the notifications were off: take it, poll on.
+            self.poll();
+        }
+    }
+
+    /// The busy loop of [`QueueWorker::busy_poll`]: true when it stopped
+    /// on an event.
+    fn spin(&mut self) -> bool {
+        loop {
             // Requests the limits hold back leave the avail ring untaken:
             // their deadline wakes the worker, not the ring.
             if self.broken || self.blocked || self.aq.throttled() > 0 || self.control.stopping() {
-                return;
+                return false;
             }
             if self.last_request.elapsed() >= self.poll_for {
-                return;
+                return false;
             }
             let rings = Rings::of(&self.queue);
             let next = self.queue.next_avail();
@@ -412,7 +448,7 @@ impl<D: Door> QueueWorker<D> {
                     .is_ok_and(|idx| idx.0 != next)
             });
             match offered {
-                None => return,
+                None => return false,
                 Some(true) => {
                     self.poll();
                     continue;
@@ -422,12 +458,38 @@ impl<D: Door> QueueWorker<D> {
             let mut ready = false;
             if let Err(e) = self.el.wait_timeout(Some(Duration::ZERO), |_| ready = true) {
                 error!("{}: {e}", self.name);
-                return;
+                return false;
             }
             if ready {
-                return;
+                return true;
             }
             std::thread::yield_now();
+        }
+    }
+
+    /// Turns the driver's notifications back on (polling is over); true
+    /// when chains were offered meanwhile. When the rings cannot be reached
+    /// now, [`QueueWorker::rearm_pending`] makes the worker try again soon.
+    fn rearm(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
+        let rings = Rings::of(&self.queue);
+        let (queue, aq) = (&mut self.queue, &mut self.aq);
+        match self.door.batch(rings, |view, _| aq.rearm(queue, view)) {
+            Batch::Ran(Ok(more)) => {
+                self.rearm_pending = false;
+                more
+            }
+            Batch::Ran(Err(e)) => {
+                error!("{}: cannot turn notifications back on: {e}", self.name);
+                self.rearm_pending = true;
+                false
+            }
+            Batch::Blocked | Batch::Lost => {
+                self.rearm_pending = true;
+                false
+            }
         }
     }
 
