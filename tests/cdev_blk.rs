@@ -154,3 +154,42 @@ fn resize_fires_the_config_vector_and_moves_the_generation() {
     assert_eq!(drv.config_generation(), generation);
     assert_eq!(drv.capacity(), 8 * MIB / 512);
 }
+
+/// Issue 12, `poll-us=` through the cdev door: a request offered without
+/// ringing the doorbell completes while the worker polls.
+#[test]
+fn poll_us_takes_a_request_without_a_doorbell() {
+    use common::frontend::DriverQueue;
+    use vcdev_device_model::testing::{BlkRequest, W};
+
+    /// Offers a 4 KiB read without ringing; its completion within `wait`.
+    fn offer_unrung(drv: &mut BlkDriver, wait: std::time::Duration) -> Option<(u32, u32)> {
+        let q: &mut DriverQueue = &mut drv.q;
+        let (hdr, data) = (q.header_gpa(), q.data_gpa());
+        let status = hdr + 0x100;
+        BlkRequest::new(VIRTIO_BLK_T_IN, 0).write(&drv.mem, hdr, status);
+        let chain = BlkRequest::chain(hdr, &[(data, 4096, W)], status);
+        q.ring.write_chain(&drv.mem, 0, &chain);
+        q.offer(&drv.mem, 0);
+        q.wait_used(&drv.mem, wait)
+    }
+
+    let d = Vcdev::builder("cdev-poll")
+        .device("blk,ram=4M,poll-us=1000000")
+        .spawn();
+    let mut drv = BlkDriver::start(&d, "vfio0", 64);
+    assert_eq!(drv.write(0, &pattern(6, 4096)), S_OK);
+    let got = offer_unrung(&mut drv, std::time::Duration::from_millis(900));
+    assert_eq!(got, Some((0, 4097)), "a polling worker takes it");
+    assert!(drv.mem.read(drv.q.data_gpa(), 4096) == pattern(6, 4096));
+    drop(drv);
+    drop(d);
+
+    let d = Vcdev::builder("cdev-nopoll").device("blk,ram=4M").spawn();
+    let mut drv = BlkDriver::start(&d, "vfio0", 64);
+    assert_eq!(drv.write(0, &pattern(6, 4096)), S_OK);
+    let got = offer_unrung(&mut drv, std::time::Duration::from_millis(300));
+    assert_eq!(got, None, "without poll-us it waits for the doorbell");
+    drv.q.kick.write(1).expect("doorbell");
+    assert!(drv.q.wait_used(&drv.mem, common::TIMEOUT).is_some());
+}

@@ -4,12 +4,14 @@
 //! `blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N][,queue-size=N][,serial=S]`
 //! `[,direct=on|off][,aio=auto|io_uring|sync]`
 //! `[,iova-aperture=START-LAST][,iova-reserved=START-LAST]...[,group=N]`
-//! `[,iops=N][,bw=SIZE]`
+//! `[,iops=N][,bw=SIZE][,poll-us=N]`
 //!
 //! Sizes take a K, M or G suffix (powers of 1024); addresses take decimal or
 //! `0x` hex; `iova-reserved` may be repeated. `iops` and `bw` limit the
 //! device's reads and writes per second and bytes per second (0: no limit),
-//! with a burst of one second. A comma inside a value (a path, a serial) is
+//! with a burst of one second. `poll-us` is how long a queue worker
+//! busy-polls its avail ring after its last request before it sleeps on the
+//! kick (0, the default: it sleeps at once). A comma inside a value (a path, a serial) is
 //! written twice, as in QEMU's options. A [`DeviceSpec`] prints back as a
 //! SPEC that parses to the same spec (its `Display`).
 
@@ -27,6 +29,8 @@ pub const DEFAULT_RAM_SIZE: u64 = 64 << 20;
 pub const MAX_QUEUES: u16 = 256;
 /// The smallest queue size accepted.
 pub const MIN_QUEUE_SIZE: u16 = 4;
+/// The longest `poll-us` accepted: 1 s.
+pub const MAX_POLL_US: u32 = 1_000_000;
 
 /// Errors in the options (exit code 2).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -123,6 +127,9 @@ pub struct DeviceSpec {
     pub group: Option<u32>,
     /// `iops=` and `bw=`: its I/O limits (default: none).
     pub limits: Limits,
+    /// `poll-us=`: how long (us) a queue worker busy-polls its avail ring
+    /// after its last request before it sleeps (default 0: not at all).
+    pub poll_us: u32,
 }
 
 /// The validated configuration.
@@ -276,6 +283,7 @@ impl DeviceSpec {
         let mut iova_reserved = Vec::new();
         let mut group = None;
         let mut limits = Limits::UNLIMITED;
+        let mut poll_us = 0u32;
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
                 return Err(ConfigError::UnknownKey {
@@ -368,6 +376,15 @@ impl DeviceSpec {
                         )
                     })?;
                 }
+                "poll-us" => {
+                    poll_us = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|p| *p <= MAX_POLL_US)
+                        .ok_or_else(|| {
+                            bad("poll-us", v, "microseconds from 0 (no polling) to 1000000")
+                        })?;
+                }
                 "serial" => {
                     if v.len() > SERIAL_LEN {
                         return Err(bad("serial", v, "at most 20 bytes"));
@@ -406,6 +423,7 @@ impl DeviceSpec {
             iova_reserved,
             group,
             limits,
+            poll_us,
         })
     }
 }
@@ -453,6 +471,9 @@ impl fmt::Display for DeviceSpec {
         }
         if self.limits.bw != 0 {
             write!(f, ",bw={}", format_size(self.limits.bw))?;
+        }
+        if self.poll_us != 0 {
+            write!(f, ",poll-us={}", self.poll_us)?;
         }
         Ok(())
     }
@@ -602,6 +623,26 @@ mod tests {
     }
 
     #[test]
+    fn poll_us() {
+        assert_eq!(DeviceSpec::parse("blk", 0).unwrap().poll_us, 0);
+        let d = DeviceSpec::parse("blk,poll-us=50", 0).unwrap();
+        assert_eq!(d.poll_us, 50);
+        assert_eq!(d.to_string(), "blk,name=vfio0,ram=64M,poll-us=50");
+        assert_eq!(
+            DeviceSpec::parse("blk,poll-us=1000000", 0).unwrap().poll_us,
+            MAX_POLL_US
+        );
+        for bad in [
+            "blk,poll-us=",
+            "blk,poll-us=-1",
+            "blk,poll-us=1000001",
+            "blk,poll-us=5us",
+        ] {
+            assert!(DeviceSpec::parse(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("512"), Some(512));
         assert_eq!(parse_size("4K"), Some(4096));
@@ -689,6 +730,7 @@ mod tests {
                 prop_oneof![Just(0u64), any::<u64>()],
                 prop_oneof![Just(0u64), any::<u64>(), (0u64..1 << 20).prop_map(|n| n << 10)],
             ),
+            poll_us in prop_oneof![Just(0u32), 0u32..=MAX_POLL_US],
         ) -> DeviceSpec {
             let direct = direct && matches!(backing, Backing::File(_));
             DeviceSpec {
@@ -704,6 +746,7 @@ mod tests {
                 iova_reserved,
                 group,
                 limits: Limits { iops, bw },
+                poll_us,
             }
         }
     }

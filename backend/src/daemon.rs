@@ -482,6 +482,7 @@ impl Daemon {
         let dev = self
             .registry
             .add_with_view(name.clone(), Arc::new(blk), view);
+        dev.set_poll_us(spec.poll_us);
         let undo_registry = || {
             let _ = self.registry.remove(&name, true);
             self.cdev.remove_device(&name);

@@ -84,13 +84,16 @@ struct ServeArgs {
     /// A device: blk[,name=NAME][,path=FILE|ram=SIZE][,readonly=on][,queues=N]
     /// [,queue-size=N][,serial=S][,direct=on|off][,aio=auto|io_uring|sync]
     /// [,iova-aperture=START-LAST][,iova-reserved=START-LAST]...[,group=N]
-    /// [,iops=N][,bw=SIZE].
+    /// [,iops=N][,bw=SIZE][,poll-us=N].
     /// direct=on opens the file with O_DIRECT (not with ram=) and advertises
     /// its logical block size as blk_size; aio= picks the I/O engine: auto
     /// (io_uring if it can be set up, else sync), io_uring (or exit 1), sync.
     /// iops= and bw= limit reads and writes per second and bytes per second
     /// (bw with K/M/G suffixes; 0: no limit), with a burst of one second; requests
-    /// over the limit wait. A file is locked as QEMU locks it: writable
+    /// over the limit wait. poll-us=N (0 to 1000000, default 0): each queue
+    /// worker busy-polls its avail ring for N us after its last request
+    /// before it sleeps on the kick (lower latency, a CPU spinning meanwhile).
+    /// A file is locked as QEMU locks it: writable
     /// exclusively, readonly=on shared; a locked image exits 1. A comma in
     /// a value is written twice. Default: one 64 MiB RAM disk named vfio0.
     #[arg(long = "device", value_name = "SPEC")]

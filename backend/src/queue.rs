@@ -16,6 +16,26 @@
 //! - how the driver is told (MSI-X vector, call eventfd) and what a broken
 //!   queue means (NEEDS_RESET, err eventfd).
 //!
+//! # Polling
+//!
+//! With the device's `poll-us=N` ([`Device::poll`]), a worker that has just
+//! taken a request does not go to sleep at once: for up to N us after its
+//! last request it busy-polls the avail ring's index through the door's
+//! memory view ([`Door::peek`]: no request is walked, nothing is counted),
+//! and looks at its event loop without waiting (kicks, completions, a
+//! stop). Meanwhile the driver is told not to notify
+//! ([`AsyncQueue::set_quiet`]: `avail_event` left behind under EVENT_IDX,
+//! else VRING_USED_F_NO_NOTIFY), so a driver that honours it saves its
+//! doorbell writes; a request offered meanwhile is taken without waiting
+//! for a wake-up, kicked or not. Before it sleeps the worker turns the
+//! notifications back on and looks at the ring once more
+//! ([`AsyncQueue::rearm`]). Between two looks it yields its CPU, so that on
+//! a machine with few CPUs a frontend that shares one with it gets to run.
+//! The poll ends early when the door could not run its batch (a miss waited
+//! for, memory out of reach), requests wait for the I/O limits, or the
+//! queue broke; every look is a session of its own, so an invalidation
+//! never waits for more than one look.
+//!
 //! # Stopping
 //!
 //! A stop (queue disabled, device reset, disconnect, SIGTERM) waits for
@@ -50,7 +70,7 @@ use log::{error, warn};
 use vcdev_device_model::blk::aio::Engine;
 use vcdev_device_model::blk::throttle::Wake;
 use vcdev_device_model::blk::{AsyncQueue, BlkDevice, Fault, FaultPolicy, QueueOutcome};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::event_loop::{EventLoop, EventLoopError, EVENT_CONTROL, EVENT_FIRST_DEVICE};
@@ -62,6 +82,10 @@ use vcdev_iommu::sync::lock;
 const EVENT_ENGINE: u64 = EVENT_FIRST_DEVICE;
 /// The door's wake-ups (kicks, ioeventfds, miss answers): from here on.
 pub const EVENT_DOOR: u64 = EVENT_FIRST_DEVICE + 1;
+
+/// How soon a worker that could not turn the driver's notifications back on
+/// after polling looks again (the driver may not kick meanwhile).
+const REARM_RETRY: Duration = Duration::from_millis(10);
 
 /// Batches run again at once when the door asks ([`Door::take_repoll`]).
 const MAX_REPOLLS: usize = 8;
@@ -96,7 +120,6 @@ pub struct Rings {
 
 impl Rings {
     fn of(q: &Queue) -> Rings {
-        use virtio_queue::QueueT;
         Rings {
             desc: q.desc_table(),
             avail: q.avail_ring(),
@@ -137,6 +160,16 @@ pub trait Door: Send + 'static {
     /// again at once rather than wait for a wake-up.
     fn take_repoll(&mut self) -> bool {
         false
+    }
+
+    /// Runs `f` on the queue's memory view to look at the rings, without a
+    /// batch: no fault is asked about and no batch counted. `None` when the
+    /// rings are out of reach now (the worker stops polling and waits).
+    fn peek<R>(&mut self, rings: Rings, f: impl FnOnce(&RingView<'_, '_>) -> R) -> Option<R> {
+        match self.batch(rings, |view, _| f(view)) {
+            Batch::Ran(r) => Some(r),
+            Batch::Blocked | Batch::Lost => None,
+        }
     }
 }
 
@@ -243,6 +276,13 @@ pub struct QueueWorker<D: Door> {
     blocked: bool,
     /// The registry's device, whose [`WorkerSet`] lists this worker.
     reg: Arc<Device>,
+    /// `poll-us=`: how long to busy-poll after the last request.
+    poll_for: Duration,
+    /// When the worker last took a request from the avail ring.
+    last_request: Instant,
+    /// Polling left the driver's notifications off and could not turn them
+    /// back on (rings out of reach): try again within [`REARM_RETRY`].
+    rearm_pending: bool,
 }
 
 impl<D: Door> QueueWorker<D> {
@@ -279,6 +319,9 @@ impl<D: Door> QueueWorker<D> {
             broken: false,
             blocked: false,
             reg: reg.clone(),
+            poll_for: reg.poll(),
+            last_request: Instant::now(),
+            rearm_pending: false,
         })
     }
 
@@ -300,13 +343,15 @@ impl<D: Door> QueueWorker<D> {
         // A kick may have come before the queue started: look now.
         self.poll();
         loop {
+            self.busy_poll();
             // A batch the door could not run (memory out of reach for now)
             // waits for the door's wake-up, not for the limits.
             let throttle = self.aq.throttle_deadline().filter(|_| !self.blocked);
-            let deadline = match (self.door.deadline(), throttle) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let rearm = self.rearm_pending.then(|| Instant::now() + REARM_RETRY);
+            let deadline = [self.door.deadline(), throttle, rearm]
+                .into_iter()
+                .flatten()
+                .min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             // Bit i: the door's descriptor i fired; bit 63: the control.
             let mut fired = 0u64;
@@ -339,6 +384,10 @@ impl<D: Door> QueueWorker<D> {
             }
             self.poll();
         }
+        if !self.poll_for.is_zero() {
+            // Leave the ring asking for notifications, for whoever resumes it.
+            self.rearm();
+        }
         self.stop();
         self.reg.workers().leave(&self.control);
         let parked = self.aq.take_parked();
@@ -351,6 +400,9 @@ impl<D: Door> QueueWorker<D> {
         if self.broken {
             return;
         }
+        // Polling follows this batch: the driver need not notify.
+        self.aq.set_quiet(!self.poll_for.is_zero());
+        let taken_before = self.queue.next_avail();
         for _ in 0..=MAX_REPOLLS {
             let rings = Rings::of(&self.queue);
             let (queue, aq) = (&mut self.queue, &mut self.aq);
@@ -359,8 +411,99 @@ impl<D: Door> QueueWorker<D> {
                 .batch(rings, |view, decide| aq.poll(queue, view, decide));
             self.after(r);
             self.watch_engine();
+            if self.queue.next_avail() != taken_before {
+                self.last_request = Instant::now();
+            }
             if self.broken || !self.door.take_repoll() {
                 return;
+            }
+        }
+    }
+
+    /// `poll-us=`: busy-polls until [`QueueWorker::poll_for`] has passed
+    /// since the last request taken (see "Polling" in the module doc), then
+    /// turns the driver's notifications back on before the caller sleeps.
+    /// Returns early, notifications still off, when the event loop has
+    /// something (a kick, a completion, a stop: the caller's wait returns at
+    /// once and polls, and this runs again).
+    fn busy_poll(&mut self) {
+        if self.poll_for.is_zero() {
+            return;
+        }
+        loop {
+            if self.spin() {
+                return;
+            }
+            if !self.rearm() {
+                return;
+            }
+            // Offered while the notifications were off: take it, poll on.
+            self.poll();
+        }
+    }
+
+    /// The busy loop of [`QueueWorker::busy_poll`]: true when it stopped
+    /// on an event.
+    fn spin(&mut self) -> bool {
+        loop {
+            // Requests the limits hold back leave the avail ring untaken:
+            // their deadline wakes the worker, not the ring.
+            if self.broken || self.blocked || self.aq.throttled() > 0 || self.control.stopping() {
+                return false;
+            }
+            if self.last_request.elapsed() >= self.poll_for {
+                return false;
+            }
+            let rings = Rings::of(&self.queue);
+            let next = self.queue.next_avail();
+            let queue = &self.queue;
+            let offered = self.door.peek(rings, |view| {
+                queue
+                    .avail_idx(view, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != next)
+            });
+            match offered {
+                None => return false,
+                Some(true) => {
+                    self.poll();
+                    continue;
+                }
+                Some(false) => {}
+            }
+            let mut ready = false;
+            if let Err(e) = self.el.wait_timeout(Some(Duration::ZERO), |_| ready = true) {
+                error!("{}: {e}", self.name);
+                return false;
+            }
+            if ready {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Turns the driver's notifications back on (polling is over); true
+    /// when chains were offered meanwhile. When the rings cannot be reached
+    /// now, [`QueueWorker::rearm_pending`] makes the worker try again soon.
+    fn rearm(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
+        let rings = Rings::of(&self.queue);
+        let (queue, aq) = (&mut self.queue, &mut self.aq);
+        match self.door.batch(rings, |view, _| aq.rearm(queue, view)) {
+            Batch::Ran(Ok(more)) => {
+                self.rearm_pending = false;
+                more
+            }
+            Batch::Ran(Err(e)) => {
+                error!("{}: cannot turn notifications back on: {e}", self.name);
+                self.rearm_pending = true;
+                false
+            }
+            Batch::Blocked | Batch::Lost => {
+                self.rearm_pending = true;
+                false
             }
         }
     }

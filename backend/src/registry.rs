@@ -34,7 +34,7 @@
 //! only: one taken just before its owner went finds nothing to tell.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -348,6 +348,9 @@ pub struct Device {
     notifier: NotifierSlot,
     /// Numbers the notifier registrations.
     notifier_seq: AtomicU64,
+    /// `poll-us=`: how long (us) its queue workers busy-poll after their
+    /// last request (read when a worker starts).
+    poll_us: AtomicU32,
 }
 
 impl std::fmt::Debug for Device {
@@ -459,6 +462,17 @@ impl Device {
     /// Its IOMMU view (aperture, reserved ranges).
     pub fn iommu_view(&self) -> &IommuView {
         &self.view
+    }
+
+    /// How long its queue workers busy-poll their avail ring after their
+    /// last request before they sleep (`poll-us=`; zero: they sleep at once).
+    pub fn poll(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(u64::from(self.poll_us.load(Ordering::Relaxed)))
+    }
+
+    /// Sets [`Device::poll`] (in us) for the workers started from now on.
+    pub fn set_poll_us(&self, us: u32) {
+        self.poll_us.store(us, Ordering::Relaxed);
     }
 
     /// Its live counters.
@@ -655,6 +669,7 @@ impl Registry {
             waiters: AtomicUsize::new(0),
             notifier: Mutex::new(None),
             notifier_seq: AtomicU64::new(0),
+            poll_us: AtomicU32::new(0),
         });
         devices.push(d.clone());
         d

@@ -12,7 +12,7 @@ use std::mem::{offset_of, size_of};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{virtio_blk_discard_write_zeroes, virtio_blk_outhdr};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 pub use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
@@ -26,6 +26,8 @@ pub const R: u16 = 0;
 pub const W: u16 = VRING_DESC_F_WRITE as u16;
 /// Descriptor flags: the chain goes on.
 pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+/// The used ring's flag that asks the driver not to notify.
+pub const NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
 /// Bytes of one split-ring descriptor.
 pub const DESC_LEN: u64 = size_of::<RawDescriptor>() as u64;
 /// The status byte a driver leaves before submitting, so that an untouched one shows.
@@ -191,6 +193,22 @@ impl SplitRing {
     /// The avail index the driver has published.
     pub fn avail_idx(&self) -> u16 {
         self.avail_idx
+    }
+
+    /// Whether the device asks to be notified of what was offered since the avail index was
+    /// `old` (virtio 1.2 section 2.7.10, as Linux's `virtqueue_kick_prepare`): under
+    /// `VIRTIO_RING_F_EVENT_IDX`, whether its `avail_event` lies in `old..new`; without it,
+    /// unless the used ring's flags say `VRING_USED_F_NO_NOTIFY`.
+    pub fn kick_wanted(&self, mem: &impl DriverMem, old: u16, event_idx: bool) -> bool {
+        // The new avail index is visible before the device's field is read.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if event_idx {
+            let event = mem.read_u16(self.used + 4 + 8 * u64::from(self.size));
+            let new = self.avail_idx;
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            mem.read_u16(self.used) & NO_NOTIFY == 0
+        }
     }
 
     /// The used index the driver has consumed up to.

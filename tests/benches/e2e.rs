@@ -20,9 +20,17 @@
 //! medians over runs), `VCDEV_E2E_MODES` (comma-separated subset of the
 //! names above). Without `--bench` in its arguments (`cargo test
 //! --benches`) it exits at once.
+//!
+//! A second table (issue 12, `doors/mod.rs`) puts the cdev door (static
+//! IOAS, map+unmap per request) and `poll-us=50` beside the vhost-user door:
+//! `VCDEV_E2E_DOORS` selects its rows (`off`: none), `VCDEV_E2E_MODES=doors`
+//! runs it alone.
 
 #[path = "../common/mod.rs"]
 mod common;
+// Issue 12: the doors-and-polling table, in a module of its own.
+#[path = "doors/mod.rs"]
+mod doors;
 
 use std::time::{Duration, Instant};
 
@@ -475,6 +483,10 @@ fn main() {
     let n = env_usize("VCDEV_E2E_REQUESTS", 20_000);
     let warmup = env_usize("VCDEV_E2E_WARMUP", 2_000);
     let runs = env_usize("VCDEV_E2E_RUNS", 5).max(1);
+    if std::env::var("VCDEV_E2E_MODES").is_ok_and(|m| m.trim() == "doors") {
+        doors::run(n, warmup, runs);
+        return;
+    }
     let modes: Vec<Mode> = match std::env::var("VCDEV_E2E_MODES") {
         Ok(s) => Mode::ALL
             .into_iter()
@@ -586,5 +598,9 @@ fn main() {
             c.iotlb_misses,
             c.ring_pins
         );
+    }
+    if doors::wanted() {
+        println!();
+        doors::run(n, warmup, runs);
     }
 }

@@ -15,11 +15,11 @@ use vcdev_device_model::pci::regs::{
     PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_VENDOR_ID,
     VIRTIO_PCI_CAP_CFG_TYPE, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_OFFSET, VIRTIO_PCI_COMMON_CFGGENERATION,
-    VIRTIO_PCI_COMMON_GF, VIRTIO_PCI_COMMON_GFSELECT, VIRTIO_PCI_COMMON_MSIX,
-    VIRTIO_PCI_COMMON_Q_AVAILLO, VIRTIO_PCI_COMMON_Q_DESCLO, VIRTIO_PCI_COMMON_Q_ENABLE,
-    VIRTIO_PCI_COMMON_Q_MSIX, VIRTIO_PCI_COMMON_Q_NOFF, VIRTIO_PCI_COMMON_Q_SELECT,
-    VIRTIO_PCI_COMMON_Q_SIZE, VIRTIO_PCI_COMMON_Q_USEDLO, VIRTIO_PCI_COMMON_STATUS,
-    VIRTIO_PCI_NOTIFY_CAP_MULT,
+    VIRTIO_PCI_COMMON_DF, VIRTIO_PCI_COMMON_DFSELECT, VIRTIO_PCI_COMMON_GF,
+    VIRTIO_PCI_COMMON_GFSELECT, VIRTIO_PCI_COMMON_MSIX, VIRTIO_PCI_COMMON_Q_AVAILLO,
+    VIRTIO_PCI_COMMON_Q_DESCLO, VIRTIO_PCI_COMMON_Q_ENABLE, VIRTIO_PCI_COMMON_Q_MSIX,
+    VIRTIO_PCI_COMMON_Q_NOFF, VIRTIO_PCI_COMMON_Q_SELECT, VIRTIO_PCI_COMMON_Q_SIZE,
+    VIRTIO_PCI_COMMON_Q_USEDLO, VIRTIO_PCI_COMMON_STATUS, VIRTIO_PCI_NOTIFY_CAP_MULT,
 };
 use vcdev_device_model::pci::RegionIndex;
 use vcdev_device_model::testing::{BlkRequest, R, W};
@@ -322,6 +322,8 @@ pub struct BlkDriver {
     pub caps: Caps,
     /// BAR0 offset of queue 0's doorbell (its ioeventfd: 2 bytes, data 0).
     pub doorbell: u64,
+    /// The features acked.
+    pub features: u64,
 }
 
 fn u16_at(b: &[u8], i: usize) -> u16 {
@@ -363,20 +365,66 @@ pub fn walk_caps(dev: &File) -> Caps {
     caps
 }
 
+/// How [`BlkDriver::start_with`] brings the device up.
+#[derive(Clone, Copy, Debug)]
+pub struct StartOpts {
+    /// Ack every feature the device offers (EVENT_IDX among them, as the
+    /// vhost-user harness does), not only VERSION_1 and ACCESS_PLATFORM.
+    pub all_features: bool,
+    /// Map the data region in the IOAS at start; without, the driver maps
+    /// its buffers itself ([`BlkDriver::map_data`]).
+    pub map_data: bool,
+}
+
+impl Default for StartOpts {
+    fn default() -> Self {
+        StartOpts {
+            all_features: false,
+            map_data: true,
+        }
+    }
+}
+
 impl BlkDriver {
     /// Binds `name`, maps memory, brings the device up with queue 0 of
     /// `size` entries, its vector on an eventfd and its doorbell on an
     /// ioeventfd.
     pub fn start(d: &Vcdev, name: &str, size: u16) -> BlkDriver {
+        Self::start_with(d, name, size, StartOpts::default())
+    }
+
+    /// Maps `len` bytes of the data region at its IOVA `iova` (a driver
+    /// mapping one buffer for one request).
+    pub fn map_data(&self, iova: u64, len: u64) -> Result<u64, Errno> {
+        let r = self
+            .mem
+            .regions
+            .iter()
+            .find(|r| r.gpa == DATA_GPA)
+            .expect("the data region");
+        self.b.iommufd.ioas_map_file(
+            self.b.ioas,
+            r.file.as_fd(),
+            iova - DATA_GPA,
+            len,
+            iova,
+            MAP_RW_FIXED,
+        )
+    }
+
+    /// [`BlkDriver::start`] with options.
+    pub fn start_with(d: &Vcdev, name: &str, size: u16, opts: StartOpts) -> BlkDriver {
         let b = bind_and_attach(d, name);
         let mut mem = GuestMem::default();
         for (iova, len) in [(META_GPA, META_SIZE), (DATA_GPA, DATA_SIZE)] {
             let r = Region::new(iova, len);
-            let got = b
-                .iommufd
-                .ioas_map_file(b.ioas, r.file.as_fd(), 0, len, iova, MAP_RW_FIXED)
-                .expect("map");
-            assert_eq!(got, iova);
+            if iova == META_GPA || opts.map_data {
+                let got = b
+                    .iommufd
+                    .ioas_map_file(b.ioas, r.file.as_fd(), 0, len, iova, MAP_RW_FIXED)
+                    .expect("map");
+                assert_eq!(got, iova);
+            }
             mem.regions.push(r);
         }
         let dev = &b.dev;
@@ -407,7 +455,20 @@ impl BlkDriver {
         w8(common(VIRTIO_PCI_COMMON_STATUS), 0);
         w8(common(VIRTIO_PCI_COMMON_STATUS), ack);
         w8(common(VIRTIO_PCI_COMMON_STATUS), ack | driver);
-        let features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_F_ACCESS_PLATFORM);
+        let mut features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_F_ACCESS_PLATFORM);
+        if opts.all_features {
+            let mut offered = 0u64;
+            for half in 0..2u32 {
+                w32(common(VIRTIO_PCI_COMMON_DFSELECT), half);
+                let v = u32_at(
+                    &dev.region_read(c + common(VIRTIO_PCI_COMMON_DF), 4)
+                        .unwrap(),
+                    0,
+                );
+                offered |= u64::from(v) << (32 * half);
+            }
+            features |= offered;
+        }
         w32(common(VIRTIO_PCI_COMMON_GFSELECT), 0);
         w32(common(VIRTIO_PCI_COMMON_GF), features as u32);
         w32(common(VIRTIO_PCI_COMMON_GFSELECT), 1);
@@ -446,6 +507,7 @@ impl BlkDriver {
             config_irq,
             caps,
             doorbell,
+            features,
         }
     }
 

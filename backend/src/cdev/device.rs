@@ -814,6 +814,16 @@ impl Door for CdevDoor {
         Batch::Ran(r)
     }
 
+    /// A look at the rings for `poll-us=`: no batch counted.
+    fn peek<R>(&mut self, _rings: Rings, f: impl FnOnce(&RingView<'_, '_>) -> R) -> Option<R> {
+        let mut guard = lock(&self.slot);
+        let reader = guard.as_mut()?;
+        let releaser = reader.hold_releaser();
+        let session = reader.enter();
+        let view = RingView::new(&session, None, &releaser);
+        Some(f(&view))
+    }
+
     fn notify(&self) {
         self.core.queue_interrupt(self.q);
     }

@@ -667,6 +667,28 @@ impl Door for VhostDoor {
         Batch::Ran(r)
     }
 
+    /// A look at the rings for `poll-us=`: rings that need translating
+    /// again (an invalidation since the last batch) are left to the next
+    /// batch, which may have to ask the frontend: `None`.
+    fn peek<R>(&mut self, rings: Rings, f: impl FnOnce(&RingView<'_, '_>) -> R) -> Option<R> {
+        let session = self.reader.enter();
+        let pinned = if self.iotlb.is_some() {
+            let (desc, avail, used) = (rings.desc, rings.avail, rings.used);
+            match self.pins.refresh(&session, (desc, avail, used), rings.size) {
+                Ok(false) => Some(&self.pins),
+                Ok(true) => {
+                    DeviceCounters::add(&self.device.counters().ring_pins, 1);
+                    Some(&self.pins)
+                }
+                Err(_) => return None,
+            }
+        } else {
+            None
+        };
+        let view = RingView::new(&session, pinned, &self.releaser);
+        Some(f(&view))
+    }
+
     fn notify(&self) {
         Notifiers::signal(&self.notifiers.call, "call");
     }

@@ -36,7 +36,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::{Bitmap, BS};
-use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, VolatileSlice};
 
 use super::aio::{Completion as IoCompletion, Engine, IoOp, IoVec};
 use super::bounce::{self, EngineBounce};
@@ -161,6 +161,9 @@ pub struct AsyncQueue<H> {
     slices: Vec<SliceStore>,
     /// Whether the queue's next used index was read from the used ring.
     used_synced: bool,
+    /// The worker polls the avail ring: the driver need not notify
+    /// ([`AsyncQueue::set_quiet`]).
+    quiet: bool,
     tracker: Option<Box<dyn Tracker>>,
     #[cfg(test)]
     gate: Option<u16>,
@@ -193,6 +196,7 @@ impl<H: Release> AsyncQueue<H> {
             ranges: Vec::new(),
             slices: Vec::new(),
             used_synced: false,
+            quiet: false,
             tracker: None,
             #[cfg(test)]
             gate: None,
@@ -265,6 +269,43 @@ impl<H: Release> AsyncQueue<H> {
             .extend(heads.into_iter().map(|head| (head, None)));
     }
 
+    /// While `on`, the worker polls the avail ring itself: each batch leaves the driver's
+    /// notifications off (under `VIRTIO_RING_F_EVENT_IDX`, `avail_event` is left one behind
+    /// the next avail index, which the driver does not cross again for 2^16 requests; without,
+    /// the used ring's `VRING_USED_F_NO_NOTIFY`). Turning it off is [`AsyncQueue::rearm`]'s
+    /// business, which the worker must call before it sleeps.
+    pub fn set_quiet(&mut self, on: bool) {
+        self.quiet = on;
+    }
+
+    /// Turns quiet mode off and the driver's notifications back on; returns whether the avail
+    /// ring has chains not yet taken (checked after the notifications are on, so a chain
+    /// offered meanwhile is either seen here or notified).
+    pub fn rearm<M: GuestMemory>(&mut self, queue: &mut Queue, mem: &M) -> Result<bool, Error> {
+        self.quiet = false;
+        queue.enable_notification(mem).map_err(Error::Queue)
+    }
+
+    /// Quiet mode: notifications off for what comes next (see [`AsyncQueue::set_quiet`]).
+    fn hush<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<(), Error> {
+        if !queue.event_idx_enabled() {
+            return queue.disable_notification(mem).map_err(Error::Queue);
+        }
+        let size = u64::from(queue.size());
+        // avail_event: the used ring's trailing u16 (virtio 1.2 section 2.7.8).
+        let at = queue
+            .used_ring()
+            .checked_add(4 + 8 * size)
+            .ok_or(Error::Queue(virtio_queue::Error::AddressOverflow))?;
+        let behind = queue.next_avail().wrapping_sub(1);
+        mem.store(
+            behind.to_le(),
+            GuestAddress(at),
+            std::sync::atomic::Ordering::Relaxed,
+        )
+        .map_err(|_| Error::Queue(virtio_queue::Error::AddressOverflow))
+    }
+
     /// Complete what the engine finished, retry the parked requests, then take new chains
     /// from the avail ring while there is room, and submit.
     ///
@@ -291,6 +332,11 @@ impl<H: Release> AsyncQueue<H> {
                 .used_idx(mem, std::sync::atomic::Ordering::Acquire)
                 .map_err(Error::Queue)?;
             queue.set_next_used(idx.0);
+            if !self.quiet && !queue.event_idx_enabled() {
+                // A worker that polled before (this daemon's, or one that
+                // died) may have left VRING_USED_F_NO_NOTIFY set.
+                queue.enable_notification(mem).map_err(Error::Queue)?;
+            }
             if let Some(t) = self.tracker.as_mut() {
                 let (heads, next_avail) = t.restart(idx.0);
                 log::info!(
@@ -465,6 +511,10 @@ impl<H: Release> AsyncQueue<H> {
                 };
                 self.descs = descs;
                 res?;
+            }
+            if self.quiet && !self.free.is_empty() && self.throttled.is_empty() {
+                // The worker polls the ring: the driver need not notify.
+                return Self::hush(queue, mem);
             }
             // A full queue of requests in flight: the completions poll again. A request
             // held back by the limits: its deadline does (notifications may stay off).
