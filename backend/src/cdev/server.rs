@@ -19,15 +19,11 @@ use super::group::GroupFile;
 use super::iommufd_file::IommufdFile;
 use super::vfio_uapi::VCDEV_OPEN;
 use crate::registry::{Device, Registry};
-use crate::socket::SocketError;
 use crate::wire::{self, FrameHeader, FLAG_REPLY};
 
-/// Errors of setting the door up (they end the daemon).
+/// Errors of adding a device to the door.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// A node or its directory could not be set up.
-    #[error(transparent)]
-    Socket(#[from] SocketError),
     /// A device's IOMMU view or PCI function is invalid.
     #[error("Device {name}: cannot build its cdev function")]
     Device {
@@ -37,9 +33,6 @@ pub enum ServerError {
         #[source]
         source: super::device::DeviceError,
     },
-    /// A thread could not be started.
-    #[error("Cannot start a thread")]
-    Spawn(#[source] io::Error),
 }
 
 /// The door: devices, the table of handed-out files, options. Devices
