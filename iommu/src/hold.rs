@@ -49,12 +49,12 @@
 //! [`HoldReleaser`], so its holds stay visible to edits.
 
 use std::cell::OnceCell;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
 use crate::space::{AddressSpace, ReaderSlot};
-use crate::sync::lock;
+use crate::sync::qsbr::{lock, Mutex};
 use crate::tree::Extent;
 
 /// An inclusive range `first..=last` in the space's key domain.
@@ -805,7 +805,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(crate::test_util::proptest_config(48))]
 
         /// Random holds on three readers, one random unmap, releases in a
         /// random order: the edit is blocked exactly while some hold taken

@@ -92,6 +92,7 @@ unsafe impl Sync for MemObject {}
 
 impl MemObject {
     /// Maps `len` bytes of anonymous shared memory (tests, RAM disks, benches).
+    #[cfg(not(miri))]
     pub fn anonymous(len: usize) -> Result<MemObject, MemError> {
         // SAFETY: a fresh anonymous mapping; the kernel picks the address.
         let ptr = unsafe {
@@ -105,6 +106,32 @@ impl MemObject {
             )
         };
         Self::from_mmap(ptr, len, None)
+    }
+
+    /// Under Miri, which has no shared mappings: `len` zeroed, page-aligned
+    /// bytes of the heap, freed on drop. Miri then sees every access to
+    /// them, and an access after the last mapping's grace period dropped
+    /// the object is a use after free it reports.
+    #[cfg(miri)]
+    pub fn anonymous(len: usize) -> Result<MemObject, MemError> {
+        let layout = std::alloc::Layout::from_size_align(len, page_size_usize())
+            .ok()
+            .filter(|l| l.size() > 0)
+            .ok_or(MemError::Mmap {
+                len: len as u64,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(ptr).ok_or(MemError::Mmap {
+            len: len as u64,
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        Ok(MemObject {
+            base,
+            len,
+            file_offset: None,
+        })
     }
 
     /// Maps `len` bytes of `fd` at `offset`, shared, after checking the
@@ -214,6 +241,20 @@ impl MemObject {
 }
 
 impl Drop for MemObject {
+    #[cfg(miri)]
+    fn drop(&mut self) {
+        // Under Miri every MemObject is heap memory from `anonymous` (Miri
+        // cannot map files: `from_fd` fails before it constructs one).
+        let layout = std::alloc::Layout::from_size_align(self.len, page_size_usize())
+            .expect("the layout `anonymous` allocated with");
+        // SAFETY: `base` was allocated in `anonymous` with this very layout
+        // (len and alignment unchanged: skip_prefix is only for from_fd),
+        // and nothing refers to it any more: every address space drops its
+        // MemObjects only after a grace period.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+    }
+
+    #[cfg(not(miri))]
     fn drop(&mut self) {
         let slack = self.base.as_ptr() as usize % page_size_usize();
         // SAFETY: base - slack .. base + len is exactly the mapping made in
