@@ -36,8 +36,9 @@ use crate::{AddressSpace, Extent, Fault, MemObject, Reader};
 const PAGE: u64 = 4096;
 /// The mapping the edit removes (host page 0).
 const GONE: u64 = 0x10_0000;
-/// A mapping nobody removes (host page 1).
-const KEPT: u64 = 0x20_0000;
+/// A mapping nobody removes (host page 1), in another entry of the
+/// direct-mapped front cache than `GONE`.
+const KEPT: u64 = 0x20_1000;
 /// The preemption bound unless `LOOM_MAX_PREEMPTIONS` says otherwise.
 const PREEMPTIONS: usize = 3;
 /// What the writer puts into the page it freed.
@@ -66,6 +67,10 @@ impl Page {
     }
 }
 
+fn cache_index(iova: u64) -> usize {
+    (iova / PAGE) as usize % crate::translate::CACHE_ENTRIES
+}
+
 /// One reader's session: use `GONE` if it still translates, check `KEPT`.
 fn session(r: &mut Reader, page: &Page, kept_host: usize) {
     let s = r.enter();
@@ -90,6 +95,7 @@ fn run_model(skip_wait: bool) -> usize {
         let m = Arc::new(MemObject::anonymous(2 * PAGE as usize).unwrap());
         let base = m.host_base() as usize;
         let kept_host = base + PAGE as usize;
+        assert_ne!(cache_index(GONE), cache_index(KEPT));
         let s = AddressSpace::new();
         s.set_skip_quiescence_for_test(skip_wait);
         s.edit(|t| {
@@ -144,9 +150,11 @@ fn run_model(skip_wait: bool) -> usize {
             })
         };
         writer.join().unwrap();
-        for h in readers {
-            drop(h.join().unwrap());
-        }
+        let readers: Vec<Reader> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+        // Reader 1 used its front cache: `GONE` if its session saw the old
+        // generation, else `KEPT`, which the partial flush kept.
+        assert!(readers[0].stats().hits >= 1, "{:?}", readers[0].stats());
+        drop(readers);
         drop(m);
     });
     let n = executions.load(Ordering::Relaxed);
