@@ -782,6 +782,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "hundreds of edits with reader threads: too slow under Miri"
+    )]
     fn stress_no_dma_after_unmap_returns() {
         assert_eq!(
             stress_in_flight(false),
@@ -793,6 +797,10 @@ mod tests {
     /// Its negative twin: without the wait for holds, completions land in
     /// pages whose unmap returned.
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "hundreds of edits with reader threads: too slow under Miri"
+    )]
     fn skipping_the_hold_wait_fails_the_stress_test() {
         assert!(stress_in_flight(true) > 0);
     }

@@ -382,6 +382,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unsealed_memfd_is_refused_unless_allowed() {
         use std::os::fd::FromRawFd;
         let name = std::ffi::CString::new("t").unwrap();
@@ -402,6 +403,7 @@ mod tests {
     /// The descriptor is closed once mapped: thousands of mappings must not
     /// run into RLIMIT_NOFILE.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn the_descriptor_is_closed_once_mapped() {
         use std::os::fd::{AsFd, AsRawFd};
         use std::os::unix::fs::MetadataExt;
@@ -426,6 +428,7 @@ mod tests {
     /// Maps of one file share one whole-file mapping; a file that grew is
     /// mapped again; refusals are those of `from_fd`.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn file_mappings_share_one_mapping_per_file() {
         use std::os::fd::AsFd;
         let fm = FileMappings::default();
@@ -463,6 +466,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn range_beyond_file_end_is_efault() {
         let fd = sealed_memfd("t", 8192).unwrap();
         let e = MemObject::from_fd(fd, 4096, 8192, SealPolicy::RequireShrinkSeal).unwrap_err();
@@ -470,6 +474,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unaligned_offset_maps_the_right_bytes() {
         let fd = sealed_memfd("t", 8192).unwrap();
         let file = File::from(fd);
