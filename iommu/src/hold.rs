@@ -493,7 +493,7 @@ mod tests {
     /// extent does.
     #[test]
     fn large_clear_waits_only_for_holds_on_its_extents() {
-        const N: u64 = 1 << 15;
+        const N: u64 = if cfg!(miri) { 1 << 7 } else { 1 << 15 };
         let m = Arc::new(MemObject::anonymous(PAGE as usize).unwrap());
         let s = AddressSpace::new();
         let fill = |s: &AddressSpace| {

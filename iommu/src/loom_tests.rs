@@ -51,6 +51,11 @@ struct Page {
     cell: UnsafeCell<u64>,
 }
 
+// SAFETY: the cell is shared on purpose: loom checks every access to it
+// and fails the model on any that is not ordered against a write, so no
+// execution that passes has a data race on it.
+unsafe impl Sync for Page {}
+
 impl Page {
     /// A read through a translation of `GONE`.
     fn read_through(&self, ptr: *mut u8) -> u64 {
