@@ -409,6 +409,7 @@ mod tests {
     /// a device whose DMA another iommufd owns is EBUSY; binding it twice
     /// to the same one is EINVAL (vfio's "already bound", PROTOCOL.md).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn bind_bound_device_is_ebusy() {
         let (a, b) = (ctx(), ctx());
         let (dev, _) = device();
@@ -425,6 +426,7 @@ mod tests {
     /// that is neither IOAS nor HWPT EINVAL; not bound is EINVAL
     /// (PROTOCOL.md, device file before BIND).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn attach_to_unknown_is_enoent_to_device_is_einval() {
         let ictx = ctx();
         let (dev, _) = device();
@@ -439,6 +441,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, ioas_destroy) with a mock domain: an IOAS a
     /// device is attached to (through its HWPT) cannot be destroyed.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn destroy_referenced_ioas_is_ebusy() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -464,6 +467,7 @@ mod tests {
     /// Kernel `iommufd_device_bind` ("the calling driver is a user until
     /// unbind"): DESTROY of a device object is EBUSY.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn destroy_device_is_ebusy() {
         let ictx = ctx();
         let (dev, _) = device();
@@ -477,6 +481,7 @@ mod tests {
     /// HWPT; DESTROY of that HWPT is EBUSY until it detaches, and an
     /// allocated HWPT survives its last device.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn destroy_referenced_hwpt_is_ebusy() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -510,6 +515,7 @@ mod tests {
     /// with DATA_NONE EINVAL, unknown device ENOENT, unknown pt_id EINVAL,
     /// flags (no domain_alloc_paging_flags) and nesting EOPNOTSUPP.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn hwpt_alloc_checks() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -541,6 +547,7 @@ mod tests {
     /// narrows the ranges to the aperture minus reserved ranges, with
     /// alignment 4096; detaching widens them again.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn attach_narrows_iova_ranges_and_aligns() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -573,6 +580,7 @@ mod tests {
     /// attaching a device whose reserved range holds a mapping, or lies in
     /// the allowed list, is EADDRINUSE, and the device stays detached.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn attach_reserved_clash_is_eaddrinuse() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -594,6 +602,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area_allowed), "Allowed intersects a
     /// reserved": ALLOW_IOVAS over a device's reserved range is EADDRINUSE.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn allow_iovas_intersecting_reserved_is_eaddrinuse() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -609,6 +618,7 @@ mod tests {
     /// aperture makes the attach EADDRINUSE; a mapping not aligned to the
     /// domain's page size too (`iopt_check_iova_alignment`).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn attach_aperture_excludes_mapping_is_eaddrinuse() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -630,6 +640,7 @@ mod tests {
     /// reserved range or outside the aperture are EINVAL, and so are
     /// lengths or IOVAs not aligned to 4096.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_into_reserved_or_outside_aperture_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -661,6 +672,7 @@ mod tests {
     /// made"): attaching while attached replaces atomically; a failed
     /// replace keeps the old attachment; the hook sees every change.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn replace_is_atomic_and_failure_keeps_old() {
         let ictx = ctx();
         let a = ioas_alloc(&ictx);
@@ -708,6 +720,7 @@ mod tests {
     /// IOAS's automatic HWPT when compatible; one whose aperture cannot
     /// hold the HWPT's gets its own.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn auto_hwpt_is_shared_when_compatible() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -735,6 +748,7 @@ mod tests {
     /// bound tears nothing down; the release (leaf first) runs when the
     /// device unbinds.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn close_while_bound_keeps_everything_until_unbind() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -765,6 +779,7 @@ mod tests {
 
     /// A reserved range with start > last is refused at creation.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn device_with_bad_range_is_einval() {
         let r = DeviceHandle::new(
             "x",

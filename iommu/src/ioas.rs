@@ -433,6 +433,7 @@ mod tests {
     /// Kernel `iommufd_ioas_map`: flags beyond FIXED_IOVA | WRITEABLE |
     /// READABLE are EOPNOTSUPP (no TEST_F; the uAPI's errno convention).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_unknown_flags_is_eopnotsupp() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -452,6 +453,7 @@ mod tests {
 
     /// Kernel `iommufd_ioas_map`: a non-zero `__reserved` is EOPNOTSUPP.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_reserved_field_is_eopnotsupp() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -470,6 +472,7 @@ mod tests {
     /// Kernel `iommufd_ioas_map`/`_copy`/`_unmap`: an IOVA or length of
     /// U64_MAX is EOVERFLOW.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_u64_max_is_eoverflow() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -485,6 +488,7 @@ mod tests {
     /// EOVERFLOW; so is a source offset + length that wraps
     /// (`iopt_alloc_user_pages`).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_wrapping_range_is_eoverflow() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -502,6 +506,7 @@ mod tests {
 
     /// Kernel `iommufd_ioas_map`: neither READABLE nor WRITEABLE is EINVAL.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_without_access_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -519,6 +524,7 @@ mod tests {
     /// Kernel `iommufd_get_ioas`: an unknown id, or the id of another kind
     /// of object, is ENOENT (TEST_F(iommufd, cmd_fail) for DESTROY).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_unknown_or_wrong_kind_ioas_is_enoent() {
         let ictx = ctx();
         let fd = memfd(1);
@@ -532,6 +538,7 @@ mod tests {
 
     /// Kernel `iopt_alloc_pages`: a zero length is EINVAL.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_zero_length_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -543,6 +550,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area), "Over map fails": a fixed map that
     /// overlaps an existing mapping is EEXIST.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_overlap_is_eexist() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -561,6 +569,7 @@ mod tests {
     /// it (selftest `iommufd`, `test_basic_file`: MAP_FILE of a length past
     /// the memfd's size).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_file_beyond_file_end_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -576,6 +585,7 @@ mod tests {
     /// an offset into the file riding along, is EFAULT past the file's end
     /// (the kernel's bad user pointer).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_beyond_file_end_is_efault() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -588,6 +598,7 @@ mod tests {
     /// PROTOCOL.md "Struct rules": a descriptor that is not a memfd sealed
     /// with F_SEAL_SHRINK is EINVAL.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_unsealed_memfd_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -613,6 +624,7 @@ mod tests {
     /// PROTOCOL.md "Struct rules": MAP without a descriptor is EFAULT; the
     /// kernel's `iommufd_ioas_map_file` answers a bad fd with EBADF.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_without_descriptor_is_efault_map_file_is_ebadf() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -642,6 +654,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area_auto_iova): allocated IOVAs are never 0
     /// and aligned to the power of two that covers the length.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_alloc_aligns_and_avoids_zero() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -676,6 +689,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area_auto_iova), "Allocate from an allowed
     /// region": allocation stays inside the allowed list.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_alloc_stays_in_allowed() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -692,6 +706,7 @@ mod tests {
 
     /// Kernel `iopt_alloc_iova`: no hole that fits is ENOSPC.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_alloc_without_space_is_enospc() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -709,6 +724,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, ioas_iova_alloc): every length from 1 byte
     /// maps and unmaps without a device (alignment 1).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn map_alloc_any_length_without_device() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -722,6 +738,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area): unmap of a range where nothing is
     /// mapped is ENOENT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unmap_nothing_mapped_is_enoent() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -733,6 +750,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area), "Split fails": unmap of part of a
     /// mapping is ENOENT and leaves it mapped.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unmap_split_is_enoent() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -747,6 +765,7 @@ mod tests {
     /// mappings with gaps unmap at once and the bytes come back; a range
     /// cutting one is ENOENT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unmap_fully_contained_areas() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -765,6 +784,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, area), "unmap all works" and "Unmap all
     /// succeeds on an empty IOAS": iova 0, length U64_MAX.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unmap_all_works_even_when_empty() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -777,6 +797,7 @@ mod tests {
 
     /// Kernel `iopt_unmap_iova`: a zero length is EINVAL.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unmap_zero_length_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -786,6 +807,7 @@ mod tests {
     /// Kernel `iommufd_ioas_unmap`: U64_MAX values other than the
     /// unmap-all pair are EOVERFLOW.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unmap_u64_max_is_eoverflow() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -796,6 +818,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, copy_sweep): a source range not covered by
     /// contiguous mappings is ENOENT; byte-granular sub-ranges copy.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn copy_noncontiguous_source_is_enoent() {
         let ictx = ctx();
         let src = ioas_alloc(&ictx);
@@ -824,6 +847,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, copy_area): COPY shares the backing memory, in
     /// the same IOAS and into another, one mapping per source mapping.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn copy_shares_backing_memory() {
         let ictx = ctx();
         let a = ioas_alloc(&ictx);
@@ -861,6 +885,7 @@ mod tests {
     /// Kernel `iopt_insert_area`: a writeable copy of memory mapped
     /// read-only is EPERM.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn copy_readonly_source_writeable_is_eperm() {
         let ictx = ctx();
         let a = ioas_alloc(&ictx);
@@ -874,6 +899,7 @@ mod tests {
     /// Kernel `iopt_get_pages`: a zero-length copy is EINVAL; an unknown
     /// destination ENOENT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn copy_zero_length_is_einval_unknown_dst_is_enoent() {
         let ictx = ctx();
         let a = ioas_alloc(&ictx);
@@ -887,6 +913,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, iova_ranges): one range [0, U64_MAX] with
     /// alignment 1; capacity 0 is EMSGSIZE with the total.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn iova_ranges_small_capacity_is_emsgsize() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -919,6 +946,7 @@ mod tests {
     /// Kernel `iommufd_ioas_load_iovas`: `start >= last` or ranges that
     /// overlap are EINVAL; an empty list clears.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn allow_iovas_bad_entry_is_einval() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -938,6 +966,7 @@ mod tests {
 
     /// PROTOCOL.md: an array shorter than `num_iovas` is EFAULT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn allow_iovas_short_array_is_efault() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -956,6 +985,7 @@ mod tests {
     /// Kernel `iopt_set_allow_iova`: mappings outside the new list stay,
     /// and fixed maps outside it still work (only allocation is bound).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn allow_iovas_keeps_existing_and_fixed_maps() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -969,6 +999,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, ioas_option_huge_pages): get 1, set 0, get 0,
     /// set 2 is EINVAL, set 1.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn option_huge_pages_get_set() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -991,6 +1022,7 @@ mod tests {
     /// TEST_F(iommufd, global_options): HUGE_PAGES without an IOAS is
     /// ENOENT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn option_huge_pages_non_ioas_is_enoent() {
         let ictx = ctx();
         let mut cmd = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, 0, 0);
@@ -1003,6 +1035,7 @@ mod tests {
     /// EINVAL, get 1; an object id is EOPNOTSUPP; with objects set is EBUSY
     /// (kernel `iommufd_option_rlimit_mode`).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn option_rlimit_mode_global() {
         let ictx = ctx();
         let mut cmd = option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 0, 1);
@@ -1025,6 +1058,7 @@ mod tests {
     /// Kernel `iommufd_option`: an unknown option or a reserved field is
     /// EOPNOTSUPP.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn option_unknown_is_eopnotsupp() {
         let ictx = ctx();
         let mut cmd = option_cmd(9, IOMMU_OPTION_OP_GET, 0, 0);
@@ -1038,6 +1072,7 @@ mod tests {
     /// must be page aligned (EINVAL); turning them off with a misaligned
     /// mapping is EADDRINUSE.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn option_huge_pages_off_with_misaligned_area_is_eaddrinuse() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -1142,6 +1177,7 @@ mod tests {
         /// every page translates to the file page the model says (content
         /// tags), with writes visible through every IOVA sharing the page.
         #[test]
+        #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
         fn matches_reference_model(ops in prop::collection::vec(op(), 1..40)) {
             let ictx = ctx();
             let ids = [ioas_alloc(&ictx), ioas_alloc(&ictx)];

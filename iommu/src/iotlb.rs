@@ -214,6 +214,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::test_util::proptest_config(ProptestConfig::default().cases))]
         /// Reference model: one entry per IOVA unit (id of the UPDATE that
         /// set it, its target, its permission); an invalidate removes all
         /// units of every entry (UPDATE id) it overlaps.

@@ -38,6 +38,8 @@ pub mod hwpt;
 pub mod io_pagetable;
 pub mod ioas;
 pub mod iotlb;
+#[cfg(all(test, loom))]
+mod loom_tests;
 pub mod mem;
 pub mod object;
 pub mod space;

@@ -92,6 +92,7 @@ unsafe impl Sync for MemObject {}
 
 impl MemObject {
     /// Maps `len` bytes of anonymous shared memory (tests, RAM disks, benches).
+    #[cfg(not(miri))]
     pub fn anonymous(len: usize) -> Result<MemObject, MemError> {
         // SAFETY: a fresh anonymous mapping; the kernel picks the address.
         let ptr = unsafe {
@@ -105,6 +106,32 @@ impl MemObject {
             )
         };
         Self::from_mmap(ptr, len, None)
+    }
+
+    /// Under Miri, which has no shared mappings: `len` zeroed, page-aligned
+    /// bytes of the heap, freed on drop. Miri then sees every access to
+    /// them, and an access after the last mapping's grace period dropped
+    /// the object is a use after free it reports.
+    #[cfg(miri)]
+    pub fn anonymous(len: usize) -> Result<MemObject, MemError> {
+        let layout = std::alloc::Layout::from_size_align(len, page_size_usize())
+            .ok()
+            .filter(|l| l.size() > 0)
+            .ok_or(MemError::Mmap {
+                len: len as u64,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(ptr).ok_or(MemError::Mmap {
+            len: len as u64,
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        Ok(MemObject {
+            base,
+            len,
+            file_offset: None,
+        })
     }
 
     /// Maps `len` bytes of `fd` at `offset`, shared, after checking the
@@ -214,6 +241,20 @@ impl MemObject {
 }
 
 impl Drop for MemObject {
+    #[cfg(miri)]
+    fn drop(&mut self) {
+        // Under Miri every MemObject is heap memory from `anonymous` (Miri
+        // cannot map files: `from_fd` fails before it constructs one).
+        let layout = std::alloc::Layout::from_size_align(self.len, page_size_usize())
+            .expect("the layout `anonymous` allocated with");
+        // SAFETY: `base` was allocated in `anonymous` with this very layout
+        // (len and alignment unchanged: skip_prefix is only for from_fd),
+        // and nothing refers to it any more: every address space drops its
+        // MemObjects only after a grace period.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+    }
+
+    #[cfg(not(miri))]
     fn drop(&mut self) {
         let slack = self.base.as_ptr() as usize % page_size_usize();
         // SAFETY: base - slack .. base + len is exactly the mapping made in
@@ -341,6 +382,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unsealed_memfd_is_refused_unless_allowed() {
         use std::os::fd::FromRawFd;
         let name = std::ffi::CString::new("t").unwrap();
@@ -361,6 +403,7 @@ mod tests {
     /// The descriptor is closed once mapped: thousands of mappings must not
     /// run into RLIMIT_NOFILE.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn the_descriptor_is_closed_once_mapped() {
         use std::os::fd::{AsFd, AsRawFd};
         use std::os::unix::fs::MetadataExt;
@@ -385,6 +428,7 @@ mod tests {
     /// Maps of one file share one whole-file mapping; a file that grew is
     /// mapped again; refusals are those of `from_fd`.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn file_mappings_share_one_mapping_per_file() {
         use std::os::fd::AsFd;
         let fm = FileMappings::default();
@@ -422,6 +466,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn range_beyond_file_end_is_efault() {
         let fd = sealed_memfd("t", 8192).unwrap();
         let e = MemObject::from_fd(fd, 4096, 8192, SealPolicy::RequireShrinkSeal).unwrap_err();
@@ -429,6 +474,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn unaligned_offset_maps_the_right_bytes() {
         let fd = sealed_memfd("t", 8192).unwrap();
         let file = File::from(fd);

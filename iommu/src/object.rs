@@ -334,6 +334,7 @@ mod tests {
     /// (xa_alloc, XA_FLAGS_ALLOC1): ids start at 1, the lowest free first,
     /// one id space for every kind.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn ids_start_at_one_lowest_free_first() {
         let ictx = ctx();
         assert_eq!(
@@ -352,6 +353,7 @@ mod tests {
     /// TEST_F(iommufd, cmd_fail): DESTROY of id 0 or an unknown id is
     /// ENOENT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn destroy_unknown_is_enoent() {
         let ictx = ctx();
         assert_errno!(ictx.destroy(&IommuDestroy { size: 8, id: 0 }), ENOENT);
@@ -360,6 +362,7 @@ mod tests {
 
     /// Kernel `iommufd_get_object`: an id of the wrong kind is ENOENT.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn wrong_kind_is_enoent() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);
@@ -373,6 +376,7 @@ mod tests {
 
     /// Kernel `iommufd_ioas_alloc_ioctl`: flags are EOPNOTSUPP.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn ioas_alloc_flags_is_eopnotsupp() {
         let ictx = ctx();
         let mut cmd = IommuIoasAlloc {
@@ -387,6 +391,7 @@ mod tests {
     /// TEST_F(iommufd_ioas, ioas_area_auto_destroy): closing the iommufd
     /// frees IOASes with their areas (after their grace period).
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
     fn release_destroys_leaf_first() {
         let ictx = ctx();
         let ioas = ioas_alloc(&ictx);

@@ -16,6 +16,29 @@ use crate::space::AddressSpace;
 use crate::uapi::*;
 
 pub(crate) const P: u64 = PAGE_SIZE;
+
+/// Proptest settings for `cases` cases. Under Miri, which runs a test some
+/// thousand times slower and may not read the regression files, a few
+/// cases and no persistence: the pure parts get checked for UB, the
+/// native run keeps the search.
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let native = proptest::test_runner::Config {
+        cases,
+        ..proptest::test_runner::Config::default()
+    };
+    if cfg!(miri) {
+        proptest::test_runner::Config {
+            cases: cases.min(MIRI_PROPTEST_CASES),
+            failure_persistence: None,
+            ..native
+        }
+    } else {
+        native
+    }
+}
+
+/// Cases of a proptest under Miri.
+const MIRI_PROPTEST_CASES: u32 = 4;
 pub(crate) const RW: u32 = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
 pub(crate) const FIXED: u32 = IOMMU_IOAS_MAP_FIXED_IOVA | RW;
 

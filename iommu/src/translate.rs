@@ -16,7 +16,6 @@
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::marker::PhantomData;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -30,6 +29,7 @@ use vm_memory::{
 
 use crate::hold::{HoldId, HoldRange, HoldReleaser};
 use crate::space::{AddressSpace, ReaderSlot};
+use crate::sync::qsbr::{fence, AtomicU64, Ordering};
 use crate::tree::Node;
 
 /// Entries of the front cache (a power of two).
