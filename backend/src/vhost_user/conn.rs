@@ -16,10 +16,10 @@
 //! logged either way.
 
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vcdev_iommu::iotlb::IotlbError;
@@ -40,6 +40,7 @@ use super::backend_channel::BackendChannel;
 use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
 use super::inflight::{InflightError, InflightRegion};
 use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
+use super::main_poll::MainPoll;
 use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
 use crate::error_chain;
@@ -180,6 +181,9 @@ pub struct ConnConfig {
     pub iotlb_miss_timeout: Duration,
     /// The most IOTLB entries this connection keeps.
     pub iotlb_max_entries: usize,
+    /// The bound of the main channel's poll after an IOTLB message (zero:
+    /// never poll; see [`super::main_poll`]).
+    pub iotlb_poll: Duration,
 }
 
 /// One frontend connection to one device.
@@ -206,6 +210,8 @@ pub struct Conn {
     /// (or until a device reset); across a restart only the frontend's
     /// descriptor keeps it.
     inflight: Option<Arc<InflightRegion>>,
+    /// The adaptive poll of the socket after an IOTLB message.
+    poll: MainPoll,
 }
 
 /// The connection's [`ConfigNotifier`](crate::registry::ConfigNotifier):
@@ -265,6 +271,7 @@ impl Conn {
             iotlb_max_entries: cfg.iotlb_max_entries,
             seal_policy: cfg.seal_policy,
             inflight: None,
+            poll: MainPoll::new(cfg.iotlb_poll),
         }
     }
 
@@ -272,6 +279,10 @@ impl Conn {
     /// protocol, then stops the queues, drops the memory and flushes.
     pub fn serve(mut self) {
         loop {
+            // After an IOTLB message, the next one often follows within
+            // microseconds: look for it a while before sleeping.
+            self.poll
+                .wait(self.sock.as_fd(), self.own.device().counters());
             let frame = match wire::read_frame(&self.sock, FlagPolicy::VHOST_USER) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
@@ -283,10 +294,13 @@ impl Conn {
                     break;
                 }
             };
+            self.poll.arrived(Instant::now());
+            let iotlb = frame.header.request == u32::from(FrontendReq::IOTLB_MSG);
             if let Err(e) = self.handle(frame) {
                 warn!("{}: {e}; closing the connection", self.peer);
                 break;
             }
+            self.poll.answered(iotlb, Instant::now());
         }
         self.teardown();
         // Release the device before the frontend sees the socket close, so
@@ -1067,6 +1081,7 @@ mod tests {
             seal_policy: SealPolicy::RequireShrinkSeal,
             iotlb_miss_timeout: Duration::from_millis(100),
             iotlb_max_entries: 8,
+            iotlb_poll: Duration::ZERO,
         };
         (Conn::new(ours, own, "t".into(), cfg), theirs)
     }

@@ -1,0 +1,182 @@
+//! The adaptive poll of the main channel after an IOTLB message.
+//!
+//! Under a strict guest IOMMU the frontend sends IOTLB UPDATEs and
+//! INVALIDATEs one after the other, each waiting for its ack (QEMU blocks in
+//! a read for it). A connection thread that sleeps in `recvmsg` between two
+//! of them costs each message a wake-up on this side too: two wake-ups per
+//! round trip instead of one. So after answering an IOTLB message the
+//! connection thread polls its socket for a while before it blocks, giving
+//! the CPU away between looks (`sched_yield`, so that a queue worker or the
+//! frontend sharing its CPU runs first).
+//!
+//! The poll is adaptive, in the manner of KVM's halt polling: `budget`
+//! starts at zero; a message that arrives after the budget but within the
+//! bound (`max`) grows it to cover that gap (at least doubling it); one that
+//! arrives later than the bound halves it, down to zero below
+//! [`MIN_BUDGET`]. Only IOTLB messages arm it. So a connection whose IOTLB
+//! messages come far apart (or never) does not poll at all, and one in the
+//! middle of strict-mode churn polls at most `max` per message. It runs on
+//! the connection's own thread only, never on the daemon's shared event loop.
+
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use crate::registry::DeviceCounters;
+
+/// The default bound (`--iotlb-poll-us`).
+pub const DEFAULT_MAX: Duration = Duration::from_micros(50);
+
+/// Budgets below this are zero (not worth a poll).
+pub const MIN_BUDGET: Duration = Duration::from_micros(5);
+
+/// The poll state of one connection.
+#[derive(Debug)]
+pub struct MainPoll {
+    max: Duration,
+    budget: Duration,
+    /// When the last IOTLB message was answered; `None` after any other
+    /// message (the poll is disarmed).
+    armed: Option<Instant>,
+}
+
+impl MainPoll {
+    /// A poll bounded by `max` per message (zero: never poll).
+    pub fn new(max: Duration) -> MainPoll {
+        MainPoll {
+            max,
+            budget: Duration::ZERO,
+            armed: None,
+        }
+    }
+
+    /// The budget now.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// Before a blocking read of `fd`: when armed, polls it for at most the
+    /// budget, counting the poll in `c`. Returns whether it became readable
+    /// meanwhile.
+    pub fn wait(&mut self, fd: BorrowedFd<'_>, c: &DeviceCounters) -> bool {
+        let Some(since) = self.armed else {
+            return false;
+        };
+        if self.budget.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        let until = since + self.budget;
+        let got = loop {
+            if crate::sys::readable(fd, Duration::ZERO) {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            std::thread::yield_now();
+        };
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        DeviceCounters::add(&c.iotlb_poll_us, us);
+        let which = if got {
+            &c.iotlb_poll_hits
+        } else {
+            &c.iotlb_poll_misses
+        };
+        DeviceCounters::add(which, 1);
+        got
+    }
+
+    /// A message arrived at `now`: adapts the budget to the gap since the
+    /// last IOTLB message was answered.
+    pub fn arrived(&mut self, now: Instant) {
+        let Some(since) = self.armed.take() else {
+            return;
+        };
+        self.adapt(now.saturating_duration_since(since));
+    }
+
+    fn adapt(&mut self, gap: Duration) {
+        if gap <= self.budget {
+            return;
+        }
+        if gap <= self.max {
+            let want = (self.budget * 2).max(gap + gap / 2).max(MIN_BUDGET);
+            self.budget = want.min(self.max);
+        } else {
+            self.budget /= 2;
+            if self.budget < MIN_BUDGET {
+                self.budget = Duration::ZERO;
+            }
+        }
+    }
+
+    /// The message was answered at `now`; `iotlb` says whether it was an
+    /// IOTLB message (only those arm the poll).
+    pub fn answered(&mut self, iotlb: bool, now: Instant) {
+        self.armed = (iotlb && !self.max.is_zero()).then_some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    /// Grows to cover gaps within the bound, never past it; shrinks to zero
+    /// when messages come later than the bound; a bound of zero never polls.
+    #[test]
+    fn budget_adapts_between_zero_and_the_bound() {
+        let mut p = MainPoll::new(50 * US);
+        assert_eq!(p.budget(), Duration::ZERO);
+        p.adapt(8 * US);
+        assert_eq!(p.budget(), 12 * US);
+        p.adapt(10 * US);
+        assert_eq!(p.budget(), 12 * US, "a hit keeps it");
+        p.adapt(30 * US);
+        assert_eq!(p.budget(), 45 * US);
+        p.adapt(48 * US);
+        assert_eq!(p.budget(), 50 * US, "bounded");
+        for _ in 0..4 {
+            p.adapt(Duration::from_millis(5));
+        }
+        assert_eq!(p.budget(), Duration::ZERO, "idle: zero");
+        let mut off = MainPoll::new(Duration::ZERO);
+        off.answered(true, Instant::now());
+        assert!(off.armed.is_none());
+        off.adapt(US);
+        assert_eq!(off.budget(), Duration::ZERO);
+    }
+
+    /// Only an answered IOTLB message arms the poll; the poll sees a
+    /// message sent while it runs, and gives up after its budget.
+    #[test]
+    fn poll_sees_a_message_within_its_budget() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut p = MainPoll::new(Duration::from_millis(40));
+        p.adapt(Duration::from_millis(20));
+        assert_eq!(p.budget(), Duration::from_millis(30));
+        let c = DeviceCounters::default();
+        p.answered(false, Instant::now());
+        assert!(!p.wait(a.as_fd(), &c), "not armed after another message");
+        p.answered(true, Instant::now());
+        let t = Instant::now();
+        assert!(!p.wait(a.as_fd(), &c));
+        assert!(t.elapsed() >= Duration::from_millis(29));
+        p.answered(true, Instant::now());
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            b.write_all(&[1]).unwrap();
+            b
+        });
+        assert!(p.wait(a.as_fd(), &c));
+        let _b = writer.join().unwrap();
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((n(&c.iotlb_poll_hits), n(&c.iotlb_poll_misses)), (1, 1));
+        assert!(n(&c.iotlb_poll_us) >= 29_000);
+    }
+}
