@@ -542,10 +542,13 @@ fn main() {
     );
     // results[mode][run]
     let mut results: Vec<Vec<ModeRun>> = modes.iter().map(|_| Vec::new()).collect();
-    // The blocking socketpair round trip of each run (issue #12's floor).
+    // The blocking socketpair round trip of each run (issue #12's floor),
+    // and IOTLB messages alone (no I/O), with and without the poll.
     let mut floors: Vec<f64> = Vec::new();
+    let mut alone: Vec<[f64; 4]> = Vec::new();
     for run in 0..runs {
         floors.push(socketpair_rtt_us(RTT_SAMPLES));
+        alone.push(iotlb_alone_us(RTT_SAMPLES / 4));
         for (i, &mode) in modes.iter().enumerate() {
             let t = Instant::now();
             let r = run_mode(mode, warmup, n, 0x9e37_79b9_7f4a_7c15 ^ run as u64);
@@ -652,7 +655,7 @@ fn main() {
             c.ring_pins
         );
     }
-    print_viommu_targets(&modes, &results, &floors);
+    print_viommu_targets(&modes, &results, &floors, &alone);
 }
 
 // ---------------------------------------------------------------------------
@@ -710,7 +713,12 @@ fn per_run(
 
 /// Issue #12's table: each figure against its target, every ratio computed
 /// within one run (then the median over runs).
-fn print_viommu_targets(modes: &[Mode], results: &[Vec<ModeRun>], floors: &[f64]) {
+fn print_viommu_targets(
+    modes: &[Mode],
+    results: &[Vec<ModeRun>],
+    floors: &[f64],
+    alone: &[[f64; 4]],
+) {
     let rtt = median(&mut floors.to_vec());
     let lo = floors.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = floors.iter().copied().fold(0.0, f64::max);
@@ -735,6 +743,21 @@ fn print_viommu_targets(modes: &[Mode], results: &[Vec<ModeRun>], floors: &[f64]
             if ok(rm) { "yes" } else { "**no**" }
         );
     };
+    for (k, what) in [
+        "(e) UPDATE round trip, no I/O",
+        "(e) INVALIDATE round trip, no I/O",
+        "(e0) UPDATE round trip, no I/O, --iotlb-poll-us 0",
+        "(e0) INVALIDATE round trip, no I/O, --iotlb-poll-us 0",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v: Vec<f64> = alone.iter().map(|a| a[k]).collect();
+        let r = v.iter().zip(floors).map(|(a, f)| a / f).collect();
+        show(&format!("{what}, us"), "-", v, r, "<= 1.5 RTT", &|r| {
+            r <= 1.5
+        });
+    }
     let nph = results
         .first()
         .and_then(|r| r.first())
@@ -860,4 +883,45 @@ fn print_viommu_targets(modes: &[Mode], results: &[Vec<ModeRun>], floors: &[f64]
             );
         }
     }
+}
+
+/// Median round trips (us) of IOTLB messages alone, as the blocking
+/// frontend sees them: `n` pairs of UPDATE + INVALIDATE of one page on a
+/// connection with no I/O, against a daemon with the default poll and one
+/// with `--iotlb-poll-us 0`: [UPDATE, INVALIDATE, UPDATE (no poll),
+/// INVALIDATE (no poll)].
+fn iotlb_alone_us(n: usize) -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (k, args) in [&[][..], &["--iotlb-poll-us", "0"][..]]
+        .into_iter()
+        .enumerate()
+    {
+        let vcdev = daemon("e2e-iotlb-alone", args);
+        let h = Harness::start_iotlb(&vcdev.socket("vfio0"), 1, QUEUE_SIZE);
+        let io = h.iommu();
+        let (mut upd, mut inv) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let data = DATA_BASE;
+        for i in 0..n + n / 10 {
+            let t = Instant::now();
+            assert_eq!(
+                io.update(iova_of(data), BLOCK, data, VhostAccess::ReadWrite),
+                0
+            );
+            let u = t.elapsed();
+            let t = Instant::now();
+            assert_eq!(io.invalidate(iova_of(data), BLOCK), 0);
+            let v = t.elapsed();
+            if i >= n / 10 {
+                upd.push(u.as_nanos() as f64 / 1e3);
+                inv.push(v.as_nanos() as f64 / 1e3);
+            }
+        }
+        out[2 * k] = median(&mut upd);
+        out[2 * k + 1] = median(&mut inv);
+    }
+    eprintln!(
+        "IOTLB messages alone: UPDATE {:.1} us, INVALIDATE {:.1} us; without the poll {:.1} / {:.1} us",
+        out[0], out[1], out[2], out[3]
+    );
+    out
 }
