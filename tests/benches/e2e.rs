@@ -462,12 +462,17 @@ impl Driver {
 /// A `vcdev serve` with one 64 MiB RAM disk, logging at info (debug logs
 /// every vhost-user message and would be measured too).
 fn daemon(tag: &str, args: &[&str]) -> Vcdev {
-    Vcdev::builder(tag)
+    let mut v = Vcdev::builder(tag)
         .device("blk,name=vfio0,ram=64M,queue-size=256")
         .args(args)
         .wait_for_vhost_user("vfio0")
         .log_level(&std::env::var("VCDEV_E2E_LOG").unwrap_or_else(|_| "info".into()))
-        .spawn()
+        .spawn();
+    if let Some((_, daemon_cpu)) = pinned() {
+        let pid = v.daemon.proc().pid();
+        pin("-a", pid, daemon_cpu);
+    }
+    v
 }
 
 fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
@@ -535,6 +540,11 @@ fn main() {
         Err(_) => Mode::ALL.to_vec(),
     };
     assert!(!modes.is_empty(), "VCDEV_E2E_MODES selects nothing");
+    if let Some((frontend_cpu, daemon_cpu)) = pinned() {
+        // The main thread only: the frontend's threads inherit it.
+        pin("", this_tid(), frontend_cpu);
+        println!("e2e: frontend pinned to CPU {frontend_cpu}, daemons (and the floor's echo thread) to CPU {daemon_cpu}");
+    }
     println!(
         "e2e: vcdev {} , {runs} run(s) x {} configuration(s), {n} requests per phase after {warmup} warm-up, 4 KiB, RAM disk 64 MiB",
         vcdev_bin().display(),
@@ -548,7 +558,10 @@ fn main() {
     let mut alone: Vec<[f64; 4]> = Vec::new();
     for run in 0..runs {
         floors.push(socketpair_rtt_us(RTT_SAMPLES));
-        alone.push(iotlb_alone_us(RTT_SAMPLES / 4));
+        alone.push(iotlb_alone_us(env_usize(
+            "VCDEV_E2E_ALONE",
+            RTT_SAMPLES / 4,
+        )));
         for (i, &mode) in modes.iter().enumerate() {
             let t = Instant::now();
             let r = run_mode(mode, warmup, n, 0x9e37_79b9_7f4a_7c15 ^ run as u64);
@@ -675,6 +688,9 @@ fn socketpair_rtt_us(n: usize) -> f64 {
 
     let (mut a, mut b) = UnixStream::pair().expect("socketpair");
     let echo = std::thread::spawn(move || {
+        if let Some((_, daemon_cpu)) = pinned() {
+            pin("", this_tid(), daemon_cpu);
+        }
         let mut req = [0u8; 44];
         while b.read_exact(&mut req).is_ok() {
             if b.write_all(&[0u8; 20]).is_err() {
@@ -924,4 +940,40 @@ fn iotlb_alone_us(n: usize) -> [f64; 4] {
         out[0], out[1], out[2], out[3]
     );
     out
+}
+
+/// `VCDEV_E2E_PIN=F,D`: the frontend (the bench's threads) on CPU F, each
+/// daemon and the floor's echo thread on CPU D, so that every round trip
+/// crosses CPUs (as QEMU's vCPU or I/O thread and the daemon on different
+/// CPUs); by default the scheduler places them.
+fn pinned() -> Option<(u32, u32)> {
+    let v = std::env::var("VCDEV_E2E_PIN").ok()?;
+    let (f, d) = v.split_once(',')?;
+    Some((f.trim().parse().ok()?, d.trim().parse().ok()?))
+}
+
+/// Pins task `id` (`-a`: with all its threads) to `cpu` with taskset.
+fn pin(all: &str, id: u32, cpu: u32) {
+    let mut cmd = std::process::Command::new("taskset");
+    if !all.is_empty() {
+        cmd.arg(all);
+    }
+    let out = cmd
+        .args(["-p", "-c", &cpu.to_string(), &id.to_string()])
+        .output()
+        .expect("taskset");
+    assert!(
+        out.status.success(),
+        "taskset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The calling thread's id (from /proc/thread-self).
+fn this_tid() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .expect("a thread id")
 }
