@@ -884,7 +884,11 @@ impl Conn {
                 DeviceCounters::add(&self.own.device().counters().iotlb_updates, 1);
                 // Wake the queues waiting for this page (after the update is
                 // published, before QEMU acks their miss).
-                self.iotlb.misses.updated(m.iova, m.size, perm);
+                if self.iotlb.misses.updated(m.iova, m.size, perm) {
+                    // A queue was woken: it needs the CPU now, and the
+                    // next message waits for its I/O. Don't poll for it.
+                    self.poll.disarm_next();
+                }
                 debug!(
                     "{}: IOTLB update {:#x}+{:#x} -> {:#x} {perm:?}",
                     self.peer, m.iova, m.size, m.uaddr

@@ -20,6 +20,11 @@
 //! middle of strict-mode churn polls at most `max` per message. It runs on
 //! the connection's own thread only, never on the daemon's shared event loop.
 //!
+//! An UPDATE that answered a miss does not arm the poll: the queue it woke
+//! needs the CPU now (on 2 vCPUs a spinning connection thread, the woken
+//! worker, the frontend's miss answerer and its driver compete), and the
+//! next message, the INVALIDATE after the request, waits for its I/O.
+//!
 //! When the frontend shares the connection thread's CPU, the next message
 //! is usually there already when the poll first looks (the frontend ran
 //! while this thread was preempted): the poll saves nothing and costs a
@@ -57,6 +62,8 @@ pub struct MainPoll {
     immediate: u32,
     /// Messages since the poll was skipped (counts to [`PROBE_EVERY`]).
     skipped: u32,
+    /// The message being handled must not arm the poll.
+    disarm: bool,
 }
 
 impl MainPoll {
@@ -68,6 +75,7 @@ impl MainPoll {
             armed: None,
             immediate: 0,
             skipped: 0,
+            disarm: false,
         }
     }
 
@@ -150,7 +158,14 @@ impl MainPoll {
     /// The message was answered at `now`; `iotlb` says whether it was an
     /// IOTLB message (only those arm the poll).
     pub fn answered(&mut self, iotlb: bool, now: Instant) {
-        self.armed = (iotlb && !self.max.is_zero()).then_some(now);
+        let disarm = std::mem::take(&mut self.disarm);
+        self.armed = (iotlb && !disarm && !self.max.is_zero()).then_some(now);
+    }
+
+    /// The message being handled woke a queue (an UPDATE answering a
+    /// miss): it does not arm the poll.
+    pub fn disarm_next(&mut self) {
+        self.disarm = true;
     }
 }
 
@@ -182,6 +197,11 @@ mod tests {
             p.adapt(Duration::from_millis(5));
         }
         assert_eq!(p.budget(), Duration::ZERO, "idle: zero");
+        p.disarm_next();
+        p.answered(true, Instant::now());
+        assert!(p.armed.is_none(), "an UPDATE that woke a queue");
+        p.answered(true, Instant::now());
+        assert!(p.armed.is_some(), "only that one");
         let mut off = MainPoll::new(Duration::ZERO);
         off.answered(true, Instant::now());
         assert!(off.armed.is_none());
