@@ -11,6 +11,7 @@ use common::frontend::{iova_of, pattern, Desc, Harness, DATA_GPA, SECTOR, S_IOER
 use common::vcdev::Vcdev;
 use common::TIMEOUT;
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
+use vcdev_device_model::testing::{BlkRequest, W};
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostAccess, VhostBackend, VhostIotlbType};
@@ -490,4 +491,163 @@ fn a_full_iotlb_is_dropped_and_refilled_through_misses() {
         "{}",
         out.stderr
     );
+}
+
+// ---------------------------------------------------------------------------
+// Issue #12: misses that do not stall the queue, ring pins kept
+
+/// Device counter `key` from `vcdev ctl stats`.
+fn stat(d: &Vcdev, key: &str) -> u64 {
+    let (ok, out) = d.ctl(&["stats", "vfio0"]);
+    assert!(ok, "{out}");
+    out.lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in\n{out}"))
+}
+
+/// Offers (no kick) a read of 512 bytes at sector 0 into `buf` (an IOVA)
+/// as request slot `slot` of queue 0: descriptors `3 slot..`, header and
+/// status 64 bytes apart in the queue's header page. Returns the head.
+fn offer_slot(h: &mut Harness, slot: u16, buf: u64) -> u16 {
+    let hdr = h.queues[0].header_gpa() + 64 * u64::from(slot);
+    let status = hdr + u64::from(BlkRequest::HEADER_LEN);
+    BlkRequest::new(VIRTIO_BLK_T_IN, 0).write(&h.mem, hdr, status);
+    let chain = BlkRequest::chain(h.dma_addr(hdr), &[(buf, 512, W)], h.dma_addr(status));
+    let head = 3 * slot;
+    h.queues[0].ring.write_chain(&h.mem, head, &chain);
+    h.queues[0].offer(&h.mem, head);
+    head
+}
+
+fn slot_status(h: &Harness, slot: u16) -> u8 {
+    let hdr = h.queues[0].header_gpa() + 64 * u64::from(slot);
+    h.mem.read(hdr + u64::from(BlkRequest::HEADER_LEN), 1)[0]
+}
+
+/// Two requests fault on two different pages, a third one behind them
+/// translates: the third completes while both misses are unanswered, the
+/// two misses are outstanding together (both sent before either answer),
+/// and once answered, in order, both requests complete with the data.
+#[test]
+fn a_request_behind_two_misses_completes_first() {
+    let d = daemon("iotlb-nostall", 1, &[]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    let disk = pattern(0x77, 512);
+    assert_eq!(h.write(0, 0, &disk), S_OK);
+    // The header page and queue 0's data page are in the IOTLB now.
+    let (a, b) = (0x5000_0000_0000u64, 0x5000_0001_0000u64);
+    h.iommu()
+        .map(a, DATA_GPA + 0x60000, PAGE, VhostAccess::ReadWrite);
+    h.iommu()
+        .map(b, DATA_GPA + 0x61000, PAGE, VhostAccess::ReadWrite);
+    let c = iova_of(h.queues[0].data_gpa());
+    let sent = stat(&d, "iotlb_misses");
+    h.iommu().hold(true);
+    h.queues[0].enable_calls(&h.mem);
+    let heads = [
+        offer_slot(&mut h, 0, a),
+        offer_slot(&mut h, 1, b),
+        offer_slot(&mut h, 2, c),
+    ];
+    h.queues[0].kick.write(1).expect("kick");
+    let first = h.queues[0].wait_used(&h.mem, TIMEOUT);
+    let outstanding = stat(&d, "iotlb_misses") - sent;
+    let early = h.queues[0].wait_used(&h.mem, Duration::from_millis(200));
+    h.iommu().hold(false);
+    assert_eq!(
+        first,
+        Some((u32::from(heads[2]), 513)),
+        "the request behind the misses"
+    );
+    assert_eq!(slot_status(&h, 2), S_OK);
+    assert_eq!(outstanding, 2, "both misses sent before any answer");
+    assert_eq!(early, None, "a parked request completed before its answer");
+    let mut rest = Vec::new();
+    while rest.len() < 2 {
+        h.queues[0].enable_calls(&h.mem);
+        rest.push(h.queues[0].wait_used(&h.mem, TIMEOUT).expect("completes"));
+    }
+    rest.sort_unstable();
+    assert_eq!(
+        rest,
+        vec![(u32::from(heads[0]), 513), (u32::from(heads[1]), 513)]
+    );
+    assert_eq!((slot_status(&h, 0), slot_status(&h, 1)), (S_OK, S_OK));
+    assert!(h.mem.read(DATA_GPA + 0x60000, 512) == disk);
+    assert!(h.mem.read(DATA_GPA + 0x61000, 512) == disk);
+    // Asked once each, in the order the requests faulted.
+    let pages: Vec<u64> = h.iommu().misses().iter().map(|m| page_of(m.iova)).collect();
+    let (ia, ib) = (
+        pages.iter().position(|&p| p == a).expect("miss for a"),
+        pages.iter().position(|&p| p == b).expect("miss for b"),
+    );
+    assert!(ia < ib, "{pages:x?}");
+    assert_eq!((misses_of_page(&h, a), misses_of_page(&h, b)), (1, 1));
+}
+
+/// Strict churn on one page while another request of the queue stays
+/// parked (its miss never answered): each new request on the page is a new
+/// miss, not a refault of the last one's. (Entries of answered misses used
+/// to live as long as any request was parked, so the 17th request on the
+/// page counted as the 17th refault and failed with IOERR: strict churn at
+/// depth failed within a second.)
+#[test]
+fn strict_churn_beside_a_parked_request_never_fails() {
+    let d = daemon("iotlb-refault", 1, &["--iotlb-miss-timeout-ms", "60000"]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let silent = 0x5100_0000_0000u64;
+    h.iommu()
+        .map(silent, DATA_GPA + 0x70000, PAGE, VhostAccess::ReadWrite);
+    h.iommu().set_silent(silent);
+    // Acks are matched in order: the silent miss must not take the next
+    // one's. Answers come as UPDATEs alone.
+    h.iommu().withhold_acks(true);
+    let before = h.iommu().misses().len();
+    offer_slot(&mut h, 1, silent);
+    h.queues[0].kick.write(1).expect("kick");
+    assert!(h.iommu().wait_misses(before + 1, TIMEOUT));
+    let p = 0x5200_0000_0000u64;
+    h.iommu()
+        .map(p, DATA_GPA + 0x71000, PAGE, VhostAccess::ReadWrite);
+    for i in 0..40 {
+        let head = offer_slot(&mut h, 0, p);
+        h.queues[0].enable_calls(&h.mem);
+        h.queues[0].kick.write(1).expect("kick");
+        let used = h.queues[0].wait_used(&h.mem, TIMEOUT);
+        assert_eq!(used, Some((u32::from(head), 513)), "request {i}");
+        assert_eq!(slot_status(&h, 0), S_OK, "request {i}");
+        assert_eq!(h.iommu().invalidate(p, PAGE), 0);
+    }
+    assert_eq!(misses_of_page(&h, p), 40);
+}
+
+/// An INVALIDATE of a data page leaves the ring pins alone (the queue
+/// checks the invalidation log); one of a ring page makes it pin again.
+#[test]
+fn invalidating_data_pages_does_not_repin_the_rings() {
+    let d = daemon("iotlb-repin", 1, &[]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let pins = stat(&d, "ring_pins");
+    let p = 0x5300_0000_0000u64;
+    h.iommu()
+        .map(p, DATA_GPA + 0x72000, PAGE, VhostAccess::ReadWrite);
+    for _ in 0..10 {
+        let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(p, 512, true)]);
+        assert_eq!(s, S_OK);
+        assert_eq!(h.iommu().invalidate(p, PAGE), 0);
+    }
+    assert_eq!(stat(&d, "iotlb_invalidates"), 10);
+    assert_eq!(
+        stat(&d, "ring_pins"),
+        pins,
+        "re-pinned after data invalidations"
+    );
+    let used = iova_of(h.queues[0].ring.used);
+    assert_eq!(h.iommu().invalidate(page_of(used), PAGE), 0);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    assert_eq!(stat(&d, "ring_pins"), pins + 1);
 }

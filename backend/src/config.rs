@@ -153,6 +153,9 @@ pub struct Config {
     /// The most IOTLB entries a vhost-user connection keeps; an UPDATE that
     /// finds it full drops them all first (misses fetch them again).
     pub iotlb_max_entries: usize,
+    /// The bound of a vhost-user connection's poll of its socket after an
+    /// IOTLB message (adaptive, zero when idle; zero here: never poll).
+    pub iotlb_poll: std::time::Duration,
 }
 
 /// The default of [`Config::iotlb_max_entries`]: 2^18 entries, about 32 MiB
@@ -508,6 +511,7 @@ impl Config {
             allow_unsealed_memory,
             iotlb_miss_timeout: DEFAULT_IOTLB_MISS_TIMEOUT,
             iotlb_max_entries: DEFAULT_IOTLB_MAX_ENTRIES,
+            iotlb_poll: crate::vhost_user::main_poll::DEFAULT_MAX,
         })
     }
 }

@@ -319,6 +319,7 @@ pub fn run(config: Config) -> Result<()> {
         seal_policy,
         iotlb_miss_timeout: config.iotlb_miss_timeout,
         iotlb_max_entries: config.iotlb_max_entries,
+        iotlb_poll: config.iotlb_poll,
     };
     let (daemon, em) = Daemon::new(
         &config.dir,

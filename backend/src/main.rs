@@ -126,6 +126,13 @@ struct ServeArgs {
           default_value_t = vcdev::config::DEFAULT_IOTLB_MAX_ENTRIES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     iotlb_max_entries: u64,
+    /// Under a guest vIOMMU: after answering an IOTLB message, a connection
+    /// polls its socket for the next one for up to this long before it
+    /// sleeps (adaptive: zero while the messages come further apart; 0
+    /// turns it off).
+    #[arg(long, value_name = "US", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    iotlb_poll_us: u64,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -143,6 +150,7 @@ impl TryFrom<ServeArgs> for Config {
         }
         c.iotlb_miss_timeout = std::time::Duration::from_millis(a.iotlb_miss_timeout_ms);
         c.iotlb_max_entries = usize::try_from(a.iotlb_max_entries).unwrap_or(usize::MAX);
+        c.iotlb_poll = std::time::Duration::from_micros(a.iotlb_poll_us);
         Ok(c)
     }
 }

@@ -280,6 +280,14 @@ pub struct DeviceCounters {
     pub iotlb_miss_wait_us: AtomicU64,
     /// Longest single wait for a miss answer, in microseconds.
     pub iotlb_miss_wait_max_us: AtomicU64,
+    /// Polls of the main channel after an IOTLB message that saw the next
+    /// message arrive (see `vhost_user::main_poll`).
+    pub iotlb_poll_hits: AtomicU64,
+    /// Polls that ran out of budget (the thread then slept).
+    pub iotlb_poll_misses: AtomicU64,
+    /// Time spent in those polls, in microseconds (their CPU cost, less
+    /// what `sched_yield` gave to other threads).
+    pub iotlb_poll_us: AtomicU64,
 }
 
 impl DeviceCounters {
@@ -306,6 +314,9 @@ impl DeviceCounters {
             ("ring_pins", g(&self.ring_pins)),
             ("iotlb_miss_wait_us", g(&self.iotlb_miss_wait_us)),
             ("iotlb_miss_wait_max_us", g(&self.iotlb_miss_wait_max_us)),
+            ("iotlb_poll_hits", g(&self.iotlb_poll_hits)),
+            ("iotlb_poll_misses", g(&self.iotlb_poll_misses)),
+            ("iotlb_poll_us", g(&self.iotlb_poll_us)),
         ]
     }
 }

@@ -7,10 +7,14 @@
 //! pages with the exact access (descriptor table and avail ring read, used
 //! ring written), and keeps the host slices ([`RingPins`]).
 //!
-//! Pins are redone when the session's generation changes (every removal of
-//! a translation, an INVALIDATE covering a ring included, bumps it). Within
-//! one session they stay valid even if an invalidation runs meanwhile: its
-//! ack waits for the session to end, which is the promise.
+//! Pins are checked when the session's generation changes (every removal of
+//! a translation bumps it): they are redone only when the invalidation log
+//! says a generation since removed something under a ring (an INVALIDATE
+//! covering a ring page, an UPDATE replacing one, a flush), or no longer
+//! remembers; an INVALIDATE of a data page leaves them alone
+//! ([`Session::removed_since`]). Within one session they stay valid even if
+//! an invalidation runs meanwhile: its ack waits for the session to end,
+//! which is the promise.
 //!
 //! [`RingView`] is the `GuestMemory` the device model walks, for both doors:
 //! ring accesses come from the pins (vhost-user under a vIOMMU), everything
@@ -112,6 +116,8 @@ impl Pin {
 #[derive(Debug, Default)]
 pub struct RingPins {
     pins: [Pin; 3],
+    /// The ring addresses and queue size pinned.
+    rings: Option<((u64, u64, u64), u16)>,
     generation: Option<u64>,
 }
 
@@ -124,6 +130,7 @@ unsafe impl Send for RingPins {}
 impl RingPins {
     /// Forgets the pins (the queue's addresses changed).
     pub fn reset(&mut self) {
+        self.rings = None;
         self.generation = None;
     }
 
@@ -138,20 +145,44 @@ impl RingPins {
         size: u16,
     ) -> Result<bool, (Fault, Permissions)> {
         let g = s.generation();
-        if self.generation == Some(g) {
+        let same = self.rings == Some(((desc, avail, used), size));
+        if same && self.generation == Some(g) {
             return Ok(false);
         }
-        self.generation = None;
+        if let (true, Some(old)) = (same, self.generation) {
+            // The generations since the pins were made removed nothing
+            // under the rings (an INVALIDATE of a data page, say): the
+            // extents the pins point into are still published, so the pins
+            // stay valid for this generation too.
+            if !s.removed_since(old, &self.ranges()) {
+                self.generation = Some(g);
+                return Ok(false);
+            }
+        }
         let (dl, al, ul) = ring_sizes(size);
-        for (pin, (iova, len, access)) in self.pins.iter_mut().zip([
+        let want = [
             (desc, dl, Permissions::Read),
             (avail, al, Permissions::Read),
             (used, ul, Permissions::Write),
-        ]) {
+        ];
+        self.rings = None;
+        self.generation = None;
+        for (pin, (iova, len, access)) in self.pins.iter_mut().zip(want) {
             pin.pin(s, iova, len, access).map_err(|f| (f, access))?;
         }
+        self.rings = Some(((desc, avail, used), size));
         self.generation = Some(g);
         Ok(true)
+    }
+
+    /// The inclusive IOVA ranges of the pinned rings (each piece lies in
+    /// its ring's range, and a removed extent that held a piece overlaps
+    /// it).
+    fn ranges(&self) -> [(u64, u64); 3] {
+        self.pins.each_ref().map(|p| {
+            let last = p.iova.saturating_add(p.len.saturating_sub(1));
+            (p.iova, last)
+        })
     }
 }
 
@@ -325,6 +356,60 @@ mod tests {
     use vcdev_iommu::{AddressSpace, MemObject};
 
     use super::*;
+
+    /// An INVALIDATE of a data page leaves the ring pins alone (the
+    /// invalidation log says no ring was touched); one that covers a ring
+    /// page, or an UPDATE replacing one, makes them be redone; a gap longer
+    /// than the log too.
+    #[test]
+    fn only_invalidations_under_a_ring_redo_the_pins() {
+        const PAGE: u64 = 4096;
+        let space = AddressSpace::new();
+        let mem = Arc::new(MemObject::anonymous(16 * 4096).unwrap());
+        let map = |iova: u64, off: u64| {
+            space
+                .iotlb_update(iova, PAGE, &mem, off, Permissions::ReadWrite)
+                .unwrap();
+        };
+        // Rings in pages 0 (descriptors), 1 (avail) and 2 (used); data at 8.
+        for i in 0..3 {
+            map(i * PAGE, i * PAGE);
+        }
+        let rings = (0, PAGE, 2 * PAGE);
+        let mut reader = space.reader();
+        let releaser = reader.hold_releaser();
+        let mut pins = RingPins::default();
+        assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+        for _ in 0..10 {
+            map(8 * PAGE, 8 * PAGE);
+            assert_eq!(space.iotlb_invalidate(8 * PAGE, PAGE), 1);
+            let s = reader.enter();
+            assert_eq!(pins.refresh(&s, rings, 64), Ok(false), "data page");
+            // Still served from the pins, at the same host address.
+            let view = RingView::new(&s, Some(&pins), &releaser);
+            assert!(view.pinned(PAGE, 2, Permissions::Read).is_some());
+        }
+        // The used ring's page: redone (and asked for, being unmapped).
+        assert_eq!(space.iotlb_invalidate(2 * PAGE, PAGE), 1);
+        let e = pins.refresh(&reader.enter(), rings, 64).unwrap_err();
+        assert_eq!(e.1, Permissions::Write);
+        map(2 * PAGE, 2 * PAGE);
+        assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+        // An UPDATE replacing the descriptor page elsewhere: redone.
+        map(0, 5 * PAGE);
+        assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+        // Other addresses (a new queue layout): redone.
+        assert_eq!(
+            pins.refresh(&reader.enter(), (0, PAGE, 2 * PAGE + 64), 64),
+            Ok(true)
+        );
+        // More generations than the log remembers (16): redone.
+        for _ in 0..40 {
+            map(8 * PAGE, 8 * PAGE);
+            space.iotlb_invalidate(8 * PAGE, PAGE);
+        }
+        assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+    }
 
     /// Rings in the last page of the IOVA space (a frontend may put them
     /// there under a vIOMMU): the pin ends at 2^64, which must not

@@ -636,6 +636,45 @@ mod tests {
         assert_eq!(host(0x3800), base + 0x2800);
     }
 
+    /// `removed_since` answers from the invalidation log: removals elsewhere
+    /// do not touch a range, an overlapping one (or an UPDATE replacing part
+    /// of it) does, and a gap longer than the log is assumed to.
+    #[test]
+    fn removed_since_reads_the_invalidation_log() {
+        let m = Arc::new(MemObject::anonymous(1 << 20).unwrap());
+        let s = AddressSpace::new();
+        map(&s, 0x10000, &m, 0);
+        let ring = [(0x10000u64, 0x10fffu64)];
+        let mut r = s.reader();
+        let g0 = r.enter().generation();
+        assert!(!r.enter().removed_since(g0, &ring));
+        for _ in 0..3 {
+            map(&s, 0x90000, &m, 0x1000);
+            unmap(&s, 0x90000);
+        }
+        {
+            let sess = r.enter();
+            assert!(sess.generation() > g0);
+            assert!(!sess.removed_since(g0, &ring));
+            // Adjacent ranges are not overlapping ones.
+            assert!(!sess.removed_since(g0, &[(0x8f000, 0x8ffff), (0x91000, 0x91fff)]));
+            assert!(sess.removed_since(g0, &[(0x90800, 0x90800)]));
+            // Unknown generations are assumed to have removed everything.
+            assert!(sess.removed_since(0, &ring));
+            assert!(sess.removed_since(sess.generation() + 1, &ring));
+        }
+        let g1 = r.enter().generation();
+        s.iotlb_update(0x10800, 0x100, &m, 0x8000, Permissions::ReadWrite)
+            .unwrap();
+        assert!(r.enter().removed_since(g1, &ring));
+        let g2 = r.enter().generation();
+        for _ in 0..=AddressSpace::LOG_LEN {
+            map(&s, 0x90000, &m, 0);
+            unmap(&s, 0x90000);
+        }
+        assert!(r.enter().removed_since(g2, &ring));
+    }
+
     /// More generations than the log remembers between two sessions: the
     /// whole cache goes.
     #[test]

@@ -431,6 +431,31 @@ impl Session<'_> {
         self.check_generation();
         self.reader.cache_gen.get()
     }
+
+    /// Whether translations of `ranges` (inclusive IOVA ranges) made in
+    /// generation `since` may have been removed by the generations after
+    /// it, up to this session's: true when one of them removed an extent
+    /// overlapping a range, or when the invalidation log no longer covers
+    /// them all (then nobody knows, so assume it). False means that every
+    /// extent those translations came from is still published, so host
+    /// slices made from them in generation `since` are still valid in this
+    /// session: a pinned translation need not be redone.
+    pub fn removed_since(&self, since: u64, ranges: &[(u64, u64)]) -> bool {
+        let g = self.generation();
+        if since == g {
+            return false;
+        }
+        if since == 0 || since > g || g - since > AddressSpace::LOG_LEN {
+            return true;
+        }
+        let space = &self.reader.space;
+        (since + 1..=g).any(|x| match space.removed_in(x) {
+            Some((first, last)) => {
+                first <= last && ranges.iter().any(|&(a, b)| a <= last && first <= b)
+            }
+            None => true,
+        })
+    }
 }
 
 fn to_guest_error(f: Fault, len: usize) -> GuestMemoryError {

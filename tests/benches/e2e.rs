@@ -68,10 +68,19 @@ enum Mode {
     Static,
     Churn,
     ChurnMiss,
+    ChurnNoPoll,
+    ChurnMissNoPoll,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::None, Mode::Static, Mode::Churn, Mode::ChurnMiss];
+    const ALL: [Mode; 6] = [
+        Mode::None,
+        Mode::Static,
+        Mode::Churn,
+        Mode::ChurnMiss,
+        Mode::ChurnNoPoll,
+        Mode::ChurnMissNoPoll,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -79,6 +88,8 @@ impl Mode {
             Mode::Static => "static",
             Mode::Churn => "churn",
             Mode::ChurnMiss => "churn-miss",
+            Mode::ChurnNoPoll => "churn-nopoll",
+            Mode::ChurnMissNoPoll => "churn-miss-nopoll",
         }
     }
 
@@ -88,11 +99,35 @@ impl Mode {
             Mode::Static => "(b) static IOTLB",
             Mode::Churn => "(c) churn: UPDATE+INV/req",
             Mode::ChurnMiss => "(d) churn: miss+INV/req",
+            Mode::ChurnNoPoll => "(c0) as (c), --iotlb-poll-us 0",
+            Mode::ChurnMissNoPoll => "(d0) as (d), --iotlb-poll-us 0",
         }
     }
 
     fn iommu(self) -> bool {
         self != Mode::None
+    }
+
+    /// Each request's data page UPDATEd by the frontend before it is
+    /// offered.
+    fn pushes_updates(self) -> bool {
+        matches!(self, Mode::Churn | Mode::ChurnNoPoll)
+    }
+
+    /// Each request's data page INVALIDATEd once used.
+    fn churns(self) -> bool {
+        matches!(
+            self,
+            Mode::Churn | Mode::ChurnMiss | Mode::ChurnNoPoll | Mode::ChurnMissNoPoll
+        )
+    }
+
+    /// Extra `vcdev serve` arguments.
+    fn daemon_args(self) -> &'static [&'static str] {
+        match self {
+            Mode::ChurnNoPoll | Mode::ChurnMissNoPoll => &["--iotlb-poll-us", "0"],
+            _ => &[],
+        }
     }
 }
 
@@ -121,6 +156,9 @@ struct Counters {
     iotlb_misses: u64,
     iotlb_miss_wait_us: u64,
     ring_pins: u64,
+    iotlb_poll_hits: u64,
+    iotlb_poll_misses: u64,
+    iotlb_poll_us: u64,
 }
 
 impl Counters {
@@ -146,6 +184,9 @@ impl Counters {
             iotlb_misses: get("iotlb_misses"),
             iotlb_miss_wait_us: get("iotlb_miss_wait_us"),
             ring_pins: get("ring_pins"),
+            iotlb_poll_hits: get("iotlb_poll_hits"),
+            iotlb_poll_misses: get("iotlb_poll_misses"),
+            iotlb_poll_us: get("iotlb_poll_us"),
         }
     }
 
@@ -158,6 +199,9 @@ impl Counters {
             iotlb_misses: self.iotlb_misses - o.iotlb_misses,
             iotlb_miss_wait_us: self.iotlb_miss_wait_us - o.iotlb_miss_wait_us,
             ring_pins: self.ring_pins - o.ring_pins,
+            iotlb_poll_hits: self.iotlb_poll_hits - o.iotlb_poll_hits,
+            iotlb_poll_misses: self.iotlb_poll_misses - o.iotlb_poll_misses,
+            iotlb_poll_us: self.iotlb_poll_us - o.iotlb_poll_us,
         }
     }
 }
@@ -269,7 +313,7 @@ impl Driver {
                 d.premap(META_GPA, META_SIZE);
                 d.premap(DATA_GPA, DATA_SIZE);
             }
-            Mode::Churn | Mode::ChurnMiss => d.premap(META_GPA, META_SIZE),
+            _ => d.premap(META_GPA, META_SIZE),
         }
         // Something to write.
         for slot in 0..32 {
@@ -285,7 +329,7 @@ impl Driver {
     fn offer(&mut self, slot: usize, op: Op, sector: u64) {
         let data = Self::data_gpa(slot);
         let hdr = Self::hdr_gpa(slot);
-        if self.mode == Mode::Churn {
+        if self.mode.pushes_updates() {
             let t = Instant::now();
             let ack = self
                 .h
@@ -318,7 +362,7 @@ impl Driver {
         assert_eq!(st, S_OK, "request status");
         let want = if op == Op::Read { BLOCK as u32 + 1 } else { 1 };
         assert_eq!(used_len, want, "used length");
-        if matches!(self.mode, Mode::Churn | Mode::ChurnMiss) {
+        if self.mode.churns() {
             let t = Instant::now();
             let ack = self
                 .h
@@ -425,18 +469,31 @@ impl Driver {
 
 /// A `vcdev serve` with one 64 MiB RAM disk, logging at info (debug logs
 /// every vhost-user message and would be measured too).
-fn daemon(tag: &str) -> Vcdev {
-    Vcdev::builder(tag)
+fn daemon(tag: &str, args: &[&str]) -> Vcdev {
+    let mut v = Vcdev::builder(tag)
         .device("blk,name=vfio0,ram=64M,queue-size=256")
+        .args(args)
         .wait_for_vhost_user("vfio0")
-        .log_level("info")
-        .spawn()
+        .log_level(&std::env::var("VCDEV_E2E_LOG").unwrap_or_else(|_| "info".into()))
+        .spawn();
+    if let Some((_, daemon_cpu)) = pinned() {
+        let pid = v.daemon.proc().pid();
+        pin("-a", pid, daemon_cpu);
+    }
+    v
 }
 
 fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
-    let mut vcdev = daemon(&format!("e2e-{}", mode.name()));
+    let mut vcdev = daemon(&format!("e2e-{}", mode.name()), mode.daemon_args());
     let mut d = Driver::start(mode, &vcdev);
-    d.prefill();
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.prefill())) {
+        let log = vcdev.log();
+        let n = log.lines().count();
+        for l in log.lines().skip(n.saturating_sub(40)) {
+            eprintln!("DBG {l}");
+        }
+        std::panic::resume_unwind(e);
+    }
     let mut rng = Rng(seed | 1);
     let mut phases = Vec::new();
     for depth in DEPTHS {
@@ -495,6 +552,11 @@ fn main() {
         Err(_) => Mode::ALL.to_vec(),
     };
     assert!(!modes.is_empty(), "VCDEV_E2E_MODES selects nothing");
+    if let Some((frontend_cpu, daemon_cpu)) = pinned() {
+        // The main thread only: the frontend's threads inherit it.
+        pin("", this_tid(), frontend_cpu);
+        println!("e2e: frontend pinned to CPU {frontend_cpu}, daemons (and the floor's echo thread) to CPU {daemon_cpu}");
+    }
     println!(
         "e2e: vcdev {} , {runs} run(s) x {} configuration(s), {n} requests per phase after {warmup} warm-up, 4 KiB, RAM disk 64 MiB",
         vcdev_bin().display(),
@@ -502,7 +564,16 @@ fn main() {
     );
     // results[mode][run]
     let mut results: Vec<Vec<ModeRun>> = modes.iter().map(|_| Vec::new()).collect();
+    // The blocking socketpair round trip of each run (issue #12's floor),
+    // and IOTLB messages alone (no I/O), with and without the poll.
+    let mut floors: Vec<f64> = Vec::new();
+    let mut alone: Vec<[f64; 4]> = Vec::new();
     for run in 0..runs {
+        floors.push(socketpair_rtt_us(RTT_SAMPLES));
+        alone.push(iotlb_alone_us(env_usize(
+            "VCDEV_E2E_ALONE",
+            RTT_SAMPLES / 4,
+        )));
         for (i, &mode) in modes.iter().enumerate() {
             let t = Instant::now();
             let r = run_mode(mode, warmup, n, 0x9e37_79b9_7f4a_7c15 ^ run as u64);
@@ -518,6 +589,16 @@ fn main() {
                     .join(" ")
             );
             results[i].push(r);
+        }
+        // The floor again after the run's configurations: the mean of the
+        // two is the run's.
+        let after = socketpair_rtt_us(RTT_SAMPLES);
+        if let Some(f) = floors.last_mut() {
+            eprintln!(
+                "run {}/{runs} socketpair RTT {f:.1} us before, {after:.1} us after",
+                run + 1
+            );
+            *f = (*f + after) / 2.0;
         }
     }
 
@@ -599,8 +680,316 @@ fn main() {
             c.ring_pins
         );
     }
+    print_viommu_targets(&modes, &results, &floors, &alone);
     if doors::wanted() {
         println!();
         doors::run(n, warmup, runs);
     }
+}
+
+// ---------------------------------------------------------------------------
+// vIOMMU path (issue #12): the blocking socketpair floor and the targets
+
+/// Round trips per floor measurement.
+const RTT_SAMPLES: usize = 20_000;
+
+/// The median round trip (us) of a bare socketpair ping-pong with both
+/// sides blocking in `read`, as QEMU's side of the main channel does: one
+/// thread writes a 44-byte frame (the size of an IOTLB_MSG: 12-byte header
+/// and 32-byte payload) and reads a 20-byte reply (an ack), the other
+/// echoes.
+fn socketpair_rtt_us(n: usize) -> f64 {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+    let echo = std::thread::spawn(move || {
+        if let Some((_, daemon_cpu)) = pinned() {
+            pin("", this_tid(), daemon_cpu);
+        }
+        let mut req = [0u8; 44];
+        while b.read_exact(&mut req).is_ok() {
+            if b.write_all(&[0u8; 20]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut rtt = Vec::with_capacity(n);
+    let (req, mut ack) = ([1u8; 44], [0u8; 20]);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        a.write_all(&req).expect("ping");
+        a.read_exact(&mut ack).expect("pong");
+        // The first tenth warms up.
+        if i >= n / 10 {
+            rtt.push(t.elapsed().as_nanos() as f64 / 1e3);
+        }
+    }
+    drop(a);
+    echo.join().expect("echo thread");
+    median(&mut rtt)
+}
+
+/// The run-by-run value of `f` for `mode`'s phase `ph` (None when the mode
+/// was not run).
+fn per_run(
+    modes: &[Mode],
+    results: &[Vec<ModeRun>],
+    mode: Mode,
+    ph: usize,
+    f: impl Fn(&Phase) -> f64,
+) -> Option<Vec<f64>> {
+    let i = modes.iter().position(|&m| m == mode)?;
+    Some(results[i].iter().map(|r| f(&r.phases[ph].1)).collect())
+}
+
+/// Issue #12's table: each figure against its target, every ratio computed
+/// within one run (then the median over runs).
+fn print_viommu_targets(
+    modes: &[Mode],
+    results: &[Vec<ModeRun>],
+    floors: &[f64],
+    alone: &[[f64; 4]],
+) {
+    let rtt = median(&mut floors.to_vec());
+    let lo = floors.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = floors.iter().copied().fold(0.0, f64::max);
+    println!();
+    println!("vIOMMU path (issue #12): RTT = blocking socketpair round trip of the same run (median {rtt:.1} us, runs {lo:.1}-{hi:.1}); every ratio is computed within a run, then the median over runs is shown (range in brackets).");
+    println!();
+    println!("| figure | phase | value | ratio | target | met |");
+    println!("|---|---|---|---|---|---|");
+    let show = |what: &str,
+                phase: &str,
+                vals: Vec<f64>,
+                ratios: Vec<f64>,
+                target: &str,
+                ok: &dyn Fn(f64) -> bool| {
+        let mut v = vals;
+        let mut r = ratios;
+        let rlo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let rhi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (vm, rm) = (median(&mut v), median(&mut r));
+        println!(
+            "| {what} | {phase} | {vm:.1} | {rm:.2} ({rlo:.2}-{rhi:.2}) | {target} | {} |",
+            if ok(rm) { "yes" } else { "**no**" }
+        );
+    };
+    for (k, what) in [
+        "(e) UPDATE round trip, no I/O",
+        "(e) INVALIDATE round trip, no I/O",
+        "(e0) UPDATE round trip, no I/O, --iotlb-poll-us 0",
+        "(e0) INVALIDATE round trip, no I/O, --iotlb-poll-us 0",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v: Vec<f64> = alone.iter().map(|a| a[k]).collect();
+        let r = v.iter().zip(floors).map(|(a, f)| a / f).collect();
+        show(&format!("{what}, us"), "-", v, r, "<= 1.5 RTT", &|r| {
+            r <= 1.5
+        });
+    }
+    let nph = results
+        .first()
+        .and_then(|r| r.first())
+        .map_or(0, |r| r.phases.len());
+    for ph in 0..nph {
+        let (op, qd) = results[0][0].phases[ph].0;
+        let phase = format!("{} QD{qd}", op.name());
+        let iops = |m: Mode| per_run(modes, results, m, ph, |p| p.iops);
+        for (m, tag) in [(Mode::Churn, "(c)"), (Mode::ChurnNoPoll, "(c0)")] {
+            let Some(u) = per_run(modes, results, m, ph, |p| p.update_us) else {
+                continue;
+            };
+            let i = per_run(modes, results, m, ph, |p| p.invalidate_us).unwrap_or_default();
+            if qd == 1 {
+                let ur = u.iter().zip(floors).map(|(a, f)| a / f).collect();
+                show(
+                    &format!("{tag} UPDATE round trip, us"),
+                    &phase,
+                    u.clone(),
+                    ur,
+                    "<= 1.5 RTT",
+                    &|r| r <= 1.5,
+                );
+                let ir = i.iter().zip(floors).map(|(a, f)| a / f).collect();
+                show(
+                    &format!("{tag} INVALIDATE round trip, us"),
+                    &phase,
+                    i.clone(),
+                    ir,
+                    "<= 1.5 RTT",
+                    &|r| r <= 1.5,
+                );
+                // Strict churn at QD1 against t_none / (t_none + 2 RTT).
+                if let (Some(c), Some(n)) = (iops(m), iops(Mode::None)) {
+                    let r: Vec<f64> = c
+                        .iter()
+                        .zip(&n)
+                        .zip(floors)
+                        .map(|((c, n), f)| {
+                            let t_none = 1e6 / n;
+                            (c / n) / (t_none / (t_none + 2.0 * f))
+                        })
+                        .collect();
+                    show(
+                        &format!("{tag} churn IOPS / its floor t_none/(t_none+2 RTT)"),
+                        &phase,
+                        c,
+                        r,
+                        ">= 0.9",
+                        &|r| r >= 0.9,
+                    );
+                }
+            } else if let Some(c) = iops(m) {
+                // Strict churn at QD32 against 1 / (UPDATE + INVALIDATE).
+                let r = c
+                    .iter()
+                    .zip(u.iter().zip(&i))
+                    .map(|(c, (u, i))| c / (1e6 / (u + i)))
+                    .collect();
+                show(
+                    &format!("{tag} churn IOPS / ceiling 1/(UPDATE+INVALIDATE)"),
+                    &phase,
+                    c,
+                    r,
+                    ">= 0.8",
+                    &|r| r >= 0.8,
+                );
+            }
+        }
+        for (m, tag) in [(Mode::ChurnMiss, "(d)"), (Mode::ChurnMissNoPoll, "(d0)")] {
+            let Some(w) = per_run(modes, results, m, ph, |p| {
+                p.counters.iotlb_miss_wait_us as f64 / p.counters.iotlb_misses.max(1) as f64
+            }) else {
+                continue;
+            };
+            if qd == 1 {
+                let r = w.iter().zip(floors).map(|(a, f)| a / f).collect();
+                show(
+                    &format!("{tag} miss round trip (daemon's wait), us"),
+                    &phase,
+                    w,
+                    r,
+                    "<= 2.5 RTT",
+                    &|r| r <= 2.5,
+                );
+            }
+        }
+        if let (Some(s), Some(n)) = (iops(Mode::Static), iops(Mode::None)) {
+            let r = s.iter().zip(&n).map(|(s, n)| s / n).collect();
+            show(
+                "(b) static IOPS / (a) no IOMMU",
+                &phase,
+                s,
+                r,
+                ">= 0.98",
+                &|r| r >= 0.98,
+            );
+        }
+    }
+    // Where the churn configurations spent the poll.
+    println!();
+    println!("Main-channel poll per request (measured phases, medians over runs): hits / misses / us polled.");
+    println!();
+    println!("| configuration | phase | poll hits/req | poll misses/req | us polled/req | ring pins/req |");
+    println!("|---|---|---|---|---|---|");
+    for ph in 0..nph {
+        let (op, qd) = results[0][0].phases[ph].0;
+        for &m in modes.iter().filter(|m| m.churns()) {
+            let per = |f: fn(&Counters) -> u64| {
+                per_run(modes, results, m, ph, |p| {
+                    f(&p.counters) as f64 / p.requests as f64
+                })
+                .map_or(0.0, |mut v| median(&mut v))
+            };
+            println!(
+                "| {} | {} QD{qd} | {:.2} | {:.2} | {:.2} | {:.3} |",
+                m.label(),
+                op.name(),
+                per(|c| c.iotlb_poll_hits),
+                per(|c| c.iotlb_poll_misses),
+                per(|c| c.iotlb_poll_us),
+                per(|c| c.ring_pins)
+            );
+        }
+    }
+}
+
+/// Median round trips (us) of IOTLB messages alone, as the blocking
+/// frontend sees them: `n` pairs of UPDATE + INVALIDATE of one page on a
+/// connection with no I/O, against a daemon with the default poll and one
+/// with `--iotlb-poll-us 0`: [UPDATE, INVALIDATE, UPDATE (no poll),
+/// INVALIDATE (no poll)].
+fn iotlb_alone_us(n: usize) -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (k, args) in [&[][..], &["--iotlb-poll-us", "0"][..]]
+        .into_iter()
+        .enumerate()
+    {
+        let vcdev = daemon("e2e-iotlb-alone", args);
+        let h = Harness::start_iotlb(&vcdev.socket("vfio0"), 1, QUEUE_SIZE);
+        let io = h.iommu();
+        let (mut upd, mut inv) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let data = DATA_BASE;
+        for i in 0..n + n / 10 {
+            let t = Instant::now();
+            assert_eq!(
+                io.update(iova_of(data), BLOCK, data, VhostAccess::ReadWrite),
+                0
+            );
+            let u = t.elapsed();
+            let t = Instant::now();
+            assert_eq!(io.invalidate(iova_of(data), BLOCK), 0);
+            let v = t.elapsed();
+            if i >= n / 10 {
+                upd.push(u.as_nanos() as f64 / 1e3);
+                inv.push(v.as_nanos() as f64 / 1e3);
+            }
+        }
+        out[2 * k] = median(&mut upd);
+        out[2 * k + 1] = median(&mut inv);
+    }
+    eprintln!(
+        "IOTLB messages alone: UPDATE {:.1} us, INVALIDATE {:.1} us; without the poll {:.1} / {:.1} us",
+        out[0], out[1], out[2], out[3]
+    );
+    out
+}
+
+/// `VCDEV_E2E_PIN=F,D`: the frontend (the bench's threads) on CPU F, each
+/// daemon and the floor's echo thread on CPU D, so that every round trip
+/// crosses CPUs (as QEMU's vCPU or I/O thread and the daemon on different
+/// CPUs); by default the scheduler places them.
+fn pinned() -> Option<(u32, u32)> {
+    let v = std::env::var("VCDEV_E2E_PIN").ok()?;
+    let (f, d) = v.split_once(',')?;
+    Some((f.trim().parse().ok()?, d.trim().parse().ok()?))
+}
+
+/// Pins task `id` (`-a`: with all its threads) to `cpu` with taskset.
+fn pin(all: &str, id: u32, cpu: u32) {
+    let mut cmd = std::process::Command::new("taskset");
+    if !all.is_empty() {
+        cmd.arg(all);
+    }
+    let out = cmd
+        .args(["-p", "-c", &cpu.to_string(), &id.to_string()])
+        .output()
+        .expect("taskset");
+    assert!(
+        out.status.success(),
+        "taskset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The calling thread's id (from /proc/thread-self).
+fn this_tid() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .expect("a thread id")
 }

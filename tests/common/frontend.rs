@@ -882,6 +882,10 @@ struct Model {
     silent: BTreeSet<u64>,
     /// While set, misses wait before being answered.
     hold: bool,
+    /// While set, misses are answered with their UPDATE but not acked (a
+    /// silent page's miss then stays pending without holding up the acks
+    /// of later ones, which are matched in order).
+    no_acks: bool,
     misses: Vec<MissSeen>,
     /// Round trips of answered misses (receive -> ack sent).
     answer_times: Vec<Duration>,
@@ -950,6 +954,12 @@ impl IommuFront {
     pub fn hold(&self, on: bool) {
         lock(&self.model).hold = on;
         self.changed.notify_all();
+    }
+
+    /// Answers misses with their UPDATE only, never acking them (on), or
+    /// acks them again (off).
+    pub fn withhold_acks(&self, on: bool) {
+        lock(&self.model).no_acks = on;
     }
 
     /// The misses received so far.
@@ -1036,7 +1046,7 @@ impl IommuFront {
             let msg = IotlbMsg::decode(&f.payload).expect("32-byte IOTLB message");
             assert_eq!(msg.kind, VhostIotlbType::Miss as u8, "only misses come");
             let page = msg.iova & !(IOTLB_PAGE_SIZE - 1);
-            let answer = {
+            let (answer, no_ack) = {
                 let mut m = lock(&self.model);
                 m.misses.push(MissSeen {
                     iova: msg.iova,
@@ -1052,13 +1062,13 @@ impl IommuFront {
                 if m.silent.contains(&page) {
                     continue;
                 }
-                m.pages.get(&page).copied()
+                (m.pages.get(&page).copied(), m.no_acks)
             };
             let ok = match answer {
                 Some((gpa, perm)) => self.update(page, IOTLB_PAGE_SIZE, gpa, perm) == 0,
                 None => false,
             };
-            if f.header.need_reply() {
+            if f.header.need_reply() && !no_ack {
                 let v = u64::from(!ok).to_le_bytes();
                 if wire::write_frame(&sock, &f.header.reply(8), &v, &[]).is_err() {
                     return;

@@ -16,10 +16,10 @@
 //! logged either way.
 
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vcdev_iommu::iotlb::IotlbError;
@@ -40,6 +40,7 @@ use super::backend_channel::BackendChannel;
 use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
 use super::inflight::{InflightError, InflightRegion};
 use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
+use super::main_poll::MainPoll;
 use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
 use crate::error_chain;
@@ -183,6 +184,9 @@ pub struct ConnConfig {
     pub iotlb_miss_timeout: Duration,
     /// The most IOTLB entries this connection keeps.
     pub iotlb_max_entries: usize,
+    /// The bound of the main channel's poll after an IOTLB message (zero:
+    /// never poll; see [`super::main_poll`]).
+    pub iotlb_poll: Duration,
 }
 
 /// One frontend connection to one device.
@@ -209,6 +213,8 @@ pub struct Conn {
     /// (or until a device reset); across a restart only the frontend's
     /// descriptor keeps it.
     inflight: Option<Arc<InflightRegion>>,
+    /// The adaptive poll of the socket after an IOTLB message.
+    poll: MainPoll,
 }
 
 /// The connection's [`ConfigNotifier`](crate::registry::ConfigNotifier):
@@ -268,6 +274,7 @@ impl Conn {
             iotlb_max_entries: cfg.iotlb_max_entries,
             seal_policy: cfg.seal_policy,
             inflight: None,
+            poll: MainPoll::new(cfg.iotlb_poll),
         }
     }
 
@@ -275,6 +282,10 @@ impl Conn {
     /// protocol, then stops the queues, drops the memory and flushes.
     pub fn serve(mut self) {
         loop {
+            // After an IOTLB message, the next one often follows within
+            // microseconds: look for it a while before sleeping.
+            self.poll
+                .wait(self.sock.as_fd(), self.own.device().counters());
             let frame = match wire::read_frame(&self.sock, FlagPolicy::VHOST_USER) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
@@ -286,10 +297,13 @@ impl Conn {
                     break;
                 }
             };
+            self.poll.arrived(Instant::now());
+            let iotlb = frame.header.request == u32::from(FrontendReq::IOTLB_MSG);
             if let Err(e) = self.handle(frame) {
                 warn!("{}: {e}; closing the connection", self.peer);
                 break;
             }
+            self.poll.answered(iotlb, Instant::now());
         }
         self.teardown();
         // Release the device before the frontend sees the socket close, so
@@ -873,7 +887,11 @@ impl Conn {
                 DeviceCounters::add(&self.own.device().counters().iotlb_updates, 1);
                 // Wake the queues waiting for this page (after the update is
                 // published, before QEMU acks their miss).
-                self.iotlb.misses.updated(m.iova, m.size, perm);
+                if self.iotlb.misses.updated(m.iova, m.size, perm) {
+                    // A queue was woken: it needs the CPU now, and the
+                    // next message waits for its I/O. Don't poll for it.
+                    self.poll.disarm_next();
+                }
                 debug!(
                     "{}: IOTLB update {:#x}+{:#x} -> {:#x} {perm:?}",
                     self.peer, m.iova, m.size, m.uaddr
@@ -1071,6 +1089,7 @@ mod tests {
             seal_policy: SealPolicy::RequireShrinkSeal,
             iotlb_miss_timeout: Duration::from_millis(100),
             iotlb_max_entries: 8,
+            iotlb_poll: Duration::ZERO,
         };
         (Conn::new(ours, own, "t".into(), cfg), theirs)
     }

@@ -259,11 +259,13 @@ impl MissTable {
 
     /// An UPDATE of `iova..iova+size` with `perm` was applied: every
     /// pending miss it answers is marked updated, its waiters woken.
-    pub fn updated(&self, iova: u64, size: u64, perm: Permissions) {
+    /// Returns whether it answered any.
+    pub fn updated(&self, iova: u64, size: u64, perm: Permissions) -> bool {
         let Some(last) = size.checked_sub(1).map(|s| iova.saturating_add(s)) else {
-            return;
+            return false;
         };
         let mut p = lock(&self.pending);
+        let before = p.len();
         p.retain(|m| {
             let covered = m.iova >= iova && m.iova <= last && allows(perm, m.access);
             if covered {
@@ -271,6 +273,7 @@ impl MissTable {
             }
             !covered
         });
+        p.len() != before
     }
 
     /// Forgets a miss that is answered (its waiters saw the state).
@@ -340,7 +343,8 @@ mod tests {
         assert!(Arc::ptr_eq(&m1, &m2));
         assert_eq!(t.len(), 2);
         // A read-only update answers the read miss only.
-        t.updated(0x10000, 0x1000, Permissions::Read);
+        assert!(t.updated(0x10000, 0x1000, Permissions::Read));
+        assert!(!t.updated(0x20000, 0x1000, Permissions::ReadWrite));
         assert!(m1.state().updated && !m3.state().done());
         assert_eq!(a.read().unwrap(), 1);
         assert_eq!(b.read().unwrap(), 1);

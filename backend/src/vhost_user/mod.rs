@@ -18,6 +18,7 @@ pub mod conn;
 pub mod dispatch;
 pub mod inflight;
 pub mod iotlb;
+pub mod main_poll;
 pub mod memory;
 pub mod vring;
 

@@ -335,6 +335,7 @@ fn connect(dev: &Arc<Device>) -> (UnixStream, mpsc::Receiver<()>) {
         seal_policy: SealPolicy::RequireShrinkSeal,
         iotlb_miss_timeout: Duration::from_millis(100),
         iotlb_max_entries: 64,
+        iotlb_poll: std::time::Duration::ZERO,
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -416,6 +416,11 @@ struct Waiting {
     start: Instant,
     /// Times the page faulted again right after its UPDATE.
     refaults: u32,
+    /// The miss was answered before the current batch began: the batch
+    /// retries the requests parked on it with the answer there, so unless
+    /// one of them faults on the page again (and replaces this entry), the
+    /// miss is done with at the batch's end.
+    answered_before_batch: bool,
 }
 
 /// The misses of one queue's parked requests.
@@ -469,6 +474,7 @@ impl MissWaits {
                 miss,
                 start: Instant::now(),
                 refaults: 0,
+                answered_before_batch: false,
             });
             return FaultPolicy::Retry;
         };
@@ -488,6 +494,7 @@ impl MissWaits {
                     miss,
                     start: old.start,
                     refaults,
+                    answered_before_batch: false,
                 });
                 return FaultPolicy::Retry;
             }
@@ -547,6 +554,15 @@ impl MissWaits {
     fn forget(&self, io: &Iotlb, counters: &DeviceCounters, w: Waiting) {
         io.misses.leave(&w.miss, &self.wake);
         record_wait(counters, w.start.elapsed());
+    }
+
+    /// At the start of a batch: marks the misses answered by now.
+    fn mark_answered(&mut self) {
+        for w in &mut self.waiting {
+            if !w.answered_before_batch && w.miss.state().done() {
+                w.answered_before_batch = true;
+            }
+        }
     }
 
     /// The earliest time a pending miss times out.
@@ -625,6 +641,7 @@ impl Door for VhostDoor {
             ..
         } = self;
         let counters = device.counters();
+        misses.mark_answered();
         let session = reader.enter();
         let pinned = if iotlb.is_some() {
             match pins.refresh(&session, (rings.desc, rings.avail, rings.used), rings.size) {
@@ -698,10 +715,19 @@ impl Door for VhostDoor {
     }
 
     fn after_batch(&mut self, parked: usize) {
-        // Answered misses are done with once no request waits any more;
-        // pending ones stay (a ring may wait for one with nothing parked).
+        // Answered misses are done with once no request waits any more, or
+        // once a batch retried their requests with the answer there and
+        // none faulted on the page again (one that did replaced its entry
+        // with a new miss, its refaults counted). Pending ones stay (a ring
+        // may wait for one with nothing parked). Without the second rule,
+        // a queue that always has requests parked (strict churn at depth)
+        // kept an answered entry per page for ever, and each new request
+        // on that page counted as a refault of the old one until, past
+        // MAX_REFAULTS, a request failed with IOERR.
         if parked == 0 {
             self.forget_misses(|w| w.miss.state().done());
+        } else {
+            self.forget_misses(|w| w.answered_before_batch);
         }
     }
 
