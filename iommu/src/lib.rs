@@ -39,11 +39,13 @@ pub mod io_pagetable;
 pub mod ioas;
 pub mod iotlb;
 pub mod mem;
+#[cfg(any(test, feature = "testing"))]
+pub mod model;
 pub mod object;
 pub mod space;
 pub mod sync;
-#[cfg(test)]
-mod test_util;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_util;
 pub mod translate;
 pub mod tree;
 pub mod uapi;
