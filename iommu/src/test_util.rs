@@ -21,6 +21,7 @@ pub const RW: u32 = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
 pub const FIXED: u32 = IOMMU_IOAS_MAP_FIXED_IOVA | RW;
 
 /// Asserts that a result is the given errno.
+#[cfg(test)]
 macro_rules! assert_errno {
     ($r:expr, $e:ident) => {
         match $r {
@@ -29,6 +30,7 @@ macro_rules! assert_errno {
         }
     };
 }
+#[cfg(test)]
 pub(crate) use assert_errno;
 
 pub fn ctx() -> Arc<Iommufd> {
