@@ -235,7 +235,9 @@ pub struct QueueWorker<D: Door> {
     door: D,
     el: EventLoop,
     control: Arc<Control>,
-    /// Descriptors read (and so rearmed) at every wake-up: kicks, miss wake-ups.
+    /// Descriptors that wake the worker: kicks (the frontend's or client's
+    /// eventfds, the cdev ioeventfds), miss wake-ups. Watched edge-triggered
+    /// and never read ([`EventLoop::add_edge`]): a peer's eventfd may block.
     wakes: Vec<EventFd>,
     engine_watched: bool,
     broken: bool,
@@ -247,7 +249,7 @@ pub struct QueueWorker<D: Door> {
 
 impl<D: Door> QueueWorker<D> {
     /// A worker for `queue` of registry device `reg`, named `name` in logs,
-    /// waking on `wakes` (each read at every wake-up) and `control`.
+    /// waking on `wakes` (edge-triggered, never read) and `control`.
     pub fn new(
         name: String,
         reg: &Arc<Device>,
@@ -260,7 +262,7 @@ impl<D: Door> QueueWorker<D> {
         el.add(control.wake.as_raw_fd(), EVENT_CONTROL)?;
         for (i, fd) in wakes.iter().enumerate() {
             let id = EVENT_DOOR.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
-            el.add(fd.as_raw_fd(), id)?;
+            el.add_edge(fd.as_raw_fd(), id)?;
         }
         let device = reg.blk();
         // Listed before its thread starts, so a shutdown never misses it.
@@ -312,13 +314,11 @@ impl<D: Door> QueueWorker<D> {
                 error!("{}: {e}", self.name);
                 break;
             }
-            // Consume the wake-ups first, then look at the stop word: a stop
-            // set after this look leaves the eventfd readable for the next wait.
+            // Consume the wake-up first, then look at the stop word: a stop
+            // set after this look leaves the eventfd readable for the next
+            // wait. (Our own eventfd, non-blocking; the `wakes` are
+            // edge-triggered and not read: a peer's may block.)
             let _ = self.control.wake.read();
-            for fd in &self.wakes {
-                // The counts only say "look"; EAGAIN too.
-                let _ = fd.read();
-            }
             if self.control.stopping() {
                 break;
             }
