@@ -238,7 +238,8 @@ pub struct QueueWorker<D: Door> {
     /// Descriptors that wake the worker: kicks (the frontend's or client's
     /// eventfds, the cdev ioeventfds), miss wake-ups. Watched edge-triggered
     /// and never read ([`EventLoop::add_edge`]): a peer's eventfd may block.
-    wakes: Vec<EventFd>,
+    /// Held only to stay open while the loop watches them.
+    _wakes: Vec<EventFd>,
     engine_watched: bool,
     broken: bool,
     /// The last batch could not run ([`Batch::Blocked`]).
@@ -276,7 +277,7 @@ impl<D: Door> QueueWorker<D> {
             door,
             el,
             control,
-            wakes,
+            _wakes: wakes,
             engine_watched: false,
             broken: false,
             blocked: false,
