@@ -61,6 +61,7 @@ for t in "${targets[@]}"; do
         -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 -detect_leaks=$leaks \
         -artifact_prefix="$artifacts" ${FUZZ_ARGS:-} "$corpus") >"$log" 2>&1 || rc=$?
     [[ -f "$work/fuzz-0.log" ]] && cat "$work/fuzz-0.log" >>"$log"
+    took=$((SECONDS - start))
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || true)
     # libFuzzer's status lines: "#N<TAB>DONE   cov: C ft: F ..." at the
     # end, "#N<TAB>pulse/NEW/REDUCE ..." before (the last one if it died).
@@ -70,7 +71,7 @@ for t in "${targets[@]}"; do
     ft=$(grep -o 'ft: [0-9]*' <<<"$final" | grep -o '[0-9]*' || true)
     crashes=$(find "$artifacts" -type f | wc -l)
     line=$(printf '%-18s %6ss  execs %-10s cov %-6s ft %-6s crashes %s' \
-        "$t" "$secs" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$crashes")
+        "$t" "$took" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$crashes")
     summary+=("$line")
     echo "$line"
     if [[ $rc -ne 0 || $crashes -ne 0 ]]; then

@@ -189,9 +189,10 @@ fuzz_target!(|data: &[u8]| {
             }
             BlkStep::Write { addr, data } => {
                 let mut a = u64::from(addr) % MEM;
-                // Not the avail and used rings: the driver owns their indexes.
-                if (AVAIL..RING_PAGES * PAGE).contains(&a) {
-                    a += 0x2000;
+                let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                // Not over the avail and used rings: the driver owns their indexes.
+                if a < RING_PAGES * PAGE && a.saturating_add(len) > AVAIL {
+                    a = RING_PAGES * PAGE + a % PAGE;
                 }
                 let n = data.len().min(usize::try_from(MEM - a).unwrap_or(0));
                 d.write_at(a, &data[..n]);
