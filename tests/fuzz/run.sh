@@ -44,6 +44,7 @@ for t in "${targets[@]}"; do
     cp -r "$here/corpus/$t/." "$corpus/" 2>/dev/null || true
     echo "== $t: ${secs}s (log $log)"
     rc=0
+    start=$SECONDS
     # -timeout: one input may take at most 30 s (a hang is a crash);
     # -rss_limit_mb: the daemon's RAM disks reserve address space, not RSS.
     # The targets that start threads (queue workers, cdev file threads,
