@@ -93,9 +93,19 @@ fn queue_up(base: u64, vring_base: u64, qs: u16) -> Vec<VuStep> {
     let mut steps = img.steps();
     let ack = 1 | vcdev::wire::FLAG_NEED_REPLY;
     let mut addr = u32s(&[0, 0]);
-    addr.extend(le(&[vring_base, vring_base + 0x2000, vring_base + 0x1000, 0]));
+    addr.extend(le(&[
+        vring_base,
+        vring_base + 0x2000,
+        vring_base + 0x1000,
+        0,
+    ]));
     steps.extend([
-        msg(FrontendReq::SET_VRING_NUM, ack, u32s(&[0, u32::from(qs)]), &[]),
+        msg(
+            FrontendReq::SET_VRING_NUM,
+            ack,
+            u32s(&[0, u32::from(qs)]),
+            &[],
+        ),
         msg(FrontendReq::SET_VRING_ADDR, ack, addr, &[]),
         msg(FrontendReq::SET_VRING_BASE, ack, u32s(&[0, 0]), &[]),
         msg(FrontendReq::SET_VRING_CALL, ack, le(&[0]), &[Fd::Eventfd]),
@@ -178,7 +188,12 @@ fn vhost_user_seeds(dir: &Path) {
             msg(FrontendReq::REM_MEM_REG, ack, region, &[]),
             msg(FrontendReq::SET_STATUS, ack, le(&[0xf]), &[]),
             msg(FrontendReq::GET_INFLIGHT_FD, 1, inflight, &[]),
-            msg(FrontendReq::SET_BACKEND_REQ_FD, ack, Vec::new(), &[Fd::Socket]),
+            msg(
+                FrontendReq::SET_BACKEND_REQ_FD,
+                ack,
+                Vec::new(),
+                &[Fd::Socket],
+            ),
             msg(FrontendReq::RESET_DEVICE, ack, Vec::new(), &[]),
             msg(FrontendReq::SET_OWNER, ack, Vec::new(), &[]),
             msg(FrontendReq::RESET_OWNER, ack, Vec::new(), &[]),
@@ -339,7 +354,10 @@ fn blk_seeds(dir: &Path) {
     let mut dz = Vec::new();
     // The target's allocator: header, status, then the buffer, each
     // rounded up to 64 bytes from 0x10000.
-    for (kind, buf) in [(VIRTIO_BLK_T_DISCARD, 0x1_0080), (VIRTIO_BLK_T_WRITE_ZEROES, 0x1_0140)] {
+    for (kind, buf) in [
+        (VIRTIO_BLK_T_DISCARD, 0x1_0080),
+        (VIRTIO_BLK_T_WRITE_ZEROES, 0x1_0140),
+    ] {
         dz.push(BlkStep::Request {
             kind,
             sector: 0,

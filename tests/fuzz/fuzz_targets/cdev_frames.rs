@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     let flag = s & 8 != 0;
     match s % 4 {
         1 => iommufd_and_device(&mut inp, dev, false, false),
-                2 => container_and_group(&mut inp, flag),
+        2 => container_and_group(&mut inp, flag),
         _ => iommufd_and_device(&mut inp, dev, true, flag),
     }
 });

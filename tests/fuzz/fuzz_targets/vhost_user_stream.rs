@@ -77,7 +77,10 @@ fuzz_target!(|data: &[u8]| {
                 offset,
                 data,
             } => {
-                if let Some(f) = keep.memfds.get(usize::from(memfd) % keep.memfds.len().max(1)) {
+                if let Some(f) = keep
+                    .memfds
+                    .get(usize::from(memfd) % keep.memfds.len().max(1))
+                {
                     use std::os::unix::fs::FileExt;
                     let _ = f.write_at(&data, u64::from(offset));
                 }
@@ -91,8 +94,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     set_nonblocking(&sock, false);
-    sock.shutdown(std::net::Shutdown::Write)
-        .expect("shutdown");
+    sock.shutdown(std::net::Shutdown::Write).expect("shutdown");
     // Replies are drained on a thread, so that the connection never waits
     // on a full socket.
     let mut reader = sock.try_clone().expect("clone");

@@ -384,7 +384,12 @@ pub fn model_encode(out: &mut Output, op: &model::Op) {
             page,
             npages,
             file_page,
-        } => out.u8(0).u8(i(ioas)).u8(b(page)).u8(b(npages - 1)).u8(b(file_page)),
+        } => out
+            .u8(0)
+            .u8(i(ioas))
+            .u8(b(page))
+            .u8(b(npages - 1))
+            .u8(b(file_page)),
         model::Op::MapAuto {
             ioas,
             npages,
@@ -537,7 +542,13 @@ pub fn blk_encode(out: &mut Output, s: &BlkStep) {
             len,
             flags,
             next,
-        } => out.u8(0).u8(*idx).u64(*addr).u32(*len).u16(*flags).u16(*next),
+        } => out
+            .u8(0)
+            .u8(*idx)
+            .u64(*addr)
+            .u32(*len)
+            .u16(*flags)
+            .u16(*next),
         BlkStep::Offer(h) => out.u8(1).u16(*h),
         BlkStep::Write { addr, data } => out.u8(2).u32(*addr).blob(data),
         BlkStep::Process => out.u8(3),
@@ -546,7 +557,12 @@ pub fn blk_encode(out: &mut Output, s: &BlkStep) {
             npages,
             host_page,
             perm,
-        } => out.u8(4).u16(*iova_page).u8(*npages).u8(*host_page).u8(*perm),
+        } => out
+            .u8(4)
+            .u16(*iova_page)
+            .u8(*npages)
+            .u8(*host_page)
+            .u8(*perm),
         BlkStep::Unmap { iova_page, npages } => out.u8(5).u16(*iova_page).u8(*npages),
         BlkStep::Request {
             kind,
