@@ -58,6 +58,18 @@ impl EventLoop {
             .map_err(|source| EventLoopError::Add { fd, source })
     }
 
+    /// Watches `fd` for input, edge-triggered: every write to an eventfd
+    /// is one wake-up, and nothing needs to be read to rearm it. For
+    /// descriptors a peer owns, which the daemon must never read: the peer
+    /// decides whether they block (O_NONBLOCK belongs to the description
+    /// both share), and a read of one with a zero count would wait forever.
+    pub fn add_edge(&self, fd: RawFd, id: u64) -> Result<(), EventLoopError> {
+        let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, id);
+        self.epoll
+            .ctl(ControlOperation::Add, fd, ev)
+            .map_err(|source| EventLoopError::Add { fd, source })
+    }
+
     /// Waits (forever) for events and calls `f` with each ready id.
     pub fn wait(&self, f: impl FnMut(u64)) -> Result<(), EventLoopError> {
         self.wait_timeout(None, f)

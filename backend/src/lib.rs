@@ -56,6 +56,8 @@ pub mod ring;
 pub mod socket;
 pub mod state;
 pub mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vhost_user;
 pub mod wire;
 

@@ -268,8 +268,11 @@ pub struct QueueWorker<D: Door> {
     door: D,
     el: EventLoop,
     control: Arc<Control>,
-    /// Descriptors read (and so rearmed) at every wake-up: kicks, miss wake-ups.
-    wakes: Vec<EventFd>,
+    /// Descriptors that wake the worker: kicks (the frontend's or client's
+    /// eventfds, the cdev ioeventfds), miss wake-ups. Watched edge-triggered
+    /// and never read ([`EventLoop::add_edge`]): a peer's eventfd may block.
+    /// Held only to stay open while the loop watches them.
+    _wakes: Vec<EventFd>,
     engine_watched: bool,
     broken: bool,
     /// The last batch could not run ([`Batch::Blocked`]).
@@ -287,7 +290,7 @@ pub struct QueueWorker<D: Door> {
 
 impl<D: Door> QueueWorker<D> {
     /// A worker for `queue` of registry device `reg`, named `name` in logs,
-    /// waking on `wakes` (each read at every wake-up) and `control`.
+    /// waking on `wakes` (edge-triggered, never read) and `control`.
     pub fn new(
         name: String,
         reg: &Arc<Device>,
@@ -300,7 +303,7 @@ impl<D: Door> QueueWorker<D> {
         el.add(control.wake.as_raw_fd(), EVENT_CONTROL)?;
         for (i, fd) in wakes.iter().enumerate() {
             let id = EVENT_DOOR.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
-            el.add(fd.as_raw_fd(), id)?;
+            el.add_edge(fd.as_raw_fd(), id)?;
         }
         let device = reg.blk();
         // Listed before its thread starts, so a shutdown never misses it.
@@ -314,7 +317,7 @@ impl<D: Door> QueueWorker<D> {
             door,
             el,
             control,
-            wakes,
+            _wakes: wakes,
             engine_watched: false,
             broken: false,
             blocked: false,
@@ -353,31 +356,20 @@ impl<D: Door> QueueWorker<D> {
                 .flatten()
                 .min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            // Bit i: the door's descriptor i fired; bit 63: the control.
-            let mut fired = 0u64;
+            let mut control_fired = false;
             let waited = self.el.wait_timeout(timeout, |id| {
-                fired |= match id.checked_sub(EVENT_DOOR) {
-                    Some(i) if i < 63 => 1 << i,
-                    _ if id == EVENT_CONTROL => 1 << 63,
-                    _ => 0,
-                };
+                control_fired |= id == EVENT_CONTROL;
             });
             if let Err(e) = waited {
                 error!("{}: {e}", self.name);
                 break;
             }
-            // Consume the wake-ups that fired (one read each: the counts only
-            // say "look"), then look at the stop word: a stop set after this
-            // look leaves the eventfd readable for the next wait.
-            if fired & (1 << 63) != 0 {
+            // Consume our own wake-up, then look at the stop word: a stop
+            // set after this look leaves the eventfd readable for the next
+            // wait. The `wakes` are edge-triggered and never read: a
+            // peer's eventfd may block.
+            if control_fired {
                 let _ = self.control.wake.read();
-            }
-            for (i, fd) in self.wakes.iter().enumerate() {
-                // Past the bitmap (a cdev queue with many ioeventfds), read
-                // them all, as each wake-up did before.
-                if i >= 63 || fired & (1 << i) != 0 {
-                    let _ = fd.read();
-                }
             }
             if self.control.stopping() {
                 break;
@@ -476,7 +468,15 @@ impl<D: Door> QueueWorker<D> {
                 return false;
             }
             if ready {
-                return true;
+                // An edge-triggered wake-up (a kick, a miss answered) is
+                // reported once, here: act on it now, the blocking wait
+                // will not see it again. Our own control eventfd stays
+                // readable for that wait.
+                if self.control.stopping() {
+                    return false;
+                }
+                self.poll();
+                continue;
             }
             std::thread::yield_now();
         }

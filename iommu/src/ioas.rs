@@ -402,11 +402,10 @@ impl Iommufd {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use proptest::prelude::*;
 
     use super::*;
+    use crate::model::{Checker, Op};
     use crate::test_util::*;
     use crate::uapi::*;
 
@@ -1090,45 +1089,10 @@ mod tests {
         ictx.option(&mut off).unwrap();
     }
 
-    // ---- reference model -------------------------------------------------
-
-    const PAGES: u64 = 32;
-    /// Allocation window of both IOASes (pages).
-    const WIN: (u64, u64) = (1, 24);
-
-    #[derive(Clone, Debug)]
-    enum Op {
-        MapFixed {
-            ioas: usize,
-            page: u64,
-            npages: u64,
-            file_page: u64,
-        },
-        MapAuto {
-            ioas: usize,
-            npages: u64,
-            file_page: u64,
-        },
-        Unmap {
-            ioas: usize,
-            page: u64,
-            npages: u64,
-        },
-        Copy {
-            dst: usize,
-            src: usize,
-            src_page: u64,
-            npages: u64,
-            dst_page: Option<u64>,
-        },
-        Write {
-            ioas: usize,
-            page: u64,
-            value: u64,
-        },
-    }
+    // ---- reference model (crate::model) --------------------------------
 
     fn op() -> impl Strategy<Value = Op> {
+        use crate::model::PAGES;
         let ioas = 0usize..2;
         prop_oneof![
             3 => (ioas.clone(), 0u64..PAGES, 1u64..5, 0u64..12)
@@ -1137,36 +1101,12 @@ mod tests {
                 .prop_map(|(ioas, npages, file_page)| Op::MapAuto { ioas, npages, file_page }),
             3 => (ioas.clone(), 0u64..PAGES, 1u64..8)
                 .prop_map(|(ioas, page, npages)| Op::Unmap { ioas, page, npages }),
+            1 => ioas.clone().prop_map(|ioas| Op::UnmapAll { ioas }),
             2 => (ioas.clone(), ioas.clone(), 0u64..PAGES, 1u64..5, prop::option::of(0u64..PAGES))
                 .prop_map(|(dst, src, src_page, npages, dst_page)| Op::Copy { dst, src, src_page, npages, dst_page }),
             1 => (ioas, 0u64..PAGES, any::<u64>())
                 .prop_map(|(ioas, page, value)| Op::Write { ioas, page, value }),
         ]
-    }
-
-    /// An area of the model: first page -> (pages, file page of the first).
-    type Model = BTreeMap<u64, (u64, u64)>;
-
-    fn model_find(m: &Model, page: u64) -> Option<(u64, u64, u64)> {
-        let (&s, &(n, f)) = m.range(..=page).next_back()?;
-        (page < s + n).then_some((s, n, f))
-    }
-
-    fn model_overlaps(m: &Model, page: u64, npages: u64) -> bool {
-        (page..page + npages).any(|p| model_find(m, p).is_some())
-    }
-
-    /// The lowest page-aligned free position for an allocation (first fit;
-    /// the file offset's alignment bounds the IOVA's).
-    fn model_alloc(m: &Model, npages: u64, file_page: u64) -> Option<u64> {
-        let mut align = (npages * P).next_power_of_two();
-        if file_page != 0 {
-            align = align.min(1 << (file_page * P).trailing_zeros());
-        }
-        let align = align / P;
-        (WIN.0..=WIN.1)
-            .filter(|p| p % align == 0 && p + npages - 1 <= WIN.1)
-            .find(|&p| !model_overlaps(m, p, npages))
     }
 
     proptest! {
@@ -1179,115 +1119,9 @@ mod tests {
         #[test]
         #[cfg_attr(miri, ignore = "memfd_create and mmap of a file: not under Miri")]
         fn matches_reference_model(ops in prop::collection::vec(op(), 1..40)) {
-            let ictx = ctx();
-            let ids = [ioas_alloc(&ictx), ioas_alloc(&ictx)];
-            for id in ids {
-                allow(&ictx, id, &[(WIN.0 * P, (WIN.1 + 1) * P - 1)]).unwrap();
-            }
-            let fd = memfd(16);
-            let mut models = [Model::new(), Model::new()];
-            // File page -> the u64 at its start.
-            let mut content: Vec<u64> = (0..16).collect();
-            for op in ops {
-                match op {
-                    Op::MapFixed { ioas, page, npages, file_page } => {
-                        let r = map_fixed(&ictx, ids[ioas], &fd, file_page * P, npages * P, page * P);
-                        if file_page + npages > 16 {
-                            prop_assert_eq!(r.unwrap_err().errno(), Errno::EFAULT);
-                        } else if model_overlaps(&models[ioas], page, npages) {
-                            prop_assert_eq!(r.unwrap_err().errno(), Errno::EEXIST);
-                        } else {
-                            prop_assert_eq!(r.unwrap(), page * P);
-                            models[ioas].insert(page, (npages, file_page));
-                        }
-                    }
-                    Op::MapAuto { ioas, npages, file_page } => {
-                        let r = map_auto(&ictx, ids[ioas], &fd, file_page * P, npages * P);
-                        if file_page + npages > 16 {
-                            prop_assert_eq!(r.unwrap_err().errno(), Errno::EFAULT);
-                        } else {
-                            match model_alloc(&models[ioas], npages, file_page) {
-                                None => prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOSPC),
-                                Some(p) => {
-                                    prop_assert_eq!(r.unwrap(), p * P);
-                                    models[ioas].insert(p, (npages, file_page));
-                                }
-                            }
-                        }
-                    }
-                    Op::Unmap { ioas, page, npages } => {
-                        let r = unmap(&ictx, ids[ioas], page * P, npages * P);
-                        let m = &mut models[ioas];
-                        let hit: Vec<(u64, u64)> = m.iter()
-                            .filter(|(s, (n, _))| **s < page + npages && page < **s + *n)
-                            .map(|(s, (n, _))| (*s, *n))
-                            .collect();
-                        if hit.is_empty() || hit.iter().any(|(s, n)| *s < page || s + n > page + npages) {
-                            prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOENT);
-                        } else {
-                            prop_assert_eq!(r.unwrap(), hit.iter().map(|(_, n)| n * P).sum::<u64>());
-                            for (s, _) in hit {
-                                m.remove(&s);
-                            }
-                        }
-                    }
-                    Op::Copy { dst, src, src_page, npages, dst_page } => {
-                        let flags = if dst_page.is_some() { FIXED } else { RW };
-                        let r = copy(&ictx, flags, ids[dst], dst_page.unwrap_or(0) * P, ids[src], src_page * P, npages * P);
-                        // The pieces: one per source area touched.
-                        let mut pieces = Vec::new();
-                        let mut p = src_page;
-                        while p < src_page + npages {
-                            let Some((s, n, f)) = model_find(&models[src], p) else { break };
-                            let end = (s + n).min(src_page + npages);
-                            pieces.push((end - p, f + (p - s)));
-                            p = end;
-                        }
-                        if p < src_page + npages {
-                            prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOENT);
-                            continue;
-                        }
-                        let at = match dst_page {
-                            Some(d) if model_overlaps(&models[dst], d, npages) => {
-                                prop_assert_eq!(r.unwrap_err().errno(), Errno::EEXIST);
-                                continue;
-                            }
-                            Some(d) => d,
-                            None => match model_alloc(&models[dst], npages, pieces[0].1) {
-                                None => {
-                                    prop_assert_eq!(r.unwrap_err().errno(), Errno::ENOSPC);
-                                    continue;
-                                }
-                                Some(d) => d,
-                            },
-                        };
-                        prop_assert_eq!(r.unwrap(), at * P);
-                        let mut cur = at;
-                        for (n, f) in pieces {
-                            models[dst].insert(cur, (n, f));
-                            cur += n;
-                        }
-                    }
-                    Op::Write { ioas, page, value } => {
-                        if let Some((s, _, f)) = model_find(&models[ioas], page) {
-                            write_u64(&ictx, ids[ioas], page * P, value);
-                            content[usize::try_from(f + page - s).unwrap()] = value;
-                        }
-                    }
-                }
-                for (i, m) in models.iter().enumerate() {
-                    let areas = ictx.ioas(ids[i]).unwrap().iopt().areas();
-                    let want: Vec<crate::IovaRange> = m.iter()
-                        .map(|(s, (n, _))| crate::IovaRange::new(s * P, (s + n) * P - 1))
-                        .collect();
-                    prop_assert_eq!(&areas, &want);
-                    for page in 0..PAGES {
-                        let got = read_u64(&ictx, ids[i], page * P);
-                        let want = model_find(m, page)
-                            .map(|(s, _, f)| content[usize::try_from(f + page - s).unwrap()]);
-                        prop_assert_eq!(got, want);
-                    }
-                }
+            let mut check = Checker::new();
+            for op in &ops {
+                check.apply(op).map_err(TestCaseError::fail)?;
             }
         }
     }

@@ -41,11 +41,13 @@ pub mod iotlb;
 #[cfg(all(test, loom))]
 mod loom_tests;
 pub mod mem;
+#[cfg(any(test, feature = "testing"))]
+pub mod model;
 pub mod object;
 pub mod space;
 pub mod sync;
-#[cfg(test)]
-mod test_util;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_util;
 pub mod translate;
 pub mod tree;
 pub mod uapi;

@@ -1,5 +1,6 @@
 //! Test helpers for the iommufd object model, one per command (as the
-//! kernel's `iommufd_utils.h` has them).
+//! kernel's `iommufd_utils.h` has them). This crate's tests use them, and
+//! with feature `testing` so does the fuzz target (`tests/fuzz`).
 
 use std::fs::File;
 use std::mem::size_of;
@@ -15,12 +16,15 @@ use crate::object::Iommufd;
 use crate::space::AddressSpace;
 use crate::uapi::*;
 
-pub(crate) const P: u64 = PAGE_SIZE;
+pub const P: u64 = PAGE_SIZE;
+pub const RW: u32 = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+pub const FIXED: u32 = IOMMU_IOAS_MAP_FIXED_IOVA | RW;
 
 /// Proptest settings for `cases` cases. Under Miri, which runs a test some
 /// thousand times slower and may not read the regression files, a few
 /// cases and no persistence: the pure parts get checked for UB, the
 /// native run keeps the search.
+#[cfg(test)]
 pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
     let native = proptest::test_runner::Config {
         cases,
@@ -38,11 +42,11 @@ pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
 }
 
 /// Cases of a proptest under Miri.
+#[cfg(test)]
 const MIRI_PROPTEST_CASES: u32 = 4;
-pub(crate) const RW: u32 = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
-pub(crate) const FIXED: u32 = IOMMU_IOAS_MAP_FIXED_IOVA | RW;
 
 /// Asserts that a result is the given errno.
+#[cfg(test)]
 macro_rules! assert_errno {
     ($r:expr, $e:ident) => {
         match $r {
@@ -51,13 +55,14 @@ macro_rules! assert_errno {
         }
     };
 }
+#[cfg(test)]
 pub(crate) use assert_errno;
 
-pub(crate) fn ctx() -> Arc<Iommufd> {
+pub fn ctx() -> Arc<Iommufd> {
     Iommufd::new(SealPolicy::RequireShrinkSeal)
 }
 
-pub(crate) fn ioas_alloc(ictx: &Iommufd) -> u32 {
+pub fn ioas_alloc(ictx: &Iommufd) -> u32 {
     let mut cmd = IommuIoasAlloc {
         size: 12,
         ..Default::default()
@@ -67,7 +72,7 @@ pub(crate) fn ioas_alloc(ictx: &Iommufd) -> u32 {
 }
 
 /// A sealed memfd of `pages` pages; the first 8 bytes of page i hold i.
-pub(crate) fn memfd(pages: u64) -> OwnedFd {
+pub fn memfd(pages: u64) -> OwnedFd {
     let fd = sealed_memfd("test", pages * P).unwrap();
     let f = File::from(fd);
     for i in 0..pages {
@@ -76,11 +81,11 @@ pub(crate) fn memfd(pages: u64) -> OwnedFd {
     f.into()
 }
 
-pub(crate) fn dup(fd: &OwnedFd) -> OwnedFd {
+pub fn dup(fd: &OwnedFd) -> OwnedFd {
     fd.try_clone().unwrap()
 }
 
-pub(crate) fn map(
+pub fn map(
     ictx: &Iommufd,
     ioas: u32,
     flags: u32,
@@ -102,7 +107,7 @@ pub(crate) fn map(
 }
 
 /// IOMMU_IOAS_MAP_FILE of `length` bytes from `start` of `fd`.
-pub(crate) fn map_file(
+pub fn map_file(
     ictx: &Iommufd,
     ioas: u32,
     flags: u32,
@@ -123,7 +128,7 @@ pub(crate) fn map_file(
     ictx.ioas_map_file(&mut cmd, Some(dup(fd)))
 }
 
-pub(crate) fn map_fixed(
+pub fn map_fixed(
     ictx: &Iommufd,
     ioas: u32,
     fd: &OwnedFd,
@@ -134,7 +139,7 @@ pub(crate) fn map_fixed(
     map(ictx, ioas, FIXED, fd, user_va, length, iova)
 }
 
-pub(crate) fn map_auto(
+pub fn map_auto(
     ictx: &Iommufd,
     ioas: u32,
     fd: &OwnedFd,
@@ -144,7 +149,7 @@ pub(crate) fn map_auto(
     map(ictx, ioas, RW, fd, user_va, length, 0)
 }
 
-pub(crate) fn unmap(ictx: &Iommufd, ioas: u32, iova: u64, length: u64) -> Result<u64, IoasError> {
+pub fn unmap(ictx: &Iommufd, ioas: u32, iova: u64, length: u64) -> Result<u64, IoasError> {
     let mut cmd = IommuIoasUnmap {
         size: 24,
         ioas_id: ioas,
@@ -154,7 +159,7 @@ pub(crate) fn unmap(ictx: &Iommufd, ioas: u32, iova: u64, length: u64) -> Result
     ictx.ioas_unmap(&mut cmd)
 }
 
-pub(crate) fn copy(
+pub fn copy(
     ictx: &Iommufd,
     flags: u32,
     dst: u32,
@@ -175,7 +180,7 @@ pub(crate) fn copy(
     ictx.ioas_copy(&mut cmd)
 }
 
-pub(crate) fn allow(ictx: &Iommufd, ioas: u32, ranges: &[(u64, u64)]) -> Result<(), IoasError> {
+pub fn allow(ictx: &Iommufd, ioas: u32, ranges: &[(u64, u64)]) -> Result<(), IoasError> {
     let list: Vec<IommuIovaRange> = ranges
         .iter()
         .map(|&(start, last)| IommuIovaRange { start, last })
@@ -191,12 +196,9 @@ pub(crate) fn allow(ictx: &Iommufd, ioas: u32, ranges: &[(u64, u64)]) -> Result<
 }
 
 /// What a device's attach hook saw: one entry per call.
-pub(crate) type HookLog = Arc<Mutex<Vec<Option<Arc<AddressSpace>>>>>;
+pub type HookLog = Arc<Mutex<Vec<Option<Arc<AddressSpace>>>>>;
 
-pub(crate) fn device_with(
-    aperture: IovaRange,
-    reserved: Vec<IovaRange>,
-) -> (Arc<DeviceHandle>, HookLog) {
+pub fn device_with(aperture: IovaRange, reserved: Vec<IovaRange>) -> (Arc<DeviceHandle>, HookLog) {
     let log: HookLog = Arc::default();
     let l = log.clone();
     let dev = DeviceHandle::new(
@@ -209,12 +211,12 @@ pub(crate) fn device_with(
     (dev, log)
 }
 
-pub(crate) fn device() -> (Arc<DeviceHandle>, HookLog) {
+pub fn device() -> (Arc<DeviceHandle>, HookLog) {
     device_with(IovaRange::ALL, Vec::new())
 }
 
 /// The u64 at `iova` of IOAS `ioas`, read through a reader.
-pub(crate) fn read_u64(ictx: &Iommufd, ioas: u32, iova: u64) -> Option<u64> {
+pub fn read_u64(ictx: &Iommufd, ioas: u32, iova: u64) -> Option<u64> {
     let space = ictx.ioas_space(ioas).unwrap();
     let mut r = space.reader();
     let s = r.enter();
@@ -225,7 +227,7 @@ pub(crate) fn read_u64(ictx: &Iommufd, ioas: u32, iova: u64) -> Option<u64> {
 }
 
 /// Writes `v` at `iova` of IOAS `ioas` through a reader's host pointer.
-pub(crate) fn write_u64(ictx: &Iommufd, ioas: u32, iova: u64, v: u64) {
+pub fn write_u64(ictx: &Iommufd, ioas: u32, iova: u64, v: u64) {
     let space = ictx.ioas_space(ioas).unwrap();
     let mut r = space.reader();
     let s = r.enter();

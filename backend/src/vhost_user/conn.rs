@@ -1197,6 +1197,45 @@ mod tests {
         );
     }
 
+    /// A kick eventfd without O_NONBLOCK (the spec does not ask for it,
+    /// and a frontend can clear it on the description it shares) does not
+    /// hang the queue worker once it is woken for anything else: the stop
+    /// of GET_VRING_BASE returns and is answered. Found by the fuzz target
+    /// `vhost_user_stream`: the worker read every kick fd at each wake-up,
+    /// blocking on this one, and the connection waited for it forever.
+    #[test]
+    fn blocking_kick_eventfd_does_not_hang_the_worker() {
+        use crate::testing::vhost_user::{self as t, Fd, Kept, Msg as M};
+        let r = Registry::default();
+        let dev = r.add("t".into(), ram_blk());
+        let (c, sock) = t::conn(&dev, t::conn_config(Duration::from_millis(100))).unwrap();
+        let done = std::thread::spawn(move || c.serve());
+        let qs = dev.blk().queue_size();
+        let mut addr = t::u32s(&[0, 0]);
+        addr.extend(t::le(&[t::UADDR, t::UADDR + 0x2000, t::UADDR + 0x1000, 0]));
+        let mut msgs = t::setup(false);
+        msgs.extend([
+            M::new(R::SET_VRING_NUM, t::u32s(&[0, u32::from(qs)])),
+            M::new(R::SET_VRING_ADDR, addr),
+            // `Fd::Eventfd` is a plain EventFd::new(0): blocking.
+            M::new(R::SET_VRING_KICK, t::le(&[0])).with_fds(&[Fd::Eventfd]),
+            M::new(R::SET_VRING_ENABLE, t::u32s(&[0, 1])),
+            M::new(R::GET_VRING_BASE, t::u32s(&[0, 0])),
+        ]);
+        let mut keep = Kept::default();
+        for m in &msgs {
+            t::send(&sock, m, &mut keep).unwrap();
+        }
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let reply = wire::read_frame(&sock, FlagPolicy::VHOST_USER)
+            .expect("GET_VRING_BASE answered within 10 s")
+            .expect("not closed");
+        assert_eq!(reply.header.request, u32::from(R::GET_VRING_BASE));
+        drop(sock);
+        done.join().unwrap();
+    }
+
     /// A wrong-size payload is refused by the table and ends the
     /// connection, before the handler runs.
     #[test]

@@ -5,70 +5,25 @@
 //! device, which a new frontend can then drive; another device is served
 //! throughout.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use vcdev_iommu::mem::sealed_memfd;
-use vcdev_iommu::SealPolicy;
 use vhost::vhost_user::message::FrontendReq;
-use vhost::vhost_user::VhostUserVirtioFeatures;
-use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::conn::{offered_protocol_features, Conn, ConnConfig};
+use super::conn::offered_protocol_features;
 use crate::registry::{Device, Registry};
+use crate::testing::vhost_user::{
+    conn, conn_config, le, offered_features, send, setup, u32s, Fd, Kept, Msg, MEMFD_LEN, UADDR,
+};
 use crate::wire::{self, FlagPolicy, FrameHeader, FLAG_NEED_REPLY};
 
 /// How long a connection may take to end after its frontend left.
 const DEADLINE: Duration = Duration::from_secs(20);
-/// The size of every memfd sent.
-const MEMFD_LEN: u64 = 0x10000;
-/// The user address of the valid memory region of the setup.
-const UADDR: u64 = 0x7f00_0000_0000;
 
 use vcdev_device_model::testing::blk;
-
-/// A descriptor to send.
-#[derive(Clone, Copy, Debug)]
-enum Fd {
-    Memfd,
-    Eventfd,
-    Socket,
-}
-
-fn make_fd(k: Fd, keep: &mut Vec<UnixStream>) -> OwnedFd {
-    match k {
-        Fd::Memfd => sealed_memfd("vu-prop", MEMFD_LEN).unwrap(),
-        Fd::Eventfd => {
-            let e = EventFd::new(0).unwrap();
-            // SAFETY: `e`'s descriptor, which we own and give up.
-            unsafe {
-                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
-                    std::os::fd::IntoRawFd::into_raw_fd(e),
-                )
-            }
-        }
-        Fd::Socket => {
-            // A backend channel nobody answers: misses time out.
-            let (a, b) = UnixStream::pair().unwrap();
-            keep.push(b);
-            a.into()
-        }
-    }
-}
-
-/// One message: code, flags, payload, descriptors.
-#[derive(Clone, Debug)]
-struct Msg {
-    code: u32,
-    flags: u32,
-    payload: Vec<u8>,
-    fds: Vec<Fd>,
-}
 
 fn adversarial_u64() -> impl Strategy<Value = u64> {
     prop_oneof![
@@ -86,14 +41,6 @@ fn adversarial_u64() -> impl Strategy<Value = u64> {
 
 fn index() -> impl Strategy<Value = u32> {
     prop_oneof![12 => 0u32..2, 1 => Just(255), 1 => Just(256), 1 => any::<u32>()]
-}
-
-fn le(words: &[u64]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
-}
-
-fn u32s(words: &[u32]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 /// A region: gpa, size, uaddr, mmap offset.
@@ -240,12 +187,6 @@ fn body(req: u32) -> BoxedStrategy<(Vec<u8>, Vec<Fd>)> {
     }
 }
 
-fn offered_features() -> u64 {
-    blk().device_features()
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-        | (1 << VIRTIO_F_ACCESS_PLATFORM)
-}
-
 fn msg() -> impl Strategy<Value = Msg> {
     (
         // Mostly the requests with state behind them; sometimes any.
@@ -297,49 +238,13 @@ fn msg() -> impl Strategy<Value = Msg> {
         })
 }
 
-/// The valid prefix: features (with ACCESS_PLATFORM), protocol features,
-/// one memory region.
-fn setup() -> Vec<Msg> {
-    let req = |r: FrontendReq| u32::from(r);
-    let mut mem = u32s(&[1, 0]);
-    mem.extend(le(&[0, MEMFD_LEN, UADDR, 0]));
-    vec![
-        Msg {
-            code: req(FrontendReq::SET_FEATURES),
-            flags: 1,
-            payload: le(&[offered_features()]),
-            fds: Vec::new(),
-        },
-        Msg {
-            code: req(FrontendReq::SET_PROTOCOL_FEATURES),
-            flags: 1,
-            payload: le(&[offered_protocol_features().bits()]),
-            fds: Vec::new(),
-        },
-        Msg {
-            code: req(FrontendReq::SET_MEM_TABLE),
-            flags: 1,
-            payload: mem,
-            fds: vec![Fd::Memfd],
-        },
-    ]
-}
-
 /// A connection to `dev` served on its own thread; the channel says when
 /// `serve` returned.
 fn connect(dev: &Arc<Device>) -> (UnixStream, mpsc::Receiver<()>) {
-    let own = Registry::claim_vhost_user(dev, "prop", None).expect("device free");
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let cfg = ConnConfig {
-        event_loop: None,
-        seal_policy: SealPolicy::RequireShrinkSeal,
-        iotlb_miss_timeout: Duration::from_millis(100),
-        iotlb_max_entries: 64,
-        iotlb_poll: std::time::Duration::ZERO,
-    };
+    let (c, theirs) = conn(dev, conn_config(Duration::from_millis(100))).expect("device free");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        Conn::new(ours, own, "prop".into(), cfg).serve();
+        c.serve();
         let _ = tx.send(());
     });
     (theirs, rx)
@@ -379,14 +284,10 @@ proptest! {
         let drain = std::thread::spawn(move || {
             while let Ok(Some(_)) = wire::read_frame(&reader, FlagPolicy::VHOST_USER) {}
         });
-        let mut keep = Vec::new();
-        let all = if with_setup { setup() } else { Vec::new() };
+        let mut keep = Kept::default();
+        let all = if with_setup { setup(true) } else { Vec::new() };
         for m in all.iter().chain(msgs.iter()) {
-            let fds: Vec<OwnedFd> = m.fds.iter().map(|&k| make_fd(k, &mut keep)).collect();
-            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-            let size = u32::try_from(m.payload.len()).unwrap();
-            let hdr = FrameHeader { request: m.code, flags: m.flags, size };
-            if wire::write_frame(&sock, &hdr, &m.payload, &raw).is_err() {
+            if send(&sock, m, &mut keep).is_err() {
                 break; // The connection ended (a protocol violation).
             }
         }

@@ -235,6 +235,23 @@ fn rewalk_inner<M: GuestMemory>(
     }
 }
 
+/// The next chain on the avail ring, or the error that stops virtio-queue's walk of it (an
+/// avail index more than a ring ahead of the device, or a ring out of memory).
+/// `pop_descriptor_chain` logs that error and answers "none", while `enable_notification`
+/// still sees entries available: a drain loop that asks both would spin forever on a broken
+/// (or hostile) driver's ring.
+pub(super) fn pop<M>(
+    queue: &mut virtio_queue::Queue,
+    mem: M,
+) -> Result<Option<virtio_queue::DescriptorChain<M>>, virtio_queue::Error>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    use virtio_queue::QueueOwnedT;
+    Ok(queue.iter(mem)?.next())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

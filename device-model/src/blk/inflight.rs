@@ -486,7 +486,7 @@ impl<H: Release> AsyncQueue<H> {
                 queue.disable_notification(mem).map_err(Error::Queue)?;
             }
             while !self.free.is_empty() && self.throttled.is_empty() {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                let Some(chain) = chain::pop(queue, mem).map_err(Error::Queue)? else {
                     break;
                 };
                 let head = chain.head_index();

@@ -770,3 +770,26 @@ fn a_warm_queue_allocates_nothing_per_request() {
         );
     }
 }
+
+/// An avail index more than a ring ahead of the device (a broken or hostile driver) under
+/// EVENT_IDX: the poll returns an error (the queue needs a reset) instead of spinning between
+/// virtio-queue's refusal to walk the ring and "more is available". Found by the fuzz target
+/// `vhost_user_stream`: the queue worker spun forever, and the frontend's GET_VRING_BASE waited
+/// for it.
+#[test]
+fn avail_index_beyond_the_ring_is_an_error_not_a_spin() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = plain_mem();
+        let dev = ram_blk(DISK, BlkConfig::default());
+        let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+        d.queue.set_event_idx(true);
+        let idx = d.vq.avail_addr().unchecked_add(2);
+        mem.write_obj(QSIZE + 1, idx).unwrap();
+        let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+        let r = q.poll(&mut d.queue, &mem, &mut |_| FaultPolicy::Fail);
+        let _ = tx.send(r.is_err());
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(done, Ok(true), "the poll spun or succeeded");
+}

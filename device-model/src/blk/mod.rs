@@ -296,7 +296,7 @@ impl BlkDevice {
             if event_idx {
                 queue.disable_notification(mem).map_err(Error::Queue)?;
             }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = chain::pop(queue, mem).map_err(Error::Queue)? {
                 let head = chain.head_index();
                 let walked = chain::gather(
                     chain,

@@ -843,3 +843,22 @@ proptest! {
         prop_assert_eq!(d.read(5, 512).data, data);
     }
 }
+
+/// The synchronous path of [`avail_index_beyond_the_ring_is_an_error_not_a_spin`]
+/// (inflight_tests.rs): an avail index more than a ring ahead under EVENT_IDX is an error, not
+/// an endless drain loop.
+#[test]
+fn avail_index_beyond_the_ring_does_not_spin() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = plain_mem();
+        let mut d = Driver::new(&mem, ram_blk(DISK, cfg()), QSIZE);
+        d.queue.set_event_idx(true);
+        let idx = d.vq.avail_addr().unchecked_add(2);
+        mem.write_obj(QSIZE + 1, idx).unwrap();
+        let r = d.blk.process(&mut d.queue, &mem, FaultPolicy::Fail);
+        let _ = tx.send(r.is_err());
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(done, Ok(true), "process spun or succeeded");
+}
