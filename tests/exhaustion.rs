@@ -339,3 +339,73 @@ fn requests_for_huge_arrays() {
     by.finish("huge arrays");
     check("huge arrays", &mut d, base, during);
 }
+
+/// A backend channel nobody reads: the frontend's miss server takes one
+/// miss and then never reads again, so the daemon's misses pile up in the
+/// socket until it is full. From then on a miss cannot be sent (the
+/// channel's socket is non-blocking once its acks are read on the event
+/// loop; a blocking one gives up after 5 s) and its request fails at once:
+/// each request of the offender ends with IOERR, the daemon keeps its
+/// ceilings, and the bystander device is not slowed.
+#[test]
+fn backend_channel_nobody_reads() {
+    let mut d = Vcdev::builder("ex-bch")
+        .device("blk,name=d0,ram=1M")
+        .device("blk,name=d1,ram=1M")
+        .args(&["--iotlb-miss-timeout-ms", "2"])
+        .log_level("warn")
+        .spawn();
+    let pid = d.daemon.proc().pid();
+    let by = Bystander::start(&d.socket("d1"));
+    let base = figures(pid);
+    let sampler = Sampler::start(pid);
+    let mut h = Harness::start_iotlb(&d.socket("d0"), 1, 64);
+    // One request while misses are answered: the rings and the request
+    // headers are translated for good.
+    assert_eq!(h.write(0, 0, &pattern(1, 4096)), S_OK);
+    // From now on misses are not answered (the server reads one, then
+    // waits), and the data pages leave the daemon's IOTLB.
+    h.iommu().hold(true);
+    let data = common::frontend::iova_of(common::frontend::DATA_GPA);
+    h.iommu().invalidate(data, common::frontend::DATA_SIZE);
+    let start = Instant::now();
+    let (mut n, mut slow) = (0u32, Duration::ZERO);
+    while start.elapsed() < Duration::from_secs(5) {
+        let t = Instant::now();
+        // Each request reads into another data page: each needs a miss of
+        // its own (a page's unanswered miss is not sent twice).
+        let page = data + u64::from(n % 2048) * 4096;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            h.blk_raw(
+                0,
+                virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN,
+                u64::from(n % 64),
+                &[(page, 4096, true)],
+            )
+        }));
+        let Ok(r) = r else {
+            let log = d.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "request {n} did not complete; daemon log tail:\n{}",
+                tail.join("\n")
+            );
+        };
+        assert_eq!(r.0, common::frontend::S_IOERR, "request {n}");
+        slow = slow.max(t.elapsed());
+        n += 1;
+    }
+    let (_, stats) = d.ctl_json(&["stats", "d0"]);
+    let sent = stats["counters"]["iotlb_misses"].as_u64().unwrap_or(0);
+    eprintln!("unread backend channel: {n} requests failed, slowest {slow:?}, {sent} misses sent");
+    assert!(
+        u64::from(n) > 2 * sent && n > 2048,
+        "the backend channel never filled: {n} requests, {sent} misses sent"
+    );
+    assert!(slow < Duration::from_secs(6), "slowest {slow:?}");
+    h.iommu().hold(false);
+    drop(h);
+    let during = sampler.finish();
+    by.finish("unread backend channel");
+    check("unread backend channel", &mut d, base, during);
+}
