@@ -522,9 +522,13 @@ fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
     }
 }
 
+/// The median of `v` (NaN when it is empty).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_unstable_by(f64::total_cmp);
     let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
     if n % 2 == 1 {
         v[n / 2]
     } else {

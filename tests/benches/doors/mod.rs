@@ -36,25 +36,16 @@
 use std::time::{Duration, Instant};
 
 use crate::common::cdev::{BlkDriver, StartOpts};
-use crate::common::frontend::{DriverQueue, GuestMem, Harness, DATA_GPA, META_GPA, S_OK};
+use crate::common::frontend::{DriverQueue, GuestMem, Harness, S_OK};
 use crate::common::vcdev::Vcdev;
 use crate::common::TIMEOUT;
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-/// Bytes per request.
-const BLOCK: u64 = 4096;
-/// The RAM disk.
-const DISK: u64 = 64 << 20;
-/// Queue entries; three descriptors per request.
-const QUEUE_SIZE: u16 = 256;
-/// Request headers and status bytes (as in the IOMMU table).
-const HDR_BASE: u64 = META_GPA + 0x30_0000 + 63 * 0x1000;
-/// The data page of slot 0.
-const DATA_BASE: u64 = DATA_GPA + 16 * 0x1000;
-/// Depths measured.
-const DEPTHS: [usize; 2] = [1, 32];
+// The request layout, disk, depths, generator and median of the e2e
+// bench's vhost-user table: the rows of both tables are comparable.
+use super::{median, Rng, BLOCK, DATA_BASE, DEPTHS, DISK, HDR_BASE, QUEUE_SIZE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DoorKind {
@@ -134,18 +125,6 @@ struct Phase {
     /// Median IOAS_MAP_FILE / IOAS_UNMAP round trip (cdev-map), us.
     map_us: f64,
     unmap_us: f64,
-}
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 /// CPU time of process `pid` in us: the sum of its threads' run time
@@ -471,19 +450,6 @@ fn run_cfg(cfg: Cfg, warmup: usize, n: usize, seed: u64) -> CfgRun {
     drop(d);
     let _ = vcdev.daemon.stop(TIMEOUT);
     phases
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_unstable_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Whether this table runs (`VCDEV_E2E_DOORS` is not `off`).
