@@ -75,9 +75,23 @@ fn access_probe_child() {
     println!("PROBE {}", out.join(" "));
 }
 
+/// A copy of this test binary in `tmp`, which any uid may run: the
+/// checkout (and so the target directory) may sit under a directory other
+/// users cannot enter, such as one made by `mktemp -d`.
+fn probe_exe(tmp: &common::TempDir) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let open = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(tmp.path(), open.clone()).expect("chmod tmpdir");
+    let exe = tmp.join("probe");
+    std::fs::copy(std::env::current_exe().expect("current_exe"), &exe).expect("copy");
+    std::fs::set_permissions(&exe, open).expect("chmod probe");
+    exe
+}
+
 /// Runs the probe as `uid`/`gid` against `dir`; its `key=value` words.
 fn probe_as(uid: u32, dir: &Path) -> Vec<(String, String)> {
-    let out = Command::new(std::env::current_exe().unwrap())
+    let tmp = common::TempDir::new("access-probe").expect("tmpdir");
+    let out = Command::new(probe_exe(&tmp))
         .args([
             "--exact",
             "access_probe_child",
