@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -408,4 +409,67 @@ fn backend_channel_nobody_reads() {
     let during = sampler.finish();
     by.finish("unread backend channel");
     check("unread backend channel", &mut d, base, during);
+}
+
+/// A frontend that clears O_NONBLOCK on its call eventfd (the daemon set
+/// it on the open file description they share) and fills its counter: the
+/// queue worker's next call blocks. The frontend only stalls its own
+/// queue: GET_VRING_BASE, which stops the worker, is still answered (the
+/// worker is interrupted out of its write), the bystander keeps serving,
+/// and after the disconnect the device serves the next frontend, with the
+/// offender's write on the disk.
+#[test]
+fn blocking_full_call_eventfd() {
+    use vhost::vhost_user::message::FrontendReq;
+    let mut d = daemon("ex-callfd");
+    let pid = d.daemon.proc().pid();
+    let by = Bystander::start(&d.socket("d1"));
+    let base = figures(pid);
+    let sampler = Sampler::start(pid);
+    let mut h = Harness::start(&d.socket("d0"), 1, 256);
+    let call = h.queues[0].call.as_raw_fd();
+    // SAFETY: fcntl on an eventfd the harness owns; F_SETFL takes an int.
+    assert_eq!(unsafe { libc::fcntl(call, libc::F_SETFL, 0) }, 0);
+    h.queues[0]
+        .call
+        .write(u64::MAX - 1)
+        .expect("fill the counter");
+    let data = pattern(5, 4096);
+    let chain = h.blk_chain(
+        0,
+        virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT,
+        8,
+        &[(h.dma_addr(h.queues[0].data_gpa()), 4096, false)],
+    );
+    h.mem.write(h.queues[0].data_gpa(), &data);
+    h.queues[0].enable_calls(&h.mem);
+    h.queues[0].submit(&h.mem, &chain);
+    let used = common::poll_until(common::TIMEOUT, || {
+        (h.queues[0].device_used_idx(&h.mem) == 1).then_some(())
+    });
+    assert!(used.is_some(), "the write completed");
+    // The worker is now blocked writing the call.
+    std::thread::sleep(Duration::from_millis(200));
+    h.set_reply_timeout(Some(Duration::from_secs(10)));
+    let start = Instant::now();
+    let reply = h.raw_flags(FrontendReq::GET_VRING_BASE, 0, &[0; 8], &[]);
+    let took = start.elapsed();
+    eprintln!("call-eventfd: GET_VRING_BASE answered after {took:?}");
+    assert!(reply.is_some(), "GET_VRING_BASE answered");
+    drop(h);
+    let during = sampler.finish();
+    let mut h = common::poll_until(common::TIMEOUT, || {
+        let (_, list) = d.ctl(&["list"]);
+        list.lines()
+            .any(|l| l.starts_with("d0") && l.contains("owner none"))
+            .then_some(())
+    })
+    .map(|()| Harness::start(&d.socket("d0"), 1, 256))
+    .expect("the device is released");
+    let r = h.read(0, 8, 4096);
+    assert_eq!(r.status, S_OK);
+    assert!(r.data == data, "the offender's write is on the disk");
+    drop(h);
+    by.finish("call-eventfd");
+    check("call-eventfd", &mut d, base, during);
 }

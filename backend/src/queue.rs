@@ -49,6 +49,14 @@
 //! If the memory is out of reach by then (the rings cannot be translated,
 //! the device was detached), the I/O in flight is waited for and its holds
 //! released without an answer ([`AsyncQueue::abandon`]).
+//! The one thing that can keep a worker from seeing its stop is a write to
+//! the driver's eventfd that blocks: the eventfd is the peer's, and so is
+//! its O_NONBLOCK flag (the open file description is shared), so a hostile
+//! peer can make it blocking and fill its counter. The stopper
+//! ([`Running::stop`], [`WorkerSet::stop_all`]) then interrupts the
+//! worker's thread with a signal ([`crate::sys::interrupt_thread`]): the
+//! write fails with EINTR, and the driver, whose counter is full, is
+//! signalled already. Such a peer stalls nothing but its own queue.
 //!
 //! # I/O limits
 //!
@@ -62,8 +70,10 @@
 
 use std::fmt::Display;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
@@ -183,58 +193,70 @@ pub fn engine_for(device: &Arc<BlkDevice>) -> Engine {
 #[derive(Debug, Default)]
 pub struct WorkerSet {
     running: Mutex<Vec<Weak<Control>>>,
-    gone: Condvar,
 }
 
 impl WorkerSet {
     fn enter(&self, c: &Arc<Control>) {
-        lock(&self.running).push(Arc::downgrade(c));
-    }
-
-    fn leave(&self, c: &Arc<Control>) {
-        let p = Arc::as_ptr(c);
-        lock(&self.running).retain(|w| w.as_ptr() != p);
-        self.gone.notify_all();
+        let mut g = lock(&self.running);
+        g.retain(|w| w.strong_count() > 0);
+        g.push(Arc::downgrade(c));
     }
 
     /// Stops every worker and waits, at most `timeout`, until each has
     /// drained its I/O and exited. Returns how many are still running.
     pub fn stop_all(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.running);
-        // A worker whose thread never started leaves a dead entry.
-        g.retain(|w| w.strong_count() > 0);
-        for c in g.iter().filter_map(Weak::upgrade) {
-            c.stop();
-        }
-        while !g.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            g = self
-                .gone
-                .wait_timeout(g, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        g.len()
+        let all: Vec<Arc<Control>> = lock(&self.running)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        all.iter().for_each(|c| c.stop());
+        all.iter()
+            .filter(|c| !c.wait_exit(deadline.saturating_duration_since(Instant::now())))
+            .count()
     }
 }
 
-/// A worker's stop word and the eventfd that wakes it to read it.
+/// Where a worker's thread is, for [`Control::wait_exit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ThreadState {
+    /// Not spawned yet (or never will be).
+    Unknown,
+    /// Running its loop.
+    Running(libc::pthread_t),
+    /// Out of its loop: done with its queue, its thread ending.
+    Exited,
+}
+
+/// How often [`Control::wait_exit`] interrupts a worker blocked signalling
+/// its driver.
+const UNBLOCK_EVERY: Duration = Duration::from_millis(50);
+
+/// A worker's stop word and the eventfd that wakes it to read it; whether
+/// it is running, and whether it is telling its driver.
 #[derive(Debug)]
 pub struct Control {
     wake: EventFd,
     stop: AtomicBool,
+    /// The worker is in [`Door::notify`]: a write to a peer's eventfd,
+    /// which blocks when the peer made it blocking (the open file
+    /// description is shared: O_NONBLOCK is the peer's to clear) and filled
+    /// its counter. Only that stops the worker from seeing a stop.
+    notifying: AtomicBool,
+    thread: Mutex<ThreadState>,
+    exited: Condvar,
 }
 
 impl Control {
     /// A control block.
     pub fn new() -> std::io::Result<Arc<Control>> {
+        crate::sys::install_interrupt();
         Ok(Arc::new(Control {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
+            notifying: AtomicBool::new(false),
+            thread: Mutex::new(ThreadState::Unknown),
+            exited: Condvar::new(),
         }))
     }
 
@@ -248,6 +270,85 @@ impl Control {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Records the worker's thread, unless it already left its loop.
+    fn started(&self, t: libc::pthread_t) {
+        let mut g = lock(&self.thread);
+        if *g == ThreadState::Unknown {
+            *g = ThreadState::Running(t);
+        }
+    }
+
+    /// Waits, at most `timeout`, until the worker has left its loop (or
+    /// will never run). Meanwhile a worker stuck in a write to its driver's
+    /// eventfd is interrupted every [`UNBLOCK_EVERY`]: the write fails with
+    /// EINTR (the driver, which filled its own counter, is signalled
+    /// already) and the worker sees the stop. True when it left.
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.thread);
+        loop {
+            if *g == ThreadState::Exited {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .exited
+                .wait_timeout(g, left.min(UNBLOCK_EVERY))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if let ThreadState::Running(t) = *g {
+                if self.notifying.load(Ordering::SeqCst) {
+                    warn!("a queue worker is blocked signalling its driver (a blocking, full eventfd): interrupting it");
+                    // The worker marks itself Exited under this lock before
+                    // its thread ends: `t` is alive.
+                    crate::sys::interrupt_thread(t);
+                }
+            }
+        }
+    }
+}
+
+/// Marks its worker [`ThreadState::Exited`] when dropped: at the end of the
+/// worker's loop, on a panic, or when its thread never starts.
+#[derive(Debug)]
+struct ExitMark(Arc<Control>);
+
+impl Drop for ExitMark {
+    fn drop(&mut self) {
+        *lock(&self.0.thread) = ThreadState::Exited;
+        self.0.exited.notify_all();
+    }
+}
+
+/// A queue worker on its thread: see the module doc's "Stopping".
+#[derive(Debug)]
+pub struct Running {
+    control: Arc<Control>,
+    join: JoinHandle<(Queue, Vec<u16>)>,
+}
+
+impl Running {
+    /// Starts `worker` on a thread named `thread`.
+    pub fn spawn<D: Door>(thread: String, worker: QueueWorker<D>) -> std::io::Result<Running> {
+        let control = worker.control.clone();
+        let join = std::thread::Builder::new()
+            .name(thread)
+            .spawn(move || worker.run())?;
+        control.started(join.as_pthread_t());
+        Ok(Running { control, join })
+    }
+
+    /// Stops the worker and returns its queue (position kept, nothing in
+    /// flight) and the heads of its parked requests; `None` if it panicked.
+    pub fn stop(self) -> Option<(Queue, Vec<u16>)> {
+        self.control.stop();
+        while !self.control.wait_exit(Duration::from_secs(3600)) {}
+        self.join.join().ok()
     }
 }
 
@@ -277,8 +378,6 @@ pub struct QueueWorker<D: Door> {
     broken: bool,
     /// The last batch could not run ([`Batch::Blocked`]).
     blocked: bool,
-    /// The registry's device, whose [`WorkerSet`] lists this worker.
-    reg: Arc<Device>,
     /// `poll-us=`: how long to busy-poll after the last request.
     poll_for: Duration,
     /// When the worker last took a request from the avail ring.
@@ -286,6 +385,9 @@ pub struct QueueWorker<D: Door> {
     /// Polling left the driver's notifications off and could not turn them
     /// back on (rings out of reach): try again within [`REARM_RETRY`].
     rearm_pending: bool,
+    /// Marks the worker exited when it is dropped: declared last, so that
+    /// it drops after the I/O engine has waited for the I/O in flight.
+    _exit: ExitMark,
 }
 
 impl<D: Door> QueueWorker<D> {
@@ -310,6 +412,7 @@ impl<D: Door> QueueWorker<D> {
         reg.workers().enter(&control);
         let waker: Weak<Control> = Arc::downgrade(&control);
         device.throttle().add_waker(waker);
+        let exit = ExitMark(control.clone());
         Ok(QueueWorker {
             name,
             queue,
@@ -321,10 +424,10 @@ impl<D: Door> QueueWorker<D> {
             engine_watched: false,
             broken: false,
             blocked: false,
-            reg: reg.clone(),
             poll_for: reg.poll(),
             last_request: Instant::now(),
             rearm_pending: false,
+            _exit: exit,
         })
     }
 
@@ -381,7 +484,6 @@ impl<D: Door> QueueWorker<D> {
             self.rearm();
         }
         self.stop();
-        self.reg.workers().leave(&self.control);
         let parked = self.aq.take_parked();
         (self.queue, parked)
     }
@@ -513,7 +615,9 @@ impl<D: Door> QueueWorker<D> {
         match r {
             Batch::Ran(Ok(outcome)) => {
                 if outcome.notify {
+                    self.control.notifying.store(true, Ordering::SeqCst);
                     self.door.notify();
+                    self.control.notifying.store(false, Ordering::SeqCst);
                 }
             }
             Batch::Ran(Err(e)) => {

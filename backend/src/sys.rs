@@ -140,6 +140,96 @@ pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     poll_one(fd, libc::POLLIN, timeout).is_some()
 }
 
+/// Adds 1 to an eventfd's counter with one write(2): unlike
+/// `EventFd::write` (`write_all`), an EINTR is returned, not retried, so
+/// that [`interrupt_thread`] can end a write that blocks.
+pub fn write_eventfd(fd: &EventFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to a descriptor the
+    // EventFd keeps open.
+    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Signals a peer's eventfd without ever blocking: the kernel's
+/// `eventfd_signal` never blocks, but a write(2) does when the counter is
+/// full and the file is blocking, which its owner (another process, sharing
+/// the open file description) decides. A counter too full to take one more
+/// is signalled already, so nothing is lost by not writing.
+pub fn signal_eventfd(fd: &EventFd) -> io::Result<()> {
+    // SAFETY: the descriptor is `fd`'s, open for the borrow.
+    let raw = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+    let full = poll_one(raw, libc::POLLOUT, std::time::Duration::ZERO)
+        .is_none_or(|r| r & libc::POLLOUT == 0);
+    if full {
+        return Ok(());
+    }
+    match write_eventfd(fd) {
+        // Filled (or made blocking and filled) since the look: as above.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// The signal of [`interrupt_thread`]: the first real-time signal the C
+/// library leaves to applications.
+fn interrupt_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_interrupt(_: libc::c_int) {}
+
+/// Installs, once, the handler of [`interrupt_thread`]'s signal: it does
+/// nothing, and without SA_RESTART a blocking system call of the thread
+/// that takes it returns EINTR.
+pub fn install_interrupt() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sigaction is plain data; zeroed is a valid initial value
+        // (no flags, empty mask filled in below).
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: `sa` is a valid sigaction whose handler is an
+        // async-signal-safe function that does nothing; the signal is one
+        // of the application's real-time signals.
+        let r = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(interrupt_signal(), &sa, std::ptr::null_mut())
+        };
+        if r != 0 {
+            log::error!(
+                "cannot install the thread interrupt handler: {}",
+                io::Error::last_os_error()
+            );
+        }
+    });
+}
+
+/// Interrupts thread `t` of this process: a blocking system call it is in
+/// returns EINTR ([`install_interrupt`] must have run). The caller makes
+/// sure `t` is still running (not joined).
+pub fn interrupt_thread(t: libc::pthread_t) {
+    // SAFETY: the caller guarantees that `t` is a live thread of this
+    // process; the signal's handler is installed and does nothing.
+    let r = unsafe { libc::pthread_kill(t, interrupt_signal()) };
+    if r != 0 {
+        log::warn!(
+            "cannot interrupt a thread: {}",
+            io::Error::from_raw_os_error(r)
+        );
+    }
+}
+
 /// A signalfd for the signals of `set` (blocked by [`block_signals`]),
 /// non-blocking and close-on-exec.
 pub fn signal_fd(set: &libc::sigset_t) -> io::Result<OwnedFd> {
@@ -200,4 +290,50 @@ pub fn group_id(name: &str) -> Option<libc::gid_t> {
     let r =
         unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
     (r == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::thread::JoinHandleExt;
+    use std::time::{Duration, Instant};
+
+    /// A blocking eventfd whose counter cannot take one more.
+    fn full_blocking_eventfd() -> EventFd {
+        let fd = EventFd::new(0).unwrap();
+        fd.write(u64::MAX - 1).unwrap();
+        fd
+    }
+
+    /// `signal_eventfd` on a blocking, full eventfd returns at once and
+    /// leaves the counter alone (it is signalled already); on an empty one
+    /// it adds 1.
+    #[test]
+    fn signal_eventfd_never_blocks() {
+        let fd = full_blocking_eventfd();
+        signal_eventfd(&fd).unwrap();
+        assert_eq!(fd.read().unwrap(), u64::MAX - 1);
+        signal_eventfd(&fd).unwrap();
+        assert_eq!(fd.read().unwrap(), 1);
+    }
+
+    /// A thread blocked in `write_eventfd` on a full blocking eventfd gets
+    /// EINTR from `interrupt_thread`.
+    #[test]
+    fn interrupt_ends_a_blocked_eventfd_write() {
+        install_interrupt();
+        let fd = full_blocking_eventfd();
+        let peer = fd.try_clone().unwrap();
+        let t = std::thread::spawn(move || write_eventfd(&peer));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "the write blocks");
+        let start = Instant::now();
+        while !t.is_finished() && start.elapsed() < Duration::from_secs(5) {
+            interrupt_thread(t.as_pthread_t());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = t.join().unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::Interrupted);
+        assert_eq!(fd.read().unwrap(), u64::MAX - 1);
+    }
 }

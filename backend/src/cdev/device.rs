@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use log::{debug, error, info, warn};
 use vcdev_device_model::blk::{BlkDevice, FaultPolicy};
@@ -37,7 +36,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vfio_uapi::*;
-use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings};
+use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings, Running};
 use crate::registry::{Device, DeviceCounters};
 use crate::ring::RingView;
 use vcdev_iommu::sync::lock;
@@ -119,7 +118,7 @@ impl Core {
     /// the signal.
     fn signal(&self, v: u16) -> bool {
         if let Some(Some(fd)) = lock(&self.msix).get(usize::from(v)) {
-            if let Err(e) = fd.write(1) {
+            if let Err(e) = crate::sys::signal_eventfd(fd) {
                 warn!("{}: MSI-X vector {v}: {e}", self.reg.name());
                 return false;
             }
@@ -144,10 +143,9 @@ impl Core {
 }
 
 struct Worker {
-    control: Arc<Control>,
+    running: Running,
     kick: Arc<EventFd>,
     slot: Slot,
-    join: JoinHandle<(Queue, Vec<u16>)>,
 }
 
 /// A registered ioeventfd: a write of `data` (`size` bytes) at BAR0
@@ -467,19 +465,15 @@ impl CdevDevice {
                 return;
             }
         };
-        match std::thread::Builder::new()
-            .name(format!("{}-cq{q}", self.name()))
-            .spawn(move || worker.run())
-        {
-            Ok(join) => {
+        match Running::spawn(format!("{}-cq{q}", self.name()), worker) {
+            Ok(running) => {
                 debug!("{}: queue {q} started", self.name());
                 qs.workers.insert(
                     q,
                     Worker {
-                        control,
+                        running,
                         kick,
                         slot,
-                        join,
                     },
                 );
             }
@@ -494,8 +488,7 @@ impl CdevDevice {
     /// Stops a worker (after its I/O in flight completed) and returns its
     /// queue (position kept). This door never parks a request.
     fn stop_worker(&self, w: Worker) -> Option<Queue> {
-        w.control.stop();
-        let q = w.join.join().ok().map(|(q, _)| q);
+        let q = w.running.stop().map(|(q, _)| q);
         lock(&self.slots.list).retain(|s| !Arc::ptr_eq(s, &w.slot));
         q
     }
@@ -673,7 +666,7 @@ impl CdevDevice {
     /// on every request on its files is ENODEV.
     pub fn revoke(&self) {
         if let Some(req) = &lock(&self.core.err_req)[1] {
-            let _ = req.write(1);
+            let _ = crate::sys::signal_eventfd(req);
         }
         self.revoked.store(true, Ordering::SeqCst);
         self.stop_queues();
@@ -722,13 +715,13 @@ fn set_ctx_trigger_single(
         IrqAction::Fire(v) if flags & VFIO_IRQ_SET_DATA_NONE != 0 => {
             let fd = ctx.as_ref().ok_or(Errno::EINVAL)?;
             if v.first().copied().unwrap_or(false) {
-                let _ = fd.write(1);
+                let _ = crate::sys::signal_eventfd(fd);
             }
         }
         IrqAction::Fire(v) => {
             if *v.first().ok_or(Errno::EINVAL)? {
                 if let Some(fd) = ctx.as_ref() {
-                    let _ = fd.write(1);
+                    let _ = crate::sys::signal_eventfd(fd);
                 }
             }
         }

@@ -31,7 +31,6 @@
 //! (nothing can be processed without its rings).
 
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
@@ -46,7 +45,7 @@ use super::backend_channel::BackendChannel;
 use super::inflight::InflightRegion;
 use super::iotlb::{record_wait, Miss, MissTable, IOTLB_PAGE_SIZE};
 use crate::event_loop::EventLoopError;
-use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings};
+use crate::queue::{Batch, Control, Decide, Door, QueueWorker, Rings, Running};
 use crate::registry::{Device, DeviceCounters};
 use crate::ring::{RingPins, RingView};
 use vcdev_iommu::sync::lock;
@@ -141,22 +140,19 @@ pub struct Notifiers {
 impl Notifiers {
     fn signal(slot: &Mutex<Option<EventFd>>, what: &str) {
         if let Some(fd) = lock(slot).as_ref() {
-            match fd.write(1) {
-                // Non-blocking (see conn): a full counter is signalled
-                // already.
+            // Not through `signal_eventfd` (one more system call a
+            // notification): conn made the eventfd non-blocking. A frontend
+            // that makes it blocking again and fills it stalls its own
+            // queue until it reads it, or until the queue stops
+            // (`Control::wait_exit` interrupts the write).
+            match crate::sys::write_eventfd(fd) {
+                // A full counter is signalled already.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => warn!("failed to signal the {what} eventfd: {e}"),
                 Ok(()) => {}
             }
         }
     }
-}
-
-/// A running queue.
-#[derive(Debug)]
-struct Worker {
-    control: Arc<Control>,
-    join: JoinHandle<(Queue, Vec<u16>)>,
 }
 
 /// The state of one virtqueue.
@@ -177,7 +173,7 @@ pub struct Vring {
     /// queue stopped: walked again first when it resumes where it stopped.
     parked: Vec<u16>,
     notifiers: Arc<Notifiers>,
-    worker: Option<Worker>,
+    worker: Option<Running>,
 }
 
 impl Vring {
@@ -356,12 +352,10 @@ impl Vring {
             Some(q) => worker.track(Box::new(q)),
             None => worker.resume_parked(parked),
         }
-        let join = std::thread::Builder::new()
-            .name(format!("{}-q{index}", super::thread_tag(owner)))
-            .spawn(move || worker.run())
+        let running = Running::spawn(format!("{}-q{index}", super::thread_tag(owner)), worker)
             .map_err(|source| VringError::Spawn { index, source })?;
         debug!("{owner}: queue {index} started");
-        self.worker = Some(Worker { control, join });
+        self.worker = Some(running);
         Ok(())
     }
 
@@ -372,14 +366,13 @@ impl Vring {
         let Some(w) = self.worker.take() else {
             return;
         };
-        w.control.stop();
-        match w.join.join() {
-            Ok((q, parked)) => {
+        match w.stop() {
+            Some((q, parked)) => {
                 self.next_avail = q.next_avail();
                 self.next_used = q.next_used();
                 self.parked = parked;
             }
-            Err(_) => error!("queue {}: worker panicked", self.index),
+            None => error!("queue {}: worker panicked", self.index),
         }
     }
 
