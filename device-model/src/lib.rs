@@ -12,16 +12,14 @@
 //! [`virtio`] holds the device-independent pieces (feature bits, bounds-checked config-space
 //! access). [`blk`] is the virtio-blk device (virtio 1.2 section 5.2): [`blk::BlkDevice`] is the
 //! shared, thread-safe device (configuration, config space, backing), [`blk::AsyncQueue`] is the
-//! per-queue worker state that both doors (and `vub_blk`) drive: requests submitted to the
-//! queue's I/O engine ([`blk::aio`]: io_uring or sync) and completed in any order, holding their
-//! translations meanwhile ([`blk::InflightMemory`]). [`blk::BlkQueue`] drains a queue
-//! synchronously over the same per-request code; the unit tests drive it as the reference.
+//! per-queue worker state, the one queue engine that both doors, `vub_blk` and the unit tests
+//! drive: requests submitted to the queue's I/O engine ([`blk::aio`]: io_uring or sync) and
+//! completed in any order, holding their translations meanwhile ([`blk::InflightMemory`]).
 //! Each request goes through two phases: it is parsed and all its buffers are translated
 //! through the `GuestMemory` first (so an IOMMU miss or permission fault is found before any
-//! side effect), and only then executed against a
-//! [`blk::BlockBackend`] (a raw file or RAM). An IOMMU fault is either failed with
-//! `VIRTIO_BLK_S_IOERR` or handed back to the transport for resolution, as the transport's
-//! [`blk::FaultPolicy`] says.
+//! side effect), and only then executed against a [`blk::BlockBackend`] (a raw file or RAM).
+//! An IOMMU fault is either failed with `VIRTIO_BLK_S_IOERR` or parked while the transport
+//! resolves it (the requests behind it go on), as the transport's [`blk::FaultPolicy`] says.
 //!
 //! [`pci`] is the virtio PCI function (modern, virtio 1.2 section 4.1) that the device-cdev door
 //! exposes the way Linux's vfio-pci exposes a PCI device: config space with the virtio and MSI-X
@@ -29,7 +27,7 @@
 //! semantics of the common configuration, ISR, doorbells and MSI-X table as
 //! [`pci::VirtioPciFunction`]. It has no sockets and no VFIO messages: register writes return
 //! [`pci::Event`]s (queue enabled, doorbell, reset, interrupt) for the transport to act on, and
-//! the queues it configures are served by the same [`blk::BlkQueue`] as the vhost-user door's.
+//! the queues it configures are served by the same [`blk::AsyncQueue`] as the vhost-user door's.
 //!
 //! # Errors
 //!

@@ -8,10 +8,10 @@
 //! after it, before the status byte is written. Requests whose buffers are all aligned go
 //! straight between guest memory and the file.
 //!
-//! The synchronous path (`exec::execute`) bounces with [`transfer`], in chunks of at most
-//! [`SYNC_CHUNK`] bytes. The asynchronous one (`AsyncQueue`) keeps an [`EngineBounce`] of the
-//! whole request while its operation is in flight, up to [`ENGINE_MAX`] bytes; a larger
-//! request is run synchronously instead, so a guest cannot make the device allocate more.
+//! The queue (`AsyncQueue`) keeps an [`EngineBounce`] of the whole request while its operation
+//! is in flight, up to [`ENGINE_MAX`] bytes; a larger request is run synchronously instead
+//! (`exec::execute`), bounced with [`transfer`] in chunks of at most [`SYNC_CHUNK`] bytes, so a
+//! guest cannot make the device allocate more.
 #![allow(unsafe_code)]
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
@@ -25,7 +25,7 @@ use vm_memory::VolatileSlice;
 use super::aio::IoVec;
 use super::backend::BlockBackend;
 
-/// The largest bounce buffer of the synchronous path: a request moves in chunks of this size
+/// The largest bounce buffer of a request run synchronously: it moves in chunks of this size
 /// (a multiple of any block size up to 1 MiB).
 pub(crate) const SYNC_CHUNK: usize = 1 << 20;
 /// The largest request bounced whole while its operation is in flight on an engine.

@@ -1,6 +1,6 @@
 //! Tests of `direct=on`: `O_DIRECT` files, the advertised `blk_size`, and bounce buffers for
-//! unaligned guest buffers, through [`BlkQueue::process`] and through [`AsyncQueue`] on both
-//! engines, byte for byte against the RAM model.
+//! unaligned guest buffers, through [`AsyncQueue`] on both engines, byte for byte against the
+//! RAM model.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -103,7 +103,7 @@ fn direct_device(img: &TempImage) -> Arc<BlkDevice> {
 type Piece = (u64, Buf);
 
 /// Lay out a request with each data buffer at its misalignment, and offer it.
-fn submit<M: GuestMemory>(
+fn submit<M: InflightMemory>(
     d: &mut Driver<'_, M>,
     kind: u32,
     sector: u64,
@@ -133,64 +133,32 @@ fn submit<M: GuestMemory>(
     d.submit_descs(&BlkRequest::chain(header, &data, status))
 }
 
-/// How a queue is driven.
-#[derive(Clone, Copy, Debug)]
-enum Via {
-    /// [`BlkQueue::process`], as the doors do today.
-    Process,
-    /// [`AsyncQueue`] on this engine.
-    Async(Aio),
-}
-
-/// A queue of `dev` driven by `path`.
+/// A queue of `dev` on the engine `aio` (the sync engine on a backing without a file).
 struct Runner<'m> {
     d: Driver<'m, GuestMemoryMmap<()>>,
-    q: Option<AsyncQueue<<GuestMemoryMmap<()> as InflightMemory>::Hold>>,
 }
 
 impl<'m> Runner<'m> {
-    fn new(mem: &'m GuestMemoryMmap<()>, dev: &Arc<BlkDevice>, path: Via) -> Self {
-        let q = match path {
-            Via::Process => None,
-            Via::Async(aio) => {
-                let engine = Engine::new(aio, dev.backend().clone(), dev.queue_size());
-                assert_eq!(
-                    engine.kind(),
-                    if dev.backend().raw_fd().is_some() {
-                        aio
-                    } else {
-                        Aio::Sync
-                    }
-                );
-                Some(AsyncQueue::new(dev.clone(), engine))
+    fn new(mem: &'m GuestMemoryMmap<()>, dev: &Arc<BlkDevice>, aio: Aio) -> Self {
+        let engine = Engine::new(aio, dev.backend().clone(), dev.queue_size());
+        assert_eq!(
+            engine.kind(),
+            if dev.backend().raw_fd().is_some() {
+                aio
+            } else {
+                Aio::Sync
             }
-        };
+        );
         Self {
-            d: Driver::new(mem, dev.clone(), QSIZE),
-            q,
+            d: Driver::with_engine(mem, dev.clone(), QSIZE, engine),
         }
     }
 
     /// Run one request to its completion.
     fn exec(&mut self, kind: u32, sector: u64, pieces: &[Piece]) -> Done {
         let sub = submit(&mut self.d, kind, sector, pieces);
-        let before = self.d.used_idx();
-        match &mut self.q {
-            None => {
-                self.d.run(FaultPolicy::Fail);
-            }
-            Some(q) => {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-                while self.d.used_idx() == before {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "request never completed"
-                    );
-                    q.poll(&mut self.d.queue, self.d.mem, &mut |_| FaultPolicy::Fail)
-                        .unwrap();
-                }
-            }
-        }
+        let out = self.d.run(FaultPolicy::Fail);
+        assert_eq!((out.completed, out.fault), (1, None));
         let done = self.d.take_used(&sub);
         assert_eq!(done.head, sub.head);
         done
@@ -291,14 +259,14 @@ fn scenario() -> Vec<Step> {
     ]
 }
 
-/// Run the scenario on `dev` through `path`, and on the RAM model through `process`; every
-/// completion and every byte of both disks must agree, and `dev` must bounce exactly the
-/// unaligned reads and writes when `bouncing`.
-fn matches_the_model(dev: &Arc<BlkDevice>, path: Via, bouncing: bool) {
+/// Run the scenario on `dev` on the engine `path`, and on the RAM model; every completion and
+/// every byte of both disks must agree, and `dev` must bounce exactly the unaligned reads and
+/// writes when `bouncing`.
+fn matches_the_model(dev: &Arc<BlkDevice>, path: Aio, bouncing: bool) {
     let (mem, model_mem) = (plain_mem(), plain_mem());
     let model = ram_blk(dev.capacity_bytes(), cfg());
     let mut sub = Runner::new(&mem, dev, path);
-    let mut reference = Runner::new(&model_mem, &model, Via::Process);
+    let mut reference = Runner::new(&model_mem, &model, Aio::Sync);
     for (i, s) in scenario().iter().enumerate() {
         let before = bounce::bounced();
         let got = sub.exec(s.kind, s.sector, &s.pieces);
@@ -310,9 +278,7 @@ fn matches_the_model(dev: &Arc<BlkDevice>, path: Via, bouncing: bool) {
         assert!(got.data == want.data, "{what}: data differ");
         assert_eq!(bounced, u64::from(bouncing && s.bounces), "{what}: bounces");
     }
-    if let Some(q) = &mut sub.q {
-        q.drain(&mut sub.d.queue, sub.d.mem).unwrap();
-    }
+    assert_eq!(sub.d.blk.in_flight(), 0);
     let read_all = |d: &Arc<BlkDevice>| {
         let mut all = AlignedBuf::new(DISK as usize, PAGE as usize).unwrap();
         d.backend()
@@ -364,23 +330,13 @@ fn alignment_is_discovered() {
 }
 
 #[test]
-fn direct_file_through_process_matches_the_model() {
-    let Some(dir) = dio_dir() else {
-        eprintln!("SKIP: no directory here supports O_DIRECT");
-        return;
-    };
-    let img = image_in(&dir, DISK);
-    matches_the_model(&direct_device(&img), Via::Process, true);
-}
-
-#[test]
 fn direct_file_through_io_uring_matches_the_model() {
     let Some(dir) = dio_dir() else {
         eprintln!("SKIP: no directory here supports O_DIRECT");
         return;
     };
     let img = image_in(&dir, DISK);
-    matches_the_model(&direct_device(&img), Via::Async(Aio::IoUring), true);
+    matches_the_model(&direct_device(&img), Aio::IoUring, true);
 }
 
 #[test]
@@ -390,7 +346,7 @@ fn direct_file_through_sync_engine_matches_the_model() {
         return;
     };
     let img = image_in(&dir, DISK);
-    matches_the_model(&direct_device(&img), Via::Async(Aio::Sync), true);
+    matches_the_model(&direct_device(&img), Aio::Sync, true);
 }
 
 /// Without direct=on nothing is bounced, whatever the buffers.
@@ -399,8 +355,8 @@ fn buffered_file_is_never_bounced() {
     let img = TempImage::new(DISK);
     let backend: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&img.path, false).unwrap());
     let dev = Arc::new(BlkDevice::new(backend, cfg()).unwrap());
-    matches_the_model(&dev, Via::Process, false);
-    matches_the_model(&dev, Via::Async(Aio::IoUring), false);
+    matches_the_model(&dev, Aio::Sync, false);
+    matches_the_model(&dev, Aio::IoUring, false);
 }
 
 /// A RAM disk that says its blocks are 4096 bytes and its buffers must be page-aligned, like
@@ -452,7 +408,7 @@ impl BlockBackend for FourK {
 /// Runs reads and writes on a device with 4096-byte blocks: offsets or lengths that are not
 /// multiples of 4096 get IOERR (without reaching the disk, as `transfers` counts when it can);
 /// aligned ones work, bounced when the guest's buffers are not page-aligned.
-fn block_size_rule(dev: &Arc<BlkDevice>, path: Via, transfers: &dyn Fn() -> u32) {
+fn block_size_rule(dev: &Arc<BlkDevice>, path: Aio, transfers: &dyn Fn() -> u32) {
     let mut blk_size = [0u8; 4];
     dev.read_config(BLK_SIZE, &mut blk_size);
     assert_eq!(u32::from_le_bytes(blk_size), 4096);
@@ -509,13 +465,12 @@ fn block_size_rule(dev: &Arc<BlkDevice>, path: Via, transfers: &dyn Fn() -> u32)
     );
 }
 
+/// (A backing without a file: the sync engine.)
 #[test]
 fn offsets_off_a_4096_block_get_ioerr() {
-    for path in [Via::Process, Via::Async(Aio::Sync)] {
-        let disk = Arc::new(FourK(RamBackend::new(1 << 20).unwrap(), AtomicU32::new(0)));
-        let dev = Arc::new(BlkDevice::new(disk.clone(), cfg()).unwrap());
-        block_size_rule(&dev, path, &|| disk.1.load(Ordering::Relaxed));
-    }
+    let disk = Arc::new(FourK(RamBackend::new(1 << 20).unwrap(), AtomicU32::new(0)));
+    let dev = Arc::new(BlkDevice::new(disk.clone(), cfg()).unwrap());
+    block_size_rule(&dev, Aio::Sync, &|| disk.1.load(Ordering::Relaxed));
 }
 
 /// A loop device with 4096-byte logical blocks, detached on drop.
@@ -575,6 +530,6 @@ fn loop_device_with_4096_byte_blocks() {
     ));
     assert_eq!(file.block_size(), 4096);
     let blk = Arc::new(BlkDevice::new(Arc::new(file), cfg()).unwrap());
-    block_size_rule(&blk, Via::Process, &|| 0);
-    block_size_rule(&blk, Via::Async(Aio::IoUring), &|| 0);
+    block_size_rule(&blk, Aio::Sync, &|| 0);
+    block_size_rule(&blk, Aio::IoUring, &|| 0);
 }

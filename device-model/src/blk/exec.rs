@@ -68,8 +68,9 @@ pub enum FaultPolicy {
     /// Complete the request with `VIRTIO_BLK_S_IOERR` and go on with the queue.
     #[default]
     Fail,
-    /// Put the chain back, stop, and report the fault so the transport can resolve it and call
-    /// again.
+    /// Park the request and report the fault, so that the transport can resolve it: the chain
+    /// stays off the avail ring, the requests behind it go on, and it is walked again at the
+    /// queue's next poll ([`super::AsyncQueue::poll`]).
     Retry,
 }
 
@@ -182,7 +183,8 @@ pub(crate) enum Completion {
     Used(u32),
     /// Not answerable (no status byte): put on the used ring with length 0.
     Dropped,
-    /// An IOMMU fault under [`FaultPolicy::Retry`]: nothing was done, the chain goes back.
+    /// An IOMMU fault under [`FaultPolicy::Retry`]: nothing was done; the queue asks the
+    /// transport whether to park the request.
     Retry(Fault),
 }
 
@@ -391,25 +393,6 @@ pub(crate) fn answer<B: BitmapSlice>(
 /// The used length of a chain whose device wrote `written` data bytes and the status byte.
 pub(crate) fn used_len(written: u64) -> u32 {
     u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
-}
-
-/// Run one chain to completion (or to a fault, under [`FaultPolicy::Retry`]).
-///
-/// `slices` and `segments` are scratch space, cleared here.
-pub(crate) fn handle_chain<'m, M: GuestMemory>(
-    target: &Target<'_>,
-    descs: &[Descriptor],
-    mem: &'m M,
-    policy: FaultPolicy,
-    slices: &mut Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
-    segments: &mut Vec<Segment>,
-) -> Completion {
-    match start_chain(target, descs, mem, policy, slices) {
-        Started::Finished(c) => c,
-        Started::Ready(req, status_slice) => {
-            answer(&status_slice, execute(target, &req, slices, segments))
-        }
-    }
 }
 
 /// Complete a chain that cannot be parsed (but ends in `last`) with `VIRTIO_BLK_S_IOERR`.

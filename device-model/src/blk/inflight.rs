@@ -2,8 +2,8 @@
 //!
 //! A request is parsed, translated, submitted, completed, then returned to the used ring:
 //!
-//! 1. **Parse and translate** (`exec::start_chain`): as in the synchronous path, every
-//!    buffer is translated before anything happens, so an IOMMU fault has no side effect.
+//! 1. **Parse and translate** (`exec::start_chain`): every buffer is translated before
+//!    anything happens, so an IOMMU fault has no side effect.
 //! 2. **Hold and submit**: reads, writes and flushes become one [`IoOp`] each on the queue's
 //!    [`Engine`]. Before the operation is submitted, the request *holds* the ranges it
 //!    translated ([`InflightMemory::hold`]) so that an invalidation overlapping them waits for

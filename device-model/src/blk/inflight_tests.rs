@@ -1,8 +1,6 @@
 //! Tests of the asynchronous request lifecycle ([`super::inflight`]).
 #![allow(unsafe_code)]
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -10,7 +8,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, Permissions};
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::aio::{Aio, Engine, IoOp};
 use super::file::tests::TempImage;
@@ -24,58 +23,6 @@ const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const QSIZE: u16 = 16;
 const DISK: u64 = 1 << 20;
-
-thread_local! {
-    /// Holds taken and not released on this thread: token -> ranges.
-    static HOLDS: RefCell<HashMap<u64, Vec<(u64, u64)>>> = RefCell::new(HashMap::new());
-    static NEXT_HOLD: RefCell<u64> = const { RefCell::new(1) };
-}
-
-/// A hold of the test memories: its number.
-#[derive(Debug)]
-pub struct HoldToken(u64);
-
-fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
-    let id = NEXT_HOLD.with(|n| {
-        let mut n = n.borrow_mut();
-        *n += 1;
-        *n
-    });
-    HOLDS.with(|h| h.borrow_mut().insert(id, ranges.to_vec()));
-    HoldToken(id)
-}
-
-impl Release for HoldToken {
-    fn release(self) {
-        drop_hold(self);
-    }
-}
-
-fn drop_hold(t: HoldToken) {
-    let had = HOLDS.with(|h| h.borrow_mut().remove(&t.0));
-    assert!(had.is_some(), "release of a hold never taken: {t:?}");
-}
-
-fn holds() -> Vec<Vec<(u64, u64)>> {
-    HOLDS.with(|h| h.borrow().values().cloned().collect())
-}
-
-// SAFETY: test memory outlives every queue of the test that uses it (each test drains its queue
-// before the memory is dropped).
-unsafe impl InflightMemory for GuestMemoryMmap<()> {
-    type Hold = HoldToken;
-    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
-        take_hold(ranges)
-    }
-}
-
-// SAFETY: as above.
-unsafe impl InflightMemory for FaultyMem {
-    type Hold = HoldToken;
-    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
-        take_hold(ranges)
-    }
-}
 
 fn cfg() -> BlkConfig {
     BlkConfig {
@@ -95,7 +42,7 @@ fn engine(dev: &Arc<BlkDevice>, aio: Aio) -> Engine {
 }
 
 /// Every used element so far: (head, used length).
-fn used(d: &Driver<'_, impl GuestMemory>) -> Vec<(u16, u32)> {
+fn used(d: &Driver<'_, impl InflightMemory>) -> Vec<(u16, u32)> {
     let n = d.used_idx();
     (0..n)
         .map(|i| {
@@ -107,12 +54,12 @@ fn used(d: &Driver<'_, impl GuestMemory>) -> Vec<(u16, u32)> {
         .collect()
 }
 
-fn status_of(d: &Driver<'_, impl GuestMemory>, sub: &Submitted) -> u8 {
+fn status_of(d: &Driver<'_, impl InflightMemory>, sub: &Submitted) -> u8 {
     let (addr, _, _) = *sub.descs.last().unwrap();
     d.mem.read_obj(GuestAddress(addr)).unwrap()
 }
 
-fn data_of(d: &Driver<'_, impl GuestMemory>, sub: &Submitted) -> Vec<u8> {
+fn data_of(d: &Driver<'_, impl InflightMemory>, sub: &Submitted) -> Vec<u8> {
     let (addr, len, _) = sub.descs[1];
     let mut buf = vec![0u8; len as usize];
     d.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
@@ -202,7 +149,7 @@ fn a_request_holds_its_buffers() {
 }
 
 /// Random requests of every type give the same statuses and bytes on io_uring and on sync,
-/// on a file, as the synchronous path on a RAM disk (the model).
+/// on a file, as a RAM disk does (the model, run by its driver's own queue).
 #[test]
 fn every_request_type_matches_the_model_on_both_engines() {
     for aio in [Aio::IoUring, Aio::Sync] {

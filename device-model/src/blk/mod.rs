@@ -1,26 +1,28 @@
 //! The virtio-blk device (virtio 1.2 section 5.2).
 //!
 //! [`BlkDevice`] is shared by every queue of a device (it is `Send + Sync`): options, offered
-//! features, config space and the [`BlockBackend`]. [`BlkQueue`] is the state of one queue's
-//! worker (reusable scratch space) and drains a [`Queue`] with [`BlkQueue::process`].
+//! features, config space and the [`BlockBackend`]. [`AsyncQueue`] is the state of one queue's
+//! worker, the one queue engine both doors drive (see [`inflight`]).
 //!
 //! # Driving a queue
 //!
 //! The transport sets the negotiated `EVENT_IDX` on the queue (`Queue::set_event_idx`), then on
-//! each kick calls [`BlkQueue::process`] with a [`GuestMemory`] view that translates the
-//! driver's addresses (through the IOMMU if there is one). The call drains every available chain
-//! (with `EVENT_IDX`: notifications off while draining, back on, and a re-check for chains that
-//! raced in) and reports in [`QueueOutcome::notify`] whether the driver must be interrupted.
+//! each kick, and when the queue's I/O engine has completions, calls [`AsyncQueue::poll`] with
+//! a view of the driver's memory that translates its addresses (through the IOMMU if there is
+//! one) and lets a request hold its translations while its I/O is in flight
+//! ([`InflightMemory`]). The poll completes what the engine finished, takes the available chains
+//! (with `EVENT_IDX`: notifications off while taking them, back on, and a re-check for chains
+//! that raced in), submits their I/O, and reports in [`QueueOutcome::notify`] whether the
+//! driver must be interrupted.
 //!
-//! This is the synchronous reference path: with [`FaultPolicy::Retry`], a request whose buffers
-//! miss in the IOMMU is left on the avail ring and the call returns early with
-//! [`QueueOutcome::fault`]. The transports drive [`AsyncQueue`] instead (see [`inflight`]),
-//! where such a request is parked and the requests behind it go on.
+//! A request whose buffers miss in the IOMMU is shown to the transport's fault decision: under
+//! [`FaultPolicy::Retry`] it is parked (taken from the avail ring, never put back) while the
+//! requests behind it go on, and walked again at the next poll, once the transport has asked
+//! for the translation; under [`FaultPolicy::Fail`] it completes with `VIRTIO_BLK_S_IOERR`.
 //!
 //! The device's I/O limits (`iops=`, `bw=`: [`throttle`], changed live with
-//! [`BlkDevice::set_limits`]) are applied by [`AsyncQueue`]; the synchronous reference path does
-//! not throttle. A file image is locked as QEMU locks it while its [`FileBackend`] lives
-//! ([`lock`]).
+//! [`BlkDevice::set_limits`]) are applied by [`AsyncQueue`]. A file image is locked as QEMU
+//! locks it while its [`FileBackend`] lives ([`lock`]).
 
 pub mod aio;
 mod backend;
@@ -50,11 +52,6 @@ use std::io;
 use std::mem::offset_of;
 use std::sync::{Arc, Mutex};
 
-use log::warn;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
-
 pub use backend::{BlockBackend, SECTOR_SHIFT, SECTOR_SIZE};
 pub use config::BlkConfig;
 pub use exec::{status_ok, Fault, FaultPolicy, RequestError};
@@ -65,8 +62,7 @@ pub use resize::{ResizeError, Resized};
 pub use throttle::{Limits, Throttle};
 
 use config::SERIAL_LEN;
-use exec::{handle_chain, Completion, Target};
-use request::Segment;
+use exec::Target;
 use resize::Capacity;
 use virtio_bindings::virtio_blk::virtio_blk_config;
 
@@ -81,15 +77,15 @@ pub enum Error {
     Queue(#[source] virtio_queue::Error),
 }
 
-/// What one [`BlkQueue::process`] call did.
+/// What one [`AsyncQueue::poll`] (or [`AsyncQueue::drain`]) call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueOutcome {
     /// Chains put on the used ring.
     pub completed: u32,
     /// Whether the driver must be notified (honours `EVENT_IDX`).
     pub notify: bool,
-    /// Under [`FaultPolicy::Retry`]: the IOMMU fault that stopped processing. The faulting chain
-    /// is still on the avail ring.
+    /// The first IOMMU fault of the call decided [`FaultPolicy::Retry`]: its request is parked
+    /// (off the avail ring) until a later poll finds the translation.
     pub fault: Option<Fault>,
 }
 
@@ -249,17 +245,6 @@ impl BlkDevice {
         self.backend.block_size()
     }
 
-    /// Drain `queue` with temporary scratch space; see [`BlkQueue::process`], which keeps its
-    /// scratch between calls.
-    pub fn process_queue<M: GuestMemory>(
-        &self,
-        queue: &mut Queue,
-        mem: &M,
-        policy: FaultPolicy,
-    ) -> Result<QueueOutcome, Error> {
-        self.process_with(&mut Scratch::default(), queue, mem, policy)
-    }
-
     fn target(&self) -> Target<'_> {
         Target {
             backend: self.backend.as_ref(),
@@ -267,143 +252,5 @@ impl BlkDevice {
             read_only: self.cfg.read_only,
             serial: &self.serial,
         }
-    }
-
-    fn process_with<M: GuestMemory>(
-        &self,
-        scratch: &mut Scratch,
-        queue: &mut Queue,
-        mem: &M,
-        policy: FaultPolicy,
-    ) -> Result<QueueOutcome, Error> {
-        let mut outcome = QueueOutcome::default();
-        if !queue.ready() {
-            return Ok(outcome);
-        }
-        let target = self.target();
-        // The config space promises seg_max data segments (derived from the
-        // device's largest queue), and a driver that set a smaller queue
-        // still builds indirect chains that long: accept header + seg_max +
-        // status whatever the queue's own size.
-        let seg_max = usize::try_from(self.config().seg_max()).unwrap_or(usize::MAX);
-        let max_chain = usize::from(queue.size()).max(seg_max.saturating_add(2));
-        let desc_table = GuestAddress(queue.desc_table());
-        let queue_size = queue.size();
-        let event_idx = queue.event_idx_enabled();
-        // Translated buffers of the request being handled; allocated once per call.
-        let mut slices: Vec<VolatileSlice<'_, _>> = Vec::with_capacity(max_chain);
-        'drain: loop {
-            if event_idx {
-                queue.disable_notification(mem).map_err(Error::Queue)?;
-            }
-            while let Some(chain) = chain::pop(queue, mem).map_err(Error::Queue)? {
-                let head = chain.head_index();
-                let walked = chain::gather(
-                    chain,
-                    mem,
-                    desc_table,
-                    queue_size,
-                    max_chain,
-                    &mut scratch.descs,
-                );
-                let completion = match walked {
-                    Ok(()) => handle_chain(
-                        &target,
-                        &scratch.descs,
-                        mem,
-                        policy,
-                        &mut slices,
-                        &mut scratch.segments,
-                    ),
-                    Err(err) => exec::answer_unwalkable(
-                        mem,
-                        policy,
-                        desc_table,
-                        queue_size,
-                        head,
-                        &scratch.descs,
-                        err,
-                        &mut slices,
-                        &mut scratch.walk,
-                    ),
-                };
-                let len = match completion {
-                    Completion::Retry(fault) => {
-                        queue.go_to_previous_position();
-                        outcome.fault = Some(fault);
-                        break 'drain;
-                    }
-                    Completion::Used(len) => len,
-                    Completion::Dropped => 0,
-                };
-                match queue.add_used(mem, head, len) {
-                    Ok(()) => outcome.completed = outcome.completed.saturating_add(1),
-                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-                        warn!("virtio-blk: driver offered out-of-range head {head}; ignored");
-                    }
-                    Err(err) => return Err(Error::Queue(err)),
-                }
-            }
-            if !event_idx || !queue.enable_notification(mem).map_err(Error::Queue)? {
-                break;
-            }
-        }
-        if outcome.completed > 0 {
-            outcome.notify = queue.needs_notification(mem).map_err(Error::Queue)?;
-        }
-        Ok(outcome)
-    }
-}
-
-/// Scratch space reused from request to request on one queue.
-#[derive(Debug, Default)]
-struct Scratch {
-    descs: Vec<Descriptor>,
-    /// Descriptors of a chain walked by hand ([`chain::rewalk`]).
-    walk: Vec<Descriptor>,
-    segments: Vec<Segment>,
-}
-
-/// One queue's worker: the shared device plus per-queue scratch space.
-#[derive(Debug)]
-pub struct BlkQueue {
-    device: Arc<BlkDevice>,
-    scratch: Scratch,
-}
-
-impl BlkQueue {
-    /// A worker for one queue of `device`.
-    #[must_use]
-    pub fn new(device: Arc<BlkDevice>) -> Self {
-        let max = usize::from(device.queue_size());
-        let scratch = Scratch {
-            descs: Vec::with_capacity(max),
-            walk: Vec::new(),
-            segments: Vec::with_capacity(usize::try_from(config::MAX_DISCARD_SEG).unwrap_or(0)),
-        };
-        Self { device, scratch }
-    }
-
-    /// The device this queue belongs to.
-    #[must_use]
-    pub fn device(&self) -> &Arc<BlkDevice> {
-        &self.device
-    }
-
-    /// Process every available chain of `queue`, reading and writing the driver's buffers
-    /// through `mem`.
-    ///
-    /// Returns whether the driver must be notified, and, under [`FaultPolicy::Retry`], the IOMMU
-    /// fault that stopped processing (the chain is back on the avail ring; call again once the
-    /// fault is resolved). An error means the queue itself (used ring, event fields) could not
-    /// be updated: the device should be marked `NEEDS_RESET`.
-    pub fn process<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        policy: FaultPolicy,
-    ) -> Result<QueueOutcome, Error> {
-        self.device
-            .process_with(&mut self.scratch, queue, mem, policy)
     }
 }

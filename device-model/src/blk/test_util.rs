@@ -1,6 +1,10 @@
-//! Shared builders for the virtio-blk tests: guest memory, and a driver-side queue over
-//! [`crate::testing`]'s split ring and request encoder, with the device's queue worker.
+//! Shared builders for the virtio-blk tests: guest memory (whose holds are counted), and a
+//! driver-side queue over [`crate::testing`]'s split ring and request encoder, with the
+//! device's queue worker ([`AsyncQueue`], as the doors drive it).
+#![allow(unsafe_code)]
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{
@@ -19,7 +23,8 @@ use vm_memory::{
     Permissions,
 };
 
-use super::{BlkDevice, BlkQueue, FaultPolicy, QueueOutcome};
+use super::aio::Engine;
+use super::{AsyncQueue, BlkDevice, FaultPolicy, InflightMemory, QueueOutcome, Release};
 pub use crate::testing::{blk_segments, ram_blk, NEXT, R, W};
 use crate::testing::{BlkRequest, SplitRing, DESC_LEN, STATUS_UNSET};
 
@@ -37,6 +42,55 @@ pub const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 /// Plain guest memory.
 pub fn plain_mem() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+thread_local! {
+    /// Holds taken and not released on this thread: token -> ranges.
+    static HOLDS: RefCell<HashMap<u64, Vec<(u64, u64)>>> = RefCell::new(HashMap::new());
+    static NEXT_HOLD: RefCell<u64> = const { RefCell::new(1) };
+}
+
+/// A hold of the test memories: its number.
+#[derive(Debug)]
+pub struct HoldToken(u64);
+
+fn take_hold(ranges: &[(u64, u64)]) -> HoldToken {
+    let id = NEXT_HOLD.with(|n| {
+        let mut n = n.borrow_mut();
+        *n += 1;
+        *n
+    });
+    HOLDS.with(|h| h.borrow_mut().insert(id, ranges.to_vec()));
+    HoldToken(id)
+}
+
+impl Release for HoldToken {
+    fn release(self) {
+        let had = HOLDS.with(|h| h.borrow_mut().remove(&self.0));
+        assert!(had.is_some(), "release of a hold never taken: {self:?}");
+    }
+}
+
+/// The ranges of every hold taken on this thread and not released yet.
+pub fn holds() -> Vec<Vec<(u64, u64)>> {
+    HOLDS.with(|h| h.borrow().values().cloned().collect())
+}
+
+// SAFETY: test memory outlives every queue of the test that uses it (each test completes or
+// drains what its queues have in flight before the memory is dropped).
+unsafe impl InflightMemory for GuestMemoryMmap<()> {
+    type Hold = HoldToken;
+    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
+        take_hold(ranges)
+    }
+}
+
+// SAFETY: as above.
+unsafe impl InflightMemory for FaultyMem {
+    type Hold = HoldToken;
+    fn hold(&self, ranges: &[(u64, u64)]) -> HoldToken {
+        take_hold(ranges)
+    }
 }
 
 /// Guest memory behind a pretend IOMMU that refuses one range.
@@ -126,13 +180,15 @@ pub enum Buf {
     In(u32),
 }
 
-/// The driver side of one queue, plus the device queue worker.
-pub struct Driver<'m, M: GuestMemory> {
+/// The driver side of one queue, plus the device's queue worker.
+pub struct Driver<'m, M: InflightMemory> {
     pub mem: &'m M,
     pub vq: MockSplitQueue<'m, M>,
     pub ring: SplitRing,
     pub queue: Queue,
-    pub blk: BlkQueue,
+    /// The device's worker for this queue, on the engine the device's `aio` names (sync unless
+    /// set; always sync on RAM), or the one given to [`Driver::with_engine`].
+    pub blk: AsyncQueue<M::Hold>,
     pub size: u16,
     next_desc: u16,
     next_buf: u64,
@@ -157,8 +213,14 @@ pub struct Submitted {
     pub descs: Vec<(u64, u32, u16)>,
 }
 
-impl<'m, M: GuestMemory> Driver<'m, M> {
+impl<'m, M: InflightMemory> Driver<'m, M> {
     pub fn new(mem: &'m M, device: Arc<BlkDevice>, size: u16) -> Self {
+        let engine = Engine::new(device.aio(), device.backend().clone(), device.queue_size());
+        Self::with_engine(mem, device, size, engine)
+    }
+
+    /// A driver whose device queue does its I/O on `engine`.
+    pub fn with_engine(mem: &'m M, device: Arc<BlkDevice>, size: u16, engine: Engine) -> Self {
         let vq = MockSplitQueue::new(mem, size);
         let mut queue: Queue = vq.create_queue().unwrap();
         // MockSplitQueue puts the used ring over the end of the avail ring (it sizes the avail
@@ -173,7 +235,7 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
             vq,
             ring,
             queue,
-            blk: BlkQueue::new(device),
+            blk: AsyncQueue::new(device, engine),
             size,
             next_desc: 0,
             next_buf: BUF_START,
@@ -258,9 +320,33 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
         addr
     }
 
-    /// Run the device on the queue.
+    /// Run the device on the queue as the doors do ([`AsyncQueue::poll`], every fault decided
+    /// by `policy`), synchronously: poll, wait for what is in flight, and poll again until a
+    /// poll completes nothing and nothing is in flight. Every chain on the avail ring is taken
+    /// (unless the device's I/O limits hold one back); each one is complete then, or parked on
+    /// an IOMMU fault (under Retry). The outcomes are summed: chains completed, whether any
+    /// batch had to notify, the first fault.
     pub fn run(&mut self, policy: FaultPolicy) -> QueueOutcome {
-        self.blk.process(&mut self.queue, self.mem, policy).unwrap()
+        fn add(total: &mut QueueOutcome, out: QueueOutcome) {
+            total.completed += out.completed;
+            total.notify |= out.notify;
+            total.fault = total.fault.or(out.fault);
+        }
+        let mut total = QueueOutcome::default();
+        loop {
+            let out = self
+                .blk
+                .poll(&mut self.queue, self.mem, &mut |_| policy)
+                .unwrap();
+            add(&mut total, out);
+            if self.blk.in_flight() > 0 {
+                let drained = self.blk.drain(&mut self.queue, self.mem).unwrap();
+                add(&mut total, drained);
+                assert_eq!(self.blk.in_flight(), 0, "drain left requests in flight");
+            } else if out.completed == 0 {
+                return total;
+            }
+        }
     }
 
     /// The used ring's index.
@@ -304,6 +390,7 @@ impl<'m, M: GuestMemory> Driver<'m, M> {
         let sub = self.request(kind, sector, bufs);
         let out = self.run(FaultPolicy::Fail);
         assert!(out.fault.is_none());
+        assert_eq!(self.blk.parked(), 0);
         let done = self.take_used(&sub);
         assert_eq!(done.head, sub.head);
         done

@@ -24,8 +24,8 @@
 //!
 //! Writes return [`Event`]s. On [`Event::QueueEnabled`] the transport builds the queue from
 //! [`VirtioPciFunction::queue_config`] ([`QueueConfig::to_queue`]) with the negotiated
-//! `EVENT_IDX`, and serves it with [`crate::blk::BlkQueue::process`] through the IOAS's memory
-//! view; on [`Event::QueueNotify`] it processes that queue; when a queue reports that the
+//! `EVENT_IDX`, and serves it with [`crate::blk::AsyncQueue::poll`] through the IOAS's memory
+//! view; on [`Event::QueueNotify`] it polls that queue; when a queue reports that the
 //! driver needs a notification it calls [`VirtioPciFunction::queue_interrupt`] and signals the
 //! returned MSI-X vector's eventfd; [`Event::Interrupt`] (a pending vector released by an
 //! unmask) is signalled the same way. On [`Event::Reset`] it stops every queue and forgets it
