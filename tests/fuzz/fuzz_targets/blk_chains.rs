@@ -1,14 +1,23 @@
-//! Descriptor chains over guest memory into virtio-blk
-//! (`BlkQueue::process`), on plain memory or through an IOTLB (the iommu
-//! crate's `AddressSpace`, translated by a reader session as vhost-user
-//! queues do), with the fault policy, EVENT_IDX, IOTLB updates and
-//! invalidations between passes. Input format: `vcdev_fuzz::blk_step`.
+//! Descriptor chains over guest memory into virtio-blk (`AsyncQueue::poll`,
+//! the queue engine of both doors, on the sync I/O engine), on plain memory
+//! or through an IOTLB (the iommu crate's `AddressSpace`, translated by a
+//! reader session as vhost-user queues do), with the fault policy,
+//! EVENT_IDX, IOTLB updates and invalidations between passes. Each pass
+//! polls, then drains what is in flight, as a door's worker does before it
+//! lets go of its memory view. Input format: `vcdev_fuzz::blk_step`.
 //!
-//! Checks, beyond "never panics": unless the rings themselves were
-//! remapped (a driver that does that gets what it asked for), once all
-//! memory is mapped again a last pass under `Fail` completes every
-//! in-range head offered (a malformed chain still goes back to the used
-//! ring), and the queue still serves a write and a read that round-trip.
+//! Under `Retry` a request that faults is parked (taken from the avail ring,
+//! never put back) and walked again at each later pass. Checks, beyond
+//! "never panics": unless the rings themselves were remapped (a driver that
+//! does that gets what it asked for), once all memory is mapped again a last
+//! pass under `Fail` resolves or fails every parked request and completes
+//! every in-range head offered (a malformed chain still goes back to the
+//! used ring), except the parked chains whose walk again finds them broken
+//! for good (a loop or a bad index behind a descriptor or indirect table
+//! that faulted when the chain was taken): the queue keeps those parked
+//! rather than answer them without a status byte, and they stay parked
+//! through a further pass. Then the queue still serves a write and a read
+//! that round-trip.
 #![no_main]
 
 use std::fs::File;
@@ -16,7 +25,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use vcdev_device_model::blk::{BlkQueue, FaultPolicy};
+use vcdev_device_model::blk::aio::Engine;
+use vcdev_device_model::blk::{AsyncQueue, FaultPolicy, InflightMemory, Release};
 use vcdev_device_model::testing::{ram_blk, BlkRequest, DriverMem, SplitRing, R, W};
 use vcdev_fuzz::{blk_step, BlkStep, Input};
 use vcdev_iommu::mem::sealed_memfd;
@@ -24,7 +34,9 @@ use vcdev_iommu::{AddressSpace, MemObject, Permissions, Reader, SealPolicy};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryResult};
 
 const PAGE: u64 = 4096;
 const MEM: u64 = 1 << 20;
@@ -53,6 +65,53 @@ impl DriverMem for FileMem {
     }
 }
 
+/// A request's hold on its translations: nothing to do (see [`View`]).
+#[derive(Debug)]
+struct NoHold;
+
+impl Release for NoHold {
+    fn release(self) {}
+}
+
+/// The device's view of memory for one pass: plain memory or an IOTLB
+/// session, with holds that cost nothing.
+struct View<'a, M>(&'a M);
+
+impl<M: GuestMemory> GuestMemory for View<'_, M> {
+    type PhysicalMemory = M::PhysicalMemory;
+    type Bitmap = M::Bitmap;
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        self.0.check_range(addr, count, access)
+    }
+
+    fn get_slices<'b>(
+        &'b self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, M::Bitmap>>> {
+        self.0.get_slices(addr, count, access)
+    }
+
+    fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
+        self.0.physical_memory()
+    }
+}
+
+// SAFETY: every translation, plain or through the IOTLB, points into the one
+// mapping of the memfd (the `GuestMemoryMmap`, or the `MemObject` that `Mem`
+// keeps for the whole input), which outlives the queue (declared after
+// `mem`, so dropped first); IOTLB edits remove translations, never that
+// mapping. Besides, every pass drains the queue before the view ends.
+unsafe impl<M: GuestMemory> InflightMemory for View<'_, M> {
+    type Hold = NoHold;
+
+    fn hold(&self, _ranges: &[(u64, u64)]) -> NoHold {
+        NoHold
+    }
+}
+
 /// Guest memory as the device sees it; the driver always writes the
 /// memfd behind it.
 enum Mem {
@@ -65,12 +124,20 @@ enum Mem {
 }
 
 impl Mem {
-    fn process(&mut self, q: &mut BlkQueue, queue: &mut Queue, policy: FaultPolicy) -> bool {
+    /// One pass of the device over the queue, every fault decided `policy`:
+    /// a poll, then a drain of what is in flight. Whether the queue could be
+    /// updated throughout.
+    fn process(
+        &mut self,
+        q: &mut AsyncQueue<NoHold>,
+        queue: &mut Queue,
+        policy: FaultPolicy,
+    ) -> bool {
         match self {
-            Mem::Plain(m) => q.process(queue, m, policy).is_ok(),
+            Mem::Plain(m) => pass(q, queue, &View(m), policy),
             Mem::Iotlb { reader, .. } => {
                 let s = reader.enter();
-                q.process(queue, &s, policy).is_ok()
+                pass(q, queue, &View(&s), policy)
             }
         }
     }
@@ -88,6 +155,18 @@ impl Mem {
             space.iotlb_invalidate(iova_page * PAGE, npages * PAGE);
         }
     }
+}
+
+fn pass<M: GuestMemory>(
+    q: &mut AsyncQueue<NoHold>,
+    queue: &mut Queue,
+    view: &View<'_, M>,
+    policy: FaultPolicy,
+) -> bool {
+    let polled = q.poll(queue, view, &mut |_| policy).is_ok();
+    let drained = q.drain(queue, view).is_ok();
+    assert_eq!(q.in_flight(), 0, "a drained queue has requests in flight");
+    polled && drained
 }
 
 /// The driver's allocator of buffers in the data area.
@@ -142,7 +221,8 @@ fuzz_target!(|data: &[u8]| {
         Mem::Plain(GuestMemoryMmap::from_ranges_with_files(&ranges).expect("guest memory"))
     };
     let dev = ram_blk(64 * 512, Default::default());
-    let mut blk = BlkQueue::new(dev);
+    let engine = Engine::new(dev.aio(), dev.backend().clone(), dev.queue_size());
+    let mut blk: AsyncQueue<NoHold> = AsyncQueue::new(dev, engine);
     let mut queue = Queue::new(QSIZE).expect("queue");
     queue
         .try_set_desc_table_address(GuestAddress(DESC))
@@ -253,17 +333,30 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    // Everything mapped again; the last pass fails what faults.
+    // Everything mapped again; the last pass walks the parked requests
+    // again and fails what faults.
     mem.map(0, MEM / PAGE, 0, Permissions::ReadWrite);
     sound &= mem.process(&mut blk, &mut queue, FaultPolicy::Fail);
     if !sound {
         return;
     }
     let used = ring.device_used_idx(&d);
+    let parked = u16::try_from(blk.parked()).expect("parked count");
     assert_eq!(
-        used, offered,
-        "{offered} chains offered in range, {used} came back on the used ring"
+        used.wrapping_add(parked),
+        offered,
+        "{offered} chains offered in range, {used} came back on the used ring, {parked} parked"
     );
+    // What is still parked is broken for good: another pass changes nothing.
+    if parked > 0 {
+        assert!(mem.process(&mut blk, &mut queue, FaultPolicy::Fail));
+        assert_eq!(
+            ring.device_used_idx(&d),
+            used,
+            "a parked chain completed later"
+        );
+        assert_eq!(blk.parked(), usize::from(parked));
+    }
     // The queue still works: a write, then a read of the same sector.
     let pattern: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
     let mut statuses = Vec::new();

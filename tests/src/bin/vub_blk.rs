@@ -248,7 +248,7 @@ impl VhostUserBackend for VubBlk {
     }
 
     fn set_event_idx(&self, _enabled: bool) {
-        // The crate sets EVENT_IDX on each vring's queue, and BlkQueue reads it from there.
+        // The crate sets EVENT_IDX on each vring's queue, and AsyncQueue reads it from there.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
