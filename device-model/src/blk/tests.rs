@@ -544,8 +544,9 @@ fn fault_retry_parks_the_request() {
         (behind.head, OK, 513)
     );
     assert_eq!(done.data, data[512..1024]);
-    // Parked, not on the avail ring; nothing of it consumed or written.
+    // Parked, not on the avail ring, holding no translation; nothing of it written.
     assert_eq!((d.blk.parked(), d.blk.in_flight()), (1, 0));
+    assert!(holds().is_empty(), "a parked request holds {:?}", holds());
     assert_avail_consumed(&d);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0xff);
     assert_eq!(disk(&dev, 0, 4096), data);
