@@ -146,7 +146,11 @@ fn dd_boot(guest: &Guest, config: &str, props: Option<&str>, append: &str) -> St
     assert!(maps > 0, "{what}: QEMU mapped no guest memory");
     assert!(stat(&d, "cdev_batches") > 0, "{what}: no queue work");
     // After QEMU: the device is free again, and vhost-user reads the same.
-    assert_eq!(md5_through_vhost_user(&d, mib), expected, "{what}: vhost-user");
+    assert_eq!(
+        md5_through_vhost_user(&d, mib),
+        expected,
+        "{what}: vhost-user"
+    );
     let (w, r) = (secs(report, "write_s"), secs(report, "read_s"));
     let mb = f64::from(mib);
     let iommu = dev.get("iommu_type").map_or("none", String::as_str);
@@ -274,4 +278,123 @@ fn vfio_pci_exclusivity_and_release_on_kill() {
         t0.elapsed()
     );
     let _ = running.wait();
+}
+
+/// One configuration of the benchmark.
+struct BenchCase {
+    name: &'static str,
+    config: &'static str,
+    /// `Some(props)`: vfio-pci through `vcdev qemu-exec`; `None`: the
+    /// topology's vhost-user-blk disk.
+    vfio: Option<&'static str>,
+    append: &'static str,
+}
+
+const BENCH: [BenchCase; 4] = [
+    BenchCase {
+        name: "vhost-user-blk, no vIOMMU",
+        config: "no-viommu",
+        vfio: None,
+        append: "",
+    },
+    BenchCase {
+        name: "vfio-pci (cdev door), no vIOMMU",
+        config: "vfio-pci",
+        vfio: Some(""),
+        append: "",
+    },
+    BenchCase {
+        name: "vhost-user-blk, intel-iommu strict",
+        config: "intel-iommu",
+        vfio: None,
+        append: "iommu.strict=1",
+    },
+    BenchCase {
+        name: "vfio-pci (cdev door), intel-iommu strict",
+        config: "vfio-pci-intel-iommu",
+        vfio: Some("bus=rp0"),
+        append: "iommu.strict=1",
+    },
+];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The guest-visible dd throughput of the vfio-pci path beside
+/// vhost-user, with and without intel-iommu (strict), and the IOAS
+/// map/unmap rate QEMU drives through the door (BENCHMARKS.md, issue
+/// #14). `VCDEV_VFIO_MIB` (64 for the figures), `VCDEV_VFIO_BENCH_RUNS`
+/// (3); configurations interleaved; medians. Under TCG: functional
+/// figures. Run with release daemons: `VCDEV_BIN=.../release/vcdev
+/// VCDEV_PRELOAD=.../release/libvcdev_vfio.so`.
+#[test]
+#[ignore = "benchmark: run by hand (BENCHMARKS.md)"]
+fn bench_vfio_pci_beside_vhost_user() {
+    let Some(guest) = qemu::require() else { return };
+    let mib = mib();
+    let runs: usize = std::env::var("VCDEV_VFIO_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    // Per case: write MB/s, read MB/s, maps/s, unmaps/s, unmap us, IOTLB
+    // messages/s.
+    let mut rows: Vec<[Vec<f64>; 6]> = BENCH.iter().map(|_| Default::default()).collect();
+    for run in 0..runs {
+        for (i, case) in BENCH.iter().enumerate() {
+            let tmp = TempDir::new("qvfio-bench").expect("tmpdir");
+            let image = tmp.join("disk.img");
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(u64::from(mib + 16) << 20))
+                .expect("image");
+            // QEMU's vhost-user-blk default queue-size (128) for both.
+            let spec = format!("blk,path={},queues=1,queue-size=128", image.display());
+            let mut d = Vcdev::start("qemu-vfio-bench", &["--device", &spec], "vfio0");
+            let seed = format!("b{run}x{i}");
+            let mut boot = guest.boot(case.config).append(case.append).dd(mib, &seed);
+            boot = match case.vfio {
+                Some(props) => boot.launcher(launcher(&d, (!props.is_empty()).then_some(props))),
+                None => boot.socket(&d.socket("vfio0")),
+            };
+            let r = boot.run().expect("spawn");
+            assert!(
+                r.report.ok(),
+                "{}\n{}\n{}",
+                case.name,
+                r.diagnostics(),
+                d.log()
+            );
+            let (report, _) = qemu::expect_dd_readback(&r, case.name, &seed, mib);
+            let (w, rd) = (secs(report, "write_s"), secs(report, "read_s"));
+            let s = |k: &str| stat(&d, k) as f64;
+            let dd = w + rd;
+            let row = &mut rows[i];
+            row[0].push(f64::from(mib) / w);
+            row[1].push(f64::from(mib) / rd);
+            row[2].push(s("ioas_maps") / dd);
+            row[3].push(s("ioas_unmaps") / dd);
+            row[4].push(s("ioas_unmap_us") / s("ioas_unmaps").max(1.0));
+            row[5].push((s("iotlb_misses") + s("iotlb_invalidates")) / dd);
+            eprintln!(
+                "run {run} {}: write {w:.2}s read {rd:.2}s maps {} unmaps {} misses {} invalidates {}",
+                case.name,
+                s("ioas_maps"),
+                s("ioas_unmaps"),
+                s("iotlb_misses"),
+                s("iotlb_invalidates"),
+            );
+        }
+    }
+    eprintln!(
+        "| configuration | write MB/s | read MB/s | IOAS maps/s | IOAS unmaps/s | unmap us (avg) | IOTLB miss+inval/s |"
+    );
+    eprintln!("|---|---|---|---|---|---|---|");
+    for (case, row) in BENCH.iter().zip(rows.iter_mut()) {
+        let m: Vec<f64> = row.iter_mut().map(|v| median(v)).collect();
+        eprintln!(
+            "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.0} |",
+            case.name, m[0], m[1], m[2], m[3], m[4], m[5]
+        );
+    }
 }
