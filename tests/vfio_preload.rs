@@ -66,7 +66,12 @@ fn libc_calls_on_vcdev_files_are_frames() {
         fds.push(fd);
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_under_preload", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_under_preload",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("LD_PRELOAD", preload_lib())
         .env(ENV_FDS, format!("{},{}", fds[0], fds[1]))
         .env("VCDEV_VFIO_LOG", "debug")
