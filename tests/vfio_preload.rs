@@ -277,3 +277,58 @@ fn child_under_preload() {
         libc::close(mfd);
     }
 }
+
+/// `vcdev qemu-exec --print`: the environment and the two options it adds,
+/// with the descriptors it opened; a device that does not exist: exit 1
+/// naming the node.
+#[test]
+fn qemu_exec_prints_the_command() {
+    let d = Vcdev::start(
+        "vfio-qemu-exec",
+        &["--device", "blk,ram=16M,name=vfio0"],
+        "vfio0",
+    );
+    let dir = d.dir().display().to_string();
+    let lib = preload_lib().display().to_string();
+    let run = |name: &str| {
+        Command::new(common::vcdev::vcdev_bin())
+            .args(["qemu-exec", "--dir", &dir, "--preload", &lib, "--print"])
+            .args([
+                "--props",
+                "bus=rp0",
+                name,
+                "--",
+                "qemu-system-x86_64",
+                "-m",
+                "1G",
+            ])
+            .output()
+            .expect("vcdev qemu-exec")
+    };
+    let out = run("vfio0");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words[0].starts_with("LD_PRELOAD=") && words[0].ends_with("libvcdev_vfio.so"));
+    let fds = words[1].strip_prefix(&format!("{ENV_FDS}=")).expect("fds");
+    let (n, m) = fds.split_once(',').expect("two fds");
+    assert_eq!(&words[2..5], ["qemu-system-x86_64", "-m", "1G"]);
+    assert_eq!(words[5], "-object");
+    assert_eq!(words[6], format!("iommufd,id=vcdev-iommufd0,fd={n}"));
+    assert_eq!(words[7], "-device");
+    assert_eq!(
+        words[8],
+        format!("vfio-pci,id=vcdev-vfio0,iommufd=vcdev-iommufd0,fd={m},bus=rp0")
+    );
+    let out = run("nope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("devices/nope") && err.contains("ENOENT"),
+        "{err}"
+    );
+}
