@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::process::Command;
 
 use common::cdev::CONFIG_REGION;
@@ -271,6 +271,21 @@ fn child_under_preload() {
     assert_eq!(ioctl(copy, VFIO_DEVICE_GET_INFO, &mut info), -libc::EBADF);
     // The original still works.
     assert_eq!(ioctl(dev, VFIO_DEVICE_GET_INFO, &mut info), 0);
+    // Under KVM, QEMU adds every VFIO file to the VM's KVM-VFIO device;
+    // for a vcdev file the library answers 0 itself (here on /dev/null,
+    // which the kernel would answer ENOTTY).
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let mut attr = [0u64; 3];
+    attr[0] = 1 << 32; // flags 0, group KVM_DEV_VFIO_FILE
+    attr[1] = 1; // KVM_DEV_VFIO_FILE_ADD
+    attr[2] = &dev as *const RawFd as u64;
+    // SAFETY: a kvm_device_attr naming `dev`.
+    let r = unsafe { libc::ioctl(null.as_raw_fd(), 0x4018_aee1, attr.as_mut_ptr()) };
+    assert_eq!(r, 0, "errno {}", errno());
+    attr[2] = &mfd as *const RawFd as u64;
+    // SAFETY: the same naming the memfd: the kernel's answer.
+    let r = unsafe { libc::ioctl(null.as_raw_fd(), 0x4018_aee1, attr.as_mut_ptr()) };
+    assert_eq!((r, errno()), (-1, libc::ENOTTY));
     // SAFETY: the memfd and mapping made above.
     unsafe {
         libc::munmap(va as *mut libc::c_void, 1 << 20);

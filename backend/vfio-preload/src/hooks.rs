@@ -74,9 +74,34 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_i
     match ours(fd) {
         // SAFETY: the caller passes the argument the request takes.
         Some((d, _b)) => ret_int(unsafe { translate::ioctl(&*d, req, arg.cast()) }),
-        // SAFETY: the caller's contract.
-        None => unsafe { real::ioctl(fd, req, arg) },
+        None => {
+            if req == translate::KVM_SET_DEVICE_ATTR && kvm_vfio_ours(arg) {
+                return 0;
+            }
+            // SAFETY: the caller's contract.
+            unsafe { real::ioctl(fd, req, arg) }
+        }
     }
+}
+
+/// A KVM-VFIO device attribute that adds or removes a vcdev file
+/// ([`translate::kvm_vfio_file`]): answered 0 here.
+fn kvm_vfio_ours(arg: *mut c_void) -> bool {
+    if BUSY.with(Cell::get) {
+        return false;
+    }
+    // SAFETY: KVM_SET_DEVICE_ATTR's argument is a struct kvm_device_attr.
+    let Some(file) = (unsafe { translate::kvm_vfio_file(arg.cast()) }) else {
+        return false;
+    };
+    let Some((d, _b)) = ours(file) else {
+        return false;
+    };
+    log::debug!(
+        "KVM_SET_DEVICE_ATTR KVM_DEV_VFIO_FILE of vcdev file fd {file} (first fd {}): 0, not for the kernel",
+        d.first_fd
+    );
+    true
 }
 
 /// `pread64`.

@@ -44,6 +44,50 @@ pub const MAX_STRUCT: usize = 64 << 10;
 /// The most descriptors one frame carries (PROTOCOL.md).
 const MAX_FDS: usize = vcdev::wire::MAX_FDS;
 
+/// `KVM_SET_DEVICE_ATTR`: `_IOW(KVMIO, 0xe1, struct kvm_device_attr)`.
+pub const KVM_SET_DEVICE_ATTR: u64 = 0x4018_aee1;
+/// `KVM_DEV_VFIO_FILE` (formerly `KVM_DEV_VFIO_GROUP`).
+const KVM_DEV_VFIO_FILE: u32 = 1;
+/// `KVM_DEV_VFIO_FILE_ADD`.
+const KVM_DEV_VFIO_FILE_ADD: u64 = 1;
+/// `KVM_DEV_VFIO_FILE_DEL`.
+const KVM_DEV_VFIO_FILE_DEL: u64 = 2;
+
+/// The descriptor a `KVM_SET_DEVICE_ATTR` on the KVM-VFIO device adds or
+/// removes (`KVM_DEV_VFIO_FILE_ADD`/`_DEL`), if that is what `arg` asks.
+///
+/// Under KVM, QEMU's vfio-pci hands every VFIO file to the VM's KVM-VFIO
+/// device (for non-coherent DMA and arch hooks); the kernel refuses a file
+/// that is not a vfio one. An emulated device needs none of it, so the
+/// hooks answer 0 for vcdev files without asking the kernel.
+///
+/// # Safety
+///
+/// `arg` must point to a `struct kvm_device_attr` (24 bytes) whose `addr`,
+/// for the two attributes, points to an `int`.
+pub unsafe fn kvm_vfio_file(arg: *const u8) -> Option<RawFd> {
+    if arg.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's struct kvm_device_attr: u32 flags, u32 group,
+    // u64 attr, u64 addr.
+    let (group, attr, addr) = unsafe {
+        (
+            std::ptr::read_unaligned(arg.add(4).cast::<u32>()),
+            std::ptr::read_unaligned(arg.add(8).cast::<u64>()),
+            std::ptr::read_unaligned(arg.add(16).cast::<u64>()),
+        )
+    };
+    if group != KVM_DEV_VFIO_FILE
+        || !(attr == KVM_DEV_VFIO_FILE_ADD || attr == KVM_DEV_VFIO_FILE_DEL)
+        || addr == 0
+    {
+        return None;
+    }
+    // SAFETY: for these attributes `addr` points to the file's int.
+    Some(unsafe { std::ptr::read_unaligned(addr as usize as *const i32) })
+}
+
 /// Where frames go: a [`Door`] (or a test's fake).
 pub trait Transport {
     /// Sends one request and returns its reply.
@@ -473,6 +517,20 @@ mod tests {
         assert_eq!(u32_at(&arg, 8), Some(2));
         assert_eq!(u64_at(&arg, 24), Some(4096));
         assert_eq!(out, [0, 0xfff]);
+    }
+
+    #[test]
+    fn kvm_vfio_file_attributes() {
+        let fd: i32 = 42;
+        let mut attr = [0u8; 24];
+        attr[4..8].copy_from_slice(&1u32.to_le_bytes());
+        attr[8..16].copy_from_slice(&1u64.to_le_bytes());
+        attr[16..24].copy_from_slice(&(&fd as *const i32 as u64).to_le_bytes());
+        // SAFETY: a kvm_device_attr on the stack naming `fd`.
+        assert_eq!(unsafe { kvm_vfio_file(attr.as_ptr()) }, Some(42));
+        attr[8..16].copy_from_slice(&3u64.to_le_bytes());
+        // SAFETY: as above (SET_SPAPR_TCE: not ours to answer).
+        assert_eq!(unsafe { kvm_vfio_file(attr.as_ptr()) }, None);
     }
 
     #[test]
