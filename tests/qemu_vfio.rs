@@ -81,20 +81,27 @@ fn bound(d: &Vcdev) -> bool {
     !v["devices"][0]["cdev"]["bound_as"].is_null()
 }
 
-/// Whether a vhost-user connection to `path` is refused (closed at once).
+/// Whether the device has no owner (`ctl list`).
+fn free(d: &Vcdev) -> bool {
+    let (_, v) = d.ctl_json(&["list"]);
+    v["devices"][0]["owner"].is_null()
+}
+
+/// Whether a vhost-user connection to `path` is refused (closed by the
+/// daemon; a served one would wait for the frontend's first message).
 fn vhost_user_refused(path: &Path) -> bool {
     let mut s = UnixStream::connect(path).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut b = [0u8; 1];
     matches!(s.read(&mut b), Ok(0))
 }
 
 /// Reads the first `mib` MiB of vfio0 through vhost-user and returns
-/// their md5, retrying the connection while the cdev release finishes.
+/// their md5, once the cdev release has finished.
 fn md5_through_vhost_user(d: &Vcdev, mib: u32) -> String {
     let sock = d.socket("vfio0");
-    poll_until(TIMEOUT, || (!vhost_user_refused(&sock)).then_some(()))
-        .expect("vhost-user still refused after the cdev file closed");
+    poll_until(TIMEOUT, || free(d).then_some(()))
+        .expect("the device still has an owner after QEMU exited");
     let mut h = Harness::start(&sock, 1, 256);
     const CHUNK: u32 = 256 << 10;
     let total = u64::from(mib) << 20;
