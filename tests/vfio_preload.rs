@@ -75,7 +75,7 @@ fn libc_calls_on_vcdev_files_are_frames() {
         .env("LD_PRELOAD", preload_lib())
         .env(ENV_FDS, format!("{},{}", fds[0], fds[1]))
         .env("VCDEV_VFIO_LOG", "debug")
-        .env(CHILD, "1")
+        .env(CHILD, format!("{},{}", fds[0], fds[1]))
         .output()
         .expect("run the child");
     let text = format!(
@@ -108,12 +108,20 @@ fn child_under_preload() {
     if std::env::var_os(CHILD).is_none() {
         return;
     }
-    let fds: Vec<RawFd> = std::env::var(ENV_FDS)
+    let fds: Vec<RawFd> = std::env::var(CHILD)
         .unwrap()
         .split(',')
         .map(|s| s.parse().unwrap())
         .collect();
     let (ictx, dev) = (fds[0], fds[1]);
+    // The library took the list out of the environment (programs QEMU
+    // runs do not inherit it) and the files are close-on-exec.
+    assert!(std::env::var_os(ENV_FDS).is_none());
+    for fd in [ictx, dev] {
+        // SAFETY: F_GETFD on an inherited descriptor.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(fl & libc::FD_CLOEXEC, libc::FD_CLOEXEC, "fd {fd}");
+    }
 
     // Not bound yet: everything EINVAL, as vfio's device cdev answers.
     let mut info = VfioDeviceInfo {

@@ -16,6 +16,17 @@ use vcdev_iommu::Errno;
 use crate::table::{self, Door};
 use crate::{real, translate};
 
+/// The library's constructor ([`table::load`]), run by the dynamic loader.
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn constructor() {
+    BUSY.with(|b| b.set(true));
+    table::load();
+    BUSY.with(|b| b.set(false));
+}
+
 thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }

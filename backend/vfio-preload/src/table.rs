@@ -78,6 +78,10 @@ fn table() -> &'static Table {
         for fd in parse_fds(&std::env::var(ENV_FDS).unwrap_or_default()) {
             if is_socket(fd) {
                 debug!("fd {fd}: a vcdev file");
+                // QEMU inherited it; a program QEMU runs must not (it would
+                // keep the device bound after QEMU is gone).
+                // SAFETY: fcntl on an open descriptor; no memory involved.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
                 map.insert(fd, Arc::new(Door::new(fd)));
             } else {
                 warn!("{ENV_FDS} names fd {fd}, which is not an open socket: ignored");
@@ -88,6 +92,16 @@ fn table() -> &'static Table {
             map: RwLock::new(map),
         }
     })
+}
+
+/// Runs when the library is loaded, before the program's `main` (one
+/// thread): reads the table, and takes `VCDEV_VFIO_FDS` out of the
+/// environment, so that a program QEMU runs, which inherits `LD_PRELOAD`,
+/// does not take its own descriptors of those numbers for vcdev files.
+pub fn load() {
+    let _ = table();
+    // No other thread exists yet to read the environment meanwhile.
+    std::env::remove_var(ENV_FDS);
 }
 
 /// The vcdev file behind `fd`, if it is one.
