@@ -131,6 +131,34 @@ fn before_bind_everything_is_einval() {
     assert_errno!(dev.reset(), EINVAL);
 }
 
+/// `vfio_pci_ioctl_get_pci_hot_reset_info` / `vfio_pci_ioctl_pci_hot_reset`
+/// (what QEMU's vfio-pci may ask): argsz below the header EINVAL, hot
+/// reset flags EINVAL, a non-empty array from a device file opened through
+/// its cdev EINVAL; otherwise ENODEV, as for a device with neither a slot
+/// nor a bus that can be reset (VFIO_DEVICE_RESET is the function's reset).
+#[test]
+fn pci_hot_reset_is_enodev() {
+    let d = device_daemon("cdev-hot-reset");
+    let b = bind_and_attach(&d, "vfio0");
+    let hdr = |argsz: u32, flags: u32, count: u32| {
+        [argsz, flags, count]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect::<Vec<u8>>()
+    };
+    let info = VFIO_DEVICE_GET_PCI_HOT_RESET_INFO;
+    assert_eq!(result(&b.dev, info, &hdr(12, 0, 0)), -libc::ENODEV);
+    assert_eq!(result(&b.dev, info, &hdr(8, 0, 0)[..8]), -libc::EINVAL);
+    let reset = VFIO_DEVICE_PCI_HOT_RESET;
+    assert_eq!(result(&b.dev, reset, &hdr(12, 0, 0)), -libc::ENODEV);
+    assert_eq!(result(&b.dev, reset, &hdr(12, 1, 0)), -libc::EINVAL);
+    let mut one = hdr(16, 0, 1);
+    one.extend_from_slice(&0i32.to_le_bytes());
+    assert_eq!(result(&b.dev, reset, &one), -libc::EINVAL);
+    // The device still works.
+    assert!(b.dev.device_info().is_ok());
+}
+
 /// `vfio_df_ioctl_bind_iommufd`: `iommufd` < 0 is EINVAL.
 #[test]
 fn bind_negative_iommufd_is_einval() {

@@ -50,6 +50,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod event_loop;
 pub mod pod;
+pub mod qemu_exec;
 pub mod queue;
 pub mod registry;
 pub mod ring;

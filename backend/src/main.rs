@@ -26,6 +26,60 @@ enum Command {
     /// Ask or change a running daemon (exit 0 done, 1 refused or failed,
     /// 2 usage).
     Ctl(CtlArgs),
+    /// Run QEMU with a device given to its own vfio-pci (iommufd backend)
+    /// through the cdev door: opens DIR/iommu and DIR/devices/NAME, adds
+    /// `-object iommufd,fd=N -device vfio-pci,iommufd=..,fd=M` and execs
+    /// QEMU with LD_PRELOAD=libvcdev_vfio.so. Guest RAM must be
+    /// memory-backend-memfd.
+    QemuExec(QemuExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct QemuExecArgs {
+    /// The daemon's runtime directory [default: as for serve].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The preload library [default: libvcdev_vfio.so next to this binary].
+    #[arg(long, value_name = "PATH")]
+    preload: Option<PathBuf>,
+    /// More properties for the vfio-pci device (e.g. `bus=rp0,addr=0`).
+    #[arg(long, value_name = "PROPS")]
+    props: Option<String>,
+    /// Print the command (environment first) instead of running it: a dry
+    /// run, the descriptors it names close when vcdev exits.
+    #[arg(long)]
+    print: bool,
+    /// The device's name.
+    name: String,
+    /// The QEMU program and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "QEMU")]
+    command: Vec<std::ffi::OsString>,
+}
+
+/// `vcdev qemu-exec`: execs QEMU (or prints the command); exit 1 when the
+/// door refuses the files or exec fails.
+fn qemu_exec(a: QemuExecArgs) -> ExitCode {
+    let launch = vcdev::qemu_exec::QemuExec {
+        dir: a.dir.unwrap_or_else(vcdev::config::default_dir),
+        device: a.name,
+        preload: a.preload.unwrap_or_else(vcdev::qemu_exec::default_preload),
+        props: a.props,
+        command: a.command,
+    };
+    let prepared = match launch.prepare() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vcdev qemu-exec: {}", vcdev::error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    if a.print {
+        println!("{}", prepared.shell_line());
+        return ExitCode::SUCCESS;
+    }
+    let e = prepared.exec();
+    eprintln!("vcdev qemu-exec: {}", vcdev::error_chain(&e));
+    ExitCode::from(1)
 }
 
 #[derive(Debug, clap::Args)]
@@ -185,6 +239,7 @@ fn main() -> ExitCode {
     let serve = match args.command {
         Command::Serve(s) => s,
         Command::Ctl(c) => return ctl(c),
+        Command::QemuExec(q) => return qemu_exec(q),
     };
     let config = match Config::try_from(serve) {
         Ok(c) => c,

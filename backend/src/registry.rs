@@ -288,6 +288,9 @@ pub struct DeviceCounters {
     /// Time spent in those polls, in microseconds (their CPU cost, less
     /// what `sched_yield` gave to other threads).
     pub iotlb_poll_us: AtomicU64,
+    /// cdev door: IOAS map and unmap requests on the address space the
+    /// device is attached to (the software IOMMU counts them).
+    pub ioas: Arc<vcdev_iommu::MapStats>,
 }
 
 impl DeviceCounters {
@@ -317,6 +320,10 @@ impl DeviceCounters {
             ("iotlb_poll_hits", g(&self.iotlb_poll_hits)),
             ("iotlb_poll_misses", g(&self.iotlb_poll_misses)),
             ("iotlb_poll_us", g(&self.iotlb_poll_us)),
+            ("ioas_maps", g(&self.ioas.maps)),
+            ("ioas_unmaps", g(&self.ioas.unmaps)),
+            ("ioas_unmap_us", g(&self.ioas.unmap_ns) / 1000),
+            ("ioas_unmap_max_us", g(&self.ioas.unmap_max_ns) / 1000),
         ]
     }
 }

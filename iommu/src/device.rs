@@ -17,6 +17,7 @@
 //! is EBUSY (DMA ownership).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::errno::Errno;
@@ -102,6 +103,36 @@ struct Binding {
     id: ObjectId,
 }
 
+/// IOAS map and unmap requests on the address space a device is attached
+/// to, counted for that device (what `vcdev ctl stats` shows as
+/// `ioas_maps`, ...). Relaxed atomics; an unmap's time includes its
+/// grace period (the wait for the device's queues to quiesce).
+#[derive(Debug, Default)]
+pub struct MapStats {
+    /// Successful IOMMU_IOAS_MAP / MAP_FILE (and type1 MAP_DMA).
+    pub maps: AtomicU64,
+    /// Successful IOMMU_IOAS_UNMAP (and type1 UNMAP_DMA).
+    pub unmaps: AtomicU64,
+    /// Total time in those unmaps, in nanoseconds.
+    pub unmap_ns: AtomicU64,
+    /// The longest of them, in nanoseconds.
+    pub unmap_max_ns: AtomicU64,
+}
+
+impl MapStats {
+    /// Counts one map.
+    pub fn mapped(&self) {
+        self.maps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one unmap that took `ns`.
+    pub fn unmapped(&self, ns: u64) {
+        self.unmaps.fetch_add(1, Ordering::Relaxed);
+        self.unmap_ns.fetch_add(ns, Ordering::Relaxed);
+        self.unmap_max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+}
+
 /// An emulated device as the software IOMMU sees it.
 pub struct DeviceHandle {
     name: String,
@@ -113,6 +144,8 @@ pub struct DeviceHandle {
     binding: Mutex<Option<Binding>>,
     /// The current address space (a leaf lock, never held across the hook).
     space: Mutex<Option<Arc<AddressSpace>>>,
+    /// Map and unmap requests on that space.
+    stats: Arc<MapStats>,
 }
 
 impl fmt::Debug for DeviceHandle {
@@ -144,6 +177,18 @@ impl DeviceHandle {
         reserved: Vec<IovaRange>,
         hook: AttachHook,
     ) -> Result<Arc<DeviceHandle>, DeviceError> {
+        Self::with_stats(name, aperture, reserved, hook, Arc::default())
+    }
+
+    /// As [`DeviceHandle::new`], counting map and unmap requests in
+    /// `stats` (which the caller may share with its own counters).
+    pub fn with_stats(
+        name: impl Into<String>,
+        aperture: IovaRange,
+        reserved: Vec<IovaRange>,
+        hook: AttachHook,
+        stats: Arc<MapStats>,
+    ) -> Result<Arc<DeviceHandle>, DeviceError> {
         let name = name.into();
         if let Some(r) = std::iter::once(&aperture)
             .chain(&reserved)
@@ -162,7 +207,13 @@ impl DeviceHandle {
             hook,
             binding: Mutex::new(None),
             space: Mutex::new(None),
+            stats,
         }))
+    }
+
+    /// Its map and unmap counters.
+    pub fn map_stats(&self) -> &Arc<MapStats> {
+        &self.stats
     }
 
     /// Its name.

@@ -192,7 +192,15 @@ impl Iommufd {
             || fd.ok_or(IoasError::NoDescriptor),
         )?;
         cmd.iova = iova;
+        self.count(cmd.ioas_id, |s| s.mapped());
         Ok(iova)
+    }
+
+    /// Counts a request on IOAS `ioas_id` for every device attached to it.
+    pub(crate) fn count(&self, ioas_id: u32, f: impl Fn(&crate::device::MapStats)) {
+        for d in self.table().devices_on(ioas_id) {
+            f(d.map_stats());
+        }
     }
 
     /// IOMMU_IOAS_MAP_FILE: as MAP, from offset `start` of the file riding
@@ -217,6 +225,7 @@ impl Iommufd {
                 e => e,
             })?;
         cmd.iova = iova;
+        self.count(cmd.ioas_id, |s| s.mapped());
         Ok(iova)
     }
 
@@ -254,6 +263,7 @@ impl Iommufd {
     /// (iova 0, length U64_MAX: everything); the bytes unmapped go to
     /// `cmd.length`. Returns after the grace period.
     pub fn ioas_unmap(&self, cmd: &mut uapi::IommuIoasUnmap) -> Result<u64, IoasError> {
+        let started = std::time::Instant::now();
         let ioas = self.ioas(cmd.ioas_id)?;
         let unmapped = if cmd.iova == 0 && cmd.length == u64::MAX {
             ioas.iopt().unmap_all()
@@ -264,6 +274,9 @@ impl Iommufd {
             ioas.iopt().unmap(cmd.iova, cmd.length)?
         };
         cmd.length = unmapped;
+        drop(ioas);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.count(cmd.ioas_id, |s| s.unmapped(ns));
         Ok(unmapped)
     }
 

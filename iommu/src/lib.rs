@@ -52,7 +52,7 @@ pub mod translate;
 pub mod tree;
 pub mod uapi;
 
-pub use device::{AttachHook, DeviceError, DeviceHandle};
+pub use device::{AttachHook, DeviceError, DeviceHandle, MapStats};
 pub use errno::Errno;
 pub use hold::{hold_range, HoldId, HoldRange, HoldReleaser};
 pub use hwpt::{Hwpt, HwptError};

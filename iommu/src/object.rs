@@ -195,6 +195,21 @@ impl Table {
             .count()
     }
 
+    /// The devices attached (through a HWPT) to IOAS `ioas`.
+    pub(crate) fn devices_on(&self, ioas: u32) -> Vec<Arc<crate::device::DeviceHandle>> {
+        self.objects
+            .values()
+            .filter_map(|o| match o {
+                Object::Device(d) => {
+                    let h = d.hwpt?;
+                    let on = self.hwpt(h.0).ok()?.ioas_id == ObjectId(ioas);
+                    on.then(|| d.handle.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// HWPTs on IOAS `ioas`, in id order.
     pub(crate) fn hwpts_of(&self, ioas: u32) -> Vec<(ObjectId, Arc<Hwpt>)> {
         self.objects

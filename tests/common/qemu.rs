@@ -425,6 +425,7 @@ pub struct Boot<'g> {
     vars: BTreeMap<String, String>,
     extra: Vec<String>,
     disk: Option<String>,
+    launcher: Vec<String>,
     timeout: Duration,
 }
 
@@ -456,6 +457,7 @@ impl Guest {
             vars,
             extra: Vec::new(),
             disk: None,
+            launcher: Vec::new(),
             timeout,
         }
     }
@@ -545,6 +547,14 @@ impl Boot<'_> {
         self
     }
 
+    /// Runs QEMU through `launcher` (program and arguments before the
+    /// QEMU program, e.g. `vcdev qemu-exec --dir D vfio0 --`), which must
+    /// exec it (the process killed at the deadline is the launcher's).
+    pub fn launcher(mut self, launcher: Vec<String>) -> Self {
+        self.launcher = launcher;
+        self
+    }
+
     /// Hard deadline from spawn to exit; QEMU is killed when it passes.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
@@ -564,11 +574,25 @@ impl Boot<'_> {
 
     /// Spawns QEMU; the console (serial on stdio) is captured.
     pub fn spawn(&self) -> io::Result<RunningGuest> {
-        let args = self.args()?;
-        let proc = Proc::spawn(
-            &format!("qemu[{}]", self.config),
-            Command::new(&self.guest.qemu).args(&args),
-        )?;
+        let mut args = self.args()?;
+        let mut cmd = match self.launcher.split_first() {
+            Some((prog, pre)) => {
+                let mut c = Command::new(prog);
+                c.args(pre).arg(&self.guest.qemu);
+                let mut full = self.launcher.clone();
+                full.push(self.guest.qemu.display().to_string());
+                full.append(&mut args);
+                args = full;
+                c.args(&args[pre.len() + 2..]);
+                c
+            }
+            None => {
+                let mut c = Command::new(&self.guest.qemu);
+                c.args(&args);
+                c
+            }
+        };
+        let proc = Proc::spawn(&format!("qemu[{}]", self.config), &mut cmd)?;
         Ok(RunningGuest {
             proc,
             config: self.config.clone(),

@@ -62,6 +62,38 @@ pub fn vcdev_bin() -> PathBuf {
     .clone()
 }
 
+/// `libvcdev_vfio.so` (the crate `backend/vfio-preload`), next to
+/// [`vcdev_bin`] where `vcdev qemu-exec` looks for it; built if missing
+/// or older than its sources (`VCDEV_PRELOAD` overrides).
+pub fn preload_lib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VCDEV_PRELOAD") {
+            return PathBuf::from(p);
+        }
+        let bin = vcdev_bin();
+        let profile_dir = bin.parent().expect("<target>/<profile>");
+        let lib = profile_dir.join(vcdev::qemu_exec::PRELOAD_NAME);
+        if !is_fresh(&lib) {
+            let target_dir = profile_dir.parent().expect("<target>");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "vcdev-vfio-preload", "--target-dir"])
+                .arg(target_dir)
+                .current_dir(super::repo_root());
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd
+                .status()
+                .expect("running cargo build -p vcdev-vfio-preload");
+            assert!(st.success(), "cargo build -p vcdev-vfio-preload failed");
+        }
+        lib
+    })
+    .clone()
+}
+
 fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
     let mut newest = None;
     for e in std::fs::read_dir(dir).ok()?.flatten() {

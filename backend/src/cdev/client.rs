@@ -98,6 +98,11 @@ impl File {
         }
     }
 
+    /// The descriptor itself (to hand the file to another program).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.sock)
+    }
+
     /// Another copy of the descriptor (the kernel's dup).
     pub fn try_clone(&self) -> std::io::Result<File> {
         Ok(File {

@@ -197,11 +197,12 @@ impl CdevDevice {
         let slots = Arc::new(Slots::default());
         let hook_slots = slots.clone();
         let view = reg.iommu_view();
-        let handle = DeviceHandle::new(
+        let handle = DeviceHandle::with_stats(
             reg.name(),
             view.aperture,
             view.reserved.clone(),
             Box::new(move |space| hook_slots.switch(space)),
+            reg.counters().ioas.clone(),
         )
         .map_err(DeviceError::Iommu)?;
         let core = Arc::new(Core {

@@ -357,6 +357,28 @@ fn reset(f: &DeviceFile, _req: &mut Req) -> Result<Out, Errno> {
     Ok(Out::ok())
 }
 
+/// VFIO_DEVICE_GET_PCI_HOT_RESET_INFO
+/// (`vfio_pci_ioctl_get_pci_hot_reset_info`): argsz below the header is
+/// EINVAL; the emulated function has neither a slot nor a bus that can be
+/// reset (VFIO_DEVICE_RESET is its reset), so ENODEV, as vfio-pci answers
+/// for a device where `pci_probe_reset_slot` and `pci_probe_reset_bus`
+/// both fail.
+fn hot_reset_info(_f: &DeviceFile, _req: &mut Req) -> Result<Out, Errno> {
+    Err(Errno::ENODEV)
+}
+
+/// VFIO_DEVICE_PCI_HOT_RESET (`vfio_pci_ioctl_pci_hot_reset`): argsz below
+/// the header or flags EINVAL; a device file opened through its cdev takes
+/// a zero-length array and one got through a group a non-empty one (else
+/// EINVAL); then ENODEV, as for the info.
+fn hot_reset(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
+    let cmd: VfioPciHotReset = req.get();
+    if cmd.flags != 0 || (cmd.count != 0) != f.via_group() {
+        return Err(Errno::EINVAL);
+    }
+    Err(Errno::ENODEV)
+}
+
 /// VFIO_DEVICE_IOEVENTFD (`vfio_pci_ioctl_ioeventfd`): flags, size and
 /// `fd` < -1 EINVAL, reserved EINVAL, then [`CdevDevice::ioeventfd`].
 fn ioeventfd(f: &DeviceFile, req: &mut Req) -> Result<Out, Errno> {
@@ -455,6 +477,27 @@ pub static DEVICE_OPS: &[Op<DeviceFile>] = &[
         arg: Arg::Bytes,
         max_fds: 0,
         handler: reset,
+    },
+    Op {
+        code: VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+        name: "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+        arg: Arg::Flex {
+            size: VfioPciHotResetInfo::SIZE,
+            min: VfioPciHotResetInfo::MIN_SIZE,
+        },
+        max_fds: 0,
+        handler: hot_reset_info,
+    },
+    Op {
+        code: VFIO_DEVICE_PCI_HOT_RESET,
+        name: "VFIO_DEVICE_PCI_HOT_RESET",
+        arg: Arg::Flex {
+            size: VfioPciHotReset::SIZE,
+            min: VfioPciHotReset::MIN_SIZE,
+        },
+        // The group path's array of group files rides along.
+        max_fds: crate::wire::MAX_FDS,
+        handler: hot_reset,
     },
     Op {
         code: VFIO_DEVICE_IOEVENTFD,

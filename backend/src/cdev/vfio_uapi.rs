@@ -47,6 +47,11 @@ pub const VFIO_IOMMU_GET_INFO: u32 = VFIO_BASE + 12;
 pub const VFIO_IOMMU_MAP_DMA: u32 = VFIO_BASE + 13;
 /// VFIO_IOMMU_UNMAP_DMA.
 pub const VFIO_IOMMU_UNMAP_DMA: u32 = VFIO_BASE + 14;
+/// VFIO_DEVICE_GET_PCI_HOT_RESET_INFO (the device file's code 112; the
+/// container's 112 is VFIO_IOMMU_GET_INFO).
+pub const VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: u32 = VFIO_BASE + 12;
+/// VFIO_DEVICE_PCI_HOT_RESET (the device file's code 113).
+pub const VFIO_DEVICE_PCI_HOT_RESET: u32 = VFIO_BASE + 13;
 /// VFIO_DEVICE_IOEVENTFD.
 pub const VFIO_DEVICE_IOEVENTFD: u32 = VFIO_BASE + 16;
 /// VFIO_DEVICE_BIND_IOMMUFD.
@@ -260,6 +265,34 @@ uapi_struct!(
     },
     last = pt_id,
     size = 16
+);
+
+uapi_struct!(
+    /// `struct vfio_pci_hot_reset_info` (the `devices` array follows).
+    VfioPciHotResetInfo {
+        /// Size of the struct and the array.
+        argsz: u32,
+        /// Out: `VFIO_PCI_HOT_RESET_FLAG_*`.
+        flags: u32,
+        /// In: room in the array; out: devices affected.
+        count: u32,
+    },
+    last = count,
+    size = 12
+);
+
+uapi_struct!(
+    /// `struct vfio_pci_hot_reset` (the group or iommufd fds follow).
+    VfioPciHotReset {
+        /// Size of the struct and the array.
+        argsz: u32,
+        /// Must be 0.
+        flags: u32,
+        /// Number of fds (0 for a device opened through its cdev).
+        count: u32,
+    },
+    last = count,
+    size = 12
 );
 
 uapi_struct!(
