@@ -91,18 +91,28 @@ fn probe_exe(tmp: &common::TempDir) -> std::path::PathBuf {
 /// Runs the probe as `uid`/`gid` against `dir`; its `key=value` words.
 fn probe_as(uid: u32, dir: &Path) -> Vec<(String, String)> {
     let tmp = common::TempDir::new("access-probe").expect("tmpdir");
-    let out = Command::new(probe_exe(&tmp))
-        .args([
-            "--exact",
-            "access_probe_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(PROBE_ENV, dir)
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("probe child");
+    let exe = probe_exe(&tmp);
+    let run = || {
+        Command::new(&exe)
+            .args([
+                "--exact",
+                "access_probe_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PROBE_ENV, dir)
+            .uid(uid)
+            .gid(uid)
+            .output()
+    };
+    // ETXTBSY: a child another test forked while the copy was open for
+    // writing holds that descriptor until it execs; try again.
+    let out = common::poll_until(common::TIMEOUT, || match run() {
+        Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => None,
+        r => Some(r),
+    })
+    .expect("the probe copy stays busy")
+    .expect("probe child");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -147,11 +157,13 @@ fn allow_uid_decides_on_every_node_kind() {
             _ => assert_eq!(v, eacces, "{k}"),
         }
     }
-    let log = d.log();
-    assert!(
-        log.contains(&format!("uid {OTHER} gid {OTHER}")) && log.contains("--allow-uid"),
-        "{log}"
-    );
+    // The refusal is logged after the close the probe saw: wait for it.
+    let logged = common::poll_until(common::TIMEOUT, || {
+        let log = d.log();
+        (log.contains(&format!("uid {OTHER} gid {OTHER}")) && log.contains("--allow-uid"))
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", d.log());
     for (k, v) in probe_as(ALLOWED, d.dir()) {
         match k.as_str() {
             "control" => assert_eq!(v, eacces_connect, "{k}"),
