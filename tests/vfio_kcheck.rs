@@ -248,3 +248,194 @@ fn host_doors_run_the_static_driver_and_give_the_tables_errnos() {
     );
     assert!(d.alive());
 }
+
+/// The guest's `/test.sh` (sourced by `vcdev.test=run`, with /init's
+/// helpers): the disk's PCI function to vfio-pci, the errno table and the
+/// runs on `/dev/vfio`, then back to virtio-pci and each run's bytes read
+/// through the guest's own virtio-blk driver.
+fn guest_script() -> String {
+    let mut s = String::from(
+        r#"wait_dev || return
+d=$(readlink -f "/sys/block/$DEV/device/..")
+bdf=${d##*/}
+g=$(basename "$(readlink "$d/iommu_group")")
+say "VCDEV-RESULT vfio_pci=$bdf vfio_group=$g $(iommu_of "$d") group_devices=$(ls "/sys/kernel/iommu_groups/$g/devices" | tr '\n' ',')"
+pci_rebind "$bdf" vfio-pci
+[ -c "/dev/vfio/$g" ] || { err "no /dev/vfio/$g after binding $bdf to vfio-pci"; return; }
+say "VCDEV-RESULT vfio_bound=$(basename "$(readlink "$d/driver")")"
+nodes="--container /dev/vfio/vfio --group /dev/vfio/$g --device $bdf"
+/bin/vfio_blk cases --transport kernel $nodes || err "vfio_blk cases failed"
+"#,
+    );
+    for r in &RUNS {
+        s.push_str(&format!(
+            "/bin/vfio_blk blk --transport kernel $nodes {} || err \"vfio_blk {} {} failed\"\n",
+            r.args().join(" "),
+            r.irq,
+            r.notify
+        ));
+    }
+    s.push_str(
+        r#"pci_rebind "$bdf" ""
+wait_dev || return
+say "VCDEV-RESULT rebound=$(basename "$(readlink "$d/driver")")"
+"#,
+    );
+    for (i, r) in RUNS.iter().enumerate() {
+        s.push_str(&format!(
+            "say \"VCDEV-RESULT readback={i} md5=$(dd if=/dev/$DEV bs=512 skip={} count={} iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)\"\n",
+            r.sector,
+            BYTES / 512
+        ));
+    }
+    s
+}
+
+/// vcdev's `NAME: counters: k=v ...` line at exit, as a map.
+fn exit_counters(log: &str) -> BTreeMap<String, u64> {
+    log.lines()
+        .rev()
+        .find_map(|l| l.split_once("vfio0: counters: ").map(|(_, c)| c))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The guest: the same static binary on Linux's VFIO (group + type1
+/// container) on the vhost-user-blk-pci function vcdev serves, behind the
+/// guest's intel-iommu; the bytes checked in the guest (through
+/// virtio-blk, after the function went back to virtio-pci) and in the
+/// backing file; the errno table against the legacy type1 column.
+#[test]
+fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
+    let Some(guest) = qemu::require() else { return };
+    let tmp = TempDir::new("kcheck-guest").expect("tmpdir");
+    let bin = std::fs::read(static_vfio_blk(&tmp)).expect("read the binary");
+    let script = guest_script();
+    let initrd = tmp.join("initrd");
+    guest
+        .initrd_with(
+            &initrd,
+            &[
+                ArchiveFile {
+                    path: "bin/vfio_blk",
+                    mode: 0o100_755,
+                    data: &bin,
+                },
+                ArchiveFile {
+                    path: "test.sh",
+                    mode: 0o100_644,
+                    data: script.as_bytes(),
+                },
+            ],
+        )
+        .expect("initrd with the driver");
+    let image = tmp.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
+    // QEMU's vhost-user-blk queue-size default (128) must match the
+    // device's.
+    let spec = format!("blk,path={},queues=1,queue-size=128", image.display());
+    let mut d = Vcdev::start("kcheck-guest", &["--device", &spec], "vfio0");
+    let run = guest
+        .boot("intel-iommu")
+        .socket(&d.socket("vfio0"))
+        .var("INITRD", initrd.display().to_string())
+        .test("run")
+        .run()
+        .expect("spawn qemu");
+    let what = "guest vfio-pci";
+    assert!(
+        run.report.ok(),
+        "{what}\n{}\n--- vcdev log\n{}",
+        run.diagnostics(),
+        d.log()
+    );
+    let report = &run.report;
+    assert_eq!(report.get("vfio_bound"), Some("vfio-pci"), "{what}");
+    assert_eq!(report.get("rebound"), Some("virtio-pci"), "{what}");
+    let blk: Vec<_> = report
+        .results
+        .iter()
+        .filter(|m| m.contains_key("vfio_blk"))
+        .collect();
+    assert_eq!(
+        blk.len(),
+        RUNS.len(),
+        "{what}: one line per run\n{}",
+        run.diagnostics()
+    );
+    for (line, r) in blk.iter().zip(&RUNS) {
+        let what = format!("guest kernel {}+{}", r.irq, r.notify);
+        assert_eq!(
+            line.get("path").map(String::as_str),
+            Some("group"),
+            "{what}"
+        );
+        // QEMU's virtio-pci: the virtio structures in BAR4, MSI-X in BAR1.
+        assert!(
+            line.get("common").is_some_and(|c| c.starts_with("4:")),
+            "{what}: {line:?}"
+        );
+        assert_eq!(
+            line.get("msix_bar").map(String::as_str),
+            Some("1"),
+            "{what}"
+        );
+        check_blk(line, r, &what);
+    }
+    for (i, r) in RUNS.iter().enumerate() {
+        let want = qemu::md5_hex(&pattern(r.seed, BYTES as usize)).expect("md5");
+        let got = report
+            .find("readback", &i.to_string())
+            .and_then(|m| m.get("md5"));
+        assert_eq!(
+            got.map(String::as_str),
+            Some(want.as_str()),
+            "{what}: run {i} read back through the guest's virtio-blk"
+        );
+    }
+    for m in &report.results {
+        eprintln!("guest: {m:?}");
+    }
+    let bad = compare_cases(&report.results, |c| c.type1);
+    assert!(
+        bad.is_empty(),
+        "the guest kernel's type1 container against the table:\n{}\n{}",
+        bad.join("\n"),
+        run.diagnostics()
+    );
+    let out = d.daemon.stop(Duration::from_secs(10)).expect("stop vcdev");
+    assert!(
+        out.status.success(),
+        "{what}: vcdev exit {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    for (i, r) in RUNS.iter().enumerate() {
+        assert!(
+            on_disk(&image, r),
+            "{what}: run {i}'s pattern is not in the backing file"
+        );
+    }
+    // The driver's DMA went through the guest's vIOMMU into vcdev's IOTLB.
+    let c = exit_counters(&out.stderr);
+    let misses = c.get("iotlb_misses").copied().unwrap_or(0);
+    assert!(misses > 0, "{what}: no IOTLB miss\n{}", out.stderr);
+    eprintln!(
+        "{what}: {} runs ok on {} ({}, accel {}); IOTLB misses {misses}, updates {}, \
+         invalidates {}; QEMU {:.2?}",
+        RUNS.len(),
+        report.kernel.as_deref().unwrap_or("?"),
+        guest.qemu_version,
+        guest.accel,
+        c.get("iotlb_updates").copied().unwrap_or(0),
+        c.get("iotlb_invalidates").copied().unwrap_or(0),
+        run.elapsed,
+    );
+}
