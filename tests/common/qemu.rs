@@ -1115,11 +1115,11 @@ pub fn newc_archive(files: &[ArchiveFile<'_>]) -> Vec<u8> {
         }
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
@@ -1140,7 +1140,7 @@ impl Guest {
     /// the unpacker skips). Boot it with `.var("INITRD", ..)`.
     pub fn initrd_with(&self, path: &Path, files: &[ArchiveFile<'_>]) -> io::Result<()> {
         let mut image = std::fs::read(&self.initrd)?;
-        while image.len() % 512 != 0 {
+        while !image.len().is_multiple_of(512) {
             image.push(0);
         }
         image.extend_from_slice(&newc_archive(files));

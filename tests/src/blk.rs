@@ -35,7 +35,7 @@ use vcdev_device_model::pci::regs::{
     VIRTIO_PCI_NOTIFY_CAP_MULT,
 };
 use vcdev_device_model::pci::RegionIndex;
-use vcdev_device_model::testing::{BlkRequest, DriverMem, R, W};
+use vcdev_device_model::testing::{BlkRequest, R, W};
 use vcdev_iommu::Errno;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -44,7 +44,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::mem::{DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE};
@@ -456,7 +456,7 @@ impl<T: Transport> BlkDriver<T> {
                 (0u16, 1u16)
             }
             IrqMode::Poll => {
-                q.mem_flags_no_interrupt(&mem);
+                q.disable_interrupts(&mem);
                 (VIRTIO_MSI_NO_VECTOR, VIRTIO_MSI_NO_VECTOR)
             }
         };
@@ -558,12 +558,11 @@ impl<T: Transport> BlkDriver<T> {
         let deadline = Instant::now() + timeout;
         let mut irq_seen = false;
         loop {
-            if self.opts.irq == IrqMode::Msix && !irq_seen {
-                if wait_readable(&self.q.call, deadline) {
-                    if let Ok(n) = self.q.call.read() {
-                        self.stats.irqs += 1;
-                        irq_seen = n > 0;
-                    }
+            if self.opts.irq == IrqMode::Msix && !irq_seen && wait_readable(&self.q.call, deadline)
+            {
+                if let Ok(n) = self.q.call.read() {
+                    self.stats.irqs += 1;
+                    irq_seen = n > 0;
                 }
             }
             if let Some(u) = self.q.ring.pop_used(&self.mem) {
@@ -704,15 +703,6 @@ impl<T: Transport> BlkDriver<T> {
                 .step("SET_IRQS MSI-X off")?;
         }
         Ok(())
-    }
-}
-
-impl DriverQueue {
-    /// Sets VRING_AVAIL_F_NO_INTERRUPT in the avail ring's flags: the
-    /// device sends no interrupt for this queue.
-    fn mem_flags_no_interrupt(&self, mem: &GuestMem) {
-        let flags = u16::try_from(VRING_AVAIL_F_NO_INTERRUPT).unwrap_or(0);
-        mem.write_u16(self.ring.avail, flags);
     }
 }
 

@@ -15,6 +15,7 @@ use vcdev_device_model::testing::{
 };
 use vcdev_iommu::{MemObject, SealPolicy};
 use vhost::{VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use vmm_sys_util::eventfd::EventFd;
 
 // ---------------------------------------------------------------------------
@@ -305,6 +306,13 @@ impl DriverQueue {
             unsafe { libc::poll(&mut pfd, 1, ms) };
             let _ = self.call.read();
         }
+    }
+
+    /// Sets VRING_AVAIL_F_NO_INTERRUPT in the avail ring's flags: the
+    /// device sends no interrupt for this queue (a driver that polls).
+    pub fn disable_interrupts(&self, mem: &GuestMem) {
+        let flags = u16::try_from(VRING_AVAIL_F_NO_INTERRUPT).unwrap_or(0);
+        mem.write_u16(self.ring.avail, flags);
     }
 
     /// The avail index the driver has published.

@@ -110,7 +110,7 @@ fn parse() -> Result<Config, String> {
             "--sector" => c.sector = num(&v)?,
             "--bytes" => {
                 c.bytes = u32::try_from(num(&v)?).map_err(|e| format!("--bytes: {e}"))?;
-                if c.bytes == 0 || c.bytes % 512 != 0 || c.bytes > 1 << 20 {
+                if c.bytes == 0 || !c.bytes.is_multiple_of(512) || c.bytes > 1 << 20 {
                     return Err("--bytes: a multiple of 512 up to 1 MiB".into());
                 }
             }

@@ -29,8 +29,8 @@ const IOCTL_TYPE: u32 = b';' as u32;
 /// `_IO(';', nr)`: no direction or size bits, as <linux/vfio.h> and
 /// <linux/iommufd.h> define every request.
 fn io(nr: u32) -> libc::Ioctl {
-    // `Ioctl` is c_ulong on glibc, c_int on musl; both hold 16 bits.
-    ((IOCTL_TYPE << 8) | nr) as libc::Ioctl
+    // `Ioctl` is c_ulong on glibc (the only libc these tests link).
+    libc::Ioctl::from((IOCTL_TYPE << 8) | nr)
 }
 
 /// The errno of the last failed call.
@@ -86,9 +86,8 @@ impl KernelFile {
     fn from_raw(fd: i32) -> KernelFile {
         // SAFETY: `fd` is a fresh descriptor the kernel just returned to
         // us; nobody else owns it.
-        KernelFile {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        KernelFile { fd }
     }
 
     /// The descriptor as a `std::fs::File` for pread/pwrite (borrowed: not
