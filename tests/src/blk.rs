@@ -15,13 +15,18 @@
 //! 6. Completions: MSI-X vectors on eventfds (VFIO_DEVICE_SET_IRQS), or
 //!    polling the used ring with VRING_AVAIL_F_NO_INTERRUPT set.
 //! 7. Doorbells: an ioeventfd (VFIO_DEVICE_IOEVENTFD) or a write of the
-//!    queue index to the notify address (pwrite on the device file).
+//!    queue index to the notify address.
+//!
+//! Registers are read and written with pread/pwrite on the device file, or
+//! (option `mmap`) with loads and stores through an mmap of the BAR when
+//! its region info has VFIO_REGION_INFO_FLAG_MMAP (vfio-pci's BARs; not
+//! vcdev's, which are reached by messages only).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vcdev::cdev::vfio_uapi::VfioRegionInfo;
+use vcdev::cdev::vfio_uapi::{VfioRegionInfo, VFIO_REGION_INFO_FLAG_MMAP};
 use vcdev_device_model::pci::regs::{
     PCI_CAPABILITY_LIST, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT,
     PCI_CFG_SPACE_SIZE, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
@@ -48,7 +53,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::mem::{DriverQueue, GuestMem, Region, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE};
-use crate::vfio::{Transport, Vfio};
+use crate::vfio::{Mapping, Transport, Vfio};
 
 /// `VIRTIO_MSI_NO_VECTOR` (<linux/virtio_pci.h>; not in virtio-bindings).
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
@@ -254,6 +259,9 @@ pub struct StartOpts {
     pub irq: IrqMode,
     /// Doorbells.
     pub notify: Notify,
+    /// Reach the virtio structures through an mmap of their BAR where the
+    /// region allows it (VFIO_REGION_INFO_FLAG_MMAP), else pread/pwrite.
+    pub mmap: bool,
 }
 
 impl Default for StartOpts {
@@ -263,6 +271,7 @@ impl Default for StartOpts {
             map_data: true,
             irq: IrqMode::Msix,
             notify: Notify::Ioeventfd,
+            mmap: false,
         }
     }
 }
@@ -301,8 +310,44 @@ pub struct BlkDriver<T: Transport> {
     pub features: u64,
     /// The options it started with.
     pub opts: StartOpts,
+    /// BARs mapped for MMIO: (device file offset, size, mapping).
+    pub maps: Vec<(u64, u64, Mapping)>,
     /// Counters.
     pub stats: Stats,
+}
+
+/// Reads `n` bytes at device file offset `off`: a load through a mapping
+/// that covers it, else a pread.
+fn reg_read<F: Vfio>(
+    dev: &F,
+    maps: &[(u64, u64, Mapping)],
+    off: u64,
+    n: u32,
+) -> std::result::Result<Vec<u8>, Errno> {
+    match maps
+        .iter()
+        .find(|(start, size, _)| off >= *start && off - start < *size)
+    {
+        Some((start, _, m)) => m.read(off - start, n as usize),
+        None => dev.region_read(off, n),
+    }
+}
+
+/// Writes `data` at device file offset `off`: a store through a mapping
+/// that covers it, else a pwrite.
+fn reg_write<F: Vfio>(
+    dev: &F,
+    maps: &[(u64, u64, Mapping)],
+    off: u64,
+    data: &[u8],
+) -> std::result::Result<usize, Errno> {
+    match maps
+        .iter()
+        .find(|(start, size, _)| off >= *start && off - start < *size)
+    {
+        Some((start, _, m)) => m.write(off - start, data),
+        None => dev.region_write(off, data),
+    }
 }
 
 /// The device file offset of byte `at.offset` of BAR `at.bar`.
@@ -333,6 +378,25 @@ impl<T: Transport> BlkDriver<T> {
         let device_cfg = place(dev, caps.device.ok_or(Error::MissingCap("device"))?)?;
         let (notify_at, notify_mult) = caps.notify.ok_or(Error::MissingCap("notify"))?;
         let notify = place(dev, notify_at)?;
+        let mut maps = Vec::new();
+        if opts.mmap {
+            let mut bars: Vec<u8> = [caps.common, caps.device, Some(notify_at)]
+                .iter()
+                .flatten()
+                .map(|b| b.bar)
+                .collect();
+            bars.sort_unstable();
+            bars.dedup();
+            for bar in bars {
+                let info = dev
+                    .region_info(u32::from(bar))
+                    .step("region info of a virtio BAR")?;
+                if info.flags & VFIO_REGION_INFO_FLAG_MMAP != 0 {
+                    let m = dev.region_mmap(info.offset, info.size).step("BAR mmap")?;
+                    maps.push((info.offset, info.size, m));
+                }
+            }
+        }
 
         // Memory space and bus mastering on.
         let command = config + PCI_COMMAND as u64;
@@ -343,10 +407,12 @@ impl<T: Transport> BlkDriver<T> {
 
         let c = common;
         let w = |off: usize, v: &[u8], step: &'static str| -> Result<()> {
-            dev.region_write(c + off as u64, v).step(step).map(|_| ())
+            reg_write(dev, &maps, c + off as u64, v)
+                .step(step)
+                .map(|_| ())
         };
         let r = |off: usize, n: u32, step: &'static str| -> Result<Vec<u8>> {
-            dev.region_read(c + off as u64, n).step(step)
+            reg_read(dev, &maps, c + off as u64, n).step(step)
         };
         let w64 = |off: usize, v: u64, step: &'static str| -> Result<()> {
             w(off, &(v as u32).to_le_bytes(), step)?;
@@ -517,6 +583,7 @@ impl<T: Transport> BlkDriver<T> {
             doorbell,
             features,
             opts,
+            maps,
             stats: Stats::default(),
         })
     }
@@ -542,12 +609,14 @@ impl<T: Transport> BlkDriver<T> {
                 step: "doorbell eventfd",
                 errno: Errno::from_io(&e),
             }),
-            Notify::Write => self
-                .t
-                .device()
-                .region_write(self.doorbell, &0u16.to_le_bytes())
-                .step("doorbell write")
-                .map(|_| ()),
+            Notify::Write => reg_write(
+                self.t.device(),
+                &self.maps,
+                self.doorbell,
+                &0u16.to_le_bytes(),
+            )
+            .step("doorbell write")
+            .map(|_| ()),
         }
     }
 
@@ -633,7 +702,7 @@ impl<T: Transport> BlkDriver<T> {
     /// `config_generation` of the common configuration.
     pub fn config_generation(&self) -> u8 {
         let at = self.common + VIRTIO_PCI_COMMON_CFGGENERATION as u64;
-        self.t.device().region_read(at, 1).expect("generation read")[0]
+        reg_read(self.t.device(), &self.maps, at, 1).expect("generation read")[0]
     }
 
     /// virtio-blk's `capacity` (512-byte sectors), read as a driver does:
@@ -641,10 +710,7 @@ impl<T: Transport> BlkDriver<T> {
     pub fn capacity(&self) -> u64 {
         let half = |off: u64| {
             u32_at(
-                &self
-                    .t
-                    .device()
-                    .region_read(self.device_cfg + off, 4)
+                &reg_read(self.t.device(), &self.maps, self.device_cfg + off, 4)
                     .expect("config read"),
                 0,
             )
@@ -696,8 +762,13 @@ impl<T: Transport> BlkDriver<T> {
     /// way a driver leaves a device.
     pub fn shutdown(&mut self) -> Result<()> {
         let dev = self.t.device();
-        dev.region_write(self.common + VIRTIO_PCI_COMMON_STATUS as u64, &[0])
-            .step("reset")?;
+        reg_write(
+            dev,
+            &self.maps,
+            self.common + VIRTIO_PCI_COMMON_STATUS as u64,
+            &[0],
+        )
+        .step("reset")?;
         if self.opts.irq == IrqMode::Msix {
             dev.set_irqs_disable(VFIO_PCI_MSIX_IRQ_INDEX)
                 .step("SET_IRQS MSI-X off")?;

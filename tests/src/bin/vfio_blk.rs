@@ -5,17 +5,20 @@
 //! ```text
 //! vfio_blk blk   --transport kernel|vcdev
 //!                (--container PATH --group PATH --device NAME | --iommu PATH --cdev PATH)
-//!                [--irq msix|poll] [--notify ioeventfd|write]
+//!                [--irq msix|poll] [--notify ioeventfd|write] [--access rw|mmap]
 //!                [--sector N] [--bytes N] [--seed N] [--queue-size N]
 //! vfio_blk cases --transport kernel|vcdev --container PATH --group PATH --device NAME
 //! ```
 //!
+//! `--access mmap` reaches the virtio structures through an mmap of their
+//! BAR when the region allows it, and says `access=rw` when none does.
 //! `blk` writes `--bytes` of [`vcdev_tests::mem::pattern`]`(seed)` at
 //! `--sector`, flushes, reads them back and compares, then resets the
 //! device; it prints one line:
 //!
 //! ```text
-//! VCDEV-RESULT vfio_blk=ok|fail transport=.. path=group|iommufd irq=.. notify=.. ids=VVVV:DDDD
+//! VCDEV-RESULT vfio_blk=ok|fail transport=.. path=group|iommufd irq=.. notify=.. access=rw|mmap
+//!     ids=VVVV:DDDD
 //!     common=BAR:OFF notify_at=BAR:OFF msix_bar=N features=0x.. sector=N bytes=N seed=N
 //!     match=yes|no requests=N irqs=N kicks=N
 //! ```
@@ -40,7 +43,8 @@ const EXIT_USAGE: u8 = 2;
 
 const USAGE: &str = "usage: vfio_blk blk|cases --transport kernel|vcdev \
 (--container PATH --group PATH --device NAME | --iommu PATH --cdev PATH) \
-[--irq msix|poll] [--notify ioeventfd|write] [--sector N] [--bytes N] [--seed N] [--queue-size N]";
+[--irq msix|poll] [--notify ioeventfd|write] [--access rw|mmap] [--sector N] [--bytes N] \
+[--seed N] [--queue-size N]";
 
 /// The validated arguments.
 #[derive(Debug)]
@@ -58,6 +62,7 @@ struct Config {
     bytes: u32,
     seed: u8,
     queue_size: u16,
+    mmap: bool,
 }
 
 fn parse() -> Result<Config, String> {
@@ -81,6 +86,7 @@ fn parse() -> Result<Config, String> {
         bytes: 64 << 10,
         seed: 1,
         queue_size: 64,
+        mmap: false,
     };
     let mut transport = None;
     while let Some(opt) = args.next() {
@@ -115,6 +121,13 @@ fn parse() -> Result<Config, String> {
                 }
             }
             "--seed" => c.seed = u8::try_from(num(&v)?).map_err(|e| format!("--seed: {e}"))?,
+            "--access" => {
+                c.mmap = match v.as_str() {
+                    "mmap" => true,
+                    "rw" => false,
+                    _ => return Err(format!("--access {v}: mmap or rw")),
+                }
+            }
             "--queue-size" => {
                 c.queue_size = u16::try_from(num(&v)?).map_err(|e| format!("--queue-size: {e}"))?;
             }
@@ -142,6 +155,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     let opts = StartOpts {
         irq: c.irq,
         notify: c.notify,
+        mmap: c.mmap,
         ..StartOpts::default()
     };
     let mut drv = BlkDriver::bring_up(t, c.queue_size, opts).map_err(|e| e.to_string())?;
@@ -166,7 +180,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     };
     let s = drv.stats;
     Ok(format!(
-        "VCDEV-RESULT vfio_blk={} transport={transport} path={path} irq={} notify={} \
+        "VCDEV-RESULT vfio_blk={} transport={transport} path={path} irq={} notify={} access={} \
          ids={:04x}:{:04x} common={} notify_at={} msix_bar={} features={:#x} sector={} \
          bytes={} seed={} match={} requests={} irqs={} kicks={}",
         if matched { "ok" } else { "fail" },
@@ -178,6 +192,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
             Notify::Ioeventfd => "ioeventfd",
             Notify::Write => "write",
         },
+        if drv.maps.is_empty() { "rw" } else { "mmap" },
         drv.caps.ids.0,
         drv.caps.ids.1,
         at(drv.caps.common),

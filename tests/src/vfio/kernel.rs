@@ -20,7 +20,7 @@ use vcdev_iommu::uapi::{
 use vcdev_iommu::Errno;
 use vm_memory::ByteValued;
 
-use super::Vfio;
+use super::{Mapping, Vfio};
 use crate::mem::Region;
 
 /// `VFIO_TYPE` and `IOMMUFD_TYPE`: `';'`.
@@ -224,6 +224,10 @@ impl Vfio for KernelFile {
     fn region_write(&self, offset: u64, data: &[u8]) -> Result<usize, Errno> {
         self.with_file(|f| f.write_at(data, offset))
             .map_err(|e| Errno::from_io(&e))
+    }
+
+    fn region_mmap(&self, offset: u64, len: u64) -> Result<Mapping, Errno> {
+        Mapping::new(self.fd.as_fd(), offset, len)
     }
 
     fn set_irqs_eventfds(

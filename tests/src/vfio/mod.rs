@@ -6,7 +6,7 @@
 //!
 //! - [`vcdev::cdev::client::File`]: vcdev's cdev door, each ioctl a message
 //!   on a UNIX socket (PROTOCOL.md);
-//! - [`kernel::KernelFile`]: real ioctls, pread and pwrite on real
+//! - [`kernel::KernelFile`]: real ioctls, pread, pwrite and mmap on real
 //!   descriptors (`/dev/vfio/vfio`, `/dev/vfio/N`, `/dev/iommu`,
 //!   `/dev/vfio/devices/vfioN`).
 //!
@@ -21,7 +21,10 @@
 //! what the virtio-blk driver of [`crate::blk`] runs on.
 
 pub mod kernel;
+mod mapping;
 mod sock;
+
+pub use mapping::Mapping;
 
 use std::os::fd::BorrowedFd;
 use std::path::Path;
@@ -99,6 +102,9 @@ pub trait Vfio: Sized {
     fn region_read(&self, offset: u64, count: u32) -> Result<Vec<u8>, Errno>;
     /// pwrite of `data` at device file offset `offset`.
     fn region_write(&self, offset: u64, data: &[u8]) -> Result<usize, Errno>;
+    /// mmap of `len` bytes at device file offset `offset` (a region whose
+    /// info has VFIO_REGION_INFO_FLAG_MMAP).
+    fn region_mmap(&self, offset: u64, len: u64) -> Result<Mapping, Errno>;
     /// VFIO_DEVICE_SET_IRQS with DATA_EVENTFD | ACTION_TRIGGER: vectors
     /// `start..` get `fds` (None de-assigns).
     fn set_irqs_eventfds(

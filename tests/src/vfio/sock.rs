@@ -12,7 +12,7 @@ use vcdev::cdev::vfio_uapi::{
 };
 use vcdev_iommu::Errno;
 
-use super::Vfio;
+use super::{Mapping, Vfio};
 use crate::mem::Region;
 
 /// The offset in `mem`'s file of byte `offset` of the region.
@@ -95,6 +95,13 @@ impl Vfio for File {
 
     fn region_write(&self, offset: u64, data: &[u8]) -> Result<usize, Errno> {
         File::region_write(self, offset, data)
+    }
+
+    /// vcdev's regions carry no VFIO_REGION_INFO_FLAG_MMAP (PROTOCOL.md:
+    /// region access is VCDEV_REGION_READ/WRITE): EINVAL, vfio-pci's answer
+    /// for a region it cannot mmap.
+    fn region_mmap(&self, _offset: u64, _len: u64) -> Result<Mapping, Errno> {
+        Err(Errno::EINVAL)
     }
 
     fn set_irqs_eventfds(
