@@ -366,7 +366,8 @@ pub fn run<F: Vfio>(env: &Env<'_>) -> Vec<(&'static str, Outcome)> {
         .collect()
 }
 
-/// The table as Markdown (README.md carries it).
+/// The table as Markdown, and why each disagreement is by design
+/// (README.md carries both; a unit test keeps them equal).
 pub fn markdown() -> String {
     let mut s = String::from(
         "| case | calls | Linux type1 (guest) | vcdev group door | agree |\n|---|---|---|---|---|\n",
@@ -378,12 +379,51 @@ pub fn markdown() -> String {
             c.what,
             c.type1,
             c.vcdev,
-            if c.agrees() {
-                "yes"
-            } else {
-                "no (by design, below)"
-            }
+            if c.agrees() { "yes" } else { "by design" }
         ));
     }
+    s.push('\n');
+    for c in CASES.iter().filter(|c| !c.agrees()) {
+        s.push_str(&format!("- `{}`: {}.\n", c.name, c.why));
+    }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every expected outcome parses, names are unique, and a case has a
+    /// reason exactly when the transports disagree.
+    #[test]
+    fn the_table_is_well_formed() {
+        let mut names = std::collections::BTreeSet::new();
+        for c in CASES {
+            assert!(names.insert(c.name), "{} twice", c.name);
+            for want in [c.type1, c.vcdev] {
+                assert!(Outcome::parse(want).is_some(), "{}: {want}", c.name);
+                assert_eq!(
+                    Outcome::parse(want).map(|o| o.to_string()).as_deref(),
+                    Some(want)
+                );
+            }
+            assert_eq!(
+                c.agrees(),
+                c.why.is_empty(),
+                "{}: reason iff disagreement",
+                c.name
+            );
+        }
+    }
+
+    /// README.md carries the table as [`markdown`] renders it.
+    #[test]
+    fn readme_carries_the_table() {
+        let readme = include_str!("../../README.md");
+        let table = markdown();
+        assert!(
+            readme.contains(&table),
+            "README.md lacks the current errno table; it should contain:\n{table}"
+        );
+    }
 }
