@@ -81,6 +81,9 @@ pub enum Error {
     /// The device does not offer VIRTIO_F_VERSION_1.
     #[error("the device does not offer VIRTIO_F_VERSION_1 (features {0:#x})")]
     NoVersion1(u64),
+    /// MSI-X wanted, but no capability or fewer than 2 vectors.
+    #[error("no MSI-X capability with 2 vectors (VFIO reports {0})")]
+    NoMsix(u32),
     /// FEATURES_OK did not stick.
     #[error("the device refused features {0:#x}")]
     FeaturesRefused(u64),
@@ -513,6 +516,14 @@ impl<T: Transport> BlkDriver<T> {
         })?;
         let (config_vector, queue_vector) = match opts.irq {
             IrqMode::Msix => {
+                // Vector 0 for configuration changes, 1 for queue 0.
+                let vectors = dev
+                    .irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
+                    .step("MSI-X irq info")?
+                    .count;
+                if !caps.msix() || vectors < 2 {
+                    return Err(Error::NoMsix(vectors));
+                }
                 dev.set_irqs_eventfds(
                     VFIO_PCI_MSIX_IRQ_INDEX,
                     0,
