@@ -430,7 +430,14 @@ impl<T: Transport> BlkDriver<T> {
         // Reset, and wait for it to be done (virtio 1.2, 4.1.4.3.2).
         w(VIRTIO_PCI_COMMON_STATUS, &[0], "reset")?;
         let deadline = Instant::now() + REQUEST_TIMEOUT;
-        while r(VIRTIO_PCI_COMMON_STATUS, 1, "status read")?[0] != 0 {
+        let status_now = || -> Result<u8> {
+            let b = r(VIRTIO_PCI_COMMON_STATUS, 1, "status read")?;
+            b.first().copied().ok_or(Error::Vfio {
+                step: "status read came back short",
+                errno: Errno::EIO,
+            })
+        };
+        while status_now()? != 0 {
             if Instant::now() > deadline {
                 return Err(Error::Vfio {
                     step: "reset never completed",
@@ -487,7 +494,7 @@ impl<T: Transport> BlkDriver<T> {
             &[ack | driver | features_ok],
             "status FEATURES_OK",
         )?;
-        if r(VIRTIO_PCI_COMMON_STATUS, 1, "status read")?[0] & features_ok == 0 {
+        if status_now()? & features_ok == 0 {
             return Err(Error::FeaturesRefused(features));
         }
 
@@ -713,7 +720,8 @@ impl<T: Transport> BlkDriver<T> {
     /// `config_generation` of the common configuration.
     pub fn config_generation(&self) -> u8 {
         let at = self.common + VIRTIO_PCI_COMMON_CFGGENERATION as u64;
-        reg_read(self.t.device(), &self.maps, at, 1).expect("generation read")[0]
+        let b = reg_read(self.t.device(), &self.maps, at, 1).expect("generation read");
+        *b.first().expect("a generation byte")
     }
 
     /// virtio-blk's `capacity` (512-byte sectors), read as a driver does:
