@@ -259,7 +259,10 @@ fn host_doors_run_the_static_driver_and_give_the_tables_errnos() {
                 on_disk(&image, r),
                 "{what}: the pattern is not in the backing file"
             );
-            eprintln!("{what}: ok, bytes in the backing file");
+            eprintln!(
+                "{what}: ok, bytes in the backing file, write+flush+read {} us",
+                line.get("io_us").map_or("?", String::as_str)
+            );
         }
     }
     if cfg!(feature = "group") {
@@ -347,6 +350,7 @@ fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
     let Some(guest) = qemu::require() else { return };
     let tmp = TempDir::new("kcheck-guest").expect("tmpdir");
     let bin = std::fs::read(static_vfio_blk(&tmp)).expect("read the binary");
+    // `tmp/vfio_blk` also runs the cases on the host at the end.
     let script = guest_script();
     let initrd = tmp.join("initrd");
     guest
@@ -440,7 +444,7 @@ fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
             "{what}: run {i} read back through the guest's virtio-blk"
         );
     }
-    for m in &report.results {
+    for m in report.results.iter().filter(|m| m.contains_key("vfio_blk")) {
         eprintln!("guest: {m:?}");
     }
     let bad = compare_cases(&report.results, |c| c.type1);
@@ -450,6 +454,52 @@ fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
         bad.join("\n"),
         run.diagnostics()
     );
+    // The same cases on this daemon's group door, side by side.
+    if cfg!(feature = "group") {
+        common::poll_until(common::TIMEOUT, || {
+            d.ctl(&["list"]).1.contains("owner none").then_some(())
+        })
+        .expect("QEMU gone, the device is free");
+        let s = |p: PathBuf| p.display().to_string();
+        let args = [
+            "cases".to_owned(),
+            "--transport".into(),
+            "vcdev".into(),
+            "--container".into(),
+            s(d.path("vfio/vfio")),
+            "--group".into(),
+            s(d.path("vfio/0")),
+            "--device".into(),
+            "vfio0".into(),
+        ];
+        let host = run_bin(&tmp.join("vfio_blk"), &args, "host cases");
+        let got = |lines: &[BTreeMap<String, String>], name: &str| {
+            lines
+                .iter()
+                .find(|m| m.get("case").is_some_and(|c| c == name))
+                .and_then(|m| m.get("got").cloned())
+                .unwrap_or_default()
+        };
+        let mut table = String::new();
+        for c in CASES {
+            let (k, v) = (got(&report.results, c.name), got(&host, c.name));
+            assert_eq!(
+                k == v,
+                c.agrees(),
+                "{}: guest {k}, vcdev {v}, but the table says they {}",
+                c.name,
+                if c.agrees() { "agree" } else { "differ" }
+            );
+            table.push_str(&format!(
+                "  {:<28} {:<8} {:<8} {}\n",
+                c.name,
+                k,
+                v,
+                if k == v { "" } else { "by design" }
+            ));
+        }
+        eprintln!("errno table, Linux type1 (guest) and vcdev's group door:\n{table}");
+    }
     let out = d.daemon.stop(Duration::from_secs(10)).expect("stop vcdev");
     assert!(
         out.status.success(),

@@ -20,7 +20,7 @@
 //! VCDEV-RESULT vfio_blk=ok|fail transport=.. path=group|iommufd irq=.. notify=.. access=rw|mmap
 //!     ids=VVVV:DDDD
 //!     common=BAR:OFF notify_at=BAR:OFF msix_bar=N features=0x.. sector=N bytes=N seed=N
-//!     match=yes|no requests=N irqs=N kicks=N
+//!     match=yes|no requests=N irqs=N kicks=N io_us=N
 //! ```
 //!
 //! (on one line), or `VCDEV-ERROR vfio_blk: <what failed>`. `cases` runs the
@@ -160,6 +160,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     };
     let mut drv = BlkDriver::bring_up(t, c.queue_size, opts).map_err(|e| e.to_string())?;
     let data = pattern(c.seed, c.bytes as usize);
+    let t0 = std::time::Instant::now();
     let ok = u8::try_from(VIRTIO_BLK_S_OK).unwrap_or(0);
     let st = drv.try_write(c.sector, &data).map_err(|e| e.to_string())?;
     if st != ok {
@@ -173,6 +174,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     if st != ok {
         return Err(format!("read status {st}"));
     }
+    let io_us = t0.elapsed().as_micros();
     let matched = back == data;
     drv.shutdown().map_err(|e| e.to_string())?;
     let at = |b: Option<vcdev_tests::blk::BarOffset>| {
@@ -182,7 +184,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     Ok(format!(
         "VCDEV-RESULT vfio_blk={} transport={transport} path={path} irq={} notify={} access={} \
          ids={:04x}:{:04x} common={} notify_at={} msix_bar={} features={:#x} sector={} \
-         bytes={} seed={} match={} requests={} irqs={} kicks={}",
+         bytes={} seed={} match={} requests={} irqs={} kicks={} io_us={io_us}",
         if matched { "ok" } else { "fail" },
         match c.irq {
             IrqMode::Msix => "msix",
