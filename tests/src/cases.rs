@@ -169,6 +169,13 @@ pub const CASES: &[Case] = &[
         vcdev: "0x0",
         why: "type1 requires the smallest IOMMU page size alignment (`vfio_dma_do_map`); an IOAS no device is attached to has alignment 1 (PROTOCOL.md, `iopt_check_iova`), and the compat attaches the group's devices only when their files open",
     },
+    Case {
+        name: "map_dma_no_prot",
+        what: "MAP_DMA with neither READ nor WRITE (the kernel's IOMMU drivers refuse it in the domain, e.g. intel `__domain_mapping`; vcdev always)",
+        type1: "EINVAL",
+        vcdev: "EINVAL",
+        why: "",
+    },
     Case { name: "map_dma_zero", what: "MAP_DMA of 0 bytes", type1: "EINVAL", vcdev: "EINVAL", why: "" },
     Case {
         name: "unmap_dma_partial",
@@ -183,6 +190,13 @@ pub const CASES: &[Case] = &[
         type1: "0x0",
         vcdev: "ENOENT",
         why: "type1 unmaps nothing and says 0 bytes; iommufd's `iopt_unmap_iova_range` answers ENOENT when no area was unmapped",
+    },
+    Case {
+        name: "unmap_dma_unaligned",
+        what: "UNMAP_DMA of half a page of a 64 KiB mapping",
+        type1: "EINVAL",
+        vcdev: "ENOENT",
+        why: "type1 wants iova and size aligned to its smallest page (`vfio_dma_do_unmap`: EINVAL); iommufd unmaps whole areas inside the range and this one ends past it (`iopt_unmap_iova_range`: ENOENT)",
     },
     Case { name: "unmap_dma_bad_flags", what: "UNMAP_DMA with flag bit 5", type1: "EINVAL", vcdev: "EINVAL", why: "" },
     Case { name: "unmap_dma_all", what: "UNMAP_DMA with FLAG_ALL (bytes unmapped)", type1: "0x10000", vcdev: "0x10000", why: "" },
@@ -289,11 +303,17 @@ fn run_one<F: Vfio>(name: &str, env: &Env<'_>, mem: &Region) -> Result<u64, Errn
                 .container
                 .map_dma(mem, 0, IOVA + PAGE / 2, PAGE, DMA_RW))
         }
+        "map_dma_no_prot" => ok(typed::<F>(env)?.container.map_dma(mem, 0, IOVA, LEN, 0)),
         "map_dma_zero" => ok(typed::<F>(env)?.container.map_dma(mem, 0, IOVA, 0, DMA_RW)),
         "unmap_dma_partial" => {
             let f = typed::<F>(env)?;
             f.container.map_dma(mem, 0, IOVA, LEN, DMA_RW)?;
             f.container.unmap_dma(IOVA, PAGE, 0)
+        }
+        "unmap_dma_unaligned" => {
+            let f = typed::<F>(env)?;
+            f.container.map_dma(mem, 0, IOVA, LEN, DMA_RW)?;
+            f.container.unmap_dma(IOVA, PAGE / 2, 0)
         }
         "unmap_dma_nothing" => typed::<F>(env)?.container.unmap_dma(IOVA, PAGE, 0),
         "unmap_dma_bad_flags" => typed::<F>(env)?.container.unmap_dma(IOVA, PAGE, 1 << 5),
