@@ -326,20 +326,6 @@ say "VCDEV-RESULT rebound=$(basename "$(readlink "$d/driver")")"
     s
 }
 
-/// vcdev's `NAME: counters: k=v ...` line at exit, as a map.
-fn exit_counters(log: &str) -> BTreeMap<String, u64> {
-    log.lines()
-        .rev()
-        .find_map(|l| l.split_once("vfio0: counters: ").map(|(_, c)| c))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 /// The guest: the same static binary on Linux's VFIO (group + type1
 /// container) on the vhost-user-blk-pci function vcdev serves, behind the
 /// guest's intel-iommu; the bytes checked in the guest (through
@@ -514,7 +500,7 @@ fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
         );
     }
     // The driver's DMA went through the guest's vIOMMU into vcdev's IOTLB.
-    let c = exit_counters(&out.stderr);
+    let c = common::vcdev::exit_counters(&out.stderr, "vfio0");
     let misses = c.get("iotlb_misses").copied().unwrap_or(0);
     assert!(misses > 0, "{what}: no IOTLB miss\n{}", out.stderr);
     eprintln!(
