@@ -115,15 +115,19 @@ fn check_blk(line: &BTreeMap<String, String>, r: &Run, access: &str, what: &str)
         "{what}"
     );
     assert_eq!(get("ids"), "1af4:1042", "{what}: a modern virtio-blk");
-    // Write, flush, read: one request each, one doorbell each.
+    // The device's DMA goes through the IOMMU: a read into unmapped
+    // buffers fails with VIRTIO_BLK_S_IOERR (1) and writes nothing.
+    assert_eq!(get("unmapped_read"), "1:untouched", "{what}: {line:?}");
+    // Write, flush, read, the unmapped read: one request each, one
+    // doorbell each.
     assert_eq!(
         (get("requests"), get("kicks")),
-        ("3", "3"),
+        ("4", "4"),
         "{what}: {line:?}"
     );
     let irqs: u64 = get("irqs").parse().expect("irqs=");
     if r.irq == "msix" {
-        assert_eq!(irqs, 3, "{what}: one MSI-X interrupt per request: {line:?}");
+        assert_eq!(irqs, 4, "{what}: one MSI-X interrupt per request: {line:?}");
     } else {
         assert_eq!(irqs, 0, "{what}: polling takes no interrupt: {line:?}");
     }
@@ -503,9 +507,18 @@ fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
     let c = common::vcdev::exit_counters(&out.stderr, "vfio0");
     let misses = c.get("iotlb_misses").copied().unwrap_or(0);
     assert!(misses > 0, "{what}: no IOTLB miss\n{}", out.stderr);
+    // Each run's read into unmapped buffers: the guest's vIOMMU refused
+    // vcdev's miss (and the request failed with IOERR, checked above).
+    let refused = c.get("iotlb_misses_refused").copied().unwrap_or(0);
+    assert!(
+        refused >= RUNS.len() as u64,
+        "{what}: {refused} refused IOTLB misses for {} unmapped reads\n{}",
+        RUNS.len(),
+        out.stderr
+    );
     eprintln!(
-        "{what}: {} runs ok on {} ({}, accel {}); IOTLB misses {misses}, updates {}, \
-         invalidates {}; QEMU {:.2?}",
+        "{what}: {} runs ok on {} ({}, accel {}); IOTLB misses {misses} ({refused} refused), \
+         updates {}, invalidates {}; QEMU {:.2?}",
         RUNS.len(),
         report.kernel.as_deref().unwrap_or("?"),
         guest.qemu_version,

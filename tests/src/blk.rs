@@ -767,6 +767,22 @@ impl<T: Transport> BlkDriver<T> {
         Ok(self.try_request(VIRTIO_BLK_T_FLUSH, 0, 0, 0, false)?.0)
     }
 
+    /// Isolation: unmaps the data region from the device's IOMMU, fills
+    /// this queue's data buffer with a marker and reads `len` bytes at
+    /// `sector` into it. Returns the status byte and whether the buffer
+    /// still holds only the marker: a device whose DMA goes through the
+    /// IOMMU answers VIRTIO_BLK_S_IOERR and writes nothing. The data
+    /// region stays unmapped (a driver's last step).
+    pub fn try_unmapped_read(&mut self, sector: u64, len: u32) -> Result<(u8, bool)> {
+        const MARKER: u8 = 0x5a;
+        let at = self.q.data_gpa();
+        self.mem.write(at, &vec![MARKER; len as usize]);
+        self.t.unmap(DATA_GPA, DATA_SIZE).step("DMA unmap")?;
+        let (st, _) = self.try_request(VIRTIO_BLK_T_IN, sector, at, len, true)?;
+        let untouched = self.mem.read(at, len as usize).iter().all(|&b| b == MARKER);
+        Ok((st, untouched))
+    }
+
     /// [`BlkDriver::try_write`], panicking on a transport failure.
     pub fn write(&mut self, sector: u64, data: &[u8]) -> u8 {
         self.try_write(sector, data).expect("write completes")

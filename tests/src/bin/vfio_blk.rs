@@ -13,14 +13,16 @@
 //! `--access mmap` reaches the virtio structures through an mmap of their
 //! BAR when the region allows it, and says `access=rw` when none does.
 //! `blk` writes `--bytes` of [`vcdev_tests::mem::pattern`]`(seed)` at
-//! `--sector`, flushes, reads them back and compares, then resets the
-//! device; it prints one line:
+//! `--sector`, flushes, reads them back and compares; then it unmaps the
+//! data buffers from the IOMMU and reads into them again, which must fail
+//! with VIRTIO_BLK_S_IOERR (`unmapped_read=1:untouched`) and leave them
+//! as they were; then it resets the device. It prints one line:
 //!
 //! ```text
 //! VCDEV-RESULT vfio_blk=ok|fail transport=.. path=group|iommufd irq=.. notify=.. access=rw|mmap
 //!     ids=VVVV:DDDD
 //!     common=BAR:OFF notify_at=BAR:OFF msix_bar=N features=0x.. sector=N bytes=N seed=N
-//!     match=yes|no requests=N irqs=N kicks=N io_us=N
+//!     match=yes|no unmapped_read=STATUS:untouched|written requests=N irqs=N kicks=N io_us=N
 //! ```
 //!
 //! (on one line), or `VCDEV-ERROR vfio_blk: <what failed>`. `cases` runs the
@@ -36,7 +38,7 @@ use vcdev_tests::cases::{self, Env};
 use vcdev_tests::mem::pattern;
 use vcdev_tests::vfio::kernel::KernelFile;
 use vcdev_tests::vfio::{GroupBinding, IommufdBinding, Transport, Vfio};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 /// The exit code of an invalid argument.
 const EXIT_USAGE: u8 = 2;
@@ -176,6 +178,10 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     }
     let io_us = t0.elapsed().as_micros();
     let matched = back == data;
+    let (st, untouched) = drv
+        .try_unmapped_read(c.sector, c.bytes)
+        .map_err(|e| e.to_string())?;
+    let isolated = st == u8::try_from(VIRTIO_BLK_S_IOERR).unwrap_or(0) && untouched;
     drv.shutdown().map_err(|e| e.to_string())?;
     let at = |b: Option<vcdev_tests::blk::BarOffset>| {
         b.map_or_else(|| "none".into(), |b| format!("{}:{:#x}", b.bar, b.offset))
@@ -184,8 +190,8 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
     Ok(format!(
         "VCDEV-RESULT vfio_blk={} transport={transport} path={path} irq={} notify={} access={} \
          ids={:04x}:{:04x} common={} notify_at={} msix_bar={} features={:#x} sector={} \
-         bytes={} seed={} match={} requests={} irqs={} kicks={} io_us={io_us}",
-        if matched { "ok" } else { "fail" },
+         bytes={} seed={} match={} unmapped_read={}:{} requests={} irqs={} kicks={} io_us={io_us}",
+        if matched && isolated { "ok" } else { "fail" },
         match c.irq {
             IrqMode::Msix => "msix",
             IrqMode::Poll => "poll",
@@ -207,6 +213,8 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
         c.bytes,
         c.seed,
         if matched { "yes" } else { "no" },
+        st,
+        if untouched { "untouched" } else { "written" },
         s.requests,
         s.irqs,
         s.kicks,
