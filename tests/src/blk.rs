@@ -7,7 +7,8 @@
 //!    device configuration: which BAR, which offset) and MSI-X. vcdev's
 //!    function has them all in BAR0; QEMU's virtio-pci puts them in BAR4
 //!    and the MSI-X table in BAR1.
-//! 3. Memory space and bus mastering on in the command register.
+//! 3. Optionally VFIO_DEVICE_RESET; memory space and bus mastering on in
+//!    the command register.
 //! 4. The virtio status handshake; VERSION_1 is required, ACCESS_PLATFORM
 //!    and VIRTIO_BLK_F_FLUSH are taken when offered.
 //! 5. Queue 0 at fixed IOVAs ([`crate::mem`]'s layout), its memory mapped
@@ -26,7 +27,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vcdev::cdev::vfio_uapi::{VfioRegionInfo, VFIO_REGION_INFO_FLAG_MMAP};
+use vcdev::cdev::vfio_uapi::{VfioRegionInfo, VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_MMAP};
 use vcdev_device_model::pci::regs::{
     PCI_CAPABILITY_LIST, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT,
     PCI_CFG_SPACE_SIZE, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
@@ -265,6 +266,9 @@ pub struct StartOpts {
     /// Reach the virtio structures through an mmap of their BAR where the
     /// region allows it (VFIO_REGION_INFO_FLAG_MMAP), else pread/pwrite.
     pub mmap: bool,
+    /// VFIO_DEVICE_RESET first, when VFIO_DEVICE_GET_INFO says the device
+    /// has it (as DPDK and QEMU do when they take a device).
+    pub reset: bool,
 }
 
 impl Default for StartOpts {
@@ -275,6 +279,7 @@ impl Default for StartOpts {
             irq: IrqMode::Msix,
             notify: Notify::Ioeventfd,
             mmap: false,
+            reset: false,
         }
     }
 }
@@ -372,6 +377,12 @@ impl<T: Transport> BlkDriver<T> {
     /// the device's maximum).
     pub fn bring_up(t: T, size: u16, opts: StartOpts) -> Result<Self> {
         let dev = t.device();
+        if opts.reset {
+            let info = dev.device_info().step("device info")?;
+            if info.flags & VFIO_DEVICE_FLAGS_RESET != 0 {
+                dev.reset().step("VFIO_DEVICE_RESET")?;
+            }
+        }
         let config = dev
             .region_info(RegionIndex::Config as u32)
             .step("config region info")?

@@ -12,11 +12,13 @@
 //!
 //! `--access mmap` reaches the virtio structures through an mmap of their
 //! BAR when the region allows it, and says `access=rw` when none does.
-//! `blk` writes `--bytes` of [`vcdev_tests::mem::pattern`]`(seed)` at
+//! `blk` resets the device (VFIO_DEVICE_RESET, when it has it), brings
+//! it up, writes `--bytes` of [`vcdev_tests::mem::pattern`]`(seed)` at
 //! `--sector`, flushes, reads them back and compares; then it unmaps the
 //! data buffers from the IOMMU and reads into them again, which must fail
 //! with VIRTIO_BLK_S_IOERR (`unmapped_read=1:untouched`) and leave them
-//! as they were; then it resets the device. It prints one line:
+//! as they were; last it writes virtio status 0 and turns MSI-X off. It
+//! prints one line:
 //!
 //! ```text
 //! VCDEV-RESULT vfio_blk=ok|fail transport=.. path=group|iommufd irq=.. notify=.. access=rw|mmap
@@ -158,6 +160,7 @@ fn blk<T: Transport>(t: T, c: &Config, transport: &str) -> Result<String, String
         irq: c.irq,
         notify: c.notify,
         mmap: c.mmap,
+        reset: true,
         ..StartOpts::default()
     };
     let mut drv = BlkDriver::bring_up(t, c.queue_size, opts).map_err(|e| e.to_string())?;
