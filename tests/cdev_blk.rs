@@ -7,7 +7,7 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use common::cdev::{BlkDriver, MAP_RW_FIXED};
+use common::cdev::{BlkDriver, StartExt, MAP_RW_FIXED};
 use common::frontend::{pattern, Harness, Region, S_IOERR, S_OK};
 use common::vcdev::Vcdev;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
@@ -20,7 +20,7 @@ fn io_round_trip_then_visible_through_vhost_user() {
     let d = Vcdev::builder("cdev-blk").device("blk,ram=4M").spawn();
     let mut drv = BlkDriver::start(&d, "vfio0", 64);
     assert_eq!(drv.caps.ids, (0x1af4, 0x1042));
-    assert!(drv.caps.msix);
+    assert!(drv.caps.msix());
     let data = pattern(3, 64 * 1024);
     assert_eq!(drv.write(8, &data), S_OK);
     let (st, back) = drv.read(8, data.len() as u32);
@@ -58,10 +58,10 @@ fn unmapped_buffer_is_ioerr_and_old_memory_untouched() {
 
     const BUF_IOVA: u64 = 0x8000_0000;
     let buf = Region::new(BUF_IOVA, 0x10000);
-    drv.b
+    drv.t
         .iommufd
         .ioas_map_file(
-            drv.b.ioas,
+            drv.t.ioas,
             buf.file.as_fd(),
             0,
             0x10000,
@@ -79,9 +79,9 @@ fn unmapped_buffer_is_ioerr_and_old_memory_untouched() {
     assert!(mem.read(BUF_IOVA, 4096) == pattern(9, 4096));
     mem.write(BUF_IOVA, &[0x5a; 4096]);
     assert_eq!(
-        drv.b
+        drv.t
             .iommufd
-            .ioas_unmap(drv.b.ioas, BUF_IOVA, 0x10000)
+            .ioas_unmap(drv.t.ioas, BUF_IOVA, 0x10000)
             .unwrap(),
         0x10000
     );
@@ -107,10 +107,10 @@ fn detach_blocks_dma_until_attached_again() {
     let d = Vcdev::builder("cdev-detach").device("blk,ram=4M").spawn();
     let mut drv = BlkDriver::start(&d, "vfio0", 64);
     assert_eq!(drv.write(0, &pattern(1, 4096)), S_OK);
-    drv.b.dev.detach_pt().unwrap();
+    drv.t.dev.detach_pt().unwrap();
     let (_, show) = d.ctl(&["show", "vfio0"]);
     assert!(show.contains("DMA blocked"), "{show}");
-    drv.b.dev.attach_pt(drv.b.ioas).unwrap();
+    drv.t.dev.attach_pt(drv.t.ioas).unwrap();
     // DMA goes on through the IOAS attached again.
     let (st, back) = drv.read(0, 4096);
     assert_eq!(st, S_OK);

@@ -1170,12 +1170,12 @@ fn ioeventfd_raw(dev: &File, offset: u64, fd: i32, reserved: u32, fds: &[i32]) -
 #[test]
 fn ioeventfd_reserved_field_is_einval() {
     let d = device_daemon("cdev-ioeventfd-reserved");
-    let drv = common::cdev::BlkDriver::start(&d, "vfio0", 64);
+    let drv = <common::cdev::BlkDriver as common::cdev::StartExt>::start(&d, "vfio0", 64);
     assert_eq!(
-        ioeventfd_raw(&drv.b.dev, drv.doorbell, -1, 1, &[]),
+        ioeventfd_raw(&drv.t.dev, drv.doorbell, -1, 1, &[]),
         -libc::EINVAL
     );
-    assert_eq!(ioeventfd_raw(&drv.b.dev, drv.doorbell, -1, 0, &[]), 0);
+    assert_eq!(ioeventfd_raw(&drv.t.dev, drv.doorbell, -1, 0, &[]), 0);
 }
 
 /// `vfio_pci_ioeventfd`: the offset (EINVAL) and the registrations
@@ -1184,8 +1184,8 @@ fn ioeventfd_reserved_field_is_einval() {
 #[test]
 fn ioeventfd_checks_the_offset_and_registrations_before_the_descriptor() {
     let d = device_daemon("cdev-ioeventfd-order");
-    let drv = common::cdev::BlkDriver::start(&d, "vfio0", 64);
-    let dev = &drv.b.dev;
+    let drv = <common::cdev::BlkDriver as common::cdev::StartExt>::start(&d, "vfio0", 64);
+    let dev = &drv.t.dev;
     // Config space takes no ioeventfd; no descriptor rides.
     assert_eq!(ioeventfd_raw(dev, CONFIG_REGION, 3, 0, &[]), -libc::EINVAL);
     // Registered already (by the driver): EEXIST, whatever rides.

@@ -182,6 +182,37 @@ fn dd_pattern_matches_guest_spec() {
     );
 }
 
+/// `newc_archive`: the layout of Linux's initramfs buffer format
+/// (Documentation/driver-api/early-userspace/buffer-format.rst): a
+/// 110-byte header of "070701" and 13 eight-digit hex fields, the name and
+/// its NUL padded to 4, the data padded to 4, and the `TRAILER!!!` entry.
+#[test]
+fn newc_archive_layout() {
+    use qemu::{newc_archive, ArchiveFile};
+    let a = newc_archive(&[ArchiveFile {
+        path: "bin/x",
+        mode: 0o100_755,
+        data: b"hello",
+    }]);
+    let field = |entry: usize, i: usize| {
+        let at = entry + 6 + 8 * i;
+        u32::from_str_radix(std::str::from_utf8(&a[at..at + 8]).unwrap(), 16).unwrap()
+    };
+    assert_eq!(&a[..6], b"070701");
+    assert_eq!(field(0, 1), 0o100_755, "mode");
+    assert_eq!(field(0, 6), 5, "filesize");
+    assert_eq!(field(0, 11), 6, "namesize with the NUL");
+    // Header 110 + name 6 = 116 (aligned), data 5 padded to 8.
+    assert_eq!(&a[110..116], b"bin/x\0");
+    assert_eq!(&a[116..121], b"hello");
+    assert_eq!(&a[121..124], &[0, 0, 0]);
+    let trailer = 124;
+    assert_eq!(&a[trailer..trailer + 6], b"070701");
+    assert_eq!(field(trailer, 11), 11);
+    assert_eq!(&a[trailer + 110..trailer + 121], b"TRAILER!!!\0");
+    assert_eq!(a.len() % 4, 0);
+}
+
 /// Boots the no-viommu topology against qemu-storage-daemon, writes a
 /// pattern from the guest with O_DIRECT, and checks guest read-back, the
 /// expected pattern and the host backing file all agree.

@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::qemu::{self, Guest};
@@ -33,20 +32,6 @@ const MODES: [(&str, &str); 3] = [
     ("lazy", "iommu.strict=0"),
     ("passthrough", "iommu=pt"),
 ];
-
-/// vcdev's `NAME: counters: k=v ...` line at exit, as a map.
-fn exit_counters(log: &str) -> BTreeMap<String, u64> {
-    log.lines()
-        .rev()
-        .find_map(|l| l.split_once("vfio0: counters: ").map(|(_, c)| c))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
 
 /// One boot: returns the counters and a line for the summary.
 fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
@@ -95,7 +80,7 @@ fn boot(guest: &Guest, config: &str, mode: &str, append: &str) -> String {
         out.stderr
     );
     qemu::assert_dd_on_disk(&image, MIB, &expected, &what);
-    let c = exit_counters(&out.stderr);
+    let c = common::vcdev::exit_counters(&out.stderr, "vfio0");
     let get = |k: &str| c.get(k).copied().unwrap_or(0);
     // Every address went through the IOTLB: misses were sent and answered.
     assert!(

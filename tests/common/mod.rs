@@ -8,6 +8,7 @@
 //! - [`frontend`], [`cdev`]: the two doors' client harnesses.
 //! - [`peers`]: the backends the storage benchmark compares with (`vub_blk`,
 //!   qemu-storage-daemon), and `vcdev serve` with a SPEC it may refuse.
+//! - [`static_bin`]: a statically linked build of a binary of this crate.
 //! - [`qemu`]: QEMU guest tests: [`qemu::require`] (skip or fail when QEMU 10
 //!   or the guest image is missing), loading `qemu-configs/<name>`, booting
 //!   with a hard deadline, and parsing the guest's `VCDEV-*` marker lines.
@@ -23,6 +24,7 @@ pub mod frontend;
 pub mod peers;
 pub mod process;
 pub mod qemu;
+pub mod static_bin;
 pub mod vcdev;
 
 use std::io;

@@ -1100,3 +1100,74 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(got)
 }
+
+/// One file of a [`newc_archive`]: its path in the archive (no leading
+/// `/`), its mode (type and permission bits, e.g. `0o100755`) and bytes.
+pub struct ArchiveFile<'a> {
+    /// Path inside the archive.
+    pub path: &'a str,
+    /// `st_mode`.
+    pub mode: u32,
+    /// Contents.
+    pub data: &'a [u8],
+}
+
+/// A newc ("070701") cpio archive of `files` and the trailer, the format
+/// of Linux's initramfs (Documentation/driver-api/early-userspace/
+/// buffer-format.rst): a 110-byte ASCII header of hex fields, the name
+/// with its NUL, padding to 4, the data, padding to 4.
+pub fn newc_archive(files: &[ArchiveFile<'_>]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, nlink: u32, data: &[u8]) {
+        let fields = [
+            ino,
+            mode,
+            0, // uid
+            0, // gid
+            nlink,
+            0, // mtime
+            u32::try_from(data.len()).expect("file under 4 GiB"),
+            0, // devmajor
+            0, // devminor
+            0, // rdevmajor
+            0, // rdevminor
+            u32::try_from(name.len() + 1).expect("short name"),
+            0, // check
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let ino = u32::try_from(i + 1).expect("few files");
+        entry(&mut out, ino, f.path, f.mode, 1, f.data);
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, 1, &[]);
+    out
+}
+
+impl Guest {
+    /// A copy of the guest's initrd at `path` with `files` appended as a
+    /// second, uncompressed newc archive (the kernel unpacks concatenated
+    /// archives, later files replacing earlier ones; an uncompressed one
+    /// must start 4-byte aligned, so the copy is padded with zeros, which
+    /// the unpacker skips). Boot it with `.var("INITRD", ..)`.
+    pub fn initrd_with(&self, path: &Path, files: &[ArchiveFile<'_>]) -> io::Result<()> {
+        let mut image = std::fs::read(&self.initrd)?;
+        while !image.len().is_multiple_of(512) {
+            image.push(0);
+        }
+        image.extend_from_slice(&newc_archive(files));
+        std::fs::write(path, image)
+    }
+}

@@ -392,3 +392,19 @@ pub fn serve_once_env(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Outpu
         .output()
         .expect("vcdev serve")
 }
+
+/// Device `name`'s `NAME: counters: k=v ...` line that `vcdev serve` logs
+/// at exit, as a map (empty when the log has none).
+pub fn exit_counters(log: &str, name: &str) -> std::collections::BTreeMap<String, u64> {
+    let tag = format!("{name}: counters: ");
+    log.lines()
+        .rev()
+        .find_map(|l| l.split_once(tag.as_str()).map(|(_, c)| c))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}

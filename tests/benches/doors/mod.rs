@@ -35,7 +35,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::cdev::{BlkDriver, StartOpts};
+use crate::common::cdev::{BlkDriver, StartExt, StartOpts};
 use crate::common::frontend::{DriverQueue, GuestMem, Harness, S_OK};
 use crate::common::vcdev::Vcdev;
 use crate::common::TIMEOUT;
@@ -250,6 +250,7 @@ impl Driver {
                 let opts = StartOpts {
                     all_features: true,
                     map_data: cfg.door == DoorKind::CdevStatic,
+                    ..StartOpts::default()
                 };
                 Front::Cdev(Box::new(BlkDriver::start_with(
                     vcdev, "vfio0", QUEUE_SIZE, opts,
@@ -314,9 +315,9 @@ impl Driver {
             };
             let t = Instant::now();
             let n = drv
-                .b
+                .t
                 .iommufd
-                .ioas_unmap(drv.b.ioas, Self::data_gpa(slot), BLOCK);
+                .ioas_unmap(drv.t.ioas, Self::data_gpa(slot), BLOCK);
             assert_eq!(n, Ok(BLOCK), "IOAS_UNMAP");
             self.unmaps.push(t.elapsed().as_nanos() as u64);
         }
