@@ -64,7 +64,7 @@ else
   ls debs/busybox-static_*.deb >/dev/null 2>&1 || { log "downloading busybox-static"; apt_download busybox-static; }
   rm -rf bbroot; dpkg-deb -x debs/busybox-static_*.deb bbroot; bb=$PWD/bbroot/bin/busybox
 fi
-"$bb" --list | grep -qx insmod || die "$bb lacks insmod"
+"$bb" --list | grep -x insmod >/dev/null || die "$bb lacks insmod"
 
 # ----------------------------------------------------------------- modules
 declare -A seen=(); order=()
