@@ -245,6 +245,9 @@ pub mod cdev {
         libc::EIO,
         libc::ERANGE,
         libc::EPERM,
+        // IOAS_ALLOW_IOVAS over a reserved range (`iopt_set_allow_iova`),
+        // IOAS_MAP onto one.
+        libc::EADDRINUSE,
     ];
 
     /// A server over `vfio0` (full aperture), `vfio1` (a narrow aperture

@@ -150,3 +150,48 @@ proptest! {
         g.release();
     }
 }
+
+/// Found by the fuzz target `cdev_frames` (30-minute run): IOAS_ALLOW_IOVAS
+/// over the reserved hole of a device attached to the IOAS is EADDRINUSE,
+/// as in the kernel (`iopt_set_allow_iova`), which the oracle's errno list
+/// lacked.
+#[test]
+fn allow_iovas_over_a_reserved_range_is_eaddrinuse() {
+    use vcdev_iommu::uapi::{IommuIoasAllowIovas, IommuIovaRange, IOMMUFD_CMD_IOAS_ALLOW_IOVAS};
+    use vm_memory::ByteValued;
+
+    let server = server();
+    let ictx = IommufdFile::new(server.files(), server.seal_policy());
+    let fds = Fds {
+        ictx: server.files().hand_out(ictx.clone()).unwrap(),
+    };
+    // vfio1 reserves 0x20_0000..=0x2f_ffff.
+    let d = DeviceFile::new_cdev(server.files(), server.devices()[1].clone());
+    bind(&d, &fds).unwrap();
+    let ioas_id = attach_new_ioas(&ictx, &d).unwrap();
+    let hdr = IommuIoasAllowIovas {
+        size: 24,
+        ioas_id,
+        num_iovas: 1,
+        ..Default::default()
+    };
+    let range = IommuIovaRange {
+        start: 0x20_0000,
+        last: 0x20_0fff,
+    };
+    let mut payload = hdr.as_slice().to_vec();
+    payload.extend_from_slice(range.as_slice());
+    let out = super::dispatch::dispatch(
+        ictx.ops(),
+        ictx.as_ref(),
+        IOMMUFD_CMD_IOAS_ALLOW_IOVAS,
+        payload,
+        Vec::new(),
+        |c| ictx.gate(c),
+    )
+    .unwrap();
+    assert_eq!(out.result, -libc::EADDRINUSE);
+    check_result(IOMMUFD_CMD_IOAS_ALLOW_IOVAS, &out).unwrap();
+    iommufd_still_works(&ictx).unwrap();
+    d.release();
+}
