@@ -23,13 +23,11 @@
 //! address space, so an invalidation, unmap or memory-table change that
 //! overlaps it waits for the request to complete.
 
-use std::iter::FusedIterator;
-
 use vcdev_device_model::blk::{InflightMemory, Release};
-use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session};
+use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session, SliceIter};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions};
 
 use crate::vhost_user::iotlb::allows;
 
@@ -246,46 +244,6 @@ impl Iterator for PinIter<'_> {
     }
 }
 
-/// The slices of one access through a [`RingView`].
-pub enum ViewIter<'a, I> {
-    /// From the pins.
-    Pinned(PinIter<'a>),
-    /// From the session.
-    Session(I),
-}
-
-impl<'a, I> Iterator for ViewIter<'a, I>
-where
-    I: Iterator<Item = GuestMemoryResult<VolatileSlice<'a, ()>>>,
-{
-    type Item = GuestMemoryResult<VolatileSlice<'a, ()>>;
-
-    #[inline]
-    fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            ViewIter::Pinned(p) => {
-                let h = p.next()?;
-                // SAFETY: the slice comes from a translation made in the
-                // session this view borrows for 'a (pins are redone for each
-                // generation and used only while that session is online),
-                // inside memory that stays mapped for 'a.
-                Some(Ok(unsafe { VolatileSlice::new(h.ptr, h.len) }))
-            }
-            ViewIter::Session(i) => i.next(),
-        }
-    }
-}
-
-impl<'a, I> FusedIterator for ViewIter<'a, I> where
-    I: FusedIterator<Item = GuestMemoryResult<VolatileSlice<'a, ()>>>
-{
-}
-
-impl<'a, I> GuestMemorySliceIterator<'a, BS<'a, ()>> for ViewIter<'a, I> where
-    I: GuestMemorySliceIterator<'a, BS<'a, ()>>
-{
-}
-
 impl GuestMemory for RingView<'_, '_> {
     type PhysicalMemory = vm_memory::GuestMemoryMmap<()>;
     type Bitmap = ();
@@ -303,11 +261,13 @@ impl GuestMemory for RingView<'_, '_> {
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
         if let Some(it) = self.pinned(addr.0, count, access) {
-            return Ok(ViewIter::Pinned(it));
+            // SAFETY: the pins were made in the session this view borrows
+            // for 'b, or in an earlier one whose extents this session's
+            // generation still publishes (`RingPins::refresh`), so their
+            // memory stays mapped while the session is online.
+            return Ok(unsafe { SliceIter::from_slices(it) });
         }
-        Ok(ViewIter::Session(
-            self.session.get_slices(addr, count, access)?,
-        ))
+        self.session.slices(addr, count, access)
     }
 }
 

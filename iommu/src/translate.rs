@@ -365,15 +365,8 @@ impl Session<'_> {
         access: Permissions,
     ) -> Result<SliceIter<'_>, Fault> {
         let slices = self.translate_slow(iova, len as u64, access)?;
-        let pieces = if slices.len() <= 1 {
-            Pieces::One(slices.first().copied())
-        } else {
-            Pieces::Many(slices.into_vec().into_iter())
-        };
-        Ok(SliceIter {
-            pieces,
-            _session: PhantomData,
-        })
+        // SAFETY: translated in this session, which the result borrows.
+        Ok(unsafe { SliceIter::from_slices(slices.into_iter()) })
     }
 
     #[inline(never)]
@@ -488,35 +481,81 @@ fn to_guest_error(f: Fault, len: usize) -> GuestMemoryError {
     })
 }
 
-/// The slices of a translated buffer, as vm-memory wants them. A buffer
-/// inside one extent (nearly every ring access, header and data buffer) is
-/// one slice kept inline, so that the iterator stays a few words long: the
-/// generic `Bytes` helpers of vm-memory move it by value several times per
-/// access, and with the four inline slices of [`Slices`] those copies cost
-/// more than the translation. A buffer over several extents is translated
-/// eagerly as before, into a vector.
+/// The slices of a translated buffer, as vm-memory wants them: three
+/// words, like vm-memory's own iterator. The generic `Bytes` helpers move
+/// it by value several times per access; with the four slices of [`Slices`]
+/// inline those copies cost more than the translation. A buffer inside one
+/// extent (nearly every ring access, header and data buffer) is its first
+/// slice alone; the slices after it, for a buffer over several extents, are
+/// boxed.
 pub struct SliceIter<'a> {
-    pieces: Pieces,
+    /// The next slice; `len == 0`: none (then `rest`, if any).
+    next: HostSlice,
+    rest: Option<Box<Rest>>,
     _session: PhantomData<&'a ()>,
 }
 
-enum Pieces {
-    One(Option<HostSlice>),
-    Many(std::vec::IntoIter<HostSlice>),
+struct Rest {
+    slices: Slices,
+    at: usize,
 }
+
+impl<'a> SliceIter<'a> {
+    /// The slices `slices`, in order (empty ones are skipped).
+    ///
+    /// # Safety
+    ///
+    /// Each slice must be host memory translated inside a [`Session`] that
+    /// outlives `'a` (or otherwise mapped for `'a`), within one extent.
+    pub unsafe fn from_slices(mut slices: impl Iterator<Item = HostSlice>) -> SliceIter<'a> {
+        let first = slices.by_ref().find(|s| s.len != 0);
+        let mut it = SliceIter {
+            next: first.unwrap_or(EMPTY_SLICE),
+            rest: None,
+            _session: PhantomData,
+        };
+        if first.is_some() {
+            let rest: Slices = slices.filter(|s| s.len != 0).collect();
+            if !rest.is_empty() {
+                it.rest = Some(Box::new(Rest {
+                    slices: rest,
+                    at: 0,
+                }));
+            }
+        }
+        it
+    }
+
+    #[cold]
+    fn next_of_rest(&mut self) -> Option<HostSlice> {
+        let r = self.rest.as_mut()?;
+        let s = *r.slices.get(r.at)?;
+        r.at += 1;
+        Some(s)
+    }
+}
+
+const EMPTY_SLICE: HostSlice = HostSlice {
+    ptr: std::ptr::null_mut(),
+    len: 0,
+};
 
 impl<'a> Iterator for SliceIter<'a> {
     type Item = GuestMemoryResult<VolatileSlice<'a, ()>>;
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        let s = match &mut self.pieces {
-            Pieces::One(s) => s.take()?,
-            Pieces::Many(it) => it.next()?,
+        let s = if self.next.len != 0 {
+            std::mem::replace(&mut self.next, EMPTY_SLICE)
+        } else if self.rest.is_none() {
+            return None;
+        } else {
+            self.next_of_rest()?
         };
         // SAFETY: the slice was translated inside the session that borrows
-        // 'a, so its memory stays mapped for 'a; it lies inside one extent,
-        // i.e. inside the extent's MemObject.
+        // 'a (or handed to `from_slices`, whose caller promised as much), so
+        // its memory stays mapped for 'a; it lies inside one extent, i.e.
+        // inside the extent's MemObject.
         Some(Ok(unsafe { VolatileSlice::new(s.ptr, s.len) }))
     }
 }
@@ -540,13 +579,28 @@ impl GuestMemory for Session<'_> {
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        self.slices(addr, count, access)
+    }
+}
+
+impl Session<'_> {
+    /// [`GuestMemory::get_slices`], with the iterator's type named (for a
+    /// `GuestMemory` built on a session).
+    #[inline]
+    pub fn slices(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<SliceIter<'_>> {
         // The fast path of `translate`, without building a `Slices`.
         if let Some(ptr) = self.probe(addr.0, count as u64, access) {
             let r = self.reader;
             r.translations.set(r.translations.get() + 1);
             r.hits.set(r.hits.get() + 1);
             return Ok(SliceIter {
-                pieces: Pieces::One(Some(HostSlice { ptr, len: count })),
+                next: HostSlice { ptr, len: count },
+                rest: None,
                 _session: PhantomData,
             });
         }
