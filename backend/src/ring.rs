@@ -253,7 +253,11 @@ impl GuestMemory for RingView<'_, '_> {
             || self.session.check_range(addr, count, access)
     }
 
-    #[inline]
+    // Always inlined, with `Session::slices`: into vm-memory's generic
+    // helpers (load, store, read_slice...), whose iterator handling then
+    // folds away. About 450 instructions per 4K request at QD1 (callgrind;
+    // LLVM inlined neither on its own).
+    #[inline(always)]
     fn get_slices<'b>(
         &'b self,
         addr: GuestAddress,
