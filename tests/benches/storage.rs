@@ -40,6 +40,19 @@
 //! - `VCDEV_BENCH_SPECS` may add a vcdev configuration whose binary `VCDEV_BENCH_BINS`
 //!   (`NAME=PATH;NAME=PATH`) sets: another build of vcdev, interleaved with this one.
 //!
+//! Instructions per request (`VCDEV_BENCH_CALLGRIND=DIR`, valgrind installed): instead of the
+//! timed table, each of vcdev (`vcdev sync buffered`) and `vub_blk` (`vub buffered`) runs under
+//! `valgrind --tool=callgrind --separate-threads=yes`, twice per workload, with `N1` and `N2`
+//! requests after a warm-up (`VCDEV_BENCH_REQUESTS=N1,N2`, default `2000,10000`;
+//! `VCDEV_BENCH_WARMUP_REQUESTS`, 500), then SIGTERM. The difference of the two runs' Ir over
+//! `N2 - N1` is a request's cost without start-up and shutdown, deterministic where wall-clock
+//! time on a shared machine is not; per thread too (the busiest is the queue's). Workloads:
+//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated; default the four 4K ones); configurations:
+//! `VCDEV_BENCH_CONFIGS`, `VCDEV_BENCH_SPECS`, `VCDEV_BENCH_BINS` as above; more valgrind
+//! options: `VCDEV_BENCH_VALGRIND_ARGS`. The table goes to stdout and `DIR/callgrind.md`, the
+//! callgrind files stay in `DIR` for `callgrind_annotate` (see BENCHMARKS.md). Only user-space
+//! instructions count: system calls are the kernel's.
+//!
 //! Without `--bench` in its arguments (`cargo test --benches`) it exits at once.
 
 #[path = "../common/mod.rs"]
