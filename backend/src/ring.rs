@@ -24,7 +24,7 @@
 //! overlaps it waits for the request to complete.
 
 use vcdev_device_model::blk::{InflightMemory, Release};
-use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session, SliceIter};
+use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions};
@@ -268,8 +268,11 @@ impl GuestMemory for RingView<'_, '_> {
             // SAFETY: the pins were made in the session this view borrows
             // for 'b, or in an earlier one whose extents this session's
             // generation still publishes (`RingPins::refresh`), so their
-            // memory stays mapped while the session is online.
-            return Ok(unsafe { SliceIter::from_slices(it) });
+            // memory stays mapped while the session is online; each piece
+            // lies in one extent.
+            if let Some(it) = unsafe { self.session.slice_iter(it) } {
+                return Ok(it);
+            }
         }
         self.session.slices(addr, count, access)
     }
