@@ -23,13 +23,11 @@
 //! address space, so an invalidation, unmap or memory-table change that
 //! overlaps it waits for the request to complete.
 
-use std::iter::FusedIterator;
-
 use vcdev_device_model::blk::{InflightMemory, Release};
 use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions};
 
 use crate::vhost_user::iotlb::allows;
 
@@ -86,29 +84,16 @@ impl Pin {
         Ok(())
     }
 
-    /// The slices of `addr..addr+count` (inside the pin), at most 4.
-    fn slices(&self, addr: u64, count: u64) -> Option<PinIter> {
-        let mut it = PinIter::default();
+    /// The slices of `addr..addr+count` (inside the pin), found as they
+    /// are iterated.
+    fn slices(&self, addr: u64, count: u64) -> Option<PinIter<'_>> {
         // Inclusive ends, as in `covers`: nothing overflows at 2^64.
         let last = addr.checked_add(count.checked_sub(1)?)?;
-        for &(start, h) in &self.pieces {
-            let plen = u64::try_from(h.len).ok()?;
-            let Some(plast) = plen.checked_sub(1).and_then(|l| start.checked_add(l)) else {
-                continue;
-            };
-            if plast < addr || start > last {
-                continue;
-            }
-            let from = addr.max(start);
-            let to = last.min(plast);
-            let slot = it.items.get_mut(it.n)?;
-            *slot = HostSlice {
-                ptr: h.ptr.wrapping_add(usize::try_from(from - start).ok()?),
-                len: usize::try_from(to - from).ok()?.checked_add(1)?,
-            };
-            it.n += 1;
-        }
-        Some(it)
+        Some(PinIter {
+            pieces: &self.pieces,
+            addr,
+            last,
+        })
     }
 }
 
@@ -213,7 +198,8 @@ impl<'a, 's> RingView<'a, 's> {
         self.session
     }
 
-    fn pinned(&self, addr: u64, count: usize, access: Permissions) -> Option<PinIter> {
+    #[inline]
+    fn pinned(&self, addr: u64, count: usize, access: Permissions) -> Option<PinIter<'a>> {
         let pins = self.pins?;
         let count = count as u64;
         pins.pins
@@ -223,67 +209,39 @@ impl<'a, 's> RingView<'a, 's> {
     }
 }
 
-/// Up to four pinned slices.
+/// The pinned slices of `addr..=last`: the parts of the pieces left that
+/// overlap it. A few words, not the slices themselves: vm-memory's helpers
+/// move the iterator by value several times per access.
 #[derive(Clone, Copy, Debug)]
-pub struct PinIter {
-    items: [HostSlice; 4],
-    n: usize,
-    i: usize,
+pub struct PinIter<'a> {
+    pieces: &'a [(u64, HostSlice)],
+    addr: u64,
+    last: u64,
 }
 
-const NO_SLICE: HostSlice = HostSlice {
-    ptr: std::ptr::null_mut(),
-    len: 0,
-};
+impl Iterator for PinIter<'_> {
+    type Item = HostSlice;
 
-impl Default for PinIter {
-    fn default() -> Self {
-        PinIter {
-            items: [NO_SLICE; 4],
-            n: 0,
-            i: 0,
-        }
-    }
-}
-
-/// The slices of one access through a [`RingView`].
-pub enum ViewIter<'a, I> {
-    /// From the pins.
-    Pinned(PinIter, std::marker::PhantomData<&'a ()>),
-    /// From the session.
-    Session(I),
-}
-
-impl<'a, I> Iterator for ViewIter<'a, I>
-where
-    I: Iterator<Item = GuestMemoryResult<VolatileSlice<'a, ()>>>,
-{
-    type Item = GuestMemoryResult<VolatileSlice<'a, ()>>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            ViewIter::Pinned(p, _) => {
-                let h = *p.items.get(p.i).filter(|_| p.i < p.n)?;
-                p.i += 1;
-                // SAFETY: the slice comes from a translation made in the
-                // session this view borrows for 'a (pins are redone for each
-                // generation and used only while that session is online),
-                // inside memory that stays mapped for 'a.
-                Some(Ok(unsafe { VolatileSlice::new(h.ptr, h.len) }))
+    #[inline]
+    fn next(&mut self) -> Option<HostSlice> {
+        while let Some((&(start, h), rest)) = self.pieces.split_first() {
+            self.pieces = rest;
+            let plen = u64::try_from(h.len).ok()?;
+            let Some(plast) = plen.checked_sub(1).and_then(|l| start.checked_add(l)) else {
+                continue;
+            };
+            if plast < self.addr || start > self.last {
+                continue;
             }
-            ViewIter::Session(i) => i.next(),
+            let from = self.addr.max(start);
+            let to = self.last.min(plast);
+            return Some(HostSlice {
+                ptr: h.ptr.wrapping_add(usize::try_from(from - start).ok()?),
+                len: usize::try_from(to - from).ok()?.checked_add(1)?,
+            });
         }
+        None
     }
-}
-
-impl<'a, I> FusedIterator for ViewIter<'a, I> where
-    I: FusedIterator<Item = GuestMemoryResult<VolatileSlice<'a, ()>>>
-{
-}
-
-impl<'a, I> GuestMemorySliceIterator<'a, BS<'a, ()>> for ViewIter<'a, I> where
-    I: GuestMemorySliceIterator<'a, BS<'a, ()>>
-{
 }
 
 impl GuestMemory for RingView<'_, '_> {
@@ -295,6 +253,11 @@ impl GuestMemory for RingView<'_, '_> {
             || self.session.check_range(addr, count, access)
     }
 
+    // Always inlined, with `Session::slices`: into vm-memory's generic
+    // helpers (load, store, read_slice...), whose iterator handling then
+    // folds away. About 450 instructions per 4K request at QD1 (callgrind;
+    // LLVM inlined neither on its own).
+    #[inline(always)]
     fn get_slices<'b>(
         &'b self,
         addr: GuestAddress,
@@ -302,11 +265,16 @@ impl GuestMemory for RingView<'_, '_> {
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
         if let Some(it) = self.pinned(addr.0, count, access) {
-            return Ok(ViewIter::Pinned(it, std::marker::PhantomData));
+            // SAFETY: the pins were made in the session this view borrows
+            // for 'b, or in an earlier one whose extents this session's
+            // generation still publishes (`RingPins::refresh`), so their
+            // memory stays mapped while the session is online; each piece
+            // lies in one extent.
+            if let Some(it) = unsafe { self.session.slice_iter(it) } {
+                return Ok(it);
+            }
         }
-        Ok(ViewIter::Session(
-            self.session.get_slices(addr, count, access)?,
-        ))
+        self.session.slices(addr, count, access)
     }
 }
 
@@ -354,6 +322,7 @@ mod tests {
     use std::sync::Arc;
 
     use vcdev_iommu::{AddressSpace, MemObject};
+    use vm_memory::Bytes;
 
     use super::*;
 
@@ -409,6 +378,59 @@ mod tests {
             space.iotlb_invalidate(8 * PAGE, PAGE);
         }
         assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+    }
+
+    /// A ring over scattered pages: an access across a page boundary is
+    /// served from the pins as two slices (found as the iterator goes),
+    /// with the bytes the session sees; more pieces than the four the
+    /// pins once served inline work too.
+    #[test]
+    fn a_pinned_access_across_pieces() {
+        const PAGE: u64 = 4096;
+        let space = AddressSpace::new();
+        let mem = Arc::new(MemObject::anonymous(16 * 4096).unwrap());
+        // IOVA page i -> host page (i * 5 + 3) % 16: nothing contiguous.
+        for i in 0..10 {
+            space
+                .iotlb_update(
+                    i * PAGE,
+                    PAGE,
+                    &mem,
+                    (i * 5 + 3) % 16 * PAGE,
+                    Permissions::ReadWrite,
+                )
+                .unwrap();
+        }
+        // 1024 entries: the descriptor table spans pages 0..=4 (five
+        // pieces), the avail ring is in page 5, the used ring spans 6..=8.
+        let rings = (PAGE / 2, 5 * PAGE, 6 * PAGE);
+        let mut reader = space.reader();
+        let releaser = reader.hold_releaser();
+        let s = reader.enter();
+        let mut pins = RingPins::default();
+        assert_eq!(pins.refresh(&s, rings, 1024), Ok(true));
+        let view = RingView::new(&s, Some(&pins), &releaser);
+        let bytes: Vec<u8> = (0..32).collect();
+        s.write_slice(&bytes, GuestAddress(PAGE - 16)).unwrap();
+        let it = view.pinned(PAGE - 16, 32, Permissions::Read).unwrap();
+        assert_eq!(it.map(|h| h.len).collect::<Vec<_>>(), [16, 16]);
+        let mut got = [0u8; 32];
+        view.read_slice(&mut got, GuestAddress(PAGE - 16)).unwrap();
+        assert_eq!(&got[..], &bytes[..]);
+        // The whole table (five pieces) and the whole used ring (three).
+        let whole: Vec<usize> = view
+            .pinned(PAGE / 2, 16 * 1024, Permissions::Read)
+            .unwrap()
+            .map(|h| h.len)
+            .collect();
+        assert_eq!(whole, [2048, 4096, 4096, 4096, 2048]);
+        let used = view
+            .pinned(6 * PAGE, 6 + 8 * 1024, Permissions::Write)
+            .unwrap();
+        assert_eq!(used.count(), 3);
+        // Outside the pins (data pages) or the wrong access: the session.
+        assert!(view.pinned(9 * PAGE, 16, Permissions::Read).is_none());
+        assert!(view.pinned(PAGE, 16, Permissions::Write).is_none());
     }
 
     /// Rings in the last page of the IOVA space (a frontend may put them

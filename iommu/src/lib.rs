@@ -61,6 +61,6 @@ pub use ioas::{Ioas, IoasError};
 pub use mem::{MemObject, SealPolicy};
 pub use object::{Iommufd, ObjectError, ObjectId, ObjectKind};
 pub use space::{AddressSpace, HoldWaits};
-pub use translate::{Fault, HostSlice, Reader, Session, Slices};
+pub use translate::{Fault, HostSlice, Reader, Session, SliceIter, Slices};
 pub use tree::{Extent, Tree};
 pub use vm_memory::Permissions;

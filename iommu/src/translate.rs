@@ -13,7 +13,7 @@
 //! the session holds its ranges ([`Session::hold`], [`crate::hold`]) until
 //! it completes ([`Reader::release`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::iter::FusedIterator;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -123,11 +123,17 @@ pub struct Reader {
     hits: Cell<u64>,
     flushes: Cell<u64>,
     partial_flushes: Cell<u64>,
+    /// The slices after the first of each buffer over several extents
+    /// translated in the current session ([`SliceIter`]); cleared when the
+    /// next session starts.
+    spill: RefCell<Vec<HostSlice>>,
 }
 
 // SAFETY: a Reader is used by one thread at a time (it is not Sync: the
 // Cells see to that); moving it to another thread between sessions is fine,
-// its slot is an atomic and its cache only plain data.
+// its slot is an atomic and its cache and spill only plain data (the spill's
+// pointers are used only by iterators borrowing a session, and cleared
+// before the next one).
 unsafe impl Send for Reader {}
 
 impl std::fmt::Debug for Reader {
@@ -164,6 +170,7 @@ impl Reader {
             hits: Cell::new(0),
             flushes: Cell::new(0),
             partial_flushes: Cell::new(0),
+            spill: RefCell::new(Vec::new()),
         }
     }
 
@@ -175,6 +182,8 @@ impl Reader {
     /// Goes online: translations may be made until the session ends.
     #[inline]
     pub fn enter(&mut self) -> Session<'_> {
+        // No iterator of the last session is left (they borrowed it).
+        self.spill.get_mut().clear();
         let g = self.space.generation_relaxed();
         self.slot.epoch.store(g, Ordering::Relaxed);
         fence(Ordering::SeqCst);
@@ -356,6 +365,61 @@ impl Session<'_> {
         self.translate_slow(iova, len, access)
     }
 
+    /// `get_slices` past the front cache's one-extent fast path.
+    #[inline(never)]
+    fn get_slices_slow(
+        &self,
+        iova: u64,
+        len: usize,
+        access: Permissions,
+    ) -> Result<SliceIter<'_>, Fault> {
+        let slices = self.translate_slow(iova, len as u64, access)?;
+        // SAFETY: translated in this session, which the result borrows.
+        unsafe { self.slice_iter(slices.into_iter()) }.ok_or(Fault::Overflow { iova })
+    }
+
+    /// The iterator over `slices` (empty ones skipped): the first inline,
+    /// the others in the reader's spill, which the next session clears (no
+    /// allocation once the spill has grown to a session's needs). `None`
+    /// if the spill would pass 2^32 slices.
+    ///
+    /// # Safety
+    ///
+    /// Each slice must lie within one extent and stay mapped while this
+    /// session is online: translated in it, or in an earlier session whose
+    /// extents this session's generation still publishes.
+    pub unsafe fn slice_iter(
+        &self,
+        slices: impl Iterator<Item = HostSlice>,
+    ) -> Option<SliceIter<'_>> {
+        let mut slices = slices.filter(|s| s.len != 0);
+        let Some(first) = slices.next() else {
+            return Some(SliceIter {
+                next: EMPTY_SLICE,
+                spill: None,
+                at: 0,
+                end: 0,
+            });
+        };
+        let mut it = SliceIter {
+            next: first,
+            spill: None,
+            at: 0,
+            end: 0,
+        };
+        if let Some(second) = slices.next() {
+            let spill = &self.reader.spill;
+            let mut v = spill.borrow_mut();
+            let at = u32::try_from(v.len()).ok()?;
+            v.push(second);
+            v.extend(slices);
+            it.end = u32::try_from(v.len()).ok()?;
+            it.at = at;
+            it.spill = Some(spill);
+        }
+        Some(it)
+    }
+
     #[inline(never)]
     fn translate_slow(&self, iova: u64, len: u64, access: Permissions) -> Result<Slices, Fault> {
         let mut out = Slices::new();
@@ -468,20 +532,56 @@ fn to_guest_error(f: Fault, len: usize) -> GuestMemoryError {
     })
 }
 
-/// The slices of a translated buffer, as vm-memory wants them.
+/// The slices of a translated buffer, as vm-memory wants them: four
+/// words, like vm-memory's own iterator and unlike [`Slices`]. The generic
+/// `Bytes` helpers move it by value several times per access; with four
+/// slices inline those copies cost more than the translation. A buffer
+/// inside one extent (nearly every ring access, header and data buffer) is
+/// its first slice alone; the slices after it, for a buffer over several
+/// extents, wait in the reader's spill ([`Session::slice_iter`]).
 pub struct SliceIter<'a> {
-    slices: smallvec::IntoIter<[HostSlice; 4]>,
-    _session: PhantomData<&'a ()>,
+    /// The next slice; `len == 0`: none (then the spilled ones, if any).
+    next: HostSlice,
+    /// The reader's spill, whose `at..end` are this buffer's other slices.
+    spill: Option<&'a RefCell<Vec<HostSlice>>>,
+    at: u32,
+    end: u32,
 }
+
+impl SliceIter<'_> {
+    #[cold]
+    fn next_spilled(&mut self) -> Option<HostSlice> {
+        let spill = self.spill?;
+        if self.at >= self.end {
+            return None;
+        }
+        let s = *spill.borrow().get(self.at as usize)?;
+        self.at += 1;
+        Some(s)
+    }
+}
+
+const EMPTY_SLICE: HostSlice = HostSlice {
+    ptr: std::ptr::null_mut(),
+    len: 0,
+};
 
 impl<'a> Iterator for SliceIter<'a> {
     type Item = GuestMemoryResult<VolatileSlice<'a, ()>>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        let s = self.slices.next()?;
+        let s = if self.next.len != 0 {
+            std::mem::replace(&mut self.next, EMPTY_SLICE)
+        } else if self.spill.is_none() {
+            return None;
+        } else {
+            self.next_spilled()?
+        };
         // SAFETY: the slice was translated inside the session that borrows
-        // 'a, so its memory stays mapped for 'a; it lies inside one extent,
-        // i.e. inside the extent's MemObject.
+        // 'a (or handed to `Session::slice_iter`, whose caller promised as
+        // much), so its memory stays mapped for 'a; it lies inside one
+        // extent, i.e. inside the extent's MemObject.
         Some(Ok(unsafe { VolatileSlice::new(s.ptr, s.len) }))
     }
 }
@@ -498,19 +598,42 @@ impl GuestMemory for Session<'_> {
             .is_ok()
     }
 
+    #[inline]
     fn get_slices<'a>(
         &'a self,
         addr: GuestAddress,
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
-        let slices = self
-            .translate(addr.0, count as u64, access)
-            .map_err(|f| to_guest_error(f, count))?;
-        Ok(SliceIter {
-            slices: slices.into_iter(),
-            _session: PhantomData,
-        })
+        self.slices(addr, count, access)
+    }
+}
+
+impl Session<'_> {
+    /// [`GuestMemory::get_slices`], with the iterator's type named (for a
+    /// `GuestMemory` built on a session). Always inlined: the front-cache
+    /// hit is a few instructions, the rest is `get_slices_slow`.
+    #[inline(always)]
+    pub fn slices(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<SliceIter<'_>> {
+        // The fast path of `translate`, without building a `Slices`.
+        if let Some(ptr) = self.probe(addr.0, count as u64, access) {
+            let r = self.reader;
+            r.translations.set(r.translations.get() + 1);
+            r.hits.set(r.hits.get() + 1);
+            return Ok(SliceIter {
+                next: HostSlice { ptr, len: count },
+                spill: None,
+                at: 0,
+                end: 0,
+            });
+        }
+        self.get_slices_slow(addr.0, count, access)
+            .map_err(|f| to_guest_error(f, count))
     }
 }
 
@@ -579,9 +702,89 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(slices.len(), 2);
+        // One extent: one slice (the front cache's fast path, then the
+        // same from the cache); nothing for zero bytes.
+        let lens = |addr: u64, len: usize| -> Vec<usize> {
+            s.get_slices(GuestAddress(addr), len, Permissions::Read)
+                .unwrap()
+                .map(|r| r.unwrap().len())
+                .collect()
+        };
+        assert_eq!(lens(0x10_8010, 32), [32]);
+        assert_eq!(lens(0x10_8020, 16), [16]);
+        assert_eq!(lens(0x10_8000, 0), Vec::<usize>::new());
+        assert_eq!(lens(0x10_8ff0, 0x1020), [0x10, 0x1000, 0x10]);
         s.write_slice(b"written!", descs[1].addr()).unwrap();
         q.add_used(&s, 0, 8).unwrap();
         assert_eq!(s.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
+    }
+
+    /// Buffers over several extents: their slices after the first wait in
+    /// the reader's spill. Two such iterators alive at once each yield
+    /// their own slices and bytes, and each session starts with an empty
+    /// spill (which keeps its capacity: no allocation once warm).
+    #[test]
+    fn buffers_over_several_extents_share_the_spill() {
+        let mem = Arc::new(MemObject::anonymous(16 * PAGE as usize).unwrap());
+        let space = AddressSpace::new();
+        // IOVA page i -> host page (i * 5 + 3) % 16: nothing contiguous.
+        for i in 0..8u64 {
+            space
+                .iotlb_update(
+                    i * PAGE,
+                    PAGE,
+                    &mem,
+                    (i * 5 + 3) % 16 * PAGE,
+                    Permissions::ReadWrite,
+                )
+                .unwrap();
+        }
+        let pattern: Vec<u8> = (0..8 * PAGE).map(|i| (i * 7 % 251) as u8).collect();
+        let mut r = space.reader();
+        r.enter().write_slice(&pattern, GuestAddress(0)).unwrap();
+        fn bytes<'a>(
+            it: &mut impl Iterator<
+                Item = vm_memory::GuestMemoryResult<vm_memory::VolatileSlice<'a, ()>>,
+            >,
+            n: usize,
+        ) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            for sl in it.take(n) {
+                let sl = sl.unwrap();
+                let mut b = vec![0u8; sl.len()];
+                sl.read_slice(&mut b, 0).unwrap();
+                out.push(b);
+            }
+            out
+        }
+        let mut capacity = 0;
+        for round in 0..3 {
+            let s = r.enter();
+            assert_eq!(s.reader.spill.borrow().len(), 0, "round {round}");
+            let (a0, alen) = (PAGE - 8, 16 + PAGE as usize);
+            let (b0, blen) = (4 * PAGE - 4, 8);
+            let mut a = s.slices(GuestAddress(a0), alen, Permissions::Read).unwrap();
+            let first = bytes(&mut a, 1);
+            let mut b = s
+                .slices(GuestAddress(b0), blen, Permissions::Write)
+                .unwrap();
+            let got_b = bytes(&mut b, usize::MAX);
+            let mut got_a = first;
+            got_a.extend(bytes(&mut a, usize::MAX));
+            let lens = |v: &[Vec<u8>]| v.iter().map(Vec::len).collect::<Vec<_>>();
+            assert_eq!(lens(&got_a), [8, PAGE as usize, 8]);
+            assert_eq!(lens(&got_b), [4, 4]);
+            let range = |at: u64, len: usize| pattern[at as usize..at as usize + len].to_vec();
+            assert_eq!(got_a.concat(), range(a0, alen));
+            assert_eq!(got_b.concat(), range(b0, blen));
+            // Two slices of `a` and one of `b` were spilled.
+            assert_eq!(s.reader.spill.borrow().len(), 3);
+            let cap = s.reader.spill.borrow().capacity();
+            if round > 0 {
+                assert_eq!(cap, capacity, "the spill grew again");
+            }
+            capacity = cap;
+        }
     }
 
     /// A write through a read-only mapping, or to an unmapped IOVA, fails

@@ -40,6 +40,19 @@
 //! - `VCDEV_BENCH_SPECS` may add a vcdev configuration whose binary `VCDEV_BENCH_BINS`
 //!   (`NAME=PATH;NAME=PATH`) sets: another build of vcdev, interleaved with this one.
 //!
+//! Instructions per request (`VCDEV_BENCH_CALLGRIND=DIR`, valgrind installed): instead of the
+//! timed table, each of vcdev (`vcdev sync buffered`) and `vub_blk` (`vub buffered`) runs under
+//! `valgrind --tool=callgrind --separate-threads=yes`, twice per workload, with `N1` and `N2`
+//! requests after a warm-up (`VCDEV_BENCH_REQUESTS=N1,N2`, default `2000,10000`;
+//! `VCDEV_BENCH_WARMUP_REQUESTS`, 500), then SIGTERM. The difference of the two runs' Ir over
+//! `N2 - N1` is a request's cost without start-up and shutdown, deterministic where wall-clock
+//! time on a shared machine is not; per thread too (the busiest is the queue's). Workloads:
+//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated; default the four 4K ones); configurations:
+//! `VCDEV_BENCH_CONFIGS`, `VCDEV_BENCH_SPECS`, `VCDEV_BENCH_BINS` as above; more valgrind
+//! options: `VCDEV_BENCH_VALGRIND_ARGS`. The table goes to stdout and `DIR/callgrind.md`, the
+//! callgrind files stay in `DIR` for `callgrind_annotate` (see BENCHMARKS.md). Only user-space
+//! instructions count: system calls are the kernel's.
+//!
 //! Without `--bench` in its arguments (`cargo test --benches`) it exits at once.
 
 #[path = "../common/mod.rs"]
@@ -56,6 +69,7 @@ use std::time::{Duration, Instant};
 
 use common::frontend::{Harness, DATA_GPA, META_GPA, S_OK};
 use common::peers::{qsd_available, Peer, Spawn};
+use common::vcdev::vcdev_bin;
 use common::TIMEOUT;
 use plotters::prelude::*;
 use vcdev_device_model::testing::{BlkRequest, R, W};
@@ -431,6 +445,15 @@ fn threads(pid: u32) -> (u32, u32) {
     (n, u32::try_from(iou).unwrap_or(u32::MAX))
 }
 
+/// When [`Driver::run`] stops offering requests (those in flight then complete).
+#[derive(Clone, Copy, Debug)]
+enum Until {
+    /// Once this many seconds have passed.
+    Secs(f64),
+    /// Once this many requests have been offered.
+    Requests(usize),
+}
+
 /// The frontend driving one backend: `qd` request slots on queue 0.
 struct Driver {
     h: Harness,
@@ -473,11 +496,11 @@ impl Driver {
         q.offer(&self.h.mem, head);
     }
 
-    /// Runs `wl` for `secs`; returns the latencies (ns) and the elapsed time.
+    /// Runs `wl` until `until`; returns the latencies (ns) and the elapsed time.
     fn run(
         &mut self,
         wl: Workload,
-        secs: f64,
+        until: Until,
         rng: &mut Rng,
         seq: &mut u64,
     ) -> (Vec<u64>, Duration) {
@@ -494,14 +517,21 @@ impl Driver {
         let mut started = vec![Instant::now(); wl.qd];
         let mut lat = Vec::new();
         let t0 = Instant::now();
-        let deadline = t0 + Duration::from_secs_f64(secs);
-        for (slot, s) in started.iter_mut().enumerate() {
+        let (deadline, limit) = match until {
+            Until::Secs(secs) => (Some(t0 + Duration::from_secs_f64(secs)), usize::MAX),
+            Until::Requests(n) => (None, n),
+        };
+        let mut issued = 0;
+        for (slot, s) in started.iter_mut().enumerate().take(limit) {
             *s = Instant::now();
             let off = pick();
             self.offer(slot, wl, off);
+            issued += 1;
         }
-        self.h.queues[0].kick.write(1).expect("kick");
-        let mut in_flight = wl.qd;
+        if issued > 0 {
+            self.h.queues[0].kick.write(1).expect("kick");
+        }
+        let mut in_flight = issued;
         let mut ready = Vec::with_capacity(wl.qd);
         while in_flight > 0 {
             ready.clear();
@@ -517,7 +547,8 @@ impl Driver {
                 }
             }
             let now = Instant::now();
-            let more = now < deadline;
+            let in_time = deadline.is_none_or(|d| now < d);
+            let mut again = false;
             for &(id, used) in &ready {
                 let slot = id as usize / 3;
                 let st = self.h.mem.read(Self::hdr_gpa(slot) + 16, 1)[0];
@@ -525,15 +556,17 @@ impl Driver {
                 let want = if wl.write { 1 } else { wl.block + 1 };
                 assert_eq!(u64::from(used), want, "used length");
                 lat.push(now.duration_since(started[slot]).as_nanos() as u64);
-                if more {
+                if in_time && issued < limit {
                     started[slot] = Instant::now();
                     let off = pick();
                     self.offer(slot, wl, off);
+                    issued += 1;
+                    again = true;
                 } else {
                     in_flight -= 1;
                 }
             }
-            if more {
+            if again {
                 self.h.queues[0].kick.write(1).expect("kick");
             }
         }
@@ -543,9 +576,9 @@ impl Driver {
     fn phase(&mut self, wl: Workload, pid: u32, secs: f64, warmup: f64, seed: u64) -> Sample {
         let mut rng = Rng(seed | 1);
         let mut seq = 0;
-        self.run(wl, warmup, &mut rng, &mut seq);
+        self.run(wl, Until::Secs(warmup), &mut rng, &mut seq);
         let cpu0 = cpu_secs(pid);
-        let (mut lat, took) = self.run(wl, secs, &mut rng, &mut seq);
+        let (mut lat, took) = self.run(wl, Until::Secs(secs), &mut rng, &mut seq);
         let cpu = cpu_secs(pid) - cpu0;
         let th = threads(pid);
         lat.sort_unstable();
@@ -944,6 +977,197 @@ fn plot_cdf(
 }
 
 // ---------------------------------------------------------------------------
+// Instructions per request under callgrind (`VCDEV_BENCH_CALLGRIND`)
+
+/// The instructions (callgrind's `Ir`) of each thread of the run whose output file is `out`
+/// (`--separate-threads=yes` writes `out-01`, `out-02`, ...), by callgrind's thread number.
+fn callgrind_threads(out: &Path) -> BTreeMap<u32, u64> {
+    let dir = out.parent().expect("the output file has a directory");
+    let prefix = format!(
+        "{}-",
+        out.file_name().expect("a file name").to_string_lossy()
+    );
+    let mut by_thread = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("read the callgrind directory") {
+        let e = e.expect("a directory entry");
+        if !e.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).expect("read a callgrind file");
+        let (mut thread, mut ir) = (None, None);
+        for l in text.lines() {
+            if let Some(v) = l.strip_prefix("thread: ") {
+                thread = v.trim().parse::<u32>().ok();
+            } else if let Some(v) = l.strip_prefix("summary: ") {
+                ir = v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok());
+            }
+        }
+        if let (Some(t), Some(ir)) = (thread, ir) {
+            by_thread.insert(t, ir);
+        }
+    }
+    by_thread
+}
+
+/// `cfg`'s backend under `valgrind --tool=callgrind --separate-threads=yes`: `warm` requests of
+/// `wl`, then `n` more, then SIGTERM (callgrind writes its files as the process exits). Returns
+/// the output file's path (`DIR/CONFIG.WORKLOAD.N.out-TT`, one per thread) and each thread's Ir.
+fn callgrind_run(
+    cfg: &Config,
+    disk: &Disk,
+    wl: Workload,
+    warm: usize,
+    n: usize,
+    dir: &Path,
+) -> (PathBuf, BTreeMap<u32, u64>) {
+    let slug = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+    let out = dir.join(format!("{}.{}.{n}.out", slug(&cfg.name), slug(wl.name)));
+    let prefix = format!(
+        "{}-",
+        out.file_name().expect("a file name").to_string_lossy()
+    );
+    for e in std::fs::read_dir(dir).expect("read the callgrind directory") {
+        let e = e.expect("a directory entry");
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            std::fs::remove_file(e.path()).expect("remove an old callgrind file");
+        }
+    }
+    let mut wrap: Vec<String> = [
+        "valgrind",
+        "--tool=callgrind",
+        "--separate-threads=yes",
+        "--quiet",
+    ]
+    .map(str::to_owned)
+    .into();
+    wrap.push(format!("--callgrind-out-file={}", out.display()));
+    if let Ok(more) = std::env::var("VCDEV_BENCH_VALGRIND_ARGS") {
+        wrap.extend(more.split_whitespace().map(str::to_owned));
+    }
+    let spec = disk.fill(&cfg.spec);
+    let spawn = match cfg.engine {
+        Engine::Vcdev => {
+            let bin = cfg.bin.clone().unwrap_or_else(vcdev_bin);
+            Peer::vcdev_under(&wrap, &bin, "callgrind", &spec, DEVICE)
+        }
+        Engine::Vub => {
+            let args: Vec<&str> = spec.split_whitespace().collect();
+            Peer::vub_blk_under(&wrap, "callgrind", &args)
+        }
+        Engine::Qsd | Engine::Raw => panic!("{}: callgrind runs vcdev and vub_blk only", cfg.name),
+    };
+    let peer = spawn.expect("start the backend under valgrind").expect_up();
+    let h = Harness::start(peer.socket(), 1, QUEUE_SIZE);
+    let mut d = Driver::new(h, disk.len);
+    let (mut rng, mut seq) = (Rng(0x9e37_79b9_7f4a_7c15), 0);
+    d.run(wl, Until::Requests(warm), &mut rng, &mut seq);
+    let (lat, _) = d.run(wl, Until::Requests(n), &mut rng, &mut seq);
+    assert_eq!(lat.len(), n, "every request completed");
+    drop(d);
+    let fin = peer
+        .daemon
+        .stop(Duration::from_secs(300))
+        .expect("stop the backend");
+    let threads = callgrind_threads(&out);
+    assert!(
+        !threads.is_empty(),
+        "{}: no callgrind output ({}*); stderr:\n{}",
+        cfg.name,
+        out.display(),
+        fin.stderr
+    );
+    (out, threads)
+}
+
+/// `VCDEV_BENCH_CALLGRIND=DIR`: instructions per request of each backend, deterministic where
+/// wall-clock time is not. For each workload and configuration, the backend runs twice under
+/// callgrind, with `N1` and `N2` measured requests (`VCDEV_BENCH_REQUESTS=N1,N2`, default
+/// `2000,10000`) after `VCDEV_BENCH_WARMUP_REQUESTS` (500); the difference of the two runs'
+/// Ir over `N2 - N1` is the cost of a request without start-up, connection and shutdown. Per
+/// thread too: the thread whose Ir grew most is the one serving the queue. Configurations:
+/// `VCDEV_BENCH_CONFIGS` (default `vcdev sync buffered,vub buffered`, both the sync engine on
+/// the tmpfs file), workloads `VCDEV_BENCH_WORKLOADS` (comma-separated names, default the
+/// four 4K ones). The table goes to stdout and `DIR/callgrind.md`; the callgrind files stay in
+/// `DIR` for `callgrind_annotate`.
+fn callgrind_main(dir: PathBuf) {
+    std::fs::create_dir_all(&dir).expect("create the callgrind directory");
+    let dir = dir.canonicalize().expect("canonical callgrind directory");
+    let counts: Vec<usize> = std::env::var("VCDEV_BENCH_REQUESTS")
+        .unwrap_or_else(|_| "2000,10000".to_owned())
+        .split(',')
+        .map(|v| v.trim().parse().expect("VCDEV_BENCH_REQUESTS: N1,N2"))
+        .collect();
+    let [n1, n2] = counts[..] else {
+        panic!("VCDEV_BENCH_REQUESTS: N1,N2")
+    };
+    assert!(n1 < n2, "VCDEV_BENCH_REQUESTS: N1 < N2");
+    let warm = env_f64("VCDEV_BENCH_WARMUP_REQUESTS", 500.0) as usize;
+    let mut cfgs = configs();
+    if std::env::var_os("VCDEV_BENCH_CONFIGS").is_none() {
+        cfgs.retain(|c| c.name == "vcdev sync buffered" || c.name == "vub buffered");
+    }
+    let wls: Vec<Workload> = match std::env::var("VCDEV_BENCH_WORKLOADS") {
+        Ok(keep) => WORKLOADS
+            .iter()
+            .filter(|w| keep.split(',').any(|k| k.trim() == w.name))
+            .copied()
+            .collect(),
+        Err(_) => WORKLOADS
+            .iter()
+            .filter(|w| w.block == 4096)
+            .copied()
+            .collect(),
+    };
+    assert!(!cfgs.is_empty() && !wls.is_empty(), "nothing to measure");
+    let disk = tmpfs_disk();
+    let mut report = format!(
+        "Instructions (callgrind Ir) per request: (Ir after {n2} requests - Ir after {n1}) / {}, \
+         after {warm} warm-up requests; file {} ({} MiB)\n\n\
+         | workload | backend | Ir/request, daemon | Ir/request, busiest thread | other threads |\n\
+         |---|---|---|---|---|\n",
+        n2 - n1,
+        disk.path.display(),
+        disk.len >> 20
+    );
+    for wl in &wls {
+        for cfg in &cfgs {
+            let (_, a) = callgrind_run(cfg, &disk, *wl, warm, n1, &dir);
+            let (out, b) = callgrind_run(cfg, &disk, *wl, warm, n2, &dir);
+            let per = |t: &u32| {
+                let (x, y) = (a.get(t).copied().unwrap_or(0), b[t]);
+                (y as f64 - x as f64) / (n2 - n1) as f64
+            };
+            let all: f64 = b.keys().map(per).sum();
+            let busiest = *b
+                .keys()
+                .max_by(|x, y| per(x).total_cmp(&per(y)))
+                .expect("a thread");
+            let others: Vec<String> = b
+                .keys()
+                .filter(|t| **t != busiest)
+                .map(|t| format!("{t}: {:.0}", per(t)))
+                .collect();
+            let line = format!(
+                "| {} | {} | {all:.0} | {:.0} (thread {busiest}, {}-{busiest:02}) | {} |\n",
+                wl.name,
+                cfg.name,
+                per(&busiest),
+                out.display(),
+                others.join(", ")
+            );
+            eprint!("{line}");
+            report.push_str(&line);
+        }
+    }
+    println!();
+    print!("{report}");
+    std::fs::write(dir.join("callgrind.md"), &report).expect("write callgrind.md");
+}
+
+// ---------------------------------------------------------------------------
 
 fn env_f64(name: &str, default: f64) -> f64 {
     std::env::var(name)
@@ -955,6 +1179,10 @@ fn env_f64(name: &str, default: f64) -> f64 {
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("storage: a benchmark; run it with `cargo bench -p vcdev-tests --bench storage`");
+        return;
+    }
+    if let Some(dir) = std::env::var_os("VCDEV_BENCH_CALLGRIND") {
+        callgrind_main(PathBuf::from(dir));
         return;
     }
     let quick = std::env::var_os("VCDEV_BENCH_QUICK").is_some_and(|v| v == "1");

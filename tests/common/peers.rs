@@ -89,6 +89,15 @@ impl Peer {
         Peer::spawn("vub_blk", cmd, socket, tmp)
     }
 
+    /// [`Peer::vub_blk`] run under the command line `wrap` (e.g. `valgrind --tool=callgrind`).
+    pub fn vub_blk_under(wrap: &[String], tag: &str, args: &[&str]) -> io::Result<Spawn> {
+        let tmp = TempDir::new(tag)?;
+        let socket = tmp.join("vub.sock");
+        let mut cmd = wrapped(wrap, &vub_blk_bin());
+        cmd.arg(&socket).args(args);
+        Peer::spawn("vub_blk", cmd, socket, tmp)
+    }
+
     /// qemu-storage-daemon exporting `--blockdev <blockdev>,node-name=d0` as vhost-user-blk
     /// with one queue; with `iothread`, the export runs in an iothread of its own (in 10.0 an
     /// export otherwise runs in the main loop).
@@ -119,9 +128,20 @@ impl Peer {
 
     /// [`Peer::vcdev`] with the `vcdev` binary `bin` (another build, to compare).
     pub fn vcdev_of(bin: &Path, tag: &str, spec: &str, name: &str) -> io::Result<Spawn> {
+        Peer::vcdev_under(&[], bin, tag, spec, name)
+    }
+
+    /// [`Peer::vcdev_of`] run under the command line `wrap` (e.g. `valgrind --tool=callgrind`).
+    pub fn vcdev_under(
+        wrap: &[String],
+        bin: &Path,
+        tag: &str,
+        spec: &str,
+        name: &str,
+    ) -> io::Result<Spawn> {
         let tmp = TempDir::new(tag)?;
         let socket = tmp.path().join(VHOST_USER_DIR).join(name);
-        let mut cmd = Command::new(bin);
+        let mut cmd = wrapped(wrap, bin);
         cmd.arg("serve")
             .arg("--dir")
             .arg(tmp.path())
@@ -138,6 +158,18 @@ impl Peer {
     /// Its process id.
     pub fn pid(&mut self) -> u32 {
         self.daemon.proc().pid()
+    }
+}
+
+/// `bin` as a command, or `wrap[0] wrap[1..] bin` when `wrap` is not empty.
+fn wrapped(wrap: &[String], bin: &Path) -> Command {
+    match wrap.split_first() {
+        None => Command::new(bin),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(bin);
+            cmd
+        }
     }
 }
 
