@@ -111,7 +111,7 @@ fn add_io_then_remove_refused_then_forced() {
     assert_eq!(names(&list), ["d0"]);
     let on_disk = std::fs::read(&img).unwrap();
     assert!(on_disk[4096..4096 + 8192] == data[..], "data not flushed");
-    assert!(d.log().contains("d1#0"), "no disconnect logged");
+    assert!(d.log_with("d1#0").contains("d1#0"), "no disconnect logged");
     drop(h1);
 
     // The other device never noticed.

@@ -92,7 +92,7 @@ fn next_guest_reads_what_the_previous_one_wrote() {
     qemu::expect_dd_readback(&first, "first guest (dd)", &seed, mib);
     let second = boot("read");
     qemu::expect_dd_readback(&second, "second guest (read)", &seed, mib);
-    let log = d.log();
+    let log = d.log_with("frontend disconnected");
     assert_eq!(log.matches("frontend connected").count(), 2, "{log}");
     assert!(log.contains("frontend disconnected"), "{log}");
 }
@@ -283,8 +283,8 @@ fn pc_dimm_hotplugged_into_a_running_guest_takes_io() {
         "{online:?}"
     );
     // QEMU gave the dimm with ADD_MEM_REG (never SET_MEM_TABLE).
-    let log = d.log();
     let added = format!("memory region added at GPA {addr:#x}, {DIMM:#x} bytes");
+    let log = d.log_with(&added);
     assert!(log.contains(&added), "no {added:?} in\n{log}");
     assert!(!log.contains("memory table set"), "{log}");
     // The device wrote into the dimm: the probe's sectors are there, whole.
@@ -345,5 +345,6 @@ fn running_guest_sees_its_disk_grow() {
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 48 * MIB);
     let on_disk = qemu::file_region_md5(&image, 47 * MIB, MIB).expect("md5 of the tail");
     assert_eq!(on_disk, want, "the last MiB of the image");
-    assert!(d.log().contains("CONFIG_CHANGE_MSG"), "{}", d.log());
+    let log = d.log_with("CONFIG_CHANGE_MSG");
+    assert!(log.contains("CONFIG_CHANGE_MSG"), "{log}");
 }

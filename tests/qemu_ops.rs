@@ -377,7 +377,7 @@ fn guest_on_a_ctl_added_device_grows_is_force_removed_mid_write_and_comes_back()
     let r = h0.read(0, 0, 4096);
     assert_eq!((r.status, r.data == kept), (S_OK, true));
     assert!(d.alive());
-    let log = d.log();
+    let log = d.log_with("device released");
     let qemu_lines = lines_of(&log, qemu_pid);
     assert!(
         qemu_lines.iter().any(|l| l.contains("device released")),

@@ -444,7 +444,8 @@ fn direct_file_device_serves_aligned_and_unaligned_buffers() {
             .expect("GET_CONFIG");
     let blk_size = u32::from_le_bytes(cfg[..4].try_into().unwrap());
     assert!(blk_size.is_power_of_two() && blk_size >= 512, "{blk_size}");
-    assert!(d.log().contains("O_DIRECT alignment"), "{}", d.log());
+    let log = d.log_with("O_DIRECT alignment");
+    assert!(log.contains("O_DIRECT alignment"), "{log}");
     let step = blk_size as usize / SECTOR;
 
     // Aligned: the queue's data slot.

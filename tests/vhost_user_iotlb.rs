@@ -83,7 +83,9 @@ fn iotlb_msg_without_access_platform_is_an_error_reply() {
     let ack = h.raw_ack(FrontendReq::IOTLB_MSG, &msg.encode(), &[]);
     assert_eq!(ack, libc::EOPNOTSUPP as u64);
     assert_eq!(h.write(0, 0, &pattern(1, SECTOR)), S_OK);
-    assert!(d.log().contains("without VIRTIO_F_ACCESS_PLATFORM"));
+    assert!(d
+        .log_with("without VIRTIO_F_ACCESS_PLATFORM")
+        .contains("without VIRTIO_F_ACCESS_PLATFORM"));
 }
 
 /// I/O through an empty IOTLB: every page the device touches is asked for
@@ -481,7 +483,8 @@ fn a_full_iotlb_is_dropped_and_refilled_through_misses() {
     // The rings' and buffers' entries went with the flush: asked again.
     assert_eq!(h.read(0, 8, 4096).data, data);
     assert!(!h.iommu().misses().is_empty(), "no miss after the flush");
-    assert!(d.log().contains("IOTLB full (16 entries)"), "{}", d.log());
+    let log = d.log_with("IOTLB full (16 entries)");
+    assert!(log.contains("IOTLB full (16 entries)"), "{log}");
     drop(h);
     d.wait_released();
     let out = d.daemon.stop(Duration::from_secs(10)).expect("stop");

@@ -290,6 +290,18 @@ impl Vcdev {
         self.daemon.proc().stderr().text()
     }
 
+    /// The daemon's log once it contains `needle`, or as it is after
+    /// [`super::TIMEOUT`]. A thread reads the daemon's stderr: a line the
+    /// daemon wrote before a reply the test has seen may not be in
+    /// [`Vcdev::log`] yet.
+    pub fn log_with(&mut self, needle: &str) -> String {
+        super::poll_until(super::TIMEOUT, || {
+            let log = self.log();
+            log.contains(needle).then_some(log)
+        })
+        .unwrap_or_else(|| self.log())
+    }
+
     /// Whether the daemon still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.daemon.proc().try_wait(), Ok(None))
