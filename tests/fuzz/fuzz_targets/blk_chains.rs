@@ -164,9 +164,15 @@ fn pass<M: GuestMemory>(
     policy: FaultPolicy,
 ) -> bool {
     let polled = q.poll(queue, view, &mut |_| policy).is_ok();
-    let drained = q.drain(queue, view).is_ok();
+    // A queue error (its used ring unwritable) stops a drain with requests
+    // still in flight: the daemon's worker then waits for their I/O and
+    // drops them unanswered (`QueueWorker`: broken, `abandon`); so here.
+    let drained = polled && q.drain(queue, view).is_ok();
+    if !drained {
+        q.abandon();
+    }
     assert_eq!(q.in_flight(), 0, "a drained queue has requests in flight");
-    polled && drained
+    drained
 }
 
 /// The driver's allocator of buffers in the data area.
