@@ -892,6 +892,13 @@ impl<H: Release> AsyncQueue<H> {
             }
             if r.is_ok() {
                 r = self.complete(queue, mem, tag, result, outcome);
+            } else {
+                // The queue broke answering an earlier one: this I/O is
+                // done and can no longer be answered. Dropped here, as
+                // `abandon` would (dropped unforgotten, its slot stayed
+                // taken: `in_flight` never went back to 0 and a drain
+                // spun forever).
+                self.forget(tag);
             }
         }
         self.reaped = reaped;

@@ -740,3 +740,48 @@ fn avail_index_beyond_the_ring_is_an_error_not_a_spin() {
     let done = rx.recv_timeout(std::time::Duration::from_secs(10));
     assert_eq!(done, Ok(true), "the poll spun or succeeded");
 }
+
+/// Found by the fuzz target `blk_chains` (30-minute run): when the used
+/// ring cannot be written, the completions reaped after the first are
+/// dropped without an answer, and their slots freed: nothing stays in
+/// flight, so a drain ends (it used to spin forever on slots no I/O would
+/// ever free, and the worker's stop with it).
+#[test]
+fn completions_after_a_used_ring_error_are_dropped_not_leaked() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = plain_mem();
+        let dev = ram_blk(DISK, BlkConfig::default());
+        let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+        let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+        // One request served (the queue has read its used index).
+        d.request(VIRTIO_BLK_T_IN, 0, &[Buf::In(4096)]);
+        q.poll(&mut d.queue, &mem, &mut |_| FaultPolicy::Fail)
+            .unwrap();
+        assert_eq!((used(&d).len(), q.in_flight()), (1, 0));
+        // Three more, taken in one poll and reaped together, while the
+        // used ring lies past the end of guest memory.
+        for i in 1..4u64 {
+            d.request(VIRTIO_BLK_T_IN, i * 8, &[Buf::In(4096)]);
+        }
+        let past = MEM_SIZE as u64 + 0x1000;
+        d.queue.set_ready(false);
+        d.queue
+            .set_used_ring_address(Some(past as u32), Some((past >> 32) as u32));
+        d.queue.set_ready(true);
+        let polled = q.poll(&mut d.queue, &mem, &mut |_| FaultPolicy::Fail);
+        let in_flight = q.in_flight();
+        let drained = q.drain(&mut d.queue, &mem);
+        let _ = tx.send((polled.is_err(), in_flight, drained.is_ok(), q.in_flight()));
+    });
+    let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(
+        r,
+        Ok((true, 0, true, 0)),
+        "(poll failed, in flight, drained, in flight)"
+    );
+    assert!(
+        holds().is_empty(),
+        "a dropped request still holds its ranges"
+    );
+}
