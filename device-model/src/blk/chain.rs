@@ -248,8 +248,31 @@ where
     M: Clone + std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
-    use virtio_queue::QueueOwnedT;
-    Ok(queue.iter(mem)?.next())
+    use virtio_queue::{QueueOwnedT, QueueT};
+    use vm_memory::Bytes;
+    let chain = queue.iter(mem.clone())?.next();
+    if chain.is_some() {
+        return Ok(chain);
+    }
+    // None also when the avail ring entry cannot be read (virtio-queue logs
+    // it): then `enable_notification` sees the entry pending and a drain
+    // loop spins forever (found by blk_chains: an avail ring whose second
+    // page is not mapped). Read the entry again: unreadable, it is the
+    // queue's error; readable, the driver published it just now and the
+    // next pop takes it.
+    let next = queue.next_avail();
+    let idx = queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)?;
+    if idx.0 == next {
+        return Ok(None);
+    }
+    let entry = u64::from(next % queue.size().max(1)) * 2 + 4;
+    let at = GuestAddress(queue.avail_ring())
+        .checked_add(entry)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    (*mem)
+        .read_obj::<u16>(at)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(None)
 }
 
 #[cfg(test)]
