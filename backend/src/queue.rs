@@ -619,6 +619,12 @@ impl<D: Door> QueueWorker<D> {
                     self.door.notify();
                     self.control.notifying.store(false, Ordering::SeqCst);
                 }
+                if outcome.more {
+                    // A ring's worth taken and more may wait, notifications
+                    // maybe off: poll again once the loop has looked at the
+                    // stop word (our own wake-up).
+                    self.control.wake();
+                }
             }
             Batch::Ran(Err(e)) => {
                 error!("{}: {e}; queue stopped until restarted", self.name);

@@ -480,15 +480,25 @@ impl<H: Release> AsyncQueue<H> {
         let desc_table = GuestAddress(queue.desc_table());
         let queue_size = queue.size();
         let event_idx = queue.event_idx_enabled();
+        // At most a ring's worth of chains per call: a driver can keep the ring full for
+        // ever (requests answered at once use no slot; or a used index that aliases the
+        // avail index offers a chain with every answer), and the caller must get to see
+        // a stop. It polls again at once (`more`).
+        let mut budget = queue_size;
         // Behind a request the limits hold back, the avail ring waits.
         while self.throttled.is_empty() {
             if event_idx {
                 queue.disable_notification(mem).map_err(Error::Queue)?;
             }
             while !self.free.is_empty() && self.throttled.is_empty() {
+                if budget == 0 {
+                    outcome.more = true;
+                    return Ok(());
+                }
                 let Some(chain) = chain::pop(queue, mem).map_err(Error::Queue)? else {
                     break;
                 };
+                budget -= 1;
                 let head = chain.head_index();
                 if let Some(t) = self.tracker.as_mut() {
                     t.taken(head);

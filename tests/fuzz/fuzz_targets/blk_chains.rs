@@ -163,7 +163,22 @@ fn pass<M: GuestMemory>(
     view: &View<'_, M>,
     policy: FaultPolicy,
 ) -> bool {
-    let polled = q.poll(queue, view, &mut |_| policy).is_ok();
+    // A poll takes at most a ring's worth of chains (`more`); the daemon's
+    // worker polls again at once. A ring that still has more after a few
+    // rounds offers a chain with every answer (its used index aliases the
+    // avail index through the IOTLB): not a sound pass.
+    let mut polled = false;
+    let mut rounds = 0;
+    loop {
+        match q.poll(queue, view, &mut |_| policy) {
+            Ok(o) if o.more && rounds < 8 => rounds += 1,
+            Ok(o) => {
+                polled = !o.more;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
     // A queue error (its used ring unwritable) stops a drain with requests
     // still in flight: the daemon's worker then waits for their I/O and
     // drops them unanswered (`QueueWorker`: broken, `abandon`); so here.

@@ -296,19 +296,25 @@ impl VhostUserBackend for VubBlk {
             return Err(io::Error::other("kick before the memory table"));
         };
         let snapshot = Snapshot(mem.memory().into_inner());
-        let outcome = {
-            let mut state = vring.get_mut();
-            worker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .poll(state.get_queue_mut(), &snapshot, &mut |_| FaultPolicy::Fail)
-                .map_err(io::Error::other)?
-        };
-        // The vring's lock is released: signalling takes it again.
-        if outcome.notify {
-            vring.signal_used_queue()?;
+        // A poll takes at most a ring's worth of chains (`more`): poll
+        // again while it says more may wait.
+        loop {
+            let outcome = {
+                let mut state = vring.get_mut();
+                worker
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .poll(state.get_queue_mut(), &snapshot, &mut |_| FaultPolicy::Fail)
+                    .map_err(io::Error::other)?
+            };
+            // The vring's lock is released: signalling takes it again.
+            if outcome.notify {
+                vring.signal_used_queue()?;
+            }
+            if !outcome.more {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 }
 
