@@ -174,9 +174,20 @@ fn dd_boot(guest: &Guest, config: &str, props: Option<&str>, append: &str) -> St
     )
 }
 
+/// One guest of this file at a time: each is a two-vCPU TCG guest whose
+/// QEMU maps and unmaps through the cdev door, and three at once on a
+/// loaded 2-core machine starved a vCPU long enough for RCU stalls and the
+/// 120 s deadline.
+fn one_guest() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn vfio_pci_guest_dd() {
     let Some(guest) = qemu::require() else { return };
+    let _one = one_guest();
     let line = dd_boot(&guest, "vfio-pci", None, "");
     eprintln!("{line}");
 }
@@ -184,6 +195,7 @@ fn vfio_pci_guest_dd() {
 #[test]
 fn vfio_pci_behind_intel_iommu_strict() {
     let Some(guest) = qemu::require() else { return };
+    let _one = one_guest();
     let line = dd_boot(
         &guest,
         "vfio-pci-intel-iommu",
@@ -210,6 +222,7 @@ fn vfio_pci_behind_intel_iommu_strict() {
 #[test]
 fn vfio_pci_exclusivity_and_release_on_kill() {
     let Some(guest) = qemu::require() else { return };
+    let _one = one_guest();
     let tmp = TempDir::new("qvfio-excl").expect("tmpdir");
     let (mut d, _image) = daemon("qemu-vfio-excl", &tmp);
 
