@@ -559,22 +559,15 @@ fn table(cfgs: &[Config], samples: &BTreeMap<usize, Vec<Sample>>, runs: usize) -
     t
 }
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("daemon: a benchmark; run it with `cargo bench -p vcdev-tests --bench daemon`");
         return;
     }
     let quick = std::env::var_os("VCDEV_BENCH_QUICK").is_some_and(|v| v == "1");
-    let secs = env_f64("VCDEV_BENCH_SECS", if quick { 0.5 } else { 2.0 });
+    let secs = common::env_or::<f64>("VCDEV_BENCH_SECS", if quick { 0.5 } else { 2.0 });
     let warmup = if quick { 0.1 } else { 0.25 };
-    let runs = env_f64("VCDEV_BENCH_RUNS", 5.0).max(1.0) as usize;
+    let runs = common::env_or::<f64>("VCDEV_BENCH_RUNS", 5.0).max(1.0) as usize;
     let out = std::env::var_os("VCDEV_BENCH_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::repo_root().join("tests/benches/results"));

@@ -240,13 +240,6 @@ impl Rng {
     }
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// The benchmark's driver: one harness, `depth` request slots.
 struct Driver {
     h: Harness,
@@ -541,9 +534,9 @@ fn main() {
         println!("e2e: a benchmark; run it with `cargo bench -p vcdev-tests --bench e2e`");
         return;
     }
-    let n = env_usize("VCDEV_E2E_REQUESTS", 20_000);
-    let warmup = env_usize("VCDEV_E2E_WARMUP", 2_000);
-    let runs = env_usize("VCDEV_E2E_RUNS", 5).max(1);
+    let n = common::env_or::<usize>("VCDEV_E2E_REQUESTS", 20_000);
+    let warmup = common::env_or::<usize>("VCDEV_E2E_WARMUP", 2_000);
+    let runs = common::env_or::<usize>("VCDEV_E2E_RUNS", 5).max(1);
     if std::env::var("VCDEV_E2E_MODES").is_ok_and(|m| m.trim() == "doors") {
         doors::run(n, warmup, runs);
         return;
@@ -574,7 +567,7 @@ fn main() {
     let mut alone: Vec<[f64; 4]> = Vec::new();
     for run in 0..runs {
         floors.push(socketpair_rtt_us(RTT_SAMPLES));
-        alone.push(iotlb_alone_us(env_usize(
+        alone.push(iotlb_alone_us(common::env_or::<usize>(
             "VCDEV_E2E_ALONE",
             RTT_SAMPLES / 4,
         )));

@@ -1104,7 +1104,7 @@ fn callgrind_main(dir: PathBuf) {
         panic!("VCDEV_BENCH_REQUESTS: N1,N2")
     };
     assert!(n1 < n2, "VCDEV_BENCH_REQUESTS: N1 < N2");
-    let warm = env_f64("VCDEV_BENCH_WARMUP_REQUESTS", 500.0) as usize;
+    let warm = common::env_or::<f64>("VCDEV_BENCH_WARMUP_REQUESTS", 500.0) as usize;
     let mut cfgs = configs();
     if std::env::var_os("VCDEV_BENCH_CONFIGS").is_none() {
         cfgs.retain(|c| c.name == "vcdev sync buffered" || c.name == "vub buffered");
@@ -1169,13 +1169,6 @@ fn callgrind_main(dir: PathBuf) {
 
 // ---------------------------------------------------------------------------
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("storage: a benchmark; run it with `cargo bench -p vcdev-tests --bench storage`");
@@ -1186,9 +1179,9 @@ fn main() {
         return;
     }
     let quick = std::env::var_os("VCDEV_BENCH_QUICK").is_some_and(|v| v == "1");
-    let secs = env_f64("VCDEV_BENCH_SECS", if quick { 0.5 } else { 2.0 });
-    let warmup = env_f64("VCDEV_BENCH_WARMUP_SECS", if quick { 0.1 } else { 0.25 });
-    let runs = env_f64("VCDEV_BENCH_RUNS", 5.0).max(1.0) as usize;
+    let secs = common::env_or::<f64>("VCDEV_BENCH_SECS", if quick { 0.5 } else { 2.0 });
+    let warmup = common::env_or::<f64>("VCDEV_BENCH_WARMUP_SECS", if quick { 0.1 } else { 0.25 });
+    let runs = common::env_or::<f64>("VCDEV_BENCH_RUNS", 5.0).max(1.0) as usize;
     let out = std::env::var_os("VCDEV_BENCH_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::repo_root().join("tests/benches/results"));

@@ -64,6 +64,15 @@ pub fn poll_every<T>(
     }
 }
 
+/// Environment variable `name` parsed as a `T`, or `default` when it is
+/// unset or does not parse (the benchmarks' knobs).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The repository root (the workspace directory holding `qemu-configs/`).
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
