@@ -514,8 +514,13 @@ pub(crate) mod tests {
 
     impl TempImage {
         pub(crate) fn new(len: u64) -> Self {
+            Self::in_dir(&std::env::temp_dir(), len)
+        }
+
+        /// An image in `dir` (`/dev/shm`: a file in memory, whose I/O completes inline).
+        pub(crate) fn in_dir(dir: &std::path::Path, len: u64) -> Self {
             static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
+            let path = dir.join(format!(
                 "vcdev-devmodel-{}-{}.img",
                 std::process::id(),
                 NEXT.fetch_add(1, Ordering::Relaxed)

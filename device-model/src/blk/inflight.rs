@@ -848,9 +848,11 @@ impl<H: Release> AsyncQueue<H> {
 
     /// Submit pending operations in order while the engine takes them. A flush whose earlier
     /// writes are still in flight stays pending; what comes after it does not wait for it.
-    fn submit_pending(&mut self) {
+    /// True when it submitted any.
+    fn submit_pending(&mut self) -> bool {
         let oldest_write = self.writes.front().copied();
         let mut i = 0;
+        let mut submitted = false;
         while let Some(p) = self.pending.get(i) {
             if p.barrier
                 .is_some_and(|b| oldest_write.is_some_and(|w| w < b))
@@ -863,8 +865,9 @@ impl<H: Release> AsyncQueue<H> {
             // only after the engine returned the completion for `p.tag`.
             let r = unsafe { self.engine.submit(p.tag, p.op, &p.iov) };
             if r.is_err() {
-                return;
+                return submitted;
             }
+            submitted = true;
             if let Some(p) = self.pending.remove(i) {
                 #[cfg(test)]
                 if let Some(Some(f)) = usize::try_from(p.tag).ok().and_then(|t| self.slots.get(t)) {
@@ -876,6 +879,7 @@ impl<H: Release> AsyncQueue<H> {
                 self.spare_iov.push(p.iov);
             }
         }
+        submitted
     }
 
     fn reap<M: InflightMemory<Hold = H>>(
@@ -885,8 +889,36 @@ impl<H: Release> AsyncQueue<H> {
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
         let mut reaped = std::mem::take(&mut self.reaped);
-        self.engine.reap(&mut reaped);
         let mut r = Ok(());
+        loop {
+            self.engine.reap(&mut reaped);
+            if reaped.is_empty() {
+                break;
+            }
+            self.complete_reaped(queue, mem, &mut reaped, &mut r, outcome);
+            // A flush whose writes have just completed goes now, and is handed to the kernel
+            // now: nothing else may wake this queue for it (the sync engine completes it at
+            // once, and the loop reaps it; io_uring's completion descriptor fires only for an
+            // entry the kernel was given).
+            if self.submit_pending() {
+                if let Err(e) = self.engine.commit() {
+                    warn!("virtio-blk: submitting to the I/O engine failed: {e}");
+                }
+            }
+        }
+        self.reaped = reaped;
+        r
+    }
+
+    /// Complete (or, once the queue broke, drop) each of `reaped`; `r` keeps the first error.
+    fn complete_reaped<M: InflightMemory<Hold = H>>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        reaped: &mut Vec<IoCompletion>,
+        r: &mut Result<(), Error>,
+        outcome: &mut QueueOutcome,
+    ) {
         for (tag, result) in reaped.drain(..) {
             #[cfg(test)]
             {
@@ -901,7 +933,7 @@ impl<H: Release> AsyncQueue<H> {
                 }
             }
             if r.is_ok() {
-                r = self.complete(queue, mem, tag, result, outcome);
+                *r = self.complete(queue, mem, tag, result, outcome);
             } else {
                 // The queue broke answering an earlier one: this I/O is
                 // done and can no longer be answered. Dropped here, as
@@ -911,9 +943,6 @@ impl<H: Release> AsyncQueue<H> {
                 self.forget(tag);
             }
         }
-        self.reaped = reaped;
-        self.submit_pending();
-        r
     }
 
     fn complete<M: InflightMemory<Hold = H>>(
