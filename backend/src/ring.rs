@@ -299,7 +299,12 @@ impl Drop for Held {
     }
 }
 
-// SAFETY: a hold is registered in the session's reader, in the address space
+// SAFETY: while the view lives its session is online, and an edit that
+// removes a translation returns only after the grace period in which every
+// online session ends; the session's hold is registered with the
+// generation the session went online in, so a hold taken late in the
+// session covers what it translated early. A hold is registered in the
+// session's reader, in the address space
 // the session translates through; every edit of that space that removes a
 // translation overlapping it (IOTLB invalidate, unmap, memory-table change,
 // disconnect) waits after its grace period until the hold is released

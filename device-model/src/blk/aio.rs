@@ -358,7 +358,7 @@ impl Engine {
     pub fn in_flight(&self) -> usize {
         match self {
             Self::Sync(e) => e.done.len(),
-            Self::IoUring(e) => e.in_flight,
+            Self::IoUring(e) => e.in_flight.saturating_add(e.fallback.len()),
         }
     }
 

@@ -4,11 +4,14 @@
 //!
 //! 1. **Parse and translate** (`exec::start_chain`): every buffer is translated before
 //!    anything happens, so an IOMMU fault has no side effect.
-//! 2. **Hold and submit**: reads, writes and flushes become one [`IoOp`] each on the queue's
-//!    [`Engine`]. Before the operation is submitted, the request *holds* the ranges it
-//!    translated ([`InflightMemory::hold`]) so that an invalidation overlapping them waits for
-//!    its completion, and only for it. Requests without disk I/O (GET_ID, errors) and the rare
-//!    DISCARD / WRITE_ZEROES run at once.
+//! 2. **Submit and hold**: reads, writes and flushes become one [`IoOp`] each on the queue's
+//!    [`Engine`]. A request still in flight when the poll that began it ends *holds* the ranges
+//!    it translated ([`InflightMemory::hold`]) so that an invalidation overlapping them waits
+//!    for its completion, and only for it. Until then the poll's memory view keeps them valid
+//!    (a session that is online: invalidations wait for its end), so a request that completes
+//!    within its poll (every one on the sync engine, RAM disks included) takes no hold at all.
+//!    Requests without disk I/O (GET_ID, errors) and the rare DISCARD / WRITE_ZEROES run at
+//!    once.
 //! 3. **Complete** ([`AsyncQueue::poll`] reaps): the status byte is written through the held
 //!    translation, the hold released, the chain put on the used ring, in completion order.
 //!    Used-ring updates and the notification are batched per poll, with EVENT_IDX honoured.
@@ -57,9 +60,11 @@ pub trait Release: std::fmt::Debug + Send {
 /// # Safety
 ///
 /// An implementation promises that the host memory of every translation made through this
-/// view before [`InflightMemory::hold`] returned, and that lies in the held ranges, stays mapped
-/// (and keeps meaning the same guest memory) until the hold is released, even if the view itself
-/// is dropped meanwhile: the kernel reads and writes it asynchronously.
+/// view stays mapped (and keeps meaning the same guest memory) while the view lives, and that
+/// of every translation made through it before [`InflightMemory::hold`] returned, and that lies
+/// in the held ranges, until the hold is released, even if the view itself is dropped
+/// meanwhile: the kernel reads and writes it asynchronously. So a hold may be taken at any time
+/// before the view is dropped, for translations it made earlier.
 pub unsafe trait InflightMemory: GuestMemory {
     /// What a hold is.
     type Hold: Release;
@@ -90,7 +95,9 @@ struct Inflight<H> {
     expect: u64,
     /// Bytes written into the driver's buffers on success.
     written: u64,
-    hold: H,
+    /// Taken at the end of the poll that began the request, if it is still in flight then
+    /// ([`AsyncQueue::hold_in_flight`]).
+    hold: Option<H>,
     /// For writes: the sequence number in [`AsyncQueue::writes`].
     write_seq: Option<u64>,
     /// The aligned buffer the operation moves data through, when the guest's buffers do not
@@ -155,8 +162,11 @@ pub struct AsyncQueue<H> {
     segments: Vec<Segment>,
     reaped: Vec<IoCompletion>,
     spare_iov: Vec<Vec<IoVec>>,
-    /// The buffers of [`AsyncQueue::begin`], kept between requests: the ranges a request
-    /// holds, and (empty, see [`recycle`]) the translated slices.
+    /// The requests this poll began: (tag, its ranges in `ranges`), for
+    /// [`AsyncQueue::hold_in_flight`] at the end of the poll.
+    begun: Vec<(u64, std::ops::Range<usize>)>,
+    /// The ranges the requests of `begun` would hold, and (empty, see [`recycle`]) the
+    /// buffer of a request's translated slices: kept between polls.
     ranges: Vec<(u64, u64)>,
     slices: Vec<SliceStore>,
     /// Whether the queue's next used index was read from the used ring.
@@ -193,6 +203,7 @@ impl<H: Release> AsyncQueue<H> {
             segments: Vec::new(),
             reaped: Vec::new(),
             spare_iov: Vec::new(),
+            begun: Vec::new(),
             ranges: Vec::new(),
             slices: Vec::new(),
             used_synced: false,
@@ -314,6 +325,38 @@ impl<H: Release> AsyncQueue<H> {
     /// [`FaultPolicy::Fail`] it completes with IOERR. An error means the queue itself (used
     /// ring, event fields) could not be updated.
     pub fn poll<M: InflightMemory<Hold = H>>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
+    ) -> Result<QueueOutcome, Error> {
+        let r = self.poll_in(queue, mem, decide);
+        // On every way out, errors too: `mem` keeps the translations valid until it is gone.
+        self.hold_in_flight(mem);
+        r
+    }
+
+    /// The requests this poll began that are still in flight hold their ranges now, while
+    /// `mem` (the view that translated them) still keeps them valid.
+    fn hold_in_flight<M: InflightMemory<Hold = H>>(&mut self, mem: &M) {
+        // Newest first: a tag given out twice in this poll belongs to its last request (the
+        // first completed before its slot was freed).
+        for (tag, at) in self.begun.drain(..).rev() {
+            let slot = usize::try_from(tag)
+                .ok()
+                .and_then(|t| self.slots.get_mut(t))
+                .and_then(Option::as_mut);
+            if let Some(f) = slot {
+                if f.hold.is_none() {
+                    f.hold = Some(mem.hold(self.ranges.get(at).unwrap_or_default()));
+                }
+            }
+        }
+        self.ranges.clear();
+    }
+
+    /// [`AsyncQueue::poll`] before the holds.
+    fn poll_in<M: InflightMemory<Hold = H>>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -464,7 +507,9 @@ impl<H: Release> AsyncQueue<H> {
         if let Some(seq) = f.write_seq {
             self.write_done(seq);
         }
-        f.hold.release();
+        if let Some(h) = f.hold {
+            h.release();
+        }
         true
     }
 
@@ -790,25 +835,23 @@ impl<H: Release> AsyncQueue<H> {
                 return self.finish(queue, mem, head, c, outcome);
             }
         };
-        // Hold every translated range until the operation completes.
-        let mut ranges = std::mem::take(&mut self.ranges);
-        ranges.clear();
-        ranges.push((req.status.0, req.status.0));
+        let Some(tag) = self.free.pop() else {
+            // Unreachable: the caller checked for a free slot. Answer rather than lose it.
+            let c = answer(&status, Err(exec::RequestError::Unsupported(0)));
+            return self.finish(queue, mem, head, c, outcome);
+        };
+        // Every translated range, held if the operation is still in flight when this poll
+        // ends.
+        let first = self.ranges.len();
+        self.ranges.push((req.status.0, req.status.0));
         let (data, _) = req.data();
         for (addr, len) in data.pieces(descs).flatten() {
-            ranges.push((
+            self.ranges.push((
                 addr.0,
                 addr.0.saturating_add(u64::from(len).saturating_sub(1)),
             ));
         }
-        let hold = mem.hold(&ranges);
-        self.ranges = ranges;
-        let Some(tag) = self.free.pop() else {
-            // Unreachable: the caller checked for a free slot. Answer rather than lose it.
-            hold.release();
-            let c = answer(&status, Err(exec::RequestError::Unsupported(0)));
-            return self.finish(queue, mem, head, c, outcome);
-        };
+        self.begun.push((tag, first..self.ranges.len()));
         let mut iov = self.spare_iov.pop().unwrap_or_default();
         iov.clear();
         match &bounce {
@@ -831,7 +874,7 @@ impl<H: Release> AsyncQueue<H> {
                 status: IoVec::of(&status),
                 expect,
                 written,
-                hold,
+                hold: None,
                 write_seq,
                 bounce,
             });
@@ -860,9 +903,11 @@ impl<H: Release> AsyncQueue<H> {
                 i += 1;
                 continue;
             }
-            // SAFETY: the buffers are guest memory held by this request's `hold` (the
-            // `InflightMemory` contract keeps them mapped until `release`), which is released
-            // only after the engine returned the completion for `p.tag`.
+            // SAFETY: the buffers are guest memory translated by this poll's view, which keeps
+            // them mapped while it lives, and held by this request's `hold` from the end of the
+            // poll that began it (the `InflightMemory` contract keeps them mapped until
+            // `release`), which is released only after the engine returned the completion for
+            // `p.tag`.
             let r = unsafe { self.engine.submit(p.tag, p.op, &p.iov) };
             if r.is_err() {
                 return submitted;
@@ -891,6 +936,9 @@ impl<H: Release> AsyncQueue<H> {
         let mut reaped = std::mem::take(&mut self.reaped);
         let mut r = Ok(());
         loop {
+            if reaped.is_empty() && self.engine.in_flight() == 0 {
+                break;
+            }
             self.engine.reap(&mut reaped);
             if reaped.is_empty() {
                 break;
@@ -982,14 +1030,17 @@ impl<H: Release> AsyncQueue<H> {
             }
         };
         if let (Some(b), true) = (&f.bounce, status == exec::status_ok()) {
-            // SAFETY: the guest's data buffers were translated for this request and are held
-            // by `f.hold` until the release below.
+            // SAFETY: the guest's data buffers were translated for this request and are kept
+            // mapped by this poll's view or, from the end of the poll that began the request,
+            // by `f.hold`, until the release below.
             unsafe { b.finish() };
         }
-        // SAFETY: the status byte was translated for writing and is held by `f.hold` until the
-        // release below.
+        // SAFETY: the status byte was translated for writing and is kept mapped as the data
+        // buffers above.
         unsafe { f.status.write_byte(status) };
-        f.hold.release();
+        if let Some(h) = f.hold {
+            h.release();
+        }
         self.finish(
             queue,
             mem,

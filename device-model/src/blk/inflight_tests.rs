@@ -871,3 +871,62 @@ fn a_flush_behind_a_write_completes_without_another_wake_up() {
         assert!(holds().is_empty());
     }
 }
+
+/// A request that completes within the poll that began it takes no hold (the poll's memory view
+/// keeps its translations valid meanwhile); one still in flight when its poll ends holds exactly
+/// its ranges (status byte, data buffers) until it completes.
+#[test]
+fn only_requests_still_in_flight_after_their_poll_hold_their_ranges() {
+    let img = TempImage::new(DISK);
+    let mem = plain_mem();
+    let dev = file_device(&img);
+    let mut d = Driver::new(&mem, dev.clone(), QSIZE);
+    let mut q: AsyncQueue<HoldToken> = AsyncQueue::new(dev.clone(), engine(&dev, Aio::Sync));
+    let before = holds_taken();
+    let w: Vec<Submitted> = (0..4u8)
+        .map(|i| {
+            d.request(
+                VIRTIO_BLK_T_OUT,
+                u64::from(i) * 8,
+                &[Buf::Out(pattern(4096, i))],
+            )
+        })
+        .collect();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
+    assert_eq!(d.used_idx(), 4);
+    assert_eq!(
+        holds_taken(),
+        before,
+        "completed within their poll: no hold"
+    );
+
+    let r: Vec<Submitted> = (0..3u8)
+        .map(|i| d.request(VIRTIO_BLK_T_IN, u64::from(i) * 8, &[Buf::In(4096)]))
+        .collect();
+    q.set_gate(r[1].head);
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
+    assert_eq!(d.used_idx(), 6);
+    assert_eq!(
+        holds_taken(),
+        before + 1,
+        "one request left in flight: one hold"
+    );
+    let (buf, len, _) = r[1].descs[1];
+    let (status, _, _) = *r[1].descs.last().unwrap();
+    assert_eq!(
+        holds(),
+        vec![vec![(status, status), (buf, buf + u64::from(len) - 1)]]
+    );
+    q.open_gate();
+    q.poll(&mut d.queue, d.mem, &mut |_| FaultPolicy::Fail)
+        .unwrap();
+    assert_eq!(d.used_idx(), 7);
+    assert!(holds().is_empty());
+    for (i, x) in r.iter().enumerate() {
+        assert_eq!(status_of(&d, x), OK);
+        assert_eq!(data_of(&d, x), pattern(4096, u8::try_from(i).unwrap()));
+    }
+    assert_eq!(status_of(&d, &w[0]), OK);
+}

@@ -71,6 +71,11 @@ impl Release for HoldToken {
     }
 }
 
+/// How many holds were ever taken on this thread.
+pub fn holds_taken() -> u64 {
+    NEXT_HOLD.with(|n| *n.borrow() - 1)
+}
+
 /// The ranges of every hold taken on this thread and not released yet.
 pub fn holds() -> Vec<Vec<(u64, u64)>> {
     HOLDS.with(|h| h.borrow().values().cloned().collect())
