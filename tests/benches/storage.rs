@@ -776,36 +776,49 @@ fn fmt_int(v: f64) -> String {
     out
 }
 
-fn table(disks: &[Disk], cfgs: &[Config], rows: &BTreeMap<Key, Row>, runs: usize) -> String {
+/// The median over runs of `samples[a]`'s IOPS / `samples[b]`'s in the same run (the runs of
+/// every configuration are interleaved, so run k of both saw the same machine).
+fn paired_ratio(samples: &BTreeMap<Key, Vec<Sample>>, a: Key, b: Key) -> Option<f64> {
+    let (a, b) = (samples.get(&a)?, samples.get(&b)?);
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x.iops / y.iops).collect();
+    (!r.is_empty()).then(|| median(&mut r))
+}
+
+fn table(
+    disks: &[Disk],
+    cfgs: &[Config],
+    rows: &BTreeMap<Key, Row>,
+    samples: &BTreeMap<Key, Vec<Sample>>,
+    runs: usize,
+) -> String {
     let mut t = String::new();
     t.push_str(&format!(
-        "Medians over {runs} run(s); IOPS range = min-max over runs; x qsd = IOPS / qemu-storage-daemon's with the same cache mode (direct or buffered; vcdev's default is buffered) on the same disk and workload; CPU = backend utime+stime per request; threads = most seen at the end of a phase (io_uring workers among them).\n\n",
+        "Medians over {runs} run(s); IOPS range = min-max over runs; x qsd, x vub = IOPS / qemu-storage-daemon's (`vub_blk`'s) with the same cache mode (direct or buffered; vcdev's default is buffered) on the same disk and workload, in the same run, median over runs; CPU = backend utime+stime per request; threads = most seen at the end of a phase (io_uring workers among them).\n\n",
     ));
-    t.push_str("| disk | workload | configuration | IOPS | IOPS range | x qsd | p50 us | p99 us | CPU us/req | threads (iou) |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| disk | workload | configuration | IOPS | IOPS range | x qsd | x vub | p50 us | p99 us | CPU us/req | threads (iou) |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (di, disk) in disks.iter().enumerate() {
         for (wi, wl) in WORKLOADS.iter().enumerate() {
-            let reference = |direct: bool| {
-                cfgs.iter()
-                    .position(|c| c.engine == Engine::Qsd && c.direct == direct)
-                    .and_then(|ci| rows.get(&(di, ci, wi)))
-                    .map(|r| r.iops)
+            let ratio = |ci: usize, peer: Engine, direct: bool| {
+                let pi = cfgs
+                    .iter()
+                    .position(|c| c.engine == peer && c.direct == direct)?;
+                paired_ratio(samples, (di, ci, wi), (di, pi, wi))
             };
             for (ci, cfg) in cfgs.iter().enumerate() {
                 let Some(r) = rows.get(&(di, ci, wi)) else {
                     continue;
                 };
-                let x = match cfg.engine {
+                let [x, xv] = [Engine::Qsd, Engine::Vub].map(|peer| match cfg.engine {
                     Engine::Raw => "-".to_owned(),
-                    _ => reference(cfg.direct)
-                        .map_or("-".to_owned(), |q| format!("{:.2}", r.iops / q)),
-                };
+                    _ => ratio(ci, peer, cfg.direct).map_or("-".to_owned(), |x| format!("{x:.2}")),
+                });
                 let cpu = r.cpu.map_or("-".to_owned(), |c| format!("{c:.1}"));
                 let th = r
                     .threads
                     .map_or("-".to_owned(), |(n, i)| format!("{n} ({i})"));
                 t.push_str(&format!(
-                    "| {} | {} | {} | {} | {}-{} | {x} | {:.1} | {:.1} | {cpu} | {th} |\n",
+                    "| {} | {} | {} | {} | {}-{} | {x} | {xv} | {:.1} | {:.1} | {cpu} | {th} |\n",
                     disk.name,
                     wl.name,
                     cfg.name,
@@ -1275,7 +1288,7 @@ fn main() {
         }
     }
 
-    let mut report = table(&disks, &cfgs, &rows, runs);
+    let mut report = table(&disks, &cfgs, &rows, &samples, runs);
     report.push('\n');
     if skipped.is_empty() && notes.is_empty() {
         report.push_str("Nothing skipped.\n");
