@@ -16,7 +16,8 @@
 //! data. Each run also measures the raw device floor: an `O_DIRECT` `pread` loop of 4 KiB random
 //! reads at QD1 from this process (`raw pread`).
 //!
-//! Workloads: 4 KiB randread and randwrite at QD1 and QD32, 128 KiB sequential read at QD8.
+//! Workloads: 4 KiB randread and randwrite at QD1 and QD32, a 70/30 random read/write mix of
+//! 4 KiB at QD32, 128 KiB sequential read at QD8.
 //! Per phase: IOPS, p50/p99 latency (request built to used seen), the backend's CPU time per
 //! request (utime+stime of `/proc/PID/stat` around the phase), its threads (`Threads:` of
 //! `/proc/PID/status` at the end of the phase) and how many of them are io_uring workers
@@ -37,6 +38,7 @@
 //! - `VCDEV_BENCH_DISK_MIB` (256 on tmpfs, 1024 on the loop device's file);
 //! - `VCDEV_BENCH_LOOP_DIR` (`/var/tmp`): where the loop device's backing file lives;
 //! - `VCDEV_BENCH_DISKS` (`tmpfs,loop`): the disks to run on;
+//! - `VCDEV_BENCH_WORKLOADS`: comma-separated workload names to keep (default all);
 //! - `VCDEV_BENCH_SPECS` may add a vcdev configuration whose binary `VCDEV_BENCH_BINS`
 //!   (`NAME=PATH;NAME=PATH`) sets: another build of vcdev, interleaved with this one.
 //!
@@ -47,7 +49,7 @@
 //! `VCDEV_BENCH_WARMUP_REQUESTS`, 500), then SIGTERM. The difference of the two runs' Ir over
 //! `N2 - N1` is a request's cost without start-up and shutdown, deterministic where wall-clock
 //! time on a shared machine is not; per thread too (the busiest is the queue's). Workloads:
-//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated; default the four 4K ones); configurations:
+//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated; default the 4K ones); configurations:
 //! `VCDEV_BENCH_CONFIGS`, `VCDEV_BENCH_SPECS`, `VCDEV_BENCH_BINS` as above; more valgrind
 //! options: `VCDEV_BENCH_VALGRIND_ARGS`. The table goes to stdout and `DIR/callgrind.md`, the
 //! callgrind files stay in `DIR` for `callgrind_annotate` (see BENCHMARKS.md). Only user-space
@@ -329,44 +331,52 @@ impl Disk {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Workload {
     name: &'static str,
-    write: bool,
+    /// Percent of the requests that write (the others read).
+    writes: u32,
     seq: bool,
     block: u64,
     qd: usize,
 }
 
-const WORKLOADS: [Workload; 5] = [
+const WORKLOADS: [Workload; 6] = [
     Workload {
         name: "randread 4K QD1",
-        write: false,
+        writes: 0,
         seq: false,
         block: 4096,
         qd: 1,
     },
     Workload {
         name: "randread 4K QD32",
-        write: false,
+        writes: 0,
         seq: false,
         block: 4096,
         qd: 32,
     },
     Workload {
         name: "randwrite 4K QD1",
-        write: true,
+        writes: 100,
         seq: false,
         block: 4096,
         qd: 1,
     },
     Workload {
         name: "randwrite 4K QD32",
-        write: true,
+        writes: 100,
+        seq: false,
+        block: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "randrw 70/30 4K QD32",
+        writes: 30,
         seq: false,
         block: 4096,
         qd: 32,
     },
     Workload {
         name: "seqread 128K QD8",
-        write: false,
+        writes: 0,
         seq: true,
         block: 128 << 10,
         qd: 8,
@@ -477,17 +487,17 @@ impl Driver {
         Driver { h, disk_len }
     }
 
-    fn offer(&mut self, slot: usize, wl: Workload, offset: u64) {
+    fn offer(&mut self, slot: usize, wl: Workload, offset: u64, write: bool) {
         let data = Self::data_gpa(slot, wl.block);
         let hdr = Self::hdr_gpa(slot);
-        let kind = if wl.write {
+        let kind = if write {
             VIRTIO_BLK_T_OUT
         } else {
             VIRTIO_BLK_T_IN
         };
         let status = hdr + u64::from(BlkRequest::HEADER_LEN);
         BlkRequest::new(kind, offset / SECTOR).write(&self.h.mem, hdr, status);
-        let flags = if wl.write { R } else { W };
+        let flags = if write { R } else { W };
         let len = u32::try_from(wl.block).expect("block fits u32");
         let chain = BlkRequest::chain(hdr, &[(data, len, flags)], status);
         let head = u16::try_from(slot * 3).expect("slot fits the ring");
@@ -512,9 +522,16 @@ impl Driver {
             } else {
                 rng.next() % blocks
             };
-            b * wl.block
+            let write = match wl.writes {
+                0 => false,
+                100.. => true,
+                pct => rng.next() % 100 < u64::from(pct),
+            };
+            (b * wl.block, write)
         };
         let mut started = vec![Instant::now(); wl.qd];
+        // Whether each slot's request writes.
+        let mut writing = vec![false; wl.qd];
         let mut lat = Vec::new();
         let t0 = Instant::now();
         let (deadline, limit) = match until {
@@ -524,8 +541,9 @@ impl Driver {
         let mut issued = 0;
         for (slot, s) in started.iter_mut().enumerate().take(limit) {
             *s = Instant::now();
-            let off = pick();
-            self.offer(slot, wl, off);
+            let (off, write) = pick();
+            writing[slot] = write;
+            self.offer(slot, wl, off, write);
             issued += 1;
         }
         if issued > 0 {
@@ -553,13 +571,14 @@ impl Driver {
                 let slot = id as usize / 3;
                 let st = self.h.mem.read(Self::hdr_gpa(slot) + 16, 1)[0];
                 assert_eq!(st, S_OK, "request status");
-                let want = if wl.write { 1 } else { wl.block + 1 };
+                let want = if writing[slot] { 1 } else { wl.block + 1 };
                 assert_eq!(u64::from(used), want, "used length");
                 lat.push(now.duration_since(started[slot]).as_nanos() as u64);
                 if in_time && issued < limit {
                     started[slot] = Instant::now();
-                    let off = pick();
-                    self.offer(slot, wl, off);
+                    let (off, write) = pick();
+                    writing[slot] = write;
+                    self.offer(slot, wl, off, write);
                     issued += 1;
                     again = true;
                 } else {
@@ -683,6 +702,7 @@ fn run_config(
     warmup: f64,
     seed: u64,
 ) -> Result<Vec<Option<Sample>>, String> {
+    let keep = selected_workloads();
     disk.drop_cache();
     if cfg.engine == Engine::Raw {
         let s = raw_floor(disk, secs, warmup, seed)?;
@@ -703,11 +723,25 @@ fn run_config(
     let out = WORKLOADS
         .iter()
         .enumerate()
-        .map(|(i, &wl)| Some(d.phase(wl, pid, secs, warmup, seed ^ i as u64)))
+        .map(|(i, &wl)| keep[i].then(|| d.phase(wl, pid, secs, warmup, seed ^ i as u64)))
         .collect();
     drop(d);
     drop(peer);
     Ok(out)
+}
+
+/// Which of [`WORKLOADS`] the timed runs measure (`VCDEV_BENCH_WORKLOADS`, default all).
+fn selected_workloads() -> Vec<bool> {
+    let keep = std::env::var("VCDEV_BENCH_WORKLOADS").ok();
+    let v: Vec<bool> = WORKLOADS
+        .iter()
+        .map(|w| {
+            keep.as_deref()
+                .is_none_or(|k| k.split(',').any(|k| k.trim() == w.name))
+        })
+        .collect();
+    assert!(v.contains(&true), "VCDEV_BENCH_WORKLOADS selects nothing");
+    v
 }
 
 // ---------------------------------------------------------------------------
