@@ -1,5 +1,5 @@
 //! The storage benchmark (issue #8): vcdev beside the other vhost-user-blk backends, through
-//! the same Rust frontend (`tests/common/frontend.rs`, one queue, no IOMMU) on the same disks,
+//! the same Rust frontend (`tests/common/frontend.rs`, one queue unless said, no IOMMU) on the same disks,
 //! in one run.
 //!
 //! Backends ([`configs`]; each has a SPEC of its own):
@@ -16,8 +16,9 @@
 //! data. Each run also measures the raw device floor: an `O_DIRECT` `pread` loop of 4 KiB random
 //! reads at QD1 from this process (`raw pread`).
 //!
-//! Workloads: 4 KiB randread and randwrite at QD1 and QD32, a 70/30 random read/write mix of
-//! 4 KiB at QD32, 128 KiB sequential read at QD8.
+//! Workloads: 4 KiB randread and randwrite at QD1 and QD32, 4 KiB randread at QD32 over two
+//! queues (16 requests each, one frontend thread; the backend started again with two queues for
+//! it), a 70/30 random read/write mix of 4 KiB at QD32, 128 KiB sequential read at QD8.
 //! Per phase: IOPS, p50/p99 latency (request built to used seen), the backend's CPU time per
 //! request (utime+stime of `/proc/PID/stat` around the phase), its threads (`Threads:` of
 //! `/proc/PID/status` at the end of the phase) and how many of them are io_uring workers
@@ -49,7 +50,7 @@
 //! `VCDEV_BENCH_WARMUP_REQUESTS`, 500), then SIGTERM. The difference of the two runs' Ir over
 //! `N2 - N1` is a request's cost without start-up and shutdown, deterministic where wall-clock
 //! time on a shared machine is not; per thread too (the busiest is the queue's). Workloads:
-//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated; default the 4K ones); configurations:
+//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated, one-queue ones; default the 4K ones); configurations:
 //! `VCDEV_BENCH_CONFIGS`, `VCDEV_BENCH_SPECS`, `VCDEV_BENCH_BINS` as above; more valgrind
 //! options: `VCDEV_BENCH_VALGRIND_ARGS`. The table goes to stdout and `DIR/callgrind.md`, the
 //! callgrind files stay in `DIR` for `callgrind_annotate` (see BENCHMARKS.md). Only user-space
@@ -335,16 +336,20 @@ struct Workload {
     writes: u32,
     seq: bool,
     block: u64,
+    /// Requests in flight, over all queues.
     qd: usize,
+    /// Queues the requests go round (slot `i` on queue `i % queues`).
+    queues: usize,
 }
 
-const WORKLOADS: [Workload; 6] = [
+const WORKLOADS: [Workload; 7] = [
     Workload {
         name: "randread 4K QD1",
         writes: 0,
         seq: false,
         block: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "randread 4K QD32",
@@ -352,6 +357,7 @@ const WORKLOADS: [Workload; 6] = [
         seq: false,
         block: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "randwrite 4K QD1",
@@ -359,6 +365,7 @@ const WORKLOADS: [Workload; 6] = [
         seq: false,
         block: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "randwrite 4K QD32",
@@ -366,6 +373,15 @@ const WORKLOADS: [Workload; 6] = [
         seq: false,
         block: 4096,
         qd: 32,
+        queues: 1,
+    },
+    Workload {
+        name: "randread 4K QD32 2 queues",
+        writes: 0,
+        seq: false,
+        block: 4096,
+        qd: 32,
+        queues: 2,
     },
     Workload {
         name: "randrw 70/30 4K QD32",
@@ -373,6 +389,7 @@ const WORKLOADS: [Workload; 6] = [
         seq: false,
         block: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "seqread 128K QD8",
@@ -380,6 +397,7 @@ const WORKLOADS: [Workload; 6] = [
         seq: true,
         block: 128 << 10,
         qd: 8,
+        queues: 1,
     },
 ];
 
@@ -500,10 +518,64 @@ impl Driver {
         let flags = if write { R } else { W };
         let len = u32::try_from(wl.block).expect("block fits u32");
         let chain = BlkRequest::chain(hdr, &[(data, len, flags)], status);
-        let head = u16::try_from(slot * 3).expect("slot fits the ring");
-        let q = &mut self.h.queues[0];
+        let (qi, head) = Self::place(slot, wl);
+        let q = &mut self.h.queues[qi];
         q.ring.write_chain(&self.h.mem, head, &chain);
         q.offer(&self.h.mem, head);
+    }
+
+    /// The queue and head of request slot `slot`.
+    fn place(slot: usize, wl: Workload) -> (usize, u16) {
+        let head = u16::try_from(slot / wl.queues * 3).expect("slot fits the ring");
+        (slot % wl.queues, head)
+    }
+
+    /// The slot of head `id` on queue `qi`.
+    fn slot_of(qi: usize, id: u32, wl: Workload) -> usize {
+        id as usize / 3 * wl.queues + qi
+    }
+
+    /// Kicks the first `n` queues.
+    fn kick(&self, n: usize) {
+        for q in &self.h.queues[..n] {
+            q.kick.write(1).expect("kick");
+        }
+    }
+
+    /// Waits for used elements on the first `n` queues: at least one, with every one ready
+    /// then, as (queue, id, used length).
+    fn wait_any(&mut self, n: usize, ready: &mut Vec<(usize, u32, u32)>) {
+        let deadline = Instant::now() + TIMEOUT;
+        for q in &self.h.queues[..n] {
+            q.enable_calls(&self.h.mem);
+        }
+        loop {
+            for (qi, q) in self.h.queues[..n].iter_mut().enumerate() {
+                while let Some((id, len)) = q.wait_used(&self.h.mem, Duration::ZERO) {
+                    ready.push((qi, id, len));
+                }
+            }
+            if !ready.is_empty() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no request completed within {TIMEOUT:?}");
+            let mut fds: Vec<libc::pollfd> = self.h.queues[..n]
+                .iter()
+                .map(|q| libc::pollfd {
+                    fd: q.call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let ms = libc::c_int::try_from(left.as_millis().min(100)).unwrap_or(100);
+            let nfds = libc::nfds_t::try_from(fds.len()).expect("a few queues");
+            // SAFETY: `fds` is a valid array of `nfds` pollfds for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), nfds, ms) };
+            for q in &self.h.queues[..n] {
+                let _ = q.call.read();
+            }
+        }
     }
 
     /// Runs `wl` until `until`; returns the latencies (ns) and the elapsed time.
@@ -547,28 +619,18 @@ impl Driver {
             issued += 1;
         }
         if issued > 0 {
-            self.h.queues[0].kick.write(1).expect("kick");
+            self.kick(wl.queues);
         }
         let mut in_flight = issued;
         let mut ready = Vec::with_capacity(wl.qd);
         while in_flight > 0 {
             ready.clear();
-            {
-                let q = &mut self.h.queues[0];
-                q.enable_calls(&self.h.mem);
-                ready.push(
-                    q.wait_used(&self.h.mem, TIMEOUT)
-                        .expect("request completes"),
-                );
-                while let Some(e) = q.wait_used(&self.h.mem, Duration::ZERO) {
-                    ready.push(e);
-                }
-            }
+            self.wait_any(wl.queues, &mut ready);
             let now = Instant::now();
             let in_time = deadline.is_none_or(|d| now < d);
             let mut again = false;
-            for &(id, used) in &ready {
-                let slot = id as usize / 3;
+            for &(qi, id, used) in &ready {
+                let slot = Self::slot_of(qi, id, wl);
                 let st = self.h.mem.read(Self::hdr_gpa(slot) + 16, 1)[0];
                 assert_eq!(st, S_OK, "request status");
                 let want = if writing[slot] { 1 } else { wl.block + 1 };
@@ -586,7 +648,7 @@ impl Driver {
                 }
             }
             if again {
-                self.h.queues[0].kick.write(1).expect("kick");
+                self.kick(wl.queues);
             }
         }
         (lat, t0.elapsed())
@@ -676,17 +738,24 @@ fn raw_floor(disk: &Disk, secs: f64, warmup: f64, seed: u64) -> Result<Sample, S
 }
 
 /// Starts `cfg`'s backend on `disk`.
-fn start(cfg: &Config, disk: &Disk) -> Result<Spawn, String> {
-    let spec = disk.fill(&cfg.spec);
+fn start(cfg: &Config, disk: &Disk, queues: usize) -> Result<Spawn, String> {
+    let mut spec = disk.fill(&cfg.spec);
     let tag = "bench";
     let r = match cfg.engine {
-        Engine::Vcdev => match &cfg.bin {
-            Some(bin) => Peer::vcdev_of(bin, tag, &spec, DEVICE),
-            None => Peer::vcdev(tag, &spec, DEVICE),
-        },
-        Engine::Qsd => Peer::qsd(tag, &spec, true),
+        Engine::Vcdev => {
+            if queues > 1 {
+                spec.push_str(&format!(",queues={queues}"));
+            }
+            match &cfg.bin {
+                Some(bin) => Peer::vcdev_of(bin, tag, &spec, DEVICE),
+                None => Peer::vcdev(tag, &spec, DEVICE),
+            }
+        }
+        Engine::Qsd => Peer::qsd_queues(tag, &spec, true, queues),
         Engine::Vub => {
-            let args: Vec<&str> = spec.split_whitespace().collect();
+            let n = format!("queues={queues}");
+            let mut args: Vec<&str> = spec.split_whitespace().collect();
+            args.push(&n);
             Peer::vub_blk(tag, &args)
         }
         Engine::Raw => unreachable!("the raw floor has no backend"),
@@ -713,20 +782,32 @@ fn run_config(
     if cfg.engine == Engine::Qsd && !qsd_available() {
         return Err(format!("{} is not installed", common::peers::QSD_BIN));
     }
-    let mut peer = match start(cfg, disk)? {
-        Spawn::Up(p) => p,
-        Spawn::Refused(why) => return Err(format!("SPEC refused (exit 2): {why}")),
-    };
-    let pid = peer.pid();
-    let h = Harness::start(peer.socket(), 1, QUEUE_SIZE);
-    let mut d = Driver::new(h, disk.len);
-    let out = WORKLOADS
-        .iter()
-        .enumerate()
-        .map(|(i, &wl)| keep[i].then(|| d.phase(wl, pid, secs, warmup, seed ^ i as u64)))
-        .collect();
-    drop(d);
-    drop(peer);
+    let mut out = vec![None; WORKLOADS.len()];
+    // One backend for the one-queue workloads, another with more queues for theirs: a
+    // one-queue phase never runs beside idle queues it does not use.
+    let mut counts: Vec<usize> = WORKLOADS.iter().map(|w| w.queues).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for queues in counts {
+        let todo: Vec<usize> = (0..WORKLOADS.len())
+            .filter(|&i| keep[i] && WORKLOADS[i].queues == queues)
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        let mut peer = match start(cfg, disk, queues)? {
+            Spawn::Up(p) => p,
+            Spawn::Refused(why) => return Err(format!("SPEC refused (exit 2): {why}")),
+        };
+        let pid = peer.pid();
+        let h = Harness::start(peer.socket(), queues, QUEUE_SIZE);
+        let mut d = Driver::new(h, disk.len);
+        for i in todo {
+            out[i] = Some(d.phase(WORKLOADS[i], pid, secs, warmup, seed ^ i as u64));
+        }
+        drop(d);
+        drop(peer);
+    }
     Ok(out)
 }
 
@@ -1156,15 +1237,16 @@ fn callgrind_main(dir: PathBuf) {
     if std::env::var_os("VCDEV_BENCH_CONFIGS").is_none() {
         cfgs.retain(|c| c.name == "vcdev sync buffered" || c.name == "vub buffered");
     }
+    // One queue: the daemon under valgrind serves one.
     let wls: Vec<Workload> = match std::env::var("VCDEV_BENCH_WORKLOADS") {
         Ok(keep) => WORKLOADS
             .iter()
-            .filter(|w| keep.split(',').any(|k| k.trim() == w.name))
+            .filter(|w| w.queues == 1 && keep.split(',').any(|k| k.trim() == w.name))
             .copied()
             .collect(),
         Err(_) => WORKLOADS
             .iter()
-            .filter(|w| w.block == 4096)
+            .filter(|w| w.queues == 1 && w.block == 4096)
             .copied()
             .collect(),
     };

@@ -102,10 +102,20 @@ impl Peer {
     /// with one queue; with `iothread`, the export runs in an iothread of its own (in 10.0 an
     /// export otherwise runs in the main loop).
     pub fn qsd(tag: &str, blockdev: &str, iothread: bool) -> io::Result<Spawn> {
+        Peer::qsd_queues(tag, blockdev, iothread, 1)
+    }
+
+    /// [`Peer::qsd`] with `queues` queues on the export (all in its one thread).
+    pub fn qsd_queues(
+        tag: &str,
+        blockdev: &str,
+        iothread: bool,
+        queues: usize,
+    ) -> io::Result<Spawn> {
         let tmp = TempDir::new(tag)?;
         let socket = tmp.join("qsd.sock");
         let mut export = format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
             socket.display()
         );
         let mut cmd = Command::new(QSD_BIN);

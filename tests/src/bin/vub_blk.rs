@@ -195,7 +195,7 @@ unsafe impl InflightMemory for Snapshot {
 }
 
 /// The vhost-user glue: one [`AsyncQueue`] per queue, each served by its own thread of the
-/// crate's event loop (its kick and, from `num_queues + 1` on, its engine's completions).
+/// crate's event loop (its kick, event 0 of that thread, and its engine's completions).
 struct VubBlk {
     device: Arc<BlkDevice>,
     queues: Vec<Mutex<AsyncQueue<Pin>>>,
@@ -271,21 +271,22 @@ impl VhostUserBackend for VubBlk {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let nq = usize::from(self.device.num_queues());
-        let event = usize::from(device_event);
-        // Kicks are 0..nq, completions nq+1..; both drain the queue.
-        let idx = if event < nq {
-            event
-        } else {
-            event.saturating_sub(nq + 1)
-        };
-        let (Some(vring), Some(worker)) = (vrings.get(idx), self.queues.get(idx)) else {
-            return Err(io::Error::other(format!("unknown event {device_event}")));
+        // One queue per thread (`queues_per_thread`): the thread's id is its queue's index and
+        // `vrings` holds that queue alone. The crate numbers a thread's kicks from 0 among its
+        // own queues, so the kick is event 0; the completions are `completion_event`. Both drain
+        // the queue.
+        let known =
+            device_event == 0 || u64::from(device_event) == self.completion_event(thread_id);
+        let (true, Some(vring), Some(worker)) = (known, vrings.first(), self.queues.get(thread_id))
+        else {
+            return Err(io::Error::other(format!(
+                "unknown event {device_event} on thread {thread_id}"
+            )));
         };
         let Some(mem) = self
             .mem
