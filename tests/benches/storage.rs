@@ -1,6 +1,6 @@
 //! The storage benchmark (issue #8): vcdev beside the other vhost-user-blk backends, through
-//! the same Rust frontend (`tests/common/frontend.rs`, one queue unless said, no IOMMU) on the same disks,
-//! in one run.
+//! the same Rust frontend (`tests/common/frontend.rs`, one queue unless said, no IOMMU) on the
+//! same disks, in one run.
 //!
 //! Backends ([`configs`]; each has a SPEC of its own):
 //!
@@ -50,8 +50,8 @@
 //! `VCDEV_BENCH_WARMUP_REQUESTS`, 500), then SIGTERM. The difference of the two runs' Ir over
 //! `N2 - N1` is a request's cost without start-up and shutdown, deterministic where wall-clock
 //! time on a shared machine is not; per thread too (the busiest is the queue's). Workloads:
-//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated, one-queue ones; default the 4K ones); configurations:
-//! `VCDEV_BENCH_CONFIGS`, `VCDEV_BENCH_SPECS`, `VCDEV_BENCH_BINS` as above; more valgrind
+//! `VCDEV_BENCH_WORKLOADS` (names, comma-separated, one-queue ones; default the 4K ones);
+//! configurations: `VCDEV_BENCH_CONFIGS`, `VCDEV_BENCH_SPECS`, `VCDEV_BENCH_BINS` as above; more valgrind
 //! options: `VCDEV_BENCH_VALGRIND_ARGS`. The table goes to stdout and `DIR/callgrind.md`, the
 //! callgrind files stay in `DIR` for `callgrind_annotate` (see BENCHMARKS.md). Only user-space
 //! instructions count: system calls are the kernel's.
