@@ -795,6 +795,7 @@ fn run_config(
         if todo.is_empty() {
             continue;
         }
+        disk.drop_cache();
         let mut peer = match start(cfg, disk, queues)? {
             Spawn::Up(p) => p,
             Spawn::Refused(why) => return Err(format!("SPEC refused (exit 2): {why}")),
