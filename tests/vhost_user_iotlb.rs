@@ -662,7 +662,7 @@ fn invalidating_data_pages_does_not_repin_the_rings() {
 /// flight for as long as the limit says. Torn down on drop: the limit
 /// lifted, the process moved back, the group, device and file removed.
 struct ThrottledLoop {
-    dev: std::path::PathBuf,
+    dev: common::LoopDev,
     file: std::path::PathBuf,
     group: std::path::PathBuf,
     /// `MAJOR:MINOR` of the loop device.
@@ -688,21 +688,11 @@ impl ThrottledLoop {
         }
         let file = std::env::temp_dir().join(format!("vcdev-{tag}-{}.img", std::process::id()));
         std::fs::write(&file, vec![0x3cu8; len as usize]).map_err(|e| e.to_string())?;
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(&file)
-            .output()
-            .map_err(|e| format!("losetup: {e}"))?;
-        if !out.status.success() {
+        let dev = common::LoopDev::attach(&file).inspect_err(|_| {
             let _ = std::fs::remove_file(&file);
-            return Err(format!(
-                "losetup: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let dev = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        })?;
         let rdev = std::os::unix::fs::MetadataExt::rdev(
-            &std::fs::metadata(&dev).map_err(|e| e.to_string())?,
+            &std::fs::metadata(dev.path()).map_err(|e| e.to_string())?,
         );
         let devno = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
         let group =
@@ -744,10 +734,7 @@ impl Drop for ThrottledLoop {
             );
         }
         let _ = std::fs::remove_dir(&self.group);
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.dev)
-            .status();
+        // The loop device is detached after this, as a field.
         let _ = std::fs::remove_file(&self.file);
     }
 }
@@ -772,7 +759,10 @@ fn an_invalidate_waits_for_the_read_it_overlaps_and_only_for_it() {
             return;
         }
     };
-    let spec = format!("blk,path={},direct=on,aio=io_uring", lo.dev.display());
+    let spec = format!(
+        "blk,path={},direct=on,aio=io_uring",
+        lo.dev.path().display()
+    );
     let mut d = Vcdev::start("inval-inflight", &["--device", &spec], "vfio0");
     let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
     let (a, b) = (0x6000_0000_0000u64, 0x6000_0001_0000u64);

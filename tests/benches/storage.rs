@@ -67,13 +67,12 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::frontend::{Harness, DATA_GPA, META_GPA, S_OK};
 use common::peers::{qsd_available, Peer, Spawn};
 use common::vcdev::vcdev_bin;
-use common::TIMEOUT;
+use common::{LoopDev, TIMEOUT};
 use plotters::prelude::*;
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -232,18 +231,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// A loop device attached by the bench; detached on drop, panics included.
-struct LoopDev(PathBuf);
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        match Command::new("losetup").arg("-d").arg(&self.0).status() {
-            Ok(st) if st.success() => {}
-            other => eprintln!("storage: losetup -d {} failed: {other:?}", self.0.display()),
-        }
-    }
-}
-
 /// Writes `len` bytes of non-zero data to a new file at `path` (holes would read with no I/O).
 fn fill_file(path: &Path, len: u64) -> RemoveOnDrop {
     let guard = RemoveOnDrop(path.to_path_buf());
@@ -292,24 +279,13 @@ fn loop_disk() -> Result<Disk, String> {
     let backing = dir.join(format!("vcdev-bench-{}.img", std::process::id()));
     let len = env_mib(1024);
     let file = fill_file(&backing, len);
-    let out = Command::new("losetup")
-        .args(["-f", "--show", "--direct-io=on"])
-        .arg(&backing)
-        .output()
-        .map_err(|e| format!("losetup: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let dev = LoopDev::attach(&backing)?;
     Ok(Disk {
         name: "loop",
-        path: dev.clone(),
+        path: dev.path().to_path_buf(),
         driver: "host_device",
         len,
-        _loop: Some(LoopDev(dev)),
+        _loop: Some(dev),
         _file: file,
     })
 }

@@ -120,3 +120,46 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// A loop device over a file, with direct I/O (`losetup -f --show --direct-io=on`): a disk
+/// with a real latency for the storage bench, one whose reads a cgroup can throttle for the
+/// tests. Detached on drop, panics included. Needs root.
+pub struct LoopDev(PathBuf);
+
+impl LoopDev {
+    /// Attaches `file` to a free loop device; why it could not as the error.
+    pub fn attach(file: &Path) -> Result<LoopDev, String> {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(LoopDev(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
+    }
+
+    /// The device node (`/dev/loopN`).
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        match std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status()
+        {
+            Ok(st) if st.success() => {}
+            other => eprintln!("losetup -d {} failed: {other:?}", self.0.display()),
+        }
+    }
+}
