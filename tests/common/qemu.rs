@@ -645,11 +645,18 @@ impl RunningGuest {
         matches!(self.proc.try_wait(), Ok(None))
     }
 
-    /// Polls until the console contains `needle` (true), QEMU exits or
-    /// `timeout` passes (false).
+    /// Polls until a whole line of the console contains `needle` (true),
+    /// QEMU exits or `timeout` passes (false).
     pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> bool {
+        // Only whole lines count: the console arrives in chunks, and a
+        // caller that parses the line once it is seen must not get half of
+        // it (`resize_to=50` for `resize_to=50331648`, as CI once saw).
+        let in_whole_lines = |console: String| match console.rfind('\n') {
+            Some(end) => console[..end].contains(needle),
+            None => false,
+        };
         super::poll_until(timeout, || {
-            if self.console().contains(needle) {
+            if in_whole_lines(self.console()) {
                 Some(true)
             } else if !matches!(self.proc.try_wait(), Ok(None)) {
                 Some(self.console().contains(needle))
