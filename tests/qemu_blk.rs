@@ -165,7 +165,13 @@ fn daemon_killed_mid_write_and_restarted() {
         f.read_exact_at(&mut b, probe as u64).ok()?;
         (b == expected[probe..probe + 512]).then_some(())
     });
-    assert!(mid.is_some(), "the guest never wrote:\n{}", run.console());
+    assert!(
+        mid.is_some(),
+        "the guest never wrote:\n{}\n{}\n{}",
+        run.console(),
+        run.qemu_stderr(),
+        d.log()
+    );
     d.kill_and_restart();
     let reconnected = common::poll_until(Duration::from_secs(30), || {
         d.log().contains("inflight region set").then_some(())

@@ -25,7 +25,7 @@ use vcdev_iommu::Errno;
 
 use super::dispatch::{dispatch, reply_payload, Op, Out, Violation};
 use crate::daemon::Subscriber;
-use crate::wire::{self, FlagPolicy, MAX_PAYLOAD};
+use crate::wire::{self, FlagPolicy, FrameReader, MAX_PAYLOAD};
 
 /// A kind of file: its request table, its gate and its release.
 pub trait FileKind: Send + Sync + Sized + 'static {
@@ -256,13 +256,16 @@ enum Served {
 /// Serves one file until its last client copy closes or the client breaks
 /// the protocol (PROTOCOL.md, "Framing"), or no request came for `linger`.
 fn serve_file<F: FileKind>(sock: &UnixStream, file: &F, linger: Option<Duration>) -> Served {
+    // Idle only with nothing read ahead: the loop watches the socket, not
+    // this reader's buffer.
+    let mut reader = FrameReader::new();
     loop {
         if let Some(t) = linger {
-            if !crate::sys::readable(sock.as_fd(), t) {
+            if !reader.buffered() && !crate::sys::readable(sock.as_fd(), t) {
                 return Served::Idle;
             }
         }
-        let frame = match wire::read_frame(sock, FlagPolicy::CDEV) {
+        let frame = match reader.read(sock, FlagPolicy::CDEV) {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {

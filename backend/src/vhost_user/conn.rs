@@ -46,7 +46,7 @@ use super::vring::{DmaCtx, Iotlb, Vring, VringError};
 use crate::error_chain;
 use crate::pod::pod_from;
 use crate::registry::{DeviceCounters, Ownership};
-use crate::wire::{self, FlagPolicy, Frame, FrameHeader, WireError};
+use crate::wire::{self, FlagPolicy, Frame, FrameHeader, FrameReader, WireError};
 
 /// The protocol features offered. REPLY_ACK and BACKEND_REQ are what QEMU
 /// requires before it accepts VIRTIO_F_ACCESS_PLATFORM (IOTLB messages
@@ -215,6 +215,8 @@ pub struct Conn {
     inflight: Option<Arc<InflightRegion>>,
     /// The adaptive poll of the socket after an IOTLB message.
     poll: MainPoll,
+    /// The frontend's messages, a `recvmsg` each (or fewer).
+    reader: FrameReader,
 }
 
 /// The connection's [`ConfigNotifier`](crate::registry::ConfigNotifier):
@@ -275,6 +277,7 @@ impl Conn {
             seal_policy: cfg.seal_policy,
             inflight: None,
             poll: MainPoll::new(cfg.iotlb_poll),
+            reader: FrameReader::new(),
         }
     }
 
@@ -284,9 +287,11 @@ impl Conn {
         loop {
             // After an IOTLB message, the next one often follows within
             // microseconds: look for it a while before sleeping.
-            self.poll
-                .wait(self.sock.as_fd(), self.own.device().counters());
-            let frame = match wire::read_frame(&self.sock, FlagPolicy::VHOST_USER) {
+            if !self.reader.buffered() {
+                self.poll
+                    .wait(self.sock.as_fd(), self.own.device().counters());
+            }
+            let frame = match self.reader.read(&self.sock, FlagPolicy::VHOST_USER) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     info!("{}: frontend disconnected", self.peer);
