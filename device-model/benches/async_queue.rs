@@ -16,13 +16,11 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use vcdev_device_model::blk::aio::{Aio, Engine};
-use vcdev_device_model::blk::{AsyncQueue, BlkConfig, FaultPolicy, InflightMemory, Release};
-use vcdev_device_model::testing::{ram_blk, BlkRequest, SplitRing, R, W};
+use vcdev_device_model::blk::{AsyncQueue, BlkConfig, FaultPolicy};
+use vcdev_device_model::testing::{ram_blk, BlkRequest, FreeHold, FreeHolds, SplitRing, R, W};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::BS;
-use vm_memory::guest_memory::GuestMemorySliceIterator;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const QSIZE: u16 = 256;
 const DESC: u64 = 0x1_0000;
@@ -33,52 +31,10 @@ const DATA: u64 = 0x10_0000;
 const BLOCK: u32 = 4096;
 const DISK: u64 = 64 << 20;
 
-/// Plain guest memory whose holds cost nothing.
-struct Mem(GuestMemoryMmap<()>);
-
-struct Hold;
-
-impl Release for Hold {
-    fn release(self) {}
-}
-
-impl GuestMemory for Mem {
-    type PhysicalMemory = GuestMemoryMmap<()>;
-    type Bitmap = ();
-
-    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        GuestMemory::check_range(&self.0, addr, count, access)
-    }
-
-    fn get_slices<'a>(
-        &'a self,
-        addr: GuestAddress,
-        count: usize,
-        access: Permissions,
-    ) -> Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>, GuestMemoryError> {
-        GuestMemory::get_slices(&self.0, addr, count, access)
-    }
-}
-
-impl std::fmt::Debug for Hold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Hold")
-    }
-}
-
-// SAFETY: the memory outlives every queue polled with it (both live for the whole bench
-// function and the queue is drained before they are dropped).
-unsafe impl InflightMemory for Mem {
-    type Hold = Hold;
-    fn hold(&self, _ranges: &[(u64, u64)]) -> Hold {
-        Hold
-    }
-}
-
 /// A queue with `depth` requests of `kind` laid out once (3 descriptors each).
 struct Setup {
-    mem: Mem,
-    aq: AsyncQueue<Hold>,
+    mem: FreeHolds,
+    aq: AsyncQueue<FreeHold>,
     queue: Queue,
     ring: SplitRing,
     heads: Vec<u16>,
@@ -87,14 +43,15 @@ struct Setup {
 
 impl Setup {
     fn new(kind: u32, depth: u16) -> Self {
-        let mem =
-            Mem(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).expect("memory"));
+        let mem = FreeHolds(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).expect("memory"),
+        );
         let cfg = BlkConfig {
             queue_size: QSIZE,
             ..BlkConfig::default()
         };
         let dev = ram_blk(DISK, cfg);
-        let aq: AsyncQueue<Hold> = AsyncQueue::new(
+        let aq: AsyncQueue<FreeHold> = AsyncQueue::new(
             dev.clone(),
             Engine::new(Aio::Sync, dev.backend().clone(), dev.queue_size()),
         );

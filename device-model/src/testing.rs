@@ -15,10 +15,14 @@ use virtio_bindings::virtio_blk::{virtio_blk_discard_write_zeroes, virtio_blk_ou
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 pub use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
+};
 
 use crate::blk::request::{HEADER_LEN, SEGMENT_LEN};
-use crate::blk::{BlkConfig, BlkDevice, BlockBackend, RamBackend};
+use crate::blk::{BlkConfig, BlkDevice, BlockBackend, InflightMemory, RamBackend, Release};
 
 /// Descriptor flags: device-readable (no flag).
 pub const R: u16 = 0;
@@ -295,4 +299,46 @@ pub fn ram_blk(len: u64, cfg: BlkConfig) -> Arc<BlkDevice> {
 /// The usual device fixture: a 1 MiB RAM disk with the default options.
 pub fn blk() -> Arc<BlkDevice> {
     ram_blk(1 << 20, BlkConfig::default())
+}
+
+/// Plain guest memory whose holds cost nothing (no bookkeeping, no allocation): for
+/// measuring the queue's own work and counting its own allocations.
+#[derive(Debug)]
+pub struct FreeHolds(pub GuestMemoryMmap<()>);
+
+/// The hold of [`FreeHolds`]: nothing.
+#[derive(Debug)]
+pub struct FreeHold;
+
+impl Release for FreeHold {
+    fn release(self) {}
+}
+
+impl GuestMemory for FreeHolds {
+    type PhysicalMemory = GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        GuestMemory::check_range(&self.0, addr, count, access)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>, GuestMemoryError> {
+        GuestMemory::get_slices(&self.0, addr, count, access)
+    }
+}
+
+// SAFETY: test-only memory (feature `testing`) that nothing unmaps while it lives: its users,
+// this crate's tests and benches, complete or drain every queue polled with it before they
+// drop it, so no request in flight outlives the pages it reads or writes.
+#[allow(unsafe_code)]
+unsafe impl InflightMemory for FreeHolds {
+    type Hold = FreeHold;
+    fn hold(&self, _ranges: &[(u64, u64)]) -> FreeHold {
+        FreeHold
+    }
 }

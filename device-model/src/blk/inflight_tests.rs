@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
 use super::aio::{Aio, Engine, IoOp};
 use super::file::tests::TempImage;
@@ -17,7 +17,7 @@ use super::inflight::OpEvent;
 use super::test_util::*;
 use super::*;
 use crate::blk::throttle::Limits;
-use crate::testing::{blk_segments, ram_blk};
+use crate::testing::{blk_segments, ram_blk, FreeHold, FreeHolds};
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
@@ -630,47 +630,6 @@ fn count_allocs<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let r = f();
     let n = ALLOCS.with(|c| c.replace(None)).unwrap_or(0);
     (r, n)
-}
-
-/// Guest memory whose holds are free (no bookkeeping that allocates), to count the queue's
-/// own allocations.
-#[derive(Debug)]
-struct FreeHolds(GuestMemoryMmap<()>);
-
-#[derive(Debug)]
-struct FreeHold;
-
-impl Release for FreeHold {
-    fn release(self) {}
-}
-
-impl GuestMemory for FreeHolds {
-    type PhysicalMemory = GuestMemoryMmap<()>;
-    type Bitmap = ();
-
-    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        GuestMemory::check_range(&self.0, addr, count, access)
-    }
-
-    fn get_slices<'a>(
-        &'a self,
-        addr: GuestAddress,
-        count: usize,
-        access: Permissions,
-    ) -> Result<
-        impl vm_memory::guest_memory::GuestMemorySliceIterator<'a, vm_memory::bitmap::BS<'a, ()>>,
-        vm_memory::GuestMemoryError,
-    > {
-        GuestMemory::get_slices(&self.0, addr, count, access)
-    }
-}
-
-// SAFETY: the memory outlives the queue (the test drains it first).
-unsafe impl InflightMemory for FreeHolds {
-    type Hold = FreeHold;
-    fn hold(&self, _ranges: &[(u64, u64)]) -> FreeHold {
-        FreeHold
-    }
 }
 
 /// Once warm, the queue allocates nothing per request: reads, writes and flushes taken from
