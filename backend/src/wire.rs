@@ -176,8 +176,9 @@ pub struct Frame {
     pub fds: Vec<OwnedFd>,
 }
 
-/// Receives bytes into `buf` and up to [`MAX_FDS`] descriptors.
-fn recv_some(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+/// Receives bytes into `buf` and up to [`MAX_FDS`] descriptors (more:
+/// [`WireError::Fds`]).
+fn recv_some(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), WireError> {
     let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
     let mut iov = [iovec {
         iov_base: buf.as_mut_ptr().cast::<c_void>(),
@@ -198,7 +199,9 @@ fn recv_some(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedF
                 return Ok((n, fds));
             }
             Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+            // The control buffer was too small (MSG_CTRUNC).
+            Err(e) if e.errno() == libc::ENOBUFS => return Err(WireError::Fds),
+            Err(e) => return Err(WireError::Read(io::Error::from_raw_os_error(e.errno()))),
         }
     }
 }
@@ -207,18 +210,12 @@ fn recv_some(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedF
 /// frames. Descriptors are accepted only with the header's bytes.
 pub fn read_frame(sock: &UnixStream, policy: FlagPolicy) -> Result<Option<Frame>, WireError> {
     let mut hdr = [0u8; HEADER_LEN];
-    let (mut got, fds) = recv_some(sock, &mut hdr).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOBUFS) {
-            WireError::Fds
-        } else {
-            WireError::Read(e)
-        }
-    })?;
+    let (mut got, fds) = recv_some(sock, &mut hdr)?;
     if got == 0 {
         return Ok(None);
     }
     while got < HEADER_LEN {
-        let (n, more) = recv_some(sock, &mut hdr[got..]).map_err(WireError::Read)?;
+        let (n, more) = recv_some(sock, &mut hdr[got..])?;
         if !more.is_empty() {
             return Err(WireError::Fds);
         }
@@ -246,8 +243,8 @@ pub fn read_frame(sock: &UnixStream, policy: FlagPolicy) -> Result<Option<Frame>
     }))
 }
 
-/// Bytes a [`FrameReader`] reads at a time: every vhost-user and cdev
-/// request but a large SET_MEM_TABLE-sized one fits, several of them often.
+/// Bytes a [`FrameReader`] reads at a time: most requests of either door
+/// fit, often several; a larger one is read straight into its payload.
 pub const READ_BUF: usize = 4096;
 
 /// Reads frames through a buffer, for the server side of a connection that
@@ -320,13 +317,7 @@ impl FrameReader {
                 self.start = 0;
             }
             let from = self.end;
-            let (n, fds) = recv_some(sock, &mut self.buf[from..]).map_err(|e| {
-                if e.raw_os_error() == Some(libc::ENOBUFS) {
-                    WireError::Fds
-                } else {
-                    WireError::Read(e)
-                }
-            })?;
+            let (n, fds) = recv_some(sock, &mut self.buf[from..])?;
             if n == 0 {
                 return if self.buffered() {
                     Err(WireError::Truncated)
@@ -400,7 +391,7 @@ impl FrameReader {
         while got < size {
             // A frame larger than the buffer: the rest goes straight into
             // its payload, and reads stop at its end.
-            let (n, more) = recv_some(sock, &mut payload[got..]).map_err(WireError::Read)?;
+            let (n, more) = recv_some(sock, &mut payload[got..])?;
             if !more.is_empty() {
                 return Err(WireError::Fds);
             }
