@@ -76,7 +76,8 @@ impl EventLoop {
     }
 
     /// Waits for events, at most `timeout` (`None`: forever), and calls `f`
-    /// with each ready id; nothing is called when the time runs out.
+    /// with each ready id; nothing is called when the time runs out or a
+    /// signal (or io_uring task work) interrupts the wait.
     pub fn wait_timeout(
         &self,
         timeout: Option<std::time::Duration>,
@@ -87,12 +88,14 @@ impl EventLoop {
             i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
         });
         let mut events = [EpollEvent::default(); MAX_EVENTS];
-        let n = loop {
-            match self.epoll.wait(ms, &mut events) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(EventLoopError::Wait(e)),
-            }
+        let n = match self.epoll.wait(ms, &mut events) {
+            Ok(n) => n,
+            // Interrupted: return, and let the caller look. io_uring posts
+            // a thread's completions from task work that interrupts its
+            // wait this way, the ring's eventfd ready behind it: waiting
+            // again would be one more system call per wave of completions.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(EventLoopError::Wait(e)),
         };
         for ev in events.iter().take(n) {
             f(ev.data());
