@@ -5,7 +5,7 @@
 //! own [`FlagPolicy`]: the device-cdev protocol allows only the version and
 //! REPLY bits, vhost-user also allows NEED_REPLY.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -206,17 +206,13 @@ fn recv_some(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>),
     }
 }
 
-/// Reads one frame. `Ok(None)` when the peer closed the connection between
-/// frames. Descriptors are accepted only with the header's bytes.
-pub fn read_frame(sock: &UnixStream, policy: FlagPolicy) -> Result<Option<Frame>, WireError> {
-    let mut hdr = [0u8; HEADER_LEN];
-    let (mut got, fds) = recv_some(sock, &mut hdr)?;
-    if got == 0 {
-        return Ok(None);
-    }
-    while got < HEADER_LEN {
-        let (n, more) = recv_some(sock, &mut hdr[got..])?;
-        if !more.is_empty() {
+/// Fills `buf` from `sock`: the middle of a frame, where descriptors are
+/// misplaced and the end of the stream truncates the frame.
+fn recv_rest(sock: &UnixStream, buf: &mut [u8]) -> Result<(), WireError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let (n, fds) = recv_some(sock, &mut buf[got..])?;
+        if !fds.is_empty() {
             return Err(WireError::Fds);
         }
         if n == 0 {
@@ -224,18 +220,23 @@ pub fn read_frame(sock: &UnixStream, policy: FlagPolicy) -> Result<Option<Frame>
         }
         got += n;
     }
+    Ok(())
+}
+
+/// Reads one frame. `Ok(None)` when the peer closed the connection between
+/// frames. Descriptors are accepted only with the header's bytes.
+pub fn read_frame(sock: &UnixStream, policy: FlagPolicy) -> Result<Option<Frame>, WireError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let (got, fds) = recv_some(sock, &mut hdr)?;
+    if got == 0 {
+        return Ok(None);
+    }
+    recv_rest(sock, &mut hdr[got..])?;
     let header = FrameHeader::decode(&hdr);
     header.check(policy)?;
     // size <= MAX_PAYLOAD (1 MiB) was checked: the allocation is bounded.
     let mut payload = vec![0u8; header.size as usize];
-    let mut reader = sock;
-    reader.read_exact(&mut payload).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            WireError::Truncated
-        } else {
-            WireError::Read(e)
-        }
-    })?;
+    recv_rest(sock, &mut payload)?;
     Ok(Some(Frame {
         header,
         payload,
@@ -387,20 +388,10 @@ impl FrameReader {
         payload[..now].copy_from_slice(&self.buf[body..body + now]);
         self.start = body + now;
         self.offset += (HEADER_LEN + now) as u64;
-        let mut got = now;
-        while got < size {
-            // A frame larger than the buffer: the rest goes straight into
-            // its payload, and reads stop at its end.
-            let (n, more) = recv_some(sock, &mut payload[got..])?;
-            if !more.is_empty() {
-                return Err(WireError::Fds);
-            }
-            if n == 0 {
-                return Err(WireError::Truncated);
-            }
-            got += n;
-            self.offset += n as u64;
-        }
+        // A frame larger than the buffer: the rest goes straight into its
+        // payload, and the reads stop at its end.
+        recv_rest(sock, &mut payload[now..])?;
+        self.offset += (size - now) as u64;
         Ok(Some(Frame {
             header,
             payload,
