@@ -583,7 +583,9 @@ impl UringEngine {
             return Ok(());
         };
         // Nothing queued: no `io_uring_enter` (after a reap that let no request through,
-        // one in twelve of a queue worker's system calls on the loop disk at QD32).
+        // one in twelve of a queue worker's system calls on the loop disk at QD32). No
+        // enter is owed to the CQ either: it cannot overflow, holding at most a CQE per
+        // request in flight, which the ring's entries bound at half its size.
         if r.uring.submission().is_empty() {
             return Ok(());
         }
