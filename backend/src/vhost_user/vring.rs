@@ -444,6 +444,20 @@ impl MissWaits {
             return FaultPolicy::Fail;
         };
         let (iova, access) = (fault.addr.0, fault.access);
+        let page = iova & !(IOTLB_PAGE_SIZE - 1);
+        let waiting = self
+            .waiting
+            .iter()
+            .position(|w| w.miss.page == page && w.miss.access == access);
+        // The miss's state is read before the translation is tried again:
+        // an UPDATE is published before its miss is marked updated, so a
+        // miss seen updated here whose page still faults below was
+        // invalidated since. Read after, an UPDATE landing between the two
+        // would look like such a refault and be asked for again.
+        let st = waiting
+            .and_then(|i| self.waiting.get(i))
+            .map(|w| w.miss.state())
+            .unwrap_or_default();
         match session.translate(iova, 1, access) {
             // An UPDATE raced in: look again at once.
             Ok(_) => {
@@ -456,12 +470,7 @@ impl MissWaits {
                 return FaultPolicy::Fail;
             }
         }
-        let page = iova & !(IOTLB_PAGE_SIZE - 1);
-        let Some(i) = self
-            .waiting
-            .iter()
-            .position(|w| w.miss.page == page && w.miss.access == access)
-        else {
+        let Some(i) = waiting else {
             let miss = self.ask(io, counters, who, iova, access);
             self.waiting.push(Waiting {
                 miss,
@@ -471,11 +480,6 @@ impl MissWaits {
             });
             return FaultPolicy::Retry;
         };
-        let st = self
-            .waiting
-            .get(i)
-            .map(|w| w.miss.state())
-            .unwrap_or_default();
         let fail = if st.updated {
             // Answered, and faulting again already (invalidated at once).
             let refaults = self.waiting.get(i).map_or(0, |w| w.refaults + 1);
