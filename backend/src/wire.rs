@@ -421,13 +421,25 @@ pub fn write_frame(
         sock.send_with_fds(&bufs[..], fds)
             .map_err(|e| WireError::Write(io::Error::from_raw_os_error(e.errno())))?
     };
-    let mut all = Vec::with_capacity(HEADER_LEN + payload.len());
-    all.extend_from_slice(&hdr);
-    all.extend_from_slice(payload);
+    // One write of header and payload together; a small frame (every ack
+    // and IOTLB reply) is gathered on the stack.
+    let mut small = [0u8; HEADER_LEN + SMALL_PAYLOAD];
+    let mut large = Vec::new();
+    let all: &mut [u8] = if payload.len() <= SMALL_PAYLOAD {
+        &mut small[..HEADER_LEN + payload.len()]
+    } else {
+        large.resize(HEADER_LEN + payload.len(), 0);
+        &mut large
+    };
+    all[..HEADER_LEN].copy_from_slice(&hdr);
+    all[HEADER_LEN..].copy_from_slice(payload);
     let mut w = sock;
     w.write_all(all.get(sent..).unwrap_or_default())
         .map_err(WireError::Write)
 }
+
+/// The largest payload [`write_frame`] gathers without allocating.
+const SMALL_PAYLOAD: usize = 256;
 
 /// How long a reply may wait for its peer to make room: a peer that stops
 /// reading its replies for this long has its connection (or file) closed,

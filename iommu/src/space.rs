@@ -388,12 +388,19 @@ impl AddressSpace {
         if self.skip_quiescence.load(Ordering::Relaxed) {
             return target;
         }
-        let readers = lock(&self.readers).clone();
         let ready = |slot: &ReaderSlot| {
             let e = slot.epoch.load(Ordering::SeqCst);
             e == 0 || e >= target
         };
-        for slot in &readers {
+        // Those online in an older generation now (a reader found ready
+        // stays so for this target: it re-enters in `target` or later).
+        // Usually none: no allocation, no clock.
+        let online: SmallVec<[Arc<ReaderSlot>; 4]> = lock(&self.readers)
+            .iter()
+            .filter(|s| !ready(s))
+            .cloned()
+            .collect();
+        for slot in &online {
             // Readers leave sessions within microseconds: spin that long.
             let start = Instant::now();
             if spin_until(|| ready(slot), SPIN_BEFORE_BLOCKING) {

@@ -302,13 +302,15 @@ impl Conn {
                     break;
                 }
             };
-            self.poll.arrived(Instant::now());
+            if self.poll.armed() {
+                self.poll.arrived(Instant::now());
+            }
             let iotlb = frame.header.request == u32::from(FrontendReq::IOTLB_MSG);
             if let Err(e) = self.handle(frame) {
                 warn!("{}: {e}; closing the connection", self.peer);
                 break;
             }
-            self.poll.answered(iotlb, Instant::now());
+            self.poll.answered(iotlb, Instant::now);
         }
         self.teardown();
         // Release the device before the frontend sees the socket close, so
@@ -399,7 +401,7 @@ impl Conn {
             Ok(Reply::PayloadFd(p, fd)) => self.send_fd(&hdr, &p, &fd),
             Ok(Reply::Ack) => {
                 if hdr.need_reply() && self.reply_ack_on() {
-                    self.send(&hdr, &u64_payload(0))?;
+                    self.send(&hdr, &0u64.to_le_bytes())?;
                 }
                 Ok(())
             }
@@ -408,7 +410,7 @@ impl Conn {
                 warn!("{}: refused {req:?}: {}", self.peer, error_chain(&e));
                 if hdr.need_reply() && self.reply_ack_on() {
                     let code = u64::try_from(e.errno().0).unwrap_or(u64::from(libc::EIO as u32));
-                    self.send(&hdr, &u64_payload(code))?;
+                    self.send(&hdr, &code.to_le_bytes())?;
                 }
                 Ok(())
             }

@@ -197,11 +197,17 @@ impl MainPoll {
         }
     }
 
-    /// The message was answered at `now`; `iotlb` says whether it was an
-    /// IOTLB message (only those arm the poll).
-    pub fn answered(&mut self, iotlb: bool, now: Instant) {
+    /// The message was answered at `now()` (read only when it arms the
+    /// poll); `iotlb` says whether it was an IOTLB message (only those arm
+    /// the poll).
+    pub fn answered(&mut self, iotlb: bool, now: impl FnOnce() -> Instant) {
         let disarm = std::mem::take(&mut self.disarm);
-        self.armed = (iotlb && !disarm && !self.max.is_zero()).then_some(now);
+        self.armed = (iotlb && !disarm && !self.max.is_zero()).then(now);
+    }
+
+    /// Whether the poll is armed (the next message's arrival adapts it).
+    pub fn armed(&self) -> bool {
+        self.armed.is_some()
     }
 
     /// The message being handled woke a queue (an UPDATE answering a
@@ -240,12 +246,12 @@ mod tests {
         }
         assert_eq!(p.budget(), Duration::ZERO, "idle: zero");
         p.disarm_next();
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         assert!(p.armed.is_none(), "an UPDATE that woke a queue");
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         assert!(p.armed.is_some(), "only that one");
         let mut off = MainPoll::new(Duration::ZERO);
-        off.answered(true, Instant::now());
+        off.answered(true, Instant::now);
         assert!(off.armed.is_none());
         off.adapt(US);
         assert_eq!(off.budget(), Duration::ZERO);
@@ -260,9 +266,9 @@ mod tests {
         p.adapt(Duration::from_millis(20));
         assert_eq!(p.budget(), Duration::from_millis(30));
         let c = DeviceCounters::default();
-        p.answered(false, Instant::now());
+        p.answered(false, Instant::now);
         assert!(!p.wait(a.as_fd(), &c), "not armed after another message");
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         let t = Instant::now();
         assert!(!p.wait(a.as_fd(), &c));
         assert!(t.elapsed() >= Duration::from_millis(29));
@@ -272,7 +278,7 @@ mod tests {
         // run the writer still writes within it.
         let mut p = MainPoll::new(Duration::from_secs(8));
         p.adapt(Duration::from_secs(4));
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(5));
             b.write_all(&[1]).unwrap();
@@ -299,7 +305,7 @@ mod tests {
         let hits =
             |c: &DeviceCounters| c.iotlb_poll_hits.load(std::sync::atomic::Ordering::Relaxed);
         for _ in 2..UNHELPED_STREAK {
-            p.answered(true, Instant::now());
+            p.answered(true, Instant::now);
             assert!(p.wait(a.as_fd(), &c));
         }
         p.outcome(Poll::RanOut);
@@ -309,20 +315,20 @@ mod tests {
         assert_eq!(p.unhelped, UNHELPED_STREAK);
         let before = hits(&c);
         for _ in 1..PROBE_EVERY {
-            p.answered(true, Instant::now());
+            p.answered(true, Instant::now);
             assert!(!p.wait(a.as_fd(), &c), "skipped");
         }
         assert_eq!(hits(&c), before);
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         assert!(p.wait(a.as_fd(), &c), "the probe looks");
         assert_eq!(hits(&c), before + 1);
         assert_eq!(p.unhelped, UNHELPED_STREAK + 1, "and did not help");
         // The next probe comes twice as late, and so on up to the cap.
         for _ in 1..2 * PROBE_EVERY {
-            p.answered(true, Instant::now());
+            p.answered(true, Instant::now);
             assert!(!p.wait(a.as_fd(), &c), "skipped");
         }
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         assert!(p.wait(a.as_fd(), &c), "the second probe");
         assert_eq!(hits(&c), before + 2);
         for _ in 0..16 {
@@ -332,7 +338,7 @@ mod tests {
         p.outcome(Poll::Helped);
         assert_eq!(p.probe_every, PROBE_EVERY);
         assert_eq!(p.unhelped, 0, "a poll that saw the message arrive");
-        p.answered(true, Instant::now());
+        p.answered(true, Instant::now);
         assert!(p.wait(a.as_fd(), &c), "polls again");
         assert_eq!(hits(&c), before + 3);
     }
