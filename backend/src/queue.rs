@@ -497,18 +497,26 @@ impl<D: Door> QueueWorker<D> {
         // Polling follows this batch: the driver need not notify.
         self.aq.set_quiet(!self.poll_for.is_zero());
         let taken_before = self.queue.next_avail();
-        for _ in 0..=MAX_REPOLLS {
+        for i in 0..=MAX_REPOLLS {
             let rings = Rings::of(&self.queue);
             let (queue, aq) = (&mut self.queue, &mut self.aq);
             let r = self
                 .door
                 .batch(rings, |view, decide| aq.poll(queue, view, decide));
-            self.after(r);
+            let more = self.after(r);
             self.watch_engine();
             if self.queue.next_avail() != taken_before {
                 self.last_request = Instant::now();
             }
-            if self.broken || !self.door.take_repoll() {
+            let repoll = self.door.take_repoll();
+            if self.broken || !(repoll || more) {
+                return;
+            }
+            if more && (i == MAX_REPOLLS || self.control.stopping()) {
+                // More may wait on the avail ring, notifications maybe
+                // off: poll again once the loop has looked at the stop
+                // word and its events (our own wake-up).
+                self.control.wake();
                 return;
             }
         }
@@ -610,8 +618,11 @@ impl<D: Door> QueueWorker<D> {
         }
     }
 
-    fn after(&mut self, r: Batch<Result<QueueOutcome, vcdev_device_model::blk::Error>>) {
+    /// Notifies and accounts for a batch; returns whether it left more to
+    /// take at once ([`QueueOutcome::more`]).
+    fn after(&mut self, r: Batch<Result<QueueOutcome, vcdev_device_model::blk::Error>>) -> bool {
         self.blocked = matches!(r, Batch::Blocked);
+        let mut more = false;
         match r {
             Batch::Ran(Ok(outcome)) => {
                 if outcome.notify {
@@ -619,12 +630,7 @@ impl<D: Door> QueueWorker<D> {
                     self.door.notify();
                     self.control.notifying.store(false, Ordering::SeqCst);
                 }
-                if outcome.more {
-                    // A ring's worth taken and more may wait, notifications
-                    // maybe off: poll again once the loop has looked at the
-                    // stop word (our own wake-up).
-                    self.control.wake();
-                }
+                more = outcome.more;
             }
             Batch::Ran(Err(e)) => {
                 error!("{}: {e}; queue stopped until restarted", self.name);
@@ -644,6 +650,7 @@ impl<D: Door> QueueWorker<D> {
             }
         }
         self.door.after_batch(self.aq.parked());
+        more
     }
 
     /// The engine's ring (and its eventfd) exists after its first
