@@ -404,10 +404,10 @@ mod tests {
         DeviceSpec::parse(s, 0).unwrap()
     }
 
-    /// `aio=auto` takes sync for a file in memory (tmpfs), io_uring (where it can be set up)
+    /// `aio=auto` takes mixed for a file in memory (tmpfs), io_uring (where it can be set up)
     /// for a file on a disk; an explicit choice is kept on tmpfs.
     #[test]
-    fn auto_takes_sync_on_tmpfs_and_io_uring_on_disk() {
+    fn auto_takes_mixed_on_tmpfs_and_io_uring_on_disk() {
         let on = |dir: &std::path::Path| {
             let img = dir.join(format!("vcdev-auto-{}.img", std::process::id()));
             std::fs::File::create(&img)
@@ -425,7 +425,7 @@ mod tests {
         };
         let shm = std::path::Path::new("/dev/shm");
         if shm.is_dir() {
-            assert_eq!(on(shm), (Aio::Sync, Aio::IoUring));
+            assert_eq!(on(shm), (Aio::Mixed, Aio::IoUring));
         }
         assert_eq!(
             on(&std::env::current_dir().unwrap()),

@@ -141,7 +141,9 @@ struct ServeArgs {
     /// [,iops=N][,bw=SIZE][,poll-us=N].
     /// direct=on opens the file with O_DIRECT (not with ram=) and advertises
     /// its logical block size as blk_size; aio= picks the I/O engine: auto
-    /// (io_uring if it can be set up, else sync), io_uring (or exit 1), sync.
+    /// (io_uring if it can be set up, else sync; for a file on tmpfs, reads
+    /// and writes under 64 KiB inline and larger ones in io_uring's
+    /// workers), io_uring (or exit 1), sync.
     /// iops= and bw= limit reads and writes per second and bytes per second
     /// (bw with K/M/G suffixes; 0: no limit), with a burst of one second; requests
     /// over the limit wait. poll-us=N (0 to 1000000, default 0): each queue

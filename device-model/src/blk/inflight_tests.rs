@@ -148,11 +148,12 @@ fn a_request_holds_its_buffers() {
     assert_eq!(status_of(&d, &r), OK);
 }
 
-/// Random requests of every type give the same statuses and bytes on io_uring and on sync,
-/// on a file, as a RAM disk does (the model, run by its driver's own queue).
+/// Random requests of every type give the same statuses and bytes on io_uring, on sync and
+/// mixed (these are small: inline), on a file, as a RAM disk does (the model, run by its
+/// driver's own queue).
 #[test]
-fn every_request_type_matches_the_model_on_both_engines() {
-    for aio in [Aio::IoUring, Aio::Sync] {
+fn every_request_type_matches_the_model_on_every_engine() {
+    for aio in [Aio::IoUring, Aio::Sync, Aio::Mixed] {
         let img = TempImage::new(DISK);
         let mem = plain_mem();
         let model_mem = plain_mem();
