@@ -370,13 +370,6 @@ fn guest_kernel_vfio_runs_the_static_driver_and_gives_the_tables_errnos() {
     let mut d = Vcdev::start("kcheck-guest", &["--device", &spec], "vfio0");
     let run = guest
         .boot("intel-iommu")
-        // One vCPU: with two, the TCG guest hung in about one run of six on
-        // this 2-core machine (debug daemon, test alone) after the device
-        // went to vfio-pci, both vCPUs halted and never woken (once an RCU
-        // stall: a CPU's timer not firing for 20 s), QEMU's main loop idle
-        // in ppoll and the daemon idle, every message answered. With one
-        // vCPU, 10 runs of 10 passed. The test needs no second vCPU.
-        .smp(1)
         .socket(&d.socket("vfio0"))
         .var("INITRD", initrd.display().to_string())
         .test("run")

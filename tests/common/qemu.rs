@@ -210,11 +210,12 @@ fn pick_accel() -> (&'static str, &'static str) {
 /// `msix_table_mmio_write` (`addr + size <= msix_entries_nr * 16`: an MMIO
 /// write dispatched past the 32-byte MSI-X table, which QEMU's memory core
 /// never lets a guest do) 2 s into boot, about once in a thousand boots;
-/// and a two-vCPU guest of vfio_kcheck hung with both vCPUs halted and a
-/// timer that never fired (see there). One thread keeps the guest's two
-/// vCPUs (blk-mq maps a queue to each) without the cross-thread races; on
-/// these 2-core machines, with tests running side by side, a boot takes
-/// about 10% longer.
+/// and vfio_kcheck's guest hung in about one run of six after binding
+/// vfio-pci, both vCPUs halted for good and a timer that never fired
+/// (with `thread=single`: 36 runs of 36 passed). One thread keeps the
+/// guest's two vCPUs (blk-mq maps a queue to each) without the cross-thread
+/// races; on these 2-core machines, with tests running side by side, a boot
+/// takes about 10% longer.
 const TCG: &str = "tcg,thread=single";
 
 fn which(name: &str) -> Option<PathBuf> {
