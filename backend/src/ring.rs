@@ -395,17 +395,7 @@ mod tests {
         let space = AddressSpace::new();
         let mem = Arc::new(MemObject::anonymous(16 * 4096).unwrap());
         // IOVA page i -> host page (i * 5 + 3) % 16: nothing contiguous.
-        for i in 0..10 {
-            space
-                .iotlb_update(
-                    i * PAGE,
-                    PAGE,
-                    &mem,
-                    (i * 5 + 3) % 16 * PAGE,
-                    Permissions::ReadWrite,
-                )
-                .unwrap();
-        }
+        vcdev_iommu::test_util::map_scattered(&space, &mem, 0, 10, |i| (i * 5 + 3) % 16);
         // 1024 entries: the descriptor table spans pages 0..=4 (five
         // pieces), the avail ring is in page 5, the used ring spans 6..=8.
         let rings = (PAGE / 2, 5 * PAGE, 6 * PAGE);

@@ -1,6 +1,7 @@
 //! Test helpers for the iommufd object model, one per command (as the
-//! kernel's `iommufd_utils.h` has them). This crate's tests use them, and
-//! with feature `testing` so does the fuzz target (`tests/fuzz`).
+//! kernel's `iommufd_utils.h` has them), and for IOTLB address spaces. This
+//! crate's tests use them, and with feature `testing` so do the backend's
+//! tests and the fuzz target (`tests/fuzz`).
 
 use std::fs::File;
 use std::mem::size_of;
@@ -235,4 +236,28 @@ pub fn write_u64(ictx: &Iommufd, ioas: u32, iova: u64, v: u64) {
     assert_eq!(sl.len(), 1);
     // SAFETY: 8 bytes translated for write just now, inside the session.
     unsafe { std::ptr::write_unaligned(sl[0].ptr.cast::<u64>(), v) };
+}
+
+/// IOTLB-maps `pages` consecutive pages from `iova` to scattered pages of
+/// `mem`: IOVA page `i` to host page `host_page(i)`, read-write. Rings and
+/// buffers laid over them are contiguous to the device, never in host
+/// memory.
+pub fn map_scattered(
+    space: &AddressSpace,
+    mem: &Arc<crate::MemObject>,
+    iova: u64,
+    pages: u64,
+    host_page: impl Fn(u64) -> u64,
+) {
+    for i in 0..pages {
+        space
+            .iotlb_update(
+                iova + i * PAGE_SIZE,
+                PAGE_SIZE,
+                mem,
+                host_page(i) * PAGE_SIZE,
+                vm_memory::Permissions::ReadWrite,
+            )
+            .expect("an IOTLB update inside the memory object");
+    }
 }

@@ -659,17 +659,7 @@ mod tests {
         let mem = Arc::new(MemObject::anonymous(64 * PAGE as usize).unwrap());
         let space = AddressSpace::new();
         // IOVA page i -> host page (i * 5) % 64: nothing contiguous.
-        for i in 0..16u64 {
-            space
-                .iotlb_update(
-                    0x10_0000 + i * PAGE,
-                    PAGE,
-                    &mem,
-                    (i * 5 % 64) * PAGE,
-                    Permissions::ReadWrite,
-                )
-                .unwrap();
-        }
+        crate::test_util::map_scattered(&space, &mem, 0x10_0000, 16, |i| i * 5 % 64);
         let (desc, avail, used) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
         let mut r = space.reader();
         let s = r.enter();
