@@ -563,9 +563,8 @@ impl UringEngine {
         }
         let data = matches!(op, IoOp::Read { .. } | IoOp::Write { .. });
         if self.mixed && data && iov.iter().map(IoVec::len).sum::<usize>() < INLINE_BELOW {
-            // SAFETY: the caller keeps the buffers mapped for this call.
-            let r = unsafe { run_sync(self.backend.as_ref(), op, iov) };
-            self.fallback.push((tag, r));
+            // SAFETY: as this function's contract.
+            unsafe { self.run_inline(tag, op, iov) };
             return Ok(());
         }
         let mut vecs = self.spare.pop().unwrap_or_default();
@@ -587,10 +586,9 @@ impl UringEngine {
             // punching, zeroing by hand) on the sync path: they are rare, and fallocate in
             // io_uring is punted to a worker anyway.
             IoOp::Discard { .. } | IoOp::WriteZeroes { .. } => {
-                // SAFETY: the caller keeps the buffers mapped for this call.
-                let r = unsafe { run_sync(self.backend.as_ref(), op, &vecs) };
+                // SAFETY: as this function's contract.
+                unsafe { self.run_inline(tag, op, &vecs) };
                 self.spare.push(vecs);
-                self.fallback.push((tag, r));
                 return Ok(());
             }
         }
@@ -606,10 +604,9 @@ impl UringEngine {
             Ok(r) => r,
             Err(e) => {
                 warn!("io_uring setup failed, running the request synchronously: {e}");
-                // SAFETY: the caller keeps the buffers mapped for this call.
-                let r = unsafe { run_sync(self.backend.as_ref(), op, &vecs) };
+                // SAFETY: as this function's contract.
+                unsafe { self.run_inline(tag, op, &vecs) };
                 self.spare.push(vecs);
-                self.fallback.push((tag, r));
                 return Ok(());
             }
         };
@@ -628,6 +625,17 @@ impl UringEngine {
         self.iovecs.insert(tag, vecs);
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Runs `op` now on this thread; its completion waits in `fallback` for the next reap.
+    ///
+    /// # Safety
+    ///
+    /// The buffers of `iov` must be mapped for the call.
+    unsafe fn run_inline(&mut self, tag: u64, op: IoOp, iov: &[IoVec]) {
+        // SAFETY: the caller keeps the buffers mapped for this call.
+        let r = unsafe { run_sync(self.backend.as_ref(), op, iov) };
+        self.fallback.push((tag, r));
     }
 
     fn commit(&mut self) -> io::Result<()> {
