@@ -297,7 +297,7 @@ impl VhostUserBackend for VubBlk {
             return Err(io::Error::other("kick before the memory table"));
         };
         let snapshot = Snapshot(mem.memory().into_inner());
-        // A poll takes at most a ring's worth of chains (`more`): poll
+        // A poll takes at most 8 chains or about 512 KiB (`more`): poll
         // again while it says more may wait.
         loop {
             let outcome = {
