@@ -36,6 +36,22 @@
 //! queue broke; every look is a session of its own, so an invalidation
 //! never waits for more than one look.
 //!
+//! # Small batches
+//!
+//! A batch takes at most 8 chains before it completes and notifies what is
+//! done, and the worker polls again at once ([`AsyncQueue::poll`]'s
+//! `more`): a driver on another CPU refills while the worker goes on,
+//! instead of the two taking turns. When the driver shares the worker's
+//! CPU, the driver that early notification wakes preempts the worker. So
+//! after each early notification the worker looks at its thread's
+//! involuntary context switches (one `getrusage`): if it lost its CPU since
+//! the last look, twice in a row (once may be any other task's doing), it
+//! takes a ring's worth a batch for the next 16 batches (32, 64, ... up to
+//! 1024 as the losses go on) and tries small batches again; a look without
+//! a loss resets the count. The duration of
+//! the notifying write cannot tell the two cases apart: waking a driver
+//! whose vCPU is halted takes as long.
+//!
 //! # Stopping
 //!
 //! A stop (queue disabled, device reset, disconnect, SIGTERM) waits for
@@ -99,6 +115,66 @@ const REARM_RETRY: Duration = Duration::from_millis(10);
 
 /// Batches run again at once when the door asks ([`Door::take_repoll`]).
 const MAX_REPOLLS: usize = 8;
+
+/// Batches of a ring's worth after the first early notification that cost
+/// the worker its CPU (see "Small batches" in the module doc); doubled at
+/// each one after, up to [`BIG_BATCHES_MAX`].
+const BIG_BATCHES_FIRST: u32 = 16;
+const BIG_BATCHES_MAX: u32 = 1024;
+
+/// Whether a worker's batches stop early to notify (see "Small batches" in
+/// the module doc).
+#[derive(Debug)]
+struct EarlyNotify {
+    /// Batches left before small batches are tried again.
+    big_left: u32,
+    /// How many big batches the next preemption buys.
+    backoff: u32,
+    /// The thread's involuntary context switches at the last look.
+    switches: u64,
+    /// Looks in a row that found the CPU lost since the one before.
+    lost: u32,
+}
+
+impl EarlyNotify {
+    fn new() -> Self {
+        EarlyNotify {
+            big_left: 0,
+            backoff: BIG_BATCHES_FIRST,
+            switches: 0,
+            lost: 0,
+        }
+    }
+
+    /// Whether the next batch is a small one; counts it.
+    fn small(&mut self) -> bool {
+        if self.big_left == 0 {
+            return true;
+        }
+        self.big_left -= 1;
+        false
+    }
+
+    /// After an early notification: the thread's involuntary context
+    /// switches are `switches` now. Two looks in a row that find the CPU
+    /// lost: the notifications cost it (one alone may be any other task's
+    /// doing).
+    fn observed(&mut self, switches: u64) {
+        let preempted = switches > self.switches;
+        self.switches = switches;
+        if !preempted {
+            self.lost = 0;
+            self.backoff = BIG_BATCHES_FIRST;
+            return;
+        }
+        self.lost += 1;
+        if self.lost >= 2 {
+            self.lost = 0;
+            self.big_left = self.backoff;
+            self.backoff = (self.backoff * 2).min(BIG_BATCHES_MAX);
+        }
+    }
+}
 
 /// A fault decision: park the request (Retry) or fail it (Fail).
 pub type Decide<'d> = dyn FnMut(&Fault) -> FaultPolicy + 'd;
@@ -385,6 +461,7 @@ pub struct QueueWorker<D: Door> {
     /// Polling left the driver's notifications off and could not turn them
     /// back on (rings out of reach): try again within [`REARM_RETRY`].
     rearm_pending: bool,
+    early: EarlyNotify,
     /// Marks the worker exited when it is dropped: declared last, so that
     /// it drops after the I/O engine has waited for the I/O in flight.
     _exit: ExitMark,
@@ -427,6 +504,7 @@ impl<D: Door> QueueWorker<D> {
             poll_for: reg.poll(),
             last_request: Instant::now(),
             rearm_pending: false,
+            early: EarlyNotify::new(),
             _exit: exit,
         })
     }
@@ -498,6 +576,7 @@ impl<D: Door> QueueWorker<D> {
         self.aq.set_quiet(!self.poll_for.is_zero());
         let taken_before = self.queue.next_avail();
         for i in 0..=MAX_REPOLLS {
+            self.aq.set_small_batches(self.early.small());
             let rings = Rings::of(&self.queue);
             let (queue, aq) = (&mut self.queue, &mut self.aq);
             let r = self
@@ -629,6 +708,9 @@ impl<D: Door> QueueWorker<D> {
                     self.control.notifying.store(true, Ordering::SeqCst);
                     self.door.notify();
                     self.control.notifying.store(false, Ordering::SeqCst);
+                    if outcome.more {
+                        self.early.observed(crate::sys::involuntary_switches());
+                    }
                 }
                 more = outcome.more;
             }
@@ -690,5 +772,43 @@ impl<D: Door> QueueWorker<D> {
             self.aq.abandon();
         }
         self.aq.park(parked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two early notifications in a row after which the worker had lost
+    /// its CPU buy 16 batches of a ring's worth, the next two 32, ...; one
+    /// loss alone buys nothing, and a look without a loss makes the next
+    /// two buy 16 again.
+    #[test]
+    fn early_notifications_back_off_while_they_cost_the_cpu() {
+        let big = |e: &mut EarlyNotify| (0..2000).filter(|_| !e.small()).count();
+        let mut e = EarlyNotify::new();
+        assert!(e.small());
+        e.observed(0);
+        assert_eq!(big(&mut e), 0);
+        // One loss, then none: nothing.
+        e.observed(1);
+        assert_eq!(big(&mut e), 0);
+        e.observed(1);
+        // Two in a row: 16, then two more: 32.
+        e.observed(2);
+        e.observed(3);
+        assert_eq!(big(&mut e), 16);
+        e.observed(4);
+        e.observed(6);
+        assert_eq!(big(&mut e), 32);
+        // A look without a loss: back to 16.
+        e.observed(6);
+        e.observed(7);
+        e.observed(8);
+        assert_eq!(big(&mut e), 16);
+        for n in 9..80 {
+            e.observed(n);
+        }
+        assert_eq!((e.backoff, big(&mut e)), (BIG_BATCHES_MAX, 1024));
     }
 }

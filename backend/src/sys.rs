@@ -48,6 +48,21 @@ pub fn uid() -> libc::uid_t {
     unsafe { libc::getuid() }
 }
 
+/// How many times the calling thread lost its CPU without blocking (its
+/// involuntary context switches, `ru_nivcsw`); 0 if the kernel will not say.
+pub fn involuntary_switches() -> u64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is a writable rusage the kernel fills; RUSAGE_THREAD
+    // concerns only the calling thread.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: zeroed, and filled by a successful getrusage.
+    let ru = unsafe { ru.assume_init() };
+    u64::try_from(ru.ru_nivcsw).unwrap_or(0)
+}
+
 /// The pid, uid and gid of the peer of a connected UNIX socket.
 pub fn peer_cred(sock: &UnixStream) -> io::Result<libc::ucred> {
     let mut cred = libc::ucred {

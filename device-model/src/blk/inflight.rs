@@ -64,7 +64,9 @@ const BATCH_BYTES: u64 = 512 << 10;
 /// this thread goes on with the rest, and neither side waits for the other to wake up: 4 KiB
 /// requests at QD32 on tmpfs went from 260k to 510k IOPS (2 CPUs, BENCHMARKS.md "Small
 /// batches"). When the driver shares the queue's CPU each early notification is a context
-/// switch: -15% there. Under EVENT_IDX a stop notifies only a driver that waits.
+/// switch (-15% there): the worker then turns small batches off for a while
+/// ([`AsyncQueue::set_small_batches`]). Under EVENT_IDX a stop notifies only a driver that
+/// waits.
 const BATCH_REQUESTS: u16 = 8;
 
 /// A hold on translated ranges; releasing it (once) lets invalidations that overlap it finish.
@@ -192,6 +194,8 @@ pub struct AsyncQueue<H> {
     /// The worker polls the avail ring: the driver need not notify
     /// ([`AsyncQueue::set_quiet`]).
     quiet: bool,
+    /// A poll takes at most [`BATCH_REQUESTS`] chains ([`AsyncQueue::set_small_batches`]).
+    small_batches: bool,
     tracker: Option<Box<dyn Tracker>>,
     #[cfg(test)]
     gate: Option<u16>,
@@ -226,6 +230,7 @@ impl<H: Release> AsyncQueue<H> {
             slices: Vec::new(),
             used_synced: false,
             quiet: false,
+            small_batches: true,
             tracker: None,
             #[cfg(test)]
             gate: None,
@@ -305,6 +310,13 @@ impl<H: Release> AsyncQueue<H> {
     /// business, which the worker must call before it sleeps.
     pub fn set_quiet(&mut self, on: bool) {
         self.quiet = on;
+    }
+
+    /// Whether a poll stops after [`BATCH_REQUESTS`] chains (the default) or takes up to a
+    /// ring's worth: a worker whose early notifications cost it its CPU (the driver it wakes
+    /// runs on the same one) turns them off for a while.
+    pub fn set_small_batches(&mut self, on: bool) {
+        self.small_batches = on;
     }
 
     /// Turns quiet mode off and the driver's notifications back on; returns whether the avail
@@ -551,11 +563,15 @@ impl<H: Release> AsyncQueue<H> {
         let desc_table = GuestAddress(queue.desc_table());
         let queue_size = queue.size();
         let event_idx = queue.event_idx_enabled();
-        // At most BATCH_REQUESTS chains per call (see there), which also bounds a call when
+        // At most BATCH_REQUESTS chains per call (see there) or a ring's worth, which bounds a call when
         // a driver keeps the ring full for ever (requests answered at once use no slot; or
         // a used index that aliases the avail index offers a chain with every answer): the
         // caller must get to see a stop. It polls again at once (`more`).
-        let mut budget = BATCH_REQUESTS;
+        let mut budget = if self.small_batches {
+            BATCH_REQUESTS
+        } else {
+            queue_size
+        };
         // And about BATCH_BYTES of data (see there).
         let mut bytes = 0u64;
         // Behind a request the limits hold back, the avail ring waits.
