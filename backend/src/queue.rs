@@ -48,9 +48,9 @@
 //! the last look, twice in a row (once may be any other task's doing), it
 //! takes a ring's worth a batch for the next 16 batches (32, 64, ... up to
 //! 1024 as the losses go on) and tries small batches again; a look without
-//! a loss resets the count. The duration of
-//! the notifying write cannot tell the two cases apart: waking a driver
-//! whose vCPU is halted takes as long.
+//! a loss resets the count. The duration of the notifying write cannot
+//! tell the two cases apart: waking a driver whose vCPU is halted takes as
+//! long.
 //!
 //! # Stopping
 //!
@@ -130,8 +130,9 @@ struct EarlyNotify {
     big_left: u32,
     /// How many big batches the next preemption buys.
     backoff: u32,
-    /// The thread's involuntary context switches at the last look.
-    switches: u64,
+    /// The thread's involuntary context switches at the last look (none
+    /// before the first: the count since the thread started says nothing).
+    switches: Option<u64>,
     /// Looks in a row that found the CPU lost since the one before.
     lost: u32,
 }
@@ -141,7 +142,7 @@ impl EarlyNotify {
         EarlyNotify {
             big_left: 0,
             backoff: BIG_BATCHES_FIRST,
-            switches: 0,
+            switches: None,
             lost: 0,
         }
     }
@@ -160,8 +161,8 @@ impl EarlyNotify {
     /// lost: the notifications cost it (one alone may be any other task's
     /// doing).
     fn observed(&mut self, switches: u64) {
-        let preempted = switches > self.switches;
-        self.switches = switches;
+        let preempted = self.switches.is_some_and(|before| switches > before);
+        self.switches = Some(switches);
         if !preempted {
             self.lost = 0;
             self.backoff = BIG_BATCHES_FIRST;
@@ -788,25 +789,27 @@ mod tests {
         let big = |e: &mut EarlyNotify| (0..2000).filter(|_| !e.small()).count();
         let mut e = EarlyNotify::new();
         assert!(e.small());
-        e.observed(0);
-        assert_eq!(big(&mut e), 0);
-        // One loss, then none: nothing.
-        e.observed(1);
-        assert_eq!(big(&mut e), 0);
-        e.observed(1);
-        // Two in a row: 16, then two more: 32.
-        e.observed(2);
-        e.observed(3);
-        assert_eq!(big(&mut e), 16);
-        e.observed(4);
+        // The first look only counts (the thread lost its CPU 5 times
+        // before), the second finds one loss: nothing yet.
+        e.observed(5);
         e.observed(6);
-        assert_eq!(big(&mut e), 32);
-        // A look without a loss: back to 16.
+        assert_eq!(big(&mut e), 0);
+        // A look without a loss, one with: still nothing.
         e.observed(6);
         e.observed(7);
+        assert_eq!(big(&mut e), 0);
+        // Two in a row: 16 big batches, two more: 32.
         e.observed(8);
         assert_eq!(big(&mut e), 16);
-        for n in 9..80 {
+        e.observed(9);
+        e.observed(11);
+        assert_eq!(big(&mut e), 32);
+        // A look without a loss: the next two buy 16 again.
+        e.observed(11);
+        e.observed(12);
+        e.observed(13);
+        assert_eq!(big(&mut e), 16);
+        for n in 14..90 {
             e.observed(n);
         }
         assert_eq!((e.backoff, big(&mut e)), (BIG_BATCHES_MAX, 1024));
