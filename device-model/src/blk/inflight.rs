@@ -563,10 +563,10 @@ impl<H: Release> AsyncQueue<H> {
         let desc_table = GuestAddress(queue.desc_table());
         let queue_size = queue.size();
         let event_idx = queue.event_idx_enabled();
-        // At most BATCH_REQUESTS chains per call (see there) or a ring's worth, which bounds a call when
-        // a driver keeps the ring full for ever (requests answered at once use no slot; or
-        // a used index that aliases the avail index offers a chain with every answer): the
-        // caller must get to see a stop. It polls again at once (`more`).
+        // At most BATCH_REQUESTS chains per call (see there) or a ring's worth, which also
+        // bounds a call when a driver keeps the ring full for ever (requests answered at once
+        // use no slot; or a used index that aliases the avail index offers a chain with every
+        // answer): the caller must get to see a stop. It polls again at once (`more`).
         let mut budget = if self.small_batches {
             BATCH_REQUESTS
         } else {
