@@ -88,9 +88,9 @@ pub struct QueueOutcome {
     /// (off the avail ring) until a later poll finds the translation.
     pub fault: Option<Fault>,
     /// The call stopped taking chains after 8 of them (a ring's worth with small batches
-    /// off), or after about 512 KiB of data
-    /// ([`AsyncQueue::poll`]): more may wait on the avail ring, with the driver's
-    /// notifications possibly off. Poll again soon, without waiting for a kick.
+    /// off), or after about 512 KiB of data ([`AsyncQueue::poll`]): more may wait on the
+    /// avail ring, with the driver's notifications possibly off. Poll again soon, without
+    /// waiting for a kick.
     pub more: bool,
 }
 
