@@ -142,7 +142,7 @@ fn new_ring(entries: u32) -> io::Result<IoUring> {
 /// Resolve `mode` for a device: `auto` takes io_uring when a ring can be set up, else sync,
 /// and logs its choice once for the device named `name`; `io_uring` fails with the reason.
 pub fn resolve(mode: AioMode, name: &str) -> Result<Aio, AioError> {
-    resolve_with(mode, name, || new_ring(1).map(drop))
+    resolve_with(mode, name, false, || new_ring(1).map(drop))
 }
 
 /// Resolve `mode` for a device over `file`: as [`resolve`], except that `auto` takes
@@ -154,29 +154,15 @@ pub fn resolve_for_file(
     name: &str,
     file: &super::FileBackend,
 ) -> Result<Aio, AioError> {
-    if mode == AioMode::Auto && file.in_memory() {
-        return Ok(match new_ring(1) {
-            Ok(_) => {
-                info!(
-                    "{name}: aio=auto chose mixed: the file is in memory (tmpfs); reads and \
-                     writes under {} KiB run on the queue's thread, larger ones in io_uring's \
-                     workers",
-                    INLINE_BELOW >> 10
-                );
-                Aio::Mixed
-            }
-            Err(e) => {
-                warn!("{name}: aio=auto chose sync: io_uring cannot be set up: {e}");
-                Aio::Sync
-            }
-        });
-    }
-    resolve(mode, name)
+    resolve_with(mode, name, file.in_memory(), || new_ring(1).map(drop))
 }
 
+/// [`resolve`] with `probe` standing for setting up a ring; `auto` takes [`Aio::Mixed`] rather
+/// than io_uring for a file `in_memory`.
 fn resolve_with(
     mode: AioMode,
     name: &str,
+    in_memory: bool,
     probe: impl FnOnce() -> io::Result<()>,
 ) -> Result<Aio, AioError> {
     match mode {
@@ -185,6 +171,15 @@ fn resolve_with(
             .map(|()| Aio::IoUring)
             .map_err(AioError::Unavailable),
         AioMode::Auto => match probe() {
+            Ok(()) if in_memory => {
+                info!(
+                    "{name}: aio=auto chose mixed: the file is in memory (tmpfs); reads and \
+                     writes under {} KiB run on the queue's thread, larger ones in io_uring's \
+                     workers",
+                    INLINE_BELOW >> 10
+                );
+                Ok(Aio::Mixed)
+            }
             Ok(()) => {
                 info!("{name}: aio=auto chose io_uring");
                 Ok(Aio::IoUring)
@@ -915,14 +910,16 @@ mod tests {
     #[test]
     fn setup_failure_falls_back_under_auto_only() {
         let refused = || Err(io::Error::from_raw_os_error(libc::EPERM));
-        assert_eq!(
-            resolve_with(AioMode::Auto, "t", refused).unwrap(),
-            Aio::Sync
-        );
-        let e = resolve_with(AioMode::IoUring, "t", refused).unwrap_err();
+        for in_memory in [false, true] {
+            assert_eq!(
+                resolve_with(AioMode::Auto, "t", in_memory, refused).unwrap(),
+                Aio::Sync
+            );
+        }
+        let e = resolve_with(AioMode::IoUring, "t", false, refused).unwrap_err();
         assert!(matches!(e, AioError::Unavailable(ref s) if s.raw_os_error() == Some(libc::EPERM)));
         assert_eq!(
-            resolve_with(AioMode::Sync, "t", refused).unwrap(),
+            resolve_with(AioMode::Sync, "t", false, refused).unwrap(),
             Aio::Sync
         );
     }
