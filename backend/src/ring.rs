@@ -49,18 +49,30 @@ struct Pin {
 }
 
 impl Pin {
+    /// Whether `addr..addr+count` lies in the pin and `access` is allowed.
+    /// Wrapping offsets: a ring may end at 2^64 (its last byte u64::MAX),
+    /// and an `addr` below the pin wraps past its length.
+    #[inline(always)]
     fn covers(&self, addr: u64, count: u64, access: Permissions) -> bool {
-        let Some(have) = self.access else {
-            return false;
+        let off = addr.wrapping_sub(self.iova);
+        count != 0
+            && off < self.len
+            && count <= self.len - off
+            && self.access.is_some_and(|have| allows(have, access))
+    }
+
+    /// The slice of `addr..addr+count` (inside the pin) when the ring is
+    /// one piece, as nearly every ring is.
+    #[inline(always)]
+    fn one(&self, addr: u64, count: usize) -> Option<HostSlice> {
+        let [(start, h)] = self.pieces.as_slice() else {
+            return None;
         };
-        if count == 0 || addr < self.iova {
-            return false;
-        }
-        // Inclusive ends: a ring may end at 2^64 (its last byte u64::MAX).
-        let Some(last) = addr.checked_add(count - 1) else {
-            return false;
-        };
-        last - self.iova < self.len && allows(have, access)
+        let off = usize::try_from(addr.wrapping_sub(*start)).ok()?;
+        Some(HostSlice {
+            ptr: h.ptr.wrapping_add(off),
+            len: count,
+        })
     }
 
     fn pin(
@@ -198,14 +210,14 @@ impl<'a, 's> RingView<'a, 's> {
         self.session
     }
 
-    #[inline]
-    fn pinned(&self, addr: u64, count: usize, access: Permissions) -> Option<PinIter<'a>> {
-        let pins = self.pins?;
+    /// The pin that serves `addr..addr+count` for `access`, if any.
+    #[inline(always)]
+    fn pin_of(&self, addr: u64, count: usize, access: Permissions) -> Option<&'a Pin> {
         let count = count as u64;
-        pins.pins
+        self.pins?
+            .pins
             .iter()
-            .find(|p| p.covers(addr, count, access))?
-            .slices(addr, count)
+            .find(|p| p.covers(addr, count, access))
     }
 }
 
@@ -249,7 +261,7 @@ impl GuestMemory for RingView<'_, '_> {
     type Bitmap = ();
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        self.pinned(addr.0, count, access).is_some()
+        self.pin_of(addr.0, count, access).is_some()
             || self.session.check_range(addr, count, access)
     }
 
@@ -264,13 +276,21 @@ impl GuestMemory for RingView<'_, '_> {
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
-        if let Some(it) = self.pinned(addr.0, count, access) {
+        if let Some(pin) = self.pin_of(addr.0, count, access) {
             // SAFETY: the pins were made in the session this view borrows
             // for 'b, or in an earlier one whose extents this session's
             // generation still publishes (`RingPins::refresh`), so their
             // memory stays mapped while the session is online; each piece
             // lies in one extent.
-            if let Some(it) = unsafe { self.session.slice_iter(it) } {
+            let it = unsafe {
+                match pin.one(addr.0, count) {
+                    Some(s) => self.session.slice_iter(std::iter::once(s)),
+                    None => pin
+                        .slices(addr.0, count as u64)
+                        .and_then(|it| self.session.slice_iter(it)),
+                }
+            };
+            if let Some(it) = it {
                 return Ok(it);
             }
         }
@@ -361,7 +381,7 @@ mod tests {
             assert_eq!(pins.refresh(&s, rings, 64), Ok(false), "data page");
             // Still served from the pins, at the same host address.
             let view = RingView::new(&s, Some(&pins), &releaser);
-            assert!(view.pinned(PAGE, 2, Permissions::Read).is_some());
+            assert!(view.pin_of(PAGE, 2, Permissions::Read).is_some());
         }
         // The used ring's page: redone (and asked for, being unmapped).
         assert_eq!(space.iotlb_invalidate(2 * PAGE, PAGE), 1);
@@ -383,6 +403,16 @@ mod tests {
             space.iotlb_invalidate(8 * PAGE, PAGE);
         }
         assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+    }
+
+    /// The slice lengths `view` serves `addr..addr+count` with, from its
+    /// pins (which must cover it).
+    fn pinned(view: &RingView<'_, '_>, addr: u64, count: usize, access: Permissions) -> Vec<usize> {
+        assert!(view.pin_of(addr, count, access).is_some(), "not pinned");
+        view.get_slices(GuestAddress(addr), count, access)
+            .unwrap()
+            .map(|s| s.unwrap().len())
+            .collect()
     }
 
     /// A ring over scattered pages: an access across a page boundary is
@@ -407,25 +437,26 @@ mod tests {
         let view = RingView::new(&s, Some(&pins), &releaser);
         let bytes: Vec<u8> = (0..32).collect();
         s.write_slice(&bytes, GuestAddress(PAGE - 16)).unwrap();
-        let it = view.pinned(PAGE - 16, 32, Permissions::Read).unwrap();
-        assert_eq!(it.map(|h| h.len).collect::<Vec<_>>(), [16, 16]);
+        assert_eq!(pinned(&view, PAGE - 16, 32, Permissions::Read), [16, 16]);
         let mut got = [0u8; 32];
         view.read_slice(&mut got, GuestAddress(PAGE - 16)).unwrap();
         assert_eq!(&got[..], &bytes[..]);
         // The whole table (five pieces) and the whole used ring (three).
-        let whole: Vec<usize> = view
-            .pinned(PAGE / 2, 16 * 1024, Permissions::Read)
-            .unwrap()
-            .map(|h| h.len)
-            .collect();
+        let whole = pinned(&view, PAGE / 2, 16 * 1024, Permissions::Read);
         assert_eq!(whole, [2048, 4096, 4096, 4096, 2048]);
-        let used = view
-            .pinned(6 * PAGE, 6 + 8 * 1024, Permissions::Write)
+        let used = pinned(&view, 6 * PAGE, 6 + 8 * 1024, Permissions::Write);
+        assert_eq!(used.len(), 3);
+        // The avail ring is one piece: served as one slice at its offset.
+        s.write_slice(&bytes[..4], GuestAddress(5 * PAGE + 2))
             .unwrap();
-        assert_eq!(used.count(), 3);
+        assert_eq!(pinned(&view, 5 * PAGE + 2, 4, Permissions::Read), [4]);
+        let mut got = [0u8; 4];
+        view.read_slice(&mut got, GuestAddress(5 * PAGE + 2))
+            .unwrap();
+        assert_eq!(got, bytes[..4]);
         // Outside the pins (data pages) or the wrong access: the session.
-        assert!(view.pinned(9 * PAGE, 16, Permissions::Read).is_none());
-        assert!(view.pinned(PAGE, 16, Permissions::Write).is_none());
+        assert!(view.pin_of(9 * PAGE, 16, Permissions::Read).is_none());
+        assert!(view.pin_of(PAGE, 16, Permissions::Write).is_none());
     }
 
     /// Rings in the last page of the IOVA space (a frontend may put them

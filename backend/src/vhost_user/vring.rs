@@ -605,6 +605,10 @@ impl VhostDoor {
         let Some(io) = self.iotlb.as_deref() else {
             return;
         };
+        // After nearly every batch: nothing to partition.
+        if self.misses.waiting.is_empty() {
+            return;
+        }
         let (gone, keep) = std::mem::take(&mut self.misses.waiting)
             .into_iter()
             .partition(which);
