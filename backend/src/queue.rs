@@ -48,7 +48,10 @@
 //! the last look, twice in a row (once may be any other task's doing), it
 //! takes a ring's worth a batch for the next 16 batches (32, 64, ... up to
 //! 1024 as the losses go on) and tries small batches again; a look without
-//! a loss resets the count. The duration of the notifying write cannot
+//! a loss resets the count. Looks that find no loss thin out (after 2, 4,
+//! 8, then every 16 early notifications: a look is a system call, 3-5% of
+//! the worker's time when it came after every one on two CPUs); a loss
+//! brings the next look at once. The duration of the notifying write cannot
 //! tell the two cases apart: waking a driver whose vCPU is halted takes as
 //! long.
 //!
@@ -122,6 +125,10 @@ const MAX_REPOLLS: usize = 8;
 const BIG_BATCHES_FIRST: u32 = 16;
 const BIG_BATCHES_MAX: u32 = 1024;
 
+/// At most this many early notifications between two looks at the
+/// thread's context switches, while the looks find no loss.
+const LOOK_STRIDE_MAX: u32 = 16;
+
 /// Whether a worker's batches stop early to notify (see "Small batches" in
 /// the module doc).
 #[derive(Debug)]
@@ -135,6 +142,12 @@ struct EarlyNotify {
     switches: Option<u64>,
     /// Looks in a row that found the CPU lost since the one before.
     lost: u32,
+    /// Early notifications between the last look and the next: doubled by
+    /// each look without a loss, up to [`LOOK_STRIDE_MAX`], back to 1 at a
+    /// loss.
+    stride: u32,
+    /// Early notifications left before the next look.
+    skip: u32,
 }
 
 impl EarlyNotify {
@@ -144,7 +157,19 @@ impl EarlyNotify {
             backoff: BIG_BATCHES_FIRST,
             switches: None,
             lost: 0,
+            stride: 1,
+            skip: 0,
         }
+    }
+
+    /// After an early notification: whether to look at the thread's
+    /// context switches now ([`EarlyNotify::observed`]).
+    fn look(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
     }
 
     /// Whether the next batch is a small one; counts it.
@@ -166,8 +191,12 @@ impl EarlyNotify {
         if !preempted {
             self.lost = 0;
             self.backoff = BIG_BATCHES_FIRST;
+            self.stride = (self.stride * 2).min(LOOK_STRIDE_MAX);
+            self.skip = self.stride - 1;
             return;
         }
+        self.stride = 1;
+        self.skip = 0;
         self.lost += 1;
         if self.lost >= 2 {
             self.lost = 0;
@@ -709,7 +738,7 @@ impl<D: Door> QueueWorker<D> {
                     self.control.notifying.store(true, Ordering::SeqCst);
                     self.door.notify();
                     self.control.notifying.store(false, Ordering::SeqCst);
-                    if outcome.more {
+                    if outcome.more && self.early.look() {
                         self.early.observed(crate::sys::involuntary_switches());
                     }
                 }
@@ -813,5 +842,35 @@ mod tests {
             e.observed(n);
         }
         assert_eq!((e.backoff, big(&mut e)), (BIG_BATCHES_MAX, 1024));
+    }
+
+    /// Looks that find no loss come after 2, 4, 8, then every 16 early
+    /// notifications (a look is a system call); a loss brings the next
+    /// look at once, so two losses in a row still back off.
+    #[test]
+    fn looks_thin_out_while_they_find_no_loss() {
+        let mut e = EarlyNotify::new();
+        // Which of the next `n` early notifications look (none finds a loss).
+        let looks = |e: &mut EarlyNotify, n: usize| -> Vec<usize> {
+            (0..n)
+                .filter(|_| {
+                    let look = e.look();
+                    if look {
+                        e.observed(5);
+                    }
+                    look
+                })
+                .collect()
+        };
+        assert_eq!(looks(&mut e, 63), [0, 2, 6, 14, 30, 46, 62]);
+        assert_eq!(looks(&mut e, 32), [15, 31]);
+        // 15 notifications without a look, then one that finds a loss; the
+        // very next one looks and finds another: back off.
+        assert!(looks(&mut e, 15).is_empty());
+        assert!(e.look());
+        e.observed(6);
+        assert!(e.look());
+        e.observed(7);
+        assert_eq!((0..100).filter(|_| !e.small()).count(), 16);
     }
 }
