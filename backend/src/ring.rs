@@ -24,7 +24,7 @@
 //! overlaps it waits for the request to complete.
 
 use vcdev_device_model::blk::{InflightMemory, Release};
-use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session};
+use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session, SliceIter};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryResult, Permissions};
@@ -210,6 +210,18 @@ impl<'a, 's> RingView<'a, 's> {
         self.session
     }
 
+    /// `addr..addr+count` of `pin`, a ring in several pieces: out of line,
+    /// so that the inlined accesses stay small.
+    #[inline(never)]
+    fn pieces(&self, pin: &Pin, addr: u64, count: usize) -> Option<SliceIter<'_>> {
+        let it = pin.slices(addr, count as u64)?;
+        // SAFETY: the pins were made in the session this view borrows, or
+        // in an earlier one whose extents this session's generation still
+        // publishes (`RingPins::refresh`), so their memory stays mapped
+        // while the session is online; each piece lies in one extent.
+        unsafe { self.session.slice_iter(it) }
+    }
+
     /// The pin that serves `addr..addr+count` for `access`, if any.
     #[inline(always)]
     fn pin_of(&self, addr: u64, count: usize, access: Permissions) -> Option<&'a Pin> {
@@ -277,20 +289,12 @@ impl GuestMemory for RingView<'_, '_> {
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
         if let Some(pin) = self.pin_of(addr.0, count, access) {
-            // SAFETY: the pins were made in the session this view borrows
-            // for 'b, or in an earlier one whose extents this session's
-            // generation still publishes (`RingPins::refresh`), so their
-            // memory stays mapped while the session is online; each piece
-            // lies in one extent.
-            let it = unsafe {
-                match pin.one(addr.0, count) {
-                    Some(s) => self.session.slice_iter(std::iter::once(s)),
-                    None => pin
-                        .slices(addr.0, count as u64)
-                        .and_then(|it| self.session.slice_iter(it)),
-                }
-            };
-            if let Some(it) = it {
+            if let Some(slice) = pin.one(addr.0, count) {
+                // SAFETY: as in `pieces`; the slice is a part of the pin's
+                // only piece.
+                return Ok(unsafe { self.session.one_slice(slice) });
+            }
+            if let Some(it) = self.pieces(pin, addr.0, count) {
                 return Ok(it);
             }
         }

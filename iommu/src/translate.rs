@@ -381,16 +381,13 @@ impl Session<'_> {
     /// The iterator over `slices` (empty ones skipped): the first inline,
     /// the others in the reader's spill, which the next session clears (no
     /// allocation once the spill has grown to a session's needs). `None`
-    /// if the spill would pass 2^32 slices. Always inlined: a buffer of one
-    /// slice (a pinned ring access, nearly every time) costs a few
-    /// instructions; the spill is `spill_rest`'s.
+    /// if the spill would pass 2^32 slices.
     ///
     /// # Safety
     ///
     /// Each slice must lie within one extent and stay mapped while this
     /// session is online: translated in it, or in an earlier session whose
     /// extents this session's generation still publishes.
-    #[inline(always)]
     pub unsafe fn slice_iter(
         &self,
         slices: impl Iterator<Item = HostSlice>,
@@ -404,38 +401,39 @@ impl Session<'_> {
                 end: 0,
             });
         };
-        match slices.next() {
-            None => Some(SliceIter {
-                next: first,
-                spill: None,
-                at: 0,
-                end: 0,
-            }),
-            Some(second) => self.spill_rest(first, second, &mut slices),
+        let mut it = SliceIter {
+            next: first,
+            spill: None,
+            at: 0,
+            end: 0,
+        };
+        if let Some(second) = slices.next() {
+            let spill = &self.reader.spill;
+            let mut v = spill.borrow_mut();
+            let at = u32::try_from(v.len()).ok()?;
+            v.push(second);
+            v.extend(slices);
+            it.end = u32::try_from(v.len()).ok()?;
+            it.at = at;
+            it.spill = Some(spill);
         }
+        Some(it)
     }
 
-    /// [`Session::slice_iter`] of a buffer over several extents.
-    #[cold]
-    #[inline(never)]
-    fn spill_rest(
-        &self,
-        first: HostSlice,
-        second: HostSlice,
-        rest: &mut dyn Iterator<Item = HostSlice>,
-    ) -> Option<SliceIter<'_>> {
-        let spill = &self.reader.spill;
-        let mut v = spill.borrow_mut();
-        let at = u32::try_from(v.len()).ok()?;
-        v.push(second);
-        v.extend(rest);
-        let end = u32::try_from(v.len()).ok()?;
-        Some(SliceIter {
-            next: first,
-            spill: Some(spill),
-            at,
-            end,
-        })
+    /// [`Session::slice_iter`] of one slice, always inlined: a few
+    /// instructions (a pinned ring access, nearly every time).
+    ///
+    /// # Safety
+    ///
+    /// As [`Session::slice_iter`]'s.
+    #[inline(always)]
+    pub unsafe fn one_slice(&self, slice: HostSlice) -> SliceIter<'_> {
+        SliceIter {
+            next: slice,
+            spill: None,
+            at: 0,
+            end: 0,
+        }
     }
 
     #[inline(never)]
