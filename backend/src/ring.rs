@@ -16,12 +16,15 @@
 //! an invalidation runs meanwhile: its ack waits for the session to end,
 //! which is the promise.
 //!
-//! [`RingView`] is the `GuestMemory` the device model walks, for both doors:
-//! ring accesses come from the pins (vhost-user under a vIOMMU), everything
-//! else from the session. It is also where a request in flight holds its
-//! translated ranges ([`InflightMemory`]): the hold lives in the reader's
-//! address space, so an invalidation, unmap or memory-table change that
-//! overlaps it waits for the request to complete.
+//! [`RingView`] is the `GuestMemory` the device model walks, for both
+//! doors: every access tries the session's front cache first (a few
+//! instructions: the data buffers, and the rings while their pages stay
+//! cached), then the pins (vhost-user under a vIOMMU: a ring whose cache
+//! entry a data page took), then the session's slow path. It is also where
+//! a request in flight holds its translated ranges ([`InflightMemory`]):
+//! the hold lives in the reader's address space, so an invalidation, unmap
+//! or memory-table change that overlaps it waits for the request to
+//! complete.
 
 use vcdev_device_model::blk::{InflightMemory, Release};
 use vcdev_iommu::{Fault, HoldId, HoldReleaser, HostSlice, Session, SliceIter};
@@ -210,16 +213,35 @@ impl<'a, 's> RingView<'a, 's> {
         self.session
     }
 
-    /// `addr..addr+count` of `pin`, a ring in several pieces: out of line,
-    /// so that the inlined accesses stay small.
+    /// [`GuestMemory::get_slices`] past the front cache: the pins (a ring
+    /// whose page the cache lost), then the session's slow path. Out of
+    /// line, so that the accesses vm-memory inlines stay small.
     #[inline(never)]
-    fn pieces(&self, pin: &Pin, addr: u64, count: usize) -> Option<SliceIter<'_>> {
-        let it = pin.slices(addr, count as u64)?;
-        // SAFETY: the pins were made in the session this view borrows, or
-        // in an earlier one whose extents this session's generation still
-        // publishes (`RingPins::refresh`), so their memory stays mapped
-        // while the session is online; each piece lies in one extent.
-        unsafe { self.session.slice_iter(it) }
+    fn uncached(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<SliceIter<'_>> {
+        if let Some(pin) = self.pin_of(addr.0, count, access) {
+            // SAFETY: the pins were made in the session this view borrows,
+            // or in an earlier one whose extents this session's generation
+            // still publishes (`RingPins::refresh`), so their memory stays
+            // mapped while the session is online; each piece lies in one
+            // extent (`one`'s slice is a part of the pin's only piece).
+            let it = unsafe {
+                match pin.one(addr.0, count) {
+                    Some(slice) => Some(self.session.one_slice(slice)),
+                    None => pin
+                        .slices(addr.0, count as u64)
+                        .and_then(|it| self.session.slice_iter(it)),
+                }
+            };
+            if let Some(it) = it {
+                return Ok(it);
+            }
+        }
+        self.session.slices(addr, count, access)
     }
 
     /// The pin that serves `addr..addr+count` for `access`, if any.
@@ -277,10 +299,12 @@ impl GuestMemory for RingView<'_, '_> {
             || self.session.check_range(addr, count, access)
     }
 
-    // Always inlined, with `Session::slices`: into vm-memory's generic
+    // Always inlined, with `Session::cached`: into vm-memory's generic
     // helpers (load, store, read_slice...), whose iterator handling then
-    // folds away. About 450 instructions per 4K request at QD1 (callgrind;
-    // LLVM inlined neither on its own).
+    // folds away (with `SliceIter::stop_on_error`). About 450 instructions
+    // per 4K request at QD1 (callgrind; LLVM inlined neither on its own).
+    // The rest is out of line (`uncached`), so that the inlined code stays
+    // small.
     #[inline(always)]
     fn get_slices<'b>(
         &'b self,
@@ -288,17 +312,12 @@ impl GuestMemory for RingView<'_, '_> {
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, BS<'b, ()>>> {
-        if let Some(pin) = self.pin_of(addr.0, count, access) {
-            if let Some(slice) = pin.one(addr.0, count) {
-                // SAFETY: as in `pieces`; the slice is a part of the pin's
-                // only piece.
-                return Ok(unsafe { self.session.one_slice(slice) });
-            }
-            if let Some(it) = self.pieces(pin, addr.0, count) {
-                return Ok(it);
-            }
+        // The front cache first: every data buffer, and the rings while
+        // their pages stay cached.
+        if let Some(it) = self.session.cached(addr, count, access) {
+            return Ok(it);
         }
-        self.session.slices(addr, count, access)
+        self.uncached(addr, count, access)
     }
 }
 
