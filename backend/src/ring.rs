@@ -64,20 +64,6 @@ impl Pin {
             && self.access.is_some_and(|have| allows(have, access))
     }
 
-    /// The slice of `addr..addr+count` (inside the pin) when the ring is
-    /// one piece, as nearly every ring is.
-    #[inline(always)]
-    fn one(&self, addr: u64, count: usize) -> Option<HostSlice> {
-        let [(start, h)] = self.pieces.as_slice() else {
-            return None;
-        };
-        let off = usize::try_from(addr.wrapping_sub(*start)).ok()?;
-        Some(HostSlice {
-            ptr: h.ptr.wrapping_add(off),
-            len: count,
-        })
-    }
-
     fn pin(
         &mut self,
         s: &Session<'_>,
@@ -223,21 +209,16 @@ impl<'a, 's> RingView<'a, 's> {
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<SliceIter<'_>> {
-        if let Some(pin) = self.pin_of(addr.0, count, access) {
+        if let Some(pieces) = self
+            .pin_of(addr.0, count, access)
+            .and_then(|pin| pin.slices(addr.0, count as u64))
+        {
             // SAFETY: the pins were made in the session this view borrows,
             // or in an earlier one whose extents this session's generation
             // still publishes (`RingPins::refresh`), so their memory stays
             // mapped while the session is online; each piece lies in one
-            // extent (`one`'s slice is a part of the pin's only piece).
-            let it = unsafe {
-                match pin.one(addr.0, count) {
-                    Some(slice) => Some(self.session.one_slice(slice)),
-                    None => pin
-                        .slices(addr.0, count as u64)
-                        .and_then(|it| self.session.slice_iter(it)),
-                }
-            };
-            if let Some(it) = it {
+            // extent.
+            if let Some(it) = unsafe { self.session.slice_iter(pieces) } {
                 return Ok(it);
             }
         }
@@ -469,7 +450,7 @@ mod tests {
         assert_eq!(whole, [2048, 4096, 4096, 4096, 2048]);
         let used = pinned(&view, 6 * PAGE, 6 + 8 * 1024, Permissions::Write);
         assert_eq!(used.len(), 3);
-        // The avail ring is one piece: served as one slice at its offset.
+        // The avail ring is one piece: one slice, at its offset.
         s.write_slice(&bytes[..4], GuestAddress(5 * PAGE + 2))
             .unwrap();
         assert_eq!(pinned(&view, 5 * PAGE + 2, 4, Permissions::Read), [4]);

@@ -420,22 +420,6 @@ impl Session<'_> {
         Some(it)
     }
 
-    /// [`Session::slice_iter`] of one slice, always inlined: a few
-    /// instructions (a pinned ring access, nearly every time).
-    ///
-    /// # Safety
-    ///
-    /// As [`Session::slice_iter`]'s.
-    #[inline(always)]
-    pub unsafe fn one_slice(&self, slice: HostSlice) -> SliceIter<'_> {
-        SliceIter {
-            next: slice,
-            spill: None,
-            at: 0,
-            end: 0,
-        }
-    }
-
     #[inline(never)]
     fn translate_slow(&self, iova: u64, len: u64, access: Permissions) -> Result<Slices, Fault> {
         let mut out = Slices::new();
