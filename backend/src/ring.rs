@@ -222,7 +222,7 @@ impl<'a, 's> RingView<'a, 's> {
                 return Ok(it);
             }
         }
-        self.session.slices(addr, count, access)
+        self.session.slices_slow(addr, count, access)
     }
 
     /// The pin that serves `addr..addr+count` for `access`, if any.

@@ -365,17 +365,22 @@ impl Session<'_> {
         self.translate_slow(iova, len, access)
     }
 
-    /// `get_slices` past the front cache's one-extent fast path.
+    /// [`Session::slices`] past the front cache's one-extent fast path
+    /// ([`Session::cached`]), for a caller that probed it already.
     #[inline(never)]
-    fn get_slices_slow(
+    pub fn slices_slow(
         &self,
-        iova: u64,
-        len: usize,
+        addr: GuestAddress,
+        count: usize,
         access: Permissions,
-    ) -> Result<SliceIter<'_>, Fault> {
-        let slices = self.translate_slow(iova, len as u64, access)?;
-        // SAFETY: translated in this session, which the result borrows.
-        unsafe { self.slice_iter(slices.into_iter()) }.ok_or(Fault::Overflow { iova })
+    ) -> GuestMemoryResult<SliceIter<'_>> {
+        let iova = addr.0;
+        let slow = || {
+            let slices = self.translate_slow(iova, count as u64, access)?;
+            // SAFETY: translated in this session, which the result borrows.
+            unsafe { self.slice_iter(slices.into_iter()) }.ok_or(Fault::Overflow { iova })
+        };
+        slow().map_err(|f| to_guest_error(f, count))
     }
 
     /// The iterator over `slices` (empty ones skipped): the first inline,
@@ -622,7 +627,7 @@ impl GuestMemory for Session<'_> {
 impl Session<'_> {
     /// [`GuestMemory::get_slices`], with the iterator's type named (for a
     /// `GuestMemory` built on a session). Always inlined: the front-cache
-    /// hit is a few instructions, the rest is `get_slices_slow`.
+    /// hit is a few instructions, the rest is `slices_slow`.
     #[inline(always)]
     pub fn slices(
         &self,
@@ -633,8 +638,7 @@ impl Session<'_> {
         if let Some(it) = self.cached(addr, count, access) {
             return Ok(it);
         }
-        self.get_slices_slow(addr.0, count, access)
-            .map_err(|f| to_guest_error(f, count))
+        self.slices_slow(addr, count, access)
     }
 
     /// The fast path of [`Session::slices`] (of `translate`, without
