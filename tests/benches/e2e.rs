@@ -217,6 +217,13 @@ struct Phase {
     /// Median round trip of the frontend's UPDATEs / INVALIDATEs (us).
     update_us: f64,
     invalidate_us: f64,
+    /// Per request (us): the frontend's time, its time in UPDATE and
+    /// INVALIDATE round trips (all of them, not the median) and its time
+    /// blocked waiting for a used buffer.
+    request_us: f64,
+    update_mean_us: f64,
+    invalidate_mean_us: f64,
+    blocked_us: f64,
 }
 
 /// The result of one configuration in one run.
@@ -249,6 +256,9 @@ struct Driver {
     /// Round trips (ns) of the IOTLB messages sent since the last take.
     updates: Vec<u64>,
     invalidates: Vec<u64>,
+    /// Time (ns) spent blocked waiting for a used buffer since the last
+    /// take.
+    blocked_ns: u64,
 }
 
 impl Driver {
@@ -299,6 +309,7 @@ impl Driver {
             served: 0,
             updates: Vec::new(),
             invalidates: Vec::new(),
+            blocked_ns: 0,
         };
         match mode {
             Mode::None => {}
@@ -393,9 +404,11 @@ impl Driver {
             {
                 let q = &mut self.h.queues[0];
                 q.enable_calls(&self.h.mem);
+                let t = Instant::now();
                 let first = q
                     .wait_used(&self.h.mem, TIMEOUT)
                     .expect("request completes");
+                self.blocked_ns += t.elapsed().as_nanos() as u64;
                 ready.push(first);
                 while let Some(e) = q.wait_used(&self.h.mem, Duration::ZERO) {
                     ready.push(e);
@@ -440,6 +453,7 @@ impl Driver {
         let before = self.stats();
         self.updates.clear();
         self.invalidates.clear();
+        self.blocked_ns = 0;
         let (mut lat, took) = self.run(op, depth, n, &mut pick);
         let counters = self.stats().minus(&before);
         lat.sort_unstable();
@@ -448,7 +462,12 @@ impl Driver {
             v.sort_unstable();
             v.get(v.len() / 2).map_or(0.0, |&x| x as f64 / 1e3)
         };
+        let per_req = |ns: u64| ns as f64 / 1e3 / n as f64;
         Phase {
+            request_us: took.as_secs_f64() * 1e6 / n as f64,
+            update_mean_us: per_req(self.updates.iter().sum()),
+            invalidate_mean_us: per_req(self.invalidates.iter().sum()),
+            blocked_us: per_req(self.blocked_ns),
             update_us: med(&mut self.updates),
             invalidate_us: med(&mut self.invalidates),
             iops: n as f64 / took.as_secs_f64(),
@@ -909,6 +928,32 @@ fn print_viommu_targets(
                 per(|c| c.iotlb_poll_misses),
                 per(|c| c.iotlb_poll_us),
                 per(|c| c.ring_pins)
+            );
+        }
+    }
+    // Where the churn frontend's time went.
+    println!();
+    println!("The churn frontend's time per request (measured phases, medians over runs, us): in UPDATE and INVALIDATE round trips (median of one message / mean per request, which the tail makes longer), blocked waiting for a used buffer, and the rest (building, checking and kicking requests).");
+    println!();
+    println!("| configuration | phase | request | UPDATE median / mean | INVALIDATE median / mean | blocked | rest |");
+    println!("|---|---|---|---|---|---|---|");
+    for ph in 0..nph {
+        let (op, qd) = results[0][0].phases[ph].0;
+        for &m in modes.iter().filter(|m| m.pushes_updates()) {
+            let med = |f: fn(&Phase) -> f64| {
+                per_run(modes, results, m, ph, f).map_or(0.0, |mut v| median(&mut v))
+            };
+            println!(
+                "| {} | {} QD{qd} | {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {:.1} |",
+                m.label(),
+                op.name(),
+                med(|p| p.request_us),
+                med(|p| p.update_us),
+                med(|p| p.update_mean_us),
+                med(|p| p.invalidate_us),
+                med(|p| p.invalidate_mean_us),
+                med(|p| p.blocked_us),
+                med(|p| p.request_us - p.update_mean_us - p.invalidate_mean_us - p.blocked_us),
             );
         }
     }
