@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use common::frontend::{pattern, Harness, S_OK};
 use common::vcdev::{vcdev_bin, Vcdev};
-use common::{poll_every, TIMEOUT};
+use common::{median, poll_every, TIMEOUT};
 
 /// Devices in the daemon.
 const DEVICES: usize = 256;
@@ -402,19 +402,6 @@ fn run_config(cfg: &Config, images: &Images, secs: f64, warmup: f64) -> Sample {
 
 // ---------------------------------------------------------------------------
 // Reporting
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_unstable_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn med(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
     median(&mut samples.iter().map(f).collect::<Vec<_>>())

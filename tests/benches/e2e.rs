@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use common::frontend::{iova_of, Harness, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK};
 use common::vcdev::vcdev_bin;
 use common::vcdev::Vcdev;
-use common::TIMEOUT;
+use common::{median, TIMEOUT};
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use vhost::VhostAccess;
@@ -534,20 +534,6 @@ fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
     }
 }
 
-/// The median of `v` (NaN when it is empty).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_unstable_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("e2e: a benchmark; run it with `cargo bench -p vcdev-tests --bench e2e`");
@@ -966,6 +952,7 @@ fn print_viommu_targets(
 /// INVALIDATE (no poll)].
 fn iotlb_alone_us(n: usize) -> [f64; 4] {
     let mut out = [0.0; 4];
+    let mut means = [0.0; 4];
     for (k, args) in [&[][..], &["--iotlb-poll-us", "0"][..]]
         .into_iter()
         .enumerate()
@@ -990,12 +977,15 @@ fn iotlb_alone_us(n: usize) -> [f64; 4] {
                 inv.push(v.as_nanos() as f64 / 1e3);
             }
         }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        means[2 * k] = mean(&upd);
+        means[2 * k + 1] = mean(&inv);
         out[2 * k] = median(&mut upd);
         out[2 * k + 1] = median(&mut inv);
     }
     eprintln!(
-        "IOTLB messages alone: UPDATE {:.1} us, INVALIDATE {:.1} us; without the poll {:.1} / {:.1} us",
-        out[0], out[1], out[2], out[3]
+        "IOTLB messages alone: UPDATE {:.1} us (mean {:.1}), INVALIDATE {:.1} us (mean {:.1}); without the poll {:.1} / {:.1} us (means {:.1} / {:.1})",
+        out[0], means[0], out[1], means[1], out[2], out[3], means[2], means[3]
     );
     out
 }

@@ -72,7 +72,7 @@ use std::time::{Duration, Instant};
 use common::frontend::{Harness, DATA_GPA, META_GPA, S_OK};
 use common::peers::{qsd_available, Peer, Spawn};
 use common::vcdev::vcdev_bin;
-use common::{LoopDev, TIMEOUT};
+use common::{median, LoopDev, TIMEOUT};
 use plotters::prelude::*;
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -804,19 +804,6 @@ fn selected_workloads() -> Vec<bool> {
 
 // ---------------------------------------------------------------------------
 // Reporting
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_unstable_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// Medians of one (disk, config, workload) over the runs.
 struct Row {

@@ -66,6 +66,20 @@ pub fn poll_every<T>(
 
 /// Environment variable `name` parsed as a `T`, or `default` when it is
 /// unset or does not parse (the benchmarks' knobs).
+/// The median of `v` (NaN when it is empty); sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
