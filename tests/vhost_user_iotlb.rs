@@ -829,4 +829,12 @@ fn an_invalidate_waits_for_the_read_it_overlaps_and_only_for_it() {
     h.queues[0]
         .wait_used(&h.mem, TIMEOUT)
         .expect("the read is used");
+    // The daemon counts the time an INVALIDATE took to take effect: the
+    // overlapping one is the longest.
+    let max = stat(&d, "iotlb_invalidate_max_us");
+    assert!(
+        u128::from(max) + 100_000 >= overlapping.as_micros(),
+        "iotlb_invalidate_max_us {max}, the frontend waited {overlapping:?}"
+    );
+    assert!(stat(&d, "iotlb_invalidate_us") >= max);
 }

@@ -272,6 +272,11 @@ pub struct DeviceCounters {
     pub iotlb_misses_refused: AtomicU64,
     /// vhost-user misses unanswered before the timeout (request failed).
     pub iotlb_misses_timed_out: AtomicU64,
+    /// Time INVALIDATEs took to take effect (the grace period, and the
+    /// wait for in-flight requests they overlap), in nanoseconds.
+    pub iotlb_invalidate_ns: AtomicU64,
+    /// The longest of them, in nanoseconds.
+    pub iotlb_invalidate_max_ns: AtomicU64,
     /// Whole-IOTLB drops (memory table change, device stop, disconnect).
     pub iotlb_flushes: AtomicU64,
     /// Ring translations redone (queue start, or after an invalidation).
@@ -313,6 +318,11 @@ impl DeviceCounters {
             ("iotlb_misses_joined", g(&self.iotlb_misses_joined)),
             ("iotlb_misses_refused", g(&self.iotlb_misses_refused)),
             ("iotlb_misses_timed_out", g(&self.iotlb_misses_timed_out)),
+            ("iotlb_invalidate_us", g(&self.iotlb_invalidate_ns) / 1000),
+            (
+                "iotlb_invalidate_max_us",
+                g(&self.iotlb_invalidate_max_ns) / 1000,
+            ),
             ("iotlb_flushes", g(&self.iotlb_flushes)),
             ("ring_pins", g(&self.ring_pins)),
             ("iotlb_miss_wait_us", g(&self.iotlb_miss_wait_us)),

@@ -39,7 +39,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend_channel::BackendChannel;
 use super::dispatch::{self, Fds, Msg, Op, Payload, Reply};
 use super::inflight::{InflightError, InflightRegion};
-use super::iotlb::{perm_from_vhost, IotlbMsg, MissTable, IOTLB_MSG_LEN};
+use super::iotlb::{perm_from_vhost, record_invalidate, IotlbMsg, MissTable, IOTLB_MSG_LEN};
 use super::main_poll::MainPoll;
 use super::memory::{MemoryError, MemoryTable, RegionDesc, MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 use super::vring::{DmaCtx, Iotlb, Vring, VringError};
@@ -905,8 +905,9 @@ impl Conn {
                 );
             }
             INVALIDATE => {
+                let t = Instant::now();
                 let n = self.iova_space.iotlb_invalidate(m.iova, m.size);
-                DeviceCounters::add(&self.own.device().counters().iotlb_invalidates, 1);
+                record_invalidate(self.own.device().counters(), t.elapsed());
                 debug!(
                     "{}: IOTLB invalidate {:#x}+{:#x} ({n} entries)",
                     self.peer, m.iova, m.size

@@ -144,6 +144,15 @@ pub fn record_wait(c: &DeviceCounters, waited: std::time::Duration) {
     c.iotlb_miss_wait_max_us.fetch_max(us, Ordering::Relaxed);
 }
 
+/// Records one INVALIDATE that took `took` to take effect in the device's
+/// counters.
+pub fn record_invalidate(c: &DeviceCounters, took: std::time::Duration) {
+    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    DeviceCounters::add(&c.iotlb_invalidates, 1);
+    DeviceCounters::add(&c.iotlb_invalidate_ns, ns);
+    c.iotlb_invalidate_max_ns.fetch_max(ns, Ordering::Relaxed);
+}
+
 // ---------------------------------------------------------------------------
 // Pending misses
 
