@@ -2,7 +2,7 @@
 //! non-overlapping extents keyed by their first IOVA.
 //!
 //! The writer mutates its own [`Tree`] in place; nodes shared with a
-//! published snapshot are copied on first write (`Arc::make_mut`), so an
+//! published snapshot are copied on first write ([`unique`]), so an
 //! update costs O(log n) node copies and readers keep walking the snapshot
 //! they loaded. Deletion does not rebalance: empty nodes are removed and a
 //! root with one child is collapsed, which keeps lookups O(log n) in the
@@ -186,13 +186,67 @@ impl Node {
     }
 }
 
+impl Node {
+    /// An empty node of the same kind.
+    #[inline(always)]
+    fn empty_like(&self) -> Node {
+        match self {
+            Node::Leaf(_) => Node::Leaf(Leaf::default()),
+            Node::Inner(_) => Node::Inner(Inner {
+                keys: ArrayVec::new(),
+                kids: ArrayVec::new(),
+            }),
+        }
+    }
+
+    /// A copy of this node in an allocation of its own, its entries copied
+    /// into place. (The derived `clone` behind `Arc::make_mut` moved the
+    /// whole node, up to [`SLOTS`] extents, through the stack five times:
+    /// more than the copy of its entries and the copy-on-write's
+    /// allocation together.)
+    fn copy(&self) -> Arc<Node> {
+        let mut fresh = Arc::<Node>::new_uninit();
+        // A new Arc is unique: not reached.
+        let Some(slot) = Arc::get_mut(&mut fresh) else {
+            return Arc::new(self.clone());
+        };
+        // Written in place: only the kind and the lengths (moving a whole
+        // empty node in, as `Arc::new` does, copied its unused slots too).
+        match (slot.write(self.empty_like()), self) {
+            (Node::Leaf(to), Node::Leaf(from)) => {
+                to.starts.extend(from.starts.iter().copied());
+                to.exts.extend(from.exts.iter().cloned());
+            }
+            (Node::Inner(to), Node::Inner(from)) => {
+                to.keys.extend(from.keys.iter().copied());
+                to.kids.extend(from.kids.iter().cloned());
+            }
+            // `empty_like` is of `self`'s kind.
+            _ => {}
+        }
+        // SAFETY: `slot`, the Arc's only value, was initialised by the
+        // `write` above.
+        unsafe { fresh.assume_init() }
+    }
+}
+
+/// `node` to write: copied first when a published snapshot (or a saved
+/// tree) shares it.
+fn unique(node: &mut Arc<Node>) -> &mut Node {
+    if Arc::get_mut(node).is_none() {
+        *node = node.copy();
+    }
+    // Unique now: no copy.
+    Arc::make_mut(node)
+}
+
 /// Moves the upper half of `v` out into a new ArrayVec.
 fn split_half<T, const N: usize>(v: &mut ArrayVec<T, N>, at: usize) -> ArrayVec<T, N> {
     v.drain(at..).collect()
 }
 
 fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
-    match Arc::make_mut(node) {
+    match unique(node) {
         Node::Leaf(l) => {
             let i = l.starts.partition_point(|s| *s < e.start);
             l.starts.insert(i, e.start);
@@ -229,7 +283,7 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
 
 /// Removes the extent starting exactly at `start`, which exists.
 fn remove_rec(node: &mut Arc<Node>, start: u64) -> Option<Extent> {
-    match Arc::make_mut(node) {
+    match unique(node) {
         Node::Leaf(l) => {
             let i = l.starts.binary_search(&start).ok()?;
             l.starts.remove(i);
@@ -417,7 +471,14 @@ mod tests {
             let m = mem();
             let mut t = Tree::default();
             let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+            // Snapshots taken along the way: the writes after each copy
+            // the nodes it shares (`unique`), and neither side may change
+            // the other.
+            let mut snaps: Vec<(Tree, BTreeMap<u64, u64>)> = Vec::new();
             for (ins, start, len) in ops {
+                if start % 13 == 0 {
+                    snaps.push((t.clone(), model.clone()));
+                }
                 let last = start + len;
                 if ins {
                     let overlaps = model.range(..=last).next_back().is_some_and(|(_, l)| *l >= start);
@@ -438,6 +499,13 @@ mod tests {
             let all: Vec<u64> = t.overlapping(0, u64::MAX).iter().map(|e| e.start).collect();
             let want: Vec<u64> = model.keys().copied().collect();
             prop_assert_eq!(all, want);
+            for (snap, then) in &snaps {
+                let all: Vec<(u64, u64)> =
+                    snap.overlapping(0, u64::MAX).iter().map(|e| (e.start, e.last)).collect();
+                let want: Vec<(u64, u64)> = then.iter().map(|(s, l)| (*s, *l)).collect();
+                prop_assert_eq!(all, want);
+                prop_assert_eq!(snap.len(), then.len());
+            }
         }
     }
 }
