@@ -15,8 +15,10 @@ use vm_memory::Permissions;
 
 use crate::mem::MemObject;
 
-/// Entries per node before it splits.
-const NODE_CAP: usize = 32;
+/// Extents per leaf before it splits.
+const LEAF_CAP: usize = 16;
+/// Children per inner node before it splits.
+const INNER_CAP: usize = 32;
 
 /// One mapping: IOVAs `start..=last` map to `mem` at `offset`.
 #[derive(Clone, Debug)]
@@ -79,8 +81,10 @@ impl Extent {
     }
 }
 
-/// Slots per node: one more than [`NODE_CAP`], the overflow before a split.
-const SLOTS: usize = NODE_CAP + 1;
+/// Slots per leaf and per inner node: one more than the cap, the overflow
+/// before a split.
+const LEAF_SLOTS: usize = LEAF_CAP + 1;
+const INNER_SLOTS: usize = INNER_CAP + 1;
 
 // Nodes only ever live behind an Arc, and keeping a leaf's arrays inline
 // (one allocation per node) is what makes lookups cache-friendly.
@@ -95,8 +99,8 @@ pub(crate) enum Node {
 /// lookup's binary search touches few cache lines.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Leaf {
-    starts: ArrayVec<u64, SLOTS>,
-    exts: ArrayVec<Extent, SLOTS>,
+    starts: ArrayVec<u64, LEAF_SLOTS>,
+    exts: ArrayVec<Extent, LEAF_SLOTS>,
 }
 
 /// `keys[i]` is exactly the smallest start in `kids[i]`. Exactness matters:
@@ -105,8 +109,8 @@ pub(crate) struct Leaf {
 /// so one descent finds the containing extent.
 #[derive(Clone, Debug)]
 pub(crate) struct Inner {
-    keys: ArrayVec<u64, SLOTS>,
-    kids: ArrayVec<Arc<Node>, SLOTS>,
+    keys: ArrayVec<u64, INNER_SLOTS>,
+    kids: ArrayVec<Arc<Node>, INNER_SLOTS>,
 }
 
 #[inline]
@@ -201,7 +205,7 @@ impl Node {
 
     /// A copy of this node in an allocation of its own, its entries copied
     /// into place. (The derived `clone` behind `Arc::make_mut` moved the
-    /// whole node, up to [`SLOTS`] extents, through the stack five times:
+    /// whole node, up to [`LEAF_SLOTS`] extents, through the stack five times:
     /// more than the copy of its entries and the copy-on-write's
     /// allocation together.)
     fn copy(&self) -> Arc<Node> {
@@ -240,6 +244,20 @@ fn unique(node: &mut Arc<Node>) -> &mut Node {
     Arc::make_mut(node)
 }
 
+/// Where a node of `len` entries (one over its cap), whose entry `at` was
+/// just inserted, splits: in the middle, or, when the entry went to the
+/// end, just before it. IOVAs are mostly mapped in increasing order (a
+/// guest's memory, page by page), and a split in the middle would leave
+/// every node of such a run half full, the tree twice as large as it needs
+/// to be and its lookups the slower for it.
+fn split_point(at: usize, len: usize) -> usize {
+    if at + 1 == len {
+        at
+    } else {
+        len / 2
+    }
+}
+
 /// Moves the upper half of `v` out into a new ArrayVec.
 fn split_half<T, const N: usize>(v: &mut ArrayVec<T, N>, at: usize) -> ArrayVec<T, N> {
     v.drain(at..).collect()
@@ -251,8 +269,8 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
             let i = l.starts.partition_point(|s| *s < e.start);
             l.starts.insert(i, e.start);
             l.exts.insert(i, e);
-            if l.exts.len() > NODE_CAP {
-                let half = l.exts.len() / 2;
+            if l.exts.len() > LEAF_CAP {
+                let half = split_point(i, l.exts.len());
                 let right = Leaf {
                     starts: split_half(&mut l.starts, half),
                     exts: split_half(&mut l.exts, half),
@@ -268,8 +286,8 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
             let (key, sib) = split?;
             n.keys.insert(i + 1, key);
             n.kids.insert(i + 1, sib);
-            if n.kids.len() > NODE_CAP {
-                let half = n.kids.len() / 2;
+            if n.kids.len() > INNER_CAP {
+                let half = split_point(i + 1, n.kids.len());
                 let right = Inner {
                     keys: split_half(&mut n.keys, half),
                     kids: split_half(&mut n.kids, half),
