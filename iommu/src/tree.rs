@@ -482,6 +482,32 @@ mod tests {
         assert_eq!(snap.overlapping(0, 1999).len(), 1000);
     }
 
+    fn leaves(n: &Node) -> usize {
+        match n {
+            Node::Leaf(_) => 1,
+            Node::Inner(i) => i.kids.iter().map(|k| leaves(k)).sum(),
+        }
+    }
+
+    /// Extents mapped in increasing order fill their leaves: each split
+    /// of a run leaves the node before it full.
+    #[test]
+    fn increasing_inserts_fill_their_nodes() {
+        let m = mem();
+        let mut t = Tree::default();
+        let n = 64 * LEAF_CAP as u64;
+        for i in 0..n {
+            t.insert(ext(&m, i * 2, i * 2));
+        }
+        assert_eq!(leaves(&t.root), 64);
+        assert_eq!(t.depth(), 3);
+        // Out of order, the middle: still a valid tree.
+        t.insert(ext(&m, 1, 1));
+        assert_eq!(t.len() as u64, n + 1);
+        assert_eq!(leaves(&t.root), 65);
+        assert_eq!(t.find(1).map(|e| e.start), Some(1));
+    }
+
     proptest! {
         #![proptest_config(crate::test_util::proptest_config(ProptestConfig::default().cases))]
         #[test]
