@@ -188,9 +188,7 @@ impl Node {
             Node::Inner(n) => 1 + n.kids.first().map_or(0, |k| k.depth()),
         }
     }
-}
 
-impl Node {
     /// An empty node of the same kind.
     #[inline(always)]
     fn empty_like(&self) -> Node {
@@ -258,8 +256,8 @@ fn split_point(at: usize, len: usize) -> usize {
     }
 }
 
-/// Moves the upper half of `v` out into a new ArrayVec.
-fn split_half<T, const N: usize>(v: &mut ArrayVec<T, N>, at: usize) -> ArrayVec<T, N> {
+/// Moves the entries of `v` from `at` on out into a new ArrayVec.
+fn split_off<T, const N: usize>(v: &mut ArrayVec<T, N>, at: usize) -> ArrayVec<T, N> {
     v.drain(at..).collect()
 }
 
@@ -270,10 +268,10 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
             l.starts.insert(i, e.start);
             l.exts.insert(i, e);
             if l.exts.len() > LEAF_CAP {
-                let half = split_point(i, l.exts.len());
+                let at = split_point(i, l.exts.len());
                 let right = Leaf {
-                    starts: split_half(&mut l.starts, half),
-                    exts: split_half(&mut l.exts, half),
+                    starts: split_off(&mut l.starts, at),
+                    exts: split_off(&mut l.exts, at),
                 };
                 return Some((right.starts[0], Arc::new(Node::Leaf(right))));
             }
@@ -287,10 +285,10 @@ fn insert_rec(node: &mut Arc<Node>, e: Extent) -> Option<(u64, Arc<Node>)> {
             n.keys.insert(i + 1, key);
             n.kids.insert(i + 1, sib);
             if n.kids.len() > INNER_CAP {
-                let half = split_point(i + 1, n.kids.len());
+                let at = split_point(i + 1, n.kids.len());
                 let right = Inner {
-                    keys: split_half(&mut n.keys, half),
-                    kids: split_half(&mut n.kids, half),
+                    keys: split_off(&mut n.keys, at),
+                    kids: split_off(&mut n.kids, at),
                 };
                 return Some((right.keys[0], Arc::new(Node::Inner(right))));
             }
