@@ -64,8 +64,6 @@ pub fn poll_every<T>(
     }
 }
 
-/// Environment variable `name` parsed as a `T`, or `default` when it is
-/// unset or does not parse (the benchmarks' knobs).
 /// The median of `v` (NaN when it is empty); sorts `v`.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_unstable_by(f64::total_cmp);
@@ -80,6 +78,8 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Environment variable `name` parsed as a `T`, or `default` when it is
+/// unset or does not parse (the benchmarks' knobs).
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
