@@ -312,6 +312,18 @@ impl Session<'_> {
         hit.then(|| e.host.wrapping_add((iova - e.start) as usize) as *mut u8)
     }
 
+    /// [`Session::probe`], the hit counted (a translation, served by the
+    /// front cache): the fast path of [`Session::translate`] and
+    /// [`Session::cached`].
+    #[inline(always)]
+    fn probe_counted(&self, iova: u64, len: u64, access: Permissions) -> Option<*mut u8> {
+        let ptr = self.probe(iova, len, access)?;
+        let r = self.reader;
+        r.translations.set(r.translations.get() + 1);
+        r.hits.set(r.hits.get() + 1);
+        Some(ptr)
+    }
+
     /// Translates the first piece of `iova..`: host address and the bytes
     /// mapped contiguously from there to the end of its extent (saturated).
     #[inline]
@@ -349,11 +361,8 @@ impl Session<'_> {
     /// with the first failing IOVA. `len == 0` yields no slice.
     #[inline]
     pub fn translate(&self, iova: u64, len: u64, access: Permissions) -> Result<Slices, Fault> {
-        if let Some(ptr) = self.probe(iova, len, access) {
+        if let Some(ptr) = self.probe_counted(iova, len, access) {
             // Fast path: one cached extent covers the whole buffer.
-            let r = self.reader;
-            r.translations.set(r.translations.get() + 1);
-            r.hits.set(r.hits.get() + 1);
             let mut out = Slices::new();
             // probe() succeeded, so len - 1 fits in the extent: len <= usize.
             out.push(HostSlice {
@@ -650,10 +659,7 @@ impl Session<'_> {
         count: usize,
         access: Permissions,
     ) -> Option<SliceIter<'_>> {
-        let ptr = self.probe(addr.0, count as u64, access)?;
-        let r = self.reader;
-        r.translations.set(r.translations.get() + 1);
-        r.hits.set(r.hits.get() + 1);
+        let ptr = self.probe_counted(addr.0, count as u64, access)?;
         Some(SliceIter {
             next: HostSlice { ptr, len: count },
             spill: None,
