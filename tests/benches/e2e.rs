@@ -748,6 +748,17 @@ fn per_run(
     Some(results[i].iter().map(|r| f(&r.phases[ph].1)).collect())
 }
 
+/// The median over runs of [`per_run`] (0 when the mode was not run).
+fn median_over_runs(
+    modes: &[Mode],
+    results: &[Vec<ModeRun>],
+    mode: Mode,
+    ph: usize,
+    f: impl Fn(&Phase) -> f64,
+) -> f64 {
+    per_run(modes, results, mode, ph, f).map_or(0.0, |mut v| median(&mut v))
+}
+
 /// Issue #12's table: each figure against its target, every ratio computed
 /// within one run (then the median over runs).
 fn print_viommu_targets(
@@ -904,10 +915,9 @@ fn print_viommu_targets(
         let (op, qd) = results[0][0].phases[ph].0;
         for &m in modes.iter().filter(|m| m.churns()) {
             let per = |f: fn(&Counters) -> u64| {
-                per_run(modes, results, m, ph, |p| {
+                median_over_runs(modes, results, m, ph, |p| {
                     f(&p.counters) as f64 / p.requests as f64
                 })
-                .map_or(0.0, |mut v| median(&mut v))
             };
             println!(
                 "| {} | {} QD{qd} | {:.2} | {:.2} | {:.2} | {:.3} |",
@@ -929,9 +939,7 @@ fn print_viommu_targets(
     for ph in 0..nph {
         let (op, qd) = results[0][0].phases[ph].0;
         for &m in modes.iter().filter(|m| m.pushes_updates()) {
-            let med = |f: fn(&Phase) -> f64| {
-                per_run(modes, results, m, ph, f).map_or(0.0, |mut v| median(&mut v))
-            };
+            let med = |f: fn(&Phase) -> f64| median_over_runs(modes, results, m, ph, f);
             println!(
                 "| {} | {} QD{qd} | {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {:.1} | {:.1} |",
                 m.label(),
