@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use common::frontend::{iova_of, Harness, DATA_GPA, DATA_SIZE, META_GPA, META_SIZE, S_OK};
 use common::vcdev::vcdev_bin;
 use common::vcdev::Vcdev;
-use common::{median, TIMEOUT};
+use common::{median, pin, this_tid, TIMEOUT};
 use vcdev::vhost_user::iotlb::IOTLB_PAGE_SIZE;
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use vhost::VhostAccess;
@@ -493,7 +493,7 @@ fn daemon(tag: &str, args: &[&str]) -> Vcdev {
         .spawn();
     if let Some((_, daemon_cpu)) = pinned() {
         let pid = v.daemon.proc().pid();
-        pin("-a", pid, daemon_cpu);
+        pin(true, pid, daemon_cpu);
     }
     v
 }
@@ -559,7 +559,7 @@ fn main() {
     assert!(!modes.is_empty(), "VCDEV_E2E_MODES selects nothing");
     if let Some((frontend_cpu, daemon_cpu)) = pinned() {
         // The main thread only: the frontend's threads inherit it.
-        pin("", this_tid(), frontend_cpu);
+        pin(false, this_tid(), frontend_cpu);
         println!("e2e: frontend pinned to CPU {frontend_cpu}, daemons (and the floor's echo thread) to CPU {daemon_cpu}");
     }
     println!(
@@ -710,7 +710,7 @@ fn socketpair_rtt_us(n: usize) -> f64 {
     let (mut a, mut b) = UnixStream::pair().expect("socketpair");
     let echo = std::thread::spawn(move || {
         if let Some((_, daemon_cpu)) = pinned() {
-            pin("", this_tid(), daemon_cpu);
+            pin(false, this_tid(), daemon_cpu);
         }
         let mut req = [0u8; 44];
         while b.read_exact(&mut req).is_ok() {
@@ -1007,33 +1007,5 @@ fn iotlb_alone_us(n: usize) -> [f64; 4] {
 /// crosses CPUs (as QEMU's vCPU or I/O thread and the daemon on different
 /// CPUs); by default the scheduler places them.
 fn pinned() -> Option<(u32, u32)> {
-    let v = std::env::var("VCDEV_E2E_PIN").ok()?;
-    let (f, d) = v.split_once(',')?;
-    Some((f.trim().parse().ok()?, d.trim().parse().ok()?))
-}
-
-/// Pins task `id` (`-a`: with all its threads) to `cpu` with taskset.
-fn pin(all: &str, id: u32, cpu: u32) {
-    let mut cmd = std::process::Command::new("taskset");
-    if !all.is_empty() {
-        cmd.arg(all);
-    }
-    let out = cmd
-        .args(["-p", "-c", &cpu.to_string(), &id.to_string()])
-        .output()
-        .expect("taskset");
-    assert!(
-        out.status.success(),
-        "taskset: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The calling thread's id (from /proc/thread-self).
-fn this_tid() -> u32 {
-    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
-    link.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse().ok())
-        .expect("a thread id")
+    common::cpu_pair("VCDEV_E2E_PIN")
 }

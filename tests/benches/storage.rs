@@ -56,6 +56,15 @@
 //! callgrind files stay in `DIR` for `callgrind_annotate` (see BENCHMARKS.md). Only user-space
 //! instructions count: system calls are the kernel's.
 //!
+//! Alternating slices (`VCDEV_BENCH_ALTERNATE=MS`): instead of the timed table, every
+//! configuration's backend runs at once, each on a disk of its own, and the frontend moves from
+//! one to the next every `MS` milliseconds, `VCDEV_BENCH_ROUNDS` (60) rounds per one-queue
+//! workload, the order reversed every other round; a ratio then compares slices a fraction of a
+//! second apart. `VCDEV_BENCH_PIN=F,B` puts this process on CPU F and every backend on CPU B:
+//! unpinned, where the scheduler happens to put one backend's queue thread biases that backend
+//! for its whole life by up to 10% on this 2-vCPU machine (two instances of one build differ
+//! that much), which only many fresh instances average out. Table: `alternate.md`.
+//!
 //! Without `--bench` in its arguments (`cargo test --benches`) it exits at once.
 
 #[path = "../common/mod.rs"]
@@ -255,8 +264,13 @@ fn env_mib(default: u64) -> u64 {
         << 20
 }
 
-fn tmpfs_disk() -> Disk {
-    let path = PathBuf::from(format!("/dev/shm/vcdev-bench-{}.img", std::process::id()));
+/// The tmpfs disk; `tag` tells apart the disks of one process (one per backend when they run
+/// side by side).
+fn tmpfs_disk(tag: &str) -> Disk {
+    let path = PathBuf::from(format!(
+        "/dev/shm/vcdev-bench-{}{tag}.img",
+        std::process::id()
+    ));
     let len = env_mib(256);
     let file = fill_file(&path, len);
     Disk {
@@ -269,14 +283,14 @@ fn tmpfs_disk() -> Disk {
     }
 }
 
-/// The loop disk, or why it is skipped.
-fn loop_disk() -> Result<Disk, String> {
+/// The loop disk, or why it is skipped; `tag` as for [`tmpfs_disk`].
+fn loop_disk(tag: &str) -> Result<Disk, String> {
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root: losetup needs root".to_owned());
     }
     let dir = PathBuf::from(std::env::var("VCDEV_BENCH_LOOP_DIR").unwrap_or("/var/tmp".into()));
-    let backing = dir.join(format!("vcdev-bench-{}.img", std::process::id()));
+    let backing = dir.join(format!("vcdev-bench-{}{tag}.img", std::process::id()));
     let len = env_mib(1024);
     let file = fill_file(&backing, len);
     let dev = LoopDev::attach(&backing)?;
@@ -415,17 +429,20 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
+    let (user, sys) = cpu_user_sys(pid);
+    user + sys
+}
+
+/// (utime, stime) of `pid`, in seconds.
+fn cpu_user_sys(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of proc(5); `after` starts at field 3.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / hz as f64
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) as f64 / hz, ticks(12) as f64 / hz)
 }
 
 /// (`Threads:` of /proc/PID/status, threads named `iou-*`).
@@ -1215,7 +1232,7 @@ fn callgrind_main(dir: PathBuf) {
             .collect(),
     };
     assert!(!cfgs.is_empty() && !wls.is_empty(), "nothing to measure");
-    let disk = tmpfs_disk();
+    let disk = tmpfs_disk("");
     let mut report = format!(
         "Instructions (callgrind Ir) per request: (Ir after {n2} requests - Ir after {n1}) / {}, \
          after {warm} warm-up requests; file {} ({} MiB)\n\n\
@@ -1262,6 +1279,215 @@ fn callgrind_main(dir: PathBuf) {
 
 // ---------------------------------------------------------------------------
 
+/// Voluntary context switches (sleeps) of every thread of `pid` so far.
+fn sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// One backend of an alternating run: its own disk, its process and the frontend driving it.
+struct Side {
+    cfg: Config,
+    pid: u32,
+    d: Driver,
+    rng: Rng,
+    seq: u64,
+    /// Per slice: (requests, seconds, backend user and system CPU seconds, backend sleeps).
+    slices: Vec<(usize, f64, (f64, f64), u64)>,
+    _peer: Peer,
+    _disk: Disk,
+}
+
+/// `VCDEV_BENCH_ALTERNATE=MS`: the configurations side by side, each on a disk of its own, and
+/// the frontend going from one to the next every `MS` milliseconds, `VCDEV_BENCH_ROUNDS` (60)
+/// times per workload, the order reversed every other round. A slice of one sees the machine as
+/// the slices of the others around it did, so the per-round ratio's spread is that of the
+/// slice's own noise, not that of the machine from one phase to the next (the round-robin runs
+/// put seconds between the two phases of a pair). The idle backends wait for a kick meanwhile.
+/// One-queue workloads; disks and configurations as for the timed runs (`raw pread` left
+/// out). Reports, per workload and configuration: IOPS over all its slices, the ratio of those
+/// to `vub_blk`'s and qemu-storage-daemon's (same cache mode), the median per-round ratio and
+/// in how many rounds it was ahead, and backend CPU per request. The table goes to stdout and
+/// `alternate.md` in the results directory.
+fn alternate_main(slice: f64, warmup: f64, out: &Path) {
+    let rounds = common::env_or::<f64>("VCDEV_BENCH_ROUNDS", 60.0).max(1.0) as usize;
+    let cfgs: Vec<Config> = configs()
+        .into_iter()
+        .filter(|c| c.engine != Engine::Raw)
+        .collect();
+    assert!(
+        cfgs.len() >= 2,
+        "VCDEV_BENCH_ALTERNATE needs two configurations or more"
+    );
+    let keep = selected_workloads();
+    let wls: Vec<Workload> = WORKLOADS
+        .iter()
+        .zip(&keep)
+        .filter(|(w, k)| **k && w.queues == 1)
+        .map(|(w, _)| *w)
+        .collect();
+    assert!(
+        !wls.is_empty(),
+        "VCDEV_BENCH_WORKLOADS selects no one-queue workload"
+    );
+    let want = std::env::var("VCDEV_BENCH_DISKS").unwrap_or_else(|_| "tmpfs".to_owned());
+    let mut report = format!(
+        "Alternating slices of {:.0} ms, {rounds} rounds per workload (order reversed every \
+         other round), each backend on a disk of its own; IOPS = requests / seconds over all of \
+         a configuration's slices; x vub, x qsd = that / the peer's with the same cache mode \
+         (total), then the median of the per-round ratios and the rounds ahead; CPU = backend \
+         utime+stime (user + system) per request over all slices; sleeps = the backend threads' voluntary \
+         context switches per 1,000 requests.\n\n\
+         | disk | workload | configuration | IOPS | x vub (total / median, ahead) | x qsd (total / median, ahead) | CPU us/req (user + sys) | sleeps /1k req |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        slice * 1e3
+    );
+    // `VCDEV_BENCH_PIN=F,B`: this process on CPU F, every backend on CPU B.
+    let pin = common::cpu_pair("VCDEV_BENCH_PIN");
+    if let Some((front, backend)) = pin {
+        common::pin(true, std::process::id(), front);
+        report.insert_str(
+            0,
+            &format!("Pinned: frontend on CPU {front}, backends on CPU {backend}. "),
+        );
+    }
+    let t_all = Instant::now();
+    for disk_name in want.split(',').map(str::trim) {
+        for wl in &wls {
+            let mut sides = Vec::new();
+            for (ci, cfg) in cfgs.iter().enumerate() {
+                let tag = format!("-{ci}");
+                let disk = match disk_name {
+                    "tmpfs" => tmpfs_disk(&tag),
+                    "loop" => match loop_disk(&tag) {
+                        Ok(d) => d,
+                        Err(why) => {
+                            eprintln!("storage: loop disk skipped: {why}");
+                            break;
+                        }
+                    },
+                    other => panic!("VCDEV_BENCH_DISKS: unknown disk {other}"),
+                };
+                if cfg.engine == Engine::Qsd && !qsd_available() {
+                    eprintln!(
+                        "storage: skipping {}: qemu-storage-daemon is not installed",
+                        cfg.name
+                    );
+                    continue;
+                }
+                let mut peer = match start(cfg, &disk, 1) {
+                    Ok(Spawn::Up(p)) => p,
+                    Ok(Spawn::Refused(why)) => {
+                        eprintln!("storage: skipping {}: SPEC refused: {why}", cfg.name);
+                        continue;
+                    }
+                    Err(e) => panic!("start {}: {e}", cfg.name),
+                };
+                let pid = peer.pid();
+                let h = Harness::start(peer.socket(), 1, QUEUE_SIZE);
+                let mut side = Side {
+                    cfg: cfg.clone(),
+                    pid,
+                    d: Driver::new(h, disk.len),
+                    rng: Rng(0x9e37_79b9_7f4a_7c15),
+                    seq: 0,
+                    slices: Vec::with_capacity(rounds),
+                    _peer: peer,
+                    _disk: disk,
+                };
+                let (rng, seq) = (&mut side.rng, &mut side.seq);
+                side.d.run(*wl, Until::Secs(warmup), rng, seq);
+                if let Some((_, backend)) = pin {
+                    // Every thread the backend has by now (its queue's among them).
+                    common::pin(true, side.pid, backend);
+                }
+                sides.push(side);
+            }
+            if sides.len() < 2 {
+                continue;
+            }
+            for round in 0..rounds {
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..sides.len()).collect()
+                } else {
+                    (0..sides.len()).rev().collect()
+                };
+                for i in order {
+                    let s = &mut sides[i];
+                    let (cpu0, sleeps0) = (cpu_user_sys(s.pid), sleeps(s.pid));
+                    let (lat, took) = s.d.run(*wl, Until::Secs(slice), &mut s.rng, &mut s.seq);
+                    let cpu1 = cpu_user_sys(s.pid);
+                    let cpu = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+                    let slept = sleeps(s.pid) - sleeps0;
+                    s.slices.push((lat.len(), took.as_secs_f64(), cpu, slept));
+                }
+            }
+            let iops = |s: &Side, k: usize| s.slices[k].0 as f64 / s.slices[k].1;
+            let total = |s: &Side| {
+                let (n, t) = s
+                    .slices
+                    .iter()
+                    .fold((0, 0.0), |a, x| (a.0 + x.0, a.1 + x.1));
+                n as f64 / t
+            };
+            let mut line = Vec::new();
+            for s in &sides {
+                let versus = |peer: Engine| {
+                    let Some(p) = sides
+                        .iter()
+                        .find(|p| p.cfg.engine == peer && p.cfg.direct == s.cfg.direct)
+                    else {
+                        return "-".to_owned();
+                    };
+                    let mut r: Vec<f64> = (0..rounds).map(|k| iops(s, k) / iops(p, k)).collect();
+                    let ahead = r.iter().filter(|&&x| x > 1.0).count();
+                    format!(
+                        "{:.3} / {:.3}, {ahead} of {rounds}",
+                        total(s) / total(p),
+                        median(&mut r)
+                    )
+                };
+                let (n, user, sys, slept) = s.slices.iter().fold((0, 0.0, 0.0, 0), |a, x| {
+                    (a.0 + x.0, a.1 + x.2 .0, a.2 + x.2 .1, a.3 + x.3)
+                });
+                let per_req = |v: f64| v * 1e6 / n.max(1) as f64;
+                report.push_str(&format!(
+                    "| {disk_name} | {} | {} | {} | {} | {} | {:.2} ({:.2} + {:.2}) | {:.1} |\n",
+                    wl.name,
+                    s.cfg.name,
+                    fmt_int(total(s)),
+                    versus(Engine::Vub),
+                    versus(Engine::Qsd),
+                    per_req(user + sys),
+                    per_req(user),
+                    per_req(sys),
+                    slept as f64 * 1e3 / n.max(1) as f64
+                ));
+                line.push(format!("{} {:.0}", s.cfg.name, total(s)));
+            }
+            eprintln!("alternate {disk_name} {}: {}", wl.name, line.join(", "));
+        }
+    }
+    report.push_str(&format!(
+        "\nWall time: {:.0} s.\n",
+        t_all.elapsed().as_secs_f64()
+    ));
+    println!();
+    print!("{report}");
+    std::fs::write(out.join("alternate.md"), &report).expect("write alternate.md");
+    println!("storage: table in {}", out.display());
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("storage: a benchmark; run it with `cargo bench -p vcdev-tests --bench storage`");
@@ -1279,6 +1505,11 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| common::repo_root().join("tests/benches/results"));
     std::fs::create_dir_all(&out).expect("create the results directory");
+    if let Ok(ms) = std::env::var("VCDEV_BENCH_ALTERNATE") {
+        let ms: f64 = ms.parse().expect("VCDEV_BENCH_ALTERNATE: milliseconds");
+        alternate_main(ms / 1e3, warmup, &out);
+        return;
+    }
     let cfgs = configs();
     assert!(!cfgs.is_empty(), "VCDEV_BENCH_CONFIGS selects nothing");
 
@@ -1287,10 +1518,10 @@ fn main() {
     let wants = |name: &str| want.split(',').any(|d| d.trim() == name);
     let mut disks = Vec::new();
     if wants("tmpfs") {
-        disks.push(tmpfs_disk());
+        disks.push(tmpfs_disk(""));
     }
     if wants("loop") {
-        match loop_disk() {
+        match loop_disk("") {
             Ok(d) => disks.push(d),
             Err(why) => notes.push(format!("loop disk skipped: {why}")),
         }

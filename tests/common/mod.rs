@@ -87,6 +87,41 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// `var=F,D` (the benchmarks' `VCDEV_E2E_PIN`, `VCDEV_BENCH_PIN`): the CPU
+/// of the frontend and the CPU of the backends, when set.
+pub fn cpu_pair(var: &str) -> Option<(u32, u32)> {
+    let v = std::env::var(var).ok()?;
+    let (f, d) = v.split_once(',')?;
+    Some((f.trim().parse().ok()?, d.trim().parse().ok()?))
+}
+
+/// Pins task `id` to `cpu` with taskset; with `all`, every thread of
+/// process `id` (threads it starts later inherit their creator's CPU).
+pub fn pin(all: bool, id: u32, cpu: u32) {
+    let mut cmd = std::process::Command::new("taskset");
+    if all {
+        cmd.arg("-a");
+    }
+    let out = cmd
+        .args(["-p", "-c", &cpu.to_string(), &id.to_string()])
+        .output()
+        .expect("taskset");
+    assert!(
+        out.status.success(),
+        "taskset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The calling thread's id (from /proc/thread-self).
+pub fn this_tid() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .expect("a thread id")
+}
+
 /// The repository root (the workspace directory holding `qemu-configs/`).
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
