@@ -486,7 +486,8 @@ pub struct QueueWorker<D: Door> {
     blocked: bool,
     /// `poll-us=`: how long to busy-poll after the last request.
     poll_for: Duration,
-    /// When the worker last took a request from the avail ring.
+    /// When the worker last took a request from the avail ring (kept with
+    /// `poll-us=` only).
     last_request: Instant,
     /// Polling left the driver's notifications off and could not turn them
     /// back on (rings out of reach): try again within [`REARM_RETRY`].
@@ -555,18 +556,23 @@ impl<D: Door> QueueWorker<D> {
     /// nothing in flight, and the heads of the requests still parked.
     pub fn run(mut self) -> (Queue, Vec<u16>) {
         // A kick may have come before the queue started: look now.
-        self.poll();
+        let mut pending = self.poll();
         loop {
-            self.busy_poll();
-            // A batch the door could not run (memory out of reach for now)
-            // waits for the door's wake-up, not for the limits.
-            let throttle = self.aq.throttle_deadline().filter(|_| !self.blocked);
-            let rearm = self.rearm_pending.then(|| Instant::now() + REARM_RETRY);
-            let deadline = [self.door.deadline(), throttle, rearm]
-                .into_iter()
-                .flatten()
-                .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = if pending {
+                // More waits on the ring: look at the events, then poll on.
+                Some(Duration::ZERO)
+            } else {
+                self.busy_poll();
+                // A batch the door could not run (memory out of reach for
+                // now) waits for the door's wake-up, not for the limits.
+                let throttle = self.aq.throttle_deadline().filter(|_| !self.blocked);
+                let rearm = self.rearm_pending.then(|| Instant::now() + REARM_RETRY);
+                let deadline = [self.door.deadline(), throttle, rearm]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                deadline.map(|d| d.saturating_duration_since(Instant::now()))
+            };
             let mut control_fired = false;
             let waited = self.el.wait_timeout(timeout, |id| {
                 control_fired |= id == EVENT_CONTROL;
@@ -585,7 +591,7 @@ impl<D: Door> QueueWorker<D> {
             if self.control.stopping() {
                 break;
             }
-            self.poll();
+            pending = self.poll();
         }
         if !self.poll_for.is_zero() {
             // Leave the ring asking for notifications, for whoever resumes it.
@@ -596,11 +602,14 @@ impl<D: Door> QueueWorker<D> {
         (self.queue, parked)
     }
 
-    /// One or more batches, until nothing asks for another at once (at most
-    /// [`MAX_REPOLLS`] more: a door that keeps asking waits for a wake-up).
-    fn poll(&mut self) {
+    /// One or more batches, until nothing asks for another at once, or
+    /// [`MAX_REPOLLS`] more ran; true in that case: more may wait on the
+    /// avail ring, with the driver's notifications maybe off, so the caller
+    /// polls again once it has looked at the stop word and its events
+    /// (without waiting for them).
+    fn poll(&mut self) -> bool {
         if self.broken {
-            return;
+            return false;
         }
         // Polling follows this batch: the driver need not notify.
         self.aq.set_quiet(!self.poll_for.is_zero());
@@ -614,21 +623,19 @@ impl<D: Door> QueueWorker<D> {
                 .batch(rings, |view, decide| aq.poll(queue, view, decide));
             let more = self.after(r);
             self.watch_engine();
-            if self.queue.next_avail() != taken_before {
+            // (A clock read a batch: only `poll-us=` asks for it.)
+            if !self.poll_for.is_zero() && self.queue.next_avail() != taken_before {
                 self.last_request = Instant::now();
             }
             let repoll = self.door.take_repoll();
             if self.broken || !(repoll || more) {
-                return;
+                return false;
             }
             if more && (i == MAX_REPOLLS || self.control.stopping()) {
-                // More may wait on the avail ring, notifications maybe
-                // off: poll again once the loop has looked at the stop
-                // word and its events (our own wake-up).
-                self.control.wake();
-                return;
+                return true;
             }
         }
+        false
     }
 
     /// `poll-us=`: busy-polls until [`QueueWorker::poll_for`] has passed
@@ -648,7 +655,9 @@ impl<D: Door> QueueWorker<D> {
             if !self.rearm() {
                 return;
             }
-            // Offered while the notifications were off: take it, poll on.
+            // Offered while the notifications were off: take it, poll on
+            // (what a long run leaves on the ring, the spin's next look
+            // takes).
             self.poll();
         }
     }
