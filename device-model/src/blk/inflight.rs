@@ -638,6 +638,9 @@ impl<H: Release> AsyncQueue<H> {
         decide: &mut dyn FnMut(&Fault) -> FaultPolicy,
         outcome: &mut QueueOutcome,
     ) -> Result<(), Error> {
+        if self.throttled.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
         while let Some(t) = self.throttled.front() {
             if self.free.is_empty() || self.device.throttle().try_take(t.cost, now).is_err() {
@@ -841,7 +844,7 @@ impl<H: Release> AsyncQueue<H> {
                 let cost = Cost::io(len);
                 if !paid
                     && (!self.throttled.is_empty()
-                        || device.throttle().try_take(cost, Instant::now()).is_err())
+                        || device.throttle().try_take_now(cost).is_err())
                 {
                     // Nothing of it happened yet: it starts over when its turn comes.
                     self.throttled.push_back(Throttled {

@@ -264,6 +264,15 @@ impl Throttle {
         w.push(waker);
     }
 
+    /// [`Throttle::try_take`] now; an unlimited device reads no clock (a
+    /// request's path).
+    pub fn try_take_now(&self, cost: Cost) -> Result<(), Instant> {
+        if !self.is_limited() {
+            return Ok(());
+        }
+        self.try_take(cost, Instant::now())
+    }
+
     /// Takes `cost` at `now` if it may go; else says when it may.
     pub fn try_take(&self, cost: Cost, now: Instant) -> Result<(), Instant> {
         if !self.is_limited() {
