@@ -8,10 +8,12 @@ use std::mem::offset_of;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
-use common::frontend::{pattern, Desc, Harness, SECTOR, S_IOERR, S_OK, S_UNSUPP};
+use common::frontend::{
+    pattern, Desc, Harness, DATA_GPA, META_GPA, SECTOR, S_IOERR, S_OK, S_UNSUPP,
+};
 use common::vcdev::Vcdev;
 use common::TIMEOUT;
-use vcdev_device_model::testing::{BlkRequest, STATUS_UNSET};
+use vcdev_device_model::testing::{BlkRequest, R, STATUS_UNSET};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_blk::{
@@ -672,4 +674,51 @@ fn poll_us_takes_a_request_offered_without_a_kick() {
         .wait_used(&h.mem, TIMEOUT)
         .expect("the kick wakes the worker");
     assert_eq!(id, 0);
+}
+
+/// More chains offered at once than one wake-up's batches take (9 batches
+/// of 8 chains, then the worker looks at its events): it polls on without
+/// another kick, and every request completes, each with its own data.
+#[test]
+fn more_chains_than_a_wake_up_takes_complete_on_one_kick() {
+    // 3 descriptors each: 240 of the ring's 256.
+    const N: usize = 80;
+    let d = Vcdev::start("blk-long-run", &["--device", "blk,ram=4M"], "vfio0");
+    let mut h = Harness::start(&d.socket("vfio0"), 1, 256);
+    // Headers (16 bytes, then the status byte) 32 bytes apart, past the
+    // queues' own slots; 4 KiB of data each.
+    let hdr = |i: usize| META_GPA + 0x30_0000 + i as u64 * 32;
+    let data = |i: usize| DATA_GPA + i as u64 * 4096;
+    let sector = |i: usize| i as u64 * 8;
+    for i in 0..N {
+        h.mem.write(data(i), &pattern(i as u8, 4096));
+        BlkRequest::new(VIRTIO_BLK_T_OUT, sector(i)).write(&h.mem, hdr(i), hdr(i) + 16);
+        let chain = BlkRequest::chain(
+            h.dma_addr(hdr(i)),
+            &[(h.dma_addr(data(i)), 4096, R)],
+            h.dma_addr(hdr(i) + 16),
+        );
+        let head = (i * 3) as u16;
+        let q = &mut h.queues[0];
+        q.ring.write_chain(&h.mem, head, &chain);
+        q.offer(&h.mem, head);
+    }
+    h.queues[0].enable_calls(&h.mem);
+    h.queues[0].kick.write(1).expect("kick");
+    let mut done = vec![false; N];
+    for _ in 0..N {
+        let (id, len) = h.queues[0]
+            .wait_used(&h.mem, TIMEOUT)
+            .expect("every chain completes on the one kick");
+        let i = id as usize / 3;
+        assert!(!done[i], "chain {i} used twice");
+        done[i] = true;
+        assert_eq!(len, 1, "a write's used length is its status byte");
+        assert_eq!(h.mem.read(hdr(i) + 16, 1)[0], S_OK, "chain {i}");
+    }
+    for i in [0, N / 2, N - 1] {
+        let r = h.read(0, sector(i), 4096);
+        assert_eq!(r.status, S_OK);
+        assert!(r.data == pattern(i as u8, 4096), "sector {}", sector(i));
+    }
 }
