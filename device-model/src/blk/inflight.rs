@@ -843,8 +843,7 @@ impl<H: Release> AsyncQueue<H> {
                 };
                 let cost = Cost::io(len);
                 if !paid
-                    && (!self.throttled.is_empty()
-                        || device.throttle().try_take_now(cost).is_err())
+                    && (!self.throttled.is_empty() || device.throttle().try_take_now(cost).is_err())
                 {
                     // Nothing of it happened yet: it starts over when its turn comes.
                     self.throttled.push_back(Throttled {
