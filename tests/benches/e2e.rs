@@ -1,7 +1,9 @@
 //! End-to-end virtio-blk over vhost-user: the Rust frontend of
 //! `tests/common/frontend.rs` drives a release-built `vcdev serve` (one
 //! 64 MiB RAM disk) over its real socket with 4 KiB random reads and writes
-//! at queue depth 1 and 32, in four configurations side by side:
+//! at queue depth 1 and 32, in these configurations side by side (and
+//! `churn-nopoll`, `churn-miss-nopoll`: the two churns with
+//! `--iotlb-poll-us 0`):
 //!
 //! - `none`: no IOMMU, descriptors carry guest physical addresses;
 //! - `static`: ACCESS_PLATFORM, every page of guest memory UPDATEd before the
@@ -11,7 +13,12 @@
 //!   it is used (a strict guest IOMMU, the frontend pushing the UPDATE);
 //! - `churn-miss`: as `churn` but without the UPDATE: the daemon misses on
 //!   the data page and the frontend answers on the backend channel (what
-//!   QEMU does under a strict vIOMMU).
+//!   QEMU does under a strict vIOMMU);
+//! - `churn-qpoll`: as `churn` with the device's `poll-us=N`
+//!   (`VCDEV_E2E_QPOLL`, 100): the queue worker busy-polls its avail ring,
+//!   so a request offered after its UPDATE is taken at once, while the
+//!   frontend goes on with its next round trips, instead of at the kick
+//!   that follows them.
 //!
 //! Run with `cargo bench -p vcdev-tests --bench e2e`. Environment:
 //! `VCDEV_E2E_REQUESTS` (measured requests per phase, 20000),
@@ -70,16 +77,18 @@ enum Mode {
     ChurnMiss,
     ChurnNoPoll,
     ChurnMissNoPoll,
+    ChurnQueuePoll,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 7] = [
         Mode::None,
         Mode::Static,
         Mode::Churn,
         Mode::ChurnMiss,
         Mode::ChurnNoPoll,
         Mode::ChurnMissNoPoll,
+        Mode::ChurnQueuePoll,
     ];
 
     fn name(self) -> &'static str {
@@ -90,6 +99,7 @@ impl Mode {
             Mode::ChurnMiss => "churn-miss",
             Mode::ChurnNoPoll => "churn-nopoll",
             Mode::ChurnMissNoPoll => "churn-miss-nopoll",
+            Mode::ChurnQueuePoll => "churn-qpoll",
         }
     }
 
@@ -101,6 +111,7 @@ impl Mode {
             Mode::ChurnMiss => "(d) churn: miss+INV/req",
             Mode::ChurnNoPoll => "(c0) as (c), --iotlb-poll-us 0",
             Mode::ChurnMissNoPoll => "(d0) as (d), --iotlb-poll-us 0",
+            Mode::ChurnQueuePoll => "(c1) as (c), queue poll-us=N",
         }
     }
 
@@ -111,14 +122,18 @@ impl Mode {
     /// Each request's data page UPDATEd by the frontend before it is
     /// offered.
     fn pushes_updates(self) -> bool {
-        matches!(self, Mode::Churn | Mode::ChurnNoPoll)
+        matches!(self, Mode::Churn | Mode::ChurnNoPoll | Mode::ChurnQueuePoll)
     }
 
     /// Each request's data page INVALIDATEd once used.
     fn churns(self) -> bool {
         matches!(
             self,
-            Mode::Churn | Mode::ChurnMiss | Mode::ChurnNoPoll | Mode::ChurnMissNoPoll
+            Mode::Churn
+                | Mode::ChurnMiss
+                | Mode::ChurnNoPoll
+                | Mode::ChurnMissNoPoll
+                | Mode::ChurnQueuePoll
         )
     }
 
@@ -129,6 +144,20 @@ impl Mode {
             _ => &[],
         }
     }
+
+    /// The daemon's `--device` SPEC.
+    fn device(self) -> String {
+        let spec = "blk,name=vfio0,ram=64M,queue-size=256";
+        match self {
+            Mode::ChurnQueuePoll => format!("{spec},poll-us={}", queue_poll_us()),
+            _ => spec.to_owned(),
+        }
+    }
+}
+
+/// `VCDEV_E2E_QPOLL` (100): the queue's `poll-us=` in (c1).
+fn queue_poll_us() -> u64 {
+    common::env_or("VCDEV_E2E_QPOLL", 100)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +256,8 @@ struct Phase {
     update_mean_us: f64,
     invalidate_mean_us: f64,
     blocked_us: f64,
+    /// The daemon's CPU time (all its threads) per request, us.
+    daemon_cpu_us: f64,
 }
 
 /// The result of one configuration in one run.
@@ -254,6 +285,8 @@ impl Rng {
 struct Driver {
     h: Harness,
     mode: Mode,
+    /// The daemon's process id (its CPU time per phase).
+    pid: u32,
     dir: std::path::PathBuf,
     served: u64,
     /// Round trips (ns) of the IOTLB messages sent since the last take.
@@ -298,7 +331,7 @@ impl Driver {
         }
     }
 
-    fn start(mode: Mode, vcdev: &Vcdev) -> Driver {
+    fn start(mode: Mode, vcdev: &mut Vcdev) -> Driver {
         let sock = vcdev.socket("vfio0");
         let h = if mode.iommu() {
             Harness::start_iotlb(&sock, 1, QUEUE_SIZE)
@@ -308,6 +341,7 @@ impl Driver {
         let d = Driver {
             h,
             mode,
+            pid: vcdev.daemon.proc().pid(),
             dir: vcdev.dir().to_path_buf(),
             served: 0,
             updates: Vec::new(),
@@ -457,7 +491,9 @@ impl Driver {
         self.updates.clear();
         self.invalidates.clear();
         self.blocked_ns = 0;
+        let cpu0 = common::process_cpu_us(self.pid);
         let (mut lat, took) = self.run(op, depth, n, &mut pick);
+        let daemon_cpu_us = (common::process_cpu_us(self.pid) - cpu0) / n as f64;
         let counters = self.stats().minus(&before);
         lat.sort_unstable();
         let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
@@ -478,15 +514,16 @@ impl Driver {
             p99_us: pct(0.99),
             counters,
             requests: n as u64,
+            daemon_cpu_us,
         }
     }
 }
 
 /// A `vcdev serve` with one 64 MiB RAM disk, logging at info (debug logs
 /// every vhost-user message and would be measured too).
-fn daemon(tag: &str, args: &[&str]) -> Vcdev {
+fn daemon(tag: &str, device: &str, args: &[&str]) -> Vcdev {
     let mut v = Vcdev::builder(tag)
-        .device("blk,name=vfio0,ram=64M,queue-size=256")
+        .device(device)
         .args(args)
         .wait_for_vhost_user("vfio0")
         .log_level(&std::env::var("VCDEV_E2E_LOG").unwrap_or_else(|_| "info".into()))
@@ -499,8 +536,12 @@ fn daemon(tag: &str, args: &[&str]) -> Vcdev {
 }
 
 fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
-    let mut vcdev = daemon(&format!("e2e-{}", mode.name()), mode.daemon_args());
-    let mut d = Driver::start(mode, &vcdev);
+    let mut vcdev = daemon(
+        &format!("e2e-{}", mode.name()),
+        &mode.device(),
+        mode.daemon_args(),
+    );
+    let mut d = Driver::start(mode, &mut vcdev);
     if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.prefill())) {
         let log = vcdev.log();
         let n = log.lines().count();
@@ -557,6 +598,9 @@ fn main() {
         Err(_) => Mode::ALL.to_vec(),
     };
     assert!(!modes.is_empty(), "VCDEV_E2E_MODES selects nothing");
+    if modes.contains(&Mode::ChurnQueuePoll) {
+        println!("e2e: (c1) runs its device with poll-us={}", queue_poll_us());
+    }
     if let Some((frontend_cpu, daemon_cpu)) = pinned() {
         // The main thread only: the frontend's threads inherit it.
         pin(false, this_tid(), frontend_cpu);
@@ -609,11 +653,11 @@ fn main() {
 
     println!();
     println!(
-        "Medians over {runs} run(s); IOPS range = min-max over runs; x = IOPS / (a)'s; per request: counter deltas of the measured phase (`vcdev ctl stats`) / requests; UPDATE/INVALIDATE us: median round trip of one IOTLB message as the frontend sees it; miss wait us: the daemon's iotlb_miss_wait_us / iotlb_misses (mean)."
+        "Medians over {runs} run(s); IOPS range = min-max over runs; x = IOPS / (a)'s; per request: counter deltas of the measured phase (`vcdev ctl stats`) / requests; UPDATE/INVALIDATE us: median round trip of one IOTLB message as the frontend sees it; miss wait us: the daemon's iotlb_miss_wait_us / iotlb_misses (mean); CPU us/req: the daemon's CPU time (every thread's run time) / requests."
     );
     println!();
-    println!("| workload | configuration | IOPS | IOPS range | x (a) | p50 us | p99 us | translations/req | front-cache hits/req | misses/req | updates/req | invalidates/req | UPDATE us | INVALIDATE us | miss wait us |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| workload | configuration | IOPS | IOPS range | x (a) | p50 us | p99 us | translations/req | front-cache hits/req | misses/req | updates/req | invalidates/req | UPDATE us | INVALIDATE us | miss wait us | CPU us/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let nphases = results[0][0].phases.len();
     for ph in 0..nphases {
         let (op, qd) = results[0][0].phases[ph].0;
@@ -647,9 +691,10 @@ fn main() {
                     })
                     .collect::<Vec<_>>(),
             );
+            let cpu = median(&mut ps.iter().map(|p| p.daemon_cpu_us).collect::<Vec<_>>());
             let ratio = base.map_or("-".to_owned(), |b| format!("{:.3}", iops / b));
             println!(
-                "| {} QD{qd} | {} | {:.0} | {:.0}-{:.0} | {ratio} | {p50:.1} | {p99:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {upd:.1} | {inv:.1} | {wait:.1} |",
+                "| {} QD{qd} | {} | {:.0} | {:.0}-{:.0} | {ratio} | {p50:.1} | {p99:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {upd:.1} | {inv:.1} | {wait:.1} | {cpu:.1} |",
                 op.name(),
                 mode.label(),
                 iops,
@@ -814,7 +859,11 @@ fn print_viommu_targets(
         let (op, qd) = results[0][0].phases[ph].0;
         let phase = format!("{} QD{qd}", op.name());
         let iops = |m: Mode| per_run(modes, results, m, ph, |p| p.iops);
-        for (m, tag) in [(Mode::Churn, "(c)"), (Mode::ChurnNoPoll, "(c0)")] {
+        for (m, tag) in [
+            (Mode::Churn, "(c)"),
+            (Mode::ChurnNoPoll, "(c0)"),
+            (Mode::ChurnQueuePoll, "(c1)"),
+        ] {
             let Some(u) = per_run(modes, results, m, ph, |p| p.update_us) else {
                 continue;
             };
@@ -969,7 +1018,7 @@ fn iotlb_alone_us(n: usize) -> [f64; 4] {
         .into_iter()
         .enumerate()
     {
-        let vcdev = daemon("e2e-iotlb-alone", args);
+        let vcdev = daemon("e2e-iotlb-alone", &Mode::None.device(), args);
         let h = Harness::start_iotlb(&vcdev.socket("vfio0"), 1, QUEUE_SIZE);
         let io = h.iommu();
         let (mut upd, mut inv) = (Vec::with_capacity(n), Vec::with_capacity(n));

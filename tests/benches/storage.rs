@@ -429,20 +429,8 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let (user, sys) = cpu_user_sys(pid);
+    let (user, sys) = common::stat_cpu_secs(pid);
     user + sys
-}
-
-/// (utime, stime) of `pid`, in seconds.
-fn cpu_user_sys(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5); `after` starts at field 3.
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) as f64 / hz, ticks(12) as f64 / hz)
 }
 
 /// (`Threads:` of /proc/PID/status, threads named `iou-*`).
@@ -1424,9 +1412,9 @@ fn alternate_main(slice: f64, warmup: f64, out: &Path) {
                 };
                 for i in order {
                     let s = &mut sides[i];
-                    let (cpu0, sleeps0) = (cpu_user_sys(s.pid), sleeps(s.pid));
+                    let (cpu0, sleeps0) = (common::stat_cpu_secs(s.pid), sleeps(s.pid));
                     let (lat, took) = s.d.run(*wl, Until::Secs(slice), &mut s.rng, &mut s.seq);
-                    let cpu1 = cpu_user_sys(s.pid);
+                    let cpu1 = common::stat_cpu_secs(s.pid);
                     let cpu = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
                     let slept = sleeps(s.pid) - sleeps0;
                     s.slices.push((lat.len(), took.as_secs_f64(), cpu, slept));

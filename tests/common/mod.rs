@@ -122,6 +122,37 @@ pub fn this_tid() -> u32 {
         .expect("a thread id")
 }
 
+/// (utime, stime) of process `pid` from `/proc/PID/stat`, in seconds (clock
+/// ticks: 10 ms steps); (0, 0) when it is gone.
+pub fn stat_cpu_secs(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5); `rest` starts at field 3.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) as f64 / hz, ticks(12) as f64 / hz)
+}
+
+/// CPU time of process `pid` in us: the sum of its threads' run time
+/// (`/proc/PID/task/*/schedstat`, ns), else utime+stime.
+pub fn process_cpu_us(pid: u32) -> f64 {
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        let ns: u64 = tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        if ns > 0 {
+            return ns as f64 / 1e3;
+        }
+    }
+    let (user, sys) = stat_cpu_secs(pid);
+    (user + sys) * 1e6
+}
+
 /// The repository root (the workspace directory holding `qemu-configs/`).
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

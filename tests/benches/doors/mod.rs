@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use crate::common::cdev::{BlkDriver, StartExt, StartOpts};
 use crate::common::frontend::{DriverQueue, GuestMem, Harness, S_OK};
 use crate::common::vcdev::Vcdev;
-use crate::common::TIMEOUT;
+use crate::common::{process_cpu_us, TIMEOUT};
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -125,39 +125,6 @@ struct Phase {
     /// Median IOAS_MAP_FILE / IOAS_UNMAP round trip (cdev-map), us.
     map_us: f64,
     unmap_us: f64,
-}
-
-/// CPU time of process `pid` in us: the sum of its threads' run time
-/// (`/proc/PID/task/*/schedstat`, ns), else utime+stime of `/proc/PID/stat`
-/// (clock ticks).
-fn process_cpu_us(pid: u32) -> f64 {
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        let ns: u64 = tasks
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
-        if ns > 0 {
-            return ns as f64 / 1e3;
-        }
-    }
-    process_stat_cpu_us(pid)
-}
-
-/// utime+stime of process `pid`, in us.
-fn process_stat_cpu_us(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 * 1e6 / hz as f64
 }
 
 /// This thread's user+system CPU, in us.
