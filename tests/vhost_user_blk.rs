@@ -705,7 +705,7 @@ fn more_chains_than_a_wake_up_takes_complete_on_one_kick() {
     }
     h.queues[0].enable_calls(&h.mem);
     h.queues[0].kick.write(1).expect("kick");
-    let mut done = vec![false; N];
+    let mut done = [false; N];
     for _ in 0..N {
         let (id, len) = h.queues[0]
             .wait_used(&h.mem, TIMEOUT)
