@@ -25,8 +25,10 @@
 //! `VCDEV_E2E_WARMUP` (2000), `VCDEV_E2E_RUNS` (5: each run starts one
 //! daemon per configuration, configurations interleaved; the table shows
 //! medians over runs), `VCDEV_E2E_MODES` (comma-separated subset of the
-//! names above). Without `--bench` in its arguments (`cargo test
-//! --benches`) it exits at once.
+//! names above). `VCDEV_E2E_ALTERNATE=N` (with `VCDEV_E2E_ROUNDS`, 40):
+//! instead, the selected configurations all up at once and the frontend
+//! moving between them every N x depth requests (see [`alternate`]). Without
+//! `--bench` in its arguments (`cargo test --benches`) it exits at once.
 //!
 //! A second table (issue 12, `doors/mod.rs`) puts the cdev door (static
 //! IOAS, map+unmap per request) and `poll-us=50` beside the vhost-user door:
@@ -578,6 +580,83 @@ fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
     }
 }
 
+/// `VCDEV_E2E_ALTERNATE=N`: the selected configurations side by side (one
+/// daemon each, all up at once), the frontend moving from one to the next
+/// every N x depth requests, `VCDEV_E2E_ROUNDS` (40) rounds per phase, the order
+/// reversed every other round. A configuration's slice then sees the
+/// machine as the slices of the others around it did: with fresh daemons
+/// one after another, where the scheduler places each one biases it for its
+/// life (the storage bench's `VCDEV_BENCH_ALTERNATE` found up to 10% between
+/// two instances of one build). Reports each configuration's IOPS over all
+/// its slices against the first's (total, median of the per-round ratios,
+/// rounds ahead).
+fn alternate(modes: &[Mode], per_depth: usize, warmup: usize) {
+    let rounds = common::env_or::<usize>("VCDEV_E2E_ROUNDS", 40).max(1);
+    let mut sides: Vec<(Driver, Vcdev, Rng)> = modes
+        .iter()
+        .map(|&m| {
+            let mut v = daemon(
+                &format!("e2e-alt-{}", m.name()),
+                &m.device(),
+                m.daemon_args(),
+            );
+            let mut d = Driver::start(m, &mut v);
+            d.prefill();
+            (d, v, Rng(0x9e37_79b9_7f4a_7c15))
+        })
+        .collect();
+    println!(
+        "e2e: alternating slices of {per_depth} x depth requests, {rounds} rounds per phase (order reversed every other round); x = IOPS / {}'s over all slices (total / median of per-round ratios, rounds ahead)",
+        modes[0].label()
+    );
+    println!();
+    println!("| workload | configuration | IOPS | x (total / median, ahead) |");
+    println!("|---|---|---|---|");
+    let blocks = DISK / BLOCK;
+    for depth in DEPTHS {
+        let slice = per_depth * depth;
+        for op in [Op::Read, Op::Write] {
+            for (d, _, rng) in sides.iter_mut() {
+                d.run(op, depth, warmup, || (rng.next() % blocks) * (BLOCK / 512));
+            }
+            // Per side: seconds over all slices, IOPS per round.
+            let mut secs = vec![0.0; sides.len()];
+            let mut per_round: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); sides.len()];
+            for round in 0..rounds {
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..sides.len()).collect()
+                } else {
+                    (0..sides.len()).rev().collect()
+                };
+                for i in order {
+                    let (d, _, rng) = &mut sides[i];
+                    let (_, took) =
+                        d.run(op, depth, slice, || (rng.next() % blocks) * (BLOCK / 512));
+                    secs[i] += took.as_secs_f64();
+                    per_round[i].push(slice as f64 / took.as_secs_f64());
+                }
+            }
+            let total = |i: usize| (slice * rounds) as f64 / secs[i];
+            for (i, m) in modes.iter().enumerate() {
+                let mut r: Vec<f64> = per_round[i]
+                    .iter()
+                    .zip(&per_round[0])
+                    .map(|(a, b)| a / b)
+                    .collect();
+                let ahead = r.iter().filter(|&&x| x > 1.0).count();
+                println!(
+                    "| {} QD{depth} | {} | {:.0} | {:.3} / {:.3}, {ahead} of {rounds} |",
+                    op.name(),
+                    m.label(),
+                    total(i),
+                    total(i) / total(0),
+                    median(&mut r)
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("e2e: a benchmark; run it with `cargo bench -p vcdev-tests --bench e2e`");
@@ -605,6 +684,13 @@ fn main() {
         // The main thread only: the frontend's threads inherit it.
         pin(false, this_tid(), frontend_cpu);
         println!("e2e: frontend pinned to CPU {frontend_cpu}, daemons (and the floor's echo thread) to CPU {daemon_cpu}");
+    }
+    if let Ok(n) = std::env::var("VCDEV_E2E_ALTERNATE") {
+        let n = n
+            .parse()
+            .expect("VCDEV_E2E_ALTERNATE: requests per slice and depth");
+        alternate(&modes, n, warmup);
+        return;
     }
     println!(
         "e2e: vcdev {} , {runs} run(s) x {} configuration(s), {n} requests per phase after {warmup} warm-up, 4 KiB, RAM disk 64 MiB",
