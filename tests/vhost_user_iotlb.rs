@@ -385,6 +385,34 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
     assert_eq!(misses_of_page(&h, hdr), 3);
 }
 
+/// A queue stopped (GET_VRING_BASE) after its used ring was invalidated
+/// does not ask for the ring while it stops: the stop waits for no answer,
+/// and QEMU, stopping the device, refuses IOTLB messages ("Unexpected IOTLB
+/// message when virtio device is stopped"). Once restarted, the queue asks
+/// for it as usual and serves.
+#[test]
+fn a_stopping_queue_does_not_ask_for_its_invalidated_ring() {
+    let d = daemon("iotlb-stop-ring", 1, &[]);
+    let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    let used = iova_of(h.queues[0].ring.used);
+    assert_eq!(misses_of_page(&h, used), 1);
+    assert_eq!(h.iommu().invalidate(page_of(used), PAGE), 0);
+    {
+        let lock = h.main_lock.clone();
+        let _g = lock.lock().expect("main lock");
+        h.fe.set_vring_enable(0, false).expect("disable");
+        h.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    }
+    // A miss would have been sent before GET_VRING_BASE's answer; give the
+    // backend channel's reader time to see one.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(misses_of_page(&h, used), 1, "no miss while stopping");
+    h.start_queue(0);
+    assert_eq!(h.read(0, 0, 512).status, S_OK);
+    assert_eq!(misses_of_page(&h, used), 2, "asked for again once running");
+}
+
 /// Offers a read of 512 bytes at sector 0 into `buf` (an IOVA) on queue
 /// `q` without waiting for it.
 fn offer_read(h: &mut Harness, q: usize, buf: u64) {

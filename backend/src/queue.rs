@@ -278,6 +278,13 @@ pub trait Door: Send + 'static {
         false
     }
 
+    /// The worker stops: the next batch is its last (the drain). The stop
+    /// waits for no answer from the driver (what it cannot reach it
+    /// abandons), so a door that asks the driver for translations need not
+    /// ask for that batch's, and QEMU, stopping the device, would refuse
+    /// the question.
+    fn stopping(&mut self) {}
+
     /// Runs `f` on the queue's memory view to look at the rings, without a
     /// batch: no fault is asked about and no batch counted. `None` when the
     /// rings are out of reach now (the worker stops polling and waits).
@@ -791,6 +798,7 @@ impl<D: Door> QueueWorker<D> {
 
     /// Completes everything in flight (parked requests stay parked).
     fn stop(&mut self) {
+        self.door.stopping();
         let rings = Rings::of(&self.queue);
         let (queue, aq) = (&mut self.queue, &mut self.aq);
         let r = self.door.batch(rings, |view, _| aq.drain(queue, view));

@@ -335,6 +335,7 @@ impl Vring {
                 wake: miss_wake,
                 repoll: false,
             },
+            stopping: false,
         };
         let mut worker = QueueWorker::new(
             format!("{owner}: queue {index}"),
@@ -584,6 +585,9 @@ struct VhostDoor {
     device: Arc<Device>,
     notifiers: Arc<Notifiers>,
     misses: MissWaits,
+    /// The worker stops ([`Door::stopping`]): a ring that does not
+    /// translate is out of reach, not asked for.
+    stopping: bool,
 }
 
 impl VhostDoor {
@@ -639,6 +643,7 @@ impl Door for VhostDoor {
             iotlb,
             device,
             misses,
+            stopping,
             ..
         } = self;
         let counters = device.counters();
@@ -658,6 +663,15 @@ impl Door for VhostDoor {
                         len: 1,
                         access,
                     };
+                    if *stopping {
+                        drop(session);
+                        self.account();
+                        debug!(
+                            "{}: stopping with a ring at IOVA {:#x} not translated",
+                            self.who, fault.addr.0
+                        );
+                        return Batch::Lost;
+                    }
                     let policy = misses.decide(&session, iotlb.as_deref(), counters, who, &fault);
                     drop(session);
                     self.account();
@@ -734,6 +748,10 @@ impl Door for VhostDoor {
 
     fn deadline(&self) -> Option<Instant> {
         self.misses.deadline(self.iotlb.as_deref())
+    }
+
+    fn stopping(&mut self) {
+        self.stopping = true;
     }
 
     fn take_repoll(&mut self) -> bool {
