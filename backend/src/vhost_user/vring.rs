@@ -663,23 +663,23 @@ impl Door for VhostDoor {
                         len: 1,
                         access,
                     };
-                    if *stopping {
-                        drop(session);
-                        self.account();
-                        debug!(
-                            "{}: stopping with a ring at IOVA {:#x} not translated",
-                            self.who, fault.addr.0
-                        );
-                        return Batch::Lost;
-                    }
-                    let policy = misses.decide(&session, iotlb.as_deref(), counters, who, &fault);
+                    // Stopping: nobody waits for an answer (see `Door::stopping`).
+                    let policy = (!*stopping)
+                        .then(|| misses.decide(&session, iotlb.as_deref(), counters, who, &fault));
                     drop(session);
                     self.account();
                     return match policy {
-                        FaultPolicy::Retry => Batch::Blocked,
-                        FaultPolicy::Fail => {
+                        Some(FaultPolicy::Retry) => Batch::Blocked,
+                        Some(FaultPolicy::Fail) => {
                             warn!(
                                 "{}: ring at IOVA {:#x} not translatable",
+                                self.who, fault.addr.0
+                            );
+                            Batch::Lost
+                        }
+                        None => {
+                            debug!(
+                                "{}: stopping with a ring at IOVA {:#x} not translated",
                                 self.who, fault.addr.0
                             );
                             Batch::Lost
