@@ -623,12 +623,7 @@ fn alternate(modes: &[Mode], per_depth: usize, warmup: usize) {
             let mut secs = vec![0.0; sides.len()];
             let mut per_round: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); sides.len()];
             for round in 0..rounds {
-                let order: Vec<usize> = if round % 2 == 0 {
-                    (0..sides.len()).collect()
-                } else {
-                    (0..sides.len()).rev().collect()
-                };
-                for i in order {
+                for i in common::round_order(round, sides.len()) {
                     let (d, _, rng) = &mut sides[i];
                     let (_, took) =
                         d.run(op, depth, slice, || (rng.next() % blocks) * (BLOCK / 512));
@@ -638,19 +633,12 @@ fn alternate(modes: &[Mode], per_depth: usize, warmup: usize) {
             }
             let total = |i: usize| (slice * rounds) as f64 / secs[i];
             for (i, m) in modes.iter().enumerate() {
-                let mut r: Vec<f64> = per_round[i]
-                    .iter()
-                    .zip(&per_round[0])
-                    .map(|(a, b)| a / b)
-                    .collect();
-                let ahead = r.iter().filter(|&&x| x > 1.0).count();
                 println!(
-                    "| {} QD{depth} | {} | {:.0} | {:.3} / {:.3}, {ahead} of {rounds} |",
+                    "| {} QD{depth} | {} | {:.0} | {} |",
                     op.name(),
                     m.label(),
                     total(i),
-                    total(i) / total(0),
-                    median(&mut r)
+                    common::versus(total(i), total(0), &per_round[i], &per_round[0])
                 );
             }
         }

@@ -1405,12 +1405,7 @@ fn alternate_main(slice: f64, warmup: f64, out: &Path) {
                 continue;
             }
             for round in 0..rounds {
-                let order: Vec<usize> = if round % 2 == 0 {
-                    (0..sides.len()).collect()
-                } else {
-                    (0..sides.len()).rev().collect()
-                };
-                for i in order {
+                for i in common::round_order(round, sides.len()) {
                     let s = &mut sides[i];
                     let (cpu0, sleeps0) = (common::stat_cpu_secs(s.pid), sleeps(s.pid));
                     let (lat, took) = s.d.run(*wl, Until::Secs(slice), &mut s.rng, &mut s.seq);
@@ -1437,13 +1432,8 @@ fn alternate_main(slice: f64, warmup: f64, out: &Path) {
                     else {
                         return "-".to_owned();
                     };
-                    let mut r: Vec<f64> = (0..rounds).map(|k| iops(s, k) / iops(p, k)).collect();
-                    let ahead = r.iter().filter(|&&x| x > 1.0).count();
-                    format!(
-                        "{:.3} / {:.3}, {ahead} of {rounds}",
-                        total(s) / total(p),
-                        median(&mut r)
-                    )
+                    let per_round = |x: &Side| (0..rounds).map(|k| iops(x, k)).collect::<Vec<_>>();
+                    common::versus(total(s), total(p), &per_round(s), &per_round(p))
                 };
                 let (n, user, sys, slept) = s.slices.iter().fold((0, 0.0, 0.0, 0), |a, x| {
                     (a.0 + x.0, a.1 + x.2 .0, a.2 + x.2 .1, a.3 + x.3)

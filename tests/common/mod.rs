@@ -87,6 +87,30 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The order in which round `round` of an alternating benchmark visits its
+/// `n` configurations: forward, then backward every other round, so that
+/// none always goes first.
+pub fn round_order(round: usize, n: usize) -> Vec<usize> {
+    if round.is_multiple_of(2) {
+        (0..n).collect()
+    } else {
+        (0..n).rev().collect()
+    }
+}
+
+/// `total_a / total_b, median of per-round a / b, rounds a was ahead of R`,
+/// as the alternating benchmarks print a configuration against another.
+pub fn versus(total_a: f64, total_b: f64, rounds_a: &[f64], rounds_b: &[f64]) -> String {
+    let mut r: Vec<f64> = rounds_a.iter().zip(rounds_b).map(|(a, b)| a / b).collect();
+    let ahead = r.iter().filter(|&&x| x > 1.0).count();
+    let n = r.len();
+    format!(
+        "{:.3} / {:.3}, {ahead} of {n}",
+        total_a / total_b,
+        median(&mut r)
+    )
+}
+
 /// `var=F,D` (the benchmarks' `VCDEV_E2E_PIN`, `VCDEV_BENCH_PIN`): the CPU
 /// of the frontend and the CPU of the backends, when set.
 pub fn cpu_pair(var: &str) -> Option<(u32, u32)> {
