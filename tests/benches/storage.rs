@@ -1301,7 +1301,9 @@ struct Side {
 /// times per workload, the order reversed every other round. A slice of one sees the machine as
 /// the slices of the others around it did, so the per-round ratio's spread is that of the
 /// slice's own noise, not that of the machine from one phase to the next (the round-robin runs
-/// put seconds between the two phases of a pair). The idle backends wait for a kick meanwhile.
+/// put seconds between the two phases of a pair). With `VCDEV_BENCH_PIN`, no backend is favoured
+/// by where the scheduler put its queue thread (see the module doc). The idle backends wait for
+/// a kick meanwhile.
 /// One-queue workloads; disks and configurations as for the timed runs (`raw pread` left
 /// out). Reports, per workload and configuration: IOPS over all its slices, the ratio of those
 /// to `vub_blk`'s and qemu-storage-daemon's (same cache mode), the median per-round ratio and
