@@ -365,12 +365,7 @@ fn iotlb_dropped_on_stop_and_mem_table_and_ring_invalidation_honoured() {
     assert_eq!(h.iommu().misses().last().map(|m| m.perm), Some(WO));
     assert_eq!(misses_of_page(&h, hdr), 1, "the header page stayed");
     // Stop and restart the queue: everything is asked for again.
-    {
-        let lock = h.main_lock.clone();
-        let _g = lock.lock().expect("main lock");
-        h.fe.set_vring_enable(0, false).expect("disable");
-        h.fe.get_vring_base(0).expect("GET_VRING_BASE");
-    }
+    h.stop_queue(0);
     h.start_queue(0);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
     assert_eq!((misses_of_page(&h, used), misses_of_page(&h, hdr)), (3, 2));
@@ -398,12 +393,7 @@ fn a_stopping_queue_does_not_ask_for_its_invalidated_ring() {
     let used = iova_of(h.queues[0].ring.used);
     assert_eq!(misses_of_page(&h, used), 1);
     assert_eq!(h.iommu().invalidate(page_of(used), PAGE), 0);
-    {
-        let lock = h.main_lock.clone();
-        let _g = lock.lock().expect("main lock");
-        h.fe.set_vring_enable(0, false).expect("disable");
-        h.fe.get_vring_base(0).expect("GET_VRING_BASE");
-    }
+    h.stop_queue(0);
     // A miss would have been sent before GET_VRING_BASE's answer; give the
     // backend channel's reader time to see one.
     std::thread::sleep(Duration::from_millis(200));
@@ -446,12 +436,7 @@ fn main_channel_and_get_vring_base_are_served_while_a_queue_waits_on_a_miss() {
     let t = Instant::now();
     let n = h.raw(FrontendReq::GET_QUEUE_NUM, &[], &[]);
     assert_eq!(n.payload, 1u64.to_le_bytes());
-    let base = {
-        let lock = h.main_lock.clone();
-        let _g = lock.lock().expect("main lock");
-        h.fe.set_vring_enable(0, false).expect("disable");
-        h.fe.get_vring_base(0).expect("GET_VRING_BASE")
-    };
+    let base = h.stop_queue(0);
     let took = t.elapsed();
     h.iommu().hold(false);
     assert!(took < Duration::from_secs(2), "{took:?}");

@@ -370,8 +370,7 @@ fn kick_before_enable_is_served_once_enabled() {
 fn vring_addr_with_log_address_but_no_log_flag_is_accepted() {
     let d = Vcdev::start("vu-logaddr", &["--device", "blk,ram=1M"], "vfio0");
     let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
-    h.fe.set_vring_enable(0, false).expect("disable");
-    h.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    h.stop_queue(0);
     let mut cfg = h.queues[0].config(&h.mem);
     cfg.log_addr = Some(0x7f12_3456_0000);
     h.fe.set_vring_addr(0, &cfg)
@@ -389,8 +388,7 @@ fn call_fd_changes_between_starts() {
     let d = Vcdev::start("vu-callfd", &["--device", "blk,ram=1M"], "vfio0");
     let mut h = Harness::start(&d.socket("vfio0"), 1, 64);
     assert_eq!(h.flush(0), S_OK);
-    h.fe.set_vring_enable(0, false).expect("disable");
-    let base = h.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let base = h.stop_queue(0);
     assert_eq!(base, 1);
     let old = h.queues[0].call.try_clone().expect("dup");
     let _ = old.read();

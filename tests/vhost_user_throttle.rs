@@ -99,14 +99,8 @@ fn limits_hold_while_an_unlimited_device_runs_beside_them() {
 
 /// CPU time (user + system) of process `pid` so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf reads a constant of the system.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / hz)
+    let (user, sys) = common::stat_cpu_secs(pid);
+    Duration::from_secs_f64(user + sys)
 }
 
 /// A queue whose requests wait for tokens sleeps until they come (a timer), it does not spin:
@@ -124,6 +118,11 @@ fn a_throttled_queue_sleeps_until_its_tokens_come() {
     let run = Duration::from_secs(3);
     let done = h.pump(0, false, 64 << 10, 4, run);
     let used = cpu_time(pid).saturating_sub(before);
+    // (A daemon gone would read as no CPU at all.)
+    assert!(
+        matches!(d.daemon.proc().try_wait(), Ok(None)),
+        "the daemon is still running"
+    );
     // The burst (one request), then one a second.
     assert!(
         (2..=5).contains(&done.len()),

@@ -270,6 +270,14 @@ impl Harness {
         self.fe.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
     }
 
+    /// SET_VRING_ENABLE 0 and GET_VRING_BASE for queue `i` (QEMU's stop):
+    /// returns the base the backend answers.
+    pub fn stop_queue(&mut self, i: usize) -> u32 {
+        let _g = lock(&self.main_lock);
+        self.fe.set_vring_enable(i, false).expect("disable");
+        self.fe.get_vring_base(i).expect("GET_VRING_BASE")
+    }
+
     /// Submits `chain` on queue `q` and waits for its completion (asking
     /// for a call at it, as a driver waiting for it does).
     pub fn run_chain(&mut self, q: usize, chain: &[Desc]) -> Option<(u32, u32)> {
