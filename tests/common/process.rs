@@ -3,6 +3,7 @@
 
 use std::io::{self, Read};
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -70,7 +71,29 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` (its stdio is replaced); `name` is used in messages.
+    ///
+    /// Spawned from the process's main thread (a bench's, where `harness = false`), the child
+    /// gets SIGKILL when this process dies, so a bench killed by a signal leaves no daemon
+    /// behind. Not from other threads: the kernel's parent-death signal follows the thread that
+    /// forked, and a test thread may end before the process it started is done with.
     pub fn spawn(name: &str, cmd: &mut Command) -> io::Result<Self> {
+        if on_main_thread() {
+            let parent = libc::pid_t::try_from(std::process::id()).map_err(io::Error::other)?;
+            // SAFETY: the closure runs in the forked child before exec; it makes only
+            // async-signal-safe system calls (prctl, getppid) and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // The parent may have died before the prctl: then the child is orphaned.
+                    if libc::getppid() != parent {
+                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -241,4 +264,10 @@ impl Daemon {
     pub fn stop(self, timeout: Duration) -> io::Result<Finished> {
         self.proc.terminate(timeout)
     }
+}
+
+/// Whether the calling thread is the process's main thread.
+fn on_main_thread() -> bool {
+    // SAFETY: getpid(2) and gettid(2) take no arguments and cannot fail.
+    unsafe { libc::getpid() == libc::gettid() }
 }
