@@ -186,7 +186,8 @@ struct ServeArgs {
     /// polls its socket for the next one for up to this long before it
     /// sleeps (adaptive: zero while the messages come further apart; 0
     /// turns it off).
-    #[arg(long, value_name = "US", default_value_t = 50,
+    #[arg(long, value_name = "US",
+          default_value_t = vcdev::vhost_user::main_poll::DEFAULT_MAX.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     iotlb_poll_us: u64,
 }

@@ -47,8 +47,13 @@ use std::time::{Duration, Instant};
 
 use crate::registry::DeviceCounters;
 
-/// The default bound (`--iotlb-poll-us`).
-pub const DEFAULT_MAX: Duration = Duration::from_micros(50);
+/// The default bound (`--iotlb-poll-us`). The gap it must cover is the frontend's side of a
+/// round trip: its wake-up from the ack, then its next message. On the 2-vCPU VMs of our
+/// benches a wake-up alone takes 25-40 us, and with a bound of 50 us 8-18% of strict churn's
+/// messages came after the poll had given up, each then paying the daemon's wake-up too; with
+/// 100 us, 0-2% (BENCHMARKS.md, "the main-channel poll's bound"). KVM's halt polling, the model
+/// of this poll, bounds its own at 200 us.
+pub const DEFAULT_MAX: Duration = Duration::from_micros(100);
 
 /// Budgets below this are zero (not worth a poll).
 pub const MIN_BUDGET: Duration = Duration::from_micros(5);
