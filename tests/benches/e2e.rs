@@ -33,7 +33,7 @@
 //! A second table (issue 12, `doors/mod.rs`) puts the cdev door (static
 //! IOAS, map+unmap per request) and `poll-us=50` beside the vhost-user door:
 //! `VCDEV_E2E_DOORS` selects its rows (`off`: none), `VCDEV_E2E_MODES=doors`
-//! runs it alone.
+//! runs it alone (with `VCDEV_E2E_ALTERNATE=N`, in alternating slices).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -591,7 +591,6 @@ fn run_mode(mode: Mode, warmup: usize, n: usize, seed: u64) -> ModeRun {
 /// its slices against the first's (total, median of the per-round ratios,
 /// rounds ahead).
 fn alternate(modes: &[Mode], per_depth: usize, warmup: usize) {
-    let rounds = common::env_or::<usize>("VCDEV_E2E_ROUNDS", 40).max(1);
     let mut sides: Vec<(Driver, Vcdev, Rng)> = modes
         .iter()
         .map(|&m| {
@@ -605,38 +604,54 @@ fn alternate(modes: &[Mode], per_depth: usize, warmup: usize) {
             (d, v, Rng(0x9e37_79b9_7f4a_7c15))
         })
         .collect();
+    let labels: Vec<&str> = modes.iter().map(|m| m.label()).collect();
+    let blocks = DISK / BLOCK;
+    alternate_table(&labels, per_depth, warmup, |i, op, depth, n| {
+        let (d, _, rng) = &mut sides[i];
+        d.run(op, depth, n, || (rng.next() % blocks) * (BLOCK / 512))
+            .1
+    });
+}
+
+/// The loop and the table of [`alternate`], for both tables' configurations:
+/// `run(i, op, depth, n)` runs `n` requests of `op` at `depth` on side `i`
+/// (named `labels[i]`; the first is the base of the ratios) and returns the
+/// time they took.
+fn alternate_table(
+    labels: &[&str],
+    per_depth: usize,
+    warmup: usize,
+    mut run: impl FnMut(usize, Op, usize, usize) -> Duration,
+) {
+    let rounds = common::env_or::<usize>("VCDEV_E2E_ROUNDS", 40).max(1);
     println!(
         "e2e: alternating slices of {per_depth} x depth requests, {rounds} rounds per phase (order reversed every other round); x = IOPS / {}'s over all slices (total / median of per-round ratios, rounds ahead)",
-        modes[0].label()
+        labels[0]
     );
     println!();
     println!("| workload | configuration | IOPS | x (total / median, ahead) |");
     println!("|---|---|---|---|");
-    let blocks = DISK / BLOCK;
     for depth in DEPTHS {
         let slice = per_depth * depth;
         for op in [Op::Read, Op::Write] {
-            for (d, _, rng) in sides.iter_mut() {
-                d.run(op, depth, warmup, || (rng.next() % blocks) * (BLOCK / 512));
+            for i in 0..labels.len() {
+                run(i, op, depth, warmup);
             }
             // Per side: seconds over all slices, IOPS per round.
-            let mut secs = vec![0.0; sides.len()];
-            let mut per_round: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); sides.len()];
+            let mut secs = vec![0.0; labels.len()];
+            let mut per_round: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); labels.len()];
             for round in 0..rounds {
-                for i in common::round_order(round, sides.len()) {
-                    let (d, _, rng) = &mut sides[i];
-                    let (_, took) =
-                        d.run(op, depth, slice, || (rng.next() % blocks) * (BLOCK / 512));
+                for i in common::round_order(round, labels.len()) {
+                    let took = run(i, op, depth, slice);
                     secs[i] += took.as_secs_f64();
                     per_round[i].push(slice as f64 / took.as_secs_f64());
                 }
             }
             let total = |i: usize| (slice * rounds) as f64 / secs[i];
-            for (i, m) in modes.iter().enumerate() {
+            for (i, label) in labels.iter().enumerate() {
                 println!(
-                    "| {} QD{depth} | {} | {:.0} | {} |",
+                    "| {} QD{depth} | {label} | {:.0} | {} |",
                     op.name(),
-                    m.label(),
                     total(i),
                     common::versus(total(i), total(0), &per_round[i], &per_round[0])
                 );
@@ -653,8 +668,20 @@ fn main() {
     let n = common::env_or::<usize>("VCDEV_E2E_REQUESTS", 20_000);
     let warmup = common::env_or::<usize>("VCDEV_E2E_WARMUP", 2_000);
     let runs = common::env_or::<usize>("VCDEV_E2E_RUNS", 5).max(1);
+    if let Some((frontend_cpu, daemon_cpu)) = pinned() {
+        // The main thread only: the frontend's threads inherit it.
+        pin(false, this_tid(), frontend_cpu);
+        println!("e2e: frontend pinned to CPU {frontend_cpu}, daemons (and the floor's echo thread) to CPU {daemon_cpu}");
+    }
+    let alternating = std::env::var("VCDEV_E2E_ALTERNATE").ok().map(|n| {
+        n.parse::<usize>()
+            .expect("VCDEV_E2E_ALTERNATE: requests per slice and depth")
+    });
     if std::env::var("VCDEV_E2E_MODES").is_ok_and(|m| m.trim() == "doors") {
-        doors::run(n, warmup, runs);
+        match alternating {
+            Some(per_depth) => doors::alternate(per_depth, warmup),
+            None => doors::run(n, warmup, runs),
+        }
         return;
     }
     let modes: Vec<Mode> = match std::env::var("VCDEV_E2E_MODES") {
@@ -668,16 +695,8 @@ fn main() {
     if modes.contains(&Mode::ChurnQueuePoll) {
         println!("e2e: (c1) runs its device with poll-us={}", queue_poll_us());
     }
-    if let Some((frontend_cpu, daemon_cpu)) = pinned() {
-        // The main thread only: the frontend's threads inherit it.
-        pin(false, this_tid(), frontend_cpu);
-        println!("e2e: frontend pinned to CPU {frontend_cpu}, daemons (and the floor's echo thread) to CPU {daemon_cpu}");
-    }
-    if let Ok(n) = std::env::var("VCDEV_E2E_ALTERNATE") {
-        let n = n
-            .parse()
-            .expect("VCDEV_E2E_ALTERNATE: requests per slice and depth");
-        alternate(&modes, n, warmup);
+    if let Some(per_depth) = alternating {
+        alternate(&modes, per_depth, warmup);
         return;
     }
     println!(

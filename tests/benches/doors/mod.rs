@@ -29,7 +29,9 @@
 //! (`getrusage(RUSAGE_THREAD)`) over the measured phase, per request.
 //!
 //! `VCDEV_E2E_DOORS`: comma-separated subset of the names above, or `off`
-//! to skip this table; `VCDEV_E2E_MODES=doors` runs this table alone.
+//! to skip this table; `VCDEV_E2E_MODES=doors` runs this table alone, and
+//! with `VCDEV_E2E_ALTERNATE=N` in alternating slices ([`alternate`]).
+//! Under `VCDEV_E2E_PIN=F,D` the daemons run on CPU D, as in the IOMMU table.
 //! `VCDEV_E2E_REQUESTS`, `VCDEV_E2E_WARMUP` and `VCDEV_E2E_RUNS` as for the
 //! IOMMU table.
 
@@ -38,14 +40,14 @@ use std::time::{Duration, Instant};
 use crate::common::cdev::{BlkDriver, StartExt, StartOpts};
 use crate::common::frontend::{DriverQueue, GuestMem, Harness, S_OK};
 use crate::common::vcdev::Vcdev;
-use crate::common::{process_cpu_us, TIMEOUT};
+use crate::common::{pin, process_cpu_us, TIMEOUT};
 use vcdev_device_model::testing::{BlkRequest, R, W};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 // The request layout, disk, depths, generator and median of the e2e
 // bench's vhost-user table: the rows of both tables are comparable.
-use super::{median, Rng, BLOCK, DATA_BASE, DEPTHS, DISK, HDR_BASE, QUEUE_SIZE};
+use super::{median, Op, Rng, BLOCK, DATA_BASE, DEPTHS, DISK, HDR_BASE, QUEUE_SIZE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DoorKind {
@@ -94,21 +96,6 @@ const CONFIGS: [Cfg; 5] = [
         poll_us: 0,
     },
 ];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Read,
-    Write,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Read => "randread",
-            Op::Write => "randwrite",
-        }
-    }
-}
 
 /// One measured phase.
 #[derive(Clone, Debug, Default)]
@@ -393,7 +380,9 @@ impl Driver {
 /// The phases of one configuration in one run.
 type CfgRun = Vec<((Op, usize), Phase)>;
 
-fn run_cfg(cfg: Cfg, warmup: usize, n: usize, seed: u64) -> CfgRun {
+/// The daemon of `cfg`, on the daemons' CPU under `VCDEV_E2E_PIN` (else it
+/// would inherit the frontend's), and its pid.
+fn spawn(cfg: Cfg) -> (Vcdev, u32) {
     let mut spec = format!("blk,name=vfio0,ram=64M,queue-size={QUEUE_SIZE}");
     if cfg.poll_us != 0 {
         spec.push_str(&format!(",poll-us={}", cfg.poll_us));
@@ -406,6 +395,14 @@ fn run_cfg(cfg: Cfg, warmup: usize, n: usize, seed: u64) -> CfgRun {
     }
     let mut vcdev = b.spawn();
     let pid = vcdev.daemon.proc().pid();
+    if let Some((_, daemon_cpu)) = super::pinned() {
+        pin(true, pid, daemon_cpu);
+    }
+    (vcdev, pid)
+}
+
+fn run_cfg(cfg: Cfg, warmup: usize, n: usize, seed: u64) -> CfgRun {
+    let (vcdev, pid) = spawn(cfg);
     let mut d = Driver::start(cfg, &vcdev);
     d.prefill();
     let mut rng = Rng(seed | 1);
@@ -425,8 +422,8 @@ pub fn wanted() -> bool {
     std::env::var("VCDEV_E2E_DOORS").map_or(true, |v| v.trim() != "off")
 }
 
-/// Runs the table and prints it.
-pub fn run(n: usize, warmup: usize, runs: usize) {
+/// The configurations `VCDEV_E2E_DOORS` selects (all by default).
+fn selected() -> Vec<Cfg> {
     let cfgs: Vec<Cfg> = match std::env::var("VCDEV_E2E_DOORS") {
         Ok(s) if s.trim() != "all" => CONFIGS
             .into_iter()
@@ -435,6 +432,35 @@ pub fn run(n: usize, warmup: usize, runs: usize) {
         _ => CONFIGS.to_vec(),
     };
     assert!(!cfgs.is_empty(), "VCDEV_E2E_DOORS selects nothing");
+    cfgs
+}
+
+/// `VCDEV_E2E_MODES=doors VCDEV_E2E_ALTERNATE=N`: the selected
+/// configurations in alternating slices (the IOMMU table's
+/// [`super::alternate`]), every daemon up at once.
+pub fn alternate(per_depth: usize, warmup: usize) {
+    let cfgs = selected();
+    let mut sides: Vec<(Driver, Vcdev, Rng)> = cfgs
+        .iter()
+        .map(|&cfg| {
+            let (vcdev, _) = spawn(cfg);
+            let mut d = Driver::start(cfg, &vcdev);
+            d.prefill();
+            (d, vcdev, Rng(0x9e37_79b9_7f4a_7c15))
+        })
+        .collect();
+    let labels: Vec<&str> = cfgs.iter().map(|c| c.label).collect();
+    let blocks = DISK / BLOCK;
+    super::alternate_table(&labels, per_depth, warmup, |i, op, depth, n| {
+        let (d, _, rng) = &mut sides[i];
+        d.run(op, depth, n, || (rng.next() % blocks) * (BLOCK / 512))
+            .1
+    });
+}
+
+/// Runs the table and prints it.
+pub fn run(n: usize, warmup: usize, runs: usize) {
+    let cfgs = selected();
     println!(
         "e2e doors (issue 12): {runs} run(s) x {} configuration(s), {n} requests per phase after {warmup} warm-up, 4 KiB, RAM disk 64 MiB",
         cfgs.len()
