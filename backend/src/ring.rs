@@ -52,6 +52,24 @@ struct Pin {
 }
 
 impl Pin {
+    /// Puts the piece that holds `addr` back in `s`'s front cache (see
+    /// [`Session::refill`]).
+    fn refill(&self, s: &Session<'_>, addr: u64) {
+        let Some(access) = self.access else {
+            return;
+        };
+        let piece = self
+            .pieces
+            .iter()
+            .find(|(iova, h)| addr.wrapping_sub(*iova) < h.len as u64);
+        if let Some(&(iova, h)) = piece {
+            // SAFETY: the caller found this pin valid for `s`'s generation
+            // (`RingPins::refresh`): each piece lies in one extent that this
+            // generation publishes and that allows the pin's access.
+            unsafe { s.refill(addr, iova, iova + (h.len as u64 - 1), h.ptr, access) };
+        }
+    }
+
     /// Whether `addr..addr+count` lies in the pin and `access` is allowed.
     /// Wrapping offsets: a ring may end at 2^64 (its last byte u64::MAX),
     /// and an `addr` below the pin wraps past its length.
@@ -209,10 +227,11 @@ impl<'a, 's> RingView<'a, 's> {
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<SliceIter<'_>> {
-        if let Some(pieces) = self
+        if let Some((pin, pieces)) = self
             .pin_of(addr.0, count, access)
-            .and_then(|pin| pin.slices(addr.0, count as u64))
+            .and_then(|pin| Some((pin, pin.slices(addr.0, count as u64)?)))
         {
+            pin.refill(self.session, addr.0);
             // SAFETY: the pins were made in the session this view borrows,
             // or in an earlier one whose extents this session's generation
             // still publishes (`RingPins::refresh`), so their memory stays
@@ -358,7 +377,8 @@ mod tests {
     /// An INVALIDATE of a data page leaves the ring pins alone (the
     /// invalidation log says no ring was touched); one that covers a ring
     /// page, or an UPDATE replacing one, makes them be redone; a gap longer
-    /// than the log too.
+    /// than the log too. A ring access served from the pins refills the
+    /// front cache.
     #[test]
     fn only_invalidations_under_a_ring_redo_the_pins() {
         const PAGE: u64 = 4096;
@@ -401,8 +421,33 @@ mod tests {
             pins.refresh(&reader.enter(), (0, PAGE, 2 * PAGE + 64), 64),
             Ok(true)
         );
-        // More generations than the log remembers (16): redone.
+        assert_eq!(pins.refresh(&reader.enter(), rings, 64), Ok(true));
+        // More generations than the front cache reads from the log (16) and
+        // fewer than the log holds (256, a queue's burst of INVALIDATEs and
+        // more): the pins stay; the cache lost the rings, and the pins' first
+        // access of a ring puts its page back.
         for _ in 0..40 {
+            map(8 * PAGE, 8 * PAGE);
+            space.iotlb_invalidate(8 * PAGE, PAGE);
+        }
+        {
+            let s = reader.enter();
+            assert_eq!(pins.refresh(&s, rings, 64), Ok(false), "40 generations");
+            assert!(s.probe(PAGE + 2, 2, Permissions::Read).is_none(), "flushed");
+            let view = RingView::new(&s, Some(&pins), &releaser);
+            let mut idx = [0u8; 2];
+            view.read_slice(&mut idx, GuestAddress(PAGE + 2)).unwrap();
+            assert!(
+                s.probe(PAGE + 2, 2, Permissions::Read).is_some(),
+                "refilled"
+            );
+            assert!(
+                s.probe(PAGE + 2, 2, Permissions::Write).is_none(),
+                "the pin's access only"
+            );
+        }
+        // More generations than the log remembers: redone.
+        for _ in 0..300 {
             map(8 * PAGE, 8 * PAGE);
             space.iotlb_invalidate(8 * PAGE, PAGE);
         }

@@ -34,6 +34,11 @@ use crate::tree::Node;
 
 /// Entries of the front cache (a power of two).
 pub const CACHE_ENTRIES: usize = 64;
+
+/// The generations a session's front cache drops entries for one by one
+/// ([`Session::new_generation`]), each a pass over its [`CACHE_ENTRIES`]; after more it drops
+/// them all, which costs less than the passes and at most a refill of each.
+pub(crate) const PARTIAL_FLUSH_GENS: u64 = 16;
 const PAGE_SHIFT: u32 = 12;
 
 /// Why a translation failed; `iova` is the first failing address.
@@ -272,7 +277,7 @@ impl Session<'_> {
         let space = &r.space;
         let partial = c != 0
             && g > c
-            && g - c <= AddressSpace::LOG_LEN
+            && g - c <= PARTIAL_FLUSH_GENS.min(AddressSpace::LOG_LEN)
             && (c + 1..=g).all(|x| match space.removed_in(x) {
                 Some((first, last)) => {
                     if first <= last {
@@ -372,6 +377,35 @@ impl Session<'_> {
             return Ok(out);
         }
         self.translate_slow(iova, len, access)
+    }
+
+    /// Puts `start..=last`, mapped at `host`, in the front cache for `access`, in the entry of
+    /// `at`'s page (an address in the range): a ring's piece that its queue's pins served
+    /// because the cache had lost the ring's page (to a data page, or to a flush), so that the
+    /// ring's next accesses hit the cache again. Counts no translation.
+    ///
+    /// # Safety
+    ///
+    /// `start..=last` must lie within one extent that allows `access` and that this session's
+    /// generation publishes, with `start` mapped at `host`: a piece translated in this session,
+    /// or in an earlier one whose extents this generation still publishes. The cache then
+    /// serves it until an invalidation that overlaps it, as it does the extents it found.
+    pub unsafe fn refill(
+        &self,
+        at: u64,
+        start: u64,
+        last: u64,
+        host: *mut u8,
+        access: Permissions,
+    ) {
+        self.check_generation();
+        let slot = &self.cache[(at >> PAGE_SHIFT) as usize & (CACHE_ENTRIES - 1)];
+        slot.set(CacheEntry {
+            start,
+            last,
+            host: host as usize,
+            perm: access as u8,
+        });
     }
 
     /// [`Session::slices`] past the front cache's one-extent fast path
