@@ -122,12 +122,24 @@ pub fn cpu_pair(var: &str) -> Option<(u32, u32)> {
 /// Pins task `id` to `cpu` with taskset; with `all`, every thread of
 /// process `id` (threads it starts later inherit their creator's CPU).
 pub fn pin(all: bool, id: u32, cpu: u32) {
+    taskset(all, id, &cpu.to_string());
+}
+
+/// Lets task `id` run on every online CPU again (undoes [`pin`] of one
+/// thread).
+pub fn unpin(id: u32) {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .expect("/sys/devices/system/cpu/online");
+    taskset(false, id, online.trim());
+}
+
+fn taskset(all: bool, id: u32, cpus: &str) {
     let mut cmd = std::process::Command::new("taskset");
     if all {
         cmd.arg("-a");
     }
     let out = cmd
-        .args(["-p", "-c", &cpu.to_string(), &id.to_string()])
+        .args(["-p", "-c", cpus, &id.to_string()])
         .output()
         .expect("taskset");
     assert!(

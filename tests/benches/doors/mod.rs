@@ -47,7 +47,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 // The request layout, disk, depths, generator and median of the e2e
 // bench's vhost-user table: the rows of both tables are comparable.
-use super::{median, Op, Rng, BLOCK, DATA_BASE, DEPTHS, DISK, HDR_BASE, QUEUE_SIZE};
+use super::{median, AltRow, Op, Rng, BLOCK, DATA_BASE, DEPTHS, DISK, HDR_BASE, QUEUE_SIZE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DoorKind {
@@ -438,8 +438,22 @@ fn selected() -> Vec<Cfg> {
 /// `VCDEV_E2E_MODES=doors VCDEV_E2E_ALTERNATE=N`: the selected
 /// configurations in alternating slices (the IOMMU table's
 /// [`super::alternate`]), every daemon up at once.
-pub fn alternate(per_depth: usize, warmup: usize) {
-    let cfgs = selected();
+pub fn alternate(per_depth: usize, warmup: usize, rounds: usize) -> Vec<AltRow> {
+    alternate_cfgs(&selected(), per_depth, warmup, rounds)
+}
+
+/// The near twins of this table (the e2e bench's [`super::twins`]): the cdev
+/// door with static mappings against the vhost-user door, in alternating
+/// slices.
+pub fn twins(per_depth: usize, warmup: usize, rounds: usize) -> Vec<AltRow> {
+    let cfgs: Vec<Cfg> = ["vu-none", "cdev-static"]
+        .into_iter()
+        .filter_map(|name| CONFIGS.into_iter().find(|c| c.name == name))
+        .collect();
+    alternate_cfgs(&cfgs, per_depth, warmup, rounds)
+}
+
+fn alternate_cfgs(cfgs: &[Cfg], per_depth: usize, warmup: usize, rounds: usize) -> Vec<AltRow> {
     let mut sides: Vec<(Driver, Vcdev, Rng)> = cfgs
         .iter()
         .map(|&cfg| {
@@ -451,11 +465,11 @@ pub fn alternate(per_depth: usize, warmup: usize) {
         .collect();
     let labels: Vec<&str> = cfgs.iter().map(|c| c.label).collect();
     let blocks = DISK / BLOCK;
-    super::alternate_table(&labels, per_depth, warmup, |i, op, depth, n| {
+    super::alternate_table(&labels, per_depth, warmup, rounds, |i, op, depth, n| {
         let (d, _, rng) = &mut sides[i];
         d.run(op, depth, n, || (rng.next() % blocks) * (BLOCK / 512))
             .1
-    });
+    })
 }
 
 /// Runs the table and prints it.
