@@ -182,6 +182,15 @@ fn poll_us_takes_a_request_without_a_doorbell() {
     let got = offer_unrung(&mut drv, std::time::Duration::from_millis(900));
     assert_eq!(got, Some((0, 4097)), "a polling worker takes it");
     assert!(drv.mem.read(drv.q.data_gpa(), 4096) == pattern(6, 4096));
+    // The worker's looks while it spins are not counted as translations.
+    let before = d.counter("vfio0", "translations");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(drv.write(8, &pattern(7, 4096)), S_OK);
+    let added = d.counter("vfio0", "translations") - before;
+    assert!(
+        (1..100).contains(&added),
+        "{added} translations counted for one request after spinning"
+    );
     drop(drv);
     drop(d);
 

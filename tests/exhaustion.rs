@@ -396,8 +396,7 @@ fn backend_channel_nobody_reads() {
         slow = slow.max(t.elapsed());
         n += 1;
     }
-    let (_, stats) = d.ctl_json(&["stats", "d0"]);
-    let sent = stats["counters"]["iotlb_misses"].as_u64().unwrap_or(0);
+    let sent = d.counter("d0", "iotlb_misses");
     eprintln!("unread backend channel: {n} requests failed, slowest {slow:?}, {sent} misses sent");
     assert!(
         u64::from(n) > 2 * sent && n > 2048,

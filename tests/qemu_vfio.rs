@@ -68,13 +68,6 @@ fn launcher(d: &Vcdev, props: Option<&str>) -> Vec<String> {
     v
 }
 
-/// A counter of `vcdev ctl stats vfio0`.
-fn stat(d: &Vcdev, key: &str) -> u64 {
-    let (rc, v) = d.ctl_json(&["stats", "vfio0"]);
-    assert_eq!(rc, 0, "ctl stats: {v}");
-    v["counters"][key].as_u64().unwrap_or(0)
-}
-
 /// Whether the device is bound through its cdev (`ctl list`).
 fn bound(d: &Vcdev) -> bool {
     let (_, v) = d.ctl_json(&["list"]);
@@ -146,12 +139,15 @@ fn dd_boot(guest: &Guest, config: &str, props: Option<&str>, append: &str) -> St
     let (report, expected) = qemu::expect_dd_readback(&run, &what, &seed, mib);
     let dev = report.find("dev", "vda").expect("dev report");
     qemu::assert_dd_on_disk(&image, mib, &expected, &what);
-    let maps = stat(&d, "ioas_maps");
-    let unmaps = stat(&d, "ioas_unmaps");
-    let unmap_us = stat(&d, "ioas_unmap_us");
-    let unmap_max = stat(&d, "ioas_unmap_max_us");
+    let maps = d.counter("vfio0", "ioas_maps");
+    let unmaps = d.counter("vfio0", "ioas_unmaps");
+    let unmap_us = d.counter("vfio0", "ioas_unmap_us");
+    let unmap_max = d.counter("vfio0", "ioas_unmap_max_us");
     assert!(maps > 0, "{what}: QEMU mapped no guest memory");
-    assert!(stat(&d, "cdev_batches") > 0, "{what}: no queue work");
+    assert!(
+        d.counter("vfio0", "cdev_batches") > 0,
+        "{what}: no queue work"
+    );
     // After QEMU: the device is free again, and vhost-user reads the same.
     assert_eq!(
         md5_through_vhost_user(&d, mib),
@@ -387,7 +383,7 @@ fn bench_vfio_pci_beside_vhost_user() {
             );
             let (report, _) = qemu::expect_dd_readback(&r, case.name, &seed, mib);
             let (w, rd) = (secs(report, "write_s"), secs(report, "read_s"));
-            let s = |k: &str| stat(&d, k) as f64;
+            let s = |k: &str| d.counter("vfio0", k) as f64;
             let dd = w + rd;
             let row = &mut rows[i];
             row[0].push(f64::from(mib) / w);

@@ -355,6 +355,13 @@ impl Vcdev {
         ctl_json(&self.dir, args)
     }
 
+    /// A counter of `vcdev ctl stats DEVICE` (0 when it has none).
+    pub fn counter(&self, device: &str, key: &str) -> u64 {
+        let (rc, v) = self.ctl_json(&["stats", device]);
+        assert_eq!(rc, 0, "ctl stats: {v}");
+        v["counters"][key].as_u64().unwrap_or(0)
+    }
+
     /// SIGTERM, wait for the exit, then a new daemon with the same
     /// arguments on the same `--dir` (an orderly restart).
     pub fn restart(&mut self) {
