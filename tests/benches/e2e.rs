@@ -37,7 +37,8 @@
 //!
 //! The whole run (no `VCDEV_E2E_MODES`) ends with the near twins
 //! ([`twins`], `VCDEV_E2E_TWINS`): the two targets that compare near-twin
-//! configurations, judged in pinned alternating slices.
+//! configurations, judged in pinned alternating slices;
+//! `VCDEV_E2E_MODES=twins` runs them alone.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -686,21 +687,26 @@ fn alternate_table(
 /// Issue #12's two near-twin targets (static mappings >= 0.98x no IOMMU,
 /// the cdev door with static mappings >= 0.9x the vhost-user door), judged
 /// in alternating slices with the frontend on one CPU and the daemons on
-/// the other, once in each orientation. Round-robin runs of fresh daemons
-/// cannot judge them on this machine: where the scheduler places a
-/// daemon's threads biases it for its life, and per-run ratios of these
-/// near-twins spread 0.36-1.51 (BENCHMARKS.md). `VCDEV_E2E_TWINS=S,D`:
-/// rounds per orientation for the static and the doors pair (200,40), or
-/// `off`.
+/// the other. Round-robin runs of fresh daemons cannot judge them on this
+/// machine: where the scheduler places a daemon's threads biases it for
+/// its life, and per-run ratios of these near-twins spread 0.36-1.51
+/// (BENCHMARKS.md). Pinned, a daemon instance still carries a bias of a
+/// few percent for its life, so the slices come in sets, each with fresh
+/// daemons, the pin orientation swapped from one set to the next.
+/// `VCDEV_E2E_TWINS=N,S,D`: N sets of S rounds for the static pair and D
+/// for the doors pair (6,70,14), or `off`.
 fn twins(warmup: usize) {
-    let spec = std::env::var("VCDEV_E2E_TWINS").unwrap_or_else(|_| "200,40".into());
+    let spec = std::env::var("VCDEV_E2E_TWINS").unwrap_or_else(|_| "6,70,14".into());
     if spec.trim() == "off" {
         return;
     }
-    let (s_rounds, d_rounds) = spec
-        .split_once(',')
-        .and_then(|(s, d)| Some((s.trim().parse().ok()?, d.trim().parse().ok()?)))
-        .expect("VCDEV_E2E_TWINS: static rounds,doors rounds (or off)");
+    let n: Vec<usize> = spec
+        .split(',')
+        .filter_map(|w| w.trim().parse().ok())
+        .collect();
+    let [sets, s_rounds, d_rounds] = n[..] else {
+        panic!("VCDEV_E2E_TWINS: sets,static rounds,doors rounds (or off), not {spec:?}");
+    };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
         println!("e2e: near twins skipped: they pin the frontend and the daemons to two CPUs, and this process may use {cpus}");
@@ -711,11 +717,15 @@ fn twins(warmup: usize) {
     let me = this_tid();
     let mut statics = Vec::new();
     let mut doors_sets = Vec::new();
-    for (f, d) in [(0, 1), (1, 0)] {
+    for set in 0..sets {
+        let (f, d) = if set % 2 == 0 { (0, 1) } else { (1, 0) };
         *TWIN_PIN.lock().unwrap_or_else(|e| e.into_inner()) = Some((f, d));
         pin(false, me, f);
         println!();
-        println!("e2e near twins (issue #12): frontend on CPU {f}, daemons on CPU {d}");
+        println!(
+            "e2e near twins (issue #12), set {}/{sets}: frontend on CPU {f}, daemons on CPU {d}",
+            set + 1
+        );
         println!();
         statics.push(alternate(
             &[Mode::None, Mode::Static],
@@ -731,18 +741,17 @@ fn twins(warmup: usize) {
     *TWIN_PIN.lock().unwrap_or_else(|e| e.into_inner()) = None;
     common::unpin(me);
     println!();
-    println!("Near twins (issue #12), pinned alternating slices in both orientations: x = the second configuration's IOPS / the first's over all slices of an orientation (total), then over all slices of both, with the median of the per-round ratios and the rounds ahead over both.");
+    println!("Near twins (issue #12), pinned alternating slices, {sets} sets of fresh daemons (pin orientation swapped each set): x = the second configuration's IOPS / the first's over all slices of a set (range over sets), then over all slices of all sets, with the median of the per-round ratios and the rounds ahead over all sets.");
     println!();
-    println!("| figure | workload | frontend CPU 0 | frontend CPU 1 | both (total / median, ahead) | target | met |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| figure | workload | sets (min-max) | all (total / median, ahead) | target | met |");
+    println!("|---|---|---|---|---|---|");
     let judge = |what: &str, sets: &[Vec<AltRow>], target: f64| {
         for k in 0..sets.first().map_or(0, Vec::len) {
             let rows: Vec<&AltRow> = sets.iter().map(|s| &s[k]).collect();
             // Equal requests on both sides: IOPS ratio = seconds ratio.
-            let per_set: Vec<String> = rows
-                .iter()
-                .map(|r| format!("{:.3}", r.secs[0] / r.secs[1]))
-                .collect();
+            let per_set: Vec<f64> = rows.iter().map(|r| r.secs[0] / r.secs[1]).collect();
+            let lo = per_set.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = per_set.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum = |i: usize| rows.iter().map(|r| r.secs[i]).sum::<f64>();
             let ratio = sum(0) / sum(1);
             let pooled = |i: usize| -> Vec<f64> {
@@ -750,13 +759,11 @@ fn twins(warmup: usize) {
                     .flat_map(|r| r.per_round[i].iter().copied())
                     .collect()
             };
-            let both = common::versus(1.0 / sum(1), 1.0 / sum(0), &pooled(1), &pooled(0));
+            let all = common::versus(1.0 / sum(1), 1.0 / sum(0), &pooled(1), &pooled(0));
             println!(
-                "| {what} | {} QD{} | {} | {} | {both} | >= {target} | {} |",
+                "| {what} | {} QD{} | {lo:.3}-{hi:.3} | {all} | >= {target} | {} |",
                 rows[0].op.name(),
                 rows[0].depth,
-                per_set.first().map_or("-", String::as_str),
-                per_set.get(1).map_or("-", String::as_str),
                 if ratio >= target { "yes" } else { "**no**" }
             );
         }
@@ -786,6 +793,10 @@ fn main() {
         n.parse::<usize>()
             .expect("VCDEV_E2E_ALTERNATE: requests per slice and depth")
     });
+    if std::env::var("VCDEV_E2E_MODES").is_ok_and(|m| m.trim() == "twins") {
+        twins(warmup);
+        return;
+    }
     if std::env::var("VCDEV_E2E_MODES").is_ok_and(|m| m.trim() == "doors") {
         match alternating {
             Some(per_depth) => {
