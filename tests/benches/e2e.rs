@@ -694,9 +694,9 @@ fn alternate_table(
 /// few percent for its life, so the slices come in sets, each with fresh
 /// daemons, the pin orientation swapped from one set to the next.
 /// `VCDEV_E2E_TWINS=N,S,D`: N sets of S rounds for the static pair and D
-/// for the doors pair (6,70,14), or `off`.
+/// for the doors pair (8,50,10), or `off`.
 fn twins(warmup: usize) {
-    let spec = std::env::var("VCDEV_E2E_TWINS").unwrap_or_else(|_| "6,70,14".into());
+    let spec = std::env::var("VCDEV_E2E_TWINS").unwrap_or_else(|_| "8,50,10".into());
     if spec.trim() == "off" {
         return;
     }
