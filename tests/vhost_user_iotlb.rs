@@ -512,17 +512,6 @@ fn a_full_iotlb_is_dropped_and_refilled_through_misses() {
 // ---------------------------------------------------------------------------
 // Issue #12: misses that do not stall the queue, ring pins kept
 
-/// Device counter `key` from `vcdev ctl stats`.
-fn stat(d: &Vcdev, key: &str) -> u64 {
-    let (ok, out) = d.ctl(&["stats", "vfio0"]);
-    assert!(ok, "{out}");
-    out.lines()
-        .filter_map(|l| l.trim().split_once(' '))
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in\n{out}"))
-}
-
 /// Offers (no kick) a read of 512 bytes at sector 0 into `buf` (an IOVA)
 /// as request slot `slot` of queue 0: descriptors `3 slot..`, header and
 /// status 64 bytes apart in the queue's header page. Returns the head.
@@ -559,7 +548,7 @@ fn a_request_behind_two_misses_completes_first() {
     h.iommu()
         .map(b, DATA_GPA + 0x61000, PAGE, VhostAccess::ReadWrite);
     let c = iova_of(h.queues[0].data_gpa());
-    let sent = stat(&d, "iotlb_misses");
+    let sent = d.counter("vfio0", "iotlb_misses");
     h.iommu().hold(true);
     h.queues[0].enable_calls(&h.mem);
     let heads = [
@@ -569,7 +558,7 @@ fn a_request_behind_two_misses_completes_first() {
     ];
     h.queues[0].kick.write(1).expect("kick");
     let first = h.queues[0].wait_used(&h.mem, TIMEOUT);
-    let outstanding = stat(&d, "iotlb_misses") - sent;
+    let outstanding = d.counter("vfio0", "iotlb_misses") - sent;
     let early = h.queues[0].wait_used(&h.mem, Duration::from_millis(200));
     h.iommu().hold(false);
     assert_eq!(
@@ -647,7 +636,7 @@ fn invalidating_data_pages_does_not_repin_the_rings() {
     let d = daemon("iotlb-repin", 1, &[]);
     let mut h = Harness::start_iotlb(&d.socket("vfio0"), 1, 64);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    let pins = stat(&d, "ring_pins");
+    let pins = d.counter("vfio0", "ring_pins");
     let p = 0x5300_0000_0000u64;
     h.iommu()
         .map(p, DATA_GPA + 0x72000, PAGE, VhostAccess::ReadWrite);
@@ -667,16 +656,16 @@ fn invalidating_data_pages_does_not_repin_the_rings() {
     }
     let (s, _) = h.blk_raw(0, VIRTIO_BLK_T_IN, 0, &[(p, 512, true)]);
     assert_eq!(s, S_OK);
-    assert_eq!(stat(&d, "iotlb_invalidates"), 74);
+    assert_eq!(d.counter("vfio0", "iotlb_invalidates"), 74);
     assert_eq!(
-        stat(&d, "ring_pins"),
+        d.counter("vfio0", "ring_pins"),
         pins,
         "re-pinned after data invalidations"
     );
     let used = iova_of(h.queues[0].ring.used);
     assert_eq!(h.iommu().invalidate(page_of(used), PAGE), 0);
     assert_eq!(h.read(0, 0, 512).status, S_OK);
-    assert_eq!(stat(&d, "ring_pins"), pins + 1);
+    assert_eq!(d.counter("vfio0", "ring_pins"), pins + 1);
 }
 
 // Issue #8: an invalidation waits for the I/O in flight that it overlaps
@@ -855,10 +844,10 @@ fn an_invalidate_waits_for_the_read_it_overlaps_and_only_for_it() {
         .expect("the read is used");
     // The daemon counts the time an INVALIDATE took to take effect: the
     // overlapping one is the longest.
-    let max = stat(&d, "iotlb_invalidate_max_us");
+    let max = d.counter("vfio0", "iotlb_invalidate_max_us");
     assert!(
         u128::from(max) + 100_000 >= overlapping.as_micros(),
         "iotlb_invalidate_max_us {max}, the frontend waited {overlapping:?}"
     );
-    assert!(stat(&d, "iotlb_invalidate_us") >= max);
+    assert!(d.counter("vfio0", "iotlb_invalidate_us") >= max);
 }

@@ -355,11 +355,14 @@ impl Vcdev {
         ctl_json(&self.dir, args)
     }
 
-    /// A counter of `vcdev ctl stats DEVICE` (0 when it has none).
+    /// A counter of `vcdev ctl stats DEVICE` (which lists every counter:
+    /// a key it lacks is a test's typo, and panics).
     pub fn counter(&self, device: &str, key: &str) -> u64 {
         let (rc, v) = self.ctl_json(&["stats", device]);
         assert_eq!(rc, 0, "ctl stats: {v}");
-        v["counters"][key].as_u64().unwrap_or(0)
+        v["counters"][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {key} in {v}"))
     }
 
     /// SIGTERM, wait for the exit, then a new daemon with the same
