@@ -309,13 +309,14 @@ fn check_block_alignment(sector: u64, len: u64, block_size: u32) -> Result<(), R
 
 /// Check that `len` bytes from `sector` lie within a disk of `capacity` bytes; give the offset.
 pub(crate) fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
-    let out_of_range = RequestError::OutOfRange { sector, len };
-    let offset = sector
+    // The error is built only on failure: an `RequestError` built and
+    // dropped on success costs a call to its drop glue a request.
+    match sector
         .checked_mul(SECTOR_SIZE)
-        .ok_or(RequestError::OutOfRange { sector, len })?;
-    match offset.checked_add(len) {
-        Some(end) if end <= capacity => Ok(offset),
-        _ => Err(out_of_range),
+        .and_then(|offset| Some((offset, offset.checked_add(len)?)))
+    {
+        Some((offset, end)) if end <= capacity => Ok(offset),
+        _ => Err(RequestError::OutOfRange { sector, len }),
     }
 }
 
@@ -623,6 +624,29 @@ mod tests {
             ioerr
         );
         assert_eq!(status_ok(), 0);
+    }
+
+    #[test]
+    fn range_checks_the_end_and_both_overflows() {
+        let out = |sector, len| Err(RequestError::OutOfRange { sector, len });
+        let matches = |r: Result<u64, RequestError>, want: Result<u64, RequestError>| {
+            format!("{r:?}") == format!("{want:?}")
+        };
+        assert!(matches(check_range(0, 4096, 4096), Ok(0)));
+        assert!(matches(check_range(7, 512, 4096), Ok(3584)));
+        assert!(matches(check_range(7, 1024, 4096), out(7, 1024)));
+        assert!(matches(check_range(8, 0, 4096), Ok(4096)));
+        assert!(matches(check_range(9, 0, 4096), out(9, 0)));
+        // sector * 512 overflows.
+        assert!(matches(
+            check_range(u64::MAX, 0, u64::MAX),
+            out(u64::MAX, 0)
+        ));
+        // offset + len overflows.
+        assert!(matches(
+            check_range(1, u64::MAX, u64::MAX),
+            out(1, u64::MAX)
+        ));
     }
 
     #[test]
