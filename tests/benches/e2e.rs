@@ -751,8 +751,7 @@ fn twins(warmup: usize) {
             let rows: Vec<&AltRow> = sets.iter().map(|s| &s[k]).collect();
             // Equal requests on both sides: IOPS ratio = seconds ratio.
             let mut per_set: Vec<f64> = rows.iter().map(|r| r.secs[0] / r.secs[1]).collect();
-            let lo = per_set.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = per_set.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let (lo, hi) = common::span(&per_set);
             let ratio = median(&mut per_set);
             let sum = |i: usize| rows.iter().map(|r| r.secs[i]).sum::<f64>();
             let pooled = |i: usize| -> Vec<f64> {
@@ -881,8 +880,7 @@ fn main() {
         for (i, &mode) in modes.iter().enumerate() {
             let ps: Vec<&Phase> = results[i].iter().map(|r| &r.phases[ph].1).collect();
             let mut iops: Vec<f64> = ps.iter().map(|p| p.iops).collect();
-            let lo = iops.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = iops.iter().copied().fold(0.0, f64::max);
+            let (lo, hi) = common::span(&iops);
             let iops = median(&mut iops);
             let p50 = median(&mut ps.iter().map(|p| p.p50_us).collect::<Vec<_>>());
             let p99 = median(&mut ps.iter().map(|p| p.p99_us).collect::<Vec<_>>());
@@ -1038,8 +1036,7 @@ fn print_viommu_targets(
     alone: &[[f64; 4]],
 ) {
     let rtt = median(&mut floors.to_vec());
-    let lo = floors.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = floors.iter().copied().fold(0.0, f64::max);
+    let (lo, hi) = common::span(floors);
     println!();
     println!("vIOMMU path (issue #12): RTT = blocking socketpair round trip of the same run (median {rtt:.1} us, runs {lo:.1}-{hi:.1}); every ratio is computed within a run, then the median over runs is shown (range in brackets).");
     println!();
@@ -1053,8 +1050,7 @@ fn print_viommu_targets(
                 ok: Option<&dyn Fn(f64) -> bool>| {
         let mut v = vals;
         let mut r = ratios;
-        let rlo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let rhi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (rlo, rhi) = common::span(&r);
         let (vm, rm) = (median(&mut v), median(&mut r));
         println!(
             "| {what} | {phase} | {vm:.1} | {rm:.2} ({rlo:.2}-{rhi:.2}) | {target} | {} |",

@@ -835,10 +835,11 @@ fn summarise(samples: &[Sample]) -> Option<Row> {
         .iter()
         .filter_map(|s| s.threads)
         .max_by_key(|t| (t.0, t.1));
+    let (lo, hi) = common::span(&iops);
     Some(Row {
         iops: m(|s| s.iops),
-        lo: iops.iter().copied().fold(f64::INFINITY, f64::min),
-        hi: iops.iter().copied().fold(0.0, f64::max),
+        lo,
+        hi,
         p50: m(|s| s.p50_us),
         p99: m(|s| s.p99_us),
         cpu,

@@ -64,6 +64,16 @@ pub fn poll_every<T>(
     }
 }
 
+/// The smallest and the largest of `v` (NaN, NaN when it is empty).
+pub fn span(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
 /// The median of `v` (NaN when it is empty); sorts `v`.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_unstable_by(f64::total_cmp);

@@ -519,8 +519,7 @@ pub fn run(n: usize, warmup: usize, runs: usize) {
             let col =
                 |f: fn(&Phase) -> f64| median(&mut ps.iter().map(|p| f(p)).collect::<Vec<_>>());
             let iops: Vec<f64> = ps.iter().map(|p| p.iops).collect();
-            let lo = iops.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = iops.iter().copied().fold(0.0, f64::max);
+            let (lo, hi) = crate::common::span(&iops);
             let (ratio, saved) = match base {
                 Some(b) => {
                     let per_run = |f: &dyn Fn(&Phase, &Phase) -> f64| {
