@@ -309,7 +309,7 @@ fn check_block_alignment(sector: u64, len: u64, block_size: u32) -> Result<(), R
 
 /// Check that `len` bytes from `sector` lie within a disk of `capacity` bytes; give the offset.
 pub(crate) fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
-    // The error is built only on failure: an `RequestError` built and
+    // The error is built only on failure: a `RequestError` built and
     // dropped on success costs a call to its drop glue a request.
     match sector
         .checked_mul(SECTOR_SIZE)
@@ -628,25 +628,16 @@ mod tests {
 
     #[test]
     fn range_checks_the_end_and_both_overflows() {
-        let out = |sector, len| Err(RequestError::OutOfRange { sector, len });
-        let matches = |r: Result<u64, RequestError>, want: Result<u64, RequestError>| {
-            format!("{r:?}") == format!("{want:?}")
-        };
-        assert!(matches(check_range(0, 4096, 4096), Ok(0)));
-        assert!(matches(check_range(7, 512, 4096), Ok(3584)));
-        assert!(matches(check_range(7, 1024, 4096), out(7, 1024)));
-        assert!(matches(check_range(8, 0, 4096), Ok(4096)));
-        assert!(matches(check_range(9, 0, 4096), out(9, 0)));
+        let out = |r: Result<u64, RequestError>, s: u64, l: u64| matches!(r, Err(RequestError::OutOfRange { sector, len }) if sector == s && len == l);
+        assert_eq!(check_range(0, 4096, 4096).ok(), Some(0));
+        assert_eq!(check_range(7, 512, 4096).ok(), Some(3584));
+        assert!(out(check_range(7, 1024, 4096), 7, 1024));
+        assert_eq!(check_range(8, 0, 4096).ok(), Some(4096));
+        assert!(out(check_range(9, 0, 4096), 9, 0));
         // sector * 512 overflows.
-        assert!(matches(
-            check_range(u64::MAX, 0, u64::MAX),
-            out(u64::MAX, 0)
-        ));
+        assert!(out(check_range(u64::MAX, 0, u64::MAX), u64::MAX, 0));
         // offset + len overflows.
-        assert!(matches(
-            check_range(1, u64::MAX, u64::MAX),
-            out(1, u64::MAX)
-        ));
+        assert!(out(check_range(1, u64::MAX, u64::MAX), 1, u64::MAX));
     }
 
     #[test]
